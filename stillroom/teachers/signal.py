@@ -1,0 +1,108 @@
+"""The seam of distillation: what a teacher hands to the losses.
+
+Positions are already aligned with the student's logits: ``signal[b, t]`` is the
+teacher's distribution over the token that ``student_logits[b, t]`` predicts
+(the causal shift happens once, in :mod:`stillroom.data.collate`).
+
+A signal is either dense or sparse (top-k):
+
+* dense: ``logits_btv`` - raw teacher logits ``[B, T, V]`` (any float dtype).
+  Loss terms apply ``loss_temperature`` to them.
+* top-k: ``topk_ids_btk`` ``[B, T, K]`` (int), ``topk_logprobs_btk`` ``[B, T, K]``
+  (log-probabilities of the teacher at ``temperature``, float) and
+  ``tail_logmass_bt`` ``[B, T]``: ``log(1 - sum(exp(topk_logprobs)))``, the log of
+  the probability mass outside the top k (``-inf`` when k covers everything).
+  Because the tail is only known as a total, top-k divergences compare the two
+  distributions on K + 1 bins (the k tokens and "everything else"); see
+  :mod:`stillroom.losses.sparse`.
+
+Optionally ``hidden_states``: ``{layer_index: [B, T, H]}`` for hidden-state terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Identity of a teacher signal; must match the student's before step 0."""
+
+    teacher: str
+    tokenizer_hash: str
+    vocab_size: int
+
+    def mismatch(self, other: "Fingerprint") -> list[str]:
+        """Names of the fields that differ (empty when compatible)."""
+        out = []
+        if self.tokenizer_hash != other.tokenizer_hash:
+            out.append(f"tokenizer_hash ({self.tokenizer_hash[:12]} vs {other.tokenizer_hash[:12]})")
+        if self.vocab_size != other.vocab_size:
+            out.append(f"vocab_size ({self.vocab_size} vs {other.vocab_size})")
+        return out
+
+
+@dataclass
+class TeacherSignal:
+    logits_btv: torch.Tensor | None = None
+    topk_ids_btk: torch.Tensor | None = None
+    topk_logprobs_btk: torch.Tensor | None = None
+    tail_logmass_bt: torch.Tensor | None = None
+    temperature: float = 1.0
+    """Temperature at which ``topk_logprobs_btk`` were computed (dense ignores it)."""
+    hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
+    attentions: dict[int, torch.Tensor] = field(default_factory=dict)
+    fingerprint: Fingerprint | None = None
+
+    @property
+    def is_dense(self) -> bool:
+        return self.logits_btv is not None
+
+    @property
+    def is_topk(self) -> bool:
+        return self.topk_ids_btk is not None
+
+    def __post_init__(self) -> None:
+        if self.logits_btv is None and self.topk_ids_btk is None and not self.hidden_states:
+            raise ValueError("TeacherSignal needs dense logits, a top-k signal or hidden states")
+        if self.topk_ids_btk is not None:
+            if self.topk_logprobs_btk is None or self.tail_logmass_bt is None:
+                raise ValueError("a top-k TeacherSignal needs topk_logprobs_btk and tail_logmass_bt")
+            if self.topk_ids_btk.shape != self.topk_logprobs_btk.shape:
+                raise ValueError(
+                    f"topk ids {tuple(self.topk_ids_btk.shape)} and log-probs "
+                    f"{tuple(self.topk_logprobs_btk.shape)} differ in shape"
+                )
+
+    def slice_tokens(self, index: torch.Tensor) -> "TeacherSignal":
+        """Select flattened token rows (used by chunked losses).
+
+        ``index`` indexes the flattened ``[B*T]`` axis; returns a signal whose
+        tensors have a leading ``[N]`` axis (hidden states are dropped).
+        """
+
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            return x.reshape(-1, *x.shape[2:])[index]
+
+        return TeacherSignal(
+            logits_btv=pick(self.logits_btv),
+            topk_ids_btk=pick(self.topk_ids_btk),
+            topk_logprobs_btk=pick(self.topk_logprobs_btk),
+            tail_logmass_bt=pick(self.tail_logmass_bt),
+            temperature=self.temperature,
+            fingerprint=self.fingerprint,
+        )
+
+
+def tail_logmass(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """``log(1 - sum_k exp(topk_logprobs))`` over the last axis, computed stably in fp32.
+
+    Returns ``-inf`` where the top k hold all the mass (k = V).
+    """
+    lse = torch.logsumexp(topk_logprobs.float(), dim=-1).clamp(max=0.0)
+    # log(1 - exp(lse)) = log(-expm1(lse)); -expm1(0) = 0 -> -inf, as intended.
+    return torch.log(-torch.expm1(lse))
