@@ -209,6 +209,9 @@ class TrainConfig(Strict):
     log_every: int = Field(1, ge=1)
     threads: int | None = Field(None, description="torch.set_num_threads (None: leave as is).")
     shuffle: bool = True
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Extra metric sinks besides metrics.jsonl (must be installed)."
+    )
 
 
 class EvalConfig(Strict):

@@ -1,0 +1,107 @@
+"""Atomic checkpoints: ``checkpoints/step_NNNNNN/`` appears whole or not at all.
+
+A checkpoint is written into ``checkpoints/.tmp-step_NNNNNN-<pid>/``, fsynced,
+marked ``COMPLETE`` and renamed into place; only then is ``latest`` updated (also
+by rename). A kill at any moment leaves the last good checkpoint untouched; a
+leftover temporary folder is ignored and removed by the next save.
+
+Contents: ``model.safetensors`` (trainable student weights, or the whole state
+dict), ``loss.safetensors`` (learned loss parameters and schedule state, e.g.
+TAID), ``train_state.{json,safetensors}`` (optimizer, scheduler, sampler
+position, RNG states, step).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from stillroom.train.state_io import load_state, save_state
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": [py[0], list(py[1]), py[2]]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    loss_state: dict[str, torch.Tensor],
+    train_state: dict,
+    keep: int,
+) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in loss_state.items()}, str(tmp / "loss.safetensors"))
+    save_state(train_state, tmp, "train_state")
+    (tmp / "COMPLETE").write_text(str(step))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = root / f".latest-{os.getpid()}"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, root / "latest")
+    _fsync_dir(root)
+    for old in sorted(complete_checkpoints(root))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / "COMPLETE").is_file())
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint (``latest`` if it is valid, else the highest step)."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / "COMPLETE").is_file():
+            return candidate
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    if not (folder / "COMPLETE").is_file():
+        raise FileNotFoundError(f"{folder} is not a complete checkpoint (no COMPLETE marker)")
+    model_state = load_file(str(folder / "model.safetensors"))
+    loss_state = load_file(str(folder / "loss.safetensors"))
+    train_state = load_state(folder, "train_state")
+    return model_state, loss_state, train_state
