@@ -1,0 +1,291 @@
+"""Held-out metrics of a causal LM, optionally against a teacher; size and speed.
+
+All metrics are computed over *target tokens* only (``batch.loss_mask``). Positions
+are already aligned (see :mod:`stillroom.data.batch`): the logits at ``[b, t]``
+predict ``batch.target_ids[b, t]``, and the teacher's logits at ``[b, t]`` are
+compared with the model's logits at ``[b, t]``. Nothing here shifts.
+
+The forward pass may run under bf16 autocast; every metric is then computed in
+fp32 from the (upcast) logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from stillroom.data.batch import Batch
+
+PRECISIONS = ("bf16", "fp32")
+_ROW_CHUNK = 1024
+"""Target rows per fp32 chunk when computing log-softmaxes (bounds peak memory)."""
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # a parameter-free module: run on CPU
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def inference_mode(model: torch.nn.Module, precision: str) -> Iterator[torch.device]:
+    """``model.eval()``, ``torch.no_grad`` and (for bf16) autocast; restores the mode.
+
+    Yields the model's device. Autocast uses the device type of the model's
+    parameters (``"cpu"`` on CPU).
+    """
+    _check_precision(precision)
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    try:
+        with torch.no_grad(), autocast:
+            yield device
+    finally:
+        model.train(was_training)
+
+
+def teacher_logits_from_model(teacher: torch.nn.Module) -> Callable[[Batch], torch.Tensor]:
+    """A ``teacher_logits_fn`` for :func:`evaluate_lm` that runs an in-process model.
+
+    :func:`evaluate_lm` calls the function inside its own ``no_grad``/autocast
+    context, so the teacher forward runs at the same precision as the student's.
+    The teacher is put in eval mode for the call and its mode restored after.
+    """
+
+    def fn(batch: Batch) -> torch.Tensor:
+        device = _model_device(teacher)
+        was_training = teacher.training
+        teacher.eval()
+        try:
+            out = teacher(
+                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+            )
+        finally:
+            teacher.train(was_training)
+        return out.logits
+
+    return fn
+
+
+def _slice_vocab(logits_btv: torch.Tensor, vocab_size: int | None, who: str) -> torch.Tensor:
+    if vocab_size is None:
+        return logits_btv
+    if logits_btv.shape[-1] < vocab_size:
+        raise ValueError(
+            f"{who} logits have {logits_btv.shape[-1]} columns but vocab_size={vocab_size}; "
+            "vocab_size must not exceed the model's output width"
+        )
+    return logits_btv[..., :vocab_size]
+
+
+def _token_sums(
+    logits_nv: torch.Tensor, targets_n: torch.Tensor, teacher_nv: torch.Tensor | None
+) -> tuple[float, float, int]:
+    """Sums over N target rows: (CE nats, KL(teacher || model) nats, top-1 matches).
+
+    ``logits_nv``/``teacher_nv``: ``[N, V]`` any float dtype (upcast to fp32 in
+    chunks of ``_ROW_CHUNK`` rows); ``targets_n``: ``[N]`` int. KL and matches are
+    0 when ``teacher_nv`` is None.
+    """
+    ce_sum = 0.0
+    kl_sum = 0.0
+    agree = 0
+    for start in range(0, logits_nv.shape[0], _ROW_CHUNK):
+        s_logp = F.log_softmax(logits_nv[start : start + _ROW_CHUNK].float(), dim=-1)
+        tgt = targets_n[start : start + _ROW_CHUNK]
+        ce_sum += float(F.nll_loss(s_logp, tgt, reduction="sum"))
+        if teacher_nv is not None:
+            t_logits = teacher_nv[start : start + _ROW_CHUNK].float()
+            t_logp = F.log_softmax(t_logits, dim=-1)
+            # KL(p_t || p_s) = sum_v p_t (log p_t - log p_s); xlogy-style guard so
+            # p_t = 0 contributes exactly 0 even where log p_t = -inf.
+            t_p = t_logp.exp()
+            diff = torch.where(t_p > 0, t_logp - s_logp, torch.zeros_like(t_logp))
+            kl_sum += float((t_p * diff).sum())
+            agree += int((t_logits.argmax(-1) == s_logp.argmax(-1)).sum())
+    return ce_sum, kl_sum, agree
+
+
+def evaluate_lm(
+    model: torch.nn.Module,
+    batches: list[Batch],
+    teacher_logits_fn: Callable[[Batch], torch.Tensor] | None = None,
+    *,
+    precision: str = "bf16",
+    vocab_size: int | None = None,
+) -> dict:
+    """Held-out metrics of ``model`` over the target tokens of ``batches``.
+
+    Args:
+        model: a causal LM returning ``.logits`` ``[B, T, V]``.
+        batches: aligned batches; only positions with ``loss_mask`` count.
+        teacher_logits_fn: ``batch -> [B, T, V_t]`` teacher logits for the same
+            positions (called inside this function's ``no_grad``/autocast
+            context; see :func:`teacher_logits_from_model`). None: no teacher metrics.
+        precision: ``"bf16"`` (forward under bf16 autocast) or ``"fp32"``;
+            the metric math is always fp32.
+        vocab_size: keep only the first ``vocab_size`` logit columns of the model
+            and of the teacher (drops padding rows of the embedding matrix).
+            Required when model and teacher widths differ.
+
+    Returns a dict (plain Python numbers):
+        ``heldout_ce``: mean nats per target token; ``perplexity``: ``exp(heldout_ce)``;
+        ``bits_per_byte``: total nats / ln 2 / total ``batch.n_bytes`` (None when
+        no bytes are recorded); ``kl_teacher_student``: mean over target tokens of
+        KL(teacher || model), dense, fp32 (None without a teacher);
+        ``top1_agreement``: fraction of target tokens where the argmaxes agree
+        (None without a teacher); ``tokens``: number of target tokens.
+
+    One batch is processed at a time; only ``[N_targets, V]`` rows of it are kept.
+    """
+    _check_precision(precision)
+    if not batches:
+        raise ValueError("evaluate_lm: no batches given")
+    tokens = 0
+    n_bytes = 0
+    ce_sum = kl_sum = 0.0
+    agree = 0
+    with inference_mode(model, precision) as device:
+        for i, batch in enumerate(batches):
+            mask_bt = batch.loss_mask
+            n = int(mask_bt.sum())
+            n_bytes += int(batch.n_bytes.sum())
+            if n == 0:
+                continue
+            b = batch.to(device)
+            logits_btv = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            logits_btv = _slice_vocab(logits_btv, vocab_size, "model")
+            if logits_btv.shape[:2] != mask_bt.shape:
+                raise ValueError(
+                    f"batch {i}: model logits {tuple(logits_btv.shape)} do not match batch shape {tuple(mask_bt.shape)}"
+                )
+            mask_bt = b.loss_mask
+            targets_n = b.target_ids[mask_bt]
+            v = logits_btv.shape[-1]
+            if int(targets_n.max()) >= v or int(targets_n.min()) < 0:
+                raise ValueError(
+                    f"batch {i}: target ids range [{int(targets_n.min())}, {int(targets_n.max())}] "
+                    f"outside the {v} logit columns (tokenizer/model vocab mismatch or wrong vocab_size)"
+                )
+            teacher_nv = None
+            if teacher_logits_fn is not None:
+                t_btv = _slice_vocab(teacher_logits_fn(b), vocab_size, "teacher").to(device)
+                if t_btv.shape != logits_btv.shape:
+                    raise ValueError(
+                        f"batch {i}: teacher logits {tuple(t_btv.shape)} vs model logits {tuple(logits_btv.shape)}; "
+                        "pass vocab_size=<shared vocabulary size> when the widths differ only by padding"
+                    )
+                teacher_nv = t_btv[mask_bt]
+                del t_btv
+            logits_nv = logits_btv[mask_bt]
+            del logits_btv
+            c, k, a = _token_sums(logits_nv, targets_n, teacher_nv)
+            ce_sum += c
+            kl_sum += k
+            agree += a
+            tokens += n
+    if tokens == 0:
+        raise ValueError("evaluate_lm: the batches contain no target tokens (every target_id is -100)")
+    ce = ce_sum / tokens
+    has_teacher = teacher_logits_fn is not None
+    return {
+        "heldout_ce": ce,
+        "perplexity": math.exp(ce) if ce < 700 else math.inf,
+        "bits_per_byte": (ce_sum / math.log(2) / n_bytes) if n_bytes > 0 else None,
+        "kl_teacher_student": (max(kl_sum, 0.0) / tokens) if has_teacher else None,
+        "top1_agreement": (agree / tokens) if has_teacher else None,
+        "tokens": tokens,
+    }
+
+
+def _is_lora_param(name: str) -> bool:
+    # peft adapter tensors (LoRA A/B, embedding variants, DoRA magnitudes) and the
+    # frozen original copy kept beside `modules_to_save`: absent after merging.
+    return ".lora_" in name or name.startswith("lora_") or ".original_module." in name
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """All parameters (shared/tied tensors counted once).
+
+    For a peft model, the parameter count of the merged architecture (what
+    ``merge_and_unload()`` would produce): adapter tensors are left out.
+    """
+    is_peft = hasattr(model, "peft_config")
+    return sum(
+        p.numel() for name, p in model.named_parameters() if not (is_peft and _is_lora_param(name))
+    )
+
+
+def trainable_params(model: torch.nn.Module) -> int:
+    """Parameters with ``requires_grad`` (for peft: the adapters and modules_to_save)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def forward_tokens_per_s(
+    model: torch.nn.Module,
+    seq_len: int,
+    batch_size: int,
+    total_tokens: int,
+    precision: str = "bf16",
+    *,
+    repeats: int = 3,
+    seed: int = 0,
+) -> float:
+    """Forward-pass throughput in tokens per second (no grad, eval mode).
+
+    Random ids ``[batch_size, seq_len]`` (from a private generator, the global RNG
+    is untouched); one warm-up pass, then ``repeats`` timings of
+    ``ceil(total_tokens / (batch_size * seq_len))`` passes; returns the median.
+    """
+    if seq_len < 1 or batch_size < 1 or total_tokens < 1 or repeats < 1:
+        raise ValueError(
+            f"forward_tokens_per_s: seq_len, batch_size, total_tokens, repeats must be >= 1 "
+            f"(got {seq_len}, {batch_size}, {total_tokens}, {repeats})"
+        )
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        raise ValueError("forward_tokens_per_s: model.config.vocab_size is needed to draw random ids")
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(f"forward_tokens_per_s: seq_len={seq_len} exceeds max_position_embeddings={max_pos}")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
+    passes = math.ceil(total_tokens / (batch_size * seq_len))
+    rates = []
+    with inference_mode(model, precision) as device:
+        ids = ids.to(device)
+        attn = torch.ones_like(ids)
+
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        model(input_ids=ids, attention_mask=attn)
+        sync()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(passes):
+                model(input_ids=ids, attention_mask=attn)
+            sync()
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            rates.append(passes * batch_size * seq_len / elapsed)
+    return float(statistics.median(rates))

@@ -1,0 +1,192 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stillroom.data.batch import collate
+from stillroom.eval import (
+    count_params,
+    evaluate_lm,
+    forward_tokens_per_s,
+    teacher_logits_from_model,
+    trainable_params,
+)
+
+
+def _manual(student, teacher, batches, vocab_size=None):
+    """Reference computation in fp32 from raw ids with an explicit causal shift."""
+    ce = kl = agree = 0.0
+    n = n_bytes = 0
+    with torch.no_grad():
+        for b in batches:
+            s = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
+            t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
+            if vocab_size is not None:
+                s, t = s[..., :vocab_size], t[..., :vocab_size]
+            # Shift here, independently of collate: logits[:, :-1] predict input_ids[:, 1:].
+            s_prev, t_prev = s[:, :-1], t[:, :-1]
+            nxt = b.input_ids[:, 1:].clone()
+            keep = b.target_ids[:, :-1] != -100
+            nxt[~keep] = -100
+            ce += float(F.cross_entropy(s_prev.reshape(-1, s.shape[-1]), nxt.reshape(-1), ignore_index=-100, reduction="sum"))
+            s_rows, t_rows = s_prev[keep], t_prev[keep]
+            kl += float(
+                F.kl_div(F.log_softmax(s_rows, -1), F.log_softmax(t_rows, -1), log_target=True, reduction="sum")
+            )
+            agree += float((s_rows.argmax(-1) == t_rows.argmax(-1)).sum())
+            n += int(keep.sum())
+            n_bytes += int(b.n_bytes.sum())
+    return ce / n, kl / n, agree / n, n, n_bytes
+
+
+def test_matches_manual_fp32(student, teacher, batches):
+    out = evaluate_lm(student, batches, teacher_logits_from_model(teacher), precision="fp32")
+    ce, kl, agree, n, n_bytes = _manual(student, teacher, batches)
+    assert out["tokens"] == n == sum(b.num_targets for b in batches)
+    assert out["heldout_ce"] == pytest.approx(ce, abs=1e-5)
+    assert out["perplexity"] == pytest.approx(math.exp(ce), rel=1e-5)
+    assert out["kl_teacher_student"] == pytest.approx(kl, abs=1e-5)
+    assert out["kl_teacher_student"] > 0
+    assert out["top1_agreement"] == pytest.approx(agree)
+    # bits per byte = total nats / ln 2 / total bytes
+    assert out["bits_per_byte"] == pytest.approx(ce * n / math.log(2) / n_bytes, rel=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_model_against_itself(student, batches, precision):
+    out = evaluate_lm(student, batches, teacher_logits_from_model(student), precision=precision)
+    assert out["kl_teacher_student"] == 0.0
+    assert out["top1_agreement"] == 1.0
+
+
+def test_bf16_close_to_fp32(student, teacher, batches):
+    fn = teacher_logits_from_model(teacher)
+    a = evaluate_lm(student, batches, fn, precision="fp32")
+    b = evaluate_lm(student, batches, fn, precision="bf16")
+    assert b["heldout_ce"] == pytest.approx(a["heldout_ce"], abs=0.05)
+    assert b["kl_teacher_student"] == pytest.approx(a["kl_teacher_student"], abs=0.02)
+
+
+def test_without_teacher(student, batches):
+    out = evaluate_lm(student, batches, precision="fp32")
+    assert out["kl_teacher_student"] is None and out["top1_agreement"] is None
+    assert out["heldout_ce"] > 0
+
+
+def test_masked_positions_are_ignored(student, teacher, batches):
+    base_fn = teacher_logits_from_model(teacher)
+    ref = evaluate_lm(student, batches, base_fn, precision="fp32")
+
+    def garbage_outside_mask(b):
+        t = base_fn(b).clone()
+        t[~b.loss_mask] = torch.randn_like(t[~b.loss_mask]) * 100
+        return t
+
+    out = evaluate_lm(student, batches, garbage_outside_mask, precision="fp32")
+    for key in ("heldout_ce", "kl_teacher_student", "top1_agreement", "tokens"):
+        assert out[key] == pytest.approx(ref[key], abs=1e-6)
+
+
+def test_padding_invariance(student, teacher, examples_factory):
+    ex = examples_factory(4, seed=3)
+    fn = teacher_logits_from_model(teacher)
+    together = evaluate_lm(student, [collate(ex, pad_id=0)], fn, precision="fp32")
+    apart = evaluate_lm(student, [collate([e], pad_id=0) for e in ex], fn, precision="fp32")
+    for key in ("heldout_ce", "kl_teacher_student", "bits_per_byte", "tokens"):
+        assert together[key] == pytest.approx(apart[key], abs=1e-5)
+
+
+def test_only_target_tokens_count(student, examples_factory):
+    ex = examples_factory(2, seed=4)
+    full = evaluate_lm(student, [collate(ex, pad_id=0)], precision="fp32")
+    # Un-flag the last token of each example: one fewer target per row.
+    for e in ex:
+        e.target[-1] = False
+    fewer = evaluate_lm(student, [collate(ex, pad_id=0)], precision="fp32")
+    assert fewer["tokens"] == full["tokens"] - 2
+    assert fewer["heldout_ce"] != pytest.approx(full["heldout_ce"], abs=1e-9)
+
+
+def test_vocab_slicing(llama_factory, examples_factory):
+    padded_student = llama_factory(5, vocab_size=72)  # 8 padding rows
+    teacher = llama_factory(6, vocab_size=64)
+    batches = [collate(examples_factory(3, seed=5), pad_id=0)]
+    tfn = teacher_logits_from_model(teacher)
+    with pytest.raises(ValueError, match="vocab_size"):
+        evaluate_lm(padded_student, batches, tfn, precision="fp32")
+    out = evaluate_lm(padded_student, batches, tfn, precision="fp32", vocab_size=64)
+    ce, kl, agree, _, _ = _manual(padded_student, teacher, batches, vocab_size=64)
+    assert out["heldout_ce"] == pytest.approx(ce, abs=1e-5)
+    assert out["kl_teacher_student"] == pytest.approx(kl, abs=1e-5)
+    assert out["top1_agreement"] == pytest.approx(agree)
+
+    # A teacher with huge padding logits equals itself once sliced.
+    def padded_self(b):
+        t = padded_student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[..., :64]
+        return torch.cat([t, torch.full((*t.shape[:2], 8), 50.0)], dim=-1)
+
+    same = evaluate_lm(padded_student, batches, padded_self, precision="fp32", vocab_size=64)
+    assert same["kl_teacher_student"] == 0.0 and same["top1_agreement"] == 1.0
+    with pytest.raises(ValueError, match="must not exceed"):
+        evaluate_lm(padded_student, batches, precision="fp32", vocab_size=100)
+
+
+def test_errors(student, examples_factory):
+    ex = examples_factory(1)
+    with pytest.raises(ValueError, match="precision"):
+        evaluate_lm(student, [collate(ex, pad_id=0)], precision="fp16")
+    with pytest.raises(ValueError, match="no batches"):
+        evaluate_lm(student, [], precision="fp32")
+    ex[0].target = [False] * len(ex[0].target)
+    with pytest.raises(ValueError, match="no target tokens"):
+        evaluate_lm(student, [collate(ex, pad_id=0)], precision="fp32")
+    bad = collate(examples_factory(1), pad_id=0)
+    bad.target_ids[0, -2] = 64
+    with pytest.raises(ValueError, match="outside the 64 logit columns"):
+        evaluate_lm(student, [bad], precision="fp32")
+
+
+def test_restores_training_mode(student, teacher, batches):
+    student.train()
+    teacher.train()
+    evaluate_lm(student, batches, teacher_logits_from_model(teacher))
+    assert student.training and teacher.training
+    student.eval()
+    evaluate_lm(student, batches)
+    assert not student.training
+
+
+def test_count_params_tied_and_untied(llama_factory):
+    untied = llama_factory(0)
+    tied = llama_factory(0, tie=True)
+    emb = 64 * 32
+    assert count_params(untied) == sum(p.numel() for p in untied.parameters())
+    assert count_params(untied) - count_params(tied) == emb
+    assert trainable_params(untied) == count_params(untied)
+
+
+def test_count_params_peft(llama_factory):
+    peft = pytest.importorskip("peft")
+    base = llama_factory(0)
+    n_base = count_params(base)
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    )
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert lora > 0
+    assert count_params(model) == n_base
+    # trainable: adapters + the trainable copy of lm_head
+    assert trainable_params(model) == lora + 64 * 32
+    assert count_params(model.merge_and_unload()) == n_base
+
+
+def test_forward_tokens_per_s(student):
+    student.train()
+    rate = forward_tokens_per_s(student, seq_len=16, batch_size=2, total_tokens=64, precision="bf16")
+    assert rate > 0 and math.isfinite(rate)
+    assert student.training
+    assert forward_tokens_per_s(student, 16, 2, 64, "fp32") > 0
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        forward_tokens_per_s(student, seq_len=1000, batch_size=1, total_tokens=10)
