@@ -113,6 +113,49 @@ def _autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def forward_backward(
+    micro: list[Batch],
+    *,
+    forward: torch.nn.Module,
+    head: torch.nn.Module | None,
+    mix: LossMix,
+    teacher: TeacherSource | None,
+    device: torch.device,
+    precision: str,
+    scale: float,
+    ddp: bool = False,
+) -> tuple[float, float, dict[str, float]]:
+    """Accumulate the gradient of ``scale * sum of the loss sums`` over ``micro``.
+
+    Returns the (unscaled) loss sum, the seconds spent in the teacher, and the
+    per-term sums. With ``scale = world_size / global_target_count`` the result
+    is independent of how the tokens are split into micro-batches and processes.
+    """
+    loss_sum, teacher_s = 0.0, 0.0
+    parts: dict[str, float] = {}
+    for j, batch in enumerate(micro):
+        batch = batch.to(device)
+        signal = None
+        if mix.needs_teacher:
+            t_teacher = time.perf_counter()
+            signal = teacher.signal(batch)
+            teacher_s += time.perf_counter() - t_teacher
+        sync = forward.no_sync() if ddp and j < len(micro) - 1 else contextlib.nullcontext()
+        with sync:
+            with _autocast(precision, device):
+                out = forward(batch.input_ids, batch.attention_mask)
+            student = StudentOutput(
+                logits_btv=out.get("logits"), hidden_btd=out.get("hidden"), head=head,
+                hidden_states={i: out[f"hs_{i}"] for i in mix.student_hidden_layers},
+            )
+            result = mix(student, signal, batch.target_ids, batch.loss_mask)
+            (result.total * scale).backward()
+        loss_sum += float(result.total.detach())
+        for k, v in result.parts.items():
+            parts[k] = parts.get(k, 0.0) + v
+    return loss_sum, teacher_s, parts
+
+
 def train(
     cfg: RunConfig,
     run_dir: Path,
@@ -185,31 +228,10 @@ def train(
         global_targets = topology.all_reduce_sum(sum(b.num_targets for b in micro))
         if global_targets == 0:
             raise ValueError(f"step {step}: no target tokens in this step's batches; check data.format and masks")
-        scale = topology.world_size / global_targets
-        loss_sum, teacher_s = 0.0, 0.0
-        parts: dict[str, float] = {}
-        for j, batch in enumerate(micro):
-            batch = batch.to(device)
-            signal = None
-            if mix.needs_teacher:
-                t_teacher = time.perf_counter()
-                signal = teacher.signal(batch)
-                teacher_s += time.perf_counter() - t_teacher
-            sync = contextlib.nullcontext()
-            if topology.enabled and j < len(micro) - 1:
-                sync = forward.no_sync()
-            with sync:
-                with _autocast(tc.precision, device):
-                    out = forward(batch.input_ids, batch.attention_mask)
-                student = StudentOutput(
-                    logits_btv=out.get("logits"), hidden_btd=out.get("hidden"), head=head,
-                    hidden_states={i: out[f"hs_{i}"] for i in mix.student_hidden_layers},
-                )
-                result = mix(student, signal, batch.target_ids, batch.loss_mask)
-                (result.total * scale).backward()
-            loss_sum += float(result.total.detach())
-            for k, v in result.parts.items():
-                parts[k] = parts.get(k, 0.0) + v
+        loss_sum, teacher_s, parts = forward_backward(
+            micro, forward=forward, head=head, mix=mix, teacher=teacher, device=device,
+            precision=tc.precision, scale=topology.world_size / global_targets, ddp=topology.enabled,
+        )
         loss = topology.all_reduce_sum(loss_sum) / global_targets
         if not math.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)

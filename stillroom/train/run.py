@@ -161,6 +161,8 @@ def run(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = pr
 
     if p.topology.is_main:
         _save_student(p, p.student, p.run_dir / "student")
+        if cfg.baseline:
+            _save_student(p, runs["baseline"][0], p.run_dir / "baseline" / "student")
         after = evaluate_models(p, {"student_after": p.student} | ({"baseline": runs["baseline"][0]} if cfg.baseline else {}), log=log)
         for key, (_, res, _, secs) in zip(["student_after", "baseline"], runs.values()):
             if key in after:

@@ -1,0 +1,57 @@
+"""End to end through the real CLI with a tiny random teacher: run, report, validate, errors."""
+
+import json
+
+import pytest
+from conftest import stillroom
+
+REQUIRED = ["heldout_ce", "perplexity", "bits_per_byte", "kl_teacher_student", "top1_agreement", "params", "tokens_per_s"]
+
+
+def test_run_writes_report_for_every_model(recipe_factory, tmp_path):
+    recipe = recipe_factory(baseline=True)
+    stillroom("run", str(recipe))
+    run_dir = tmp_path / "runs" / "tiny"
+    report = json.loads((run_dir / "report.json").read_text())
+    for key in ["teacher", "student_before", "student_after", "baseline"]:
+        assert key in report, f"report.json lacks {key}"
+        for metric in REQUIRED:
+            assert report[key][metric] is not None, f"{key}.{metric} is missing"
+    assert report["teacher"]["kl_teacher_student"] == pytest.approx(0.0, abs=1e-6)
+    assert report["teacher"]["top1_agreement"] == pytest.approx(1.0)
+    # Training against the teacher moves the student towards it.
+    assert report["student_after"]["kl_teacher_student"] < report["student_before"]["kl_teacher_student"]
+    assert report["student_after"]["params"] < report["teacher"]["params"]
+    for name in ["config.resolved.yaml", "metrics.jsonl", "report.md", "loss_curves.png", "metrics_bars.png"]:
+        assert (run_dir / name).is_file(), name
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 7))
+    assert (run_dir / "student" / "config.json").is_file()
+    assert (run_dir / "baseline" / "metrics.jsonl").is_file()
+
+
+def test_unknown_key_names_the_nearest(recipe_factory):
+    recipe = recipe_factory()
+    proc = stillroom("validate", str(recipe), "train.setps=3", check=False)
+    assert proc.returncode == 2
+    assert "train.setps" in proc.stderr and "train.steps" in proc.stderr
+
+
+def test_validate_accepts_a_good_recipe(recipe_factory):
+    proc = stillroom("validate", str(recipe_factory()))
+    assert "OK" in proc.stdout
+
+
+def test_unknown_loss_term_fails_before_loading(recipe_factory):
+    proc = stillroom("validate", str(recipe_factory()), "loss.terms=[{name: forward_kll}]", check=False)
+    assert proc.returncode != 0
+    assert "forward_kll" in proc.stderr and "forward_kl" in proc.stderr
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(recipe_factory):
+    recipe = recipe_factory(train={"steps": 8, "save_every": 2, "lr": 1e30, "clip_grad_norm": None,
+                                   "micro_batch_size": 4, "precision": "fp32", "warmup_steps": 0, "schedule": "constant"})
+    proc = stillroom("run", str(recipe), "eval.before=false", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "NonFiniteLoss" in proc.stderr and "step" in proc.stderr
+    assert "checkpoint" in proc.stderr

@@ -1,0 +1,58 @@
+"""Strict config: unknown keys name the nearest valid one; overrides; every shipped recipe loads."""
+
+from pathlib import Path
+
+import pytest
+
+from stillroom.config.load import ConfigError, load_config
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+def test_defaults_load():
+    cfg = load_config(None)
+    assert cfg.loss.terms[0].name == "forward_kl"
+
+
+def test_unknown_nested_key_suggests(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  lerning_rate: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    msg = str(err.value)
+    assert str(p) in msg and "train.lerning_rate" in msg
+
+
+def test_override_typo_suggests():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.setps=3"])
+    assert "did you mean `train.steps`" in str(err.value)
+
+
+def test_overrides_apply_and_parse_yaml():
+    cfg = load_config(None, ["train.steps=7", "loss.terms=[{name: jsd, params: {beta: 0.5}}]", "data.sources.0.limit=3"])
+    assert cfg.train.steps == 7
+    assert cfg.loss.terms[0].params == {"beta": 0.5}
+    assert cfg.data.sources[0].limit == 3
+
+
+def test_bad_yaml_names_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  steps: [1,\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert f"{p}:" in str(err.value)
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.steps=many"])
+    assert "train.steps" in str(err.value)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_shipped_recipe_loads(recipe):
+    from stillroom.losses import LossMix
+
+    cfg = load_config(recipe)
+    LossMix(cfg.loss)

@@ -1,0 +1,96 @@
+"""Checkpoints are atomic, pickle-free and restore optimizer/scheduler/RNG state exactly."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from stillroom.config.schema import TrainConfig
+from stillroom.train import checkpoint as ck
+from stillroom.train.schedule import build_optimizer, lr_factor
+from stillroom.train.state_io import load_state, save_state
+
+
+def _model_opt():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    opt, sched = build_optimizer(list(model.parameters()), TrainConfig(steps=10, warmup_steps=2))
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    return model, opt, sched
+
+
+def test_state_roundtrip_without_pickle(tmp_path):
+    model, opt, sched = _model_opt()
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ck.rng_state(), "x": (1, 2.5, None)}
+    save_state(state, tmp_path, "s")
+    back = load_state(tmp_path, "s")
+    assert back["x"] == (1, 2.5, None)
+    opt2 = torch.optim.AdamW(model.parameters())
+    opt2.load_state_dict(back["optimizer"])
+    for k, v in opt.state_dict()["state"].items():
+        for name, t in v.items():
+            torch.testing.assert_close(opt2.state_dict()["state"][k][name], t)
+    # The files hold only JSON and safetensors: nothing to unpickle.
+    json.loads((tmp_path / "s.json").read_text())
+
+
+def test_rng_state_restores_exactly():
+    state = ck.rng_state()
+    a = (torch.rand(3), random.random())
+    ck.set_rng_state(state)
+    b = (torch.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def _save(root, step, value):
+    return ck.save_checkpoint(
+        root, step, model_state={"w": torch.full((2,), float(value))}, loss_state={}, train_state={"step": step}, keep=3
+    )
+
+
+def test_kill_during_save_keeps_last_good(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    _save(root, 1, 1.0)
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(ck, "save_state", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _save(root, 2, 2.0)
+    monkeypatch.undo()
+    latest = ck.latest_checkpoint(root)
+    assert latest.name == "step_000001"
+    model_state, _, train_state = ck.load_checkpoint(latest)
+    assert model_state["w"][0] == 1.0 and train_state["step"] == 1
+    # The next save cleans the leftover temporary folder.
+    _save(root, 3, 3.0)
+    assert not list(root.glob(".tmp-*"))
+    assert ck.latest_checkpoint(root).name == "step_000003"
+
+
+def test_stale_latest_pointer_falls_back(tmp_path):
+    root = tmp_path / "checkpoints"
+    _save(root, 1, 1.0)
+    _save(root, 2, 2.0)
+    (root / "step_000002" / "COMPLETE").unlink()
+    assert ck.latest_checkpoint(root).name == "step_000001"
+
+
+def test_keep_only_the_newest(tmp_path):
+    root = tmp_path / "checkpoints"
+    for s in range(1, 6):
+        _save(root, s, s)
+    assert [p.name for p in ck.complete_checkpoints(root)] == ["step_000003", "step_000004", "step_000005"]
+
+
+def test_schedule_warmup_then_cosine_floor():
+    cfg = TrainConfig(steps=20, warmup_steps=4, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.25)
+    assert lr_factor(3, cfg) == pytest.approx(1.0)
+    assert lr_factor(4, cfg) == pytest.approx(1.0)
+    assert lr_factor(20, cfg) == pytest.approx(0.1)
+    assert all(lr_factor(s, cfg) >= lr_factor(s + 1, cfg) for s in range(4, 20))
