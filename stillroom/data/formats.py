@@ -1,0 +1,182 @@
+"""Record formats -> token ids with per-token target flags.
+
+* ``text``: ``[BOS] text [EOS]``; every text token and the EOS are targets.
+* ``prompt_completion``: ``[BOS] prompt completion [EOS]``. Prompt and
+  completion are tokenized **separately** and the ids concatenated, so the
+  boundary between prompt (not learned) and completion (learned) is exact. No
+  chat template and no separator are inserted: put the whitespace you want in
+  the texts themselves.
+* ``messages``: the tokenizer's chat template; only assistant turns are
+  targets. For assistant turn ``i`` the target tokens are those of
+  ``render(messages[:i+1])`` beyond those of
+  ``render(messages[:i], add_generation_prompt=True)`` (the turn's content and
+  whatever the template closes it with, e.g. ``<|im_end|>``). The prefix
+  property (each of these renders is a token prefix of the next and of the full
+  conversation) is checked; a template that breaks it is a :class:`DataError`.
+  ``add_eos`` does not apply: the template decides how turns end.
+
+``BOS`` is prepended (as a non-target) only when the tokenizer itself adds it
+to plain text (``tokenizer(text)`` starts with ``bos_token_id`` and
+``tokenizer(text, add_special_tokens=False)`` does not).
+
+A record that lacks a needed field or has a wrong type raises
+:class:`BadRecord`; :func:`encode_record` returns ``None`` for a record with no
+content at all (empty text), which the pipeline counts as ``dropped_empty``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from stillroom.config.schema import DataSource
+from stillroom.data.errors import BadRecord, DataError
+
+Format = Literal["text", "prompt_completion", "messages"]
+
+
+@dataclass
+class Encoded:
+    """Token ids ``[n]`` and target flags ``[n]`` of one record (before truncation/packing)."""
+
+    input_ids: list[int]
+    target: list[bool]
+
+
+class TextEncoder:
+    """The few tokenizer operations the formats need, with the BOS/EOS rules above."""
+
+    def __init__(self, tokenizer, add_eos: bool) -> None:
+        self.tok = tokenizer
+        self.add_eos = add_eos
+        self.eos_id = tokenizer.eos_token_id
+        if add_eos and self.eos_id is None:
+            raise DataError("the tokenizer has no eos_token; give it one or set data.add_eos=false")
+        bos = tokenizer.bos_token_id
+        probe = "a"
+        with_sp = tokenizer(probe)["input_ids"]
+        without = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        adds_bos = bos is not None and with_sp[:1] == [bos] and without[:1] != [bos]
+        self.bos_prefix: list[int] = [bos] if adds_bos else []
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text`` without special tokens."""
+        return list(self.tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def eos(self) -> list[int]:
+        return [self.eos_id] if self.add_eos else []
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        """Token ids of the chat template rendered to text, then tokenized without extra specials."""
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.encode(text)
+
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tok, "chat_template", None))
+
+
+def infer_format(fields: dict, src: DataSource, label: str, where: str) -> Format:
+    """The format of a source from the fields of its first record."""
+    if src.messages_field in fields:
+        return "messages"
+    if src.prompt_field in fields and src.completion_field in fields:
+        return "prompt_completion"
+    if src.text_field in fields:
+        return "text"
+    raise DataError(
+        f"{label}: cannot infer the record format from the first record ({where}) with fields "
+        f"{sorted(fields)}; set data.sources[].format, or the field names: text_field={src.text_field!r}, "
+        f"prompt_field={src.prompt_field!r} + completion_field={src.completion_field!r}, "
+        f"messages_field={src.messages_field!r}"
+    )
+
+
+def _string(fields: dict, key: str, setting: str) -> str:
+    if key not in fields:
+        raise BadRecord(f"missing field {key!r} (fields: {sorted(fields)}); set data.sources[].{setting}")
+    value = fields[key]
+    if not isinstance(value, str):
+        raise BadRecord(f"field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def encode_record(fields: dict, fmt: Format, src: DataSource, enc: TextEncoder) -> Encoded | None:
+    """Encode one record; ``None`` when it has no content (counted as dropped_empty)."""
+    if fmt == "text":
+        text = _string(fields, src.text_field, "text_field")
+        if not text.strip():
+            return None
+        ids = enc.encode(text) + enc.eos()
+        return Encoded(enc.bos_prefix + ids, [False] * len(enc.bos_prefix) + [True] * len(ids))
+    if fmt == "prompt_completion":
+        prompt = _string(fields, src.prompt_field, "prompt_field")
+        completion = _string(fields, src.completion_field, "completion_field")
+        if not prompt.strip() and not completion.strip():
+            return None
+        head = enc.bos_prefix + enc.encode(prompt)
+        tail = enc.encode(completion) + enc.eos()
+        return Encoded(head + tail, [False] * len(head) + [True] * len(tail))
+    if fmt == "messages":
+        return _encode_messages(fields, src, enc)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def _check_messages(fields: dict, src: DataSource) -> list[dict]:
+    key = src.messages_field
+    if key not in fields:
+        raise BadRecord(f"missing field {key!r} (fields: {sorted(fields)}); set data.sources[].messages_field")
+    messages = fields[key]
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord(f"field {key!r} must be a non-empty list of {{role, content}} objects")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise BadRecord(f"{key}[{j}] must be an object with string 'role' and 'content', got {m!r:.80}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord(f"{key} has no assistant turn, so nothing would be learned")
+    return messages
+
+
+def _encode_messages(fields: dict, src: DataSource, enc: TextEncoder) -> Encoded:
+    if not enc.has_chat_template():
+        raise DataError(
+            "messages records need a tokenizer with a chat template (tokenizer.chat_template is empty); "
+            "use a chat model's tokenizer or convert the data to prompt_completion"
+        )
+    messages = _check_messages(fields, src)
+    try:
+        full = enc.render_chat(messages, add_generation_prompt=False)
+    except Exception as e:  # jinja errors from the template (e.g. roles it rejects)
+        raise BadRecord(f"the chat template failed on this conversation: {type(e).__name__}: {e}") from None
+    target = [False] * len(full)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        try:
+            before = _render_head(enc, messages[:i])
+            through = enc.render_chat(messages[: i + 1], add_generation_prompt=False)
+        except Exception as e:
+            raise BadRecord(f"the chat template failed on messages[:{i + 1}]: {type(e).__name__}: {e}") from None
+        if through[: len(before)] != before or full[: len(through)] != through:
+            raise DataError(
+                f"the tokenizer's chat template is not prefix-consistent at assistant turn {i}: rendering "
+                f"messages[:{i}] with add_generation_prompt=True is not a token prefix of messages[:{i + 1}], "
+                "or that is not a prefix of the whole conversation (templates that rewrite earlier turns, e.g. "
+                "strip reasoning, do this). Assistant masks cannot be derived; use prompt_completion records"
+            )
+        for t in range(len(before), len(through)):
+            target[t] = True
+    return Encoded(full, target)
+
+
+def _render_head(enc: TextEncoder, head: list[dict]) -> list[int]:
+    """Tokens before an assistant turn: ``head`` plus the generation prompt.
+
+    With an empty ``head`` (a conversation that opens with the assistant) a
+    template may fail on an empty list; then nothing precedes the turn.
+    """
+    if head:
+        return enc.render_chat(head, add_generation_prompt=True)
+    try:
+        return enc.render_chat([], add_generation_prompt=True)
+    except Exception:
+        return []
