@@ -5,6 +5,7 @@ Errors name the file, the dotted key and, for unknown keys, the nearest valid on
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_override(tree: dict, parts: list[str], value: Any, text: str) -> None:
+def apply_override(tree: dict, parts: list[str], value: Any, text: str, defaults: dict | None = None) -> None:
+    """Set ``tree[parts...] = value``; missing nodes are taken from ``defaults`` (so list
+    indices into a default list work) or created empty."""
     node: Any = tree
+    fallback: Any = defaults
     for i, part in enumerate(parts[:-1]):
+        if isinstance(fallback, dict):
+            fallback = fallback.get(part)
+        elif isinstance(fallback, list) and part.isdigit() and int(part) < len(fallback):
+            fallback = fallback[int(part)]
+        else:
+            fallback = None
         if isinstance(node, list):
             try:
                 node = node[int(part)]
@@ -87,7 +97,7 @@ def apply_override(tree: dict, parts: list[str], value: Any, text: str) -> None:
                 raise ConfigError(f"override `{text}`: `{'.'.join(parts[: i + 1])}` is not a valid list index") from exc
             continue
         if part not in node or node[part] is None:
-            node[part] = {}
+            node[part] = copy.deepcopy(fallback) if isinstance(fallback, (dict, list)) else {}
         node = node[part]
     last = parts[-1]
     if isinstance(node, list):
@@ -120,12 +130,12 @@ def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConf
         tree = loaded
     # Validate the recipe alone first so errors point at the file, then the overrides.
     try:
-        RunConfig.model_validate(tree)
+        defaults = RunConfig.model_validate(tree).model_dump(mode="json")
     except ValidationError as err:
         raise ConfigError(_format_errors(err, origin)) from None
     for text in overrides:
         parts, value = parse_override(text)
-        apply_override(tree, parts, value, text)
+        apply_override(tree, parts, value, text, defaults)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:

@@ -28,7 +28,7 @@ def test_state_roundtrip_without_pickle(tmp_path):
     save_state(state, tmp_path, "s")
     back = load_state(tmp_path, "s")
     assert back["x"] == (1, 2.5, None)
-    opt2 = torch.optim.AdamW(model.parameters())
+    opt2, _ = build_optimizer(list(model.parameters()), TrainConfig(steps=10, warmup_steps=2))
     opt2.load_state_dict(back["optimizer"])
     for k, v in opt.state_dict()["state"].items():
         for name, t in v.items():
