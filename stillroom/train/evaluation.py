@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from stillroom.data import collate
-from stillroom.eval import count_params, evaluate_lm, forward_tokens_per_s, greedy_generations, write_report
+from stillroom.eval import count_params, evaluate_lm, forward_tokens_per_s, greedy_generations, teacher_logits_from_model, trainable_params, write_report
 
 
 def heldout_batches(p) -> list:
@@ -30,22 +28,19 @@ def generation_prompts(p, n: int) -> list:
     return prompts
 
 
-def evaluate_models(p, models: dict[str, torch.nn.Module], *, log: Callable[[str], None] = print) -> dict:
+def evaluate_models(p, models: dict, *, log: Callable[[str], None] = print) -> dict:
     cfg = p.cfg
     batches = heldout_batches(p)
     teacher = p.teacher_model
-
-    def teacher_logits(batch):
-        with torch.no_grad():
-            return teacher(input_ids=batch.input_ids.to(teacher.device), attention_mask=batch.attention_mask.to(teacher.device)).logits.float().cpu()
-
+    teacher_logits = teacher_logits_from_model(teacher) if teacher is not None else None
     out = {}
     for name, model in models.items():
         metrics = evaluate_lm(
-            model, batches, teacher_logits if teacher is not None else None,
+            model, batches, teacher_logits,
             precision=cfg.train.precision, vocab_size=p.vocab_size,
         )
-        metrics.update(count_params(model) if isinstance(count_params(model), dict) else {"params": count_params(model)})
+        metrics["params"] = count_params(model)
+        metrics["trainable_params"] = trainable_params(model)
         metrics["tokens_per_s"] = forward_tokens_per_s(
             model, seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
             total_tokens=cfg.eval.speed_tokens, precision=cfg.train.precision,

@@ -1,0 +1,115 @@
+"""Cost of one distillation step relative to one cross-entropy step of the same student.
+
+Teacher: SmolLM2-135M-Instruct (30 layers). Student: 10 layers derived from it.
+Batch: 4 x 256 tokens of bundled prose, bf16 autocast, AdamW step included.
+Variants are timed interleaved (A B C A B C ...) in one process so that machine
+noise hits all of them alike; the table reports medians and ratios to CE.
+
+    python bench/step_cost.py [--reps 8] [--batch 4] [--seq 256] [--out docs/bench/step_cost.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from stillroom.config.schema import DataConfig, DataSource, LayerSelection, LossConfig, LossTerm, ModelSource, TrainConfig
+from stillroom.data import build_splits, collate
+from stillroom.losses import LossMix
+from stillroom.models import derive_student, load_model, output_head
+from stillroom.teachers.online import OnlineTeacher
+from stillroom.train.loop import StudentForward, _SlicedHead, forward_backward
+from stillroom.train.schedule import build_optimizer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--out", default=None, help="also write the measurements as JSON here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    teacher_loaded = load_model(ModelSource(builtin="smollm2-135m-instruct"), dtype=torch.float32)
+    tok = teacher_loaded.tokenizer
+    splits = build_splits(DataConfig(sources=[DataSource(bundled="pydoc")], seq_len=args.seq), tok, 0)
+    batch = collate(splits.train[: args.batch], tok.pad_token_id)
+    student, kept = derive_student(teacher_loaded.model, LayerSelection(strategy="every_n", every_n=3))
+    student = student.float()
+    teacher_model = teacher_loaded.model.to(torch.bfloat16).eval()
+    vocab = len(tok)
+    teacher = OnlineTeacher(teacher_model, vocab_size=vocab)
+    tc = TrainConfig(steps=1000, warmup_steps=0)
+    optimizer, _ = build_optimizer([p for p in student.parameters()], tc)
+
+    def make_step(terms: list[str], fused: bool, with_teacher: bool, precomputed=None):
+        mix = LossMix(LossConfig(terms=[LossTerm(name=t) for t in terms], fused=fused, chunk_tokens=1024))
+        forward = StudentForward(student, fused=fused, hidden_layers=[], vocab=vocab)
+        head = _SlicedHead(output_head(student), vocab) if fused else None
+
+        class _Fixed:  # a teacher whose signal is already computed (what a store-fed step sees)
+            def signal(self, b):
+                return precomputed
+
+        src = (_Fixed() if precomputed is not None else teacher) if with_teacher else None
+
+        def step():
+            student.train()
+            forward_backward([batch], forward=forward, head=head, mix=mix, teacher=src, device=torch.device("cpu"),
+                             precision="bf16", scale=1.0 / batch.num_targets)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    def teacher_forward():
+        teacher.signal(batch)
+
+    from stillroom.teachers.signal import TeacherSignal, tail_logmass
+
+    with torch.no_grad():
+        dense = teacher.signal(batch).logits_btv.float()
+        lp = torch.log_softmax(dense, -1)
+        top_lp, top_ids = lp.topk(64, dim=-1)
+        topk_signal = TeacherSignal(topk_ids_btk=top_ids, topk_logprobs_btk=top_lp.to(torch.float16).float(),
+                                    tail_logmass_bt=tail_logmass(top_lp))
+        del dense, lp
+
+    variants = {
+        "ce (student only)": make_step(["ce"], fused=True, with_teacher=False),
+        "teacher forward only": teacher_forward,
+        "kd forward_kl, online teacher, fused": make_step(["forward_kl"], fused=True, with_teacher=True),
+        "kd forward_kl, online teacher, plain": make_step(["forward_kl"], fused=False, with_teacher=True),
+        "kd jsd, online teacher, fused": make_step(["jsd"], fused=True, with_teacher=True),
+        "kd forward_kl, top-64 signal already in memory, fused": make_step(["forward_kl"], fused=True, with_teacher=True, precomputed=topk_signal),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    for _ in range(args.reps):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["ce (student only)"]
+    print(f"teacher SmolLM2-135M-Instruct (30 layers), student layers {kept}, batch {args.batch}x{args.seq}, bf16, "
+          f"{torch.get_num_threads()} threads, {args.reps} interleaved reps\n")
+    print("| step | median s | min s | max s | ratio to CE step |")
+    print("|---|---|---|---|---|")
+    for k, v in times.items():
+        print(f"| {k} | {med[k]:.3f} | {min(v):.3f} | {max(v):.3f} | {med[k] / base:.2f}x |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"median_s": med, "all_s": times, "kept_layers": kept}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
