@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_quickstart, recipe=None)
 
-    for module in ("stillroom.cli.spec_eval", "stillroom.cli.teacher_commands"):
+    for module in ("stillroom.cli.teacher_commands", "stillroom.cli.serve_commands", "stillroom.cli.spec_eval"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError:
