@@ -1,0 +1,286 @@
+"""How logit-level terms are evaluated: plain, chunked and fused paths.
+
+All three paths evaluate the same per-row kernels (:class:`LogitTerm`) on the
+counted rows only (``mask``), in fp32 (fp64 when the student logits are fp64,
+for gradcheck), and return ``(weighted sum, per-term sums)``.
+
+* plain: one pass over all counted rows with ordinary autograd (the reference).
+* chunked: ``chunk_tokens`` rows at a time inside a custom autograd Function.
+  Each chunk's gradient is computed immediately (Liger-style) and only the
+  gradient buffer of the *input* survives the chunk, so at most one chunk of
+  ``[chunk_tokens, V]`` fp32 temporaries is alive, forward and backward.
+* fused: the same Function, but the input is the last hidden state
+  ``[B, T, D]`` and the output head; the chunk's logits are computed, used and
+  dropped, so ``[B, T, V]`` never exists. Gradients for the hidden state
+  ``[B, T, D]`` and the head weight ``[V, D]`` are accumulated chunk by chunk.
+
+The backward pass of both Functions only scales the stored gradients by the
+incoming scalar gradient: valid because the result is a sum (linear in each
+chunk's contribution).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from stillroom.losses import sparse
+from stillroom.losses.functional import sanitize_logits
+from stillroom.teachers.signal import TeacherSignal
+
+TeacherLike = torch.Tensor | TeacherSignal | Sequence[torch.Tensor]
+
+
+class TeacherRows:
+    """Flat ``[B*T, ...]`` views of a teacher, from which chunks of rows are taken.
+
+    Accepts dense logits ``[B, T, V]``, a :class:`TeacherSignal` (dense or top-k)
+    or a list of dense logits (an ensemble: the target is the average of their
+    probabilities, MEAL V2). ``None`` is allowed for teacher-free terms (``ce``).
+    """
+
+    def __init__(self, teacher: TeacherLike | None, vocab: int, loss_temperature: float):
+        self.dense: list[torch.Tensor] = []
+        self.topk: TeacherSignal | None = None
+        if teacher is None:
+            return
+        if isinstance(teacher, TeacherSignal):
+            if teacher.is_dense:
+                self.dense = [teacher.logits_btv]
+            elif teacher.is_topk:
+                if abs(teacher.temperature - loss_temperature) > 1e-6:
+                    raise ValueError(
+                        f"the top-k teacher log-probs were computed at temperature {teacher.temperature} but "
+                        f"loss_temperature is {loss_temperature}; a top-k signal cannot be re-tempered. "
+                        "Set loss.loss_temperature to the store's temperature or rebuild the store."
+                    )
+                self.topk = teacher
+            else:
+                raise ValueError("this teacher signal carries only hidden states; logit terms need logits or top-k")
+        elif isinstance(teacher, torch.Tensor):
+            self.dense = [teacher]
+        else:
+            self.dense = list(teacher)
+            if not self.dense or not all(isinstance(t, torch.Tensor) for t in self.dense):
+                raise ValueError("a teacher list must hold dense logits tensors [B, T, V]")
+        for t in self.dense:
+            if t.shape[-1] != vocab:
+                raise ValueError(
+                    f"teacher vocab {t.shape[-1]} != student vocab {vocab}; slice both to the shared tokenizer "
+                    "length before the loss (padding rows only)"
+                )
+        self._dense_flat = [t.reshape(-1, vocab) for t in self.dense]
+        if self.topk is not None:
+            k = self.topk.topk_ids_btk.shape[-1]
+            self._ids = self.topk.topk_ids_btk.reshape(-1, k)
+            self._lp = self.topk.topk_logprobs_btk.reshape(-1, k)
+            self._tail = self.topk.tail_logmass_bt.reshape(-1)
+
+    @property
+    def present(self) -> bool:
+        return bool(self.dense) or self.topk is not None
+
+    def take(self, rows: torch.Tensor) -> "TeacherChunk":
+        if self.topk is not None:
+            return TeacherChunk(topk=(self._ids[rows], self._lp[rows], self._tail[rows]))
+        return TeacherChunk(dense=[t[rows] for t in self._dense_flat])
+
+
+@dataclass
+class TeacherChunk:
+    dense: list[torch.Tensor] | None = None
+    topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+class ChunkContext:
+    """What kernels see for one chunk of ``N`` counted rows; shared work is computed once.
+
+    ``z``: student logits ``[N, V]`` divided by ``loss_temperature``, in the compute dtype.
+    """
+
+    def __init__(self, z_nv: torch.Tensor, teacher: TeacherChunk, target_n: torch.Tensor | None,
+                 loss_temperature: float, dtype: torch.dtype):
+        self.raw = z_nv
+        self.teacher = teacher
+        self.target_n = target_n
+        self.temperature = loss_temperature
+        self.dtype = dtype
+
+    @cached_property
+    def z(self) -> torch.Tensor:
+        z = sanitize_logits(self.raw.to(self.dtype))
+        return z / self.temperature if self.temperature != 1.0 else z
+
+    @cached_property
+    def s_logp(self) -> torch.Tensor:
+        """``[N, V]`` student log-probs at ``loss_temperature``."""
+        return torch.log_softmax(self.z, dim=-1)
+
+    @cached_property
+    def s_logp_t1(self) -> torch.Tensor:
+        """``[N, V]`` student log-probs at temperature 1 (for hard-label CE)."""
+        if self.temperature == 1.0:
+            return self.s_logp
+        return torch.log_softmax(sanitize_logits(self.raw.to(self.dtype)), dim=-1)
+
+    @cached_property
+    def t_logp(self) -> torch.Tensor:
+        """``[N, V]`` dense teacher log-probs at ``loss_temperature`` (ensemble: log of mean probs)."""
+        if self.teacher.dense is None or not self.teacher.dense:
+            raise ValueError("this term needs dense teacher logits (a top-k teacher is not enough)")
+        logps = [torch.log_softmax(sanitize_logits(t.to(self.dtype)) / self.temperature, dim=-1)
+                 for t in self.teacher.dense]
+        if len(logps) == 1:
+            return logps[0]
+        n = torch.tensor(float(len(logps)), dtype=self.dtype).log()
+        return torch.logsumexp(torch.stack(logps), dim=0) - n
+
+    @cached_property
+    def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher, student) log-probs on the comparison support: ``[N, V]`` or top-k ``[N, K+1]`` bins."""
+        if self.teacher.topk is not None:
+            ids, lp, tail = self.teacher.topk
+            return sparse.teacher_bins(lp, tail, self.dtype), sparse.student_bins(self.s_logp, ids)
+        if self.teacher.dense is None:
+            raise ValueError("this term needs a teacher, but none was given")
+        return self.t_logp, self.s_logp
+
+
+@dataclass
+class LogitTerm:
+    """One logit-level term bound to its parameters.
+
+    ``kernel(ctx, stats) -> [N]`` per-row values; ``prepass(ctx) -> [S]`` optional sufficient
+    statistics summed over all chunks before the main pass (no gradient), handed to the kernel as
+    ``stats`` after ``finish(stats_sum)``.
+    """
+
+    key: str
+    kernel: Callable[[ChunkContext, object], torch.Tensor]
+    weight: float = 1.0
+    scale: float = 1.0
+    prepass: Callable[[ChunkContext], torch.Tensor] | None = None
+    finish: Callable[[torch.Tensor], object] | None = None
+
+
+@dataclass
+class Plan:
+    terms: list[LogitTerm]
+    rows: torch.Tensor  # [N] indices into the flat [B*T] axis of counted positions
+    teacher: TeacherRows
+    target_flat: torch.Tensor | None
+    loss_temperature: float
+    chunk: int
+    dtype: torch.dtype
+
+    def chunks(self):
+        for i in range(0, self.rows.numel(), self.chunk):
+            yield self.rows[i : i + self.chunk]
+
+    def context(self, z: torch.Tensor, rows: torch.Tensor) -> ChunkContext:
+        target = self.target_flat[rows] if self.target_flat is not None else None
+        return ChunkContext(z, self.teacher.take(rows), target, self.loss_temperature, self.dtype)
+
+    def evaluate(self, ctx: ChunkContext, stats: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Weighted sum and per-term (scaled, unweighted) sums for one chunk."""
+        parts = [t.scale * t.kernel(ctx, s).sum() for t, s in zip(self.terms, stats)]
+        total = sum(t.weight * p for t, p in zip(self.terms, parts))
+        return total, parts
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def counted_rows(mask_bt: torch.Tensor) -> torch.Tensor:
+    return mask_bt.reshape(-1).bool().nonzero().squeeze(1)
+
+
+def _batch_stats(plan: Plan, logits_of: Callable[[torch.Tensor], torch.Tensor]) -> list:
+    stats: list = [None] * len(plan.terms)
+    if not any(t.prepass for t in plan.terms):
+        return stats
+    sums: list = [None] * len(plan.terms)
+    with torch.no_grad():
+        for rows in plan.chunks():
+            ctx = plan.context(logits_of(rows), rows)
+            for i, t in enumerate(plan.terms):
+                if t.prepass is not None:
+                    s = t.prepass(ctx)
+                    sums[i] = s if sums[i] is None else sums[i] + s
+    for i, t in enumerate(plan.terms):
+        if t.prepass is not None:
+            stats[i] = t.finish(sums[i])
+    return stats
+
+
+def plain_loss(plan: Plan, logits_flat: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Reference path: all counted rows at once, ordinary autograd."""
+    stats = _batch_stats(plan, lambda rows: logits_flat[rows])
+    rows = plan.rows
+    return plan.evaluate(plan.context(logits_flat[rows], rows), stats)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Inputs: ``x`` = logits ``[BT, V]`` (weight None) or hidden ``[BT, D]`` with head ``weight``
+    ``[V, D]`` and optional ``bias`` ``[V]``. Outputs: scalar total, ``[n_terms]`` parts (no grad)."""
+
+    @staticmethod
+    def forward(ctx, plan: Plan, need_grad: bool, x, weight, bias):
+        fused = weight is not None
+        need = [need_grad and t is not None and t.requires_grad for t in (x, weight, bias)]
+        leaf_w = weight.detach().requires_grad_(need[1]) if fused else None
+        leaf_b = bias.detach().requires_grad_(need[2]) if bias is not None else None
+        grad_x = torch.zeros_like(x) if need[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
+
+        def logits_of(rows, leaf_x=None):
+            xr = x[rows] if leaf_x is None else leaf_x
+            return F.linear(xr, leaf_w, leaf_b) if fused else xr
+
+        stats = _batch_stats(plan, lambda rows: logits_of(rows).detach())
+        total = torch.zeros((), dtype=torch.float64)
+        parts = torch.zeros(len(plan.terms), dtype=torch.float64)
+        for rows in plan.chunks():
+            with torch.enable_grad():
+                leaf_x = x[rows].detach().requires_grad_(need[0])
+                chunk_total, chunk_parts = plan.evaluate(plan.context(logits_of(rows, leaf_x), rows), stats)
+            wrt = [t for t, n in zip((leaf_x, leaf_w, leaf_b), need) if n]
+            if wrt and chunk_total.requires_grad:
+                grads = iter(torch.autograd.grad(chunk_total, wrt))
+                if need[0]:
+                    grad_x.index_copy_(0, rows, next(grads).to(grad_x.dtype))
+                if need[1]:
+                    grad_w += next(grads)
+                if need[2]:
+                    grad_b += next(grads)
+            total += chunk_total.detach().double()
+            parts += torch.stack([p.detach().double() for p in chunk_parts])
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_x, grad_w, grad_b)))
+        ctx.has = [g is not None for g in (grad_x, grad_w, grad_b)]
+        ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias)]
+        out_dtype = plan.dtype
+        parts_out = parts.to(out_dtype)
+        ctx.mark_non_differentiable(parts_out)
+        return total.to(out_dtype), parts_out
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_parts):
+        saved = ctx.saved_tensors
+        out = []
+        for g, has, dt in zip(saved, ctx.has, ctx.dtypes):
+            out.append((g * grad_total.to(g.dtype)).to(dt) if has else None)
+        return (None, None, *out)
+
+
+def chunked_loss(plan: Plan, x: torch.Tensor, weight: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Chunked (``weight is None``: ``x`` = logits ``[BT, V]``) or fused (``x`` = hidden ``[BT, D]``)."""
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    total, parts = _ChunkedLoss.apply(plan, need_grad, x, weight, bias)
+    return total, list(parts.unbind(0))

@@ -1,0 +1,45 @@
+"""Top-k teacher signals: the K + 1 bin estimator.
+
+A top-k teacher gives, per position, the log-probabilities of its k most likely
+tokens and the log of the remaining ("tail") mass, but not how the tail is
+spread. Divergences against such a teacher are computed on K + 1 bins:
+
+* bins 0..K-1: the teacher's k tokens; student log-prob ``log q(id_k)``;
+* bin K, the tail: teacher ``tail_logmass``, student ``log(sum of q over every
+  token not in the top k)``, computed as a logsumexp over those tokens (exact,
+  no ``log(1 - sum)`` cancellation, exactly ``-inf`` when k = V).
+
+Coarsening both distributions onto the same partition can only lose
+information, so by the data-processing inequality every f-divergence on the
+bins (KL both ways, JSD, TVD, skew KL) lies in ``[0, dense value]``, with
+equality when k = V. It is a lower bound, not an unbiased estimate: the tail
+bin stops pushing once the student's tail mass matches the teacher's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stillroom.losses.functional import NEG_INF
+
+
+def student_bins(s_logp_nv: torch.Tensor, ids_nk: torch.Tensor) -> torch.Tensor:
+    """``[N, K+1]`` student log-probs on the teacher's bins (k ids, then the tail).
+
+    ``s_logp_nv``: ``[N, V]`` normalised student log-probabilities.
+    """
+    ids = ids_nk.long()
+    logq_k = s_logp_nv.gather(-1, ids)
+    in_topk = torch.zeros_like(s_logp_nv, dtype=torch.bool).scatter_(-1, ids, True)
+    rest = s_logp_nv.masked_fill(in_topk, NEG_INF)
+    has_rest = torch.isfinite(rest).any(-1)
+    # Rows with nothing left would give logsumexp(-inf...) whose gradient is NaN: feed zeros there
+    # and select -inf afterwards (the discarded branch then has a finite, zeroed gradient).
+    rest = rest.masked_fill(~has_rest.unsqueeze(-1), 0.0)
+    tail = torch.where(has_rest, torch.logsumexp(rest, dim=-1), torch.full_like(logq_k[:, 0], NEG_INF))
+    return torch.cat([logq_k, tail.unsqueeze(-1)], dim=-1)
+
+
+def teacher_bins(topk_logprobs_nk: torch.Tensor, tail_logmass_n: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, K+1]`` teacher log-probs: the stored top-k log-probs, then the tail log-mass."""
+    return torch.cat([topk_logprobs_nk.to(dtype), tail_logmass_n.to(dtype).unsqueeze(-1)], dim=-1)
