@@ -30,7 +30,7 @@ from stillroom.losses.hidden import (
     uniform_attention_map,
     uniform_layer_map,
 )
-from stillroom.losses.taid import TaidSchedule
+from stillroom.losses.schedule import TaidSchedule
 from stillroom.losses.mix import LossMix, LossResult, StudentOutput
 
 __all__ = [

@@ -46,6 +46,7 @@ class TeacherRows:
     def __init__(self, teacher: TeacherLike | None, vocab: int, loss_temperature: float):
         self.dense: list[torch.Tensor] = []
         self.topk: TeacherSignal | None = None
+        self._dense_flat: list[torch.Tensor] = []
         if teacher is None:
             return
         if isinstance(teacher, TeacherSignal):
@@ -111,8 +112,20 @@ class ChunkContext:
         self.dtype = dtype
 
     @cached_property
+    def excluded(self) -> torch.Tensor:
+        """``[N, V]`` bool: entries infinite in the student's *or* a dense teacher's logits.
+
+        Such an entry (vocabulary padding, a banned token) is removed from both distributions,
+        which are renormalised over the remaining support; values stay finite.
+        """
+        pad = torch.isinf(self.raw)
+        for t in self.teacher.dense or []:
+            pad = pad | torch.isinf(t)
+        return pad
+
+    @cached_property
     def z(self) -> torch.Tensor:
-        z = sanitize_logits(self.raw.to(self.dtype))
+        z = self.raw.to(self.dtype).masked_fill(self.excluded, float("-inf"))
         return z / self.temperature if self.temperature != 1.0 else z
 
     @cached_property
@@ -132,8 +145,8 @@ class ChunkContext:
         """``[N, V]`` dense teacher log-probs at ``loss_temperature`` (ensemble: log of mean probs)."""
         if self.teacher.dense is None or not self.teacher.dense:
             raise ValueError("this term needs dense teacher logits (a top-k teacher is not enough)")
-        logps = [torch.log_softmax(sanitize_logits(t.to(self.dtype)) / self.temperature, dim=-1)
-                 for t in self.teacher.dense]
+        logps = [torch.log_softmax(t.to(self.dtype).masked_fill(self.excluded, float("-inf")) / self.temperature,
+                                   dim=-1) for t in self.teacher.dense]
         if len(logps) == 1:
             return logps[0]
         n = torch.tensor(float(len(logps)), dtype=self.dtype).log()

@@ -19,7 +19,7 @@ import torch
 from stillroom.config.schema import LossConfig
 from stillroom.losses import hidden as H
 from stillroom.losses.registry import get_term, resolve_params
-from stillroom.losses.taid import TaidSchedule
+from stillroom.losses.schedule import TaidSchedule
 from stillroom.losses.terms import make_logit_term, run_fused_logit_terms, run_logit_terms
 from stillroom.teachers.signal import TeacherSignal
 

@@ -251,7 +251,7 @@ def taid(student_logits, teacher, mask, *, t=0.4, loss_temperature=1.0, scale_by
          chunk_tokens=None):
     """TAID (Shing et al. 2025): KL(p_t || q), p_t = softmax((1 - t) sg(z_s) + t z_T) (dense teacher only).
 
-    ``t`` comes from :class:`~stillroom.losses.taid.TaidSchedule` in a training run; the recipe
+    ``t`` comes from :class:`~stillroom.losses.schedule.TaidSchedule` in a training run; the recipe
     params of a ``taid`` term configure that schedule: t_start 0.4, t_end 1.0, alpha 5e-4,
     beta 0.99, adaptive True (the official code's defaults).
     """
