@@ -67,10 +67,17 @@ class ModelSource(Strict):
 
 
 class StoreConfig(Strict):
-    path: str | None = Field(None, description="Folder of a teacher store written by `stillroom cache-teacher`.")
+    path: str | None = Field(
+        None,
+        description="Folder of a teacher store written by `stillroom cache-teacher` "
+        "(null: <output_dir>/<name>/teacher_store).",
+    )
     k: int = Field(64, ge=1, description="Top-k token log-probabilities kept per position.")
-    logprob_dtype: Literal["float16", "bfloat16", "int8"] = Field(
-        "float16", description="Storage type of the top-k log-probabilities (int8 = 8-bit quantised)."
+    logprob_dtype: Literal["float16", "bfloat16", "int8", "float32"] = Field(
+        "float16",
+        description="Storage type of the top-k log-probabilities: float16/bfloat16 (2 bytes), int8 (8-bit codes "
+        "on each position's own [min, max] range, error <= range/510 nats; see docs/STORE.md) or float32 "
+        "(exact; for parity checks).",
     )
     hidden_layers: list[int] = Field(default_factory=list, description="Teacher layers whose hidden states are stored.")
     shard_tokens: int = Field(262144, ge=1024, description="Target number of token positions per shard.")
