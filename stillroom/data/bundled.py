@@ -10,8 +10,10 @@
   a seed; about a quarter have a system turn and about one in eight has two
   user/assistant exchanges. Default size 400 (``limit`` changes it).
 * ``arithmetic``: generated word problems with rationales, from
-  :func:`stillroom.data.arithmetic.generate_problems` (``prompt``/``completion``
-  records). Default size 1000 (``limit`` changes it).
+  :func:`stillroom.data.arithmetic.generate_problems`. Its records carry both
+  ``messages`` and ``prompt``/``completion``, so format inference picks
+  ``messages`` (the chat template); set the source's ``format:
+  prompt_completion`` for plain text. Default size 1000 (``limit`` changes it).
 """
 
 from __future__ import annotations
