@@ -157,7 +157,12 @@ class ChunkContext:
         """(teacher, student) log-probs on the comparison support: ``[N, V]`` or top-k ``[N, K+1]`` bins."""
         if self.teacher.topk is not None:
             ids, lp, tail = self.teacher.topk
-            return sparse.teacher_bins(lp, tail, self.dtype), sparse.student_bins(self.s_logp, ids)
+            q_bins = sparse.student_bins(self.s_logp, ids)
+            # When the k ids cover every (finite) entry the tail bin is empty by construction; a
+            # stored teacher tail there is rounding noise (log(1 - sum) of ~1e-7) and would make
+            # KL(p||q) infinite, so it is zeroed.
+            tail = tail.to(self.dtype).masked_fill(torch.isneginf(q_bins[:, -1]), float("-inf"))
+            return sparse.teacher_bins(lp, tail, self.dtype), q_bins
         if self.teacher.dense is None:
             raise ValueError("this term needs a teacher, but none was given")
         return self.t_logp, self.s_logp

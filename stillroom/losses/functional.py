@@ -128,17 +128,29 @@ def tvd_pp_reward(logp: torch.Tensor, logq: torch.Tensor, eps: float,
                   stats: tuple[float, float] | None = None) -> torch.Tensor:
     """Normalised TVD++ reward r_hat = (r - mu) / (sigma + eps), r = 1[p > q] (no gradient).
 
-    ``stats=None``: mu and sigma (unbiased std) per row over the last axis;
-    otherwise ``stats = (mu, sigma)`` computed over the whole micro-batch.
+    ``stats=None``: mu and sigma (unbiased std) per row over the entries that are not zero
+    in both distributions (padding and an empty top-k tail bin are left out, so k = V
+    matches dense); otherwise ``stats = (mu, sigma)`` computed over the whole micro-batch
+    by :func:`tvd_pp_stats`. r_hat is 0 on left-out entries.
     """
     with torch.no_grad():
+        valid = ~(torch.isneginf(logp) & torch.isneginf(logq))
         r = (logp > logq).to(logq.dtype)
         if stats is None:
-            mu = r.mean(-1, keepdim=True)
-            sigma = r.std(-1, keepdim=True) if r.shape[-1] > 1 else torch.zeros_like(mu)
+            n = valid.sum(-1, keepdim=True).to(r.dtype)
+            mu = r.sum(-1, keepdim=True) / n.clamp(min=1)
+            var = ((r - mu).pow(2) * valid).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
+            sigma = var.sqrt()
         else:
             mu, sigma = stats
-        return (r - mu) / (sigma + eps)
+        return ((r - mu) / (sigma + eps)).masked_fill(~valid, 0.0)
+
+
+def tvd_pp_stats(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Sufficient statistics ``[sum r, number of entries]`` (float64) for the batch-scope reward."""
+    valid = ~(torch.isneginf(logp) & torch.isneginf(logq))
+    r = (logp > logq) & valid
+    return torch.stack([r.sum().double(), valid.sum().double()])
 
 
 def tvd_pp(logp: torch.Tensor, logq: torch.Tensor, *, eps: float = 1e-5, weighting: str = "expectation",

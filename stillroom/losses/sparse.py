@@ -9,6 +9,9 @@ spread. Divergences against such a teacher are computed on K + 1 bins:
   token not in the top k)``, computed as a logsumexp over those tokens (exact,
   no ``log(1 - sum)`` cancellation, exactly ``-inf`` when k = V).
 
+When the student has no entry outside the k ids (k = V), the tail bin is empty
+and the teacher's stored tail (rounding noise of order 1e-7) is treated as 0.
+
 Coarsening both distributions onto the same partition can only lose
 information, so by the data-processing inequality every f-divergence on the
 bins (KL both ways, JSD, TVD, skew KL) lies in ``[0, dense value]``, with

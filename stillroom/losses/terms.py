@@ -107,9 +107,7 @@ def make_logit_term(name: str, params: dict, *, key: str | None = None, weight: 
         if scope == "batch":
 
             def prepass(ctx):
-                logp, logq = ctx.pair
-                r = (logp > logq).double()
-                return torch.stack([r.sum(), torch.tensor(float(r.numel()), dtype=torch.float64)])
+                return Fn.tvd_pp_stats(*ctx.pair)
 
             def finish(s):
                 total, n = float(s[0]), float(s[1])
