@@ -107,6 +107,15 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:
             f"student.lora.target_modules={cfg.target_modules} matches no linear layer of "
             f"{type(model).__name__}; available: {sorted(names)}"
         )
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head and n), None)
+    tied = head is not None and head.weight is getattr(model.get_input_embeddings(), "weight", None)
+    if tied and head_name in cfg.target_modules:
+        raise ValueError(
+            f"student.lora.target_modules includes `{head_name}`, but the model ties it to the input embeddings: "
+            "merging that adapter would also change the embeddings. Remove it from target_modules, or untie the "
+            "head first (config.tie_word_embeddings=false)"
+        )
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
