@@ -1,0 +1,330 @@
+"""Serve a local teacher over an OpenAI-compatible HTTP API (``stillroom serve-teacher``).
+
+Endpoints (FastAPI; loopback by default):
+
+* ``GET /health`` -> ``{"status": "ok"}`` (no authentication).
+* ``GET /v1/models`` -> the served model, with stillroom extras ``vocab_size``,
+  ``tokenizer_hash`` and ``identity`` so that a client can check compatibility.
+* ``POST /v1/completions``: ``prompt`` is a string, a list of token ids (exact
+  client tokenization, as vLLM accepts), or a list of either. With
+  ``prompt_logprobs: k`` each choice carries vLLM's ``prompt_logprobs``: one entry
+  per prompt token, ``None`` for the first, else
+  ``{str(token_id): {"logprob": float, "rank": int, "decoded_token": str}}``
+  holding the top-k of ``log_softmax(logits)`` of the *previous* position (the
+  distribution that predicted this token) plus the actual token (so k or k + 1
+  entries). Log-probs are raw (temperature 1), clamped below at -9999 like vLLM
+  (JSON has no -inf); ``rank`` is 1-based (1 + number of strictly larger log-probs).
+  ``max_tokens`` may be 0 (log-probs only).
+* ``POST /v1/chat/completions``: the tokenizer's chat template, then sampling
+  (``temperature`` 0 = greedy; ``seed`` makes it reproducible).
+
+Errors follow OpenAI's shape: ``{"error": {"message", "type", "code"}}``.
+Model work is serialised by a lock (one forward at a time bounds memory: a
+prompt of L tokens needs ``[L, V]`` fp32 log-probs). An optional API key is
+compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from stillroom.generate.sampling import sample_continuations
+from stillroom.generate.spec_eval import encode_prompt, eos_ids
+
+log = logging.getLogger(__name__)
+
+LOGPROB_FLOOR = -9999.0
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logit_bias, ...)
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=64)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+class CompletionRequest(_Request):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    prompt_logprobs: int | None = Field(None, ge=0)
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
+
+
+@dataclass
+class TeacherService:
+    """The model work behind the endpoints (usable without HTTP)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    model_name: str
+    max_top_k: int = 64
+    max_new_tokens_cap: int = 2048
+    identity: str | None = None
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        self.vocab_size = len(self.tokenizer)
+        self.device = next(self.model.parameters()).device
+        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.lock = threading.Lock()
+        self.eos = eos_ids(self.tokenizer, self.model)
+        self._decoded: dict[int, str] = {}
+
+    def decoded(self, token_id: int) -> str:
+        if token_id not in self._decoded:
+            self._decoded[token_id] = self.tokenizer.decode([token_id])
+        return self._decoded[token_id]
+
+    def check_ids(self, ids: list[int]) -> None:
+        if not ids:
+            raise HTTPException(400, "a prompt encodes to zero tokens")
+        if len(ids) > self.max_len:
+            raise HTTPException(400, f"prompt has {len(ids)} tokens; the model accepts at most {self.max_len}")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise HTTPException(400, f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+
+    @torch.no_grad()
+    def prompt_logprobs(self, ids: list[int], k: int) -> list[dict[str, dict] | None]:
+        """vLLM-style prompt log-probs for one prompt (see the module docstring)."""
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits_lv = self.model(input_ids=input_ids, use_cache=False).logits[0, :-1, : self.vocab_size]
+        logp_lv = torch.log_softmax(logits_lv.float(), dim=-1)
+        actual_l = torch.tensor(ids[1:], dtype=torch.long, device=self.device)
+        actual_lp_l = logp_lv.gather(-1, actual_l[:, None]).squeeze(-1)
+        actual_rank_l = (logp_lv > actual_lp_l[:, None]).sum(-1) + 1
+        out: list[dict[str, dict] | None] = [None]
+        if k > 0:
+            top_lp_lk, top_id_lk = logp_lv.topk(k, dim=-1)
+            top_lp, top_id = top_lp_lk.tolist(), top_id_lk.tolist()
+        for j, (tok, lp, rank) in enumerate(zip(ids[1:], actual_lp_l.tolist(), actual_rank_l.tolist())):
+            entry: dict[str, dict] = {}
+            if k > 0:
+                for r, (i, v) in enumerate(zip(top_id[j], top_lp[j]), start=1):
+                    entry[str(i)] = {"logprob": max(v, LOGPROB_FLOOR), "rank": r, "decoded_token": self.decoded(i)}
+            if str(tok) not in entry:
+                entry[str(tok)] = {"logprob": max(lp, LOGPROB_FLOOR), "rank": int(rank), "decoded_token": self.decoded(tok)}
+            out.append(entry)
+        return out
+
+    def generate(self, ids: list[int], req: _Request, max_tokens: int) -> list[tuple[str, str, int]]:
+        """``n`` continuations of one prompt: ``[(text, finish_reason, n_tokens)]``."""
+        if max_tokens == 0:
+            return [("", "length", 0)] * req.n
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:6], "big"))
+        new = sample_continuations(
+            self.model, self.tokenizer, [ids] * req.n, max_new_tokens=max_tokens,
+            sampling_temperature=req.temperature if req.temperature > 0 else 1.0, top_p=req.top_p,
+            greedy=req.temperature == 0, eos_token_id=self.eos or None, generator=gen,
+        )
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        out = []
+        for toks in new:
+            reason = "stop" if toks and toks[-1] in self.eos else "length"
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            for s in stops:
+                if s and s in text:
+                    text, reason = text[: text.index(s)], "stop"
+            out.append((text, reason, len(toks)))
+        return out
+
+
+def _prompts(service: TeacherService, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        items = [list(prompt)]
+    else:
+        items = list(prompt)
+    if not items:
+        raise HTTPException(400, "`prompt` is empty")
+    out = []
+    for p in items:
+        ids = service.tokenizer(p, add_special_tokens=True)["input_ids"] if isinstance(p, str) else list(p)
+        service.check_ids(ids)
+        out.append(ids)
+    return out
+
+
+def create_app(service: TeacherService, *, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``service``; ``api_key`` (if set) is required as ``Authorization: Bearer``."""
+    app = FastAPI(title="stillroom teacher", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ())[1:])}: {e.get('msg')}" for e in exc.errors()[:5]]
+        return _error(400, "invalid request: " + "; ".join(parts))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "missing or wrong API key (send `Authorization: Bearer <key>`)")
+        return await call_next(request)
+
+    def check_common(req: _Request) -> None:
+        if req.stream:
+            raise HTTPException(400, "streaming is not supported by this server; send stream=false")
+        if req.model is not None and req.model != service.model_name:
+            raise HTTPException(404, f"model {req.model!r} is not served here; this server serves {service.model_name!r}")
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        from stillroom.models.vocab import tokenizer_hash
+
+        return {"object": "list", "data": [{
+            "id": service.model_name, "object": "model", "created": 0, "owned_by": "stillroom",
+            "vocab_size": service.vocab_size, "tokenizer_hash": tokenizer_hash(service.tokenizer),
+            "identity": service.identity, "max_top_k": service.max_top_k,
+        }]}
+
+    @app.post("/v1/completions")
+    def completions(req: CompletionRequest) -> dict:
+        check_common(req)
+        if req.echo or req.logprobs is not None:
+            raise HTTPException(400, "`echo` and `logprobs` (of generated tokens) are not supported; "
+                                     "use `prompt_logprobs` for prompt log-probabilities")
+        k = req.prompt_logprobs
+        if k is not None and k > min(service.max_top_k, service.vocab_size):
+            raise HTTPException(400, f"prompt_logprobs={k} exceeds this server's limit of "
+                                     f"{min(service.max_top_k, service.vocab_size)} (serve-teacher --max-top-k)")
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if max_tokens > service.max_new_tokens_cap:
+            raise HTTPException(400, f"max_tokens={max_tokens} exceeds {service.max_new_tokens_cap}")
+        prompts = _prompts(service, req.prompt)
+        choices, n_prompt, n_gen = [], 0, 0
+        with service.lock:
+            for p_idx, ids in enumerate(prompts):
+                n_prompt += len(ids)
+                plp = service.prompt_logprobs(ids, k) if k is not None else None
+                for s_idx, (text, reason, n_tok) in enumerate(service.generate(ids, req, max_tokens)):
+                    n_gen += n_tok
+                    choices.append({"index": p_idx * req.n + s_idx, "text": text, "logprobs": None,
+                                     "finish_reason": reason, "prompt_logprobs": plp,
+                                     "prompt_token_ids": ids if k is not None else None})
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": service.model_name, "choices": choices, "usage": usage(n_prompt, n_gen)}
+
+    @app.post("/v1/chat/completions")
+    def chat(req: ChatRequest) -> dict:
+        check_common(req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = 256 if max_tokens is None else max_tokens
+        if max_tokens > service.max_new_tokens_cap:
+            raise HTTPException(400, f"max_tokens={max_tokens} exceeds {service.max_new_tokens_cap}")
+        try:
+            ids = encode_prompt(service.tokenizer, [m.model_dump() for m in req.messages])
+        except ValueError as err:
+            raise HTTPException(400, str(err)) from None
+        service.check_ids(ids)
+        with service.lock:
+            outs = service.generate(ids, req, max_tokens)
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                   for i, (text, reason, _) in enumerate(outs)]
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": service.model_name, "choices": choices,
+                "usage": usage(len(ids), sum(n for _, _, n in outs))}
+
+    return app
+
+
+class RunningServer:
+    """A uvicorn server running ``app`` in a daemon thread on an already bound socket.
+
+    ``url`` is the base URL including ``/v1``. ``stop()`` shuts it down and joins the thread.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning"):
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the teacher server did not start on {host}:{self.port}")
+            time.sleep(0.01)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+    def __enter__(self) -> "RunningServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(service: TeacherService, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None) -> None:
+    """Run the server in the foreground until interrupted (the ``serve-teacher`` command)."""
+    import uvicorn
+
+    if host not in LOOPBACK:
+        log.warning("serving on %s: reachable from other machines%s", host,
+                    "" if api_key else " WITHOUT an API key (set --api-key-env)")
+    uvicorn.run(create_app(service, api_key=api_key), host=host, port=port, log_level="info", access_log=False)
