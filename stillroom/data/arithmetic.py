@@ -98,12 +98,12 @@ def _people(rng: random.Random, k: int) -> list[tuple[str, str, str]]:
 
 
 def _split_with_remainder(rng: random.Random, total: int, k: int) -> tuple[int, int]:
-    """(each, rest) with ``k * each + rest == total``, ``each >= 1``, ``1 <= rest`` (small)."""
-    if total - 1 < k:
+    """(each, rest) with ``k * each + rest == total``, ``each >= 2``, ``rest >= 2`` (small)."""
+    if total - 2 < k:
         raise _Retry
-    rest_target = rng.randint(1, max(1, total // 4))
+    rest_target = rng.randint(2, max(2, total // 4))
     each = (total - rest_target) // k
-    if each < 1:
+    if each < 2:
         raise _Retry
     return each, total - k * each
 
@@ -121,7 +121,7 @@ def _l1_give_away(rng: random.Random, s: _Steps) -> str:
     (n, _, _), (m, _, _) = _people(rng, 2)
     obj = rng.choice(_OBJECTS)
     a = rng.randint(5, 30)
-    b = rng.randint(1, a - 1)
+    b = rng.randint(1, a - 2)
     s.do(a, "-", b, f"{n} gives away {b} of {a} {obj}, so {_EQ} {obj} are left.")
     return f"{n} had {a} {obj} and gave {b} of them to {m}. How many {obj} does {n} have left?"
 
@@ -149,7 +149,7 @@ def _l1_travel(rng: random.Random, s: _Steps) -> str:
 
 def _l1_ages(rng: random.Random, s: _Steps) -> str:
     (n, _, _), (m, _, _) = _people(rng, 2)
-    a, b = rng.randint(3, 40), rng.randint(1, 30)
+    a, b = rng.randint(3, 40), rng.randint(2, 30)
     s.do(a, "+", b, f"{m} is {b} years older than {n}, who is {a}, so {m} is {_EQ} years old.")
     return f"{n} is {a} years old. {m} is {b} years older than {n}. How old is {m}?"
 
@@ -167,7 +167,7 @@ def _l2_change(rng: random.Random, s: _Steps) -> str:
     (n, _, _), (items, item) = _people(rng, 1)[0], rng.choice(_ITEMS)
     a, price = rng.randint(2, 6), rng.randint(2, 15)
     cost = a * price
-    bill = rng.choice([b for b in (10, 20, 50, 100) if b > cost] or [0])
+    bill = rng.choice([b for b in (10, 20, 50, 100) if b > cost + 1] or [0])
     if bill == 0:
         raise _Retry
     c = s.do(a, "*", price, f"{a} {items} at ${price} each cost {_EQ} dollars.")
@@ -179,7 +179,7 @@ def _l2_buy_and_share(rng: random.Random, s: _Steps) -> str:
     (n, p, _), obj, who = _people(rng, 1)[0], rng.choice(_OBJECTS), rng.choice(_PEOPLE)
     k, q = rng.randint(2, 6), rng.randint(2, 10)
     total = k * q
-    a = rng.randint(1, total - 1)
+    a = rng.randint(2, total - 2)
     b = total - a
     t = s.do(a, "+", b, f"{n} has {a} {obj} and buys {b} more, so {_EQ} {obj}.")
     s.do(t, "/", k, f"Sharing {t} {obj} equally among {k} {who} gives {_EQ} each.")
@@ -197,7 +197,7 @@ def _l2_drive(rng: random.Random, s: _Steps) -> str:
 
 def _l2_ages(rng: random.Random, s: _Steps) -> str:
     (n, _, _), (m, _, _) = _people(rng, 2)
-    a, k, y = rng.randint(2, 15), rng.randint(2, 4), rng.randint(1, 10)
+    a, k, y = rng.randint(2, 15), rng.randint(2, 4), rng.randint(2, 10)
     b = s.do(a, "*", k, f"{m} is {k} times as old as {n}, so {m} is {_EQ} years old.")
     s.do(b, "+", y, f"In {y} years {m} will be {_EQ} years old.")
     return f"{n} is {a} years old. {m} is {k} times as old as {n}. How old will {m} be in {y} years?"
@@ -215,7 +215,7 @@ def _l2_trip_left(rng: random.Random, s: _Steps) -> str:
 def _l2_savings(rng: random.Random, s: _Steps) -> str:
     (n, p, _), thing = _people(rng, 1)[0], rng.choice(_THINGS)
     w, k = rng.randint(5, 25), rng.randint(3, 10)
-    e = rng.randint(1, w * k - 1)
+    e = rng.randint(1, w * k - 2)
     t = s.do(w, "*", k, f"Saving ${w} a week for {k} weeks gives {_EQ} dollars.")
     s.do(t, "-", e, f"After spending ${e}, {_EQ} dollars are left.")
     return (f"{n} saves ${w} every week. After {k} weeks, {p} spends ${e} on a {thing}. "
@@ -228,6 +228,8 @@ def _l3_packs(rng: random.Random, s: _Steps) -> str:
     (n, p, _), obj, who = _people(rng, 1)[0], rng.choice(_OBJECTS), rng.choice(_PEOPLE)
     a, b, k = rng.randint(2, 6), rng.randint(4, 12), rng.randint(2, 6)
     c = (-a * b) % k or k
+    if c == 1:  # no "1 loose pencils"
+        c += k
     c += k * rng.randint(0, 2)
     packed = s.do(a, "*", b, f"{a} packs of {b} {obj} hold {_EQ} {obj}.")
     t = s.do(packed, "+", c, f"With {c} loose {obj} there are {_EQ} {obj}.")
@@ -278,7 +280,7 @@ def _l3_fuel(rng: random.Random, s: _Steps) -> str:
 def _l3_ages(rng: random.Random, s: _Steps) -> str:
     (n, _, _), (m, _, _), (o, _, _) = _people(rng, 3)
     a, k = rng.randint(3, 12), rng.randint(2, 4)
-    d = rng.randint(1, a * k - 1)
+    d = rng.randint(2, a * k - 2)
     b = s.do(a, "*", k, f"{m} is {k} times as old as {n}, so {_EQ} years old.")
     c = s.do(b, "-", d, f"{o} is {d} years younger than {m}, so {_EQ} years old.")
     ab = s.do(a, "+", b, f"{n} and {m} together are {_EQ} years old.")
