@@ -55,9 +55,28 @@ def tiny_llama(vocab_size: int, layers: int = 4, hidden: int = 32, seed: int = 0
     return LlamaForCausalLM(cfg).eval()
 
 
+def pretrain_briefly(model: LlamaForCausalLM, tok, steps: int = 80, seq_len: int = 32, seed: int = 0) -> LlamaForCausalLM:
+    """A few CE steps on bundled prose so the tiny teacher has a real, peaked distribution
+    (a random model is nearly uniform, which makes distillation tests vacuous)."""
+    from pydoc_data.topics import topics
+
+    text = " ".join(v for _, v in sorted(topics.items())[:40])
+    ids = torch.tensor(tok(text)["input_ids"][: 64 * seq_len]).view(-1, seq_len)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        rows = ids[torch.randint(0, ids.shape[0], (8,), generator=g)]
+        loss = model(input_ids=rows, labels=rows).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
 def save_tiny_teacher(folder: Path, *, layers: int = 4, hidden: int = 32, seed: int = 0, vocab_size: int = 320) -> Path:
     tok = tiny_tokenizer(vocab_size)
-    model = tiny_llama(len(tok), layers=layers, hidden=hidden, seed=seed)
+    model = pretrain_briefly(tiny_llama(len(tok), layers=layers, hidden=hidden, seed=seed), tok)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

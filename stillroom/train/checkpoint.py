@@ -13,6 +13,7 @@ position, RNG states, step).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -61,8 +62,8 @@ def save_checkpoint(
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in loss_state.items()}, str(tmp / "loss.safetensors"))
+    _save_deduplicated(model_state, tmp / "model.safetensors")
+    _save_deduplicated(loss_state, tmp / "loss.safetensors")
     save_state(train_state, tmp, "train_state")
     (tmp / "COMPLETE").write_text(str(step))
     for f in tmp.iterdir():
@@ -79,6 +80,33 @@ def save_checkpoint(
     for old in sorted(complete_checkpoints(root))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_deduplicated(state: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors refuses tensors that share memory (tied embeddings): store each once,
+    and the other names as aliases in the file's metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().cpu().contiguous()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def _load_deduplicated(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+    state = load_file(str(path))
+    for name, target in aliases.items():
+        state[name] = state[target]
+    return state
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -101,7 +129,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     if not (folder / "COMPLETE").is_file():
         raise FileNotFoundError(f"{folder} is not a complete checkpoint (no COMPLETE marker)")
-    model_state = load_file(str(folder / "model.safetensors"))
-    loss_state = load_file(str(folder / "loss.safetensors"))
+    model_state = _load_deduplicated(folder / "model.safetensors")
+    loss_state = _load_deduplicated(folder / "loss.safetensors")
     train_state = load_state(folder, "train_state")
     return model_state, loss_state, train_state
