@@ -1,0 +1,203 @@
+"""RemoteTeacher against the real teacher server on loopback: parity with the online teacher,
+resume from the cache, generations, API-key hygiene, and the prompt_logprobs parser."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import tiny_llama, tiny_tokenizer
+from stillroom.config.schema import RemoteConfig
+from stillroom.data.batch import Example, collate
+from stillroom.losses.sparse import student_bins, teacher_bins
+from stillroom.models.vocab import tokenizer_hash
+from stillroom.teachers.online import OnlineTeacher
+from stillroom.teachers.remote import RemoteCache, RemoteError, RemoteTeacher, parse_prompt_logprobs
+from stillroom.teachers.server import RunningServer, TeacherService, create_app
+from stillroom.teachers.signal import Fingerprint
+
+KEY = "sk-remote-test-5be1d0c4"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = tiny_tokenizer()
+    return tiny_llama(len(tok), seed=5), tok
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    model, tok = tiny
+    with RunningServer(create_app(TeacherService(model, tok, model_name="tiny", max_top_k=16))) as srv:
+        yield srv
+
+
+def batch_of(lengths, vocab, seed=0, domains=None):
+    g = torch.Generator().manual_seed(seed)
+    exs = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(4, vocab, (n,), generator=g).tolist()
+        exs.append(Example(input_ids=ids, target=[True] * n, uid=f"u{seed}-{i}",
+                           domain=None if domains is None else domains[i]))
+    return collate(exs, pad_id=1)
+
+
+def test_remote_topk_equals_online_topk_of_log_softmax(server, tiny):
+    model, tok = tiny
+    vocab = len(tok)
+    batch = batch_of([12, 7, 3, 1], vocab)
+    remote = RemoteTeacher(RemoteConfig(url=server.url, model="tiny", top_k=8, concurrency=3), vocab_size=vocab)
+    sig = remote.signal(batch)
+    dense = OnlineTeacher(model, vocab_size=vocab).signal(batch).logits_btv
+    top = torch.log_softmax(dense.float(), -1).topk(8)
+    mask = batch.loss_mask
+    assert sig.topk_ids_btk.shape == (4, 12, 8) and sig.temperature == 1.0
+    assert torch.equal(sig.topk_ids_btk[mask], top.indices[mask])
+    torch.testing.assert_close(sig.topk_logprobs_btk[mask], top.values[mask], atol=1e-5, rtol=0)
+    want_tail = torch.log1p(-top.values.exp().sum(-1))
+    torch.testing.assert_close(sig.tail_logmass_bt[mask], want_tail[mask], atol=1e-4, rtol=0)
+    # The K+1 bins then give the same teacher distribution the loss would see from the online top-k.
+    bins = teacher_bins(sig.topk_logprobs_btk[mask], sig.tail_logmass_bt[mask], torch.float32)
+    assert torch.allclose(bins.exp().sum(-1), torch.ones(int(mask.sum())), atol=1e-5)
+    s_logp = torch.log_softmax(torch.randn(int(mask.sum()), vocab), -1)
+    assert torch.isfinite(student_bins(s_logp, sig.topk_ids_btk[mask])).all()
+    assert remote.requests_sent == 3  # the 1-token row needs no request
+    remote.close()
+
+
+def test_cache_resumes_without_asking_again(server, tiny, tmp_path):
+    vocab = len(tiny[1])
+    batch = batch_of([9, 9, 5], vocab, seed=1)
+    cfg = RemoteConfig(url=server.url, model="tiny", top_k=4)
+    first = RemoteTeacher(cfg, vocab_size=vocab, cache=tmp_path / "remote.jsonl")
+    a = first.signal(batch)
+    first.close()
+    again = RemoteTeacher(cfg, vocab_size=vocab, cache=tmp_path / "remote.jsonl")
+    b = again.signal(batch)
+    assert again.requests_sent == 0 and len(again.cache) == 3
+    assert torch.equal(a.topk_ids_btk, b.topk_ids_btk) and torch.equal(a.topk_logprobs_btk, b.topk_logprobs_btk)
+    # Same uid with other tokens (e.g. another seq_len) is asked again, not served stale.
+    changed = collate([Example(input_ids=batch.input_ids[0, :6].tolist(), target=[True] * 6, uid=batch.uids[0])], 1)
+    again.signal(changed)
+    assert again.requests_sent == 1
+    again.close()
+    with pytest.raises(RemoteError, match="top_k"):
+        RemoteCache(tmp_path / "remote.jsonl", model="tiny", top_k=5)
+
+
+def test_cache_drops_a_torn_tail_and_rejects_corruption(tmp_path):
+    path = tmp_path / "c.jsonl"
+    cache = RemoteCache(path, model="m", top_k=2)
+    rows = np.array([[3, 4]], dtype=np.int32), np.array([[-0.1, -2.0]], dtype=np.float32)
+    cache.put("a", [1, 2], *rows)
+    cache.put("b", [1, 3], *rows)
+    cache.close()
+    data = path.read_bytes()
+    path.write_bytes(data[:-30])  # crash in the middle of writing "b"
+    cache = RemoteCache(path, model="m", top_k=2)
+    assert cache.get("a", [1, 2]) is not None and cache.get("b", [1, 3]) is None
+    cache.close()
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join([lines[0], b"{broken", lines[1], b""]))
+    with pytest.raises(RemoteError, match=r"c\.jsonl:2"):
+        RemoteCache(path, model="m", top_k=2)
+
+
+def test_generate_returns_n_texts_per_prompt_and_is_seeded(server, tiny):
+    cfg = RemoteConfig(url=server.url, model="tiny", concurrency=2)
+    remote = RemoteTeacher(cfg, vocab_size=len(tiny[1]))
+    prompts = ["one", "two", [{"role": "user", "content": "three"}]]
+    a = remote.generate(prompts, 2, max_new_tokens=4, seed=7)
+    b = remote.generate(list(reversed(prompts)), 2, max_new_tokens=4, seed=7)
+    assert [len(x) for x in a] == [2, 2, 2] and all(isinstance(t, str) for x in a for t in x)
+    assert a == list(reversed(b))  # a prompt's seed does not depend on its position
+    raw = remote.generate(["text prompt"], 1, max_new_tokens=3, chat=False, sampling_temperature=0.0)
+    assert len(raw) == 1 and len(raw[0]) == 1
+    fn = remote.complete_fn(max_new_tokens=2, seed=1)
+    assert [len(x) for x in fn(["p", "q"], 3)] == [3, 3]
+    remote.close()
+
+
+def test_fingerprint_is_checked_against_the_served_tokenizer(server, tiny):
+    vocab = len(tiny[1])
+    batch = batch_of([5], vocab)
+    good = Fingerprint(teacher="t", tokenizer_hash=tokenizer_hash(tiny[1]), vocab_size=vocab)
+    RemoteTeacher(RemoteConfig(url=server.url, model="tiny", top_k=2), vocab_size=vocab,
+                  fingerprint=good).signal(batch)
+    bad = Fingerprint(teacher="t", tokenizer_hash="0" * 64, vocab_size=vocab)
+    with pytest.raises(RemoteError, match="tokenizer"):
+        RemoteTeacher(RemoteConfig(url=server.url, model="tiny", top_k=2), vocab_size=vocab,
+                      fingerprint=bad).signal(batch)
+    with pytest.raises(RemoteError, match="not served"):
+        RemoteTeacher(RemoteConfig(url=server.url, model="nope", top_k=2), vocab_size=vocab,
+                      fingerprint=good).signal(batch)
+
+
+def test_api_key_comes_from_env_and_never_reaches_logs_or_errors(tiny, monkeypatch, caplog):
+    model, tok = tiny
+    vocab = len(tok)
+    with RunningServer(create_app(TeacherService(model, tok, model_name="tiny"), api_key=KEY)) as srv:
+        cfg = RemoteConfig(url=srv.url, model="tiny", top_k=2, api_key_env="STILLROOM_TEST_KEY")
+        with pytest.raises(RemoteError, match="STILLROOM_TEST_KEY") as missing:
+            RemoteTeacher(cfg, vocab_size=vocab)
+        assert KEY not in str(missing.value)
+        caplog.set_level(logging.DEBUG)
+        monkeypatch.setenv("STILLROOM_TEST_KEY", KEY)
+        remote = RemoteTeacher(cfg, vocab_size=vocab)
+        sig = remote.signal(batch_of([6, 4], vocab))
+        assert sig.topk_ids_btk.shape[-1] == 2
+        monkeypatch.setenv("STILLROOM_TEST_KEY", KEY + "-wrong")
+        wrong = RemoteTeacher(cfg, vocab_size=vocab)
+        with pytest.raises(RemoteError, match="401") as denied:
+            wrong.signal(batch_of([6], vocab))
+        assert "api_key_env" in str(denied.value)
+    assert KEY not in caplog.text and KEY not in str(denied.value) and KEY not in repr(remote.__dict__.get("cfg"))
+    assert any("HTTP Request" in r.getMessage() for r in caplog.records)  # httpx logged, without the key
+
+
+def test_targets_without_a_teacher_distribution_are_an_error(server, tiny):
+    vocab = len(tiny[1])
+    batch = batch_of([5], vocab)
+    batch.target_ids[0, 4] = 7  # the last real token has no next-token distribution from the server
+    remote = RemoteTeacher(RemoteConfig(url=server.url, model="tiny", top_k=2), vocab_size=vocab)
+    with pytest.raises(ValueError, match="position 4"):
+        remote.signal(batch)
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(RemoteError, match="url is not set"):
+        RemoteTeacher(RemoteConfig(), vocab_size=10)
+    with pytest.raises(RemoteError, match="http"):
+        RemoteTeacher(RemoteConfig(url="ftp://x/v1"), vocab_size=10)
+    with pytest.raises(RemoteError, match="exceeds the vocabulary"):
+        RemoteTeacher(RemoteConfig(url="http://127.0.0.1:9/v1", top_k=20), vocab_size=10)
+
+
+def entry(pairs):
+    return {str(t): {"logprob": lp, "rank": r, "decoded_token": "x"} for t, lp, r in pairs}
+
+
+def test_parser_aligns_positions_and_keeps_the_top_k():
+    # position 1: the actual token (9) has rank 5 and is dropped; position 2: bare numbers are accepted.
+    entries = [None, entry([(3, -0.5, 1), (4, -1.5, 2), (9, -4.0, 5)]), {"7": -0.2, "8": -2.0, "2": -3.0}]
+    ids, lp = parse_prompt_logprobs(entries, 3, 2, 10, "POST /v1/completions")
+    assert ids.tolist() == [[3, 4], [7, 8]]
+    assert np.allclose(lp, [[-0.5, -1.5], [-0.2, -2.0]])
+
+
+@pytest.mark.parametrize("entries, n, words", [
+    (None, 2, "does not offer prompt log-probabilities"),
+    ([None], 2, "1 entries for a prompt of 2 tokens"),
+    ([None, entry([(3, -0.5, 1)])], 2, "holds 1 tokens but top_k=2"),
+    ([None, entry([(3, -0.5, 1), (12, -1.0, 2)])], 2, "outside the student's vocabulary"),
+    ([None, {"3": {"lp": 1}, "4": -1.0}], 2, "cannot be read"),
+    ([None, "x"], 2, "expected an object"),
+    ([None, {"3": 0.7, "4": -1.0}], 2, "not a log-probability"),
+])
+def test_parser_errors_name_the_path_and_the_problem(entries, n, words):
+    with pytest.raises(RemoteError) as err:
+        parse_prompt_logprobs(entries, n, 2, 10, "POST http://127.0.0.1:1/v1/completions")
+    assert words in str(err.value) and "/v1/completions" in str(err.value)
