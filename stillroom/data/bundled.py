@@ -1,8 +1,9 @@
 """Data sets that ship with the package (no download).
 
 * ``pydoc``: the documents of ``pydoc_data.topics.topics`` (79 topics, about
-  465k characters of English prose that ships with CPython), one record per
-  topic in sorted key order: ``{"text", "topic"}``.
+  465k characters of English prose that ships with CPython), cut at blank lines
+  into sections of about 2,000 characters, in sorted topic order:
+  ``{"text", "topic", "part"}`` (see :func:`pydoc_sections`).
 * ``instructions``: a generated instruction set in ``messages`` format built
   from templates over the pydoc topics. Every answer is derivable from the text
   in the prompt (upper-casing, word counts, word reversal, first sentence,
@@ -63,11 +64,32 @@ def pydoc_topics() -> tuple[tuple[str, str], ...]:
     return tuple((k, topics[k]) for k in sorted(topics))
 
 
+PYDOC_SECTION_CHARS = 2000
+
+
+def pydoc_sections(max_chars: int = PYDOC_SECTION_CHARS) -> list[tuple[str, int, str]]:
+    """``(topic, part, text)``: each topic cut at blank lines into sections of about
+    ``max_chars`` characters. Sections (not whole topics) are the records, so the
+    hash-based held-out split draws from many topics and wastes little text (whole
+    topics range from 100 to 40k characters)."""
+    out = []
+    for key, text in pydoc_topics():
+        part, current = 0, ""
+        for block in re.split(r"(\n\s*\n)", text):
+            if current and len(current) + len(block) > max_chars and current.strip():
+                out.append((key, part, current.strip("\n")))
+                part, current = part + 1, ""
+            current += block
+        if current.strip():
+            out.append((key, part, current.strip("\n")))
+    return out
+
+
 def _pydoc(limit: int | None) -> Iterator[RawRecord]:
-    for i, (key, text) in enumerate(pydoc_topics()):
+    for i, (key, part, text) in enumerate(pydoc_sections()):
         if limit is not None and i >= limit:
             return
-        yield RawRecord({"text": text, "topic": key}, i, f"bundled:pydoc[{key}]")
+        yield RawRecord({"text": text, "topic": key, "part": part}, i, f"bundled:pydoc[{key}#{part}]")
 
 
 # ---------------------------------------------------------------- instructions
