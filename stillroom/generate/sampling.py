@@ -1,0 +1,152 @@
+"""Batched sampling of continuations with a KV cache (used by on-policy methods and reports).
+
+The loop is written out here rather than delegated to ``model.generate`` so that
+randomness comes only from the caller's ``torch.Generator`` (``generate`` draws from the
+global RNG) and so the sampling rule is the same one speculative decoding uses
+(:func:`stillroom.generate.distributions.warp_to_probs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from stillroom.generate.distributions import check_sampling_args, sample_from, warp_to_probs
+
+
+def stop_ids(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
+    """The set of token ids that end a continuation (empty: never stop early)."""
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset((eos_token_id,))
+    return frozenset(int(i) for i in eos_token_id)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward pass returned (``cache`` in transformers 5.x, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+class eval_mode:
+    """Context manager: put a module in eval mode (no dropout) and restore its previous mode."""
+
+    def __init__(self, *modules: torch.nn.Module | None):
+        self.modules = [m for m in modules if m is not None]
+        self.was_training: list[bool] = []
+
+    def __enter__(self) -> None:
+        self.was_training = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        # Reverse order, so a module nested in another one gets its own mode back last.
+        for m, mode in reversed(list(zip(self.modules, self.was_training))):
+            m.train(mode)
+
+
+def _resolve_pad(tokenizer: Any, pad_token_id: int | None, stops: frozenset[int]) -> int:
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        if isinstance(value, int):
+            return value
+    return min(stops) if stops else 0
+
+
+@torch.inference_mode()
+def sample_continuations(
+    model: torch.nn.Module,
+    tokenizer: Any | None,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    sampling_temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Continue every prompt; return only the new tokens, each list cut after its first EOS (inclusive).
+
+    Prompts are left-padded into one batch ``[B, P]`` (positions count real tokens
+    only, so a padded prompt gets the same positions as when run alone), the prompt
+    is processed in one forward pass, then one token per step reuses the KV cache.
+
+    ``greedy=True`` takes the argmax and ignores temperature/top-p; otherwise tokens are
+    drawn from ``warp_to_probs(logits, sampling_temperature, top_p)`` with ``generator``,
+    so equal seeds give equal outputs. ``eos_token_id`` may be one id, several ids
+    (chat models often have more than one end token) or ``None`` (always produce
+    ``max_new_tokens``). ``pad_token_id`` defaults to the tokenizer's pad, then EOS
+    token. The model is run in eval mode (dropout off) and its mode is restored.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
+    if not greedy:
+        check_sampling_args(sampling_temperature, top_p)
+    if not prompt_ids:
+        return []
+    for i, prompt in enumerate(prompt_ids):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+    if max_new_tokens == 0:
+        return [[] for _ in prompt_ids]
+    stops = stop_ids(eos_token_id)
+    pad = _resolve_pad(tokenizer, pad_token_id, stops)
+    device = model_device(model)
+
+    batch, width = len(prompt_ids), max(len(p) for p in prompt_ids)
+    input_ids_bt = torch.full((batch, width), pad, dtype=torch.long)
+    attention_bt = torch.zeros((batch, width), dtype=torch.long)
+    for b, prompt in enumerate(prompt_ids):
+        input_ids_bt[b, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_bt[b, width - len(prompt) :] = 1
+    input_ids_bt, attention_bt = input_ids_bt.to(device), attention_bt.to(device)
+    positions_bt = (attention_bt.cumsum(-1) - 1).clamp(min=0)
+
+    new_tokens: list[list[int]] = [[] for _ in prompt_ids]
+    finished = [False] * batch
+    with eval_mode(model):
+        out = model(
+            input_ids=input_ids_bt,
+            attention_mask=attention_bt,
+            position_ids=positions_bt,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        next_pos_b1 = positions_bt[:, -1:] + 1
+        for step in range(max_new_tokens):
+            logits_bv = out.logits[:, -1, :]
+            if greedy:
+                tokens_b = logits_bv.argmax(dim=-1)
+            else:
+                tokens_b = sample_from(warp_to_probs(logits_bv, sampling_temperature, top_p), generator)
+            tokens = tokens_b.tolist()
+            for b, tok in enumerate(tokens):
+                if finished[b]:
+                    tokens_b[b] = pad
+                    continue
+                new_tokens[b].append(tok)
+                finished[b] = tok in stops
+            if all(finished) or step == max_new_tokens - 1:
+                break
+            attention_bt = torch.cat([attention_bt, attention_bt.new_ones((batch, 1))], dim=1)
+            out = model(
+                input_ids=tokens_b[:, None],
+                attention_mask=attention_bt,
+                position_ids=next_pos_b1,
+                cache=cache_of(out),
+                use_cache=True,
+            )
+            next_pos_b1 = next_pos_b1 + 1
+    return new_tokens
