@@ -52,8 +52,9 @@ import numpy as np
 import torch
 
 from stillroom.config.schema import RemoteConfig
-from stillroom.data.batch import Batch
+from stillroom.data.batch import Batch, Example
 from stillroom.teachers.signal import Fingerprint, TeacherSignal, tail_logmass
+from stillroom.teachers.store_format import SequenceSignal
 
 try:
     import fcntl
@@ -458,6 +459,29 @@ class RemoteTeacher:
         return TeacherSignal(topk_ids_btk=ids_btk.to(device), topk_logprobs_btk=lp_btk.to(device),
                              tail_logmass_bt=tail_logmass(lp_btk).to(device), temperature=1.0,
                              fingerprint=self.fingerprint)
+
+    def store_compute(self, batch_size: int = 32) -> Callable[[list[Example]], list[SequenceSignal]]:
+        """A ``compute(examples)`` callback for :func:`stillroom.teachers.store_writer.write_store`.
+
+        Writes a precomputed store from the server (the store's ``loss_temperature`` must be 1:
+        prompt log-probs are raw). The last position of each sequence holds the uniform placeholder
+        (no next token; never a target). The store writer resumes by shard; give the teacher a
+        :class:`RemoteCache` too and rows of an unfinished shard are not asked again either.
+        """
+        from stillroom.data.batch import collate
+
+        def compute(examples: list[Example]) -> list[SequenceSignal]:
+            out = []
+            for lo in range(0, len(examples), batch_size):
+                chunk = examples[lo : lo + batch_size]
+                sig = self.signal(collate(chunk, pad_id=0))
+                for b, ex in enumerate(chunk):
+                    n = len(ex.input_ids)
+                    out.append(SequenceSignal(ex.uid, sig.topk_ids_btk[b, :n].cpu(), sig.topk_logprobs_btk[b, :n].cpu(),
+                                              sig.tail_logmass_bt[b, :n].cpu()))
+            return out
+
+        return compute
 
     # ------------------------------------------------------------------ generations
 

@@ -201,3 +201,32 @@ def test_parser_errors_name_the_path_and_the_problem(entries, n, words):
     with pytest.raises(RemoteError) as err:
         parse_prompt_logprobs(entries, n, 2, 10, "POST http://127.0.0.1:1/v1/completions")
     assert words in str(err.value) and "/v1/completions" in str(err.value)
+
+
+def test_store_written_from_the_server_matches_a_store_of_the_online_model(server, tiny, tmp_path):
+    from stillroom.teachers.store_reader import StoreReader, StoreTeacher
+    from stillroom.teachers.store_writer import make_header, model_compute, write_store
+
+    model, tok = tiny
+    vocab = len(tok)
+    g = torch.Generator().manual_seed(4)
+    examples = [Example(input_ids=torch.randint(4, vocab, (n,), generator=g).tolist(), target=[True] * n,
+                        uid=f"s{i}") for i, n in enumerate([10, 6, 8, 3])]
+    header = make_header(examples, teacher_identity="remote:tiny", tokenizer_hash=tokenizer_hash(tok),
+                         vocab_size=vocab, k=4, loss_temperature=1.0, logprob_dtype="float32", shard_tokens=1024)
+    remote = RemoteTeacher(RemoteConfig(url=server.url, model="tiny", top_k=4), vocab_size=vocab)
+    write_store(tmp_path / "remote", header, examples, remote.store_compute(batch_size=2), log=lambda _: None)
+    write_store(tmp_path / "online", header, examples,
+                model_compute(model, k=4, loss_temperature=1.0, vocab_size=vocab, pad_id=1), log=lambda _: None)
+    a, b = StoreReader(tmp_path / "remote"), StoreReader(tmp_path / "online")
+    for ex in examples:
+        ra, rb = a.sequence(ex.uid), b.sequence(ex.uid)
+        n = len(ex.input_ids) - 1  # the last position has no next token on the server side
+        assert torch.equal(ra[0][:n].long(), rb[0][:n].long())
+        torch.testing.assert_close(ra[1][:n], rb[1][:n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ra[2][:n], rb[2][:n], atol=1e-4, rtol=0)
+    batch = collate(examples, pad_id=1)
+    from_store = StoreTeacher(a).signal(batch)
+    direct = remote.signal(batch)
+    mask = batch.loss_mask
+    assert torch.equal(from_store.topk_ids_btk[mask], direct.topk_ids_btk[mask])
