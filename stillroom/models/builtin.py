@@ -112,10 +112,11 @@ def ensure_builtin(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
         write_checksums(tmp)
         try:
             os.replace(tmp, folder)
+            return folder  # just written and summed by this process
         except OSError:
             if not folder.exists():
                 raise
-            # Another process finished first; use (and verify) its folder.
+            # Another process finished first: use (and verify) its folder.
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

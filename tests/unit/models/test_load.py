@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_llama
 from transformers import AutoModelForCausalLM
 
 from stillroom.config.schema import ModelSource
@@ -147,3 +146,48 @@ def test_existing_builtin_folder_is_verified_not_reconverted(monkeypatch, tmp_pa
         f.write("\n")
     with pytest.raises(ModelLoadError, match="modified or is corrupt"):
         load_model(ModelSource(builtin="smollm2-135m-instruct"), cache_dir=str(tmp_path / "cache"))
+
+
+def _fake_builtin(monkeypatch, tmp_path, convert):
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(builtin_mod, "builtin_gguf_path", lambda name: gguf)
+    monkeypatch.setattr(builtin_mod, "_convert", convert)
+
+
+def test_conversion_is_atomic_with_checksums(monkeypatch, tmp_path):
+    def convert(spec, name, gguf_file, out):
+        assert out.name.startswith(".smollm2-135m-instruct.tmp-")
+        (out / "model.safetensors").write_bytes(b"weights")
+
+    _fake_builtin(monkeypatch, tmp_path, convert)
+    folder = builtin_mod.ensure_builtin("smollm2-135m-instruct", tmp_path / "cache")
+    assert sorted(p.name for p in folder.iterdir()) == ["checksums.json", "model.safetensors"]
+    assert [p.name for p in folder.parent.iterdir()] == ["smollm2-135m-instruct"]
+    assert builtin_mod.ensure_builtin("smollm2-135m-instruct", tmp_path / "cache") == folder
+
+
+def test_failed_conversion_leaves_nothing(monkeypatch, tmp_path):
+    def convert(spec, name, gguf_file, out):
+        (out / "partial").write_bytes(b"x")
+        raise RuntimeError("boom")
+
+    _fake_builtin(monkeypatch, tmp_path, convert)
+    with pytest.raises(RuntimeError, match="boom"):
+        builtin_mod.ensure_builtin("smollm2-135m-instruct", tmp_path / "cache")
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+def test_concurrent_conversion_uses_the_winner(monkeypatch, tmp_path):
+    final = builtin_mod.builtin_folder("smollm2-135m-instruct", tmp_path / "cache")
+
+    def convert(spec, name, gguf_file, out):
+        (out / "model.safetensors").write_bytes(b"mine")
+        final.mkdir()  # another process finishes first
+        (final / "model.safetensors").write_bytes(b"theirs")
+        builtin_mod.write_checksums(final)
+
+    _fake_builtin(monkeypatch, tmp_path, convert)
+    assert builtin_mod.ensure_builtin("smollm2-135m-instruct", tmp_path / "cache") == final
+    assert (final / "model.safetensors").read_bytes() == b"theirs"
+    assert [p.name for p in final.parent.iterdir()] == ["smollm2-135m-instruct"]
