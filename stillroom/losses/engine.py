@@ -86,6 +86,9 @@ class TeacherRows:
         return bool(self.dense) or self.topk is not None
 
     def take(self, rows: torch.Tensor) -> "TeacherChunk":
+        n = self._dense_flat[0].shape[0] if self._dense_flat else -1
+        if rows.numel() == n:  # every row (plain path, full mask): views, no copies
+            return TeacherChunk(dense=list(self._dense_flat))
         if self.topk is not None:
             return TeacherChunk(topk=(self._ids[rows], self._lp[rows], self._tail[rows]))
         return TeacherChunk(dense=[t[rows] for t in self._dense_flat])
@@ -125,8 +128,14 @@ class ChunkContext:
 
     @cached_property
     def z(self) -> torch.Tensor:
-        z = self.raw.to(self.dtype).masked_fill(self.excluded, float("-inf"))
+        z = self.raw.to(self.dtype)
+        if self.any_excluded:
+            z = z.masked_fill(self.excluded, float("-inf"))
         return z / self.temperature if self.temperature != 1.0 else z
+
+    @cached_property
+    def any_excluded(self) -> bool:
+        return bool(self.excluded.any())
 
     @cached_property
     def s_logp(self) -> torch.Tensor:
@@ -145,8 +154,12 @@ class ChunkContext:
         """``[N, V]`` dense teacher log-probs at ``loss_temperature`` (ensemble: log of mean probs)."""
         if self.teacher.dense is None or not self.teacher.dense:
             raise ValueError("this term needs dense teacher logits (a top-k teacher is not enough)")
-        logps = [torch.log_softmax(t.to(self.dtype).masked_fill(self.excluded, float("-inf")) / self.temperature,
-                                   dim=-1) for t in self.teacher.dense]
+        logps = []
+        for t in self.teacher.dense:
+            t = t.to(self.dtype)
+            if self.any_excluded:
+                t = t.masked_fill(self.excluded, float("-inf"))
+            logps.append(torch.log_softmax(t / self.temperature if self.temperature != 1.0 else t, dim=-1))
         if len(logps) == 1:
             return logps[0]
         n = torch.tensor(float(len(logps)), dtype=self.dtype).log()
@@ -240,7 +253,8 @@ def plain_loss(plan: Plan, logits_flat: torch.Tensor) -> tuple[torch.Tensor, lis
     """Reference path: all counted rows at once, ordinary autograd."""
     stats = _batch_stats(plan, lambda rows: logits_flat[rows])
     rows = plan.rows
-    return plan.evaluate(plan.context(logits_flat[rows], rows), stats)
+    every = rows.numel() == logits_flat.shape[0]  # all rows counted: no gather copy
+    return plan.evaluate(plan.context(logits_flat if every else logits_flat[rows], rows), stats)
 
 
 class _ChunkedLoss(torch.autograd.Function):

@@ -29,6 +29,8 @@ def sanitize_logits(z: torch.Tensor) -> torch.Tensor:
 def kl_terms(loga: torch.Tensor, logb: torch.Tensor) -> torch.Tensor:
     """Elementwise ``a * (log a - log b)``, exactly 0 where ``a == 0``. Shape of the inputs."""
     zero = torch.isneginf(loga)
+    if not zero.any():  # the common case: skip three [N, V] copies
+        return loga.exp() * (loga - logb)
     la = loga.masked_fill(zero, 0.0)
     lb = logb.masked_fill(zero, 0.0)
     return (la.exp() * (la - lb)).masked_fill(zero, 0.0)
@@ -37,6 +39,8 @@ def kl_terms(loga: torch.Tensor, logb: torch.Tensor) -> torch.Tensor:
 def ce_terms(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """Elementwise ``-p * log q``, exactly 0 where ``p == 0``."""
     zero = torch.isneginf(logp)
+    if not zero.any():
+        return -(logp.exp() * logq)
     lp = logp.masked_fill(zero, 0.0)
     lq = logq.masked_fill(zero, 0.0)
     return (-(lp.exp() * lq)).masked_fill(zero, 0.0)
@@ -52,6 +56,8 @@ def log_mix(loga: torch.Tensor, logb: torch.Tensor, weight_a: float) -> torch.Te
     if weight_a == 0.0:
         return logb
     both = torch.isneginf(loga) & torch.isneginf(logb)
+    if not both.any():
+        return torch.logaddexp(loga + math.log(weight_a), logb + math.log1p(-weight_a))
     la = loga.masked_fill(both, 0.0)
     lb = logb.masked_fill(both, 0.0)
     mix = torch.logaddexp(la + math.log(weight_a), lb + math.log1p(-weight_a))
