@@ -22,7 +22,7 @@ from stillroom.config.schema import LossConfig, LossTerm, RunConfig
 from stillroom.data import ExampleSampler, build_splits, collate
 from stillroom.losses import LossMix
 from stillroom.models import apply_lora, check_vocab, derive_student, load_model, tokenizer_hash
-from stillroom.teachers.online import OnlineTeacher
+from stillroom.teachers.factory import build_teacher_source
 from stillroom.teachers.signal import Fingerprint
 from stillroom.train.distributed import Topology, init_topology, shutdown
 from stillroom.train.loop import TrainResult, train
@@ -124,9 +124,9 @@ def train_student(
     )
     teacher = None
     if mix.needs_teacher:
-        teacher = OnlineTeacher(
-            p.teacher_model, vocab_size=p.vocab_size, fingerprint=p.fingerprint,
-            hidden_layers=mix.teacher_hidden_layers, output_device=cfg.train.device,
+        teacher = build_teacher_source(
+            cfg, teacher_model=p.teacher_model, vocab_size=p.vocab_size, fingerprint=p.fingerprint,
+            hidden_layers=mix.teacher_hidden_layers, output_device=cfg.train.device, train_examples=p.splits.train,
         )
     return train(
         cfg, run_dir, model=model, train_examples=p.splits.train, pad_id=p.tokenizer.pad_token_id,

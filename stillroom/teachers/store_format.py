@@ -1,0 +1,329 @@
+"""On-disk format of a precomputed teacher store (see docs/STORE.md).
+
+A store is a folder::
+
+    manifest.json                     identity, counts, one entry (sha256, uids) per shard
+    shards/shard-00000.safetensors    per-token tensors of a run of whole sequences
+    shards/shard-00001.safetensors    ...
+
+Every shard holds the sequences of consecutive training examples, flattened on
+one token axis ``N`` (all positions of every sequence, ``offsets[s]:offsets[s+1]``
+for its ``s``-th sequence; position ``t`` of a sequence is the teacher's
+distribution over the token that follows input token ``t``, i.e. exactly what the
+student's logits at ``t`` are compared with):
+
+=========================  =================  ==========================================
+tensor                     shape              dtype
+=========================  =================  ==========================================
+``offsets``                ``[S + 1]``        int64
+``topk_ids``               ``[N, K]``         smallest of uint8 / int16 / uint16 / int32 holding V
+``topk_logprobs``          ``[N, K]``         float16 / bfloat16 / float32 (16/32-bit modes)
+``topk_logprob_codes``     ``[N, K]``         uint8 (int8 mode): ``lp = max - code * step``
+``logprob_max``            ``[N]``            float32 (int8 mode)
+``logprob_step``           ``[N]``            float32 (int8 mode)
+``tail_logmass``           ``[N]``            float16 (float32 in float32 mode)
+``hidden.<layer>``         ``[N, H]``         bfloat16 (float32 in float32 mode)
+=========================  =================  ==========================================
+
+Top-k log-probabilities are ``log_softmax(logits / T)`` at the loss temperature
+``T`` recorded in the manifest, sorted by decreasing probability. The tail is
+``log(sum of the probabilities outside the top k)`` computed from the complement
+(no ``log(1 - sum)`` cancellation), ``-inf`` when k = V.
+
+Readers renormalise the K + 1 bins after dequantisation (``lp -= logsumexp(lp,
+tail)``), so that the teacher's bins are a proper distribution and every
+divergence on them is >= 0 whatever the storage precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from stillroom.data.batch import Example
+
+FORMAT = "stillroom-teacher-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+LOGPROB_DTYPES = ("float16", "bfloat16", "float32", "int8")
+_TORCH = {
+    "uint8": torch.uint8, "int16": torch.int16, "uint16": torch.uint16, "int32": torch.int32,
+    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+}
+
+
+class StoreError(RuntimeError):
+    """A teacher store cannot be used; the message names the file/field and the fix."""
+
+
+class StoreMismatch(StoreError):
+    """The store was written for another teacher, tokenizer, data, k or temperature."""
+
+
+class StoreCorrupted(StoreError):
+    """A shard is missing, truncated or fails its sha256."""
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_DIR}/shard-{index:05d}.safetensors"
+
+
+def id_dtype_for(vocab_size: int) -> str:
+    """Name of the smallest integer dtype that holds every id in ``[0, vocab_size)``."""
+    if vocab_size <= 2**8:
+        return "uint8"
+    if vocab_size <= 2**15:
+        return "int16"
+    if vocab_size <= 2**16:
+        return "uint16"
+    return "int32"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _TORCH[name]
+
+
+def storage_dtypes(logprob_dtype: str) -> tuple[str, str]:
+    """``(tail dtype, hidden dtype)`` names used with a given ``logprob_dtype``."""
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise StoreError(f"logprob_dtype {logprob_dtype!r}; valid: {', '.join(LOGPROB_DTYPES)}")
+    return ("float32", "float32") if logprob_dtype == "float32" else ("float16", "bfloat16")
+
+
+def data_fingerprint(examples: Iterable[Example]) -> str:
+    """sha256 (hex) over the ordered examples' uids and token ids.
+
+    Two runs share it exactly when they train on the same token sequences in the
+    same order with the same identities (what a store's rows are keyed by).
+    """
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(ex.uid.encode("utf-8"))
+        h.update(b"\x00")
+        h.update(",".join(map(str, ex.input_ids)).encode("ascii"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def parse_identity(identity: str) -> dict:
+    """Split a :class:`~stillroom.models.LoadedModel` identity ``name@revision#sha256:hash``."""
+    rest, _, weight = identity.rpartition("#sha256:")
+    if not rest:
+        rest, weight = identity, ""
+    name, sep, revision = rest.rpartition("@")
+    if not sep:
+        name, revision = rest, ""
+    return {"identity": identity, "name": name, "revision": revision, "weight_hash": weight}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- manifest
+
+
+@dataclass
+class StoreHeader:
+    """Everything fixed before the first shard is computed (compared on resume and before training)."""
+
+    teacher: dict
+    tokenizer_hash: str
+    vocab_size: int
+    k: int
+    loss_temperature: float
+    logprob_dtype: str
+    data_fingerprint: str
+    hidden_layers: list[int] = field(default_factory=list)
+    hidden_size: int | None = None
+    shard_tokens: int = 262144
+    sequences: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    text_bytes: int = 0
+    num_shards: int = 0
+    id_dtype: str = ""
+    tail_dtype: str = ""
+    hidden_dtype: str = ""
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.k > self.vocab_size:
+            raise StoreError(f"teacher.store.k={self.k} must lie in [1, vocab_size={self.vocab_size}]")
+        tail, hidden = storage_dtypes(self.logprob_dtype)
+        self.id_dtype = self.id_dtype or id_dtype_for(self.vocab_size)
+        self.tail_dtype = self.tail_dtype or tail
+        self.hidden_dtype = self.hidden_dtype or hidden
+        self.hidden_layers = sorted(set(int(i) for i in self.hidden_layers))
+        if self.hidden_layers and self.hidden_size is None:
+            raise StoreError("a store with hidden_layers needs hidden_size")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def header_differences(stored: dict, wanted: dict, fields: Iterable[str]) -> list[str]:
+    """``"field (store X, run Y)"`` for each of ``fields`` whose values differ."""
+    out = []
+    for name in fields:
+        a, b = stored.get(name), wanted.get(name)
+        if name == "loss_temperature" and a is not None and b is not None:
+            same = math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
+        else:
+            same = a == b
+        if not same:
+            out.append(f"{name} (store {_short(a)}, run {_short(b)})")
+    return out
+
+
+def _short(value) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "..."
+    if isinstance(value, dict) and "identity" in value:
+        return repr(value["identity"])
+    return repr(value)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON (sorted keys, fixed formatting: byte-stable) via a temp file + fsync + rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    data = (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        import os
+
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise StoreError(
+            f"{path} not found: {folder} is not a teacher store (write one with `stillroom cache-teacher RECIPE`, "
+            "or set teacher.store.path to a store folder)"
+        )
+    try:
+        manifest = json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError as err:
+        raise StoreCorrupted(f"{path}: not valid JSON ({err}); rerun `stillroom cache-teacher RECIPE`") from err
+    if manifest.get("format") != FORMAT:
+        raise StoreError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: format_version {manifest.get('format_version')} is not supported (this stillroom reads "
+            f"version {FORMAT_VERSION}); rebuild the store with `stillroom cache-teacher RECIPE`"
+        )
+    return manifest
+
+
+# ---------------------------------------------------------------- per-token encoding
+
+
+@dataclass
+class SequenceSignal:
+    """The teacher's signal for one sequence of ``T`` positions (what a shard row holds).
+
+    ``topk_ids_tk`` ``[T, K]`` int; ``topk_logprobs_tk`` ``[T, K]`` float log-probs at
+    the store temperature, sorted descending; ``tail_logmass_t`` ``[T]``;
+    ``hidden`` ``{layer: [T, H]}``.
+    """
+
+    uid: str
+    topk_ids_tk: torch.Tensor
+    topk_logprobs_tk: torch.Tensor
+    tail_logmass_t: torch.Tensor
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return int(self.topk_ids_tk.shape[0])
+
+
+def quantize_int8(lp_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-bit codes of log-probs per row on the row's own range ``[min, max]``.
+
+    Returns ``codes [N, K] uint8``, ``max [N]`` and ``step [N]`` (fp32) with
+    ``lp ~ max - code * step``, ``step = (max - min) / 255``; the rounding error is
+    at most ``step / 2`` per value (0 for the row maximum, exactly representable).
+    """
+    lp = lp_nk.float()
+    hi = lp.max(-1).values
+    lo = lp.min(-1).values
+    step = (hi - lo) / 255.0
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    codes = ((hi.unsqueeze(-1) - lp) / safe.unsqueeze(-1)).round().clamp(0, 255).to(torch.uint8)
+    return codes, hi, step
+
+
+def dequantize_int8(codes_nk: torch.Tensor, hi_n: torch.Tensor, step_n: torch.Tensor) -> torch.Tensor:
+    return hi_n.float().unsqueeze(-1) - codes_nk.float() * step_n.float().unsqueeze(-1)
+
+
+def encode_rows(rows: list[SequenceSignal], header: StoreHeader) -> dict[str, torch.Tensor]:
+    """The shard tensors for ``rows`` (concatenated on the token axis)."""
+    if not rows:
+        raise StoreError("a shard needs at least one sequence")
+    k = header.k
+    for r in rows:
+        if r.topk_ids_tk.shape[-1] != k or r.topk_logprobs_tk.shape != r.topk_ids_tk.shape:
+            raise StoreError(
+                f"sequence {r.uid}: top-k tensors {tuple(r.topk_ids_tk.shape)} / {tuple(r.topk_logprobs_tk.shape)} "
+                f"do not match k={k}"
+            )
+        if r.tail_logmass_t.shape != r.topk_ids_tk.shape[:1]:
+            raise StoreError(f"sequence {r.uid}: tail_logmass shape {tuple(r.tail_logmass_t.shape)} is not [T]")
+        missing = set(header.hidden_layers) - set(r.hidden)
+        if missing:
+            raise StoreError(f"sequence {r.uid}: hidden states of layers {sorted(missing)} are missing")
+    lengths = torch.tensor([0] + [r.length for r in rows], dtype=torch.int64)
+    ids = torch.cat([r.topk_ids_tk.reshape(-1, k) for r in rows]).long()
+    if int(ids.min()) < 0 or int(ids.max()) >= header.vocab_size:
+        raise StoreError(f"top-k ids outside [0, {header.vocab_size}) in sequences {rows[0].uid}..{rows[-1].uid}")
+    lp = torch.cat([r.topk_logprobs_tk.reshape(-1, k) for r in rows]).float()
+    tail = torch.cat([r.tail_logmass_t.reshape(-1) for r in rows]).float()
+    out = {"offsets": lengths.cumsum(0), "topk_ids": ids.to(torch_dtype(header.id_dtype)).contiguous()}
+    if header.logprob_dtype == "int8":
+        codes, hi, step = quantize_int8(lp)
+        out.update(topk_logprob_codes=codes.contiguous(), logprob_max=hi.contiguous(), logprob_step=step.contiguous())
+    else:
+        out["topk_logprobs"] = lp.to(torch_dtype(header.logprob_dtype)).contiguous()
+    out["tail_logmass"] = tail.to(torch_dtype(header.tail_dtype)).contiguous()
+    for layer in header.hidden_layers:
+        h = torch.cat([r.hidden[layer].reshape(r.length, -1) for r in rows])
+        if h.shape[-1] != header.hidden_size:
+            raise StoreError(f"hidden layer {layer}: width {h.shape[-1]} is not hidden_size={header.hidden_size}")
+        out[f"hidden.{layer}"] = h.to(torch_dtype(header.hidden_dtype)).contiguous()
+    return out
+
+
+def decode_logprobs(tensors: dict[str, torch.Tensor], lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(topk_logprobs [n, K], tail_logmass [n])`` of token rows ``lo:hi``, renormalised.
+
+    The K + 1 bins are renormalised to sum to one (``logsumexp`` over the k
+    log-probs and the tail subtracted from each), which removes the drift that
+    16-bit rounding or 8-bit quantisation adds to the total.
+    """
+    if "topk_logprobs" in tensors:
+        lp = tensors["topk_logprobs"][lo:hi].float()
+    else:
+        lp = dequantize_int8(tensors["topk_logprob_codes"][lo:hi], tensors["logprob_max"][lo:hi],
+                             tensors["logprob_step"][lo:hi])
+    tail = tensors["tail_logmass"][lo:hi].float()
+    total = torch.logsumexp(torch.cat([lp, tail.unsqueeze(-1)], dim=-1), dim=-1)
+    return lp - total.unsqueeze(-1), tail - total

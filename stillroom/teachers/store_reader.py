@@ -1,0 +1,237 @@
+"""Reading a teacher store: manifest checks before step 0, random access by uid, checksums.
+
+:class:`StoreReader` opens a store folder, checks that it is complete and that
+every shard file exists with the recorded size (cheap, at open), and serves
+sequences by uid. A shard is read whole the first time one of its sequences is
+asked for, its sha256 compared with the manifest's (a corrupted or truncated
+shard raises :class:`StoreCorrupted` naming the file), and kept in an LRU cache
+bounded by ``cache_bytes`` (stores smaller than that are held in RAM entirely,
+so a shuffling sampler costs one read per shard per run).
+
+:class:`StoreTeacher` is the teacher source for ``teacher.source: store``: its
+``signal(batch)`` returns a top-k :class:`TeacherSignal` for ``batch.uids``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from stillroom.data.batch import Batch
+from stillroom.teachers.signal import Fingerprint, TeacherSignal
+from stillroom.teachers.store_format import (
+    FORMAT,
+    StoreCorrupted,
+    StoreError,
+    StoreMismatch,
+    decode_logprobs,
+    header_differences,
+    read_manifest,
+    sha256_bytes,
+    sha256_file,
+)
+
+# Fields a run must agree on with the store (in the order they are reported).
+RUN_FIELDS = ("tokenizer_hash", "vocab_size", "teacher", "data_fingerprint", "k", "loss_temperature", "logprob_dtype")
+
+
+def run_expectation(*, fingerprint: Fingerprint, data_fingerprint: str, k: int, loss_temperature: float,
+                    logprob_dtype: str) -> dict:
+    """What a run expects of its store (compared field by field with the manifest)."""
+    from stillroom.teachers.store_format import parse_identity
+
+    return {"teacher": parse_identity(fingerprint.teacher), "tokenizer_hash": fingerprint.tokenizer_hash,
+            "vocab_size": fingerprint.vocab_size, "data_fingerprint": data_fingerprint, "k": int(k),
+            "loss_temperature": float(loss_temperature), "logprob_dtype": logprob_dtype}
+
+
+_HINTS = {
+    "tokenizer_hash": "the store was written with another tokenizer",
+    "vocab_size": "the store was written for another vocabulary",
+    "teacher": "the store was written by another teacher (or the same one in another teacher.dtype)",
+    "data_fingerprint": "the store covers other training data (data.sources, seq_len, pack, limit, "
+    "heldout_fraction or the tokenizer changed)",
+    "k": "teacher.store.k differs from the store's k",
+    "loss_temperature": "top-k log-probs cannot be re-tempered: loss.loss_temperature must equal the store's",
+    "logprob_dtype": "teacher.store.logprob_dtype differs from the store's",
+}
+
+
+class StoreReader:
+    def __init__(self, folder: str | Path, *, cache_bytes: int = 2 << 30) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        m = self.manifest
+        if not m.get("complete"):
+            raise StoreError(
+                f"teacher store {self.folder} is incomplete ({len(m.get('shards', []))}/{m.get('num_shards')} "
+                "shards): `stillroom cache-teacher RECIPE` was interrupted; run it again to finish (finished "
+                "shards are kept)"
+            )
+        self.k = int(m["k"])
+        self.vocab_size = int(m["vocab_size"])
+        self.temperature = float(m["loss_temperature"])
+        self.hidden_layers = [int(i) for i in m.get("hidden_layers", [])]
+        self.shards = sorted(m["shards"], key=lambda e: e["index"])
+        if [e["index"] for e in self.shards] != list(range(int(m["num_shards"]))):
+            raise StoreCorrupted(f"{self.folder / 'manifest.json'}: shard list is not 0..{m['num_shards'] - 1}")
+        self.index: dict[str, tuple[int, int]] = {}
+        for e in self.shards:
+            path = self.folder / e["file"]
+            if not path.is_file():
+                raise StoreCorrupted(f"teacher store shard {path} is missing; rerun `stillroom cache-teacher RECIPE`")
+            size = path.stat().st_size
+            if size != e["bytes"]:
+                raise StoreCorrupted(
+                    f"teacher store shard {path} is truncated or altered: {size} bytes, manifest says {e['bytes']}; "
+                    "rerun `stillroom cache-teacher RECIPE` to rewrite it"
+                )
+            for row, uid in enumerate(e["uids"]):
+                self.index[uid] = (int(e["index"]), row)
+        self.cache_bytes = int(cache_bytes)
+        self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._cached_bytes = 0
+
+    # ------------------------------------------------------------------ checks
+    def check_run(self, expected: dict, *, hidden_layers: list[int] | None = None) -> None:
+        """Raise :class:`StoreMismatch` naming every field where the store and the run differ."""
+        stored = dict(self.manifest)
+        wanted = dict(expected)
+        # The teacher is compared by its identity string (name, revision and weight hash together).
+        stored["teacher"] = self.manifest.get("teacher", {}).get("identity")
+        wanted["teacher"] = expected["teacher"]["identity"] if isinstance(expected.get("teacher"), dict) else expected.get("teacher")
+        diffs = header_differences(stored, wanted, [f for f in RUN_FIELDS if f in wanted])
+        missing = sorted(set(hidden_layers or []) - set(self.hidden_layers))
+        if missing:
+            diffs.append(f"hidden_layers (store {self.hidden_layers}, the loss terms need teacher layers {missing}; "
+                         "add them to teacher.store.hidden_layers and rebuild)")
+        if diffs:
+            lines = [f"  - {d}" + (f": {_HINTS[d.split(' ')[0]]}" if d.split(" ")[0] in _HINTS else "") for d in diffs]
+            raise StoreMismatch(
+                f"teacher store {self.folder} does not match this run:\n" + "\n".join(lines)
+                + "\nRebuild it with `stillroom cache-teacher RECIPE` (same recipe and overrides as the run), "
+                "or point teacher.store.path at a matching store"
+            )
+
+    def verify(self) -> int:
+        """Check every shard's sha256 now (reads the whole store); returns the number of bytes checked."""
+        total = 0
+        for e in self.shards:
+            path = self.folder / e["file"]
+            if sha256_file(path) != e["sha256"]:
+                raise StoreCorrupted(f"teacher store shard {path} fails its sha256 check (corrupted); "
+                                     "rerun `stillroom cache-teacher RECIPE` to rewrite it")
+            total += e["bytes"]
+        return total
+
+    # ------------------------------------------------------------------ access
+    def shard(self, index: int) -> dict[str, torch.Tensor]:
+        """The tensors of shard ``index`` (read and sha256-checked on first use, then LRU-cached)."""
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        from safetensors.torch import load
+
+        e = self.shards[index]
+        path = self.folder / e["file"]
+        data = path.read_bytes()
+        if len(data) != e["bytes"]:
+            raise StoreCorrupted(f"teacher store shard {path} is truncated: {len(data)} of {e['bytes']} bytes; "
+                                 "rerun `stillroom cache-teacher RECIPE` to rewrite it")
+        if sha256_bytes(data) != e["sha256"]:
+            raise StoreCorrupted(f"teacher store shard {path} fails its sha256 check (corrupted); "
+                                 "rerun `stillroom cache-teacher RECIPE` to rewrite it")
+        tensors = load(data)
+        offsets = tensors["offsets"]
+        if offsets.numel() != len(e["uids"]) + 1 or int(offsets[-1]) != e["tokens"]:
+            raise StoreCorrupted(f"teacher store shard {path}: offsets do not match the manifest")
+        self._cache[index] = tensors
+        self._cached_bytes += len(data)
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            old, _ = self._cache.popitem(last=False)
+            self._cached_bytes -= self.shards[old]["bytes"]
+        return tensors
+
+    def locate(self, uid: str) -> tuple[dict[str, torch.Tensor], int, int]:
+        """``(shard tensors, lo, hi)``: the token rows of sequence ``uid``."""
+        try:
+            shard_i, row = self.index[uid]
+        except KeyError:
+            raise StoreMismatch(
+                f"sequence {uid!r} is not in the teacher store {self.folder}; the store covers other data: rebuild it "
+                "with `stillroom cache-teacher RECIPE`"
+            ) from None
+        tensors = self.shard(shard_i)
+        offsets = tensors["offsets"]
+        return tensors, int(offsets[row]), int(offsets[row + 1])
+
+    def sequence(self, uid: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """``(ids [T, K] int64, logprobs [T, K] fp32, tail [T] fp32, {layer: [T, H] fp32})`` of ``uid``."""
+        tensors, lo, hi = self.locate(uid)
+        lp, tail = decode_logprobs(tensors, lo, hi)
+        hidden = {i: tensors[f"hidden.{i}"][lo:hi].float() for i in self.hidden_layers}
+        return tensors["topk_ids"][lo:hi].long(), lp, tail, hidden
+
+    def summary(self) -> str:
+        m = self.manifest
+        bpt = m["store_bytes"] / max(m["tokens"], 1)
+        return (f"teacher store {self.folder}: {m['sequences']} sequences, {m['tokens']} positions, "
+                f"{m['num_shards']} shard(s), {m['store_bytes'] / 2**20:.1f} MiB ({bpt:.1f} bytes/position); "
+                f"k={m['k']} of V={m['vocab_size']}, {m['logprob_dtype']} log-probs at T={m['loss_temperature']}, "
+                f"hidden layers {m['hidden_layers'] or 'none'}; teacher {m['teacher']['identity']}")
+
+
+class StoreTeacher:
+    """Teacher source reading a store: ``signal(batch)`` -> top-k :class:`TeacherSignal` for ``batch.uids``.
+
+    Padding positions get a harmless uniform distribution on k ids (the losses never read them).
+    """
+
+    def __init__(self, reader: StoreReader, *, fingerprint: Fingerprint | None = None,
+                 hidden_layers: list[int] | None = None, output_device: torch.device | str = "cpu") -> None:
+        self.reader = reader
+        self.fingerprint = fingerprint
+        self.hidden_layers = sorted(set(hidden_layers or []))
+        missing = set(self.hidden_layers) - set(reader.hidden_layers)
+        if missing:
+            raise StoreMismatch(f"teacher store {reader.folder} has no hidden states for layers {sorted(missing)}")
+        self.output_device = torch.device(output_device)
+
+    def signal(self, batch: Batch) -> TeacherSignal:
+        bsz, width = batch.input_ids.shape
+        k = self.reader.k
+        lengths = batch.attention_mask.sum(-1).tolist()
+        ids_btk = torch.arange(k, dtype=torch.long).remainder(self.reader.vocab_size).expand(bsz, width, k).clone()
+        lp_btk = torch.full((bsz, width, k), -math.log(k), dtype=torch.float32)
+        tail_bt = torch.full((bsz, width), float("-inf"), dtype=torch.float32)
+        hidden: dict[int, torch.Tensor] = {}
+        for b, uid in enumerate(batch.uids):
+            ids, lp, tail, hs = self.reader.sequence(uid)
+            n = ids.shape[0]
+            if n != int(lengths[b]):
+                raise StoreMismatch(f"sequence {uid!r}: {n} positions in the teacher store {self.reader.folder} but "
+                                    f"{int(lengths[b])} in the batch; the store covers other data: rebuild it")
+            ids_btk[b, :n] = ids
+            lp_btk[b, :n] = lp
+            tail_bt[b, :n] = tail
+            for i in self.hidden_layers:
+                if i not in hidden:
+                    hidden[i] = torch.zeros(bsz, width, hs[i].shape[-1], dtype=torch.float32)
+                hidden[i][b, :n] = hs[i]
+        dev = self.output_device
+        return TeacherSignal(
+            topk_ids_btk=ids_btk.to(dev), topk_logprobs_btk=lp_btk.to(dev), tail_logmass_bt=tail_bt.to(dev),
+            temperature=self.reader.temperature, hidden_states={i: h.to(dev) for i, h in hidden.items()},
+            fingerprint=self.fingerprint,
+        )
+
+
+def describe_store(folder: str | Path) -> str:
+    """One-paragraph summary of a store (for the CLI)."""
+    return StoreReader(folder).summary()
+
+
+__all__ = ["FORMAT", "RUN_FIELDS", "StoreReader", "StoreTeacher", "describe_store", "run_expectation"]
