@@ -43,16 +43,21 @@ def warp_to_probs(logits_bv: torch.Tensor, sampling_temperature: float = 1.0, to
 
 
 def sample_from(probs_bv: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row ``[B]`` drawn from ``probs_bv`` ``[B, V]`` with ``generator``.
+    """One token id per row ``[B]`` drawn from ``probs_bv`` ``[B, V]`` (rows need not sum to 1) with ``generator``.
 
-    When the generator lives on another device than the probabilities (e.g. a CPU
-    generator and a CUDA model) the draw happens on the generator's device, so results
-    depend only on the generator's seed.
+    Inverse-CDF sampling: the first index whose cumulative mass exceeds ``u * total`` with
+    ``u ~ U[0, 1)``; zero-probability entries are never chosen. (Several times faster than
+    ``torch.multinomial`` for one draw on CPU.) When the generator lives on another device
+    than the probabilities (e.g. a CPU generator and a CUDA model) the draw happens on the
+    generator's device, so results depend only on the generator's seed.
     """
     device = probs_bv.device
     if generator is not None and generator.device != device:
         probs_bv = probs_bv.to(generator.device)
-    return torch.multinomial(probs_bv, 1, generator=generator).squeeze(-1).to(device)
+    cdf_bv = probs_bv.float().cumsum(dim=-1)
+    u_b1 = torch.rand((cdf_bv.shape[0], 1), generator=generator, device=cdf_bv.device) * cdf_bv[:, -1:]
+    ids_b = torch.searchsorted(cdf_bv, u_b1, right=True).squeeze(-1)
+    return ids_b.clamp(max=probs_bv.shape[-1] - 1).to(device)
 
 
 def uniform(generator: torch.Generator | None, device: torch.device | str = "cpu") -> float:
