@@ -102,7 +102,11 @@ class GenerationStore:
             self._lock()
             if created:
                 _fsync_dir(self.path.parent)
-        self._load()
+        try:
+            self._load()
+        except BaseException:
+            self.close()  # release the lock: a corrupt store must not block the next attempt
+            raise
 
     # ------------------------------------------------------------------ opening
 

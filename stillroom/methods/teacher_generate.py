@@ -28,6 +28,7 @@ run (greedy decoding is unaffected up to padding numerics).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -141,7 +142,9 @@ def generate_with(
                     recs.append(record(pid, s, None, f"teacher returned {got} prompt results for {len(chunk)} prompts"))
             return recs
         for (pid, _, missing), samples in zip(chunk, outputs):
-            if not isinstance(samples, list):
+            if isinstance(samples, tuple):
+                samples = list(samples)
+            elif not isinstance(samples, list):
                 samples = []
             for j, s in enumerate(missing):
                 if j >= len(samples):
@@ -185,8 +188,6 @@ def generate_with(
 
 
 def _check_settings(store: GenerationStore, teacher_id: str, settings: dict, allow_mixed: bool) -> None:
-    import json
-
     try:
         json.dumps(settings)
     except TypeError as e:

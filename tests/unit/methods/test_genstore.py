@@ -135,6 +135,8 @@ def test_corruption_before_the_last_line_raises_with_file_and_line(tmp_path):
     path.write_text("".join(lines))
     with pytest.raises(StoreCorruptError, match=r"g\.jsonl:2: not valid JSON"):
         GenerationStore(path)
+    with pytest.raises(StoreCorruptError):  # the failed open released its lock
+        GenerationStore(path)
 
 
 def test_duplicate_key_in_file_is_corruption(tmp_path):
