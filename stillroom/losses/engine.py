@@ -273,7 +273,9 @@ class _ChunkedLoss(torch.autograd.Function):
 
         def logits_of(rows, leaf_x=None):
             xr = x[rows] if leaf_x is None else leaf_x
-            return F.linear(xr, leaf_w, leaf_b) if fused else xr
+            # A bf16 hidden state (autocast forward) meets the fp32 head outside autocast: cast the
+            # chunk, as autocast would cast the weight when it is on.
+            return F.linear(xr.to(leaf_w.dtype), leaf_w, leaf_b) if fused else xr
 
         stats = _batch_stats(plan, lambda rows: logits_of(rows).detach())
         total = torch.zeros((), dtype=torch.float64)

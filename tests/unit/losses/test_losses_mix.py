@@ -147,3 +147,14 @@ def test_mix_taid_uses_schedule_and_checkpoints_it():
     torch.testing.assert_close(r1.total, L.taid(head(hidden), teacher, mask, t=t_now)[0].detach(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="at most one 'taid'"):
         LossMix(cfg(("taid", 1.0, {}), ("taid", 1.0, {})))
+
+
+def test_fused_accepts_bf16_hidden_with_fp32_head():
+    hidden, head, teacher, mask, targets = make_inputs(b=2, t=6, v=13, d=8)
+    h16 = hidden.bfloat16().requires_grad_(True)
+    mix = LossMix(cfg(("forward_kl", 1.0, {}), chunk_tokens=4))
+    res = mix(StudentOutput(hidden_btd=h16, head=head), teacher, targets, mask)
+    ref, _ = L.forward_kl(head(h16.detach().float()), teacher, mask)
+    torch.testing.assert_close(res.total, ref.detach(), rtol=1e-5, atol=1e-5)
+    res.total.backward()
+    assert h16.grad.dtype == torch.bfloat16 and head.weight.grad.dtype == torch.float32
