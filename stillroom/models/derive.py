@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 
 from stillroom.config.schema import LayerSelection
 from stillroom.models.errors import LayerSelectionError
-from stillroom.models.lora import unwrap
+from stillroom.models.lora import decoder_body, unwrap
 
 # Config fields holding one entry per decoder layer (reindexed with the kept layers).
 PER_LAYER_CONFIG_FIELDS = ("layer_types", "no_rope_layers")
@@ -106,7 +106,8 @@ def angular_distances(model: nn.Module, calibration: list[torch.Tensor], n: int)
     calibration tokens between the input of layer ``l`` and the output of layer ``l+n-1``.
 
     ``calibration``: list of ``input_ids`` [B, T] (no padding assumed). Runs the
-    model in eval mode without cache (restoring its training flag), in its own dtype.
+    decoder body (no LM head) in eval mode without cache (restoring the training
+    flag), in the model's own dtype; the cosines are computed in float64.
     """
     layers = decoder_layers(model)
     num = len(layers)
@@ -129,6 +130,10 @@ def angular_distances(model: nn.Module, calibration: list[torch.Tensor], n: int)
     handles += [layer.register_forward_hook(output_of(i)) for i, layer in enumerate(layers)]
     sums = torch.zeros(num - n + 1, dtype=torch.float64)
     count = 0
+    try:  # the body alone: the LM head ([T, V] logits) is not needed here
+        run = decoder_body(model)
+    except TypeError:
+        run = model
     was_training = model.training
     device = next(unwrap(model).parameters()).device
     model.eval()
@@ -137,12 +142,14 @@ def angular_distances(model: nn.Module, calibration: list[torch.Tensor], n: int)
             if ids_bt.dim() != 2 or ids_bt.numel() == 0:
                 raise LayerSelectionError(f"calibration batches must be non-empty input_ids [B, T]; got {tuple(ids_bt.shape)}")
             captured[:] = [None] * (num + 1)
-            model(input_ids=ids_bt.to(device), use_cache=False)
-            hs = [h.detach().to(torch.float64).reshape(-1, h.shape[-1]) for h in captured]  # [B*T, H] each
-            for l in range(num - n + 1):
-                cos = nn.functional.cosine_similarity(hs[l], hs[l + n], dim=-1, eps=1e-12).clamp(-1.0, 1.0)
+            run(input_ids=ids_bt.to(device), use_cache=False)
+            hs = [h.detach().reshape(-1, h.shape[-1]) for h in captured]  # [B*T, H] each, model dtype
+            for l in range(num - n + 1):  # upcast two at a time: memory stays ~ (L + 4) hidden states
+                a, b = hs[l].to(torch.float64), hs[l + n].to(torch.float64)
+                cos = nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12).clamp(-1.0, 1.0)
                 sums[l] += (torch.arccos(cos) / math.pi).sum().cpu()
             count += hs[0].shape[0]
+            del hs
     finally:
         for h in handles:
             h.remove()
