@@ -8,6 +8,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# Tiny models run fastest on one thread (thread start-up dominates their matmuls);
+# tests that use the real teacher set their own thread count.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory) -> Path:
