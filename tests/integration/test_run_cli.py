@@ -55,3 +55,33 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(recipe_factory):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "NonFiniteLoss" in proc.stderr and "step" in proc.stderr
     assert "checkpoint" in proc.stderr
+
+
+def test_lora_student_trains_adapters_only(recipe_factory, tmp_path):
+    recipe = recipe_factory(student={"from_teacher": {"strategy": "explicit", "layers": [0, 3]}, "trainable": "lora",
+                                     "lora": {"r": 4, "alpha": 8}})
+    stillroom("run", str(recipe), "eval.generations=0")
+    report = json.loads((tmp_path / "runs" / "tiny" / "report.json").read_text())
+    after = report["student_after"]
+    assert 0 < after["trainable_params"] < after["params"] / 4
+    assert after["kl_teacher_student"] < report["student_before"]["kl_teacher_student"]
+    # The saved student is a plain HF model with the adapters merged.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "tiny" / "student")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_different_tokenizer_is_refused_before_step_0(recipe_factory, tmp_path):
+    from helpers import pretrain_briefly, tiny_llama, tiny_tokenizer
+
+    other = tmp_path / "other"
+    tok = tiny_tokenizer(300, seed_text="a different corpus entirely")
+    pretrain_briefly(tiny_llama(len(tok), layers=2), tok, steps=1).save_pretrained(other)
+    tok.save_pretrained(other)
+    recipe = recipe_factory(student={"model": {"path": str(other)}})
+    proc = stillroom("run", str(recipe), check=False)
+    assert proc.returncode == 1
+    assert "VocabularyMismatch" in proc.stderr
+    assert "step-by-step" in proc.stderr or "seqkd" in proc.stderr
+    assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()
