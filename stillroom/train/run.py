@@ -88,10 +88,8 @@ def prepare(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Prepared:
                 collate(rows[i : i + cfg.train.micro_batch_size], tokenizer.pad_token_id).input_ids
                 for i in range(0, len(rows), cfg.train.micro_batch_size)
             ]
-        base = teacher_model if cfg.teacher.dtype == "float32" else teacher_model.float()
-        student, kept_layers = derive_student(base, sel, calibration)
-        if base is not teacher_model:
-            teacher_model.to(DTYPES[cfg.teacher.dtype])
+        # derive_student copies the kept layers into a new fp32 model; the teacher is untouched.
+        student, kept_layers = derive_student(teacher_model, sel, calibration)
         student = student.to(DTYPES[cfg.student.dtype])
         student_tok = tokenizer
         log(f"student: kept teacher layers {kept_layers}")
