@@ -59,6 +59,8 @@ def handle(args: argparse.Namespace) -> int:
     from stillroom.generate.spec_eval import run_spec_eval
     from stillroom.models.load import load_model
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     target = load_model(model_source(args.target), dtype=dtype)
     draft = load_model(model_source(args.draft), dtype=dtype)
@@ -114,6 +116,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (default: always emit --max-new-tokens)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice). On a busy machine, 1 avoids multi-threaded "
+        "matmuls of a few rows stalling and distorting the timings",
+    )
     p.add_argument("--out", default="runs/spec-eval", help="output folder")
     p.set_defaults(func=handle)
     return p

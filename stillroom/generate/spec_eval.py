@@ -187,6 +187,7 @@ def run_spec_eval(
             "seed": seed,
             "stop_at_eos": stop_at_eos,
             "device": str(next(target.parameters()).device),
+            "torch_threads": torch.get_num_threads(),
         },
         "models": {"target_params": n_target, "draft_params": n_draft},
         "baseline": {m: {k: _finite(v) for k, v in b.items()} for m, b in baselines.items()},
@@ -215,7 +216,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"{s['prompts']} prompts, {s['max_new_tokens']} new tokens each, device {s['device']}, "
         f"sampling temperature {s['sampling_temperature']}, top-p {s['top_p']}, seed {s['seed']}, "
-        f"stop at EOS: {s['stop_at_eos']}. Target {m['target_params']:,} parameters, draft {m['draft_params']:,} "
+        f"stop at EOS: {s['stop_at_eos']}, torch threads {s.get('torch_threads')}. "
+        f"Target {m['target_params']:,} parameters, draft {m['draft_params']:,} "
         f"({m['draft_params'] / m['target_params']:.1%}).",
         "",
         "alpha = accepted / tested proposals; beta = mean of sum_v min(p, q) (greedy: argmax agreement) over "

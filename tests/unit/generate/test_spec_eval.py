@@ -98,6 +98,7 @@ def test_cli_spec_eval_on_saved_models(tmp_path, tok, pair):
     rc = main([
         "spec-eval", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
         "--gamma", "1", "2", "--data", str(data), "--prompts", "2", "--max-new-tokens", "4", "--out", str(out),
+        "--threads", "1",
     ])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
