@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import drop_layers, make_llama
+from conftest import make_llama
 
 from stillroom.generate.speculative import (
     SpecStats,
