@@ -170,8 +170,16 @@ def train(
     resume: bool = False,
     evaluate: Callable[[torch.nn.Module], dict] | None = None,
     sampler_factory: Callable[..., object],
+    prepare_batches: Callable[[list[Batch], int], list[Batch]] | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
+    """Train ``model`` for ``cfg.train.steps`` optimizer steps (see the module docstring).
+
+    ``prepare_batches(micro_batches, step)``, when given, may replace the sampled
+    micro-batches (on-policy methods put student generations there); its time is
+    logged as ``generate_s``. It must draw randomness only from state it
+    checkpoints itself, or from torch's global RNG (which checkpoints restore).
+    """
     tc = cfg.train
     device = torch.device(tc.device)
     model.to(device)
@@ -225,6 +233,11 @@ def train(
     for step in range(start_step, tc.steps):
         t0 = time.perf_counter()
         micro = [collate([train_examples[i] for i in sampler.next_indices()], pad_id) for _ in range(tc.grad_accum)]
+        gen_s = 0.0
+        if prepare_batches is not None:  # the method decides where sequences come from (e.g. on-policy samples)
+            t_gen = time.perf_counter()
+            micro = prepare_batches(micro, step)
+            gen_s = time.perf_counter() - t_gen
         global_targets = topology.all_reduce_sum(sum(b.num_targets for b in micro))
         if global_targets == 0:
             raise ValueError(f"step {step}: no target tokens in this step's batches; check data.format and masks")
@@ -252,7 +265,7 @@ def train(
         total_targets += int(global_targets)
         record = {
             "step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-            "target_tokens": int(global_targets), "step_s": dt, "teacher_s": teacher_s,
+            "target_tokens": int(global_targets), "step_s": dt, "teacher_s": teacher_s, "generate_s": gen_s,
             "tokens_per_s": global_targets / dt,
         }
         record.update({f"loss/{k}": topology.all_reduce_sum(v) / global_targets for k, v in sorted(parts.items())})
