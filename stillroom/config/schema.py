@@ -228,6 +228,9 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(32, ge=1)
     speed_tokens: int = Field(1024, ge=16, description="Tokens timed for the forward-pass speed metric.")
     before: bool = Field(True, description="Evaluate the student before training too.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Precision of held-out metrics (fp32: exact KL/CE; bf16 is faster but adds rounding noise)."
+    )
 
 
 class RunConfig(Strict):

@@ -37,7 +37,7 @@ def evaluate_models(p, models: dict, *, log: Callable[[str], None] = print) -> d
     for name, model in models.items():
         metrics = evaluate_lm(
             model, batches, teacher_logits,
-            precision=cfg.train.precision, vocab_size=p.vocab_size,
+            precision=cfg.eval.precision, vocab_size=p.vocab_size,
         )
         metrics["params"] = count_params(model)
         metrics["trainable_params"] = trainable_params(model)
