@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -279,7 +280,9 @@ class RemoteTeacher:
         self.backoff_s, self.max_backoff_s, self.max_retry_after_s = backoff_s, max_backoff_s, max_retry_after_s
         self._sleep = sleep
         self._checked = False
+        self._count_lock = threading.Lock()
         self.requests_sent = 0
+        """HTTP requests made so far (every attempt counts)."""
 
     @staticmethod
     def _read_key(env: str | None) -> str | None:
@@ -303,14 +306,15 @@ class RemoteTeacher:
         for attempt in range(self.cfg.max_retries + 1):
             retry_after = None
             try:
-                self.requests_sent += 1
+                with self._count_lock:
+                    self.requests_sent += 1
                 r = self._client.request(method, path, json=payload)
             except httpx.TimeoutException as err:
                 problem = f"no answer within timeout_s={self.cfg.timeout_s} ({type(err).__name__})"
             except httpx.TransportError as err:
                 problem = f"connection failed ({type(err).__name__}: {err})"
             else:
-                if r.status_code == 200:
+                if 200 <= r.status_code < 300:
                     try:
                         return r.json()
                     except ValueError as err:

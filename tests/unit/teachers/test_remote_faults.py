@@ -190,7 +190,7 @@ def test_finished_rows_survive_a_failure_and_a_rerun_asks_only_the_rest(fake, tm
 
 
 def test_concurrency_is_bounded_and_used(fake):
-    fake.delay = 0.15
+    fake.delay = 0.3
     client(fake, concurrency=3).signal(make_batch(list(range(10, 19))))
     assert fake.max_in_flight == 3
 
