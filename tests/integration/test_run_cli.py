@@ -83,5 +83,5 @@ def test_different_tokenizer_is_refused_before_step_0(recipe_factory, tmp_path):
     proc = stillroom("run", str(recipe), check=False)
     assert proc.returncode == 1
     assert "VocabularyMismatch" in proc.stderr
-    assert "step-by-step" in proc.stderr or "seqkd" in proc.stderr
+    assert "step-by-step" in proc.stderr and "sequence-level KD" in proc.stderr
     assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()

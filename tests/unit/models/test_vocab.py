@@ -43,5 +43,5 @@ def test_different_tokenizers_name_the_alternatives(tok):
         check_vocab(tok, teacher, other, student)
     msg = str(err.value)
     assert "shared tokenizer" in msg and "id " in msg
-    for alternative in ("method: seqkd", "step-by-step", "MiniPLM", "self-data distillation"):
+    for alternative in ("sequence-level KD", "method: sft", "step-by-step", "MiniPLM", "self-data distillation"):
         assert alternative in msg
