@@ -233,12 +233,51 @@ class EvalConfig(Strict):
     )
 
 
+class OnPolicyConfig(Strict):
+    """Where each micro-batch's sequences come from when ``method: onpolicy`` (GKD / DistillSpec).
+
+    For every micro-batch one source is drawn with probabilities proportional to the
+    three weights: ``fixed`` (the data as it is), ``student`` (the student samples a
+    continuation of each example's prompt) or ``teacher`` (the in-process teacher model
+    samples it). Generated tokens are the only targets of a generated micro-batch. The
+    draw and the sampling are seeded from (run seed, step, micro-batch index, rank),
+    so a resumed run regenerates exactly what the uninterrupted one did.
+    """
+
+    student_weight: float = Field(
+        1.0, ge=0, description="Weight of student-generated (on-policy) micro-batches; "
+        "student_weight / (sum of weights) is GKD's lambda."
+    )
+    fixed_weight: float = Field(0.0, ge=0, description="Weight of micro-batches used as the data gives them.")
+    teacher_weight: float = Field(
+        0.0, ge=0, description="Weight of teacher-generated micro-batches (sampled by the loaded teacher model, "
+        "whatever teacher.source scores them)."
+    )
+    sampling_temperature: float = Field(1.0, gt=0, description="Sampling temperature of the generated continuations.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus (top-p) of the generated continuations.")
+    max_new_tokens: int = Field(
+        64, ge=1, description="Most tokens generated per prompt (also capped so prompt + continuation <= data.seq_len)."
+    )
+    text_prompt_tokens: int = Field(
+        16, ge=1, description="Plain-text examples have no prompt: their first this-many tokens are used as one."
+    )
+    stop_at_eos: bool = Field(True, description="End a continuation at the tokenizer's/model's EOS (kept as a target).")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "OnPolicyConfig":
+        if self.student_weight + self.fixed_weight + self.teacher_weight <= 0:
+            raise ValueError("onpolicy: student_weight, fixed_weight and teacher_weight are all 0; give one a weight > 0")
+        return self
+
+
 class RunConfig(Strict):
     name: str = Field("run", description="Run folder name under `output_dir`.")
     output_dir: str = "runs"
     seed: int = 0
-    method: Literal["kd", "sft"] = Field(
-        "kd", description="kd: loss terms against the teacher; sft: cross-entropy only, no teacher at training time."
+    method: Literal["kd", "sft", "onpolicy"] = Field(
+        "kd", description="kd: loss terms against the teacher; sft: cross-entropy only, no teacher at training time; "
+        "onpolicy: loss terms against the teacher on sequences drawn as `onpolicy` says (student/teacher samples "
+        "or fixed data)."
     )
     baseline: bool = Field(
         False, description="Also train the same student with plain cross-entropy on the same tokens, for the report."
@@ -249,6 +288,9 @@ class RunConfig(Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    onpolicy: OnPolicyConfig = Field(
+        default_factory=OnPolicyConfig, description="Sequence sources and sampling of method=onpolicy."
+    )
     cache_dir: str | None = Field(None, description="Model cache (default: $STILLROOM_CACHE or ~/.cache/stillroom).")
 
 
