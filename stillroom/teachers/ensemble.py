@@ -203,3 +203,17 @@ class EnsembleTeacher:
         vocab = self._vocab(sigs)
         return TeacherSignal(logits_btv=assemble(lambda s: log_probs(s, vocab)), hidden_states=hidden,
                              fingerprint=self.fingerprint)
+
+
+def ensemble_from_run(teacher_cfg, build_member, *, vocab_size: int | None = None) -> EnsembleTeacher:
+    """The ensemble of a run (``teacher.source: ensemble``) from its ``TeacherConfig``.
+
+    ``build_member(member_cfg: TeacherConfig, index: int) -> source`` builds each member (the
+    factory's own online/store/remote logic; a member may itself be an ensemble). Members are named
+    ``member0``, ``member1``, ... (route with ``data.sources[].domain: "0"``/``"1"`` or those names).
+    """
+    if not teacher_cfg.ensemble:
+        raise ValueError("teacher.source=ensemble needs teacher.ensemble: a list of member teacher configs")
+    members = [build_member(m, i) for i, m in enumerate(teacher_cfg.ensemble)]
+    return EnsembleTeacher(members, mode=teacher_cfg.ensemble_mode, route_field=teacher_cfg.route_field,
+                           vocab_size=vocab_size)

@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -56,6 +56,9 @@ from stillroom.config.schema import RemoteConfig
 from stillroom.data.batch import Batch, Example
 from stillroom.teachers.signal import Fingerprint, TeacherSignal, tail_logmass
 from stillroom.teachers.store_format import SequenceSignal
+
+if TYPE_CHECKING:
+    from stillroom.config.schema import RunConfig
 
 try:
     import fcntl
@@ -557,3 +560,19 @@ class RemoteTeacher:
         self._client.close()
         if self.cache is not None:
             self.cache.close()
+
+
+def remote_from_run(cfg: "RunConfig", *, vocab_size: int, fingerprint: Fingerprint | None) -> RemoteTeacher:
+    """The remote teacher of a run (``teacher.source: remote``), checked before step 0.
+
+    Its rows are cached in ``<output_dir>/<name>/remote_cache.jsonl`` (a rerun or ``--resume`` asks
+    only what is missing). Prompt log-probs are at temperature 1, so ``loss.loss_temperature`` must be 1.
+    """
+    if abs(cfg.loss.loss_temperature - 1.0) > 1e-9:
+        raise RemoteError(f"teacher.source=remote gives prompt log-probs at temperature 1, but loss.loss_temperature "
+                          f"is {cfg.loss.loss_temperature}; top-k log-probs cannot be re-tempered: set it to 1")
+    cache = Path(cfg.output_dir).expanduser() / cfg.name / "remote_cache.jsonl"
+    teacher = RemoteTeacher(cfg.teacher.remote, vocab_size=vocab_size, fingerprint=fingerprint, cache=cache)
+    teacher.check_server()
+    teacher._checked = True
+    return teacher

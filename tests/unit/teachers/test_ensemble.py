@@ -169,3 +169,18 @@ def test_works_with_online_and_store_teachers(tmp_path):
     got = EnsembleTeacher([online1, store2], vocab_size=vocab).signal(batch).logits_btv
     mask = batch.attention_mask.bool()
     torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=0)
+
+
+def test_ensemble_from_run_builds_members_from_the_config():
+    from stillroom.config.schema import TeacherConfig
+    from stillroom.teachers.ensemble import ensemble_from_run
+
+    cfg = TeacherConfig.model_validate({"source": "ensemble", "ensemble_mode": "route", "route_field": "domain",
+                                        "ensemble": [{"source": "online"}, {"source": "store"}]})
+    built = []
+    ens = ensemble_from_run(cfg, lambda m, i: built.append(m.source) or Fixed(i), vocab_size=V)
+    assert built == ["online", "store"] and ens.mode == "route"
+    sig = ens.signal(batch_of(2, domains=["1", "0"]))
+    torch.testing.assert_close(sig.logits_btv[0], Fixed(1).logits(batch_of(2))[0])
+    with pytest.raises(ValueError, match="teacher.ensemble"):
+        ensemble_from_run(TeacherConfig(source="ensemble"), lambda m, i: Fixed(i))

@@ -230,3 +230,23 @@ def test_store_written_from_the_server_matches_a_store_of_the_online_model(serve
     direct = remote.signal(batch)
     mask = batch.loss_mask
     assert torch.equal(from_store.topk_ids_btk[mask], direct.topk_ids_btk[mask])
+
+
+def test_remote_from_run_checks_before_step_0_and_caches_in_the_run_folder(server, tiny, tmp_path):
+    from stillroom.config.schema import RunConfig
+    from stillroom.teachers.remote import remote_from_run
+
+    vocab = len(tiny[1])
+    fp = Fingerprint(teacher="t", tokenizer_hash=tokenizer_hash(tiny[1]), vocab_size=vocab)
+    cfg = RunConfig.model_validate({"name": "r", "output_dir": str(tmp_path), "teacher": {
+        "source": "remote", "remote": {"url": server.url, "model": "tiny", "top_k": 3}}})
+    teacher = remote_from_run(cfg, vocab_size=vocab, fingerprint=fp)
+    teacher.signal(batch_of([5, 4], vocab))
+    teacher.close()
+    assert (tmp_path / "r" / "remote_cache.jsonl").is_file()
+    hot = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"loss_temperature": 2.0})})
+    with pytest.raises(RemoteError, match="loss_temperature"):
+        remote_from_run(hot, vocab_size=vocab, fingerprint=fp)
+    bad = Fingerprint(teacher="t", tokenizer_hash="f" * 64, vocab_size=vocab)
+    with pytest.raises(RemoteError, match="tokenizer"):
+        remote_from_run(cfg, vocab_size=vocab, fingerprint=bad)
