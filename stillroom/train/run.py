@@ -120,6 +120,12 @@ def train_student(
         student_layers=getattr(student_cfg, "num_hidden_layers", None),
         teacher_layers=getattr(teacher_cfg, "num_hidden_layers", None),
     )
+    prepare_batches = None
+    if method == "onpolicy":  # the method decides where each micro-batch's sequences come from
+        from stillroom.methods.onpolicy import build_onpolicy
+
+        prepare_batches = build_onpolicy(p, model, run_dir=run_dir, needs_teacher=mix.needs_teacher,
+                                         term_names=[t.name for t in mix.cfg.terms], log=log)
     teacher = None
     if mix.needs_teacher:
         teacher = build_teacher_source(
@@ -129,7 +135,7 @@ def train_student(
     return train(
         cfg, run_dir, model=model, train_examples=p.splits.train, pad_id=p.tokenizer.pad_token_id,
         vocab_size=p.vocab_size, mix=mix, teacher=teacher, topology=p.topology, resume=resume,
-        evaluate=None, sampler_factory=ExampleSampler, log=log,
+        evaluate=None, sampler_factory=ExampleSampler, prepare_batches=prepare_batches, log=log,
     )
 
 

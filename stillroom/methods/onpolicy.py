@@ -1,0 +1,287 @@
+"""On-policy distillation (GKD, Agarwal et al. 2024; DistillSpec, Zhou et al. 2024).
+
+``method: onpolicy`` keeps the training loop as it is and only changes where each
+micro-batch's sequences come from. For micro-batch ``j`` of optimizer step ``s`` one
+source is drawn with probabilities proportional to ``onpolicy.*_weight``:
+
+* ``fixed``: the batch the sampler drew, unchanged (its own targets, e.g. the
+  completion tokens of prompt/completion or chat data);
+* ``student``: the student samples a continuation of each row's prompt; the
+  sequence becomes ``prompt + continuation`` and **only the continuation tokens
+  are targets** (GKD's on-policy data, DistillSpec's "student-generated");
+* ``teacher``: the same with the loaded teacher model sampling (DistillSpec's
+  "teacher-generated", produced on the fly).
+
+The run's teacher source (``teacher.signal(batch)``: online, remote, ...) then scores
+the batch as usual and every registered loss term applies, so a divergence on a
+generated batch is computed over the generated tokens only.
+
+The prompt of a row is every token before its first target token (prompt/completion
+and chat data). Plain text has no prompt (all tokens are targets), so its first
+``text_prompt_tokens`` tokens are used. Continuations are capped at
+``max_new_tokens`` and at ``data.seq_len - len(prompt)``; with ``stop_at_eos`` a
+continuation ends at EOS, which stays a target (the student learns to stop).
+
+Determinism and resume: the source draw uses a local ``torch.Generator`` seeded from
+``(run seed, step, micro-batch index)`` (identical on every process) and the sampling
+one seeded from ``(run seed, step, micro-batch index, rank)``. Nothing depends on
+global RNG state or on earlier steps, so a run resumed from a checkpoint at step ``s``
+regenerates exactly the sequences the uninterrupted run generated from step ``s`` on.
+Generation runs with the KV cache, all prompts of a micro-batch in one left-padded
+batch (:func:`stillroom.generate.sample_continuations`), with the model in eval mode.
+
+Bookkeeping: the loop times this as ``generate_s`` in ``metrics.jsonl``; each
+micro-batch's source, token counts and seconds go to ``<run>/onpolicy.jsonl``; a
+summary line is logged about every 30 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stillroom.config.schema import OnPolicyConfig, RunConfig
+from stillroom.data.batch import Batch, Example, collate
+from stillroom.generate.sampling import sample_continuations
+
+SOURCES = ("fixed", "student", "teacher")
+LOG_EVERY_S = 30.0
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts`` (stable across processes and Python versions; no ``hash()``)."""
+    digest = hashlib.sha256(repr(parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def choose_source(cfg: OnPolicyConfig, seed: int, step: int, micro_index: int) -> str:
+    """The source of micro-batch ``micro_index`` of step ``step``: one of :data:`SOURCES`.
+
+    Drawn with probability ``weight / sum(weights)`` from a generator seeded by
+    ``(seed, step, micro_index)`` only, so every process (and a resumed run) agrees.
+    """
+    weights = [cfg.fixed_weight, cfg.student_weight, cfg.teacher_weight]
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError("onpolicy: all source weights are 0")
+    gen = torch.Generator().manual_seed(derive_seed("onpolicy-source", seed, step, micro_index))
+    u = float(torch.rand((), generator=gen)) * total
+    acc = 0.0
+    for name, w in zip(SOURCES, weights):
+        acc += w
+        if w > 0 and u < acc:
+            return name
+    return next(n for n, w in reversed(list(zip(SOURCES, weights))) if w > 0)  # u == total (rounding)
+
+
+def prompts_of(batch: Batch, text_prompt_tokens: int) -> list[list[int]]:
+    """Per row of ``batch``: the token ids before its first target token.
+
+    ``target_ids[b, t]`` is the token at ``t + 1`` (collate shifted once), so when the
+    first counted position is ``t0`` the first target token is ``input_ids[b, t0 + 1]``
+    and the prompt is ``input_ids[b, : t0 + 1]``. A row whose token 1 is already a
+    target (plain text: everything is learned) gets its first ``text_prompt_tokens``
+    tokens, at most all but one of its real tokens. A row with no target at all is an
+    error (the pipeline drops such sequences, so this means a malformed batch).
+    """
+    mask_bt = batch.loss_mask
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    prompts: list[list[int]] = []
+    for b in range(batch.input_ids.shape[0]):
+        counted = mask_bt[b].nonzero()
+        if counted.numel() == 0:
+            raise ValueError(f"onpolicy: sequence {batch.uids[b]} has no target token, so it has no prompt to continue")
+        t0 = int(counted[0, 0])
+        n = t0 + 1
+        if t0 == 0:  # no prompt: plain text
+            n = max(1, min(text_prompt_tokens, int(lengths[b]) - 1))
+        prompts.append(batch.input_ids[b, :n].tolist())
+    return prompts
+
+
+def generated_batch(
+    prompts: Sequence[list[int]],
+    continuations: Sequence[list[int]],
+    *,
+    pad_id: int,
+    uids: Sequence[str],
+    domains: Sequence[str | None] | None = None,
+    n_bytes: Sequence[int] | None = None,
+) -> Batch:
+    """The batch of ``prompt + continuation`` rows where only continuation tokens are targets."""
+    if len(prompts) != len(continuations) or len(prompts) != len(uids):
+        raise ValueError(f"{len(prompts)} prompts, {len(continuations)} continuations, {len(uids)} uids")
+    examples = []
+    for i, (prompt, cont) in enumerate(zip(prompts, continuations)):
+        if not prompt:
+            raise ValueError(f"onpolicy: empty prompt for {uids[i]}")
+        examples.append(Example(
+            input_ids=list(prompt) + list(cont), target=[False] * len(prompt) + [True] * len(cont), uid=uids[i],
+            domain=domains[i] if domains else None, n_bytes=int(n_bytes[i]) if n_bytes else 0,
+        ))
+    return collate(examples, pad_id)
+
+
+def eos_token_ids(tokenizer: Any, *models: torch.nn.Module | None) -> list[int]:
+    """End-of-sequence ids of the tokenizer and of the models' generation configs."""
+    ids: set[int] = set()
+    values = [getattr(tokenizer, "eos_token_id", None)]
+    values += [getattr(getattr(m, "generation_config", None), "eos_token_id", None) for m in models if m is not None]
+    for value in values:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+class OnPolicySource:
+    """``prepare_batches(micro_batches, step)`` for the training loop (see the module docstring).
+
+    ``stats`` holds running totals: micro-batches per source, generated tokens and
+    generation seconds per source.
+    """
+
+    def __init__(
+        self,
+        cfg: OnPolicyConfig,
+        *,
+        seed: int,
+        student: torch.nn.Module,
+        teacher_model: torch.nn.Module | None,
+        tokenizer: Any,
+        pad_id: int,
+        seq_len: int,
+        rank: int = 0,
+        log_path: Path | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if cfg.teacher_weight > 0 and teacher_model is None:
+            raise ValueError("onpolicy.teacher_weight > 0 needs the teacher model loaded in this process")
+        self.cfg = cfg
+        self.seed = seed
+        self.student = student
+        self.teacher_model = teacher_model
+        self.tokenizer = tokenizer
+        self.pad_id = int(pad_id)
+        self.seq_len = int(seq_len)
+        self.rank = int(rank)
+        self.eos = eos_token_ids(tokenizer, student, teacher_model) if cfg.stop_at_eos else None
+        self.log_path = log_path
+        self.log = log
+        self._log_started = False
+        self._last_log = time.perf_counter()
+        self.stats: dict[str, float] = {f"batches/{s}": 0 for s in SOURCES}
+        self.stats.update({f"generated_tokens/{s}": 0 for s in SOURCES[1:]})
+        self.stats.update({f"generate_s/{s}": 0.0 for s in SOURCES[1:]})
+
+    # ------------------------------------------------------------------ per micro-batch
+    def generate(self, batch: Batch, source: str, step: int, micro_index: int) -> Batch:
+        """Replace ``batch`` by ``source``'s continuations of its prompts (source: student or teacher)."""
+        model = self.student if source == "student" else self.teacher_model
+        prompts = prompts_of(batch, self.cfg.text_prompt_tokens)
+        budgets = [min(self.cfg.max_new_tokens, self.seq_len - len(p)) for p in prompts]
+        if min(budgets) < 1:
+            i = budgets.index(min(budgets))
+            raise ValueError(f"onpolicy: the prompt of {batch.uids[i]} fills data.seq_len={self.seq_len}; "
+                             "nothing can be generated (raise data.seq_len or shorten the prompts)")
+        gen = torch.Generator().manual_seed(derive_seed("onpolicy-sample", self.seed, step, micro_index, self.rank))
+        conts = sample_continuations(
+            model, self.tokenizer, prompts, max_new_tokens=max(budgets),
+            sampling_temperature=self.cfg.sampling_temperature, top_p=self.cfg.top_p,
+            eos_token_id=self.eos, pad_token_id=self.pad_id, generator=gen,
+        )
+        conts = [c[:n] for c, n in zip(conts, budgets)]
+        n_bytes = [len(self.tokenizer.decode(c, skip_special_tokens=True).encode("utf-8")) for c in conts]
+        uids = [f"{u}|{source}@{step}.{micro_index}" for u in batch.uids]
+        return generated_batch(prompts, conts, pad_id=self.pad_id, uids=uids, domains=batch.domains, n_bytes=n_bytes)
+
+    def __call__(self, micro: list[Batch], step: int) -> list[Batch]:
+        out, records = [], []
+        for j, batch in enumerate(micro):
+            source = choose_source(self.cfg, self.seed, step, j)
+            self.stats[f"batches/{source}"] += 1
+            rec = {"step": step + 1, "micro": j, "source": source, "rows": int(batch.input_ids.shape[0])}
+            if source == "fixed":
+                out.append(batch)
+                rec["target_tokens"] = batch.num_targets
+            else:
+                t0 = time.perf_counter()
+                new = self.generate(batch, source, step, j)
+                dt = time.perf_counter() - t0
+                out.append(new)
+                self.stats[f"generated_tokens/{source}"] += new.num_targets
+                self.stats[f"generate_s/{source}"] += dt
+                rec.update(target_tokens=new.num_targets, generate_s=round(dt, 4),
+                           prompt_tokens=int(new.attention_mask.sum()) - new.num_targets)
+            records.append(rec)
+        self._write(records, step)
+        self._maybe_log(step)
+        return out
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _write(self, records: list[dict], step: int) -> None:
+        if self.log_path is None:
+            return
+        if not self._log_started:  # a resumed run: drop what the killed run logged after its checkpoint
+            self._log_started = True
+            if self.log_path.exists():
+                kept = [line for line in self.log_path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= step]
+                self.log_path.write_text("".join(k + "\n" for k in kept))
+        with self.log_path.open("a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+
+    def summary(self) -> str:
+        s = self.stats
+        batches = ", ".join(f"{k.split('/')[1]} {int(v)}" for k, v in s.items() if k.startswith("batches/"))
+        gen = sum(v for k, v in s.items() if k.startswith("generated_tokens/"))
+        secs = sum(v for k, v in s.items() if k.startswith("generate_s/"))
+        return f"onpolicy: micro-batches {batches}; {int(gen)} generated tokens in {secs:.1f} s"
+
+    def _maybe_log(self, step: int) -> None:
+        now = time.perf_counter()
+        if self.log is not None and now - self._last_log >= LOG_EVERY_S:
+            self._last_log = now
+            self.log(f"step {step + 1}: {self.summary()}")
+
+
+def check_onpolicy_run(cfg: RunConfig, *, needs_teacher: bool, term_names: Sequence[str]) -> list[str]:
+    """Refuse configurations that cannot work, before step 0; return warnings to log."""
+    oc = cfg.onpolicy
+    generates = oc.student_weight > 0 or oc.teacher_weight > 0
+    if not needs_teacher:
+        raise ValueError("method=onpolicy needs a loss term that uses the teacher (e.g. forward_kl, jsd, tvd_pp); "
+                         f"loss.terms are {list(term_names)}")
+    if generates and cfg.teacher.source == "store":
+        raise ValueError("method=onpolicy generates new sequences every step, which a precomputed teacher store "
+                         "cannot score; use teacher.source=online (or remote), or set onpolicy.student_weight=0 "
+                         "and onpolicy.teacher_weight=0")
+    warnings = []
+    if "ce" in term_names and oc.student_weight > 0:
+        warnings.append("onpolicy: a 'ce' term on student-generated batches fits the student to its own samples; "
+                        "it is usually meant for fixed data only")
+    return warnings
+
+
+def build_onpolicy(p: Any, model: torch.nn.Module, *, run_dir: Path, needs_teacher: bool,
+                   term_names: Sequence[str], log: Callable[[str], None] = print) -> OnPolicySource:
+    """The :class:`OnPolicySource` of a prepared run (:class:`stillroom.train.run.Prepared`) training ``model``."""
+    cfg = p.cfg
+    for w in check_onpolicy_run(cfg, needs_teacher=needs_teacher, term_names=term_names):
+        log(w)
+    oc = cfg.onpolicy
+    log(f"onpolicy: sources fixed/student/teacher weights {oc.fixed_weight}/{oc.student_weight}/{oc.teacher_weight}, "
+        f"sampling_temperature={oc.sampling_temperature}, top_p={oc.top_p}, max_new_tokens={oc.max_new_tokens}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return OnPolicySource(
+        oc, seed=cfg.seed, student=model, teacher_model=p.teacher_model, tokenizer=p.tokenizer,
+        pad_id=p.tokenizer.pad_token_id, seq_len=cfg.data.seq_len, rank=p.topology.rank,
+        log_path=run_dir / "onpolicy.jsonl" if p.topology.is_main else None, log=log if p.topology.is_main else None,
+    )
