@@ -146,6 +146,10 @@ class LossMix(torch.nn.Module):
             value, _ = spec.fn(student.hidden_states, teacher, mask_bt, layer_map=lmap, projections=proj)
         return value
 
+    def log_state(self) -> dict[str, float]:
+        """Schedule values worth logging per step (TAID's t)."""
+        return {} if self.taid is None else {"taid_t": float(self.taid.value)}
+
     def after_step(self, loss_per_token: float, step: int, total_steps: int) -> None:
         """Once per optimizer step: advance TAID's t (no-op without a taid term)."""
         if self.taid is not None:

@@ -22,6 +22,7 @@ class OnlineTeacher:
         vocab_size: int,
         fingerprint: Fingerprint | None = None,
         hidden_layers: list[int] | None = None,
+        attentions: bool = False,
         output_device: torch.device | str = "cpu",
     ) -> None:
         self.model = model.eval()
@@ -30,6 +31,11 @@ class OnlineTeacher:
         self.vocab_size = vocab_size
         self.fingerprint = fingerprint
         self.hidden_layers = sorted(set(hidden_layers or []))
+        self.attentions = attentions
+        if attentions:
+            from stillroom.train.loop import _eager_attention
+
+            _eager_attention(self.model)
         self.output_device = torch.device(output_device)
         self.device = next(model.parameters()).device
 
@@ -40,10 +46,14 @@ class OnlineTeacher:
             input_ids=batch.input_ids.to(self.device),
             attention_mask=batch.attention_mask.to(self.device),
             output_hidden_states=bool(self.hidden_layers),
+            output_attentions=self.attentions,
             use_cache=False,
         )
         logits_btv = out.logits[..., : self.vocab_size].to(self.output_device)
         hidden = {}
         if self.hidden_layers:
             hidden = {i: out.hidden_states[i].to(self.output_device) for i in self.hidden_layers}
-        return TeacherSignal(logits_btv=logits_btv, hidden_states=hidden, fingerprint=self.fingerprint)
+        attentions = {}
+        if self.attentions:
+            attentions = {i: a.to(self.output_device) for i, a in enumerate(out.attentions)}
+        return TeacherSignal(logits_btv=logits_btv, hidden_states=hidden, attentions=attentions, fingerprint=self.fingerprint)

@@ -99,10 +99,12 @@ class TeacherSignal:
 
 
 def tail_logmass(topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """``log(1 - sum_k exp(topk_logprobs))`` over the last axis, computed stably in fp32.
+    """``log(1 - sum_k exp(topk_logprobs))`` over the last axis, computed stably (float64 inside, fp32 out).
 
     Returns ``-inf`` where the top k hold all the mass (k = V).
     """
-    lse = torch.logsumexp(topk_logprobs.float(), dim=-1).clamp(max=0.0)
+    # float64: in fp32 a full top-k (k = V) sums to 1 - 1e-7 and gives about -15 instead of -inf.
+    lse = torch.logsumexp(topk_logprobs.double(), dim=-1).clamp(max=0.0)
     # log(1 - exp(lse)) = log(-expm1(lse)); -expm1(0) = 0 -> -inf, as intended.
-    return torch.log(-torch.expm1(lse))
+    out = torch.log(-torch.expm1(lse))
+    return out.to(torch.float32)

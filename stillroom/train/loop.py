@@ -83,28 +83,39 @@ class StudentForward(torch.nn.Module):
     path) or ``logits`` (plain path), plus ``hs_<i>`` hidden states asked for.
     """
 
-    def __init__(self, model: torch.nn.Module, *, fused: bool, hidden_layers: list[int], vocab: int):
+    def __init__(self, model: torch.nn.Module, *, fused: bool, hidden_layers: list[int], vocab: int,
+                 attentions: bool = False):
         super().__init__()
         self.model = model
         self.fused = fused
         self.hidden_layers = hidden_layers
         self.vocab = vocab
+        self.attentions = attentions
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        want_hidden = bool(self.hidden_layers)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                      output_hidden_states=bool(self.hidden_layers), output_attentions=self.attentions)
         if self.fused:
-            out = decoder_body(self.model)(
-                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=want_hidden, use_cache=False
-            )
+            out = decoder_body(self.model)(**kwargs)
             result = {"hidden": out.last_hidden_state}
         else:
-            out = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=want_hidden, use_cache=False
-            )
+            out = self.model(**kwargs)
             result = {"logits": out.logits[..., : self.vocab]}
         for i in self.hidden_layers:
             result[f"hs_{i}"] = out.hidden_states[i]
+        if self.attentions:
+            for i, a in enumerate(out.attentions):
+                result[f"att_{i}"] = a
         return result
+
+
+def _eager_attention(model: torch.nn.Module) -> None:
+    """Attention maps are only returned by the eager implementation (SDPA/flash fuse them away)."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter("eager")
+    else:
+        model.config._attn_implementation = "eager"
 
 
 def _autocast(precision: str, device: torch.device):
@@ -147,6 +158,7 @@ def forward_backward(
             student = StudentOutput(
                 logits_btv=out.get("logits"), hidden_btd=out.get("hidden"), head=head,
                 hidden_states={i: out[f"hs_{i}"] for i in mix.student_hidden_layers},
+                attentions={int(k[4:]): v for k, v in out.items() if k.startswith("att_")},
             )
             result = mix(student, signal, batch.target_ids, batch.loss_mask)
             (result.total * scale).backward()
@@ -212,7 +224,10 @@ def train(
             log(f"resumed from {found} at step {start_step}")
 
     fused = cfg.loss.fused and mix.needs_logits
-    forward = StudentForward(model, fused=fused, hidden_layers=mix.student_hidden_layers, vocab=vocab_size)
+    if mix.needs_attentions:
+        _eager_attention(model)
+    forward = StudentForward(model, fused=fused, hidden_layers=mix.student_hidden_layers, vocab=vocab_size,
+                             attentions=mix.needs_attentions)
     if topology.enabled:
         forward = torch.nn.parallel.DistributedDataParallel(forward)
     head = _SlicedHead(output_head(model), vocab_size) if fused else None
@@ -269,7 +284,7 @@ def train(
             "tokens_per_s": global_targets / dt,
         }
         record.update({f"loss/{k}": topology.all_reduce_sum(v) / global_targets for k, v in sorted(parts.items())})
-        record.update(getattr(mix, "log_state", dict)())
+        record.update(mix.log_state())
         if evaluate is not None and tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
             record.update({f"eval/{k}": v for k, v in evaluate(model).items()})
             model.train()
