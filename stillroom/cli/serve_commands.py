@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def make_service(args):
@@ -20,7 +20,10 @@ def make_service(args):
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise SystemExit(f"error: --api-key-env names {args.api_key_env!r}, which is not set or empty")
-    loaded = load_model(model_source(args.model), dtype=getattr(torch, args.dtype), cache_dir=args.cache_dir)
+    from stillroom.train.precision import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, args.device)
+    loaded = load_model(model_source(args.model), dtype=getattr(torch, dtype), cache_dir=args.cache_dir)
     model = loaded.model.to(args.device)
     name = args.served_model_name or args.model.split(":", 1)[-1].rstrip("/").split("/")[-1]
     service = TeacherService(model, loaded.tokenizer, model_name=name, max_top_k=args.max_top_k,
@@ -49,7 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("model", help="HF folder, .gguf file, hub id, or builtin:smollm2-135m-instruct")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weights dtype (default bfloat16)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights dtype (auto: bfloat16 where bf16 matmuls are fast, else float32)")
     p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
     p.add_argument("--max-top-k", type=int, default=64, help="largest prompt_logprobs a request may ask (default 64)")
     p.add_argument("--served-model-name", default=None, help="name clients send as `model` (default: from MODEL)")

@@ -100,7 +100,9 @@ class TeacherConfig(Strict):
     source: Literal["online", "store", "remote", "ensemble"] = Field(
         "online", description="online: in-process model; store: precomputed top-k; remote: HTTP; ensemble: several."
     )
-    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Weights dtype of the online teacher.")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="Weights dtype of the online teacher (auto: bfloat16 where bf16 matmuls are fast, else float32)."
+    )
     device: str = Field("cpu", description="Device of the online teacher (may differ from the student's).")
     store: StoreConfig = Field(default_factory=StoreConfig)
     remote: RemoteConfig = Field(default_factory=RemoteConfig)
@@ -208,7 +210,11 @@ class TrainConfig(Strict):
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine/linear floor as a fraction of lr.")
     clip_grad_norm: float | None = Field(1.0, description="Max global gradient norm; null disables clipping.")
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="Autocast dtype (bf16 is 2-3x faster on CPU too).")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="Autocast dtype. auto: bf16 where the hardware has fast bf16 matmuls (CUDA with bf16, "
+        "CPUs with AVX512-BF16/AMX), else fp32. On a CPU without them (e.g. AVX2 only) bf16 is ~10x SLOWER.",
+    )
     device: str = "cpu"
     eval_every: int = Field(0, ge=0, description="Held-out evaluation every n steps (0: only at the end).")
     save_every: int = Field(0, ge=0, description="Checkpoint every n steps (0: only at the end).")

@@ -26,6 +26,7 @@ from stillroom.teachers.factory import build_teacher_source
 from stillroom.teachers.signal import Fingerprint
 from stillroom.train.distributed import Topology, init_topology, shutdown
 from stillroom.train.loop import TrainResult, train
+from stillroom.train.precision import resolve_dtype, resolve_precision
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -52,6 +53,10 @@ def run_dir_for(cfg: RunConfig) -> Path:
 
 def prepare(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Prepared:
     topology = init_topology(cfg.train.device)
+    # Resolve `auto` once; the resolved values are what config.resolved.yaml records.
+    cfg.train.precision = resolve_precision(cfg.train.precision, cfg.train.device)
+    cfg.teacher.dtype = resolve_dtype(cfg.teacher.dtype, cfg.teacher.device)
+    log(f"precision: train {cfg.train.precision}, teacher weights {cfg.teacher.dtype}")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
