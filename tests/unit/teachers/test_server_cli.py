@@ -25,7 +25,7 @@ def teacher_dir(tmp_path_factory):
 
 def test_defaults_bind_loopback():
     args = build_parser().parse_args(["serve-teacher", "builtin:smollm2-135m-instruct"])
-    assert (args.host, args.port, args.dtype, args.max_top_k) == ("127.0.0.1", 8000, "bfloat16", 64)
+    assert (args.host, args.port, args.dtype, args.max_top_k) == ("127.0.0.1", 8000, "auto", 64)
     assert args.func is serve_commands.cmd_serve_teacher
 
 
