@@ -1,7 +1,8 @@
 """Cost of one distillation step relative to one cross-entropy step of the same student.
 
 Teacher: SmolLM2-135M-Instruct (30 layers). Student: 10 layers derived from it.
-Batch: 4 x 256 tokens of bundled prose, bf16 autocast, AdamW step included.
+Batch: 4 x 256 tokens of bundled prose, AdamW step included, in the precision
+``auto`` picks (bf16 where bf16 matmuls are fast, else fp32).
 Variants are timed interleaved (A B C A B C ...) in one process so that machine
 noise hits all of them alike; the table reports medians and ratios to CE.
 
@@ -24,6 +25,7 @@ from stillroom.losses import LossMix
 from stillroom.models import derive_student, load_model, output_head
 from stillroom.teachers.online import OnlineTeacher
 from stillroom.train.loop import StudentForward, _SlicedHead, forward_backward
+from stillroom.train.precision import resolve_precision
 from stillroom.train.schedule import build_optimizer
 
 
@@ -34,8 +36,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--out", default=None, help="also write the measurements as JSON here")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     args = ap.parse_args()
     torch.manual_seed(0)
+    precision = resolve_precision(args.precision, "cpu")
+    teacher_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     teacher_loaded = load_model(ModelSource(builtin="smollm2-135m-instruct"), dtype=torch.float32)
     tok = teacher_loaded.tokenizer
@@ -43,7 +48,7 @@ def main() -> None:
     batch = collate(splits.train[: args.batch], tok.pad_token_id)
     student, kept = derive_student(teacher_loaded.model, LayerSelection(strategy="every_n", every_n=3))
     student = student.float()
-    teacher_model = teacher_loaded.model.to(torch.bfloat16).eval()
+    teacher_model = teacher_loaded.model.to(teacher_dtype).eval()
     vocab = len(tok)
     teacher = OnlineTeacher(teacher_model, vocab_size=vocab)
     tc = TrainConfig(steps=1000, warmup_steps=0)
@@ -63,7 +68,7 @@ def main() -> None:
         def step():
             student.train()
             forward_backward([batch], forward=forward, head=head, mix=mix, teacher=src, device=torch.device("cpu"),
-                             precision="bf16", scale=1.0 / batch.num_targets)
+                             precision=precision, scale=1.0 / batch.num_targets)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -100,7 +105,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["ce (student only)"]
-    print(f"teacher SmolLM2-135M-Instruct (30 layers), student layers {kept}, batch {args.batch}x{args.seq}, bf16, "
+    print(f"teacher SmolLM2-135M-Instruct (30 layers), student layers {kept}, batch {args.batch}x{args.seq}, {precision}, "
           f"{torch.get_num_threads()} threads, {args.reps} interleaved reps\n")
     print("| step | median s | min s | max s | ratio to CE step |")
     print("|---|---|---|---|---|")
