@@ -77,3 +77,26 @@ def test_onpolicy_with_a_store_teacher_is_refused_before_training(recipe_factory
     proc = stillroom("run", str(recipe), "name=store", *NO_EVAL, check=False)
     assert proc.returncode == 1
     assert "precomputed teacher store" in proc.stderr
+
+
+def test_draft_pipeline_target_data_then_kd(recipe_factory, tiny_teacher_dir, tmp_path):
+    """`python -m stillroom.methods.draft` writes target completions; a draft recipe trains on them."""
+    import subprocess
+    import sys
+
+    chat = _chat_data(tmp_path)["sources"][0]["path"]
+    out = tmp_path / "draft" / "target_data.jsonl"
+    cmd = [sys.executable, "-m", "stillroom.methods.draft", "--target", str(tiny_teacher_dir), "--data", chat,
+           "--prompts", "24", "--max-new-tokens", "12", "--batch-size", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "prompt/completion records" in proc.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) >= 12 and all(r["prompt"].endswith("<|im_start|>assistant\n") for r in rows)
+    recipe = recipe_factory(
+        data={"sources": [{"path": str(out), "format": "prompt_completion"}], "seq_len": 64,
+              "heldout_fraction": 0.2, "heldout_max": 4},
+        loss={"terms": [{"name": "tvd_pp"}], "chunk_tokens": 64}, train={**TRAIN, "steps": 2, "save_every": 0},
+    )
+    stillroom("run", str(recipe), "name=draft", *NO_EVAL)
+    assert len(_metrics(tmp_path / "runs" / "draft")) == 2
