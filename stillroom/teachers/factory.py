@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from stillroom.config.schema import RunConfig
+from stillroom.config.schema import RunConfig, TeacherConfig
 from stillroom.data.batch import Example
 from stillroom.teachers.signal import Fingerprint
 
@@ -21,6 +21,7 @@ def store_path(cfg: RunConfig) -> Path:
 def build_teacher_source(
     cfg: RunConfig, *, teacher_model: torch.nn.Module | None, vocab_size: int, fingerprint: Fingerprint,
     hidden_layers: list[int], output_device: torch.device | str, train_examples: list[Example] | None = None,
+    attentions: bool = False,
 ):
     """An object with ``.signal(batch) -> TeacherSignal`` for ``cfg.teacher.source``.
 
@@ -30,30 +31,77 @@ def build_teacher_source(
     temperature, log-prob dtype, the fingerprint of ``train_examples``, hidden layers)
     here, before step 0, and a mismatch raises
     :class:`~stillroom.teachers.store_format.StoreMismatch` naming the fields.
+    ``remote``: :class:`~stillroom.teachers.remote.RemoteTeacher` (server checked now).
+    ``ensemble``: :class:`~stillroom.teachers.ensemble.EnsembleTeacher` over
+    ``teacher.ensemble`` members, each built by these same rules.
     """
-    source = cfg.teacher.source
+    common = dict(vocab_size=vocab_size, fingerprint=fingerprint, hidden_layers=hidden_layers,
+                  output_device=output_device, train_examples=train_examples, attentions=attentions)
+    return _build(cfg, cfg.teacher, teacher_model=teacher_model, member=None, **common)
+
+
+def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | None, vocab_size: int,
+           fingerprint: Fingerprint, hidden_layers: list[int], output_device, train_examples, attentions: bool):
+    source = tcfg.source
+    where = "teacher" if member is None else f"teacher.ensemble.{member}"
     if source == "online":
         from stillroom.teachers.online import OnlineTeacher
 
+        if member is not None and tcfg.model != cfg.teacher.model:
+            teacher_model, fingerprint = _load_member(cfg, tcfg, where, fingerprint)
         if teacher_model is None:
-            raise ValueError("teacher.source=online needs the teacher model loaded")
+            raise ValueError(f"{where}.source=online needs the teacher model loaded")
         return OnlineTeacher(teacher_model, vocab_size=vocab_size, fingerprint=fingerprint,
-                             hidden_layers=hidden_layers, output_device=output_device)
+                             hidden_layers=hidden_layers, attentions=attentions, output_device=output_device)
     if source == "store":
         from stillroom.teachers.store_format import data_fingerprint
         from stillroom.teachers.store_reader import StoreReader, StoreTeacher, run_expectation
 
         if train_examples is None:
             raise ValueError("teacher.source=store needs the training examples (to check the store's data fingerprint)")
-        sc = cfg.teacher.store
-        reader = StoreReader(store_path(cfg))
+        sc = tcfg.store
+        if member is not None and not sc.path:
+            raise ValueError(f"{where}.store.path is required for a store member of an ensemble")
+        reader = StoreReader(Path(sc.path).expanduser() if member is not None else store_path(cfg))
+        if member is not None:  # a member store names its own teacher; everything else must match the run
+            identity = (reader.manifest.get("teacher") or {}).get("identity", fingerprint.teacher)
+            fingerprint = Fingerprint(identity, fingerprint.tokenizer_hash, fingerprint.vocab_size)
         expected = run_expectation(fingerprint=fingerprint, data_fingerprint=data_fingerprint(train_examples), k=sc.k,
                                    loss_temperature=cfg.loss.loss_temperature, logprob_dtype=sc.logprob_dtype)
         reader.check_run(expected, hidden_layers=hidden_layers)
         return StoreTeacher(reader, fingerprint=fingerprint, hidden_layers=hidden_layers, output_device=output_device)
-    if source in ("remote", "ensemble"):
-        raise NotImplementedError(
-            f"teacher.source={source} is not wired into training yet; use teacher.source=online, or cache the "
-            "teacher with `stillroom cache-teacher RECIPE` and train with teacher.source=store"
-        )
-    raise ValueError(f"unknown teacher.source {source!r}; valid: online, store, remote, ensemble")
+    if source == "remote":
+        from stillroom.teachers.remote import remote_from_run
+
+        if hidden_layers or attentions:
+            raise ValueError(f"{where}.source=remote gives log-probabilities only; hidden-state and attention "
+                             "loss terms need an online teacher or a store with hidden states")
+        run_cfg = cfg if member is None else cfg.model_copy(update={"teacher": tcfg, "name": f"{cfg.name}/member{member}"})
+        return remote_from_run(run_cfg, vocab_size=vocab_size, fingerprint=fingerprint)
+    if source == "ensemble":
+        from stillroom.teachers.ensemble import ensemble_from_run
+
+        if hidden_layers or attentions:
+            raise ValueError("teacher.source=ensemble averages output distributions; hidden-state and attention "
+                             "terms need a single teacher")
+
+        def build_member(member_cfg: TeacherConfig, index: int):
+            return _build(cfg, member_cfg, teacher_model=teacher_model, member=index, vocab_size=vocab_size,
+                          fingerprint=fingerprint, hidden_layers=[], output_device=output_device,
+                          train_examples=train_examples, attentions=False)
+
+        return ensemble_from_run(tcfg, build_member, vocab_size=vocab_size)
+    raise ValueError(f"unknown {where}.source {source!r}; valid: online, store, remote, ensemble")
+
+
+def _load_member(cfg: RunConfig, tcfg: TeacherConfig, where: str, run_fingerprint: Fingerprint):
+    """Load an online ensemble member that is not the run's teacher; it must share the tokenizer."""
+    from stillroom.models import load_model, tokenizer_hash
+    from stillroom.train.precision import resolve_dtype
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[resolve_dtype(tcfg.dtype, tcfg.device)]
+    loaded = load_model(tcfg.model, dtype=dtype, cache_dir=cfg.cache_dir)
+    if tokenizer_hash(loaded.tokenizer) != run_fingerprint.tokenizer_hash:
+        raise ValueError(f"{where}: this teacher's tokenizer differs from the run's; ensemble members must share it")
+    model = loaded.model.to(tcfg.device).eval()
+    return model, Fingerprint(loaded.identity, run_fingerprint.tokenizer_hash, run_fingerprint.vocab_size)

@@ -136,6 +136,7 @@ def train_student(
         teacher = build_teacher_source(
             cfg, teacher_model=p.teacher_model, vocab_size=p.vocab_size, fingerprint=p.fingerprint,
             hidden_layers=mix.teacher_hidden_layers, output_device=cfg.train.device, train_examples=p.splits.train,
+            attentions=mix.needs_attentions,
         )
     return train(
         cfg, run_dir, model=model, train_examples=p.splits.train, pad_id=p.tokenizer.pad_token_id,

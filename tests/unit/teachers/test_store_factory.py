@@ -50,7 +50,10 @@ def test_store_source_is_built_and_checked(tmp_path, exs):
 def test_default_store_path_and_other_sources(tmp_path):
     cfg = RunConfig.model_validate({"name": "r", "output_dir": str(tmp_path)})
     assert store_path(cfg) == tmp_path / "r" / "teacher_store"
-    for source in ("remote", "ensemble"):
-        cfg = RunConfig.model_validate({"teacher": {"source": source}})
-        with pytest.raises(NotImplementedError, match="cache-teacher"):
-            _build(cfg, [])
+    # Misconfigured remote / ensemble sources fail before step 0 with a message naming the fix.
+    with pytest.raises(Exception, match="url"):
+        _build(RunConfig.model_validate({"teacher": {"source": "remote"}}), [])
+    with pytest.raises(ValueError, match="teacher.ensemble"):
+        _build(RunConfig.model_validate({"teacher": {"source": "ensemble"}}), [])
+    with pytest.raises(ValueError, match="hidden-state"):
+        _build(RunConfig.model_validate({"teacher": {"source": "remote"}}), [], layers=[1])
