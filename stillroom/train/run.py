@@ -112,9 +112,21 @@ def loss_config_for(cfg: RunConfig, method: str) -> LossConfig:
     return cfg.loss
 
 
-def train_student(
-    p: Prepared, model: torch.nn.Module, *, method: str, run_dir: Path, resume: bool, log: Callable[[str], None]
-) -> TrainResult:
+@dataclass
+class Objective:
+    """What one training run optimises and where its teacher signal comes from (built before step 0)."""
+
+    method: str
+    mix: LossMix
+    teacher: object | None
+    prepare_batches: Callable | None
+
+
+def build_objective(
+    p: Prepared, model: torch.nn.Module, *, method: str, run_dir: Path, log: Callable[[str], None]
+) -> Objective:
+    """Loss terms, teacher source and batch preparation for ``method``; every check that can
+    refuse the run (unknown terms, a store that does not match, an unreachable server) happens here."""
     cfg = p.cfg
     student_cfg = getattr(model, "config", None)
     teacher_cfg = getattr(p.teacher_model, "config", None)
@@ -138,10 +150,20 @@ def train_student(
             hidden_layers=mix.teacher_hidden_layers, output_device=cfg.train.device, train_examples=p.splits.train,
             attentions=mix.needs_attentions,
         )
+    return Objective(method, mix, teacher, prepare_batches)
+
+
+def train_student(
+    p: Prepared, model: torch.nn.Module, objective: Objective | None = None, *, run_dir: Path, resume: bool,
+    log: Callable[[str], None], method: str | None = None,
+) -> TrainResult:
+    """Train ``model`` for ``objective`` (built here from ``method`` when not given)."""
+    if objective is None:
+        objective = build_objective(p, model, method=method or p.cfg.method, run_dir=run_dir, log=log)
     return train(
-        cfg, run_dir, model=model, train_examples=p.splits.train, pad_id=p.tokenizer.pad_token_id,
-        vocab_size=p.vocab_size, mix=mix, teacher=teacher, topology=p.topology, resume=resume,
-        evaluate=None, sampler_factory=ExampleSampler, prepare_batches=prepare_batches, log=log,
+        p.cfg, run_dir, model=model, train_examples=p.splits.train, pad_id=p.tokenizer.pad_token_id,
+        vocab_size=p.vocab_size, mix=objective.mix, teacher=objective.teacher, topology=p.topology, resume=resume,
+        evaluate=None, sampler_factory=ExampleSampler, prepare_batches=objective.prepare_batches, log=log,
     )
 
 
@@ -150,6 +172,7 @@ def run(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = pr
     from stillroom.train.evaluation import evaluate_models, write_run_report
 
     p = prepare(cfg, log=log)
+    objective = build_objective(p, p.student, method=cfg.method, run_dir=p.run_dir, log=log)
     initial_state = {k: v.detach().clone() for k, v in p.student.state_dict().items()} if cfg.baseline else None
     models = {}
     if p.topology.is_main:
@@ -157,7 +180,7 @@ def run(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = pr
     p.topology.barrier()
 
     t0 = time.perf_counter()
-    result = train_student(p, p.student, method=cfg.method, run_dir=p.run_dir, resume=resume, log=log)
+    result = train_student(p, p.student, objective, run_dir=p.run_dir, resume=resume, log=log)
     log(f"{cfg.method}: {result.steps} steps, final loss {result.final_loss:.4f}, median step {result.median_step_s:.2f}s")
     runs = {cfg.method: (p.student, result, p.run_dir / "metrics.jsonl", time.perf_counter() - t0)}
 
@@ -165,7 +188,8 @@ def run(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = pr
         baseline_model = copy.deepcopy(p.student)
         baseline_model.load_state_dict(initial_state)
         t0 = time.perf_counter()
-        base_result = train_student(p, baseline_model, method="sft", run_dir=p.run_dir / "baseline", resume=resume, log=log)
+        base_objective = build_objective(p, baseline_model, method="sft", run_dir=p.run_dir / "baseline", log=log)
+        base_result = train_student(p, baseline_model, base_objective, run_dir=p.run_dir / "baseline", resume=resume, log=log)
         log(f"baseline (ce): final loss {base_result.final_loss:.4f}, median step {base_result.median_step_s:.2f}s")
         runs["baseline"] = (baseline_model, base_result, p.run_dir / "baseline" / "metrics.jsonl", time.perf_counter() - t0)
 
