@@ -47,6 +47,7 @@ from typing import Iterable
 import torch
 
 from stillroom.data.batch import Example
+from stillroom.models.builtin import sha256_file  # noqa: F401 (used by the store writer and reader)
 
 FORMAT = "stillroom-teacher-store"
 FORMAT_VERSION = 1
@@ -125,14 +126,6 @@ def parse_identity(identity: str) -> dict:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- manifest
