@@ -94,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after flags (`run R a=1 --resume b=2`): argparse leaves the later ones over.
+    args, extra = parser.parse_known_args(argv)
+    late = [x for x in extra if "=" in x and not x.startswith("-")]
+    if len(late) != len(extra) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(x for x in extra if x not in late) or ' '.join(late)}")
+    if late:
+        args.overrides = list(args.overrides) + late
     from stillroom.config.load import ConfigError
 
     try:
