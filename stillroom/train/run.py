@@ -153,6 +153,21 @@ def build_objective(
     return Objective(method, mix, teacher, prepare_batches)
 
 
+def periodic_evaluation(p: Prepared) -> Callable[[torch.nn.Module], dict]:
+    """Held-out CE, KL to the teacher and top-1 agreement, for ``train.eval_every`` (process 0 only)."""
+    from stillroom.eval import evaluate_lm, teacher_logits_from_model
+    from stillroom.train.evaluation import heldout_batches
+
+    batches = heldout_batches(p)
+    teacher_fn = teacher_logits_from_model(p.teacher_model) if p.teacher_model is not None else None
+
+    def evaluate(model: torch.nn.Module) -> dict:
+        m = evaluate_lm(model, batches, teacher_fn, precision=p.cfg.eval.precision, vocab_size=p.vocab_size)
+        return {k: m[k] for k in ("heldout_ce", "kl_teacher_student", "top1_agreement") if m.get(k) is not None}
+
+    return evaluate
+
+
 def train_student(
     p: Prepared, model: torch.nn.Module, objective: Objective | None = None, *, run_dir: Path, resume: bool,
     log: Callable[[str], None], method: str | None = None,
@@ -163,7 +178,8 @@ def train_student(
     return train(
         p.cfg, run_dir, model=model, train_examples=p.splits.train, pad_id=p.tokenizer.pad_token_id,
         vocab_size=p.vocab_size, mix=objective.mix, teacher=objective.teacher, topology=p.topology, resume=resume,
-        evaluate=None, sampler_factory=ExampleSampler, prepare_batches=objective.prepare_batches, log=log,
+        evaluate=periodic_evaluation(p) if p.cfg.train.eval_every and p.topology.is_main else None,
+        sampler_factory=ExampleSampler, prepare_batches=objective.prepare_batches, log=log,
     )
 
 

@@ -85,3 +85,11 @@ def test_different_tokenizer_is_refused_before_step_0(recipe_factory, tmp_path):
     assert "VocabularyMismatch" in proc.stderr
     assert "step-by-step" in proc.stderr and "sequence-level KD" in proc.stderr
     assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()
+
+
+def test_periodic_evaluation_is_logged(recipe_factory, tmp_path):
+    recipe = recipe_factory(train={"steps": 4, "eval_every": 2, "micro_batch_size": 4, "precision": "fp32", "warmup_steps": 1})
+    stillroom("run", str(recipe), "eval.before=false", "eval.generations=0")
+    rows = [json.loads(l) for l in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert "eval/heldout_ce" in rows[1] and "eval/kl_teacher_student" in rows[1]
+    assert "eval/heldout_ce" not in rows[0]
