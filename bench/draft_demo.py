@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -44,7 +45,12 @@ METHODS = ("ce", "forward_kl", "tvd_pp", "onpolicy")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/draft_demo")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (recorded in the summary)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for data and training (recorded)")
+    p.add_argument("--spec-threads", type=int, default=1,
+                   help="torch threads for speculative decoding (recorded): on a shared machine 2 threads stall on "
+                   "the few-row matmuls of decoding and distort the timings")
+    p.add_argument("--eval-only", action="store_true",
+                   help="skip training: load each method's draft from <out>/<method>/checkpoints (a previous run)")
     p.add_argument("--layers", type=int, default=5, help="draft layers (SmolLM2-135M has 30)")
     p.add_argument("--train-prompts", type=int, default=32)
     p.add_argument("--gen-tokens", type=int, default=48, help="max new tokens of the target's completions")
@@ -91,6 +97,7 @@ def main(argv=None) -> int:
     from stillroom.config.load import load_config
     from stillroom.generate.spec_eval import run_spec_eval
     from stillroom.methods.draft import generate_draft_data, instruction_records
+    from stillroom.train.checkpoint import latest_checkpoint, load_checkpoint
     from stillroom.train.run import prepare, train_student
 
     # ---- 1. target-generated data ------------------------------------------------------------
@@ -114,24 +121,40 @@ def main(argv=None) -> int:
             continue
         run_method, cfg_m = method_config(cfg, method, args)
         model = copy.deepcopy(initial)
-        t0 = time.perf_counter()
-        res = train_student(dataclasses.replace(p, cfg=cfg_m), model, method=run_method, run_dir=out / method,
-                            resume=False, log=print)
+        if args.eval_only:
+            found = latest_checkpoint(out / method / "checkpoints")
+            if found is None:
+                raise FileNotFoundError(f"--eval-only: no checkpoint of {method!r} in {out / method / 'checkpoints'}")
+            model.load_state_dict(load_checkpoint(found)[0])
+        else:
+            train_student(dataclasses.replace(p, cfg=cfg_m), model, method=run_method, run_dir=out / method,
+                          resume=False, log=print)
         rows = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
         train_info[method] = {
-            "seconds": round(time.perf_counter() - t0, 1), "steps": res.steps, "final_loss": res.final_loss,
-            "median_step_s": round(res.median_step_s, 3), "generate_s": round(sum(r["generate_s"] for r in rows), 1),
-            "teacher_s": round(sum(r["teacher_s"] for r in rows), 1), "target_tokens": res.target_tokens,
+            "seconds": round(sum(r["step_s"] for r in rows), 1), "steps": len(rows), "final_loss": rows[-1]["loss"],
+            "median_step_s": round(statistics.median(r["step_s"] for r in rows), 3),
+            "generate_s": round(sum(r["generate_s"] for r in rows), 1),
+            "teacher_s": round(sum(r["teacher_s"] for r in rows), 1), "target_tokens": sum(r["target_tokens"] for r in rows),
         }
         print(f"[{method}] {train_info[method]}", flush=True)
         drafts[method] = model.eval()
 
     # ---- 3. speculative decoding on held-out prompts -----------------------------------------
+    torch.set_num_threads(args.spec_threads)
     eval_records = instruction_records("bundled:instructions", args.eval_prompts, seed=args.seed + 12345)
     prompts = [prompt_of(r, f"eval[{i}]") for i, r in enumerate(eval_records)]
     results = {}
     for method, draft in drafts.items():
         t0 = time.perf_counter()
+        done = out / "spec" / method / "report.json"
+        if args.eval_only and done.exists():  # a previous (interrupted) evaluation finished this draft
+            old = json.loads(done.read_text())
+            same = {"prompts": len(prompts), "gammas": list(args.gamma), "modes": list(args.modes),
+                    "max_new_tokens": args.eval_tokens, "seed": args.seed}
+            if all(old["settings"].get(k) == v for k, v in same.items()):
+                results[method] = old
+                print(f"[{method}] spec-eval reused from {done}", flush=True)
+                continue
         report = run_spec_eval(target, draft, tok, prompts, args.gamma, max_new_tokens=args.eval_tokens,
                                modes=args.modes, seed=args.seed, out_dir=out / "spec" / method)
         results[method] = report
@@ -140,7 +163,7 @@ def main(argv=None) -> int:
             flush=True)
 
     summary = {
-        "settings": {**vars(args), "torch_threads": torch.get_num_threads(), "target": "builtin:smollm2-135m-instruct",
+        "settings": {**vars(args), "torch_threads_train": args.threads, "torch_threads_spec": torch.get_num_threads(), "target": "builtin:smollm2-135m-instruct",
                      "platform": platform.platform(), "torch": torch.__version__},
         "draft_layers": p.kept_layers, "timings": timings, "train": train_info,
         "draft_params": sum(x.numel() for x in initial.parameters()),
@@ -180,7 +203,7 @@ def render(s: dict) -> str:
         f"Draft: {len(s['draft_layers'] or [])} layers {s['draft_layers']} ({s['draft_params']:,} parameters; target "
         f"{s['target_params']:,}). Training: {st['steps']} steps x {st['micro_batch']} sequences (seq_len "
         f"{st['seq_len']}) on {st['train_prompts']} target completions. Eval: {st['eval_prompts']} held-out prompts x "
-        f"{st['eval_tokens']} tokens, torch threads {st['torch_threads']}. Total {s['total_s']:.0f} s.",
+        f"{st['eval_tokens']} tokens, torch threads {st['torch_threads_train']} (training) / {st['torch_threads_spec']} (decoding). Total {s['total_s']:.0f} s.",
         "",
         "| draft | mode | gamma | alpha | tau | tau vs CE | speed-up |",
         "|---|---|---|---|---|---|---|",
