@@ -17,14 +17,15 @@ def heldout_batches(p) -> list:
     return [collate(rows[i : i + bs], p.tokenizer.pad_token_id) for i in range(0, len(rows), bs)]
 
 
-def generation_prompts(p, n: int) -> list:
-    """The first ``n`` held-out sequences' opening tokens, decoded (chat records keep their prompt)."""
+def generation_prompts(p, n: int, text_prompt_tokens: int = 24) -> list:
+    """Prompts from the first ``n`` held-out sequences: the tokens before the first learned
+    token (chat / prompt-completion records), or the first ``text_prompt_tokens`` tokens of
+    plain text (where every token is learned)."""
     prompts = []
     for ex in p.splits.heldout[:n]:
-        first_target = next((i for i, t in enumerate(ex.target) if t and i > 0), None)
-        cut = first_target if first_target is not None and first_target < len(ex.input_ids) - 1 else 24
-        cut = min(cut, 48) if first_target is None else cut
-        prompts.append(p.tokenizer.decode(ex.input_ids[:cut], skip_special_tokens=False))
+        first_target = next((i for i, t in enumerate(ex.target) if t), len(ex.target))
+        cut = first_target if first_target > 1 else text_prompt_tokens
+        prompts.append(p.tokenizer.decode(ex.input_ids[: min(cut, len(ex.input_ids) - 1)], skip_special_tokens=False))
     return prompts
 
 
