@@ -41,16 +41,6 @@ def cmd_run(args) -> int:
 
     cfg = _load(args)
     run_dir = run(cfg, resume=args.resume)
-    print(f"run folder: {run_dir}")
-    return 0
-
-
-def cmd_quickstart(args) -> int:
-    from stillroom.config.load import load_config
-    from stillroom.train.run import run
-
-    cfg = load_config(_recipe_path("quickstart"), args.overrides)
-    run_dir = run(cfg, resume=args.resume)
     print(f"run folder: {run_dir}\nreport: {run_dir / 'report.md'}")
     return 0
 
@@ -84,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="distill SmolLM2-135M-Instruct into a 10-layer student, with a CE baseline")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--resume", action="store_true")
-    p.set_defaults(func=cmd_quickstart, recipe=None)
+    p.set_defaults(func=cmd_run, recipe="quickstart")  # `run` with the shipped quickstart recipe
 
     for module in ("stillroom.cli.teacher_commands", "stillroom.cli.serve_commands", "stillroom.cli.spec_eval",
                    "stillroom.methods.draft"):

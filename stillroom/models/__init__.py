@@ -13,7 +13,7 @@ from stillroom.models.builtin import ensure_builtin
 from stillroom.models.derive import angular_distances, decoder_layers, derive_student, select_layers
 from stillroom.models.errors import LayerSelectionError, ModelLoadError, VocabularyMismatch
 from stillroom.models.load import LoadedModel, load_gguf, load_model, rehome, weight_hash
-from stillroom.models.lora import apply_lora, decoder_body, merge_lora, output_head, unwrap
+from stillroom.models.lora import apply_lora, decoder_body, merge_lora, output_head, unwrap, use_eager_attention
 from stillroom.models.vocab import check_vocab, logit_width, tokenizer_hash
 
 __all__ = [
@@ -37,5 +37,6 @@ __all__ = [
     "select_layers",
     "tokenizer_hash",
     "unwrap",
+    "use_eager_attention",
     "weight_hash",
 ]

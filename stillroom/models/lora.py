@@ -141,3 +141,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             return model.merge_and_unload()
     return model
+
+
+def use_eager_attention(model: nn.Module) -> None:
+    """Attention maps are only returned by the eager implementation (SDPA/flash fuse them away)."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter("eager")
+    else:
+        unwrap(model).config._attn_implementation = "eager"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from stillroom.data.batch import Batch
+from stillroom.models.lora import use_eager_attention
 from stillroom.teachers.signal import Fingerprint, TeacherSignal
 
 
@@ -33,9 +34,7 @@ class OnlineTeacher:
         self.hidden_layers = sorted(set(hidden_layers or []))
         self.attentions = attentions
         if attentions:
-            from stillroom.train.loop import _eager_attention
-
-            _eager_attention(self.model)
+            use_eager_attention(self.model)
         self.output_device = torch.device(output_device)
         self.device = next(model.parameters()).device
 

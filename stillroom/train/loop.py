@@ -28,7 +28,7 @@ import torch
 from stillroom.config.schema import RunConfig
 from stillroom.data.batch import Batch, Example, collate
 from stillroom.losses import LossMix, StudentOutput
-from stillroom.models import decoder_body, output_head
+from stillroom.models import decoder_body, output_head, use_eager_attention
 from stillroom.teachers.signal import TeacherSignal
 from stillroom.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from stillroom.train.distributed import Topology
@@ -107,15 +107,6 @@ class StudentForward(torch.nn.Module):
             for i, a in enumerate(out.attentions):
                 result[f"att_{i}"] = a
         return result
-
-
-def _eager_attention(model: torch.nn.Module) -> None:
-    """Attention maps are only returned by the eager implementation (SDPA/flash fuse them away)."""
-    setter = getattr(model, "set_attn_implementation", None)
-    if setter is not None:
-        setter("eager")
-    else:
-        model.config._attn_implementation = "eager"
 
 
 def _autocast(precision: str, device: torch.device):
@@ -225,7 +216,7 @@ def train(
 
     fused = cfg.loss.fused and mix.needs_logits
     if mix.needs_attentions:
-        _eager_attention(model)
+        use_eager_attention(model)
     forward = StudentForward(model, fused=fused, hidden_layers=mix.student_hidden_layers, vocab=vocab_size,
                              attentions=mix.needs_attentions)
     if topology.enabled:
