@@ -276,14 +276,59 @@ class OnPolicyConfig(Strict):
         return self
 
 
+# ---- method sections (each owned by its module in stillroom/methods/) ----------------------
+
+
+class StepByStepConfig(Strict):
+    """Distilling step-by-step (Hsieh et al. 2023): label and rationale as two prefixed tasks."""
+
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the label task; 1 - alpha on the rationale task.")
+    predict_prefix: str = Field("predict: ", description="Task prefix of the label task (the only one at inference).")
+    explain_prefix: str = Field("explain: ", description="Task prefix of the rationale task.")
+
+
+class RediConfig(Strict):
+    """REDI stage 2 (Xu et al. 2025): length-normalised likelihood up on correct, down on incorrect traces."""
+
+    alpha: float = Field(0.8, ge=0.0, le=1.0, description="Weight of the incorrect-trace term (1 = symmetric, 0 = SFT).")
+
+
+class DdkConfig(Strict):
+    """DDK (Liu et al. 2024): domain sampling weights from student/teacher perplexity ratios."""
+
+    interval_steps: int = Field(50, ge=1, description="K: re-estimate the domain weights every K optimizer steps.")
+    smoothing: float = Field(0.5, ge=0.0, le=1.0, description="alpha of the smoothed update (1 - alpha is spread uniformly).")
+
+
+class ConditionalConfig(Strict):
+    """Conditional training (Korbak et al. 2023): control tokens from a scorer's threshold."""
+
+    aligned_token: str = Field("<|aligned|>", description="Control token for segments the scorer accepts.")
+    misaligned_token: str = Field("<|misaligned|>", description="Control token for the other segments.")
+    drop_token_fraction: float = Field(0.01, ge=0.0, le=1.0, description="Segments left without a control token.")
+
+
+class GenerateConfig(Strict):
+    """`stillroom generate`: ask a teacher for completions, rationales or rewrites of a data set."""
+
+    output: str | None = Field(None, description="Generation store (JSONL, appended as results arrive).")
+
+
+class SelectConfig(Strict):
+    """`stillroom select`: MiniPLM difference sampling (Gu et al. 2025) of a text corpus."""
+
+    fraction: float = Field(0.5, gt=0.0, le=1.0, description="Keep the top fraction of documents by score.")
+    output: str | None = Field(None, description="Where the selected documents are written (JSONL, text only).")
+
+
 class RunConfig(Strict):
     name: str = Field("run", description="Run folder name under `output_dir`.")
     output_dir: str = "runs"
     seed: int = 0
-    method: Literal["kd", "sft", "onpolicy"] = Field(
+    method: Literal["kd", "sft", "onpolicy", "step_by_step", "redi", "ddk", "conditional"] = Field(
         "kd", description="kd: loss terms against the teacher; sft: cross-entropy only, no teacher at training time; "
         "onpolicy: loss terms against the teacher on sequences drawn as `onpolicy` says (student/teacher samples "
-        "or fixed data)."
+        "or fixed data); step_by_step, redi, ddk, conditional: see their sections and docs/METHODS.md."
     )
     baseline: bool = Field(
         False, description="Also train the same student with plain cross-entropy on the same tokens, for the report."
@@ -297,6 +342,12 @@ class RunConfig(Strict):
     onpolicy: OnPolicyConfig = Field(
         default_factory=OnPolicyConfig, description="Sequence sources and sampling of method=onpolicy."
     )
+    step_by_step: StepByStepConfig = Field(default_factory=StepByStepConfig)
+    redi: RediConfig = Field(default_factory=RediConfig)
+    ddk: DdkConfig = Field(default_factory=DdkConfig)
+    conditional: ConditionalConfig = Field(default_factory=ConditionalConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Used by `stillroom generate`.")
+    select: SelectConfig = Field(default_factory=SelectConfig, description="Used by `stillroom select`.")
     cache_dir: str | None = Field(None, description="Model cache (default: $STILLROOM_CACHE or ~/.cache/stillroom).")
 
 

@@ -54,6 +54,12 @@ class Batch:
     n_bytes: torch.Tensor
     """``[B]`` UTF-8 bytes covered by each row's target tokens."""
     domains: list[str | None] = field(default_factory=list)
+    target_weight: torch.Tensor | None = None
+    """Optional ``[B, T]`` float: a per-target-token weight on every logit loss term (``None`` = 1).
+
+    Set by a method's batch preparation (step-by-step's per-task normalisation, REDI's signed,
+    length-normalised pair weights). The loop still divides by the count of target tokens, so a
+    method that wants ``sum(w * l) / N`` to be its objective chooses ``w`` accordingly."""
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -72,6 +78,7 @@ class Batch:
             uids=self.uids,
             n_bytes=self.n_bytes.to(device),
             domains=self.domains,
+            target_weight=None if self.target_weight is None else self.target_weight.to(device),
         )
 
 

@@ -107,8 +107,9 @@ class ChunkContext:
     """
 
     def __init__(self, z_nv: torch.Tensor, teacher: TeacherChunk, target_n: torch.Tensor | None,
-                 loss_temperature: float, dtype: torch.dtype):
+                 loss_temperature: float, dtype: torch.dtype, weight_n: torch.Tensor | None = None):
         self.raw = z_nv
+        self.weight_n = weight_n
         self.teacher = teacher
         self.target_n = target_n
         self.temperature = loss_temperature
@@ -207,6 +208,7 @@ class Plan:
     loss_temperature: float
     chunk: int
     dtype: torch.dtype
+    weight_flat: torch.Tensor | None = None  # [B*T] per-token weights of the rows (None = 1)
 
     def chunks(self):
         for i in range(0, self.rows.numel(), self.chunk):
@@ -214,11 +216,16 @@ class Plan:
 
     def context(self, z: torch.Tensor, rows: torch.Tensor) -> ChunkContext:
         target = self.target_flat[rows] if self.target_flat is not None else None
-        return ChunkContext(z, self.teacher.take(rows), target, self.loss_temperature, self.dtype)
+        weight = self.weight_flat[rows].to(self.dtype) if self.weight_flat is not None else None
+        return ChunkContext(z, self.teacher.take(rows), target, self.loss_temperature, self.dtype, weight)
 
     def evaluate(self, ctx: ChunkContext, stats: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Weighted sum and per-term (scaled, unweighted) sums for one chunk."""
-        parts = [t.scale * t.kernel(ctx, s).sum() for t, s in zip(self.terms, stats)]
+        """Weighted sum and per-term (scaled, unweighted) sums for one chunk; with per-token
+        weights each row's value is multiplied by its weight before the sum."""
+        if ctx.weight_n is None:
+            parts = [t.scale * t.kernel(ctx, s).sum() for t, s in zip(self.terms, stats)]
+        else:
+            parts = [t.scale * (t.kernel(ctx, s) * ctx.weight_n).sum() for t, s in zip(self.terms, stats)]
         total = sum(t.weight * p for t, p in zip(self.terms, parts))
         return total, parts
 

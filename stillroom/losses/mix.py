@@ -103,7 +103,10 @@ class LossMix(torch.nn.Module):
         return out
 
     def forward(self, student: StudentOutput, teacher: TeacherSignal | torch.Tensor | None,
-                target_ids_bt: torch.Tensor, mask_bt: torch.Tensor) -> LossResult:
+                target_ids_bt: torch.Tensor, mask_bt: torch.Tensor,
+                weight_bt: torch.Tensor | None = None) -> LossResult:
+        """``weight_bt`` (``[B, T]`` float, optional): per-token weights on the logit terms
+        (hidden-state and attention terms refuse them)."""
         if self.needs_teacher and teacher is None:
             raise ValueError(f"loss terms {[k for k, s in zip(self.keys, self.specs) if s.uses_teacher]} "
                              "need a teacher signal, got None")
@@ -112,7 +115,7 @@ class LossMix(torch.nn.Module):
         total = torch.zeros((), dtype=torch.float32)
         if self.needs_logits:
             terms = self._logit_terms()
-            common = dict(target_ids=target_ids_bt, loss_temperature=self.cfg.loss_temperature)
+            common = dict(target_ids=target_ids_bt, loss_temperature=self.cfg.loss_temperature, weight_bt=weight_bt)
             if self.cfg.fused and student.hidden_btd is not None and student.head is not None:
                 lt, lparts, _ = run_fused_logit_terms(terms, student.hidden_btd, student.head, teacher, mask_bt,
                                                       chunk_tokens=self.cfg.chunk_tokens, **common)
@@ -127,6 +130,9 @@ class LossMix(torch.nn.Module):
         for i, (key, term, spec) in enumerate(zip(self.keys, self.cfg.terms, self.specs)):
             if spec.kind == "logit":
                 continue
+            if weight_bt is not None:
+                raise ValueError(f"loss term {spec.name!r} does not take per-token weights (the method set "
+                                 "Batch.target_weight); use logit terms only with this method")
             value = self._structural(i, spec, student, teacher, mask_bt)
             total = total + term.weight * value
             parts[key] = float(value.detach())

@@ -125,17 +125,19 @@ def make_logit_term(name: str, params: dict, *, key: str | None = None, weight: 
 
 def run_logit_terms(terms: list[LogitTerm], student_logits: torch.Tensor, teacher: TeacherLike | None,
                     mask: torch.Tensor, *, target_ids: torch.Tensor | None = None, loss_temperature: float = 1.0,
-                    chunk_tokens: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+                    chunk_tokens: int | None = None, weight_bt: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
     """Evaluate several logit terms in one pass over ``student_logits`` ``[B, T, V]``.
 
-    Returns ``(sum_i weight_i * sum_i, [sum_i], count)``; sums are fp32 scalars.
+    Returns ``(sum_i weight_i * sum_i, [sum_i], count)``; sums are fp32 scalars. ``weight_bt``
+    (``[B, T]`` float, optional) multiplies each counted token's value before the sums.
     """
     _check_mask(student_logits, mask)
     vocab = student_logits.shape[-1]
     rows = counted_rows(mask)
     plan = Plan(terms, rows, TeacherRows(teacher, vocab, loss_temperature),
                 target_ids.reshape(-1) if target_ids is not None else None, loss_temperature,
-                chunk_tokens or max(rows.numel(), 1), compute_dtype(student_logits))
+                chunk_tokens or max(rows.numel(), 1), compute_dtype(student_logits), _flat_weight(weight_bt, mask))
     flat = student_logits.reshape(-1, vocab)
     if rows.numel() == 0:
         zero = flat.sum() * 0.0
@@ -146,8 +148,8 @@ def run_logit_terms(terms: list[LogitTerm], student_logits: torch.Tensor, teache
 
 def run_fused_logit_terms(terms: list[LogitTerm], hidden_btd: torch.Tensor, head: torch.nn.Linear,
                           teacher: TeacherLike | None, mask: torch.Tensor, *, target_ids: torch.Tensor | None = None,
-                          loss_temperature: float = 1.0, chunk_tokens: int = 1024
-                          ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+                          loss_temperature: float = 1.0, chunk_tokens: int = 1024,
+                          weight_bt: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], int]:
     """Like :func:`run_logit_terms` but from the last hidden state ``[B, T, D]`` and the output head:
     logits are computed ``chunk_tokens`` rows at a time and never materialised as ``[B, T, V]``."""
     _check_mask(hidden_btd, mask)
@@ -155,13 +157,21 @@ def run_fused_logit_terms(terms: list[LogitTerm], hidden_btd: torch.Tensor, head
     rows = counted_rows(mask)
     plan = Plan(terms, rows, TeacherRows(teacher, vocab, loss_temperature),
                 target_ids.reshape(-1) if target_ids is not None else None, loss_temperature,
-                chunk_tokens, compute_dtype(hidden_btd))
+                chunk_tokens, compute_dtype(hidden_btd), _flat_weight(weight_bt, mask))
     flat = hidden_btd.reshape(-1, hidden_btd.shape[-1])
     if rows.numel() == 0:
         zero = flat.sum() * 0.0 + head.weight.sum() * 0.0
         return zero.to(plan.dtype), [zero.detach().to(plan.dtype) for _ in terms], 0
     total, parts = chunked_loss(plan, flat, head.weight, head.bias)
     return total, parts, int(rows.numel())
+
+
+def _flat_weight(weight_bt: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    if weight_bt is None:
+        return None
+    if tuple(weight_bt.shape) != tuple(mask.shape):
+        raise ValueError(f"token weights of shape {tuple(weight_bt.shape)} do not match the mask's {tuple(mask.shape)}")
+    return weight_bt.reshape(-1)
 
 
 def _check_mask(x: torch.Tensor, mask: torch.Tensor) -> None:

@@ -285,3 +285,12 @@ def build_onpolicy(p: Any, model: torch.nn.Module, *, run_dir: Path, needs_teach
         pad_id=p.tokenizer.pad_token_id, seq_len=cfg.data.seq_len, rank=p.topology.rank,
         log_path=run_dir / "onpolicy.jsonl" if p.topology.is_main else None, log=log if p.topology.is_main else None,
     )
+
+
+def build_hooks(p: Any, model: torch.nn.Module, *, mix: Any, run_dir: Path, log: Callable[[str], None] = print):
+    """``method: onpolicy`` for the training loop: the sampled micro-batches are replaced by on-policy ones."""
+    from stillroom.methods.hooks import MethodHooks
+
+    source = build_onpolicy(p, model, run_dir=run_dir, needs_teacher=mix.needs_teacher,
+                            term_names=[t.name for t in mix.cfg.terms], log=log)
+    return MethodHooks(prepare_batches=source)

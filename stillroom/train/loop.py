@@ -151,7 +151,7 @@ def forward_backward(
                 hidden_states={i: out[f"hs_{i}"] for i in mix.student_hidden_layers},
                 attentions={int(k[4:]): v for k, v in out.items() if k.startswith("att_")},
             )
-            result = mix(student, signal, batch.target_ids, batch.loss_mask)
+            result = mix(student, signal, batch.target_ids, batch.loss_mask, batch.target_weight)
             (result.total * scale).backward()
         loss_sum += float(result.total.detach())
         for k, v in result.parts.items():
@@ -174,6 +174,7 @@ def train(
     evaluate: Callable[[torch.nn.Module], dict] | None = None,
     sampler_factory: Callable[..., object],
     prepare_batches: Callable[[list[Batch], int], list[Batch]] | None = None,
+    method_state: Callable[[], dict] | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.train.steps`` optimizer steps (see the module docstring).
@@ -182,6 +183,7 @@ def train(
     micro-batches (on-policy methods put student generations there); its time is
     logged as ``generate_s``. It must draw randomness only from state it
     checkpoints itself, or from torch's global RNG (which checkpoints restore).
+    ``method_state()``, when given, adds the method's per-step metrics to the record.
     """
     tc = cfg.train
     device = torch.device(tc.device)
@@ -276,12 +278,14 @@ def train(
         }
         record.update({f"loss/{k}": topology.all_reduce_sum(v) / global_targets for k, v in sorted(parts.items())})
         record.update(mix.log_state())
+        if method_state is not None:
+            record.update(method_state())
         if evaluate is not None and tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
             record.update({f"eval/{k}": v for k, v in evaluate(model).items()})
             model.train()
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
             metrics.log(record)
-        progress.update(step + 1, loss, record["tokens_per_s"])
+        progress.update(step + 1, loss, record["tokens_per_s"], gen_s / dt if prepare_batches is not None else None)
         if (tc.save_every and (step + 1) % tc.save_every == 0) or step + 1 == tc.steps:
             if topology.is_main:
                 last_ckpt = save_checkpoint(
@@ -321,21 +325,23 @@ class _Progress:
             self.bar = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-                TextColumn("ETA"), TimeRemainingColumn(), transient=False,
+                TextColumn("{task.fields[gen]}"), TextColumn("ETA"), TimeRemainingColumn(), transient=False,
             )
-            self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
+            self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0, gen="")
             self.bar.start()
 
-    def update(self, step: int, loss: float, tps: float) -> None:
+    def update(self, step: int, loss: float, tps: float, gen_share: float | None = None) -> None:
+        """``gen_share``: fraction of the step spent preparing batches (on-policy generation)."""
         if not self.enabled:
             return
+        gen = "" if gen_share is None else f"generate {100 * gen_share:.0f}% / train {100 * (1 - gen_share):.0f}%"
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=loss, tps=tps)
+            self.bar.update(self.task, completed=step, loss=loss, tps=tps, gen=gen)
             return
         now = time.perf_counter()
         if now - self.last_print > 10 or step == self.total:
             self.last_print = now
-            print(f"step {step}/{self.total} loss {loss:.4f} {tps:.0f} tok/s", flush=True)
+            print(f"step {step}/{self.total} loss {loss:.4f} {tps:.0f} tok/s" + (f" {gen}" if gen else ""), flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

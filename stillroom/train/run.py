@@ -21,6 +21,7 @@ from stillroom.config.load import dump_config
 from stillroom.config.schema import LossConfig, LossTerm, RunConfig
 from stillroom.data import ExampleSampler, build_splits, collate
 from stillroom.losses import LossMix
+from stillroom.methods.hooks import MethodHooks, build_method_hooks
 from stillroom.models import apply_lora, check_vocab, derive_student, load_model, tokenizer_hash
 from stillroom.teachers.factory import build_teacher_source
 from stillroom.teachers.signal import Fingerprint
@@ -119,7 +120,7 @@ class Objective:
     method: str
     mix: LossMix
     teacher: object | None
-    prepare_batches: Callable | None
+    hooks: MethodHooks
 
 
 def build_objective(
@@ -137,12 +138,8 @@ def build_objective(
         student_layers=getattr(student_cfg, "num_hidden_layers", None),
         teacher_layers=getattr(teacher_cfg, "num_hidden_layers", None),
     )
-    prepare_batches = None
-    if method == "onpolicy":  # the method decides where each micro-batch's sequences come from
-        from stillroom.methods.onpolicy import build_onpolicy
-
-        prepare_batches = build_onpolicy(p, model, run_dir=run_dir, needs_teacher=mix.needs_teacher,
-                                         term_names=[t.name for t in mix.cfg.terms], log=log)
+    # The method decides what is sampled and how batches are prepared (stillroom/methods/hooks.py).
+    hooks = build_method_hooks(method, p, model, mix=mix, run_dir=run_dir, log=log)
     teacher = None
     if mix.needs_teacher:
         teacher = build_teacher_source(
@@ -150,7 +147,7 @@ def build_objective(
             hidden_layers=mix.teacher_hidden_layers, output_device=cfg.train.device, train_examples=p.splits.train,
             attentions=mix.needs_attentions,
         )
-    return Objective(method, mix, teacher, prepare_batches)
+    return Objective(method, mix, teacher, hooks)
 
 
 def periodic_evaluation(p: Prepared) -> Callable[[torch.nn.Module], dict]:
@@ -175,11 +172,14 @@ def train_student(
     """Train ``model`` for ``objective`` (built here from ``method`` when not given)."""
     if objective is None:
         objective = build_objective(p, model, method=method or p.cfg.method, run_dir=run_dir, log=log)
+    hooks = objective.hooks
     return train(
-        p.cfg, run_dir, model=model, train_examples=p.splits.train, pad_id=p.tokenizer.pad_token_id,
+        p.cfg, run_dir, model=model, train_examples=hooks.train_examples if hooks.train_examples is not None
+        else p.splits.train, pad_id=p.tokenizer.pad_token_id,
         vocab_size=p.vocab_size, mix=objective.mix, teacher=objective.teacher, topology=p.topology, resume=resume,
         evaluate=periodic_evaluation(p) if p.cfg.train.eval_every and p.topology.is_main else None,
-        sampler_factory=ExampleSampler, prepare_batches=objective.prepare_batches, log=log,
+        sampler_factory=hooks.sampler_factory or ExampleSampler, prepare_batches=hooks.prepare_batches,
+        method_state=hooks.log_state, log=log,
     )
 
 
