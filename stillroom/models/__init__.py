@@ -10,7 +10,7 @@ Public API:
 """
 
 from stillroom.models.builtin import ensure_builtin
-from stillroom.models.derive import angular_distances, decoder_layers, derive_student, select_layers
+from stillroom.models.derive import angular_distances, decoder_layers, derive_student, select_layers, student_from_config
 from stillroom.models.errors import LayerSelectionError, ModelLoadError, VocabularyMismatch
 from stillroom.models.load import LoadedModel, load_gguf, load_model, rehome, weight_hash
 from stillroom.models.lora import apply_lora, decoder_body, merge_lora, output_head, unwrap, use_eager_attention
@@ -27,6 +27,7 @@ __all__ = [
     "decoder_body",
     "decoder_layers",
     "derive_student",
+    "student_from_config",
     "ensure_builtin",
     "load_gguf",
     "load_model",

@@ -191,3 +191,34 @@ def derive_student(
     if hasattr(cfg, "dtype"):
         cfg.dtype = torch.float32
     return student, keep
+
+
+def student_from_config(teacher: torch.nn.Module, changes: dict, *, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised model of the teacher's class, from the teacher's config with ``changes``.
+
+    The vocabulary size, special token ids and tokenizer stay the teacher's (required for
+    distillation and speculative decoding); ``changes`` may not alter ``vocab_size``. Unknown
+    config keys are refused, naming the valid ones nearest in spelling. ``layer_types`` (a
+    per-layer list in recent configs) is resized to the new depth.
+    """
+    import difflib
+
+    cfg = copy.deepcopy(teacher.config)
+    known = set(cfg.to_dict())
+    for key, value in changes.items():
+        if key == "vocab_size":
+            raise ValueError("student.from_config cannot change vocab_size: the student shares the teacher's tokenizer")
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=3)
+            raise ValueError(f"student.from_config.{key}: not a field of the teacher's {type(cfg).__name__}"
+                             + (f"; did you mean {', '.join(near)}?" if near else ""))
+        setattr(cfg, key, value)
+    if getattr(cfg, "layer_types", None) is not None and len(cfg.layer_types) != cfg.num_hidden_layers:
+        cfg.layer_types = [cfg.layer_types[0]] * cfg.num_hidden_layers
+    if hasattr(cfg, "head_dim") and "head_dim" not in changes and ("hidden_size" in changes or "num_attention_heads" in changes):
+        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    if getattr(cfg, "quantization_config", None) is not None:
+        del cfg.quantization_config
+    torch.manual_seed(seed)
+    model = type(teacher)(cfg)
+    return model.float()

@@ -85,6 +85,14 @@ def prepare(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Prepared:
         student_loaded = load_model(cfg.student.model, dtype=DTYPES[cfg.student.dtype], cache_dir=cfg.cache_dir)
         student = student_loaded.model
         student_tok = student_loaded.tokenizer
+    elif cfg.student.from_config is not None:
+        from stillroom.models import student_from_config
+
+        student = student_from_config(teacher_model, cfg.student.from_config, seed=cfg.seed).to(DTYPES[cfg.student.dtype])
+        student_tok = tokenizer
+        n_params = sum(x.numel() for x in student.parameters())
+        log(f"student: new {student.config.num_hidden_layers}-layer model from the teacher's config "
+            f"({n_params / 1e6:.1f}M parameters, random init)")
     else:
         sel = cfg.student.from_teacher
         calibration = None

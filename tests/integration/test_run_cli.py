@@ -93,3 +93,12 @@ def test_periodic_evaluation_is_logged(recipe_factory, tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert "eval/heldout_ce" in rows[1] and "eval/kl_teacher_student" in rows[1]
     assert "eval/heldout_ce" not in rows[0]
+
+
+def test_student_from_config_trains_through_the_cli(recipe_factory, tmp_path):
+    recipe = recipe_factory()
+    proc = stillroom("run", str(recipe), "student.from_config={num_hidden_layers: 1, intermediate_size: 16}",
+                     "eval.before=false")
+    assert "new 1-layer model from the teacher's config" in proc.stdout
+    saved = json.loads((tmp_path / "runs" / "tiny" / "student" / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 1 and saved["intermediate_size"] == 16
