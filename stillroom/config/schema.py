@@ -117,6 +117,13 @@ class StudentConfig(Strict):
         default_factory=lambda: LayerSelection(strategy="angular", num_layers=10),
         description="... or derive it from the teacher by keeping some layers (default).",
     )
+    from_config: dict[str, Any] | None = Field(
+        None,
+        description="... or build a randomly initialised student from the teacher's config with these fields "
+        "changed, e.g. {num_hidden_layers: 2, hidden_size: 256, intermediate_size: 768, num_attention_heads: 4, "
+        "num_key_value_heads: 2}; it shares the teacher's tokenizer and vocabulary (a draft for speculative "
+        "decoding pretrained with `method: sft` on text, then distilled).",
+    )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Master weights dtype (training math runs under `train.precision`)."
     )
@@ -125,11 +132,13 @@ class StudentConfig(Strict):
 
     @model_validator(mode="after")
     def _one_origin(self) -> "StudentConfig":
-        if self.model is not None and self.from_teacher is not None:
-            # An explicit model wins; deriving is the default only when nothing is given.
+        if self.model is not None and self.from_config is not None:
+            raise ValueError("student: give `model` or `from_config`, not both")
+        if (self.model is not None or self.from_config is not None) and self.from_teacher is not None:
+            # An explicit model or config wins; deriving is the default only when nothing is given.
             object.__setattr__(self, "from_teacher", None)
-        if self.model is None and self.from_teacher is None:
-            raise ValueError("student needs `model` or `from_teacher`")
+        if self.model is None and self.from_teacher is None and self.from_config is None:
+            raise ValueError("student needs `model`, `from_teacher` or `from_config`")
         return self
 
 
@@ -285,12 +294,46 @@ class StepByStepConfig(Strict):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the label task; 1 - alpha on the rationale task.")
     predict_prefix: str = Field("predict: ", description="Task prefix of the label task (the only one at inference).")
     explain_prefix: str = Field("explain: ", description="Task prefix of the rationale task.")
+    variant: Literal["multi_task", "single_task", "label_only"] = Field(
+        "multi_task",
+        description="multi_task: the paper's two prefixed tasks (predict + explain) per record, weighted by alpha; "
+        "single_task: one target `rationale + single_task_separator + label` after the predict prefix (the paper's "
+        "ablation; the rationale must be generated at test time); label_only: the predict task alone (fine-tuning "
+        "baseline with the same prefix).",
+    )
+    input_field: str | None = Field(
+        None, description="Record field holding the input x (null: the data source's `prompt_field`)."
+    )
+    label_field: str | None = Field(
+        None, description="Record field holding the label (null: the data source's `completion_field`)."
+    )
+    rationale_field: str = Field("rationale", description="Record field holding the teacher's rationale.")
+    single_task_separator: str = Field(
+        " ", description="variant=single_task: text between the rationale and the label in the one target."
+    )
+    drop_empty: bool = Field(
+        True,
+        description="Drop (and count) records whose label or rationale is empty or blank (the paper's parse "
+        "failures, label or rationale = ' '); false: keep them (their target is then little more than EOS).",
+    )
+    task_ce_every: int = Field(
+        0, ge=0, description="Every this many steps, one extra no-grad student forward over the step's batches logs "
+        "step_by_step/ce_predict and step_by_step/ce_explain (mean CE per task; 0: never)."
+    )
 
 
 class RediConfig(Strict):
     """REDI stage 2 (Xu et al. 2025): length-normalised likelihood up on correct, down on incorrect traces."""
 
     alpha: float = Field(0.8, ge=0.0, le=1.0, description="Weight of the incorrect-trace term (1 = symmetric, 0 = SFT).")
+    rejected_field: str = Field(
+        "rejected", description="Record field of the incorrect trace. The prompt and the correct trace are the data "
+        "source's prompt_field and completion_field (set completion_field: chosen for {prompt, chosen, rejected})."
+    )
+    monitor_every: int = Field(
+        1, ge=0, description="Every n steps, a no-grad forward pass over the step's pairs logs redi/logp_chosen and "
+        "redi/logp_rejected (mean log pi(y|x)/|y|; both falling together signals collapse). 0: off."
+    )
 
 
 class DdkConfig(Strict):
@@ -298,6 +341,16 @@ class DdkConfig(Strict):
 
     interval_steps: int = Field(50, ge=1, description="K: re-estimate the domain weights every K optimizer steps.")
     smoothing: float = Field(0.5, ge=0.0, le=1.0, description="alpha of the smoothed update (1 - alpha is spread uniformly).")
+    smoothing_mode: Literal["smooth", "none"] = Field(
+        "smooth",
+        description="smooth: the paper's factor smooth updating r' = alpha * psi/sum(psi) + (1 - alpha)/N with "
+        "psi = r * exp(ratio); none: the paper's 'without factor smoothing' ablation, r' = softmax(ratio) of the "
+        "current estimate only (no history, no floor; `smoothing` is then unused).",
+    )
+    val_max_per_domain: int = Field(
+        500, ge=1, description="At most this many held-out sequences per domain for the perplexity estimates "
+        "(the paper: 500). The held-out split is capped first by data.heldout_max: raise it for DDK."
+    )
 
 
 class ConditionalConfig(Strict):
@@ -306,12 +359,113 @@ class ConditionalConfig(Strict):
     aligned_token: str = Field("<|aligned|>", description="Control token for segments the scorer accepts.")
     misaligned_token: str = Field("<|misaligned|>", description="Control token for the other segments.")
     drop_token_fraction: float = Field(0.01, ge=0.0, le=1.0, description="Segments left without a control token.")
+    scorer: str = Field(
+        "stillroom.methods.conditional:bad_word_score",
+        description="Misalignment scorer 'package.module:function', called as fn(segment: str) -> float "
+        "(imported, never eval'd; higher = worse).",
+    )
+    threshold: float = Field(
+        0.0, description="A segment with score <= threshold gets aligned_token, otherwise misaligned_token."
+    )
+    splitter: str = Field(
+        r"(?<=[.!?])\s+",
+        description="Regex whose matches end a segment (the match stays with the segment before it). "
+        "Default: sentences.",
+    )
+
+
+class GenerateInput(Strict):
+    """Problems made on the fly instead of a file (`generate.input: {bundled: arithmetic, n: 200}`)."""
+
+    bundled: Literal["arithmetic"] = Field("arithmetic", description="Generator (stillroom.data.arithmetic).")
+    n: int = Field(200, ge=1, description="How many problems.")
+    seed: int = Field(0, description="Seed of the problem generator (not of sampling).")
+    levels: list[int] = Field(default_factory=lambda: [1, 2, 3], description="Difficulty levels (1, 2, 3) to cycle.")
+
+
+class GenerateExport(Strict):
+    """Write a training file from the generation store (after generating, or with `--export-only`)."""
+
+    path: str | None = Field(None, description="Training JSONL to write (replaced atomically); unset: no export.")
+    format: Literal["prompt_completion", "messages", "rationale"] | None = Field(
+        None, description="prompt_completion: {prompt, completion}; messages: one user + one assistant turn; "
+        "rationale: {input, rationale, label, answer} for step_by_step. Default: rationale when "
+        "mode=rationale, else prompt_completion.",
+    )
+    prompt_template: str = Field(
+        "{question}", description="What the student sees (str.format over the input record's fields)."
+    )
+    keep: Literal["all", "verified", "first_verified"] = Field(
+        "all", description="all: every usable sample; verified: samples the verifier accepts; first_verified: the "
+        "lowest-index accepted sample per prompt (verified and first_verified need generate.verifier).",
+    )
+    fallback_to_original: bool = Field(
+        False, description="When no sample of a prompt is kept (failed verifier, malformed), keep the record's "
+        "original target `original_field` once instead (self-data distillation).",
+    )
+    original_field: str = Field("completion", description="Input record field with the original target.")
+    answer_trigger: str = Field(
+        "The answer is", description="mode=rationale: the text before it is the rationale, after it the label."
+    )
+    cut_at: str | None = Field(
+        "Q:", description="mode=rationale: drop the teacher text from this marker on (the next few-shot item)."
+    )
+    label_type: Literal["llm", "gt"] = Field(
+        "llm", description="mode=rationale: label from the teacher's text (llm) or the record's `answer_field` (gt)."
+    )
+    drop_parse_failures: bool = Field(
+        False, description="mode=rationale: drop samples without the answer trigger (they are always counted; the "
+        "reference code keeps them with label ' ').",
+    )
 
 
 class GenerateConfig(Strict):
     """`stillroom generate`: ask a teacher for completions, rationales or rewrites of a data set."""
 
-    output: str | None = Field(None, description="Generation store (JSONL, appended as results arrive).")
+    input: str | GenerateInput | None = Field(
+        None, description="JSONL/JSON/parquet file of records, or {bundled: arithmetic, n, seed, levels}."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first `limit` input records.")
+    id_field: str = Field("id", description="Record field with the unique prompt id (the resume key).")
+    template: str | None = Field(
+        None, description="Prompt sent to the teacher: str.format over the record's fields, e.g. '{question}'. "
+        "In rewrite mode it also sees the original target, e.g. '{question} ... {completion}'.",
+    )
+    mode: Literal["completion", "rationale", "rewrite"] = Field(
+        "completion", description="completion: answer the prompt; rationale: chain of thought parsed into "
+        "rationale + label at export; rewrite: restate the record's original target (self-data distillation).",
+    )
+    n_samples: int = Field(1, ge=1, description="Samples per prompt.")
+    sampling_temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy, n_samples=1).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus (top-p) of the sampling.")
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens generated per sample.")
+    batch_size: int = Field(8, ge=1, description="Prompts per teacher call (one durable store append per batch).")
+    seed: int = Field(0, description="Sampling seed (each batch is seeded from it and its prompts).")
+    chat: bool | None = Field(
+        None, description="Send each prompt as one user chat turn (local: the tokenizer's chat template; remote: "
+        "/chat/completions). Default: local when the tokenizer has a chat template; remote always.",
+    )
+    output: str | None = Field(
+        None, description="Generation store (JSONL, appended as results arrive); default "
+        "<output_dir>/<name>/generations.jsonl.",
+    )
+    verifier: str | None = Field(
+        None, description="numeric | string | package.module:function (fn(text, record) -> bool); checks samples "
+        "against `answer_field` for the summary and `export.keep`.",
+    )
+    answer_field: str = Field("answer", description="Record field with the reference answer (for the verifier).")
+    on_error: Literal["record", "raise"] = Field(
+        "record", description="A failed teacher call: record (retry prompt by prompt, store what still fails as "
+        "error records) or raise (stop; a rerun resumes). Malformed outputs are always stored and counted.",
+    )
+    max_failed_calls_in_a_row: int = Field(
+        8, ge=1, description="on_error=record: stop after this many failed teacher calls in a row (the teacher is "
+        "down, not one prompt bad); the unfinished batch is not stored, so a rerun retries it.",
+    )
+    allow_mixed_settings: bool = Field(
+        False, description="Allow appending to a store written by another teacher or with other settings."
+    )
+    export: GenerateExport = Field(default_factory=GenerateExport, description="Training file written from the store.")
 
 
 class SelectConfig(Strict):
@@ -319,6 +473,22 @@ class SelectConfig(Strict):
 
     fraction: float = Field(0.5, gt=0.0, le=1.0, description="Keep the top fraction of documents by score.")
     output: str | None = Field(None, description="Where the selected documents are written (JSONL, text only).")
+    reference: ModelSource | None = Field(
+        None,
+        description="The small reference LM (score = NLL_ref - NLL_teacher). Must share the teacher's tokenizer, "
+        "and should be weak or trained on data disjoint from the scored corpus. Required by `stillroom select`.",
+    )
+    batch_size: int = Field(8, ge=1, description="Instances per no-grad scoring forward pass.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "fp32",
+        description="Autocast dtype of the scoring passes (auto: bf16 only where bf16 matmuls are fast). "
+        "fp32 gives exact NLLs; bf16 rounding can reorder near-tied instances.",
+    )
+    resume: bool = Field(
+        True,
+        description="Reuse the scores of an interrupted run (<output>.scores.partial.jsonl, appended per batch) "
+        "when its teacher, reference and data fingerprint match.",
+    )
 
 
 class RunConfig(Strict):
