@@ -45,6 +45,10 @@ CompleteFn = Callable[[list[str], int], list[list[str]]]
 CheckFn = Callable[[str, dict], "str | None"]
 
 
+class TeacherDownError(RuntimeError):
+    """Too many teacher calls failed in a row; the store keeps what finished, a rerun resumes."""
+
+
 def render_prompts(items: Sequence[dict], template: str, *, id_field: str = "id") -> list[tuple[str, str]]:
     """``[(prompt_id, template.format(**item)), ...]``; fails before any generation on bad items.
 
@@ -92,6 +96,7 @@ def generate_with(
     on_error: Literal["raise", "record"] = "raise",
     id_field: str = "id",
     allow_mixed_settings: bool = False,
+    max_failed_calls_in_a_row: int | None = None,
 ) -> dict:
     """Generate ``n_samples`` per item with ``complete_fn`` into ``store``; returns stats.
 
@@ -99,6 +104,11 @@ def generate_with(
     already holds records from another teacher or other settings, this raises
     unless ``allow_mixed_settings``. ``check(text, item)`` returns an error
     message for a malformed output (stored with ``error``) or None.
+
+    ``max_failed_calls_in_a_row`` (with ``on_error="record"``): raise
+    :class:`TeacherDownError` once that many ``complete_fn`` calls in a row
+    have raised (a dead teacher, not one bad prompt); the batch in progress is
+    not stored, so a rerun asks for it again. None: never.
 
     Stats: ``prompts``, ``samples_expected``, ``samples_skipped`` (already
     stored), ``samples_written``, ``errors`` (error records written now),
@@ -158,20 +168,35 @@ def generate_with(
                 recs.append(record(pid, s, text, problem))
         return recs
 
+    failed_in_a_row = 0
+
+    def failed(e: Exception) -> None:
+        nonlocal failed_in_a_row
+        failed_in_a_row += 1
+        if max_failed_calls_in_a_row is not None and failed_in_a_row >= max_failed_calls_in_a_row:
+            raise TeacherDownError(
+                f"the teacher failed {failed_in_a_row} calls in a row (last: {type(e).__name__}: {e}); stopping. "
+                f"{store.path} keeps every finished batch; fix the teacher and rerun to resume"
+            ) from e
+
     for start in range(0, len(pending), batch_size):
         chunk = pending[start:start + batch_size]
         prompts = [p for _, p, _ in chunk]
         try:
             recs = outputs_to_records(chunk, complete_fn(prompts, n_samples))
+            failed_in_a_row = 0
         except Exception as e:
             if on_error == "raise":
                 raise
+            failed(e)
             log.warning("teacher call failed for a batch of %d prompts (%s); retrying one by one", len(chunk), e)
             recs = []
             for one in chunk:
                 try:
                     recs += outputs_to_records([one], complete_fn([one[1]], n_samples))
+                    failed_in_a_row = 0
                 except Exception as e1:
+                    failed(e1)
                     recs += [record(one[0], s, None, f"teacher call failed: {type(e1).__name__}: {e1}")
                              for s in one[2]]
         written = store.append(recs)
