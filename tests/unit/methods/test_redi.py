@@ -1,0 +1,247 @@
+"""REDI (method: redi): the weighted CE equals the REDI objective, pairs stay together, refusals,
+a CLI run on tiny models, the recipes, and D_SFT / D_Pref construction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stillroom.config.schema import LossConfig, LossTerm, RunConfig
+from stillroom.data.batch import Example, collate
+from stillroom.losses import LossMix
+from stillroom.methods.redi import (
+    PairSampler, RediBatches, build_preference_data, check_redi_run, normalised_logps, preference_data_from_store,
+    redi_weights,
+)
+from stillroom.train.distributed import Topology
+from stillroom.train.loop import StudentForward, _SlicedHead, forward_backward
+from stillroom.models import output_head
+
+V = 23
+
+
+def _model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def _pair(i, prompt_len, chosen_len, rejected_len, seed):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(2, V, (prompt_len,), generator=g).tolist()
+    out = []
+    for role, n in (("chosen", chosen_len), ("rejected", rejected_len)):
+        resp = torch.randint(2, V, (n,), generator=g).tolist()
+        out.append(Example(prompt + resp, [False] * prompt_len + [True] * n, uid=f"src:{i}|{role}"))
+    return out
+
+
+def _hand_objective(model, pairs, alpha):
+    """Mean over pairs of -log pi(y_w|x)/|y_w| + alpha log pi(y_l|x)/|y_l|, straight from the logits."""
+    total = 0.0
+    for chosen, rejected in pairs:
+        terms = []
+        for ex in (chosen, rejected):
+            ids = torch.tensor([ex.input_ids])
+            logp = torch.log_softmax(model(input_ids=ids).logits.float()[0], dim=-1)
+            resp = [t for t in range(1, len(ex.input_ids)) if ex.target[t]]
+            terms.append(sum(logp[t - 1, ex.input_ids[t]] for t in resp) / len(resp))
+        total = total + (-terms[0] + alpha * terms[1])
+    return total / len(pairs)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.8, 1.0])
+@pytest.mark.parametrize("shape", ["one_pair", "three_pairs_one_micro", "three_pairs_two_micro"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_weighted_ce_is_the_redi_objective(alpha, shape, fused):
+    model = _model()
+    specs = [(3, 4, 7), (2, 9, 2), (5, 1, 5)]  # prompt, chosen and rejected lengths differ
+    n_pairs = 1 if shape == "one_pair" else 3
+    pairs = [tuple(_pair(i, *specs[i], seed=10 + i)) for i in range(n_pairs)]
+    flat = [e for p in pairs for e in p]
+    micro = [collate(flat, 0)] if shape != "three_pairs_two_micro" else [collate(flat[:2], 0), collate(flat[2:], 0)]
+    micro = RediBatches(alpha=alpha, model=model, topology=Topology(), monitor_every=1)(micro, 0)
+    n_targets = sum(b.num_targets for b in micro)
+
+    mix = LossMix(LossConfig(terms=[LossTerm(name="ce")], fused=fused, chunk_tokens=8))
+    fwd = StudentForward(model, fused=fused, hidden_layers=[], vocab=V)
+    head = _SlicedHead(output_head(model), V) if fused else None
+    model.zero_grad()
+    loss_sum, _, _ = forward_backward(micro, forward=fwd, head=head, mix=mix, teacher=None,
+                                      device=torch.device("cpu"), precision="fp32", scale=1.0 / n_targets)
+    grads = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    want = _hand_objective(model, pairs, alpha)
+    want.backward()
+    assert loss_sum / n_targets == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-6)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    if alpha == 0.0 and shape == "one_pair":  # alpha 0 is SFT on the positive: HF's mean token CE
+        c = pairs[0][0]
+        labels = torch.tensor([[-100 if not f else t for t, f in zip(c.input_ids, c.target)]])
+        ref = model(input_ids=torch.tensor([c.input_ids]), labels=labels).loss
+        assert loss_sum / n_targets == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_weights_and_monitor_values():
+    model = _model()
+    pairs = [_pair(0, 3, 4, 2, seed=1), _pair(1, 2, 3, 6, seed=2)]
+    batch = collate([e for p in pairs for e in p], 0)
+    w = redi_weights(batch, alpha=0.5, global_pairs=4, global_targets=30)
+    lengths = batch.loss_mask.sum(1).float()
+    torch.testing.assert_close(w.sum(1), torch.tensor([30 / 4, -0.5 * 30 / 4] * 2))
+    assert (w[~batch.loss_mask] == 0).all() and torch.allclose(w[0][batch.loss_mask[0]], 30 / (4 * lengths[0]))
+    prep = RediBatches(alpha=0.5, model=model, topology=Topology(), monitor_every=2)
+    prep([batch], 0)
+    lp = normalised_logps(model, batch)
+    state = prep.log_state()
+    assert state["redi/logp_chosen"] == pytest.approx(float(lp[0::2].mean()), rel=1e-5)
+    assert state["redi/logp_rejected"] == pytest.approx(float(lp[1::2].mean()), rel=1e-5)
+    assert state["redi/monitor_step"] == 0 and state["redi/pairs"] == 2
+    assert model.training  # the monitor restores the mode
+    prep([batch], 1)  # not a monitor step: last measurement kept
+    assert prep.log_state()["redi/monitor_step"] == 0
+
+
+def test_batches_must_hold_whole_pairs():
+    a, b = _pair(0, 2, 2, 2, seed=0)
+    c, _ = _pair(1, 2, 2, 2, seed=1)
+    with pytest.raises(ValueError, match="not the chosen and rejected"):
+        redi_weights(collate([a, c], 0), alpha=0.8, global_pairs=1, global_targets=4)
+    with pytest.raises(ValueError, match="whole pairs"):
+        redi_weights(collate([a, b, c], 0), alpha=0.8, global_pairs=1, global_targets=4)
+
+
+def test_pair_sampler_keeps_pairs_together_and_resumes():
+    s = PairSampler(n=20, batch_size=4, seed=3)
+    seen = []
+    for _ in range(7):
+        idx = s.next_indices()
+        assert len(idx) == 4 and all(idx[k] % 2 == 0 and idx[k + 1] == idx[k] + 1 for k in (0, 2))
+        seen.append(idx)
+    state = json.loads(json.dumps(s.state_dict()))
+    again = PairSampler(n=20, batch_size=4, seed=3)
+    again.load_state_dict(state)
+    assert again.next_indices() == s.next_indices()
+    ranks = [PairSampler(n=20, batch_size=2, seed=3, rank=r, world_size=2).next_indices() for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(PairSampler(n=20, batch_size=4, seed=3).next_indices())
+    with pytest.raises(ValueError, match="must be even"):
+        PairSampler(n=20, batch_size=3, seed=0)
+
+
+def test_refuses_other_loss_terms_and_odd_batches():
+    cfg = RunConfig(method="redi", loss={"terms": [{"name": "ce"}, {"name": "forward_kl"}]})
+    with pytest.raises(ValueError, match=r"loss.terms are \['ce', 'forward_kl'\]"):
+        check_redi_run(cfg, ["ce", "forward_kl"])
+    with pytest.raises(ValueError, match="exactly one 'ce'"):
+        check_redi_run(cfg, ["forward_kl"])
+    with pytest.raises(ValueError, match="weight must be 1"):
+        check_redi_run(cfg, ["ce"], [0.5])
+    odd = RunConfig(method="redi", train={"micro_batch_size": 3})
+    with pytest.raises(ValueError, match="micro_batch_size=3"):
+        check_redi_run(odd, ["ce"], [1.0])
+
+
+def test_recipes_validate():
+    from stillroom.cli.main import _recipe_path
+    from stillroom.config.load import load_config
+
+    stage1 = load_config(_recipe_path("redi_sft"), [])
+    stage2 = load_config(_recipe_path("redi"), [])
+    assert stage1.method == "sft" and stage2.method == "redi"
+    assert stage2.redi.alpha == 0.8 and [t.name for t in stage2.loss.terms] == ["ce"]
+    assert stage2.data.sources[0].completion_field == "chosen" and stage2.train.micro_batch_size % 2 == 0
+    check_redi_run(stage2, ["ce"], [1.0])
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _pairs_file(tmp_path, tok, n=24):
+    rows = []
+    for i in range(n):
+        a, b = 10 + i, 7 + 2 * i
+        rows.append({"prompt": f"{a} plus {b} is", "chosen": f" {a + b}.", "rejected": f" {a + b + 1 + i % 3} maybe."})
+    path = tmp_path / "pref.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_run_on_tiny_models(tmp_path, tiny_teacher_dir, capsys):
+    import yaml
+
+    from helpers import tiny_tokenizer
+    from stillroom.cli.main import main
+
+    data = _pairs_file(tmp_path, tiny_tokenizer())
+    recipe = {
+        "name": "redi", "output_dir": str(tmp_path / "runs"), "method": "redi",
+        "teacher": {"model": {"path": str(tiny_teacher_dir)}, "dtype": "float32"},
+        "student": {"from_teacher": {"strategy": "every_n", "every_n": 2}},
+        "data": {"sources": [{"path": str(data), "completion_field": "chosen"}], "seq_len": 32,
+                 "heldout_fraction": 0.2, "heldout_max": 4},
+        "redi": {"alpha": 0.8, "monitor_every": 2},
+        "loss": {"terms": [{"name": "ce"}], "chunk_tokens": 64},
+        "train": {"steps": 4, "micro_batch_size": 4, "grad_accum": 2, "precision": "fp32", "warmup_steps": 1,
+                  "lr": 1e-3},
+        "eval": {"heldout_sequences": 4, "batch_size": 4, "generations": 0, "max_new_tokens": 4, "speed_tokens": 64,
+                 "before": False},
+    }
+    path = tmp_path / "redi.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path)]) in (0, None)
+    rows = [json.loads(l) for l in (tmp_path / "runs" / "redi" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert r["redi/pairs"] == 4 and r["redi/logp_chosen"] < 0 and r["redi/logp_rejected"] < 0
+    assert [r["redi/monitor_step"] for r in rows] == [0, 0, 2, 2]
+    # the logged loss is the REDI objective measured before the step's update (monitor steps, same batch)
+    assert rows[0]["loss"] == pytest.approx(rows[0]["redi/objective_before_step"], rel=1e-4, abs=1e-5)
+    assert (tmp_path / "runs" / "redi" / "student" / "config.json").is_file()
+
+    recipe["loss"]["terms"] = [{"name": "forward_kl"}]
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "name=bad"]) not in (0, None)
+    assert "exactly one 'ce' term; loss.terms are ['forward_kl']" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- data
+def test_build_preference_data(tmp_path):
+    from stillroom.methods.genstore import GenerationStore, make_key
+
+    items = [{"id": "p1", "prompt": "1+1=", "answer": 2}, {"id": "p2", "prompt": "2+2=", "answer": 4},
+             {"id": "p3", "prompt": "3+3=", "answer": 6}, {"id": "p4", "prompt": "5+5=", "answer": 10}]
+    texts = {"p1": ["The answer is 3.", "The answer is 2.", "The answer is 2.", "The answer is 5."],
+             "p2": ["The answer is 4.", "4"],                 # correct only
+             "p3": ["The answer is 7.", None]}                # incorrect only, plus an error record
+    records = []
+    for pid, outs in texts.items():
+        for s, t in enumerate(outs):
+            rec = {"key": make_key(pid, s), "prompt_id": pid, "sample_index": s, "teacher": "t", "settings": {},
+                   "text": t}
+            if t is None:
+                rec["error"] = "empty output"
+            records.append(rec)
+    stats = {}
+    sft, pref = build_preference_data(reversed(records), items, "numeric", stats=stats)
+    assert [(r["id"], r["completion"], r["sample_index"]) for r in sft] == [
+        ("p1", "The answer is 2.", 1), ("p2", "The answer is 4.", 0), ("p2", "4", 1)]
+    assert pref == [{"id": "p1", "prompt": "1+1=", "chosen": "The answer is 2.", "rejected": "The answer is 3.",
+                     "chosen_index": 1, "rejected_index": 0}]
+    assert stats["error_records"] == 1 and stats["duplicates"] == 1 and stats["correct"] == 4
+    assert stats["incorrect"] == 3 and stats["pref_rows"] == 1
+
+    with pytest.raises(KeyError, match="'px' is not among the items"):
+        build_preference_data([{**records[0], "prompt_id": "px"}], items, "numeric")
+
+    store = tmp_path / "gen.jsonl"
+    with GenerationStore(store) as s:
+        s.append(records)
+    out = preference_data_from_store(store, items, "numeric", tmp_path / "out")
+    lines = (tmp_path / "out" / "pref.jsonl").read_text().splitlines()
+    assert out["pref_rows"] == 1 and json.loads(lines[0])["chosen"] == "The answer is 2."
+    assert len((tmp_path / "out" / "sft.jsonl").read_text().splitlines()) == 3
