@@ -336,7 +336,7 @@ def build_preference_data(
                 raise KeyError(f"item {i} has no {id_field!r} field; keys: {sorted(item)}")
             by_id[str(item[id_field])] = item
     samples: dict[str, list[tuple[int, str]]] = {}
-    counts = {"records": 0, "error_records": 0, "correct": 0, "incorrect": 0, "duplicates": 0}
+    counts = {"records": 0, "error_records": 0}
     for rec in records:
         counts["records"] += 1
         pid = str(rec["prompt_id"])
@@ -348,16 +348,50 @@ def build_preference_data(
             counts["error_records"] += 1
             continue
         samples.setdefault(pid, []).append((int(rec["sample_index"]), text))
-    sft_rows, pref_rows = [], []
+    judged: dict[str, tuple[str, list[tuple[int, str, bool]]]] = {}
     for pid, item in by_id.items():
-        if pid not in samples:
+        if pid in samples:
+            if prompt_field not in item:
+                raise KeyError(f"item {pid!r} has no {prompt_field!r} field (the prompt text); keys: {sorted(item)}")
+            judged[pid] = (item[prompt_field], [(i, t, bool(verifier(t, item))) for i, t in sorted(samples[pid])])
+    counts["problems"] = len(by_id)
+    return _select(judged, counts, dedupe=dedupe, stats=stats)
+
+
+def preference_data_from_export(rows: Iterable[dict], *, dedupe: bool = True,
+                                stats: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """D_SFT and D_Pref from ``stillroom generate``'s ``prompt_completion`` export with ``keep: all``.
+
+    Each row is ``{prompt, completion, prompt_id, sample_index, source, verified}`` (the export ran the
+    verifier). Same selection as :func:`build_preference_data`. A teacher row with ``verified`` None
+    (no verifier) is an error; ``source: original`` rows (fallbacks, not teacher samples) are skipped.
+    """
+    judged: dict[str, tuple[str, list[tuple[int, str, bool]]]] = {}
+    counts = {"records": 0, "error_records": 0}
+    for n, row in enumerate(rows):
+        counts["records"] += 1
+        if row.get("source", "teacher") != "teacher":
             continue
-        if prompt_field not in item:
-            raise KeyError(f"item {pid!r} has no {prompt_field!r} field (the prompt text); keys: {sorted(item)}")
-        prompt = item[prompt_field]
+        if row.get("verified") is None:
+            raise ValueError(f"export row {n} (prompt_id {row.get('prompt_id')!r}) has no verifier verdict; "
+                             "run `stillroom generate` with generate.verifier set (e.g. numeric)")
+        pid = str(row["prompt_id"])
+        judged.setdefault(pid, (row["prompt"], []))[1].append(
+            (int(row["sample_index"]), row["completion"], bool(row["verified"])))
+    for _, samples in judged.values():
+        samples.sort()
+    counts["problems"] = len(judged)
+    return _select(judged, counts, dedupe=dedupe, stats=stats)
+
+
+def _select(judged: dict[str, tuple[str, list[tuple[int, str, bool]]]], counts: dict, *, dedupe: bool,
+            stats: dict | None) -> tuple[list[dict], list[dict]]:
+    """D_SFT / D_Pref rows from ``{prompt_id: (prompt, [(sample_index, text, correct), ...] sorted)}``."""
+    counts.update(correct=0, incorrect=0, duplicates=0)
+    sft_rows, pref_rows = [], []
+    for pid, (prompt, samples) in judged.items():
         correct, wrong, seen = [], [], set()
-        for idx, text in sorted(samples[pid]):
-            ok = verifier(text, item)
+        for idx, text, ok in samples:
             counts["correct" if ok else "incorrect"] += 1
             if ok:
                 if dedupe and text in seen:
@@ -371,8 +405,7 @@ def build_preference_data(
         if correct and wrong:
             pref_rows.append({"id": pid, "prompt": prompt, "chosen": correct[0][1], "rejected": wrong[0][1],
                               "chosen_index": correct[0][0], "rejected_index": wrong[0][0]})
-    counts.update(problems=len(by_id), problems_with_samples=len(samples), sft_rows=len(sft_rows),
-                  pref_rows=len(pref_rows))
+    counts.update(problems_with_samples=len(judged), sft_rows=len(sft_rows), pref_rows=len(pref_rows))
     if stats is not None:
         stats.update(counts)
     return sft_rows, pref_rows
@@ -408,29 +441,44 @@ def preference_data_from_store(store_path: str | os.PathLike, items: Sequence[di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m stillroom.methods.redi --store GEN.jsonl --items PROBLEMS.jsonl --out DIR``: D_SFT and D_Pref."""
+    """Write D_SFT (sft.jsonl) and D_Pref (pref.jsonl) into --out, from ``stillroom generate``'s export
+    (``--export``, rows with verifier verdicts) or from a generation store and its problems (``--store`` +
+    ``--items``)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m stillroom.methods.redi", description=main.__doc__)
-    ap.add_argument("--store", required=True, help="generation store (JSONL) written by `stillroom generate`")
-    ap.add_argument("--items", required=True, help="JSONL of the problems the generations answer (id, prompt, answer)")
+    ap.add_argument("--export", help="`stillroom generate` export (prompt_completion, keep: all, with a verifier)")
+    ap.add_argument("--store", help="generation store (JSONL) written by `stillroom generate`")
+    ap.add_argument("--items", help="JSONL of the problems the store's generations answer (id, prompt, answer)")
     ap.add_argument("--out", required=True, help="folder for sft.jsonl (D_SFT) and pref.jsonl (D_Pref)")
-    ap.add_argument("--verifier", default="numeric", help="numeric, string or package.module:function")
+    ap.add_argument("--verifier", default="numeric", help="with --store: numeric, string or package.module:function")
     ap.add_argument("--id-field", default="id")
     ap.add_argument("--prompt-field", default="prompt")
     args = ap.parse_args(argv)
-    items = []
-    with open(args.items, encoding="utf-8") as f:
+    if bool(args.export) == bool(args.store) or bool(args.store) != bool(args.items):
+        ap.error("give --export, or --store with --items")
+    if args.export:
+        stats: dict = {}
+        sft_rows, pref_rows = preference_data_from_export(_read_jsonl(args.export), stats=stats)
+        stats["sft_path"] = str(write_jsonl(sft_rows, Path(args.out) / "sft.jsonl"))
+        stats["pref_path"] = str(write_jsonl(pref_rows, Path(args.out) / "pref.jsonl"))
+    else:
+        stats = preference_data_from_store(args.store, _read_jsonl(args.items), args.verifier, args.out,
+                                           id_field=args.id_field, prompt_field=args.prompt_field)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    items.append(json.loads(line))
+                    rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise SystemExit(f"{args.items}:{n}: not valid JSON ({e})") from None
-    stats = preference_data_from_store(args.store, items, args.verifier, args.out, id_field=args.id_field,
-                                       prompt_field=args.prompt_field)
-    print(json.dumps(stats, indent=2))
-    return 0
+                    raise SystemExit(f"{path}:{n}: not valid JSON ({e})") from None
+    return rows
 
 
 if __name__ == "__main__":

@@ -245,3 +245,33 @@ def test_build_preference_data(tmp_path):
     lines = (tmp_path / "out" / "pref.jsonl").read_text().splitlines()
     assert out["pref_rows"] == 1 and json.loads(lines[0])["chosen"] == "The answer is 2."
     assert len((tmp_path / "out" / "sft.jsonl").read_text().splitlines()) == 3
+
+
+def test_preference_data_from_the_generate_export(tmp_path):
+    """The chain of recipe redi_sft: `stillroom generate`'s export (keep: all, numeric verifier) -> D_SFT, D_Pref."""
+    from stillroom.cli.main import _recipe_path
+    from stillroom.config.load import load_config
+    from stillroom.methods.generation_export import export_rows
+    from stillroom.methods.genstore import make_key
+    from stillroom.methods.redi import main as redi_main
+    from stillroom.methods.verifiers import load_verifier
+
+    gcfg = load_config(_recipe_path("redi_sft"), []).generate
+    items = [{"id": "a", "prompt": "Q1\n", "answer": 5}, {"id": "b", "prompt": "Q2\n", "answer": 7}]
+    texts = {"a": ["2 + 3 = 6. The answer is 6.", "2 + 3 = 5. The answer is 5."], "b": ["The answer is 7."]}
+    records = [{"key": make_key(p, s), "prompt_id": p, "sample_index": s, "teacher": "t", "settings": {}, "text": t}
+               for p, outs in texts.items() for s, t in enumerate(outs)]
+    rows, _ = export_rows(items, records, gcfg, load_verifier(gcfg.verifier))
+    export = tmp_path / "all_samples.jsonl"
+    export.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert redi_main(["--export", str(export), "--out", str(tmp_path / "d")]) == 0
+    pref = [json.loads(l) for l in (tmp_path / "d" / "pref.jsonl").read_text().splitlines()]
+    sft = [json.loads(l) for l in (tmp_path / "d" / "sft.jsonl").read_text().splitlines()]
+    assert pref == [{"id": "a", "prompt": "Q1\n", "chosen": "2 + 3 = 5. The answer is 5.",
+                     "rejected": "2 + 3 = 6. The answer is 6.", "chosen_index": 1, "rejected_index": 0}]
+    assert [(r["id"], r["sample_index"]) for r in sft] == [("a", 1), ("b", 0)]
+    unverified = [{**r, "verified": None} for r in rows]
+    with pytest.raises(ValueError, match="generate.verifier"):
+        from stillroom.methods.redi import preference_data_from_export
+
+        preference_data_from_export(unverified)
