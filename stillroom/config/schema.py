@@ -386,7 +386,10 @@ class GenerateInput(Strict):
 class GenerateExport(Strict):
     """Write a training file from the generation store (after generating, or with `--export-only`)."""
 
-    path: str | None = Field(None, description="Training JSONL to write (replaced atomically); unset: no export.")
+    path: str | None = Field(
+        None, description="Training JSONL to write (replaced atomically; {output_dir} and {name} are filled in); "
+        "unset: no export.",
+    )
     format: Literal["prompt_completion", "messages", "rationale"] | None = Field(
         None, description="prompt_completion: {prompt, completion}; messages: one user + one assistant turn; "
         "rationale: {input, rationale, label, answer} for step_by_step. Default: rationale when "
@@ -446,8 +449,8 @@ class GenerateConfig(Strict):
         "/chat/completions). Default: local when the tokenizer has a chat template; remote always.",
     )
     output: str | None = Field(
-        None, description="Generation store (JSONL, appended as results arrive); default "
-        "<output_dir>/<name>/generations.jsonl.",
+        None, description="Generation store (JSONL, appended as results arrive; {output_dir} and {name} are "
+        "filled in); default <output_dir>/<name>/generations.jsonl.",
     )
     verifier: str | None = Field(
         None, description="numeric | string | package.module:function (fn(text, record) -> bool); checks samples "

@@ -129,11 +129,25 @@ def _verifier(gcfg: GenerateConfig):
         raise ConfigError(f"generate.verifier: {e}") from None
 
 
+def _path(cfg: RunConfig, template: str, key: str) -> Path:
+    """A path setting; ``{output_dir}`` and ``{name}`` in it are replaced by the run's."""
+    try:
+        return Path(template.format(output_dir=cfg.output_dir, name=cfg.name)).expanduser()
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{key}={template!r}: only {{output_dir}} and {{name}} may appear in braces ({e!r})") from None
+
+
 def store_path(cfg: RunConfig) -> Path:
     """``generate.output``, or ``<output_dir>/<name>/generations.jsonl``."""
     if cfg.generate.output is not None:
-        return Path(cfg.generate.output).expanduser()
+        return _path(cfg, cfg.generate.output, "generate.output")
     return Path(cfg.output_dir).expanduser() / cfg.name / "generations.jsonl"
+
+
+def export_path(cfg: RunConfig) -> Path | None:
+    """``generate.export.path`` (``{output_dir}``/``{name}`` filled in), or None."""
+    p = cfg.generate.export.path
+    return None if p is None else _path(cfg, p, "generate.export.path")
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -219,6 +233,7 @@ def run_generate(
     _check_inputs(items, gcfg)
     verifier = _verifier(gcfg)
     path = store_path(cfg)
+    out_path = export_path(cfg)
     gen_stats = None
     t0 = time.perf_counter()
     if not export_only:
@@ -247,10 +262,8 @@ def run_generate(
         records = store.read()
         teachers = store.teacher_settings()
     rows, ex_stats = export_rows(items, records, gcfg, verifier)
-    export_path = None
-    if gcfg.export.path is not None:
-        export_path = Path(gcfg.export.path).expanduser()
-        write_jsonl_atomic(export_path, rows)
+    if out_path is not None:
+        write_jsonl_atomic(out_path, rows)
     summary = {
         "store": str(path),
         "mode": gcfg.mode,
@@ -266,8 +279,8 @@ def run_generate(
         "malformed_total": sum(ex_stats["malformed"].values()),
         "verifier": None if verifier is None else {"spec": gcfg.verifier, **ex_stats["verifier"]},
         "rationale_parse": ex_stats["rationale_parse"],
-        "export": None if export_path is None else {
-            "path": str(export_path),
+        "export": None if out_path is None else {
+            "path": str(out_path),
             **{k: ex_stats[k] for k in ("format", "rows", "rows_teacher", "rows_original", "prompts_without_rows",
                                         "dropped_parse_failures")},
             "keep": gcfg.export.keep,

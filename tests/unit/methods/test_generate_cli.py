@@ -434,3 +434,16 @@ def test_sigkill_mid_run_then_rerun_gives_every_sample_exactly_once(tmp_path, fa
     with GenerationStore(store, read_only=True) as s:
         assert s.errors == 0
     assert f"({len(expected) - len(partial)} now, {len(partial)} before)" in rerun_err
+
+
+def test_paths_fill_in_output_dir_and_name_and_refuse_other_braces(tmp_path):
+    from stillroom.config.load import ConfigError
+    from stillroom.methods.generation import export_path, store_path
+
+    cfg = RunConfig.model_validate({"name": "n1", "output_dir": str(tmp_path),
+                                    "generate": {"export": {"path": "{output_dir}/{name}/train.jsonl"}}})
+    assert store_path(cfg) == tmp_path / "n1" / "generations.jsonl"
+    assert export_path(cfg) == tmp_path / "n1" / "train.jsonl"
+    cfg.generate.output = "{output_dir}/{nmae}.jsonl"
+    with pytest.raises(ConfigError, match="generate.output"):
+        store_path(cfg)
