@@ -410,8 +410,9 @@ class GenerateExport(Strict):
     answer_trigger: str = Field(
         "The answer is", description="mode=rationale: the text before it is the rationale, after it the label."
     )
-    cut_at: str | None = Field(
-        "Q:", description="mode=rationale: drop the teacher text from this marker on (the next few-shot item)."
+    cut_at: str | list[str] | None = Field(
+        "Q:", description="mode=rationale: drop the teacher text from the first of these markers on (the next "
+        "few-shot item), e.g. ['Q:', '\\n\\n'].",
     )
     label_type: Literal["llm", "gt"] = Field(
         "llm", description="mode=rationale: label from the teacher's text (llm) or the record's `answer_field` (gt)."

@@ -45,26 +45,30 @@ def error_kind(message: str) -> str:
     return "rejected"
 
 
-def cut_text(text: str, cut_at: str | None) -> str:
-    """``text`` up to the first ``cut_at`` (the start of the next few-shot item), as the reference code does."""
-    return text.split(cut_at, 1)[0] if cut_at else text
+def cut_text(text: str, cut_at: str | list[str] | None) -> str:
+    """``text`` up to the earliest marker of ``cut_at`` (the start of the next few-shot item), as the
+    reference code's ``split("Q:")[0]`` does."""
+    for marker in [cut_at] if isinstance(cut_at, str) else (cut_at or []):
+        if marker:
+            text = text.split(marker, 1)[0]
+    return text
 
 
-def parse_rationale(text: str, trigger: str, cut_at: str | None) -> tuple[str, str, bool]:
+def parse_rationale(text: str, trigger: str, cut_at: str | list[str] | None) -> tuple[str, str, bool]:
     """Split a teacher text into ``(rationale, label, ok)`` (Distilling Step-by-Step's parsing).
 
-    Cut at ``cut_at``; split at the LAST ``trigger`` (case-insensitive): the
-    rationale is the text before it, right-stripped; the label is the text after
-    it, stripped, without a trailing period. No trigger or an empty label is a
+    Cut at ``cut_at``; split at the first ``trigger`` (case-insensitive): the
+    rationale is the text before it, right-stripped; the label is the rest of
+    that line, stripped, without a trailing period (what follows on later lines
+    is the model running on, not the label). No trigger or an empty label is a
     parse failure: ``label = " "`` and the rationale is the whole cut text (or
     ``" "``), so the caller can keep or drop the row.
     """
     body = cut_text(text, cut_at)
-    matches = list(re.finditer(re.escape(trigger), body, re.IGNORECASE)) if trigger else []
-    if matches:
-        last = matches[-1]
-        rationale = body[:last.start()].rstrip()
-        label = body[last.end():].strip()
+    found = re.search(re.escape(trigger), body, re.IGNORECASE) if trigger else None
+    if found:
+        rationale = body[:found.start()].rstrip()
+        label = body[found.end():].split("\n", 1)[0].strip()
         label = label.rstrip(".").strip()
         if label:
             return rationale, label, True
@@ -142,6 +146,8 @@ def export_rows(
             if gcfg.mode == "rationale":
                 text = cut_text(text, ex.cut_at)
                 rationale, label, ok = parse_rationale(text, ex.answer_trigger, None)
+                if ok:  # verify what is exported, not what the model said after the label
+                    text = f"{rationale} {ex.answer_trigger} {label}".lstrip()
                 parse["ok" if ok else "failed"] += 1
                 if not ok and ex.drop_parse_failures:
                     counts["dropped_parse_failures"] += 1

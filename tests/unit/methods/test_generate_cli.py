@@ -160,6 +160,10 @@ def test_parse_rationale_follows_the_reference_rules():
     assert parse_rationale("no trigger here", "The answer is", "Q:") == ("no trigger here", " ", False)
     assert parse_rationale("Steps. The answer is .", "The answer is", None)[2] is False
     assert parse_rationale("Q: junk", "The answer is", "Q:") == (" ", " ", False)
+    # The model running on: the label is the rest of the first trigger's line; markers cut the text.
+    ran_on = "12 - 2 = 10. The answer is 10.\nA: 1 + 1 = 2. The answer is 2."
+    assert parse_rationale(ran_on, "The answer is", None) == ("12 - 2 = 10.", "10", True)
+    assert parse_rationale("a. The answer is 3.\n\nA: Q: b", "The answer is", ["Q:", "\n\n"]) == ("a.", "3", True)
 
 
 def rationale_teacher(prompts: list[str], n: int) -> list[list[str]]:
