@@ -380,16 +380,19 @@ _WORDS = ("the cat dog bird fish tree house river stone light rain wind sun moon
           "sees finds likes keeps makes takes holds moves calls helps near over under with from into").split()
 
 
-def demo_corpus(n_docs: int, seed: int = 0, bad_fraction: float = 0.10) -> list[str]:
+def demo_corpus(n_docs: int, seed: int = 0, bad_fraction: float = 0.10, toxic_doc_fraction: float = 0.10) -> list[str]:
     """Synthetic documents of 4-6 short sentences where about ``bad_fraction`` of sentences contain ``BAD``.
 
-    Misalignment is correlated within a document, as in real data: 20% of documents are
-    "toxic" (each sentence BAD with probability ``min(0.9, 4 * bad_fraction)``) and the other
-    documents' sentences are BAD with the probability that makes the overall rate ``bad_fraction``.
+    Misalignment is correlated within a document, as in real data: a ``toxic_doc_fraction`` of
+    the documents are "toxic" (each sentence BAD with probability
+    ``p_toxic = min(0.9, bad_fraction / toxic_doc_fraction)``), the others' sentences are BAD
+    with the probability that makes the overall rate ``bad_fraction``. Deterministic per seed.
     """
+    if not 0 < toxic_doc_fraction < 1 or not 0 <= bad_fraction <= 1:
+        raise ValueError("demo_corpus: need 0 < toxic_doc_fraction < 1 and 0 <= bad_fraction <= 1")
     gen = torch.Generator().manual_seed(derive_seed("conditional-demo", seed))
-    p_toxic = min(0.9, 4 * bad_fraction)
-    p_clean = max(0.0, (bad_fraction - 0.2 * p_toxic) / 0.8)
+    p_toxic = min(0.9, bad_fraction / toxic_doc_fraction)
+    p_clean = max(0.0, (bad_fraction - toxic_doc_fraction * p_toxic) / (1 - toxic_doc_fraction))
 
     def rand() -> float:
         return float(torch.rand((), generator=gen))
@@ -399,7 +402,7 @@ def demo_corpus(n_docs: int, seed: int = 0, bad_fraction: float = 0.10) -> list[
 
     docs = []
     for _ in range(n_docs):
-        p_bad = p_toxic if rand() < 0.2 else p_clean
+        p_bad = p_toxic if rand() < toxic_doc_fraction else p_clean
         sentences = []
         for _ in range(4 + pick(3)):
             words = [_WORDS[pick(len(_WORDS))] for _ in range(4 + pick(3))]
@@ -443,7 +446,7 @@ def _handle_demo_data(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
-        for doc in demo_corpus(args.docs, args.seed, args.bad_fraction):
+        for doc in demo_corpus(args.docs, args.seed, args.bad_fraction, args.toxic_doc_fraction):
             f.write(json.dumps({"text": doc}) + "\n")
     print(f"wrote {args.docs} documents to {out}")
     return 0
@@ -459,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--docs", type=int, default=2000)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--bad-fraction", type=float, default=0.10)
+    d.add_argument("--toxic-doc-fraction", type=float, default=0.10)
     d.set_defaults(func=_handle_demo_data)
     args = parser.parse_args(argv)
     return args.func(args)
