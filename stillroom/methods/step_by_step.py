@@ -40,7 +40,9 @@ a record left without a target token in one of its sequences is dropped and coun
 
 The run's held-out sequences (what the report and ``train.eval_every`` measure) are
 replaced by the held-out records' *test-time* sequences: the predict sequence
-(``single_task``: the single-task one).
+(``single_task``: the single-task one). The run's training split (``p.splits.train``, which
+``baseline: true`` trains on with ``method: sft``) is replaced by the predict sequences of the
+training records, so the baseline is label-only fine-tuning on the same records, same prefix.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class StepByStepData:
     train: list[Example]
     heldout: list[Example]
     stats: dict = field(default_factory=dict)
+    predict_train: list[Example] = field(default_factory=list)
+    """The predict sequence of every training record used (``label_only``'s data)."""
 
 
 def _field(fields: dict, key: str, setting: str) -> str:
@@ -200,13 +204,16 @@ def build_data(
         sources, cfg, seed=seed, heldout_fraction=heldout_fraction, on_bad_record=on_bad_record)
     builder = SequenceBuilder(tokenizer, cfg, seq_len=seq_len, add_eos=add_eos)
     train: list[Example] = []
+    predict_train: list[Example] = []
     dropped = 0
     for rec in train_recs:
         seqs = builder.tasks(rec, cfg.variant)
-        if seqs is None:
+        pred = seqs if cfg.variant != "single_task" or seqs is None else builder.tasks(rec, "label_only")
+        if seqs is None or pred is None:
             dropped += 1
             continue
         train.extend(seqs)
+        predict_train.append(pred[0])
     test_variant = "single_task" if cfg.variant == "single_task" else "label_only"
     heldout = []
     for rec in sorted(held_recs, key=lambda r: hashlib.sha256(r.uid.encode()).hexdigest()):
@@ -218,7 +225,7 @@ def build_data(
         raise DataError(f"step_by_step: every training record lost its targets to data.seq_len={seq_len}; raise it")
     stats.update(train_records=len(train_recs) - dropped, heldout_records=len(held_recs), dropped_no_targets=dropped,
                  truncated_sequences=builder.truncated, train_sequences=len(train), heldout_sequences=len(heldout))
-    return StepByStepData(train, heldout, stats)
+    return StepByStepData(train, heldout, stats, predict_train)
 
 
 # ---------------------------------------------------------------------------- sampling and weights
@@ -340,12 +347,17 @@ def build_hooks(p: Any, model: torch.nn.Module, *, mix: Any, run_dir: Path, log:
                       seed=cfg.seed, heldout_fraction=cfg.data.heldout_fraction, heldout_max=cfg.data.heldout_max,
                       on_bad_record=cfg.data.on_bad_record)
     names = [t.name for t in mix.cfg.terms]
+    if mix.needs_teacher and cfg.teacher.source == "store":
+        raise ValueError("step_by_step builds its own predict/explain sequences, which a precomputed teacher store "
+                         "does not cover; use teacher.source=online (or remote), or loss.terms=[{name: ce}]")
     log(f"step_by_step: variant {sc.variant}, alpha {sc.alpha}, loss terms {names}; "
         + ", ".join(f"{k}={v}" for k, v in data.stats.items()))
     if any(n != "ce" for n in names):
         log("step_by_step: the task weights multiply every logit loss term, not only ce")
-    # The run's held-out evaluation measures the test-time task (see the module docstring).
+    # The run's held-out evaluation measures the test-time task, and `baseline: true` (method sft on
+    # p.splits.train) becomes label-only fine-tuning on the same records with the same prefix.
     p.splits.heldout = data.heldout
+    p.splits.train = data.predict_train
     if sc.variant != "multi_task":
         return MethodHooks(train_examples=data.train)
     task_ce = task_ce_fn(model, p.vocab_size, p.topology.all_reduce_sum, cfg.train.device) if sc.task_ce_every else None

@@ -70,6 +70,10 @@ def test_variants_single_task_and_label_only(tok, tmp_path):
     assert _text(tok, single.train[2], True) == rec["rationale"] + " So the answer is " + rec["label"]
     label_only = _data(tok, path, variant="label_only")
     assert [e.meta["task"] for e in label_only.train] == ["predict"] * 5
+    # every variant also gives the predict sequences of its records (what `baseline: true` trains on)
+    multi = _data(tok, path)
+    for d in (single, label_only, multi):
+        assert [e.input_ids for e in d.predict_train] == [e.input_ids for e in label_only.train]
 
 
 def test_bad_record_names_file_and_line(tok, tmp_path):
@@ -213,7 +217,7 @@ def test_cli_run_multi_task(tiny_teacher_dir, tmp_path):
     from stillroom.cli.main import main
 
     data = _write(tmp_path, _records(30))
-    rc = main(_cli_args(tmp_path, tiny_teacher_dir, data, "step_by_step.task_ce_every=1"))
+    rc = main(_cli_args(tmp_path, tiny_teacher_dir, data, "step_by_step.task_ce_every=1", "baseline=true"))
     assert rc in (0, None)
     run = tmp_path / "runs" / "sbs"
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -224,7 +228,8 @@ def test_cli_run_multi_task(tiny_teacher_dir, tmp_path):
         # the loop's loss is the objective: alpha * ce_predict + (1 - alpha) * ce_explain at the step's parameters
         expected = 0.5 * r["step_by_step/ce_predict"] + 0.5 * r["step_by_step/ce_explain"]
         assert r["loss"] == pytest.approx(expected, rel=1e-4)
-    assert (run / "report.json").is_file()
+    report = json.loads((run / "report.json").read_text())
+    assert {"student_after", "baseline"} <= set(report)  # baseline: label-only on the same records
 
 
 def test_cli_odd_micro_batch_is_refused(tiny_teacher_dir, tmp_path, capsys):
