@@ -130,6 +130,17 @@ def test_shipped_recipes_validate():
     assert train.method == "sft" and train.data.sources[0].path == sel.select.output
 
 
+def _char_tokenizer(text: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", *sorted(set(text))])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+
+
 def _save(model, tok, folder: Path) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -173,11 +184,9 @@ def test_cli_select_writes_text_that_a_training_recipe_reads(tmp_path, capsys):
     assert all(set(r) == {"text", "instance"} and r["text"].strip() for r in selected)
 
     # A training recipe (miniplm_train) reads the selection, with another tokenizer too (text is portable).
-    from bench.repro.common import char_tokenizer
-
     cfg = load_config(RECIPES / "miniplm_train.yaml", [f"data.sources=[{{path: {out / 'selected.jsonl'}}}]",
                                                        "data.seq_len=16", "data.heldout_fraction=0"])
-    for t in (tok, char_tokenizer([r["text"] for r in rows])):
+    for t in (tok, _char_tokenizer("".join(r["text"] for r in rows))):
         splits = build_splits(cfg.data, t, seed=0)
         assert len(splits.train) > 0
 
@@ -203,3 +212,42 @@ def test_cli_select_refuses_other_tokenizer_and_missing_reference(tmp_path, caps
     assert "different tokenizers" in capsys.readouterr().err
     assert main(["select", recipe, *base, "teacher.model.builtin=null", "select.reference=null"]) == 1
     assert "select.reference is not set" in capsys.readouterr().err
+
+
+def test_interrupted_select_resumes_from_partial_scores(tmp_path, monkeypatch):
+    import stillroom.methods.miniplm as mp
+    from stillroom.config.schema import RunConfig
+
+    tok = tiny_tokenizer(320)
+    teacher = _save(tiny_llama(len(tok), layers=1, hidden=16, seed=0), tok, tmp_path / "teacher")
+    ref = _save(tiny_llama(len(tok), layers=1, hidden=16, seed=1), tok, tmp_path / "ref")
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i} says {i * 3} things"}) + "\n" for i in range(12)))
+    cfg = RunConfig.model_validate({
+        "name": "sel", "output_dir": str(tmp_path / "runs"),
+        "teacher": {"model": {"path": str(teacher)}, "dtype": "float32"},
+        "data": {"sources": [{"path": str(data)}], "seq_len": 64, "pack": False, "heldout_fraction": 0.0},
+        "select": {"reference": {"path": str(ref)}, "batch_size": 4},
+    })
+    clean = mp.run_select(cfg, log=lambda _m: None)
+    expected = clean.scores.read_text()
+    clean.scores.unlink()
+
+    real, calls = mp.instance_nll, []
+
+    def failing(model, batch, precision="fp32"):
+        calls.append(1)
+        if len(calls) == 3:  # teacher + reference of batch 1 done, then the second batch fails
+            raise KeyboardInterrupt
+        return real(model, batch, precision)
+
+    monkeypatch.setattr(mp, "instance_nll", failing)
+    with pytest.raises(KeyboardInterrupt):
+        mp.run_select(cfg, log=lambda _m: None)
+    partial = tmp_path / "runs" / "sel" / "selected.scores.partial.jsonl"
+    assert len(partial.read_text().splitlines()) == 1 + 4  # header + the first batch
+    monkeypatch.setattr(mp, "instance_nll", real)
+    logs = []
+    mp.run_select(cfg, log=logs.append)
+    assert any("resuming, 4 of 12" in m for m in logs)
+    assert clean.scores.read_text() == expected and not partial.exists()
