@@ -415,7 +415,8 @@ class GenerateExport(Strict):
         "few-shot item), e.g. ['Q:', '\\n\\n'].",
     )
     label_type: Literal["llm", "gt"] = Field(
-        "llm", description="mode=rationale: label from the teacher's text (llm) or the record's `answer_field` (gt)."
+        "gt", description="mode=rationale: label from the record's `answer_field` (gt, the reference code's "
+        "default) or from the teacher's text (llm: unlabeled data).",
     )
     drop_parse_failures: bool = Field(
         False, description="mode=rationale: drop samples without the answer trigger (they are always counted; the "

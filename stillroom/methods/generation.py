@@ -108,9 +108,11 @@ def _check_inputs(items: list[dict], gcfg: GenerateConfig) -> None:
         if ex.keep != "all" and gcfg.verifier is None:
             raise ConfigError(f"generate.export.keep={ex.keep} needs generate.verifier (numeric, string or "
                               "package.module:function)")
-        if ex.label_type == "gt" and any(gcfg.answer_field not in it for it in items):
+        rationale = gcfg.mode == "rationale" or ex.format == "rationale"
+        if rationale and ex.label_type == "gt" and any(gcfg.answer_field not in it for it in items):
             raise ConfigError(f"generate.export.label_type=gt needs field {gcfg.answer_field!r} "
-                              "(generate.answer_field) in every record")
+                              "(generate.answer_field) in every record; set generate.export.label_type=llm "
+                              "for unlabeled data")
     if gcfg.verifier in ("numeric", "string"):
         missing = [i for i, it in enumerate(items) if gcfg.answer_field not in it]
         if missing:

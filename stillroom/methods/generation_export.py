@@ -58,7 +58,7 @@ def parse_rationale(text: str, trigger: str, cut_at: str | list[str] | None) -> 
     """Split a teacher text into ``(rationale, label, ok)`` (Distilling Step-by-Step's parsing).
 
     Cut at ``cut_at``; split at the first ``trigger`` (case-insensitive): the
-    rationale is the text before it, right-stripped; the label is the rest of
+    rationale is the text before it, stripped; the label is the rest of
     that line, stripped, without a trailing period (what follows on later lines
     is the model running on, not the label). No trigger or an empty label is a
     parse failure: ``label = " "`` and the rationale is the whole cut text (or
@@ -67,7 +67,7 @@ def parse_rationale(text: str, trigger: str, cut_at: str | list[str] | None) -> 
     body = cut_text(text, cut_at)
     found = re.search(re.escape(trigger), body, re.IGNORECASE) if trigger else None
     if found:
-        rationale = body[:found.start()].rstrip()
+        rationale = body[:found.start()].strip()
         label = body[found.end():].split("\n", 1)[0].strip()
         label = label.rstrip(".").strip()
         if label:

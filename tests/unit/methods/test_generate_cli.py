@@ -186,7 +186,8 @@ def test_rationale_mode_parses_counts_failures_and_exports_step_by_step_rows(tmp
         "name": "gen", "output_dir": str(tmp_path / "runs"),
         "generate": {"input": str(data), "mode": "rationale", "template": "{question}", "n_samples": 2,
                      "batch_size": 4, "verifier": "numeric",
-                     "export": {"path": str(tmp_path / "r.jsonl"), "drop_parse_failures": drop}}})
+                     "export": {"path": str(tmp_path / "r.jsonl"), "drop_parse_failures": drop,
+                                "label_type": "llm"}}})
     s = run_generate(cfg, complete_fn=rationale_teacher, teacher_id="fake", log=lambda m: None)
     # i in {0, 3}: 2 parsed + verified each; i in {1, 4}: 2 parse failures each; i in {2, 5}: 1 empty + 1 parsed wrong.
     assert s["malformed"] == {"empty": 2} and s["malformed_total"] == 2
@@ -266,7 +267,7 @@ def test_a_dead_teacher_stops_after_n_failed_calls_and_stores_nothing_half_done(
     ("generate.mode=paraphrase", "generate.mode"),
     ("generate.export.keep=verified", "needs generate.verifier"),
     ("generate.verifier=nosuchmodule:fn", "nosuchmodule"),
-    ("generate.export.label_type=gt", "needs field 'answer'"),
+    ("generate.mode=rationale", "needs field 'answer'"),  # export.label_type=gt (default)
 ])
 def test_bad_recipe_keys_give_clear_errors_before_any_teacher(tmp_path, capsys, override, needle):
     data = write_jsonl(tmp_path / "data.jsonl", [{"id": "a", "question": "hi"}])
