@@ -323,15 +323,20 @@ def build_hooks(p, model, *, mix, run_dir, log) -> MethodHooks:
 def sample_with_control(
     model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, sampling_temperature: float = 0.7,
     top_p: float = 0.9, seed: int = 0, control: str | None = "aligned", ccfg: ConditionalConfig | None = None,
-    batch_size: int = 32,
+    batch_size: int = 32, ban: str = "both",
 ) -> list[list[int]]:
     """Sampled continuation ids of ``prompts``, each generated after ``EOS [control] prompt``.
 
     ``control``: ``"aligned"`` (the paper's inference), ``"misaligned"``, or ``None`` (no
-    control token: unconditional). Both control tokens are banned from the continuations
-    (``bad_words_ids``) whenever the tokenizer has them. Padding/EOS after a row's end are
-    stripped. Sampling is seeded by ``seed`` without touching the caller's global RNG state.
+    control token: unconditional). ``ban="both"`` (the paper's inference) bans both control
+    tokens from the continuations (``bad_words_ids``) whenever the tokenizer has them;
+    ``ban="misaligned"`` bans only ``<|misaligned|>``, so the model still emits a control token
+    where it learned one belongs (segment starts) and that token is ``<|aligned|>`` (a variant that
+    conditions every segment; not in the paper). Padding/EOS after a row's end are stripped.
+    Sampling is seeded by ``seed`` without touching the caller's global RNG state.
     """
+    if ban not in ("both", "misaligned"):
+        raise ValueError(f"ban must be 'both' or 'misaligned', got {ban!r}")
     ccfg = ccfg or ConditionalConfig()
     if control not in ("aligned", "misaligned", None):
         raise ValueError(f"control must be 'aligned', 'misaligned' or None, got {control!r}")
@@ -340,7 +345,7 @@ def sample_with_control(
     prefix = [tokenizer.eos_token_id]
     if has_tokens or control is not None:
         a, m = control_token_ids(tokenizer, ccfg)  # raises with the fix when the tokens are missing
-        bad = [[a], [m]]
+        bad = [[a], [m]] if ban == "both" else [[m]]
         if control is not None:
             prefix.append(a if control == "aligned" else m)
     eos = tokenizer.eos_token_id

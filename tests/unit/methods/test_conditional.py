@@ -139,6 +139,11 @@ def test_banned_control_tokens_are_never_generated():
     assert isinstance(texts[0], str)
     with pytest.raises(ValueError, match="control"):
         C.sample_with_control(model, tok, ["x"], control="good")
+    # variant: only <|misaligned|> banned, so the (preferred) <|aligned|> may be emitted, <|misaligned|> never
+    rows = C.sample_with_control(model, tok, ["The"] * 4, max_new_tokens=6, seed=0, ban="misaligned")
+    assert all(m not in r for r in rows) and any(a in r for r in rows)
+    with pytest.raises(ValueError, match="ban"):
+        C.sample_with_control(model, tok, ["x"], ban="none")
 
 
 def test_scorer_spec_errors_are_clear(tmp_path, monkeypatch):
