@@ -67,7 +67,7 @@ def _config(name: str, work: Path, teacher: Path, student: Path, data: Path, var
                               "completion_field": "label"}], "seq_len": 48, "heldout_fraction": 0.05,
                  "heldout_max": 4},
         "step_by_step": {"variant": variant, "alpha": 0.5, "single_task_separator": SEP,
-                         "predict_prefix": PREDICT, "explain_prefix": EXPLAIN,
+                         "predict_prefix": PREDICT, "explain_prefix": EXPLAIN, "prompt_suffix": "",
                          "task_ce_every": s["steps"]},  # multi-task: log the label-task CE at the last step
         "loss": {"terms": [{"name": "ce"}], "fused": False},
         "train": {"steps": s["steps"], "micro_batch_size": seqs, "lr": 3e-3, "warmup_steps": 20,

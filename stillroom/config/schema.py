@@ -294,6 +294,10 @@ class StepByStepConfig(Strict):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the label task; 1 - alpha on the rationale task.")
     predict_prefix: str = Field("predict: ", description="Task prefix of the label task (the only one at inference).")
     explain_prefix: str = Field("explain: ", description="Task prefix of the rationale task.")
+    prompt_suffix: str = Field(
+        "\n", description="Text after the input x, ending every prompt (the boundary before the target; a decoder-only "
+        "student needs one). Prompt = prefix + x + prompt_suffix."
+    )
     variant: Literal["multi_task", "single_task", "label_only"] = Field(
         "multi_task",
         description="multi_task: the paper's two prefixed tasks (predict + explain) per record, weighted by alpha; "

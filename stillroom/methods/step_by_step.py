@@ -5,8 +5,8 @@ rationale. With ``step_by_step.variant``:
 
 * ``multi_task`` (the paper): two sequences per record sharing ``x``,
 
-  - predict: prompt ``predict_prefix + x``, target ``label``;
-  - explain: prompt ``explain_prefix + x``, target ``rationale``;
+  - predict: prompt ``predict_prefix + x + prompt_suffix``, target ``label``;
+  - explain: prompt ``explain_prefix + x + prompt_suffix``, target ``rationale``;
 
   both ``[BOS] prompt target [EOS]`` with the loss on target tokens (and EOS) only.
   The objective of one optimizer step is
@@ -21,7 +21,7 @@ rationale. With ``step_by_step.variant``:
   ``(1 - alpha) * N / N_e`` (``Batch.target_weight``); then ``sum(w * l) / N == L``.
   The two sequences of a record are always drawn together, into the same micro-batch
   (:class:`PairSampler`; ``train.micro_batch_size`` counts sequences and must be even).
-* ``single_task`` (the paper's ablation): one sequence, prompt ``predict_prefix + x``,
+* ``single_task`` (the paper's ablation): one sequence, prompt ``predict_prefix + x + prompt_suffix``,
   target ``rationale + single_task_separator + label``; plain mean CE.
 * ``label_only``: the predict sequence alone; plain mean CE (fine-tuning with the prefix).
 
@@ -187,11 +187,12 @@ class SequenceBuilder:
         c = self.cfg
         if variant == "single_task":
             target = rec.rationale + c.single_task_separator + rec.label
-            seqs = [self.sequence(c.predict_prefix + rec.x, target, rec.uid, SINGLE, rec.domain)]
+            seqs = [self.sequence(c.predict_prefix + rec.x + c.prompt_suffix, target, rec.uid, SINGLE, rec.domain)]
         else:
-            seqs = [self.sequence(c.predict_prefix + rec.x, rec.label, rec.uid, PREDICT, rec.domain)]
+            seqs = [self.sequence(c.predict_prefix + rec.x + c.prompt_suffix, rec.label, rec.uid, PREDICT, rec.domain)]
             if variant == "multi_task":
-                seqs.append(self.sequence(c.explain_prefix + rec.x, rec.rationale, rec.uid, EXPLAIN, rec.domain))
+                seqs.append(self.sequence(c.explain_prefix + rec.x + c.prompt_suffix, rec.rationale, rec.uid, EXPLAIN,
+                                          rec.domain))
         return None if any(s is None for s in seqs) else seqs  # type: ignore[return-value]
 
 

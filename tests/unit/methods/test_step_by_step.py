@@ -55,8 +55,8 @@ def test_multi_task_builds_predict_explain_pairs(tok, tmp_path):
     for k, rec in enumerate(_records(6)):
         pred, expl = data.train[2 * k], data.train[2 * k + 1]
         assert pred.meta["task"] == "predict" and expl.meta["task"] == "explain"
-        assert _text(tok, pred, False) == "predict: " + rec["input"] and _text(tok, pred, True) == rec["label"]
-        assert _text(tok, expl, False) == "explain: " + rec["input"] and _text(tok, expl, True) == rec["rationale"]
+        assert _text(tok, pred, False) == "predict: " + rec["input"] + "\n" and _text(tok, pred, True) == rec["label"]
+        assert _text(tok, expl, False) == "explain: " + rec["input"] + "\n" and _text(tok, expl, True) == rec["rationale"]
         assert pred.input_ids[-1] == tok.eos_token_id and pred.target[-1]  # EOS is learned (the model stops)
         assert pred.n_bytes == len(rec["label"])
 
@@ -66,7 +66,7 @@ def test_variants_single_task_and_label_only(tok, tmp_path):
     single = _data(tok, path, variant="single_task", single_task_separator=" So the answer is ")
     assert len(single.train) == 5
     rec = _records(5)[2]
-    assert _text(tok, single.train[2], False) == "predict: " + rec["input"]
+    assert _text(tok, single.train[2], False) == "predict: " + rec["input"] + "\n"
     assert _text(tok, single.train[2], True) == rec["rationale"] + " So the answer is " + rec["label"]
     label_only = _data(tok, path, variant="label_only")
     assert [e.meta["task"] for e in label_only.train] == ["predict"] * 5
