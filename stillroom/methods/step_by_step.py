@@ -348,6 +348,10 @@ def build_hooks(p: Any, model: torch.nn.Module, *, mix: Any, run_dir: Path, log:
                       seed=cfg.seed, heldout_fraction=cfg.data.heldout_fraction, heldout_max=cfg.data.heldout_max,
                       on_bad_record=cfg.data.on_bad_record)
     names = [t.name for t in mix.cfg.terms]
+    structural = [t.name for t, spec in zip(mix.cfg.terms, mix.specs) if spec.kind != "logit"]
+    if sc.variant == "multi_task" and structural:
+        raise ValueError(f"step_by_step (variant multi_task) weights tokens per task, which loss terms {structural} "
+                         "cannot take; use logit terms only (e.g. loss.terms=[{name: ce}])")
     if mix.needs_teacher and cfg.teacher.source == "store":
         raise ValueError("step_by_step builds its own predict/explain sequences, which a precomputed teacher store "
                          "does not cover; use teacher.source=online (or remote), or loss.terms=[{name: ce}]")

@@ -238,3 +238,26 @@ def test_cli_odd_micro_batch_is_refused(tiny_teacher_dir, tmp_path, capsys):
     data = _write(tmp_path, _records(30))
     assert main(_cli_args(tmp_path, tiny_teacher_dir, data, "train.micro_batch_size=3")) == 1
     assert "train.micro_batch_size=3 must be even" in capsys.readouterr().err
+
+
+def test_build_hooks_refuses_terms_that_take_no_token_weights(tok, tmp_path):
+    from types import SimpleNamespace
+
+    from stillroom.config.schema import RunConfig
+    from stillroom.methods.step_by_step import build_hooks
+
+    data = _write(tmp_path, _records(6))
+    cfg = RunConfig.model_validate({
+        "method": "step_by_step", "student": {"model": {"path": "unused"}},
+        "data": {"sources": [{"path": str(data), "format": "prompt_completion", "prompt_field": "input",
+                              "completion_field": "label"}], "seq_len": 64, "heldout_fraction": 0.0},
+        "loss": {"terms": [{"name": "ce"}, {"name": "hidden_mse"}]}, "train": {"micro_batch_size": 4}})
+    mix = LossMix(cfg.loss, student_hidden=32, teacher_hidden=32, student_layers=2, teacher_layers=2)
+    p = SimpleNamespace(cfg=cfg, tokenizer=tok, splits=SimpleNamespace(train=[], heldout=[]), vocab_size=len(tok),
+                        topology=SimpleNamespace(all_reduce_sum=lambda v: v))
+    with pytest.raises(ValueError, match=r"loss terms \['hidden_mse'\] cannot take"):
+        build_hooks(p, None, mix=mix, run_dir=tmp_path, log=lambda m: None)
+    ok = build_hooks(p, None, mix=LossMix(LossConfig(terms=[LossTerm(name="ce")])), run_dir=tmp_path,
+                     log=lambda m: None)
+    assert len(ok.train_examples) == 12 and ok.sampler_factory is PairSampler
+    assert [e.meta["task"] for e in p.splits.train] == ["predict"] * 6  # what baseline: true trains on
