@@ -234,3 +234,20 @@ def test_recipes_validate(name):
         assert cfg.student.from_teacher.strategy == "angular"
     else:
         assert cfg.generate.mode == "rewrite" and cfg.generate.export.fallback_to_original
+
+
+def test_rewrite_recipe_runs_through_stillroom_generate(tmp_path):
+    """The shipped rewrite recipe, with a tiny teacher and 4 problems: every record is exported once,
+    as a verified rewrite or as its original target (a random tiny model rarely gets a number right)."""
+    from stillroom.cli.main import main
+
+    tok = tiny_tokenizer()
+    teacher = _save(tiny_llama(len(tok), layers=2), tok, tmp_path / "teacher")
+    export = tmp_path / "rewrites.jsonl"
+    assert main(["generate", str(RECIPES / "self_data_rewrite.yaml"), f"teacher.model.path={teacher}",
+                 "teacher.model.builtin=null", "teacher.dtype=float32", "generate.input.n=4",
+                 "generate.max_new_tokens=4", f"generate.output={tmp_path / 'store.jsonl'}",
+                 f"generate.export.path={export}", f"output_dir={tmp_path}"]) == 0
+    rows = [json.loads(line) for line in export.read_text().splitlines()]
+    assert len({r["prompt_id"] for r in rows}) == 4 and len(rows) == 4
+    assert all(r["source"] in ("teacher", "original") and r["completion"] for r in rows)
