@@ -2,8 +2,8 @@
 
 Per seed: a synthetic corpus of three document types (50% easy: a short phrase repeated; 35%
 hard-valuable: templated facts about 40 people from a fixed fact table, many combinations; 15%
-noise: random characters). A char-level teacher (2 layers, d 128) is trained on all of it and a
-~25x smaller reference (1 layer, d 24) on a disjoint sample from the same generator, both with
+noise: random characters). A char-level teacher (``TEACHER``) is trained on all of it and a
+~29x smaller reference (``REFERENCE``) on a disjoint sample from the same generator, both with
 ``stillroom run`` (method sft). ``stillroom select`` (:func:`stillroom.methods.miniplm.run_select`)
 scores every document and keeps the top 50%. Students are trained, with equal steps, on the
 selected 50%, a random 50% and the full data, each with (a) the teacher's char tokenizer and
@@ -34,6 +34,12 @@ JOBS = ["baker", "pilot", "nurse", "judge", "miner", "tailor", "sailor", "potter
 PETS = ["cat", "dog", "owl", "fox", "hen", "goat", "frog", "crab"]
 EASY = ["la la la. ", "ha ha ha. ", "no no no. "]
 DOC_CHARS = 64
+TEACHER = {"layers": 2, "hidden": 64, "heads": 4}
+REFERENCE = {"layers": 1, "hidden": 16, "heads": 2}
+STUDENT = {"layers": 2, "hidden": 32, "heads": 4}
+N_DOCS = {"quick": 240, "full": 800}
+STEPS = {"quick": (40, 40, 20), "full": (200, 200, 100)}  # teacher, reference, each student
+BPE_VOCAB = 160
 
 
 def _facts(seed: int) -> dict[str, tuple[str, str, str, str]]:
@@ -125,7 +131,7 @@ def one_seed(seed: int, work: Path, quick: bool) -> dict:
     from stillroom.methods.miniplm import instance_texts, run_select, select_top
 
     facts = _facts(seed)
-    n_docs = 240 if quick else 800
+    n_docs = N_DOCS["quick" if quick else "full"]
     corpus = documents(seed, n_docs, facts)
     ref_corpus = documents(seed + 50_000, n_docs // 2, facts)  # disjoint sample (other generator seed)
     heldout_hard = [t for k, t in documents(seed + 90_000, 400, facts) if k == "hard"]
@@ -136,11 +142,11 @@ def one_seed(seed: int, work: Path, quick: bool) -> dict:
 
     seq_len = DOC_CHARS + 2
     ctok = char_tokenizer(ALPHABET)
-    t_steps, r_steps, s_steps = (40, 40, 20) if quick else (200, 200, 100)
-    teacher_init = save_model(tiny_llama(len(ctok), layers=2, hidden=64, seed=seed), ctok, work / "teacher_init")
+    t_steps, r_steps, s_steps = STEPS["quick" if quick else "full"]
+    teacher_init = save_model(tiny_llama(len(ctok), **TEACHER, seed=seed), ctok, work / "teacher_init")
     teacher = _train(work, "teacher", teacher_init, teacher_init, [files[d] for d in files], seq_len=seq_len,
                      steps=t_steps, lr=3e-3, seed=seed)
-    ref_init = save_model(tiny_llama(len(ctok), layers=1, hidden=16, heads=2, seed=seed), ctok, work / "ref_init")
+    ref_init = save_model(tiny_llama(len(ctok), **REFERENCE, seed=seed), ctok, work / "ref_init")
     reference = _train(work, "reference", ref_init, ref_init, [ref_file], seq_len=seq_len, steps=r_steps, lr=1e-2, seed=seed)
 
     # ---- stillroom select: score every document of the corpus, keep the top 50% as text ----
@@ -168,12 +174,12 @@ def one_seed(seed: int, work: Path, quick: bool) -> dict:
     random_hard = sum(examples[i].domain == "hard" for i in random_keep) / max(1, len(random_keep))
 
     # ---- students: char tokenizer (teacher's) and a BPE tokenizer (cross-tokenizer) ----
-    btok = bpe_tokenizer([t for _, t in corpus], vocab_size=160)
+    btok = bpe_tokenizer([t for _, t in corpus], vocab_size=BPE_VOCAB)
     result = {"kept_share": {d: per_domain.get(d, {}).get("share_of_selection", 0.0) for d in files},
               "kept_fraction": {d: per_domain.get(d, {}).get("kept_fraction", 0.0) for d in files},
               "mean_score": mean_score, "random_hard_share": random_hard, "bpc": {}}
     for tname, tok in (("char", ctok), ("bpe", btok)):
-        init = save_model(tiny_llama(len(tok), layers=2, hidden=32, heads=4, seed=seed + 1), tok, work / f"student_{tname}")
+        init = save_model(tiny_llama(len(tok), **STUDENT, seed=seed + 1), tok, work / f"student_{tname}")
         max_len = max(len(tok(t, add_special_tokens=False)["input_ids"]) for _, t in corpus) + 2
         for vname, path in variants.items():
             # the run report needs a `teacher` with the student's tokenizer: the student's own init (sft ignores it)
@@ -224,16 +230,30 @@ def main(seeds: list[int], work: Path, quick: bool) -> dict:
         "shift the score produces (the paper's point is that the score finds such data without labels); at this scale "
         "the teacher and reference are trained here on the task, and students see each document several times."
     )
-    setting = (
-        f"Per seed: {240 if quick else 1200} synthetic documents of {DOC_CHARS} characters (50% easy repeated phrase, "
-        "35% templated facts about 40 people from a fixed table, 15% random characters). Teacher: char-level Llama "
-        "2 layers d128 trained here on the whole corpus; reference: 1 layer d24 (~25x fewer parameters) trained on "
-        "a disjoint sample for fewer steps; both with `stillroom run` (method sft). Scoring and selection: "
-        "stillroom.methods.miniplm.run_select (the `stillroom select` code path), one instance per document "
-        "(pack=false), fraction 0.5. Students: Llama 2 layers d48 from the same init, trained with `stillroom run` "
-        "method sft for equal steps (batch 16) on the selected 50%, a random 50% or all documents; once with the "
-        "teacher's char tokenizer and once with a 160-token BPE tokenizer (cross-tokenizer). Metric: bits per "
-        "character on 400-document held-out draws' hard documents (fresh generator seed)."
-    )
+    setting = setting_text(quick)
     return {"claim": CLAIM, "setting": setting, "table_md": table, "held": held, "analysis": analysis,
             "per_seed": {str(k): v for k, v in per_seed.items()}}
+
+
+def setting_text(quick: bool) -> str:
+    """The experiment's setting, written from the constants above."""
+    def params(spec: dict) -> int:
+        return sum(p.numel() for p in tiny_llama(len(ALPHABET) + 3, **spec).parameters())
+
+    mode = "quick" if quick else "full"
+    t_steps, r_steps, s_steps = STEPS[mode]
+    ratio = params(TEACHER) / params(REFERENCE)
+    return (
+        f"Per seed: {N_DOCS[mode]} synthetic documents of {DOC_CHARS} characters (50% easy: a short phrase repeated; "
+        "35% hard-valuable: templated facts about 40 people from a fixed fact table; 15% random characters). "
+        f"Teacher: char-level Llama {TEACHER['layers']} layers d{TEACHER['hidden']} ({params(TEACHER)} parameters), "
+        f"trained here on the whole corpus for {t_steps} steps; reference: {REFERENCE['layers']} layer "
+        f"d{REFERENCE['hidden']} ({ratio:.0f}x fewer parameters) trained {r_steps} steps on a disjoint sample from the "
+        "same generator; both with `stillroom run` (method sft, batch 16). Scoring and selection: "
+        "stillroom.methods.miniplm.run_select (the `stillroom select` code path), one instance per document "
+        f"(pack=false), fraction 0.5. Students: Llama {STUDENT['layers']} layers d{STUDENT['hidden']}, one init per "
+        f"seed, trained with `stillroom run` method sft for {s_steps} steps (batch 16 documents) on the selected "
+        "50%, a random 50% or all documents; once with the teacher's char tokenizer and once with a "
+        f"{BPE_VOCAB}-token BPE tokenizer trained on the corpus (cross-tokenizer: only text reaches it). Metric: bits "
+        "per character on the hard documents of 400 fresh draws (another generator seed, same fact table)."
+    )
