@@ -205,7 +205,6 @@ def merge_model_folders(a: str | os.PathLike, b: str | os.PathLike, out: str | o
     (floating tensors that were nearly parallel), ``t``, ``out``.
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     a, b, out = Path(a), Path(b), Path(out)
     if not 0.0 <= t <= 1.0:
@@ -225,26 +224,11 @@ def merge_model_folders(a: str | os.PathLike, b: str | os.PathLike, out: str | o
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    seen: set[str] = set()
-    lerps = 0
-    for fname in files_a:
-        merged: dict[str, torch.Tensor] = {}
-        with safe_open(str(a / fname), framework="pt") as fa:
-            metadata = fa.metadata() or {}
-            for name in fa.keys():
-                if name not in names_b:
-                    raise ValueError(f"tensor {name!r} is in {a} but not in {b}; the architectures differ")
-                ta = fa.get_tensor(name)
-                with safe_open(str(b / names_b[name]), framework="pt") as fb:
-                    tb = fb.get_tensor(name)
-                merged[name] = merge_tensor(name, ta, tb, t)
-                lerps += int(ta.is_floating_point() and _nearly_parallel(ta, tb))
-                seen.add(name)
-        save_file(merged, str(tmp / fname), metadata={**metadata, "format": "pt"})
-    extra = sorted(set(names_b) - seen)
-    if extra:
-        shutil.rmtree(tmp)
-        raise ValueError(f"tensors only in {b}: {extra[:5]}; the architectures differ")
+    try:
+        seen, lerps = _merge_shards(a, b, tmp, files_a, names_b, t)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written output left behind
+        raise
     for p in a.iterdir():  # config, generation config, tokenizer, shard index
         if p.is_file() and not p.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")) \
                 and p.name != "stillroom.json":
@@ -265,3 +249,30 @@ def _nearly_parallel(a: torch.Tensor, b: torch.Tensor, eps: float = SIN_EPS) -> 
         return True
     cos = float((a64 @ b64 / (na * nb)).clamp(-1.0, 1.0))
     return math.sin(math.acos(cos)) < eps
+
+
+def _merge_shards(a: Path, b: Path, tmp: Path, files_a: list[str], names_b: dict[str, str], t: float):
+    """Merge every shard of A with the matching tensors of B into ``tmp``; returns (names, lerp count)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    seen: set[str] = set()
+    lerps = 0
+    for fname in files_a:
+        merged: dict[str, torch.Tensor] = {}
+        with safe_open(str(a / fname), framework="pt") as fa:
+            metadata = fa.metadata() or {}
+            for name in fa.keys():
+                if name not in names_b:
+                    raise ValueError(f"tensor {name!r} is in {a} but not in {b}; the architectures differ")
+                ta = fa.get_tensor(name)
+                with safe_open(str(b / names_b[name]), framework="pt") as fb:
+                    tb = fb.get_tensor(name)
+                merged[name] = merge_tensor(name, ta, tb, t)
+                lerps += int(ta.is_floating_point() and _nearly_parallel(ta, tb))
+                seen.add(name)
+        save_file(merged, str(tmp / fname), metadata={**metadata, "format": "pt"})
+    extra = sorted(set(names_b) - seen)
+    if extra:
+        raise ValueError(f"tensors only in {b}: {extra[:5]}; the architectures differ")
+    return seen, lerps

@@ -128,6 +128,23 @@ def test_merge_refuses_different_architectures(two_models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_folder_merge_names_a_mismatched_tensor_and_leaves_nothing_behind(two_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    _, a, _, _ = two_models
+    x = tmp_path / "x"
+    shutil.copytree(a, x)
+    sd = load_file(str(x / "model.safetensors"))
+    name = sorted(k for k in sd if k.endswith("q_proj.weight"))[0]
+    sd[name] = sd[name][:-1].contiguous()  # same config, one tensor of another shape
+    save_file(sd, str(x / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"tensor '{name}' has shape"):
+        merge_model_folders(a, x, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
 def test_merge_refuses_pickled_weights(two_models, tmp_path):
     _, a, _, _ = two_models
     d = tmp_path / "d"
