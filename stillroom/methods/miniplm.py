@@ -384,6 +384,7 @@ def run_select(cfg, *, log: Log = print) -> SelectResult:
     s = summary["score"]
     log(f"select: kept {len(keep)}/{len(rows)} instances ({n_docs} text records) -> {paths['selected']}; "
         f"score kept mean {s['kept'].get('mean', float('nan')):.3f} vs dropped {s['dropped'].get('mean', float('nan')):.3f}")
-    for name, g in summary["per_domain"].items():
-        log(f"select:   domain {name}: kept {g['kept']}/{g['instances']} ({100 * g['share_of_selection']:.0f}% of the selection)")
+    by = "domain" if any(r.domain is not None for r in rows) else "source"
+    for name, g in summary[f"per_{by}"].items():
+        log(f"select:   {by} {name}: kept {g['kept']}/{g['instances']} ({100 * g['share_of_selection']:.0f}% of the selection)")
     return SelectResult(paths["selected"], paths["scores"], paths["summary"], summary)

@@ -251,3 +251,36 @@ def test_interrupted_select_resumes_from_partial_scores(tmp_path, monkeypatch):
     mp.run_select(cfg, log=logs.append)
     assert any("resuming, 4 of 12" in m for m in logs)
     assert clean.scores.read_text() == expected and not partial.exists()
+
+
+@pytest.mark.slow
+def test_select_with_the_real_smollm2_teacher(tmp_path):
+    """The shipped recipe's path on a small slice: SmolLM2 teacher, a 2-layer reference derived from it
+    (same tokenizer, untrained beyond the kept layers, so much weaker)."""
+    from stillroom.config.load import load_config
+    from stillroom.config.schema import LayerSelection
+    from stillroom.methods.miniplm import run_select
+    from stillroom.models import derive_student, load_model
+    from stillroom.config.schema import ModelSource
+
+    torch.set_num_threads(2)
+    teacher = load_model(ModelSource(builtin="smollm2-135m-instruct"))
+    ref, _ = derive_student(teacher.model, LayerSelection(strategy="explicit", layers=[0, 29]))
+    _save(ref, teacher.tokenizer, tmp_path / "ref")
+    from pydoc_data.topics import topics
+
+    paragraphs = [p.strip() for v in list(topics.values())[:6] for p in v.split("\n\n") if len(p.strip()) > 80][:8]
+    data = tmp_path / "prose.jsonl"
+    data.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    cfg = load_config(RECIPES / "miniplm_select.yaml", [
+        f"select.reference.path={tmp_path / 'ref'}", f"select.output={tmp_path / 'sel.jsonl'}",
+        f"data.sources=[{{path: {data}}}]", "data.seq_len=32", "data.pack=false", "teacher.dtype=float32",
+        "select.batch_size=4",
+    ])
+    result = run_select(cfg, log=print)
+    rows = [json.loads(l) for l in result.scores.read_text().splitlines()]
+    assert len(rows) == 8 and sum(r["kept"] for r in rows) == 4
+    # the pretrained teacher predicts prose far better than a 2-layer cut of itself
+    assert all(r["nll_teacher"] < r["nll_ref"] for r in rows)
+    assert all(1.0 < r["nll_teacher"] < 6.0 for r in rows)
+    assert result.selected.read_text().strip()
