@@ -168,6 +168,11 @@ def main(seeds: list[int], work: Path, quick: bool) -> dict:
         t0 = time.perf_counter()
         per_seed.append(one_seed(seed, Path(work) / f"seed{seed}", quick))
         print(f"seed {seed}: {time.perf_counter() - t0:.0f}s {json.dumps({k: v for k, v in per_seed[-1].items() if not k.endswith('curve')})}", flush=True)
+    return summarise(per_seed, seeds)
+
+
+def summarise(per_seed: list[dict], seeds: list[int]) -> dict:
+    """Table, verdict and analysis from the per-seed numbers (also re-run on a stored result's ``per_seed``)."""
 
     def curve_stats(key: str) -> dict:
         first_c = [r[key + "_curve"][0][1] for r in per_seed]
@@ -214,6 +219,13 @@ def main(seeds: list[int], work: Path, quick: bool) -> dict:
         f"in {sum(collapsed['redi_0.8'])}/{len(seeds)} seeds at alpha=0.8 and {sum(collapsed['redi_1.0'])}/{len(seeds)} "
         f"at alpha=1. "
     )
+    if m["redi_0.8"] < m["stage1"]:
+        analysis += (f"REDI alpha=0.8 ends below its stage-1 starting point ({m['redi_0.8']:.3f} vs {m['stage1']:.3f}) "
+                     "although its chosen log-prob barely moves. A likely cause (not isolated here): the negative term pushes down every token of the "
+                     "incorrect trace, including the tokens after the dropped carry that are locally correct (the "
+                     "answer read back from the scratchpad), so a 2-layer model partly unlearns shared skills "
+                     "and greedy decoding breaks on a few tokens per trace; the paper's long, diverse traces and "
+                     "its far smaller LR (1e-6) dilute this, a tiny model on one narrow skill does not. ")
     analysis += ("The claim holds at this scale." if held else
                  "The claim does not hold in full here: " + "; ".join(
                      s for s, bad in [("alpha=0.8 did not beat SFT", not improves),
