@@ -103,7 +103,7 @@ def one_seed(seed: int, work: Path, s: dict) -> dict:
     plain = save_model(tiny_llama(len(tok), layers=2, hidden=64, seed=seed, eos_id=tok.eos_token_id,
                                   pad_id=tok.pad_token_id), tok, root / "plain")
     base = extend_model_folder(plain, root / "base")
-    run_dir = run_stillroom({
+    config = {
         "name": "cond", "output_dir": str(root / "runs"), "seed": seed, "method": "conditional", "baseline": True,
         "teacher": {"model": {"path": str(base)}, "dtype": "float32"},
         "student": {"model": {"path": str(base)}},
@@ -113,7 +113,12 @@ def one_seed(seed: int, work: Path, s: dict) -> dict:
         "train": {"steps": s["steps"], "micro_batch_size": s["batch"], "lr": 3e-3, "warmup_steps": 20,
                   "precision": "fp32", "threads": 1, "keep_checkpoints": 1},
         "eval": {"before": False, "heldout_sequences": 40, "batch_size": 8, "generations": 0, "speed_tokens": 16},
-    })
+    }
+    run_dir = run_stillroom(config)
+    # A second conditional arm with the spec's PEP8 drop fraction (10% of segments untagged), reported only.
+    cfg10 = {**config, "name": "cond_drop10", "baseline": False,
+             "conditional": {"drop_token_fraction": 0.1, "threshold": 0.0}}
+    run_dir10 = run_stillroom(cfg10)
     report = json.loads((run_dir / "report.json").read_text())
     out = {"heldout_ce_conditional": report["student_after"]["heldout_ce"],
            "heldout_ce_mle": report["baseline"]["heldout_ce"],
@@ -125,11 +130,12 @@ def one_seed(seed: int, work: Path, s: dict) -> dict:
     kw = dict(max_new_tokens=s["new_tokens"], seed=seed, batch_size=100)
     variants = {"conditional": [("aligned", "aligned", "both"), ("none", None, "both"),
                                 ("misaligned", "misaligned", "both"), ("aligned_every", "aligned", "misaligned")],
-                "mle": [("none", None, "both")]}
-    for arm, folder in [("conditional", run_dir / "student"), ("mle", run_dir / "baseline" / "student")]:
+                "mle": [("none", None, "both")], "drop10": [("aligned", "aligned", "both")]}
+    for arm, folder in [("conditional", run_dir / "student"), ("mle", run_dir / "baseline" / "student"),
+                        ("drop10", run_dir10 / "student")]:
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        out[f"stream_ce_{arm}"] = stream_nll_per_text_token(model, tokenizer, test_docs, tagged=arm == "conditional")
+        out[f"stream_ce_{arm}"] = stream_nll_per_text_token(model, tokenizer, test_docs, tagged=arm != "mle")
         for name, control, ban in variants[arm]:
             texts = generate_aligned(model, tokenizer, prompts, control=control, ban=ban, **kw)
             rate, n = bad_rate(texts)
@@ -143,24 +149,36 @@ def one_seed(seed: int, work: Path, s: dict) -> dict:
 def main(seeds: list[int], work: Path, quick: bool) -> dict:
     torch.set_num_threads(1)
     s = settings(quick)
-    per_seed = {seed: one_seed(seed, work, s) for seed in seeds}
+    return summarize({seed: one_seed(seed, work, s) for seed in seeds}, s)
+
+
+def summarize(per_seed: dict, s: dict) -> dict:
+    """Table, verdict and analysis from the per-seed numbers (also re-renders a stored result)."""
     col = lambda k: [r[k] for r in per_seed.values()]  # noqa: E731
-    ratios = [r["bad_mle_none"] / max(r["bad_conditional_aligned"], 1e-9) for r in per_seed.values()]
+    per_sample = lambda k: [r[f"sentences_{k}"] / s["samples"] for r in per_seed.values()]  # noqa: E731
+    ratios = [r["bad_mle_none"] / r["bad_conditional_aligned"] if r["bad_conditional_aligned"] > 0 else float("inf")
+              for r in per_seed.values()]
     ce_gap = [r["stream_ce_conditional"] - r["stream_ce_mle"] for r in per_seed.values()]
     rows = [
-        ["MLE, unconditional", fmt(col("bad_mle_none")), fmt(col("first_bad_mle_none")), fmt(col("stream_ce_mle")),
-         fmt(col("heldout_ce_mle"))],
-        ["conditional, <|aligned|> (the method)", fmt(col("bad_conditional_aligned")),
-         fmt(col("first_bad_conditional_aligned")), fmt(col("stream_ce_conditional")), fmt(col("heldout_ce_conditional"))],
+        ["MLE, unconditional", fmt(col("bad_mle_none")), fmt(col("first_bad_mle_none")), fmt(per_sample("mle_none"), 2),
+         fmt(col("stream_ce_mle")), fmt(col("heldout_ce_mle"))],
+        ["conditional, <|aligned|>, both tokens banned (the paper's inference)", fmt(col("bad_conditional_aligned")),
+         fmt(col("first_bad_conditional_aligned")), fmt(per_sample("conditional_aligned"), 2),
+         fmt(col("stream_ce_conditional")), fmt(col("heldout_ce_conditional"))],
         ["conditional, no control token", fmt(col("bad_conditional_none")), fmt(col("first_bad_conditional_none")),
-         "", ""],
+         fmt(per_sample("conditional_none"), 2), "", ""],
         ["conditional, <|misaligned|> (sanity)", fmt(col("bad_conditional_misaligned")),
-         fmt(col("first_bad_conditional_misaligned")), "", ""],
+         fmt(col("first_bad_conditional_misaligned")), fmt(per_sample("conditional_misaligned"), 2), "", ""],
         ["conditional, <|aligned|> at every sentence (variant: only <|misaligned|> banned)",
-         fmt(col("bad_conditional_aligned_every")), fmt(col("first_bad_conditional_aligned_every")), "", ""],
+         fmt(col("bad_conditional_aligned_every")), fmt(col("first_bad_conditional_aligned_every")),
+         fmt(per_sample("conditional_aligned_every"), 2), "", ""],
+        ["conditional trained with drop_token_fraction 0.1 (spec's PEP8 value), <|aligned|>, both banned",
+         fmt(col("bad_drop10_aligned")), fmt(col("first_bad_drop10_aligned")), fmt(per_sample("drop10_aligned"), 2),
+         fmt(col("stream_ce_drop10")), ""],
     ]
     table = markdown_table(["model / sampling", "BAD rate (all generated sentences)", "BAD rate (first sentence)",
-                            "held-out loss (nats per text token, own format)", "held-out CE, untagged text"], rows)
+                            "sentences per sample", "held-out loss (nats per text token, own format)",
+                            "held-out CE, untagged text"], rows)
     table += (f"\n\nCorpus BAD rate (training sentences): {fmt(col('corpus_bad_rate'))}. "
               f"MLE / aligned BAD-rate ratio per seed: {', '.join(f'{x:.1f}' for x in ratios)}; "
               f"held-out CE gap (conditional - MLE): {fmt(ce_gap)}.")
@@ -181,14 +199,24 @@ def main(seeds: list[int], work: Path, quick: bool) -> dict:
         + ("So the claim holds at this scale. " if held else "So the claim does not hold as stated at this scale. ")
         + f"Where the prefix acts directly, on the first sentence, the BAD rate falls from {m('first_bad_mle_none'):.4f} "
         f"to {m('first_bad_conditional_aligned'):.4f} ({'>' if first_ratio > 100 else ''}{min(first_ratio, 100):.0f}x), "
-        f"and <|misaligned|> raises it to {m('first_bad_conditional_misaligned'):.3f}: the control tokens were learned. "
-        f"Later sentences are the weak point: with both tokens banned, every later sentence starts in the state "
+        f"and <|misaligned|> makes it {m('first_bad_conditional_misaligned'):.3f}: "
+        + ("the control tokens were learned. " if m("first_bad_conditional_misaligned") > 3 * m("first_bad_mle_none")
+           else "the control tokens were not clearly learned. ")
+        + f"But under that inference the conditional model mostly ends the sample after its first sentence "
+        f"({mean_std(per_sample('conditional_aligned'))[0]:.2f} sentences per sample vs "
+        f"{mean_std(per_sample('mle_none'))[0]:.2f} for MLE): after a sentence's period the tagged stream continues with a "
+        "control token (banned) or, at a document end, with EOS, so EOS takes the mass. The primary metric is therefore "
+        "mostly a first-sentence rate for this arm. "
+        f"Later sentences are the other weak point: with both tokens banned, every later sentence starts in the state "
         f"'no control token', which the model saw for only 1% of its training sentences (drop_token_fraction 0.01); "
         f"sampled entirely in that state (no prefix) the conditional model's BAD rate is {m('bad_conditional_none'):.3f}"
         + (", far above the corpus rate, so the unconditioned state is badly calibrated at this scale and leaks BAD "
            "into later sentences. " if m("bad_conditional_none") > 2 * m("corpus_bad_rate") else ". ")
         + f"Letting the model emit <|aligned|> at every sentence start (banning only <|misaligned|>, not the paper's "
-        f"setting) gives {m('bad_conditional_aligned_every'):.4f}, {every_ratio:.1f}x below MLE. Sampling at "
+        f"setting) gives {m('bad_conditional_aligned_every'):.4f}, {every_ratio:.1f}x below MLE. "
+        f"Training with 10% of segments untagged (the spec's PEP8 setting; reported, not used for the verdict) gives "
+        f"{m('bad_drop10_aligned'):.4f} under the paper's inference "
+        f"({m('bad_mle_none') / max(m('bad_drop10_aligned'), 1e-9):.1f}x below MLE). Sampling at "
         f"temperature 0.7 also lowers MLE's rate below the corpus rate ({m('corpus_bad_rate'):.3f}), since BAD is a rarer "
         f"word than most. On untagged text, which the conditional model rarely saw, its CE is {untagged_gap:+.3f} "
         "nats/token from MLE's (report.json's held-out CE), so models trained this way should be scored in their own format."
