@@ -116,7 +116,9 @@ def group_by_domain(examples: Sequence[Example], what: str) -> dict[str, list[in
     return dict(sorted(groups.items()))
 
 
-def domain_sets(train: Sequence[Example], heldout: Sequence[Example], cap: int) -> tuple[dict[str, list[int]], dict[str, list[Example]]]:
+def domain_sets(
+    train: Sequence[Example], heldout: Sequence[Example], cap: int
+) -> tuple[dict[str, list[int]], dict[str, list[Example]]]:
     """Training indices and validation examples (at most ``cap``) per domain, checked for DDK."""
     train_groups = group_by_domain(train, "training")
     held_groups = group_by_domain(heldout, "held-out")
@@ -135,7 +137,9 @@ def domain_sets(train: Sequence[Example], heldout: Sequence[Example], cap: int) 
     return train_groups, val
 
 
-def domain_perplexities(model: torch.nn.Module, batches: dict[str, list], *, precision: str, vocab_size: int) -> dict[str, float]:
+def domain_perplexities(
+    model: torch.nn.Module, batches: dict[str, list], *, precision: str, vocab_size: int
+) -> dict[str, float]:
     """``exp(mean CE)`` of ``model`` per domain over the target tokens of its batches (no grad, eval mode)."""
     from stillroom.eval import evaluate_lm
 
@@ -403,7 +407,8 @@ def write_ddk_report(run_dir: Path) -> dict[str, Any]:
     tvs = weight_oscillation(tr)
     lines = ["# DDK domain weights", "", "| domain | r first | r last | ratio first | ratio last |", "|---|---|---|---|---|"]
     for d in tr["domains"]:
-        lines.append(f"| {d} | {tr['r'][d][0]:.3f} | {tr['r'][d][-1]:.3f} | {tr['ratio'][d][0]:.3f} | {tr['ratio'][d][-1]:.3f} |")
+        r, x = tr["r"][d], tr["ratio"][d]
+        lines.append(f"| {d} | {r[0]:.3f} | {r[-1]:.3f} | {x[0]:.3f} | {x[-1]:.3f} |")
     mean_tv = sum(tvs) / len(tvs) if tvs else 0.0
     lines += ["", f"Re-estimations logged: {len(tr['updates'])}; mean total variation between consecutive weight "
               f"vectors: {mean_tv:.4f}.", "", "![domain weights](ddk_domains.png)", ""]
