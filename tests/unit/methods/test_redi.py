@@ -171,16 +171,13 @@ def _pairs_file(tmp_path, tok, n=24):
     return path
 
 
-def test_cli_run_on_tiny_models(tmp_path, tiny_teacher_dir, capsys):
-    import yaml
-
+def _recipe(tmp_path, teacher_dir):
     from helpers import tiny_tokenizer
-    from stillroom.cli.main import main
 
     data = _pairs_file(tmp_path, tiny_tokenizer())
-    recipe = {
+    return {
         "name": "redi", "output_dir": str(tmp_path / "runs"), "method": "redi",
-        "teacher": {"model": {"path": str(tiny_teacher_dir)}, "dtype": "float32"},
+        "teacher": {"model": {"path": str(teacher_dir)}, "dtype": "float32"},
         "student": {"from_teacher": {"strategy": "every_n", "every_n": 2}},
         "data": {"sources": [{"path": str(data), "completion_field": "chosen"}], "seq_len": 32,
                  "heldout_fraction": 0.2, "heldout_max": 4},
@@ -191,6 +188,14 @@ def test_cli_run_on_tiny_models(tmp_path, tiny_teacher_dir, capsys):
         "eval": {"heldout_sequences": 4, "batch_size": 4, "generations": 0, "max_new_tokens": 4, "speed_tokens": 64,
                  "before": False},
     }
+
+
+def test_cli_run_on_tiny_models(tmp_path, tiny_teacher_dir, capsys):
+    import yaml
+
+    from stillroom.cli.main import main
+
+    recipe = _recipe(tmp_path, tiny_teacher_dir)
     path = tmp_path / "redi.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["run", str(path)]) in (0, None)
@@ -207,6 +212,34 @@ def test_cli_run_on_tiny_models(tmp_path, tiny_teacher_dir, capsys):
     path.write_text(yaml.safe_dump(recipe))
     assert main(["run", str(path), "name=bad"]) not in (0, None)
     assert "exactly one 'ce' term; loss.terms are ['forward_kl']" in capsys.readouterr().err
+
+
+def test_cli_resume_continues_the_pair_order_exactly(tmp_path, tiny_teacher_dir, capsys):
+    import shutil
+
+    import yaml
+
+    from stillroom.cli.main import main
+
+    recipe = _recipe(tmp_path, tiny_teacher_dir)
+    recipe["train"].update(save_every=2, keep_checkpoints=2)
+    recipe["eval"].update(heldout_sequences=2)
+    path = tmp_path / "redi.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "name=full"]) in (0, None)
+    full_dir = tmp_path / "runs" / "full"
+    full = [json.loads(l) for l in (full_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed_dir = tmp_path / "runs" / "resumed"
+    shutil.copytree(full_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step_000004")
+    (resumed_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:2]))
+    capsys.readouterr()
+    assert main(["run", str(path), "name=resumed", "--resume"]) in (0, None)
+    assert "at step 2" in capsys.readouterr().out  # really resumed (a restart would give the same numbers)
+    resumed = [json.loads(l) for l in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-6)
+    assert [r["target_tokens"] for r in resumed] == [r["target_tokens"] for r in full]
 
 
 # ---------------------------------------------------------------------------------- data
