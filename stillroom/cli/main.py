@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in ("stillroom.cli.teacher_commands", "stillroom.cli.serve_commands", "stillroom.cli.spec_eval",
                    "stillroom.methods.draft", "stillroom.cli.generate_command", "stillroom.cli.select_command",
-                   "stillroom.cli.merge_command"):
+                   "stillroom.cli.merge_command", "stillroom.methods.conditional"):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).register(sub)
     return parser
