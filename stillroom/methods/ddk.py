@@ -356,7 +356,7 @@ def build_hooks(p: Any, model: torch.nn.Module, *, mix: Any, run_dir: Path, log:
     def log_state() -> dict[str, float]:
         return holder["sampler"].snapshot() if "sampler" in holder else {}
 
-    return MethodHooks(sampler_factory=sampler_factory, log_state=log_state)
+    return MethodHooks(sampler_factory=sampler_factory, log_state=log_state, report=write_ddk_report)
 
 
 # ---------------------------------------------------------------------------- report

@@ -10,7 +10,13 @@
   so a method keeps its resumable state there, e.g. DDK's domain weights);
 * ``prepare_batches(micro_batches, step)``: may replace or annotate the step's micro-batches
   (on-policy samples; per-token weights in ``Batch.target_weight``); timed as ``generate_s``;
-* ``log_state()``: extra per-step metrics (``metrics.jsonl``, trackers).
+* ``log_state()``: extra per-step metrics (``metrics.jsonl``, trackers);
+* ``report(run_dir)``: writes the method's own report files next to ``report.md`` after the
+  run (DDK: the per-domain weights and ratio curves).
+
+A builder may also replace ``p.splits.heldout`` (what the report and ``train.eval_every``
+measure, e.g. step-by-step's test-time predict sequences) and ``p.splits.train`` (what
+``baseline: true`` trains on); it says so in its module docstring.
 
 A builder has the signature ``build(p, model, *, mix, run_dir, log) -> MethodHooks`` where
 ``p`` is :class:`stillroom.train.run.Prepared`. It refuses a run it cannot do (wrong loss
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from stillroom.data.batch import Batch, Example
@@ -32,6 +39,7 @@ class MethodHooks:
     sampler_factory: Callable[..., object] | None = None
     prepare_batches: Callable[[list[Batch], int], list[Batch]] | None = None
     log_state: Callable[[], dict] | None = None
+    report: Callable[[Path], object] | None = None
 
 
 BUILDERS = {

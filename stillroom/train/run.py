@@ -228,6 +228,8 @@ def run(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = pr
                                   median_teacher_s=res.median_teacher_s, final_train_loss=res.final_loss)
         models.update(after)
         write_run_report(p, models, {k: v[2] for k, v in runs.items()}, log=log)
+        if objective.hooks.report is not None:  # the method's own report files (e.g. DDK's domain curves)
+            objective.hooks.report(p.run_dir)
     shutdown(p.topology)
     return p.run_dir
 
