@@ -229,7 +229,7 @@ def train(
         run_dir / "metrics.jsonl", resume_step=start_step if resume else None, trackers=tc.trackers,
         run_name=cfg.name, enabled=topology.is_main,
     )
-    progress = _Progress(total=tc.steps, start=start_step, enabled=topology.is_main)
+    progress = _Progress(total=tc.steps, start=start_step, enabled=topology.is_main, log=log)
     step_times: list[float] = []
     teacher_times: list[float] = []
     losses: list[float] = []
@@ -312,8 +312,9 @@ def train(
 class _Progress:
     """A rich progress bar on a terminal; a plain line every few steps otherwise (CI logs)."""
 
-    def __init__(self, total: int, start: int, enabled: bool):
+    def __init__(self, total: int, start: int, enabled: bool, log: Callable[[str], None] = print):
         self.enabled = enabled and total > start
+        self.log = log
         self.total = total
         self.bar = None
         self.last_print = 0.0
@@ -341,7 +342,8 @@ class _Progress:
         now = time.perf_counter()
         if now - self.last_print > 10 or step == self.total:
             self.last_print = now
-            print(f"step {step}/{self.total} loss {loss:.4f} {tps:.0f} tok/s" + (f" {gen}" if gen else ""), flush=True)
+            self.log(f"step {step}/{self.total} loss {loss:.4f} {tps:.0f} tok/s" + (f" {gen}" if gen else ""))
+            sys.stdout.flush()  # CI logs are pipes: show progress as it happens
 
     def close(self) -> None:
         if self.bar is not None:
