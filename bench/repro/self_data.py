@@ -105,7 +105,7 @@ def prose_ce(model, tok, heldout: list[str], n: int = 48) -> float:
 def accuracy(model, tok, items: list[dict]) -> float:
     from stillroom.methods.verifiers import string_match
 
-    outs = greedy_complete(model, tok, [it["prompt"] for it in items], max_new_tokens=40)
+    outs = greedy_complete(model, tok, [it["prompt"] for it in items], max_new_tokens=64)  # references are ~45 chars
     return sum(string_match(o.split("\n")[0], it["answer"]) for it, o in zip(items, outs)) / len(items)
 
 
