@@ -57,13 +57,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from stillroom.config.schema import DataConfig, DataSource
 from stillroom.data.batch import Example
 from stillroom.data.errors import BadRecord, BadRecordPolicy, DataError
 from stillroom.data.formats import Encoded, Format, TextEncoder, encode_record, infer_format
-from stillroom.data.readers import describe, read_source
+from stillroom.data.readers import RawRecord, describe, read_source
 
 _COUNTS = (
     "records_read",
@@ -116,7 +117,8 @@ def _ids_hash(ids: list[int]) -> str:
     return hashlib.sha1(",".join(map(str, ids)).encode("ascii")).hexdigest()[:10]
 
 
-def _source_tags(sources: list[DataSource]) -> list[str]:
+def source_tags(sources: list[DataSource]) -> list[str]:
+    """One unique tag per source (its description, ``#2``, ``#3`` ... on repeats): part of every record key."""
     tags: list[str] = []
     for src in sources:
         tag = describe(src).tag
@@ -126,6 +128,25 @@ def _source_tags(sources: list[DataSource]) -> list[str]:
             tag = f"{base}#{n}"
         tags.append(tag)
     return tags
+
+
+def good_records(src: DataSource, seed: int, policy: BadRecordPolicy, counts: dict | None = None) -> Iterator[RawRecord]:
+    """The readable records of ``src`` under the pipeline's rules, for every reader of data sources.
+
+    At most ``src.limit`` readable records; a bad record goes to ``policy`` (``stop`` raises naming
+    ``file:line``, ``skip`` counts it); ``counts["records_read"]`` counts every record read, bad ones too.
+    """
+    readable = 0
+    for item in read_source(src, seed):
+        if src.limit is not None and readable >= src.limit:
+            break
+        if counts is not None:
+            counts["records_read"] = counts.get("records_read", 0) + 1
+        if isinstance(item, BadRecord):
+            policy(item)
+            continue
+        readable += 1
+        yield item
 
 
 class _Builder:
@@ -143,15 +164,7 @@ class _Builder:
         policy = BadRecordPolicy(self.cfg.on_bad_record)
         fmt: Format | None = src.format
         records: list[_Record] = []
-        readable = 0
-        for item in read_source(src, self.seed):
-            if src.limit is not None and readable >= src.limit:
-                break
-            counts["records_read"] += 1
-            if isinstance(item, BadRecord):
-                policy(item)
-                continue
-            readable += 1
+        for item in good_records(src, self.seed, policy, counts):
             if fmt is None:
                 fmt = info.default_format or infer_format(item.fields, src, info.label, item.where)
             try:
@@ -256,7 +269,7 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> DataSplits:
     b = _Builder(cfg, tokenizer, seed)
     train: list[Example] = []
     heldout_keyed: list[tuple[str, Example]] = []
-    for src, tag in zip(cfg.sources, _source_tags(cfg.sources)):
+    for src, tag in zip(cfg.sources, source_tags(cfg.sources)):
         counts = {k: 0 for k in _COUNTS}
         fmt, records = b.read(src, tag, counts)
         held = sorted((r for r in records if is_heldout(r.key, cfg.heldout_fraction)), key=lambda r: r.key)

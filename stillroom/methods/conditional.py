@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -47,12 +46,13 @@ import torch
 
 from stillroom.config.schema import ConditionalConfig, DataConfig
 from stillroom.data.batch import Example
-from stillroom.data.errors import BadRecord
+from stillroom.data.errors import BadRecordPolicy
 from stillroom.data.formats import TextEncoder, infer_format
-from stillroom.data.pipeline import _source_tags, is_heldout, record_key
-from stillroom.data.readers import describe, read_source
+from stillroom.data.pipeline import good_records, is_heldout, record_key, source_tags
+from stillroom.data.readers import describe
 from stillroom.methods.hooks import MethodHooks
 from stillroom.methods.onpolicy import derive_seed
+from stillroom.methods.verifiers import import_callable
 
 _SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -81,22 +81,7 @@ def load_scorer(spec: str) -> Callable[[str], float]:
             f"bad conditional.scorer {spec!r}: use 'package.module:function' (dotted Python names, one colon), "
             "e.g. 'stillroom.methods.conditional:bad_word_score'"
         )
-    module_name, attr_path = spec.strip().split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise ScorerSpecError(
-            f"conditional.scorer {spec!r}: cannot import module {module_name!r} ({e}); "
-            "check the name and that its folder is on PYTHONPATH"
-        ) from e
-    obj: object = module
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ScorerSpecError(f"conditional.scorer {spec!r}: module {module_name!r} has no attribute {attr_path!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ScorerSpecError(f"conditional.scorer {spec!r}: {attr_path!r} is a {type(obj).__name__}, not a callable")
-    fn = obj
+    fn = import_callable(spec, what="conditional.scorer", error=ScorerSpecError)
 
     def score(segment: str) -> float:
         value = fn(segment)
@@ -239,19 +224,11 @@ def tagged_train_examples(
     enc = TextEncoder(tokenizer, add_eos=True)
     stats = {"documents": 0, "segments": 0, "aligned": 0, "misaligned": 0, "dropped": 0}
     examples: list[Example] = []
-    for src, tag in zip(data.sources, _source_tags(data.sources)):
+    for src, tag in zip(data.sources, source_tags(data.sources)):
         info = describe(src)
         fmt = src.format
         docs: list[list[int]] = []
-        readable = 0
-        for item in read_source(src, seed):  # same limit / bad-record rules as the pipeline
-            if src.limit is not None and readable >= src.limit:
-                break
-            if isinstance(item, BadRecord):
-                if data.on_bad_record == "stop":
-                    raise item
-                continue
-            readable += 1
+        for item in good_records(src, seed, BadRecordPolicy(data.on_bad_record)):  # the pipeline's rules
             fmt = fmt or info.default_format or infer_format(item.fields, src, info.label, item.where)
             if fmt != "text":
                 raise ConditionalSetupError(

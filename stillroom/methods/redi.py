@@ -53,8 +53,8 @@ from stillroom.config.schema import RunConfig
 from stillroom.data.batch import Batch, Example
 from stillroom.data.errors import BadRecord, BadRecordPolicy, DataError
 from stillroom.data.formats import TextEncoder, encode_record
-from stillroom.data.pipeline import _source_tags, is_heldout, record_key
-from stillroom.data.readers import describe, read_source
+from stillroom.data.pipeline import good_records, is_heldout, record_key, source_tags
+from stillroom.data.readers import describe
 from stillroom.data.sampler import ExampleSampler
 
 CHOSEN, REJECTED = "chosen", "rejected"
@@ -96,22 +96,14 @@ def load_pairs(cfg: RunConfig, tokenizer: Any, *, log: Callable[[str], None] = p
     stats = {"records_read": 0, "pairs": 0, "heldout_records": 0, "dropped_too_long": 0, "dropped_no_targets": 0,
              "records_bad": 0}
     examples: list[Example] = []
-    for i, (src, tag) in enumerate(zip(dc.sources, _source_tags(dc.sources))):
+    for i, (src, tag) in enumerate(zip(dc.sources, source_tags(dc.sources))):
         label = describe(src).label
         if src.format not in (None, "prompt_completion"):
             raise DataError(f"data.sources[{i}] ({label}): method=redi reads prompt/chosen/rejected records, "
                             f"but format is {src.format!r}; set format: prompt_completion (or leave it unset)")
         rejected_src = src.model_copy(update={"completion_field": rejected_field})
         policy = BadRecordPolicy(dc.on_bad_record)
-        readable = 0
-        for item in read_source(src, cfg.seed):
-            if src.limit is not None and readable >= src.limit:
-                break
-            stats["records_read"] += 1
-            if isinstance(item, BadRecord):
-                policy(item)
-                continue
-            readable += 1
+        for item in good_records(src, cfg.seed, policy, stats):
             if is_heldout(record_key(tag, item.index, item.fields), dc.heldout_fraction):
                 stats["heldout_records"] += 1
                 continue

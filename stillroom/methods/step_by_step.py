@@ -59,8 +59,8 @@ from stillroom.config.schema import DataSource, StepByStepConfig
 from stillroom.data.batch import Batch, Example
 from stillroom.data.errors import BadRecord, BadRecordPolicy, DataError
 from stillroom.data.formats import TextEncoder
-from stillroom.data.pipeline import _source_tags, is_heldout, record_key
-from stillroom.data.readers import describe, read_source
+from stillroom.data.pipeline import good_records, is_heldout, record_key, source_tags
+from stillroom.data.readers import describe
 from stillroom.data.sampler import ExampleSampler
 
 PREDICT, EXPLAIN, SINGLE = "predict", "explain", "single"
@@ -112,20 +112,14 @@ def read_records(
     train: list[TaskRecord] = []
     held: list[TaskRecord] = []
     stats = {"records_read": 0, "records_bad": 0, "dropped_empty_label": 0, "dropped_empty_rationale": 0}
-    for src, tag in zip(sources, _source_tags(sources)):
+    for src, tag in zip(sources, source_tags(sources)):
         policy = BadRecordPolicy(on_bad_record)
         x_key = cfg.input_field or src.prompt_field
         y_key = cfg.label_field or src.completion_field
         x_set = "step_by_step.input_field" if cfg.input_field else "data.sources[].prompt_field (or step_by_step.input_field)"
         y_set = "step_by_step.label_field" if cfg.label_field else "data.sources[].completion_field (or step_by_step.label_field)"
         readable = 0
-        for item in read_source(src, seed):
-            if src.limit is not None and readable >= src.limit:
-                break
-            stats["records_read"] += 1
-            if isinstance(item, BadRecord):
-                policy(item)
-                continue
+        for item in good_records(src, seed, policy, stats):
             readable += 1
             try:
                 x = _field(item.fields, x_key, x_set)

@@ -144,6 +144,30 @@ def _string_verifier(text: str, item: dict) -> bool:
     return string_match(text, str(_needs_answer("string", item)))
 
 
+def import_callable(spec: str, *, what: str, error: type[Exception]) -> Callable:
+    """The callable named by ``"package.module:attr.path"``, imported with importlib (never eval'd).
+
+    ``what`` names the config key in messages (``verifier``, ``conditional.scorer``); failures
+    raise ``error`` saying which part is missing. The spec's syntax is checked by the caller.
+    """
+    module_name, attr_path = spec.strip().split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise error(
+            f"{what} {spec!r}: cannot import module {module_name!r} ({e}); "
+            "check the name and that its folder is on PYTHONPATH"
+        ) from e
+    obj: object = module
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise error(f"{what} {spec!r}: module {module_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise error(f"{what} {spec!r}: {attr_path!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
 def load_verifier(spec: str) -> Verifier:
     """Turn a spec string into a verifier ``fn(text, item) -> bool``.
 
@@ -163,22 +187,7 @@ def load_verifier(spec: str) -> Verifier:
             f"bad verifier spec {spec!r}: use 'numeric', 'string' or 'package.module:function' "
             "(dotted Python names, one colon)"
         )
-    module_name, attr_path = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise VerifierSpecError(
-            f"verifier {spec!r}: cannot import module {module_name!r} ({e}); "
-            "check the name and that its folder is on PYTHONPATH"
-        ) from e
-    obj: object = module
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise VerifierSpecError(f"verifier {spec!r}: module {module_name!r} has no attribute {attr_path!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise VerifierSpecError(f"verifier {spec!r}: {attr_path!r} is a {type(obj).__name__}, not a callable")
-    fn = obj
+    fn = import_callable(spec, what="verifier", error=VerifierSpecError)
 
     def custom(text: str, item: dict) -> bool:
         result = fn(text, item)
