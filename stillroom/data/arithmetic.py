@@ -26,7 +26,6 @@ docs/ARITHMETIC.md.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -404,14 +403,6 @@ def write_jsonl(problems: Iterable[dict], path: str | os.PathLike, format: str =
     if format not in _FORMATS:
         raise ValueError(f"format must be one of {sorted(_FORMATS)}, got {format!r}")
     keys = _FORMATS[format]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in problems:
-            row = rec if keys is None else {k: rec[k] for k in keys}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    from stillroom.data.jsonl import write_jsonl_atomic
+
+    return write_jsonl_atomic(path, (rec if keys is None else {k: rec[k] for k in keys} for rec in problems))

@@ -30,7 +30,8 @@ from urllib.parse import urlsplit
 
 from stillroom.config.load import ConfigError
 from stillroom.config.schema import GenerateConfig, GenerateInput, RunConfig
-from stillroom.methods.generation_export import export_rows, with_answer, write_json_atomic, write_jsonl_atomic
+from stillroom.data.jsonl import write_jsonl_atomic
+from stillroom.methods.generation_export import export_rows, with_answer, write_json_atomic
 from stillroom.methods.genstore import GenerationStore
 from stillroom.methods.teacher_generate import CompleteFn, generate_with, render_prompts
 

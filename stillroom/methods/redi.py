@@ -53,6 +53,7 @@ from stillroom.config.schema import RunConfig
 from stillroom.data.batch import Batch, Example
 from stillroom.data.errors import BadRecord, BadRecordPolicy, DataError
 from stillroom.data.formats import TextEncoder, encode_record
+from stillroom.data.jsonl import write_jsonl_atomic
 from stillroom.data.pipeline import good_records, is_heldout, record_key, source_tags
 from stillroom.data.readers import describe
 from stillroom.data.sampler import ExampleSampler
@@ -403,20 +404,6 @@ def _select(judged: dict[str, tuple[str, list[tuple[int, str, bool]]]], counts: 
     return sft_rows, pref_rows
 
 
-def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
-    """Write ``rows`` as JSONL atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
-
-
 def preference_data_from_store(store_path: str | os.PathLike, items: Sequence[dict], verifier: Any, out_dir: str | os.PathLike,
                                **kwargs: Any) -> dict:
     """Read a generation store, build D_SFT / D_Pref, write ``<out_dir>/sft.jsonl`` and ``pref.jsonl``; return the counts."""
@@ -427,8 +414,8 @@ def preference_data_from_store(store_path: str | os.PathLike, items: Sequence[di
     stats: dict = {}
     sft_rows, pref_rows = build_preference_data(records, items, verifier, stats=stats, **kwargs)
     out = Path(out_dir)
-    stats["sft_path"] = str(write_jsonl(sft_rows, out / "sft.jsonl"))
-    stats["pref_path"] = str(write_jsonl(pref_rows, out / "pref.jsonl"))
+    stats["sft_path"] = str(write_jsonl_atomic(out / "sft.jsonl", sft_rows))
+    stats["pref_path"] = str(write_jsonl_atomic(out / "pref.jsonl", pref_rows))
     return stats
 
 
@@ -452,8 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.export:
         stats: dict = {}
         sft_rows, pref_rows = preference_data_from_export(_read_jsonl(args.export), stats=stats)
-        stats["sft_path"] = str(write_jsonl(sft_rows, Path(args.out) / "sft.jsonl"))
-        stats["pref_path"] = str(write_jsonl(pref_rows, Path(args.out) / "pref.jsonl"))
+        stats["sft_path"] = str(write_jsonl_atomic(Path(args.out) / "sft.jsonl", sft_rows))
+        stats["pref_path"] = str(write_jsonl_atomic(Path(args.out) / "pref.jsonl", pref_rows))
     else:
         stats = preference_data_from_store(args.store, _read_jsonl(args.items), args.verifier, args.out,
                                            id_field=args.id_field, prompt_field=args.prompt_field)
