@@ -295,3 +295,16 @@ def test_shipped_recipe_validates():
     terms = {t.name: t.weight for t in cfg.loss.terms}
     assert terms == {"ce": 1.0, "forward_kl": 0.2} and cfg.loss.loss_temperature == 1.0
     assert len({s.domain for s in cfg.data.sources}) == len(cfg.data.sources) >= 2
+
+
+def test_cli_run_writes_the_domain_report(tmp_path, tiny_teacher_dir):
+    """`stillroom run` end to end with method ddk: metrics carry the domain weights and the run
+    folder gets ddk.md / ddk_domains.png next to report.md (the method's report hook)."""
+    from stillroom.cli.main import main
+
+    recipe = _recipe(tmp_path, tiny_teacher_dir, train={"steps": 4, "save_every": 0})
+    assert main(["run", str(recipe)]) == 0
+    run_dir = tmp_path / "runs" / "ddk"
+    for name in ("report.md", "ddk.md", "ddk_domains.png"):
+        assert (run_dir / name).is_file(), name
+    assert "ddk/r/prose" in _records(run_dir)[-1]
