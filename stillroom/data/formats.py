@@ -91,26 +91,27 @@ def infer_format(fields: dict, src: DataSource, label: str, where: str) -> Forma
     )
 
 
-def _string(fields: dict, key: str, setting: str) -> str:
+def string_field(fields: dict, key: str, fix: str) -> str:
+    """``fields[key]`` as a string, or :class:`BadRecord` naming the field and ``fix`` (what to set)."""
     if key not in fields:
-        raise BadRecord(f"missing field {key!r} (fields: {sorted(fields)}); set data.sources[].{setting}")
+        raise BadRecord(f"missing field {key!r} (fields: {sorted(fields)}); {fix}")
     value = fields[key]
     if not isinstance(value, str):
-        raise BadRecord(f"field {key!r} must be a string, got {type(value).__name__}")
+        raise BadRecord(f"field {key!r} must be a string, got {type(value).__name__} ({value!r:.60})")
     return value
 
 
 def encode_record(fields: dict, fmt: Format, src: DataSource, enc: TextEncoder) -> Encoded | None:
     """Encode one record; ``None`` when it has no content (counted as dropped_empty)."""
     if fmt == "text":
-        text = _string(fields, src.text_field, "text_field")
+        text = string_field(fields, src.text_field, "set data.sources[].text_field")
         if not text.strip():
             return None
         ids = enc.encode(text) + enc.eos()
         return Encoded(enc.bos_prefix + ids, [False] * len(enc.bos_prefix) + [True] * len(ids))
     if fmt == "prompt_completion":
-        prompt = _string(fields, src.prompt_field, "prompt_field")
-        completion = _string(fields, src.completion_field, "completion_field")
+        prompt = string_field(fields, src.prompt_field, "set data.sources[].prompt_field")
+        completion = string_field(fields, src.completion_field, "set data.sources[].completion_field")
         if not prompt.strip() and not completion.strip():
             return None
         head = enc.bos_prefix + enc.encode(prompt)

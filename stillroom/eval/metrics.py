@@ -62,6 +62,29 @@ def inference_mode(model: torch.nn.Module, precision: str) -> Iterator[torch.dev
         model.train(was_training)
 
 
+def row_nll(model: torch.nn.Module, batch: Batch, precision: str = "fp32", *,
+            vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed NLL and counted tokens of ``batch`` under ``model`` (one no-grad forward).
+
+    Returns ``(nll_sum_b [B] float64, count_b [B] int64)`` on the CPU, summed over the positions
+    where ``batch.loss_mask`` is True (padding and prompts excluded). The log-softmax is taken in
+    fp32, one ``[T, V]`` row at a time, over the first ``vocab_size`` logits (the whole head when
+    ``None``). Used for MiniPLM scores, REDI's log-prob monitor and step-by-step's per-task CE.
+    """
+    with inference_mode(model, precision) as device:
+        b = batch.to(device)
+        logits_btv = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+        if vocab_size is not None:
+            logits_btv = logits_btv[..., :vocab_size]
+        mask_bt = b.loss_mask
+        sums, counts = [], []
+        for row in range(logits_btv.shape[0]):
+            nll_t = F.cross_entropy(logits_btv[row].float(), b.target_ids[row], ignore_index=-100, reduction="none")
+            sums.append((nll_t * mask_bt[row]).sum(dtype=torch.float64))
+            counts.append(mask_bt[row].sum())
+    return torch.stack(sums).cpu(), torch.stack(counts).cpu()
+
+
 def teacher_logits_from_model(teacher: torch.nn.Module) -> Callable[[Batch], torch.Tensor]:
     """A ``teacher_logits_fn`` for :func:`evaluate_lm` that runs an in-process model.
 

@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from stillroom.data.batch import Batch, Example, collate
-from stillroom.eval.metrics import inference_mode
+from stillroom.eval.metrics import row_nll as instance_nll  # per-instance NLL sums and counts
 
 Log = Callable[[str], None]
 
@@ -60,26 +59,6 @@ class InstanceScore:
 
 
 # ---------------------------------------------------------------- scoring math
-def instance_nll(model: torch.nn.Module, batch: Batch, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed NLL and counted tokens of ``batch`` under ``model``.
-
-    Runs one no-grad forward (bf16 autocast when ``precision == "bf16"``); the log-softmax is
-    taken in fp32 over the model's whole output head. Returns ``(nll_sum_b [B] float64,
-    count_b [B] int64)``: sums over positions where ``batch.loss_mask`` is True, so padding and
-    non-target positions are excluded. The per-instance mean is ``nll_sum_b / count_b``.
-    """
-    with inference_mode(model, precision) as device:
-        b = batch.to(device)
-        logits_btv = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        mask_bt = b.loss_mask
-        sums, counts = [], []
-        for row in range(logits_btv.shape[0]):  # one [T, V] fp32 log-softmax at a time
-            nll_t = F.cross_entropy(logits_btv[row].float(), b.target_ids[row], ignore_index=-100, reduction="none")
-            sums.append((nll_t * mask_bt[row]).sum(dtype=torch.float64))
-            counts.append(mask_bt[row].sum())
-    return torch.stack(sums).cpu(), torch.stack(counts).cpu()
-
-
 def degenerate_reason(example: Example, special_ids: set[int]) -> str | None:
     """Why ``example`` cannot be ranked (``None`` when it can): no target token, or nothing but special tokens."""
     if not any(example.target[1:]):

@@ -41,7 +41,6 @@ and one incorrect trace per problem that has both).
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -54,6 +53,7 @@ from stillroom.data.batch import Batch, Example
 from stillroom.data.errors import BadRecord, BadRecordPolicy, DataError
 from stillroom.data.formats import TextEncoder, encode_record
 from stillroom.data.jsonl import write_jsonl_atomic
+from stillroom.eval.metrics import row_nll
 from stillroom.data.pipeline import good_records, is_heldout, record_key, source_tags
 from stillroom.data.readers import describe
 from stillroom.data.sampler import ExampleSampler
@@ -202,18 +202,10 @@ def redi_weights(batch: Batch, *, alpha: float, global_pairs: float, global_targ
     return scale_b[:, None] * mask_bt.to(torch.float32)
 
 
-@torch.no_grad()
 def normalised_logps(model: torch.nn.Module, batch: Batch, *, precision: str = "fp32") -> torch.Tensor:
     """``[B]`` float32: ``log pi(y | x) / |y|`` of each row (response tokens only, log-softmax in fp32)."""
-    device = next(model.parameters()).device
-    b = batch.to(device)
-    ctx = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    with ctx:
-        logits_btv = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-    logp_btv = torch.log_softmax(logits_btv.float(), dim=-1)
-    mask_bt = b.loss_mask
-    tok_bt = torch.gather(logp_btv, 2, b.target_ids.clamp(min=0)[..., None]).squeeze(-1) * mask_bt
-    return (tok_bt.sum(dim=1) / mask_bt.sum(dim=1).clamp(min=1)).cpu()
+    nll_b, count_b = row_nll(model, batch, precision=precision)
+    return (-nll_b / count_b.clamp(min=1)).float()
 
 
 class RediBatches:

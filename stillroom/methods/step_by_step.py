@@ -58,10 +58,11 @@ import torch
 from stillroom.config.schema import DataSource, StepByStepConfig
 from stillroom.data.batch import Batch, Example
 from stillroom.data.errors import BadRecord, BadRecordPolicy, DataError
-from stillroom.data.formats import TextEncoder
+from stillroom.data.formats import TextEncoder, string_field
 from stillroom.data.pipeline import good_records, is_heldout, record_key, source_tags
 from stillroom.data.readers import describe
 from stillroom.data.sampler import ExampleSampler
+from stillroom.eval.metrics import row_nll
 
 PREDICT, EXPLAIN, SINGLE = "predict", "explain", "single"
 
@@ -92,15 +93,6 @@ class StepByStepData:
     """The predict sequence of every training record used (``label_only``'s data)."""
 
 
-def _field(fields: dict, key: str, setting: str) -> str:
-    if key not in fields:
-        raise BadRecord(f"missing field {key!r} (fields: {sorted(fields)}); set {setting} or fix the record")
-    value = fields[key]
-    if not isinstance(value, str):
-        raise BadRecord(f"field {key!r} must be a string, got {type(value).__name__} ({value!r:.60})")
-    return value
-
-
 def read_records(
     sources: list[DataSource], cfg: StepByStepConfig, *, seed: int, heldout_fraction: float, on_bad_record: str,
 ) -> tuple[list[TaskRecord], list[TaskRecord], dict]:
@@ -122,9 +114,10 @@ def read_records(
         for item in good_records(src, seed, policy, stats):
             readable += 1
             try:
-                x = _field(item.fields, x_key, x_set)
-                label = _field(item.fields, y_key, y_set)
-                rationale = _field(item.fields, cfg.rationale_field, "step_by_step.rationale_field")
+                x = string_field(item.fields, x_key, f"set {x_set} or fix the record")
+                label = string_field(item.fields, y_key, f"set {y_set} or fix the record")
+                rationale = string_field(item.fields, cfg.rationale_field,
+                                         "set step_by_step.rationale_field or fix the record")
             except BadRecord as bad:
                 policy(bad.at(item.where))
                 continue
@@ -303,25 +296,19 @@ class TaskWeights:
         return dict(self.last)
 
 
-def task_ce_fn(model: torch.nn.Module, vocab_size: int, all_reduce_sum: Callable[[float], float], device: str
+def task_ce_fn(model: torch.nn.Module, vocab_size: int, all_reduce_sum: Callable[[float], float]
                ) -> Callable[[list[Batch]], dict[str, float]]:
     """An extra no-grad forward: mean CE of each task over the step's batches (at the step's parameters)."""
 
-    @torch.no_grad()
     def measure(micro: list[Batch]) -> dict[str, float]:
         sums = {PREDICT: 0.0, EXPLAIN: 0.0}
         counts = {PREDICT: 0.0, EXPLAIN: 0.0}
         for b in micro:
-            bb = b.to(device)
-            logits_btv = model(input_ids=bb.input_ids, attention_mask=bb.attention_mask).logits[..., :vocab_size]
-            mask_bt = bb.loss_mask
-            nll_bt = torch.nn.functional.cross_entropy(
-                logits_btv.float().transpose(1, 2), bb.target_ids.clamp_min(0), reduction="none") * mask_bt
+            nll_b, count_b = row_nll(model, b, vocab_size=vocab_size)
             pred_b, expl_b = task_masks(b)
             for task, rows in ((PREDICT, pred_b), (EXPLAIN, expl_b)):
-                rows = rows.to(mask_bt.device)
-                sums[task] += float(nll_bt[rows].sum())
-                counts[task] += float(mask_bt[rows].sum())
+                sums[task] += float(nll_b[rows].sum())
+                counts[task] += float(count_b[rows].sum())
         return {f"step_by_step/ce_{t}": all_reduce_sum(sums[t]) / max(all_reduce_sum(counts[t]), 1.0) for t in sums}
 
     return measure
@@ -359,7 +346,7 @@ def build_hooks(p: Any, model: torch.nn.Module, *, mix: Any, run_dir: Path, log:
     p.splits.train = data.predict_train
     if sc.variant != "multi_task":
         return MethodHooks(train_examples=data.train)
-    task_ce = task_ce_fn(model, p.vocab_size, p.topology.all_reduce_sum, cfg.train.device) if sc.task_ce_every else None
+    task_ce = task_ce_fn(model, p.vocab_size, p.topology.all_reduce_sum) if sc.task_ce_every else None
     weights = TaskWeights(sc.alpha, p.topology.all_reduce_sum, task_ce, sc.task_ce_every)
     return MethodHooks(train_examples=data.train, sampler_factory=PairSampler, prepare_batches=weights,
                        log_state=weights.log_state)
