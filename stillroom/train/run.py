@@ -125,7 +125,6 @@ def loss_config_for(cfg: RunConfig, method: str) -> LossConfig:
 class Objective:
     """What one training run optimises and where its teacher signal comes from (built before step 0)."""
 
-    method: str
     mix: LossMix
     teacher: object | None
     hooks: MethodHooks
@@ -155,7 +154,7 @@ def build_objective(
             hidden_layers=mix.teacher_hidden_layers, output_device=cfg.train.device, train_examples=p.splits.train,
             attentions=mix.needs_attentions,
         )
-    return Objective(method, mix, teacher, hooks)
+    return Objective(mix, teacher, hooks)
 
 
 def periodic_evaluation(p: Prepared) -> Callable[[torch.nn.Module], dict]:
