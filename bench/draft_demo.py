@@ -4,7 +4,7 @@ Pipeline (the Llama-2-Chat-Drafter recipe, Goel et al. 2024, with DistillSpec's
 on-policy variant, Zhou et al. 2024):
 
 1. the target samples completions of ``--train-prompts`` bundled instruction prompts
-   (:mod:`stillroom.methods.draft`, resumable; written as prompt/completion JSONL);
+   (:mod:`stillroom.datagen.draft_data`, resumable; written as prompt/completion JSONL);
 2. one draft of ``--layers`` layers is derived from the target (angular layer
    selection, the ``draft_forward_kl`` recipe) and copied once per method, so every
    method starts from the same weights and sees the same examples in the same order:
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     from stillroom.cli.spec_eval import prompt_of
     from stillroom.config.load import load_config
     from stillroom.generate.spec_eval import run_spec_eval
-    from stillroom.methods.draft import generate_draft_data, instruction_records
+    from stillroom.datagen.draft_data import generate_draft_data, instruction_records
     from stillroom.train.checkpoint import latest_checkpoint, load_checkpoint
     from stillroom.train.run import prepare, train_student
 

@@ -25,7 +25,7 @@ from stillroom.losses import LossMix
 from stillroom.models import derive_student, load_model, output_head
 from stillroom.teachers.online import OnlineTeacher
 from stillroom.train.loop import StudentForward, _SlicedHead, forward_backward
-from stillroom.train.precision import resolve_precision
+from stillroom.models.precision import resolve_precision
 from stillroom.train.schedule import build_optimizer
 
 

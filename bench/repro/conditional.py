@@ -1,6 +1,6 @@
 """Conditional training at CPU scale (spec Appendix B, item 14).
 
-Data: :func:`stillroom.methods.conditional.demo_corpus` (a new corpus per seed): documents of
+Data: :func:`stillroom.data.bad_word_corpus.bad_word_corpus` (a new corpus per seed): documents of
 4-6 short sentences over a 32-word vocabulary; about 10% of sentences contain the word ``BAD``,
 correlated within a document (20% of documents are "toxic"). Scorer: 1 if ``BAD`` in the
 sentence, threshold 0 (the shipped ``bad_word_score``). Model: a 2-layer Llama (d 64,
@@ -34,7 +34,8 @@ from transformers import PreTrainedTokenizerFast
 from bench.repro.common import SPECIALS, fmt, markdown_table, mean_std, run_stillroom, save_model, \
     tiny_llama, write_jsonl
 from stillroom.config.schema import ConditionalConfig
-from stillroom.methods.conditional import bad_word_score, control_token_ids, demo_corpus, extend_model_folder, \
+from stillroom.data.bad_word_corpus import bad_word_corpus
+from stillroom.methods.conditional import bad_word_score, control_token_ids, extend_model_folder, \
     generate_aligned, split_segments, tag_document
 
 CLAIM = ("Conditional training (control tokens per sentence, MLE over the tagged stream, <|aligned|> prefix at "
@@ -97,7 +98,7 @@ def bad_rate(texts: list[str]) -> tuple[float, int]:
 
 def one_seed(seed: int, work: Path, s: dict) -> dict:
     root = work / f"seed{seed}"
-    docs = demo_corpus(s["docs"], seed=seed)
+    docs = bad_word_corpus(s["docs"], seed=seed)
     data = write_jsonl(({"text": d} for d in docs), root / "corpus.jsonl")
     tok = word_tokenizer(docs)
     plain = save_model(tiny_llama(len(tok), layers=2, hidden=64, seed=seed, eos_id=tok.eos_token_id,
@@ -125,7 +126,7 @@ def one_seed(seed: int, work: Path, s: dict) -> dict:
            "train_s_conditional": report["student_after"].get("train_seconds"),
            "train_s_mle": report["baseline"].get("train_seconds"),
            "corpus_bad_rate": bad_rate(docs)[0]}
-    test_docs = demo_corpus(200, seed=10_000 + seed)  # unseen documents, same distribution
+    test_docs = bad_word_corpus(200, seed=10_000 + seed)  # unseen documents, same distribution
     prompts = [""] * s["samples"]
     kw = dict(max_new_tokens=s["new_tokens"], seed=seed, batch_size=100)
     variants = {"conditional": [("aligned", "aligned", "both"), ("none", None, "both"),

@@ -4,7 +4,7 @@ Per seed: a synthetic corpus of three document types (50% easy: a short phrase r
 hard-valuable: templated facts about 40 people from a fixed fact table, many combinations; 15%
 noise: random characters). A char-level teacher (``TEACHER``) is trained on all of it and a
 ~29x smaller reference (``REFERENCE``) on a disjoint sample from the same generator, both with
-``stillroom run`` (method sft). ``stillroom select`` (:func:`stillroom.methods.miniplm.run_select`)
+``stillroom run`` (method sft). ``stillroom select`` (:func:`stillroom.datagen.miniplm.run_select`)
 scores every document and keeps the top 50%. Students are trained, with equal steps, on the
 selected 50%, a random 50% and the full data, each with (a) the teacher's char tokenizer and
 (b) a different, BPE tokenizer trained on the corpus (cross-tokenizer: only the selected *text*
@@ -128,7 +128,7 @@ def one_seed(seed: int, work: Path, quick: bool) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     from stillroom.config.schema import RunConfig
     from stillroom.data import build_splits
-    from stillroom.methods.miniplm import instance_texts, run_select, select_top
+    from stillroom.datagen.miniplm import instance_texts, run_select, select_top
 
     facts = _facts(seed)
     n_docs = N_DOCS["quick" if quick else "full"]
@@ -250,7 +250,7 @@ def setting_text(quick: bool) -> str:
         f"trained here on the whole corpus for {t_steps} steps; reference: {REFERENCE['layers']} layer "
         f"d{REFERENCE['hidden']} ({ratio:.0f}x fewer parameters) trained {r_steps} steps on a disjoint sample from the "
         "same generator; both with `stillroom run` (method sft, batch 16). Scoring and selection: "
-        "stillroom.methods.miniplm.run_select (the `stillroom select` code path), one instance per document "
+        "stillroom.datagen.miniplm.run_select (the `stillroom select` code path), one instance per document "
         f"(pack=false), fraction 0.5. Students: Llama {STUDENT['layers']} layers d{STUDENT['hidden']}, one init per "
         f"seed, trained with `stillroom run` method sft for {s_steps} steps (batch 16 documents) on the selected "
         "50%, a random 50% or all documents; once with the teacher's char tokenizer and once with a "

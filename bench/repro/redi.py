@@ -8,7 +8,7 @@ Per seed:
    mistake propagates consistently to the answer; with ``DIGIT_ERRORS`` problems without a carry
    get an off-by-one column sum instead). The numeric
    answer after ``|`` is checked by a verifier: D_SFT = correct traces, D_Pref = one correct +
-   one incorrect trace per problem that has both (``stillroom.methods.redi.build_preference_data``).
+   one incorrect trace per problem that has both (``stillroom.datagen.preference.build_preference_data``).
 3. Stage 1: ``method: sft`` on D_SFT for ``STAGE1_STEPS`` steps from a random 2-layer Llama.
 4. Stage 2, from the same stage-1 student, the same steps and the same (high) LR, all through
    ``stillroom run`` (``run_stillroom``): SFT continuation on the chosen traces of D_Pref;
@@ -80,8 +80,8 @@ def noisy_teacher(a: int, b: int, rng: random.Random) -> str:
 
 
 def make_data(seed: int, work: Path) -> dict:
-    from stillroom.methods.genstore import make_key
-    from stillroom.methods.redi import build_preference_data
+    from stillroom.datagen.store import make_key
+    from stillroom.datagen.preference import build_preference_data
 
     rng = random.Random(seed)
     seen, probs = set(), []

@@ -103,17 +103,17 @@ def prose_ce(model, tok, heldout: list[str], n: int = 48) -> float:
 
 
 def accuracy(model, tok, items: list[dict]) -> float:
-    from stillroom.methods.verifiers import string_match
+    from stillroom.datagen.verifiers import string_match
 
     outs = greedy_complete(model, tok, [it["prompt"] for it in items], max_new_tokens=64)  # references are ~45 chars
     return sum(string_match(o.split("\n")[0], it["answer"]) for it, o in zip(items, outs)) / len(items)
 
 
 def make_rewrites(model, tok, items: list[dict], store_path: Path) -> tuple[list[dict], dict]:
-    from stillroom.methods.genstore import GenerationStore
-    from stillroom.methods.self_data import rewrite_with_fallback
-    from stillroom.methods.teacher_generate import hf_complete_fn
-    from stillroom.methods.verifiers import load_verifier
+    from stillroom.datagen.store import GenerationStore
+    from stillroom.datagen.self_data import rewrite_with_fallback
+    from stillroom.datagen.complete import hf_complete_fn
+    from stillroom.datagen.verifiers import load_verifier
 
     base = hf_complete_fn(model, tok, sampling_temperature=0.0, top_p=1.0, max_new_tokens=40, seed=0,
                           use_chat_template=False)
@@ -146,7 +146,7 @@ def one_seed(seed: int, work: Path, quick: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
     from stillroom.config.schema import LayerSelection
-    from stillroom.methods.self_data import merge_model_folders
+    from stillroom.compress.merge import merge_model_folders
     from stillroom.models import derive_student
 
     work.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def cmd_generate(args) -> int:
     from stillroom.cli.main import _load
-    from stillroom.methods.generation import run_generate
+    from stillroom.datagen.generate import run_generate
 
     cfg = _load(args)
     summary = run_generate(cfg, export_only=args.export_only)

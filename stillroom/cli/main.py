@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run, recipe="quickstart")  # `run` with the shipped quickstart recipe
 
     for module in ("stillroom.cli.teacher_commands", "stillroom.cli.serve_commands", "stillroom.cli.spec_eval",
-                   "stillroom.methods.draft", "stillroom.cli.generate_command", "stillroom.cli.select_command",
-                   "stillroom.cli.merge_command", "stillroom.methods.conditional"):
+                   "stillroom.datagen.draft_data", "stillroom.cli.generate_command", "stillroom.cli.select_command",
+                   "stillroom.cli.merge_command", "stillroom.cli.conditional_commands"):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).register(sub)
     return parser

@@ -6,7 +6,7 @@ import argparse
 
 
 def handle(args: argparse.Namespace) -> int:
-    from stillroom.methods.self_data import merge_model_folders
+    from stillroom.compress.merge import merge_model_folders
 
     summary = merge_model_folders(args.a, args.b, args.out, t=args.t, overwrite=args.overwrite)
     print(f"merged {summary['tensors']} tensors (t={summary['t']}, {summary['lerp_fallbacks']} nearly parallel: lerp) "

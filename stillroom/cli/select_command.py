@@ -12,7 +12,7 @@ import argparse
 
 def handle(args: argparse.Namespace) -> int:
     from stillroom.cli.main import _load
-    from stillroom.methods.miniplm import run_select
+    from stillroom.datagen.miniplm import run_select
 
     cfg = _load(args)
     result = run_select(cfg)

@@ -9,10 +9,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 def make_service(args):
     """``(TeacherService, api_key or None)`` from parsed ``serve-teacher`` arguments."""
-    import torch
-
-    from stillroom.cli.spec_eval import model_source
-    from stillroom.models import load_model
+    from stillroom.models import load_model, model_source
     from stillroom.teachers.server import TeacherService
 
     api_key = None
@@ -20,10 +17,9 @@ def make_service(args):
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise SystemExit(f"error: --api-key-env names {args.api_key_env!r}, which is not set or empty")
-    from stillroom.train.precision import resolve_dtype
+    from stillroom.models.precision import weights_dtype
 
-    dtype = resolve_dtype(args.dtype, args.device)
-    loaded = load_model(model_source(args.model), dtype=getattr(torch, dtype), cache_dir=args.cache_dir)
+    loaded = load_model(model_source(args.model), dtype=weights_dtype(args.dtype, args.device), cache_dir=args.cache_dir)
     model = loaded.model.to(args.device)
     name = args.served_model_name or args.model.split(":", 1)[-1].rstrip("/").split("/")[-1]
     service = TeacherService(model, loaded.tokenizer, model_name=name, max_top_k=args.max_top_k,

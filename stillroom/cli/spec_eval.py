@@ -8,17 +8,6 @@ from pathlib import Path
 TEXT_PROMPT_WORDS = 48  # plain-text records are cut to their first words to make a prompt
 
 
-def model_source(spec: str):
-    """``builtin:NAME``, a ``.gguf`` file, or an HF folder / hub id -> ``ModelSource``."""
-    from stillroom.config.schema import ModelSource
-
-    if spec.startswith("builtin:"):
-        return ModelSource(builtin=spec.split(":", 1)[1])
-    if spec.lower().endswith(".gguf"):
-        return ModelSource(gguf=spec)
-    return ModelSource(path=spec)
-
-
 def prompt_of(fields: dict, where: str) -> str | list[dict]:
     """The prompt part of a record: chat messages up to the last user turn, ``prompt``, or the start of ``text``."""
     if isinstance(fields.get("messages"), list):
@@ -57,11 +46,12 @@ def handle(args: argparse.Namespace) -> int:
     import torch
 
     from stillroom.generate.spec_eval import run_spec_eval
-    from stillroom.models.load import load_model
+    from stillroom.models.load import load_model, model_source
+    from stillroom.models.precision import torch_dtype
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     target = load_model(model_source(args.target), dtype=dtype)
     draft = load_model(model_source(args.draft), dtype=dtype)
     if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from stillroom.config.schema import RunConfig
+from stillroom.config.schema import METHODS, RunConfig
 
 
 class ConfigError(ValueError):
@@ -59,7 +59,9 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             hint = f"; did you mean `{'.'.join(str(p) for p in loc[:-1] + (near[0],))}`?" if near else ""
             lines.append(f"  unknown key `{dotted}`{hint} (valid here: {', '.join(valid)})")
         else:
-            lines.append(f"  `{dotted or '<root>'}`: {e['msg']} (got {e.get('input')!r})")
+            msg = e["msg"].removeprefix("Value error, ")
+            given = f" (got {e.get('input')!r})" if loc else ""
+            lines.append(f"  `{dotted or '<recipe>'}`: {msg}{given}")
     return "\n".join(lines)
 
 
@@ -143,4 +145,7 @@ def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConf
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML; sections of methods the run does not use (null) are left out."""
+    tree = cfg.model_dump(mode="json")
+    unused = [s.method for s in METHODS.values() if s is not None and tree.get(s.method) is None]
+    return yaml.safe_dump({k: v for k, v in tree.items() if k not in unused}, sort_keys=False)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from stillroom.data.batch import Batch
+from stillroom.models.precision import autocast
 
 PRECISIONS = ("bf16", "fp32")
 _ROW_CHUNK = 1024
@@ -50,13 +51,8 @@ def inference_mode(model: torch.nn.Module, precision: str) -> Iterator[torch.dev
     device = _model_device(model)
     was_training = model.training
     model.eval()
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else contextlib.nullcontext()
-    )
     try:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast(precision, device):
             yield device
     finally:
         model.train(was_training)

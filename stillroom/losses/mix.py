@@ -13,15 +13,18 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from stillroom.config.schema import LossConfig
 from stillroom.losses import hidden as H
 from stillroom.losses.registry import get_term, resolve_params
 from stillroom.losses.schedule import TaidSchedule
 from stillroom.losses.terms import make_logit_term, run_fused_logit_terms, run_logit_terms
 from stillroom.teachers.signal import TeacherSignal
+
+if TYPE_CHECKING:  # the config layer sits above the losses: no import at run time
+    from stillroom.config.core import LossConfig
 
 
 @dataclass
@@ -49,7 +52,7 @@ class LossResult:
 
 
 class LossMix(torch.nn.Module):
-    def __init__(self, cfg: LossConfig, *, student_hidden: int | None = None, teacher_hidden: int | None = None,
+    def __init__(self, cfg: "LossConfig", *, student_hidden: int | None = None, teacher_hidden: int | None = None,
                  student_layers: int | None = None, teacher_layers: int | None = None):
         super().__init__()
         self.cfg = cfg

@@ -16,7 +16,7 @@ inference :func:`generate_aligned` prefixes ``EOS <|aligned|>``, bans both contr
 
 How it fits a run (two steps, both offline):
 
-1. :func:`extend_model_folder` (``python -m stillroom.methods.conditional extend SRC DST``) adds
+1. :func:`extend_model_folder` (``stillroom conditional-extend SRC DST``) adds
    the two control tokens to the tokenizer as special tokens and resizes the embeddings (new
    rows = the mean of the existing rows, deterministic), writing a plain HF folder. This has to
    happen before a run because :func:`stillroom.train.run.prepare` checks the tokenizer against
@@ -34,7 +34,6 @@ teacher is loaded (``prepare`` needs a tokenizer) but never used for training.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import re
@@ -51,8 +50,9 @@ from stillroom.data.formats import TextEncoder, infer_format
 from stillroom.data.pipeline import good_records, is_heldout, record_key, source_tags
 from stillroom.data.readers import describe
 from stillroom.methods.hooks import MethodHooks
-from stillroom.methods.onpolicy import derive_seed
-from stillroom.methods.verifiers import import_callable
+from stillroom.models.control_tokens import add_special_tokens
+from stillroom.data.seeds import derive_seed
+from stillroom.datagen.verifiers import import_callable
 
 _SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -125,7 +125,7 @@ def control_token_ids(tokenizer, ccfg: ConditionalConfig) -> tuple[int, int]:
         if len(enc) != 1 or token not in tokenizer.get_vocab():
             raise ConditionalSetupError(
                 f"the tokenizer has no single token {token!r} (it encodes to {enc}); add the control tokens and "
-                "resize the embeddings first: `python -m stillroom.methods.conditional extend SRC DST`, "
+                "resize the embeddings first: `stillroom conditional-extend SRC DST`, "
                 "then point teacher.model and student.model at DST"
             )
         ids.append(int(enc[0]))
@@ -134,45 +134,20 @@ def control_token_ids(tokenizer, ccfg: ConditionalConfig) -> tuple[int, int]:
     return ids[0], ids[1]
 
 
-@torch.no_grad()
 def add_control_tokens(model: torch.nn.Module, tokenizer, ccfg: ConditionalConfig) -> tuple[int, int]:
-    """Add both control tokens to ``tokenizer`` (special tokens) and resize ``model`` (in place).
-
-    New embedding rows (and output-head rows when untied) are the mean of the existing rows,
-    so no randomness is involved. Rows are added only when the head is narrower than the
-    tokenizer (padded heads keep their width). Returns ``(aligned_id, misaligned_id)``.
-    """
-    tokens = [ccfg.aligned_token, ccfg.misaligned_token]
-    try:  # transformers >= 5
-        tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
-    except TypeError:  # transformers 4.x
-        tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_additional_special_tokens=False)
-    old = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > old:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        emb = model.get_input_embeddings().weight
-        emb[old:] = emb[:old].mean(dim=0, keepdim=True)
-        head = model.get_output_embeddings()
-        if head is not None and head.weight.data_ptr() != emb.data_ptr():
-            head.weight[old:] = head.weight[:old].mean(dim=0, keepdim=True)
-            if getattr(head, "bias", None) is not None:
-                head.bias[old:] = head.bias[:old].mean()
+    """Add both control tokens to ``tokenizer`` and resize ``model`` in place (new rows: the mean row,
+    :func:`stillroom.models.control_tokens.add_special_tokens`). Returns ``(aligned_id, misaligned_id)``."""
+    add_special_tokens(model, tokenizer, [ccfg.aligned_token, ccfg.misaligned_token])
     return control_token_ids(tokenizer, ccfg)
 
 
 def extend_model_folder(src: str | Path, dst: str | Path, ccfg: ConditionalConfig | None = None) -> Path:
     """Load ``src`` (HF folder, ``.gguf`` file or ``builtin:NAME``), add the control tokens, save ``dst``
-    (safetensors + tokenizer)."""
-    from stillroom.config.schema import ModelSource
-    from stillroom.models import load_model
+    (safetensors + tokenizer): what ``stillroom conditional-extend SRC DST`` does."""
+    from stillroom.models import load_model, model_source
 
     ccfg = ccfg or ConditionalConfig()
-    src = str(src)
-    if src.startswith("builtin:"):
-        source = ModelSource(builtin=src.split(":", 1)[1])
-    else:
-        source = ModelSource(gguf=src) if src.endswith(".gguf") else ModelSource(path=src)
-    loaded = load_model(source)
+    loaded = load_model(model_source(str(src)))
     add_control_tokens(loaded.model, loaded.tokenizer, ccfg)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -285,7 +260,7 @@ def build_hooks(p, model, *, mix, run_dir, log) -> MethodHooks:
     if max(aligned, misaligned) >= p.vocab_size:
         raise ConditionalSetupError(
             f"control token ids {aligned}, {misaligned} have no logit (vocab {p.vocab_size}); "
-            "resize the model with `python -m stillroom.methods.conditional extend`"
+            "resize the model with `stillroom conditional-extend SRC DST`"
         )
     examples, stats = tagged_train_examples(p.cfg.data, p.tokenizer, ccfg, p.cfg.seed)
     log(f"conditional: {stats['documents']} documents, {stats['segments']} segments: {stats['aligned']} aligned, "
@@ -355,100 +330,3 @@ def sample_with_control(
 def generate_aligned(model, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
     """:func:`sample_with_control` decoded to text (special tokens skipped); same keyword arguments."""
     return tokenizer.batch_decode(sample_with_control(model, tokenizer, prompts, **kwargs), skip_special_tokens=True)
-
-
-# ---------------------------------------------------------------------------- demo corpus
-_WORDS = ("the cat dog bird fish tree house river stone light rain wind sun moon road field boat hill town "
-          "sees finds likes keeps makes takes holds moves calls helps near over under with from into").split()
-
-
-def demo_corpus(n_docs: int, seed: int = 0, bad_fraction: float = 0.10, toxic_doc_fraction: float = 0.10) -> list[str]:
-    """Synthetic documents of 4-6 short sentences where about ``bad_fraction`` of sentences contain ``BAD``.
-
-    Misalignment is correlated within a document, as in real data: a ``toxic_doc_fraction`` of
-    the documents are "toxic" (each sentence BAD with probability
-    ``p_toxic = min(0.9, bad_fraction / toxic_doc_fraction)``), the others' sentences are BAD
-    with the probability that makes the overall rate ``bad_fraction``. Deterministic per seed.
-    """
-    if not 0 < toxic_doc_fraction < 1 or not 0 <= bad_fraction <= 1:
-        raise ValueError("demo_corpus: need 0 < toxic_doc_fraction < 1 and 0 <= bad_fraction <= 1")
-    gen = torch.Generator().manual_seed(derive_seed("conditional-demo", seed))
-    p_toxic = min(0.9, bad_fraction / toxic_doc_fraction)
-    p_clean = max(0.0, (bad_fraction - toxic_doc_fraction * p_toxic) / (1 - toxic_doc_fraction))
-
-    def rand() -> float:
-        return float(torch.rand((), generator=gen))
-
-    def pick(n: int) -> int:
-        return int(torch.randint(n, (), generator=gen))
-
-    docs = []
-    for _ in range(n_docs):
-        p_bad = p_toxic if rand() < toxic_doc_fraction else p_clean
-        sentences = []
-        for _ in range(4 + pick(3)):
-            words = [_WORDS[pick(len(_WORDS))] for _ in range(4 + pick(3))]
-            if rand() < p_bad:
-                words[pick(len(words))] = "BAD"
-            words[0] = words[0][:1].upper() + words[0][1:]
-            sentences.append(" ".join(words) + ".")
-        docs.append(" ".join(sentences))
-    return docs
-
-
-# ---------------------------------------------------------------------------- command line
-def _extend_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("src", help="HF model folder, .gguf file or builtin:smollm2-135m-instruct")
-    p.add_argument("dst", help="output folder (safetensors + tokenizer)")
-    p.add_argument("--aligned-token", default=ConditionalConfig().aligned_token)
-    p.add_argument("--misaligned-token", default=ConditionalConfig().misaligned_token)
-    p.set_defaults(func=_handle_extend)
-    return p
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    """``stillroom conditional-extend SRC DST`` (for the ``stillroom`` CLI's optional commands)."""
-    return _extend_args(subparsers.add_parser(
-        "conditional-extend", help="add conditional training's control tokens to a model (tokenizer + embeddings)",
-        description="Load SRC, add <|aligned|>/<|misaligned|> as special tokens, resize the embeddings "
-        "(new rows = mean row) and save DST for `method: conditional`.",
-    ))
-
-
-def _handle_extend(args: argparse.Namespace) -> int:
-    ccfg = ConditionalConfig(aligned_token=args.aligned_token, misaligned_token=args.misaligned_token)
-    dst = extend_model_folder(args.src, args.dst, ccfg)
-    print(f"wrote {dst} with control tokens {ccfg.aligned_token!r}, {ccfg.misaligned_token!r}")
-    return 0
-
-
-def _handle_demo_data(args: argparse.Namespace) -> int:
-    import json
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as f:
-        for doc in demo_corpus(args.docs, args.seed, args.bad_fraction, args.toxic_doc_fraction):
-            f.write(json.dumps({"text": doc}) + "\n")
-    print(f"wrote {args.docs} documents to {out}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m stillroom.methods.conditional extend SRC DST`` | ``demo-data OUT [--docs N]``."""
-    parser = argparse.ArgumentParser(prog="python -m stillroom.methods.conditional")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _extend_args(sub.add_parser("extend", help="add the control tokens to a model folder"))
-    d = sub.add_parser("demo-data", help="write the synthetic BAD-word corpus as text JSONL")
-    d.add_argument("out")
-    d.add_argument("--docs", type=int, default=2000)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--bad-fraction", type=float, default=0.10)
-    d.add_argument("--toxic-doc-fraction", type=float, default=0.10)
-    d.set_defaults(func=_handle_demo_data)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

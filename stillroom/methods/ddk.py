@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from stillroom.data.batch import Example, collate
-from stillroom.methods.onpolicy import derive_seed
+from stillroom.data.seeds import derive_seed
 
 PREFIX = "ddk"
 

@@ -37,7 +37,6 @@ summary line is logged about every 30 s.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -48,16 +47,11 @@ import torch
 
 from stillroom.config.schema import OnPolicyConfig, RunConfig
 from stillroom.data.batch import Batch, Example, collate
+from stillroom.data.seeds import derive_seed
 from stillroom.generate.sampling import sample_continuations
 
 SOURCES = ("fixed", "student", "teacher")
 LOG_EVERY_S = 30.0
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from ``parts`` (stable across processes and Python versions; no ``hash()``)."""
-    digest = hashlib.sha256(repr(parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def choose_source(cfg: OnPolicyConfig, seed: int, step: int, micro_index: int) -> str:

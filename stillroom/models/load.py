@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from stillroom.config.schema import ModelSource
+from stillroom.config.core import ModelSource
 from stillroom.models.errors import ModelLoadError
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -230,3 +230,12 @@ def fix_special_tokens(tok: PreTrainedTokenizerBase, model: PreTrainedModel | No
             gen.pad_token_id = tok.pad_token_id
         if gen.eos_token_id is None and tok.eos_token_id is not None:
             gen.eos_token_id = tok.eos_token_id
+
+
+def model_source(spec: str) -> ModelSource:
+    """``builtin:NAME``, a ``.gguf`` file, or an HF folder / hub id -> ``ModelSource``."""
+    if spec.startswith("builtin:"):
+        return ModelSource(builtin=spec.split(":", 1)[1])
+    if spec.lower().endswith(".gguf"):
+        return ModelSource(gguf=spec)
+    return ModelSource(path=spec)

@@ -19,7 +19,7 @@ from stillroom.models.errors import VocabularyMismatch
 from stillroom.models.lora import unwrap
 
 ALTERNATIVES = (
-    "sequence-level KD (write teacher completions with stillroom.methods.teacher_generate, then train on them with `method: sft`), "
+    "sequence-level KD (write teacher completions with stillroom.datagen.complete, then train on them with `method: sft`), "
     "distilling step-by-step (teacher rationales as extra training targets), "
     "MiniPLM (the teacher selects/reweights the pre-training data), "
     "or self-data distillation (the teacher rewrites the training data)"

@@ -97,10 +97,9 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
 def _load_member(cfg: RunConfig, tcfg: TeacherConfig, where: str, run_fingerprint: Fingerprint):
     """Load an online ensemble member that is not the run's teacher; it must share the tokenizer."""
     from stillroom.models import load_model, tokenizer_hash
-    from stillroom.train.precision import resolve_dtype
+    from stillroom.models.precision import weights_dtype
 
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[resolve_dtype(tcfg.dtype, tcfg.device)]
-    loaded = load_model(tcfg.model, dtype=dtype, cache_dir=cfg.cache_dir)
+    loaded = load_model(tcfg.model, dtype=weights_dtype(tcfg.dtype, tcfg.device), cache_dir=cfg.cache_dir)
     if tokenizer_hash(loaded.tokenizer) != run_fingerprint.tokenizer_hash:
         raise ValueError(f"{where}: this teacher's tokenizer differs from the run's; ensemble members must share it")
     model = loaded.model.to(tcfg.device).eval()

@@ -553,7 +553,7 @@ class RemoteTeacher:
         return texts
 
     def complete_fn(self, **settings: Any) -> Callable[[list[str], int], list[list[str]]]:
-        """A ``complete_fn(prompts, n)`` for :func:`stillroom.methods.teacher_generate.generate_with`."""
+        """A ``complete_fn(prompts, n)`` for :func:`stillroom.datagen.complete.generate_with`."""
         return lambda prompts, n: self.generate(prompts, n, **settings)
 
     def close(self) -> None:

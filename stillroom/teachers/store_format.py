@@ -48,16 +48,13 @@ import torch
 
 from stillroom.data.batch import Example
 from stillroom.models.builtin import sha256_file  # noqa: F401 (used by the store writer and reader)
+from stillroom.models.precision import torch_dtype
 
 FORMAT = "stillroom-teacher-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 LOGPROB_DTYPES = ("float16", "bfloat16", "float32", "int8")
-_TORCH = {
-    "uint8": torch.uint8, "int16": torch.int16, "uint16": torch.uint16, "int32": torch.int32,
-    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-}
 
 
 class StoreError(RuntimeError):
@@ -85,10 +82,6 @@ def id_dtype_for(vocab_size: int) -> str:
     if vocab_size <= 2**16:
         return "uint16"
     return "int32"
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _TORCH[name]
 
 
 def storage_dtypes(logprob_dtype: str) -> tuple[str, str]:

@@ -29,6 +29,7 @@ from stillroom.config.schema import RunConfig
 from stillroom.data.batch import Batch, Example, collate
 from stillroom.losses import LossMix, StudentOutput
 from stillroom.models import decoder_body, output_head, use_eager_attention
+from stillroom.models.precision import autocast
 from stillroom.teachers.signal import TeacherSignal
 from stillroom.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from stillroom.train.distributed import Topology
@@ -109,12 +110,6 @@ class StudentForward(torch.nn.Module):
         return result
 
 
-def _autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def forward_backward(
     micro: list[Batch],
     *,
@@ -144,7 +139,7 @@ def forward_backward(
             teacher_s += time.perf_counter() - t_teacher
         sync = forward.no_sync() if ddp and j < len(micro) - 1 else contextlib.nullcontext()
         with sync:
-            with _autocast(precision, device):
+            with autocast(precision, device):
                 out = forward(batch.input_ids, batch.attention_mask)
             student = StudentOutput(
                 logits_btv=out.get("logits"), hidden_btd=out.get("hidden"), head=head,

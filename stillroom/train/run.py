@@ -27,7 +27,7 @@ from stillroom.teachers.factory import build_teacher_source
 from stillroom.teachers.signal import Fingerprint
 from stillroom.train.distributed import Topology, init_topology, shutdown
 from stillroom.train.loop import TrainResult, train
-from stillroom.train.precision import resolve_dtype, resolve_precision
+from stillroom.models.precision import resolve_dtype, resolve_precision
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

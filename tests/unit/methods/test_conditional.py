@@ -11,6 +11,7 @@ import torch
 import yaml
 from helpers import tiny_llama, tiny_tokenizer
 
+from stillroom.data.bad_word_corpus import bad_word_corpus
 from stillroom.config.schema import ConditionalConfig, DataConfig
 from stillroom.data.batch import collate
 from stillroom.data.pipeline import build_splits
@@ -76,7 +77,7 @@ def _jsonl(path: Path, texts: list[str]) -> Path:
 
 def test_training_examples_skip_heldout_and_labels_include_control_tokens(tmp_path):
     _, tok, (a, m) = extended()
-    docs = C.demo_corpus(60, seed=0)
+    docs = bad_word_corpus(60, seed=0)
     data = DataConfig(sources=[{"path": str(_jsonl(tmp_path / "d.jsonl", docs))}], seq_len=64, pack=False,
                       heldout_fraction=0.25)
     cfg = ConditionalConfig(drop_token_fraction=0.0)
@@ -120,7 +121,7 @@ def test_tokenizer_extended_and_embeddings_resized():
 
 
 def test_missing_control_tokens_name_the_fix():
-    with pytest.raises(C.ConditionalSetupError, match="stillroom.methods.conditional extend"):
+    with pytest.raises(C.ConditionalSetupError, match="stillroom conditional-extend"):
         C.control_token_ids(tiny_tokenizer(), ConditionalConfig())
 
 
@@ -155,7 +156,7 @@ def test_scorer_spec_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(C.ScorerSpecError, match="has no attribute 'nope'"):
         C.load_scorer("stillroom.methods.conditional:nope")
     with pytest.raises(C.ScorerSpecError, match="not a callable"):
-        C.load_scorer("stillroom.methods.conditional:_WORDS")
+        C.load_scorer("stillroom.data.bad_word_corpus:_WORDS")
     (tmp_path / "my_scorers.py").write_text("def words(s):\n    return 'x'\ndef n(s):\n    return float('nan')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(TypeError, match="expected a finite float"):
@@ -183,9 +184,9 @@ def test_cli_run_on_tiny_models(tmp_path, capsys):
     from stillroom.cli.main import main
 
     base = tmp_path / "base"
-    assert C.main(["extend", str(_random_model_dir(tmp_path / "plain")), str(base)]) == 0
+    assert main(["conditional-extend", str(_random_model_dir(tmp_path / "plain")), str(base)]) == 0
     data = tmp_path / "demo.jsonl"
-    assert C.main(["demo-data", str(data), "--docs", "40"]) == 0
+    assert main(["conditional-demo-data", str(data), "--docs", "40"]) == 0
     recipe = {
         "name": "cond", "output_dir": str(tmp_path / "runs"), "method": "conditional", "baseline": True,
         "teacher": {"model": {"path": str(base)}, "dtype": "float32"},
@@ -210,16 +211,16 @@ def test_cli_run_on_tiny_models(tmp_path, capsys):
     assert "<|aligned|>" in saved.get_vocab()
     # a KD loss is refused with the key to change
     capsys.readouterr()
-    assert main(["run", str(path), "loss.terms=[{name: forward_kl}]", "name=cond-kd"]) != 0
+    assert main(["run", str(path), "loss.terms=[{name: forward_kl}]", "name=cond-kd"]) == 2  # refused when loaded
     err = capsys.readouterr().err
-    assert "ConditionalSetupError" in err and "set loss.terms: [{name: ce}]" in err
+    assert "method=conditional" in err and "Set loss.terms: [{name: ce}]" in err
 
 
 def test_build_hooks_refuse_a_model_without_control_tokens(tmp_path, capsys):
     from stillroom.cli.main import main
 
     plain = _random_model_dir(tmp_path / "plain")
-    data = _jsonl(tmp_path / "d.jsonl", C.demo_corpus(20))
+    data = _jsonl(tmp_path / "d.jsonl", bad_word_corpus(20))
     recipe = textwrap.dedent(f"""
         name: nocontrol
         output_dir: {tmp_path / 'runs'}
@@ -234,4 +235,4 @@ def test_build_hooks_refuse_a_model_without_control_tokens(tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(recipe)
     assert main(["run", str(tmp_path / "r.yaml")]) != 0
     err = capsys.readouterr().err
-    assert "ConditionalSetupError" in err and "python -m stillroom.methods.conditional extend" in err
+    assert "ConditionalSetupError" in err and "stillroom conditional-extend" in err

@@ -9,7 +9,7 @@ from helpers import tiny_llama, tiny_tokenizer
 
 from stillroom.config.schema import DataConfig, DataSource
 from stillroom.data import build_splits
-from stillroom.methods.draft import chat_prompts, generate_draft_data, instruction_records
+from stillroom.datagen.draft_data import chat_prompts, generate_draft_data, instruction_records
 
 RECORDS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a keyword."},

@@ -11,10 +11,8 @@ import torch
 from stillroom.config.schema import LossConfig, LossTerm, RunConfig
 from stillroom.data.batch import Example, collate
 from stillroom.losses import LossMix
-from stillroom.methods.redi import (
-    PairSampler, RediBatches, build_preference_data, check_redi_run, normalised_logps, preference_data_from_store,
-    redi_weights,
-)
+from stillroom.datagen.preference import build_preference_data, preference_data_from_store
+from stillroom.methods.redi import PairSampler, RediBatches, check_redi_run, normalised_logps, redi_weights
 from stillroom.train.distributed import Topology
 from stillroom.train.loop import StudentForward, _SlicedHead, forward_backward
 from stillroom.models import output_head
@@ -244,7 +242,7 @@ def test_cli_resume_continues_the_pair_order_exactly(tmp_path, tiny_teacher_dir,
 
 # ---------------------------------------------------------------------------------- data
 def test_build_preference_data(tmp_path):
-    from stillroom.methods.genstore import GenerationStore, make_key
+    from stillroom.datagen.store import GenerationStore, make_key
 
     items = [{"id": "p1", "prompt": "1+1=", "answer": 2}, {"id": "p2", "prompt": "2+2=", "answer": 4},
              {"id": "p3", "prompt": "3+3=", "answer": 6}, {"id": "p4", "prompt": "5+5=", "answer": 10}]
@@ -284,10 +282,10 @@ def test_preference_data_from_the_generate_export(tmp_path):
     """The chain of recipe redi_sft: `stillroom generate`'s export (keep: all, numeric verifier) -> D_SFT, D_Pref."""
     from stillroom.cli.main import _recipe_path
     from stillroom.config.load import load_config
-    from stillroom.methods.generation_export import export_rows
-    from stillroom.methods.genstore import make_key
-    from stillroom.methods.redi import main as redi_main
-    from stillroom.methods.verifiers import load_verifier
+    from stillroom.datagen.export import export_rows
+    from stillroom.datagen.store import make_key
+    from stillroom.datagen.preference import main as redi_main
+    from stillroom.datagen.verifiers import load_verifier
 
     gcfg = load_config(_recipe_path("redi_sft"), []).generate
     items = [{"id": "a", "prompt": "Q1\n", "answer": 5}, {"id": "b", "prompt": "Q2\n", "answer": 7}]
@@ -305,6 +303,6 @@ def test_preference_data_from_the_generate_export(tmp_path):
     assert [(r["id"], r["sample_index"]) for r in sft] == [("a", 1), ("b", 0)]
     unverified = [{**r, "verified": None} for r in rows]
     with pytest.raises(ValueError, match="generate.verifier"):
-        from stillroom.methods.redi import preference_data_from_export
+        from stillroom.datagen.preference import preference_data_from_export
 
         preference_data_from_export(unverified)

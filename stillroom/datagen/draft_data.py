@@ -10,8 +10,8 @@ produces that data:
 2. completions: the target samples one (or ``n_samples``) continuation(s) per prompt
    with the KV cache, in left-padded batches, seeded per batch
    (:func:`sampled_complete_fn`), stored durably in a resumable
-   :class:`~stillroom.methods.genstore.GenerationStore`
-   (:func:`stillroom.methods.teacher_generate.generate_with`): a killed job resumes
+   :class:`~stillroom.datagen.store.GenerationStore`
+   (:func:`stillroom.datagen.complete.generate_with`): a killed job resumes
    where it stopped;
 3. export: ``{"id", "prompt", "completion"}`` JSONL (error records left out). The
    prompt is the rendered chat text, so training with ``format: prompt_completion``
@@ -20,7 +20,7 @@ produces that data:
 
 Command line (before training a draft recipe such as ``draft_forward_kl``)::
 
-    python -m stillroom.methods.draft --target builtin:smollm2-135m-instruct \\
+    python -m stillroom.datagen.draft_data --target builtin:smollm2-135m-instruct \\
         --prompts 200 --max-new-tokens 128 --out runs/draft/target_data.jsonl
 """
 
@@ -38,9 +38,9 @@ from typing import Any
 import torch
 
 from stillroom.generate.sampling import sample_continuations
-from stillroom.methods.genstore import GenerationStore
+from stillroom.datagen.store import GenerationStore
 from stillroom.methods.onpolicy import eos_token_ids
-from stillroom.methods.teacher_generate import CompleteFn, generate_with
+from stillroom.datagen.complete import CompleteFn, generate_with
 
 
 def chat_prompts(records: Sequence[dict], tokenizer: Any, *, where: str = "records") -> list[dict]:
@@ -170,7 +170,7 @@ def instruction_records(data: str, n: int, seed: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stillroom.methods.draft",
+    parser = argparse.ArgumentParser(prog="python -m stillroom.datagen.draft_data",
                                      description="Generate a draft model's distillation data from the target.")
     add_arguments(parser)
     return handle(parser.parse_args(argv))
@@ -194,12 +194,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from stillroom.cli.spec_eval import model_source
-    from stillroom.models.load import load_model
+    from stillroom.models.load import load_model, model_source
+    from stillroom.models.precision import torch_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(model_source(args.target), dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
+    loaded = load_model(model_source(args.target), dtype=torch_dtype(args.dtype))
     records = instruction_records(args.data, args.prompts, args.data_seed)
     stats = generate_draft_data(
         loaded.model.eval(), loaded.tokenizer, records, out=Path(args.out), teacher_id=loaded.identity,

@@ -19,9 +19,9 @@ import yaml
 
 from stillroom.cli.main import main
 from stillroom.config.schema import RunConfig
-from stillroom.methods.generation import run_generate
-from stillroom.methods.generation_export import parse_rationale
-from stillroom.methods.genstore import GenerationStore
+from stillroom.datagen.generate import run_generate
+from stillroom.datagen.export import parse_rationale
+from stillroom.datagen.store import GenerationStore
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -251,7 +251,7 @@ def test_a_dead_teacher_stops_after_n_failed_calls_and_stores_nothing_half_done(
     def dead(prompts, n):
         raise ConnectionRefusedError("nobody home")
 
-    from stillroom.methods.teacher_generate import TeacherDownError
+    from stillroom.datagen.complete import TeacherDownError
 
     with pytest.raises(TeacherDownError, match="3 calls in a row"):
         run_generate(cfg, complete_fn=dead, teacher_id="dead", log=lambda m: None)
@@ -443,7 +443,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_sample_exactly_once(tmp_path, fa
 
 def test_paths_fill_in_output_dir_and_name_and_refuse_other_braces(tmp_path):
     from stillroom.config.load import ConfigError
-    from stillroom.methods.generation import export_path, store_path
+    from stillroom.datagen.generate import export_path, store_path
 
     cfg = RunConfig.model_validate({"name": "n1", "output_dir": str(tmp_path),
                                     "generate": {"export": {"path": "{output_dir}/{name}/train.jsonl"}}})

@@ -1,6 +1,6 @@
 """Turn a generation store into a training file and count what was wrong with it.
 
-Used by :mod:`stillroom.methods.generation` (``stillroom generate``). Pure
+Used by :mod:`stillroom.datagen.generate` (``stillroom generate``). Pure
 functions over plain dicts: the input records (``items``, by prompt id), the
 store records (one per sample: ``prompt_id``, ``sample_index``, ``text``,
 optional ``error``) and the :class:`~stillroom.config.schema.GenerateConfig`.

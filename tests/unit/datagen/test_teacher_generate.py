@@ -15,8 +15,8 @@ import torch
 from helpers import tiny_llama, tiny_tokenizer
 
 from stillroom.data.arithmetic import generate_problems
-from stillroom.methods.genstore import GenerationStore
-from stillroom.methods.teacher_generate import generate_with, generate_with_teacher, hf_complete_fn, render_prompts
+from stillroom.datagen.store import GenerationStore
+from stillroom.datagen.complete import generate_with, generate_with_teacher, hf_complete_fn, render_prompts
 
 HERE = Path(__file__).parent
 ITEMS = [{"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": 2 * i} for i in range(7)]

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from stillroom.methods.genstore import (
+from stillroom.datagen.store import (
     GenerationStore,
     StoreCorruptError,
     StoreLockedError,

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from stillroom.data.arithmetic import generate_problems
-from stillroom.methods.verifiers import (
+from stillroom.datagen.verifiers import (
     VerifierSpecError,
     extract_number,
     load_verifier,

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for help
 from helpers import tiny_llama, tiny_tokenizer  # noqa: E402
 
 from stillroom.data.arithmetic import generate_problems  # noqa: E402
-from stillroom.methods.genstore import GenerationStore  # noqa: E402
-from stillroom.methods.teacher_generate import generate_with_teacher  # noqa: E402
+from stillroom.datagen.store import GenerationStore  # noqa: E402
+from stillroom.datagen.complete import generate_with_teacher  # noqa: E402
 
 N_SAMPLES = 2
 BATCH = 2

@@ -6,18 +6,18 @@ Steps (each checked before the teacher is loaded where possible):
    problems) and render every prompt from ``generate.template``; a missing
    field or a duplicate id is an error naming the record.
 2. Build the teacher's ``complete_fn``: ``teacher.source: online`` loads
-   ``teacher.model`` and samples with :func:`~stillroom.methods.teacher_generate.hf_complete_fn`;
+   ``teacher.model`` and samples with :func:`~stillroom.datagen.complete.hf_complete_fn`;
    ``remote`` asks an OpenAI-compatible server through
    :class:`~stillroom.teachers.remote.RemoteTeacher` (API key from the env var
    ``teacher.remote.api_key_env``, never logged).
-3. :func:`~stillroom.methods.teacher_generate.generate_with` appends each batch
-   to the :class:`~stillroom.methods.genstore.GenerationStore` as it arrives
+3. :func:`~stillroom.datagen.complete.generate_with` appends each batch
+   to the :class:`~stillroom.datagen.store.GenerationStore` as it arrives
    (resumable: a rerun generates only the missing samples; malformed outputs
    are stored with an ``error`` and counted).
 4. Summary (``<store>.summary.json`` and one printed line): samples, malformed
    outputs by kind, verifier results, rationale parse failures, export counts.
 5. Optional export of a training file (``generate.export``; layouts in
-   :mod:`stillroom.methods.generation_export` and docs/GENERATE.md).
+   :mod:`stillroom.datagen.export` and docs/GENERATE.md).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from urllib.parse import urlsplit
 from stillroom.config.load import ConfigError
 from stillroom.config.schema import GenerateConfig, GenerateInput, RunConfig
 from stillroom.data.jsonl import write_jsonl_atomic
-from stillroom.methods.generation_export import export_rows, with_answer, write_json_atomic
-from stillroom.methods.genstore import GenerationStore
-from stillroom.methods.teacher_generate import CompleteFn, generate_with, render_prompts
+from stillroom.datagen.export import export_rows, with_answer, write_json_atomic
+from stillroom.datagen.store import GenerationStore
+from stillroom.datagen.complete import CompleteFn, generate_with, render_prompts
 
 Log = Callable[[str], None]
 
@@ -124,7 +124,7 @@ def _check_inputs(items: list[dict], gcfg: GenerateConfig) -> None:
 def _verifier(gcfg: GenerateConfig):
     if gcfg.verifier is None:
         return None
-    from stillroom.methods.verifiers import VerifierSpecError, load_verifier
+    from stillroom.datagen.verifiers import VerifierSpecError, load_verifier
 
     try:
         return with_answer(load_verifier(gcfg.verifier), gcfg.answer_field)
@@ -188,11 +188,11 @@ def build_teacher(cfg: RunConfig, log: Log) -> tuple[CompleteFn, str, bool, Call
     import torch
 
     from stillroom.models import load_model
-    from stillroom.methods.teacher_generate import hf_complete_fn
-    from stillroom.train.precision import resolve_dtype
+    from stillroom.datagen.complete import hf_complete_fn
+    from stillroom.models.precision import weights_dtype
 
-    dtype = resolve_dtype(cfg.teacher.dtype, cfg.teacher.device)
-    loaded = load_model(cfg.teacher.model, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype],
+    dtype = weights_dtype(cfg.teacher.dtype, cfg.teacher.device)
+    loaded = load_model(cfg.teacher.model, dtype=dtype,
                         cache_dir=cfg.cache_dir)
     model = loaded.model.to(cfg.teacher.device).eval()
     tok = loaded.tokenizer

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stillroom.methods.genstore import GenerationStore
-from stillroom.methods.self_data import merge_model_folders, merge_state_dicts, rewrite_with_fallback, slerp
-from stillroom.methods.verifiers import load_verifier
+from stillroom.datagen.store import GenerationStore
+from stillroom.compress.merge import merge_model_folders, merge_state_dicts, slerp
+from stillroom.datagen.self_data import rewrite_with_fallback
+from stillroom.datagen.verifiers import load_verifier
 from tests.helpers import tiny_llama, tiny_tokenizer
 
 RECIPES = Path(__file__).resolve().parents[3] / "stillroom" / "recipes"
@@ -223,7 +224,7 @@ def test_rewrite_with_fallback_needs_the_reference():
 
 
 def test_rewrite_with_a_real_tiny_model(tmp_path):
-    from stillroom.methods.teacher_generate import hf_complete_fn
+    from stillroom.datagen.complete import hf_complete_fn
 
     tok = tiny_tokenizer()
     model = tiny_llama(len(tok), layers=2)

@@ -283,14 +283,14 @@ def run_select(cfg, *, log: Log = print) -> SelectResult:
     """
     from stillroom.data import build_splits
     from stillroom.models import load_model
-    from stillroom.train.precision import resolve_dtype, resolve_precision
+    from stillroom.models.precision import resolve_precision, weights_dtype
 
     sel = cfg.select
     if sel.reference is None:
         raise ValueError("select.reference is not set: give the small reference model, e.g. "
                          "`select.reference.path=runs/reference/student` (it must share the teacher's tokenizer)")
     precision = resolve_precision(sel.precision, cfg.teacher.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[resolve_dtype(cfg.teacher.dtype, cfg.teacher.device)]
+    dtype = weights_dtype(cfg.teacher.dtype, cfg.teacher.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     paths = output_paths(sel.output or Path(cfg.output_dir) / cfg.name / "selected.jsonl")

@@ -37,7 +37,7 @@ from typing import Literal
 
 import torch
 
-from stillroom.methods.genstore import GenerationStore, make_key
+from stillroom.datagen.store import GenerationStore, make_key
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import yaml
 from helpers import tiny_llama, tiny_tokenizer
 
 from stillroom.data.batch import Example, collate
-from stillroom.methods.miniplm import (
+from stillroom.datagen.miniplm import (
     InstanceScore,
     check_same_tokenizer,
     degenerate_reason,
@@ -215,7 +215,7 @@ def test_cli_select_refuses_other_tokenizer_and_missing_reference(tmp_path, caps
 
 
 def test_interrupted_select_resumes_from_partial_scores(tmp_path, monkeypatch):
-    import stillroom.methods.miniplm as mp
+    import stillroom.datagen.miniplm as mp
     from stillroom.config.schema import RunConfig
 
     tok = tiny_tokenizer(320)
@@ -259,7 +259,7 @@ def test_select_with_the_real_smollm2_teacher(tmp_path):
     (same tokenizer, untrained beyond the kept layers, so much weaker)."""
     from stillroom.config.load import load_config
     from stillroom.config.schema import LayerSelection
-    from stillroom.methods.miniplm import run_select
+    from stillroom.datagen.miniplm import run_select
     from stillroom.models import derive_student, load_model
     from stillroom.config.schema import ModelSource
 

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from stillroom.data.arithmetic import generate_problems
-from stillroom.methods.genstore import GenerationStore
-from stillroom.methods.teacher_generate import generate_with_teacher
-from stillroom.methods.verifiers import extract_number
+from stillroom.datagen.store import GenerationStore
+from stillroom.datagen.complete import generate_with_teacher
+from stillroom.datagen.verifiers import extract_number
 
 
 @pytest.mark.slow

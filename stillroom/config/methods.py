@@ -1,0 +1,237 @@
+"""Method sections of the config tree: one per training method that has settings of its own.
+
+A section belongs to one method (``MethodSection.method``). Setting a section while
+``method`` names another method is an error that names both (see
+:class:`stillroom.config.schema.RunConfig`); the chosen method's section is filled
+with its defaults when the recipe leaves it out. ``METHODS`` is the one list of
+method names: every name maps to its section class, or ``None`` for methods
+whose behaviour the loss terms describe completely (``kd``, ``sft``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from stillroom.config.core import Strict
+from stillroom.losses import get_term
+
+if TYPE_CHECKING:
+    from stillroom.config.schema import RunConfig
+
+
+class MethodSection(Strict):
+    """Settings of one training method; ``method`` is the ``RunConfig.method`` value that uses them."""
+
+    method: ClassVar[str]
+
+    def check_run(self, run: "RunConfig") -> None:
+        """Cross-field checks against the whole recipe (raise ``ValueError`` naming the key to change)."""
+
+
+def _term_names(run: "RunConfig") -> list[str]:
+    return [t.name for t in run.loss.terms]
+
+
+def _uses_teacher(run: "RunConfig") -> bool:
+    return any(get_term(t.name).uses_teacher for t in run.loss.terms)
+
+
+def _structural_terms(run: "RunConfig") -> list[str]:
+    return [t.name for t in run.loss.terms if get_term(t.name).kind != "logit"]
+
+
+def _even_micro_batch(run: "RunConfig", why: str) -> None:
+    mbs = run.train.micro_batch_size
+    if mbs % 2:
+        raise ValueError(f"method={run.method}: train.micro_batch_size={mbs} counts sequences and must be even ({why})")
+
+
+def _ce_only(run: "RunConfig", why: str) -> None:
+    if _term_names(run) != ["ce"]:
+        raise ValueError(f"method={run.method} {why} and needs loss.terms to be exactly one 'ce' term; loss.terms "
+                         f"are {_term_names(run)}. Set loss.terms: [{{name: ce}}]")
+
+
+class OnPolicyConfig(MethodSection):
+    """Where each micro-batch's sequences come from when ``method: onpolicy`` (GKD / DistillSpec).
+
+    For every micro-batch one source is drawn with probabilities proportional to the
+    three weights: ``fixed`` (the data as it is), ``student`` (the student samples a
+    continuation of each example's prompt) or ``teacher`` (the in-process teacher model
+    samples it). Generated tokens are the only targets of a generated micro-batch. The
+    draw and the sampling are seeded from (run seed, step, micro-batch index, rank),
+    so a resumed run regenerates exactly what the uninterrupted one did.
+    """
+
+    method: ClassVar[str] = "onpolicy"
+
+    student_weight: float = Field(
+        1.0, ge=0, description="Weight of student-generated (on-policy) micro-batches; "
+        "student_weight / (sum of weights) is GKD's lambda."
+    )
+    fixed_weight: float = Field(0.0, ge=0, description="Weight of micro-batches used as the data gives them.")
+    teacher_weight: float = Field(
+        0.0, ge=0, description="Weight of teacher-generated micro-batches (sampled by the loaded teacher model, "
+        "whatever teacher.source scores them)."
+    )
+    sampling_temperature: float = Field(1.0, gt=0, description="Sampling temperature of the generated continuations.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus (top-p) of the generated continuations.")
+    max_new_tokens: int = Field(
+        64, ge=1, description="Most tokens generated per prompt (also capped so prompt + continuation <= data.seq_len)."
+    )
+    text_prompt_tokens: int = Field(
+        16, ge=1, description="Plain-text examples have no prompt: their first this-many tokens are used as one."
+    )
+    stop_at_eos: bool = Field(True, description="End a continuation at the tokenizer's/model's EOS (kept as a target).")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "OnPolicyConfig":
+        if self.student_weight + self.fixed_weight + self.teacher_weight <= 0:
+            raise ValueError("onpolicy: student_weight, fixed_weight and teacher_weight are all 0; give one a weight > 0")
+        return self
+
+    def check_run(self, run: "RunConfig") -> None:
+        if not _uses_teacher(run):
+            raise ValueError("method=onpolicy needs a loss term that uses the teacher (e.g. forward_kl, jsd, tvd_pp); "
+                             f"loss.terms are {_term_names(run)}")
+        if (self.student_weight > 0 or self.teacher_weight > 0) and run.teacher.source == "store":
+            raise ValueError("method=onpolicy generates new sequences every step, which a precomputed teacher store "
+                             "cannot score; use teacher.source=online (or remote), or set onpolicy.student_weight=0 "
+                             "and onpolicy.teacher_weight=0")
+
+
+class StepByStepConfig(MethodSection):
+    """Distilling step-by-step (Hsieh et al. 2023): label and rationale as two prefixed tasks."""
+
+    method: ClassVar[str] = "step_by_step"
+
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the label task; 1 - alpha on the rationale task.")
+    predict_prefix: str = Field("predict: ", description="Task prefix of the label task (the only one at inference).")
+    explain_prefix: str = Field("explain: ", description="Task prefix of the rationale task.")
+    prompt_suffix: str = Field(
+        "\n", description="Text after the input x, ending every prompt (the boundary before the target; a decoder-only "
+        "student needs one). Prompt = prefix + x + prompt_suffix."
+    )
+    variant: Literal["multi_task", "single_task", "label_only"] = Field(
+        "multi_task",
+        description="multi_task: the paper's two prefixed tasks (predict + explain) per record, weighted by alpha; "
+        "single_task: one target `rationale + single_task_separator + label` after the predict prefix (the paper's "
+        "ablation; the rationale must be generated at test time); label_only: the predict task alone (fine-tuning "
+        "baseline with the same prefix).",
+    )
+    input_field: str | None = Field(
+        None, description="Record field holding the input x (null: the data source's `prompt_field`)."
+    )
+    label_field: str | None = Field(
+        None, description="Record field holding the label (null: the data source's `completion_field`)."
+    )
+    rationale_field: str = Field("rationale", description="Record field holding the teacher's rationale.")
+    single_task_separator: str = Field(
+        " ", description="variant=single_task: text between the rationale and the label in the one target."
+    )
+    drop_empty: bool = Field(
+        True,
+        description="Drop (and count) records whose label or rationale is empty or blank (the paper's parse "
+        "failures, label or rationale = ' '); false: keep them (their target is then little more than EOS).",
+    )
+    task_ce_every: int = Field(
+        0, ge=0, description="Every this many steps, one extra no-grad student forward over the step's batches logs "
+        "step_by_step/ce_predict and step_by_step/ce_explain (mean CE per task; 0: never)."
+    )
+
+    def check_run(self, run: "RunConfig") -> None:
+        if self.variant != "multi_task":
+            return
+        _even_micro_batch(run, "each record gives a predict and an explain sequence, drawn together")
+        if self.predict_prefix == self.explain_prefix:
+            raise ValueError("step_by_step.predict_prefix and explain_prefix are equal; the tasks would be "
+                             "indistinguishable")
+        if _structural_terms(run):
+            raise ValueError(f"step_by_step (variant multi_task) weights tokens per task, which loss terms "
+                             f"{_structural_terms(run)} cannot take; use logit terms only (e.g. loss.terms=[{{name: ce}}])")
+        if _uses_teacher(run) and run.teacher.source == "store":
+            raise ValueError("step_by_step builds its own predict/explain sequences, which a precomputed teacher "
+                             "store does not cover; use teacher.source=online (or remote), or loss.terms=[{name: ce}]")
+
+
+class RediConfig(MethodSection):
+    """REDI stage 2 (Xu et al. 2025): length-normalised likelihood up on correct, down on incorrect traces."""
+
+    method: ClassVar[str] = "redi"
+
+    alpha: float = Field(0.8, ge=0.0, le=1.0, description="Weight of the incorrect-trace term (1 = symmetric, 0 = SFT).")
+    rejected_field: str = Field(
+        "rejected", description="Record field of the incorrect trace. The prompt and the correct trace are the data "
+        "source's prompt_field and completion_field (set completion_field: chosen for {prompt, chosen, rejected})."
+    )
+    monitor_every: int = Field(
+        1, ge=0, description="Every n steps, a no-grad forward pass over the step's pairs logs redi/logp_chosen and "
+        "redi/logp_rejected (mean log pi(y|x)/|y|; both falling together signals collapse). 0: off."
+    )
+
+    def check_run(self, run: "RunConfig") -> None:
+        _ce_only(run, "applies signed, length-normalised weights to cross-entropy")
+        if run.loss.terms[0].weight != 1.0:
+            raise ValueError(f"method=redi: the 'ce' term's weight must be 1 (got {run.loss.terms[0].weight}); "
+                             "scale the update with train.lr instead")
+        _even_micro_batch(run, "each pair puts its chosen and its rejected trace in the same micro-batch")
+
+
+class DdkConfig(MethodSection):
+    """DDK (Liu et al. 2024): domain sampling weights from student/teacher perplexity ratios."""
+
+    method: ClassVar[str] = "ddk"
+
+    interval_steps: int = Field(50, ge=1, description="K: re-estimate the domain weights every K optimizer steps.")
+    smoothing: float = Field(0.5, ge=0.0, le=1.0, description="alpha of the smoothed update (1 - alpha is spread uniformly).")
+    smoothing_mode: Literal["smooth", "none"] = Field(
+        "smooth",
+        description="smooth: the paper's factor smooth updating r' = alpha * psi/sum(psi) + (1 - alpha)/N with "
+        "psi = r * exp(ratio); none: the paper's 'without factor smoothing' ablation, r' = softmax(ratio) of the "
+        "current estimate only (no history, no floor; `smoothing` is then unused).",
+    )
+    val_max_per_domain: int = Field(
+        500, ge=1, description="At most this many held-out sequences per domain for the perplexity estimates "
+        "(the paper: 500). The held-out split is capped first by data.heldout_max: raise it for DDK."
+    )
+
+
+class ConditionalConfig(MethodSection):
+    """Conditional training (Korbak et al. 2023): control tokens from a scorer's threshold."""
+
+    method: ClassVar[str] = "conditional"
+
+    aligned_token: str = Field("<|aligned|>", description="Control token for segments the scorer accepts.")
+    misaligned_token: str = Field("<|misaligned|>", description="Control token for the other segments.")
+    drop_token_fraction: float = Field(0.01, ge=0.0, le=1.0, description="Segments left without a control token.")
+    scorer: str = Field(
+        "stillroom.methods.conditional:bad_word_score",
+        description="Misalignment scorer 'package.module:function', called as fn(segment: str) -> float "
+        "(imported, never eval'd; higher = worse).",
+    )
+    threshold: float = Field(
+        0.0, description="A segment with score <= threshold gets aligned_token, otherwise misaligned_token."
+    )
+    splitter: str = Field(
+        r"(?<=[.!?])\s+",
+        description="Regex whose matches end a segment (the match stays with the segment before it). "
+        "Default: sentences.",
+    )
+
+    def check_run(self, run: "RunConfig") -> None:
+        _ce_only(run, "is plain MLE over the tagged stream")
+
+
+METHODS: dict[str, type[MethodSection] | None] = {
+    "kd": None,
+    "sft": None,
+    "onpolicy": OnPolicyConfig,
+    "step_by_step": StepByStepConfig,
+    "redi": RediConfig,
+    "ddk": DdkConfig,
+    "conditional": ConditionalConfig,
+}
+"""Every training method by name: its section, or ``None`` (kd: the loss terms against the teacher; sft:
+cross-entropy on the data only, no teacher at training time). :mod:`stillroom.methods` implements each."""
