@@ -28,29 +28,27 @@ def _load(args):
 
 
 def cmd_validate(args) -> int:
-    cfg = _load(args)
-    from stillroom.losses import LossMix
+    from stillroom.run import check_run
 
-    LossMix(cfg.loss)  # term names and parameters are checked too
-    print(f"{args.recipe}: OK ({cfg.method}, teacher source {cfg.teacher.source}, {len(cfg.loss.terms)} loss term(s))")
+    cfg = _load(args)
+    check_run(cfg)
+    print(f"{args.recipe}: OK ({cfg.method}, domain {cfg.domain}, teacher source {cfg.teacher.source}, "
+          f"{len(cfg.loss.terms)} loss term(s))")
     return 0
 
 
 def cmd_run(args) -> int:
-    from stillroom.train.run import run
+    from stillroom.run import run
 
-    cfg = _load(args)
-    run_dir = run(cfg, resume=args.resume)
-    print(f"run folder: {run_dir}\nreport: {run_dir / 'report.md'}")
+    run_dir = run(_load(args), resume=args.resume)
+    print(f"run folder: {run_dir}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from stillroom.train.evaluate_run import evaluate_run
+    from stillroom.run import evaluate_run
 
-    cfg = _load(args)
-    run_dir = evaluate_run(cfg, student_dir=args.student)
-    print(f"report: {run_dir / 'report.md'}")
+    evaluate_run(_load(args), student_dir=args.student)
     return 0
 
 
@@ -77,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run, recipe="quickstart")  # `run` with the shipped quickstart recipe
 
     for module in ("stillroom.cli.teacher_commands", "stillroom.cli.serve_commands", "stillroom.cli.spec_eval",
-                   "stillroom.datagen.draft_data", "stillroom.cli.generate_command", "stillroom.cli.select_command",
-                   "stillroom.cli.merge_command", "stillroom.cli.conditional_commands"):
+                   "stillroom.cli.draft_data_command", "stillroom.cli.generate_command", "stillroom.cli.select_command",
+                   "stillroom.cli.merge_command", "stillroom.cli.conditional_commands",
+                   "stillroom.cli.preference_command"):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).register(sub)
     return parser

@@ -86,6 +86,10 @@ class StoreConfig(Strict):
     )
     hidden_layers: list[int] = Field(default_factory=list, description="Teacher layers whose hidden states are stored.")
     shard_tokens: int = Field(262144, ge=1024, description="Target number of token positions per shard.")
+    cache_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per teacher forward while `stillroom cache-teacher` writes the store "
+        "(null: train.micro_batch_size)."
+    )
 
 
 class RemoteConfig(Strict):
@@ -95,9 +99,27 @@ class RemoteConfig(Strict):
         None, description="Name of the environment variable holding the API key (the key itself never goes in a recipe)."
     )
     top_k: int = Field(20, ge=1, description="Prompt log-probabilities asked per position.")
-    concurrency: int = Field(4, ge=1)
-    timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(6, ge=0)
+    concurrency: int = Field(4, ge=1, description="Requests in flight at most (and HTTP connections kept).")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for one answer before it counts as failed.")
+    max_retries: int = Field(
+        6, ge=0,
+        description="Retries of a request after 429, 5xx, a timeout, a broken connection or an unreadable body "
+        "(other 4xx fail at once; so does a refused connection at the first server check: no server is running).",
+    )
+    backoff_s: float = Field(
+        0.5, ge=0, description="First retry delay in seconds; it doubles on each retry, with jitter in [d/2, d]."
+    )
+    max_backoff_s: float = Field(30.0, ge=0, description="Longest delay between retries, in seconds.")
+    max_retry_after_s: float = Field(
+        120.0, ge=0,
+        description="Longest server `Retry-After` honoured, in seconds (a server asking more is retried after this).",
+    )
+    cache: str | None = Field(
+        None,
+        description="JSONL file keeping every answered row, so a rerun or --resume asks only what is missing "
+        "(null: <run folder>/remote_cache.jsonl; ~ expanded). Fixed to one model and top_k: use another path "
+        "to change them.",
+    )
 
 
 class TeacherConfig(Strict):

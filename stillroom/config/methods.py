@@ -192,9 +192,14 @@ class DdkConfig(MethodSection):
         "psi = r * exp(ratio); none: the paper's 'without factor smoothing' ablation, r' = softmax(ratio) of the "
         "current estimate only (no history, no floor; `smoothing` is then unused).",
     )
+    steer_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Fraction of the records set apart (by the record hash, next to "
+        "data.heldout_fraction) to steer the domain weights on: never trained on, and never the held-out split "
+        "that the report evaluates."
+    )
     val_max_per_domain: int = Field(
-        500, ge=1, description="At most this many held-out sequences per domain for the perplexity estimates "
-        "(the paper: 500). The held-out split is capped first by data.heldout_max: raise it for DDK."
+        500, ge=1, description="At most this many steering sequences per domain for the perplexity estimates "
+        "(the paper: 500)."
     )
 
 

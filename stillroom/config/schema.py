@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from stillroom.config.commands import GenerateConfig, GenerateExport, GenerateInput, SelectConfig
+from stillroom.config.domains import DOMAINS, DomainSection
 from stillroom.config.core import (
     DataConfig,
     DataSource,
@@ -46,7 +47,7 @@ from stillroom.config.methods import (
 )
 
 __all__ = [
-    "ConditionalConfig", "DataConfig", "DataSource", "DdkConfig", "EvalConfig", "GenerateConfig", "GenerateExport",
+    "ConditionalConfig", "DOMAINS", "DataConfig", "DomainSection", "DataSource", "DdkConfig", "EvalConfig", "GenerateConfig", "GenerateExport",
     "GenerateInput", "LayerSelection", "LoraConfig", "LossConfig", "LossTerm", "METHODS", "MethodSection",
     "ModelSource", "OnPolicyConfig", "RediConfig", "RemoteConfig", "RunConfig", "SelectConfig", "StepByStepConfig",
     "StoreConfig", "Strict", "StudentConfig", "TeacherConfig", "TrainConfig",
@@ -57,6 +58,10 @@ class RunConfig(Strict):
     name: str = Field("run", description="Run folder name under `output_dir`.")
     output_dir: str = Field("runs", description="Folder of run folders (`~` is expanded).")
     seed: int = 0
+    domain: str = Field(
+        "lm", description="The kind of model: lm (causal language models; the default) or another domain of "
+        "stillroom.config.domains, whose section then holds its settings."
+    )
     method: str = Field(
         "kd", description="kd: loss terms against the teacher; sft: cross-entropy only, no teacher at training time; "
         "onpolicy: loss terms against the teacher on sequences drawn as `onpolicy` says (student/teacher samples "
@@ -83,11 +88,12 @@ class RunConfig(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in METHODS:
-            near = difflib.get_close_matches(value, list(METHODS), n=1, cutoff=0.5)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ValueError(f"unknown method {value!r}.{hint} Methods: {', '.join(METHODS)}")
-        return value
+        return _known(value, METHODS, "method")
+
+    @field_validator("domain")
+    @classmethod
+    def _known_domain(cls, value: str) -> str:
+        return _known(value, DOMAINS, "domain")
 
     @model_validator(mode="after")
     def _method_sections(self) -> "RunConfig":
@@ -105,6 +111,18 @@ class RunConfig(Strict):
             getattr(self, own.method).check_run(self)
         return self
 
+    @model_validator(mode="after")
+    def _domain_sections(self) -> "RunConfig":
+        """A domain section set for another domain is an error; the chosen domain's section gets its defaults."""
+        for section_cls in (s for s in DOMAINS.values() if s is not None):
+            if section_cls.domain != self.domain and getattr(self, section_cls.domain) is not None:
+                raise ValueError(f"the `{section_cls.domain}` section is set, but domain is {self.domain!r}; "
+                                 f"set domain: {section_cls.domain} or remove the section")
+        own = DOMAINS[self.domain]
+        if own is not None and getattr(self, own.domain) is None:
+            object.__setattr__(self, own.domain, own())
+        return self
+
     @property
     def run_dir(self) -> Path:
         """The run folder: ``<output_dir>/<name>`` with ``~`` expanded (the one place it is computed)."""
@@ -115,3 +133,11 @@ class RunConfig(Strict):
         """The chosen method's section (filled with defaults when the recipe leaves it out)."""
         own = METHODS[self.method]
         return None if own is None else getattr(self, own.method)
+
+
+def _known(value: str, table: dict, what: str) -> str:
+    if value not in table:
+        near = difflib.get_close_matches(value, list(table), n=1, cutoff=0.5)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise ValueError(f"unknown {what} {value!r}.{hint} Valid: {', '.join(table)}")
+    return value

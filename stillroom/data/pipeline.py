@@ -1,15 +1,21 @@
-"""Sources -> records -> held-out split -> token sequences (:class:`Example`).
+"""Sources -> records -> held-out split -> token sequences (:class:`Example`): the one data pipeline.
 
-:func:`build_splits` is the one entry point. In order:
+:func:`build_splits` is the one entry point, for every method and every record
+encoder (:mod:`stillroom.data.encoders`). In order:
 
 1. Read every source (:mod:`stillroom.data.readers`), apply ``limit`` (counted
    in readable records) and ``on_bad_record``.
-2. Encode each record (:mod:`stillroom.data.formats`).
+2. Encode each record into its views (train group, eval, plain) with the
+   method's encoder (default :class:`~stillroom.data.encoders.PlainEncoder`:
+   the record formats of :mod:`stillroom.data.formats`).
 3. Split **records** (before packing, so no document is cut across train and
    held-out): a record is held out when ``u < heldout_fraction`` where ``u`` in
    ``[0, 1)`` comes from SHA-256 of ``(source tag, record index, canonical JSON
    of the record)``. No RNG and no seed: the same data gives the same held-out
-   set in every run and for every seed.
+   set in every run and for every seed. With ``steer_fraction > 0`` (a method
+   that steers itself on data, DDK) the records with
+   ``heldout_fraction <= u < heldout_fraction + steer_fraction`` form the
+   ``steer`` split: neither trained on nor reported.
 4. Build sequences. ``text`` sources with ``pack=True``: the documents of a
    source (train: in source order; held-out: in hash order) are concatenated
    (each already ends with EOS when ``add_eos``) and cut into ``seq_len``-token
@@ -17,17 +23,21 @@
    (``packed_tail_tokens_dropped``). Packed documents attend to the ones before
    them in the block (plain packing, EOS-separated). Everything else (text with
    ``pack=False``, prompt/completion and chat records, which are never packed)
-   gives one sequence per record, truncated to the first ``seq_len`` tokens
-   (counted in ``truncated_sequences`` / ``truncated_tokens``); a sequence left
-   with no predicted target (e.g. a prompt longer than ``seq_len``) is dropped
-   and counted in ``dropped_no_targets``.
+   gives one sequence per record (a group of sequences for grouped encoders,
+   laid out consecutively), truncated to the first ``seq_len`` tokens
+   (counted in ``truncated_sequences`` / ``truncated_tokens``; an encoder with
+   ``on_too_long="drop"`` drops the record instead, counted in
+   ``dropped_too_long``); a record left with a sequence without a predicted
+   target (e.g. a prompt longer than ``seq_len``) is dropped and counted in
+   ``dropped_no_targets``.
 5. Cap the held-out set at ``heldout_max`` sequences, keeping the first in hash
    order (merged over sources). Held-out records beyond the cap are **not**
    moved into training (that would make the training set depend on the cap);
    they are counted in ``heldout_sequences_over_cap``.
 
 ``Example.uid`` is ``"{tag}:{record index}:{hash}"`` for one-record sequences
-and ``"{tag}:pack-{train|heldout}{block}:{hash}"`` for packed blocks, where
+(``"{tag}:{record index}:{role}:{hash}"`` in a group) and
+``"{tag}:pack-{train|heldout|...}{block}:{hash}"`` for packed blocks, where
 ``hash`` is 10 hex digits of SHA-1 of the token ids: stable across runs, and it
 changes when the tokens change (so a teacher store never matches stale data).
 Source tags are the file stem, dataset name or bundled name (``#2``, ``#3`` ...
@@ -46,259 +56,106 @@ Stats (``DataSplits.stats``): ``records_read`` (readable + bad records),
 ``dropped_no_targets``), ``dropped_empty`` (records with no text),
 ``dropped_no_targets``, ``truncated_sequences``, ``truncated_tokens``,
 ``packed_tail_tokens_dropped``, ``heldout_records``,
-``heldout_sequences_over_cap``, ``train_sequences``, ``heldout_sequences``,
+``heldout_sequences_over_cap``, ``steer_records``, ``dropped_too_long``,
+``train_sequences``, ``heldout_sequences``,
 ``train_tokens`` / ``heldout_tokens`` (all token ids), ``train_target_tokens`` /
 ``heldout_target_tokens`` (predicted targets), ``bad_record_examples`` (first
 messages), ``warnings`` and ``per_source`` (the same counts per source tag,
-plus its format; its held-out counts are before the ``heldout_max`` cap).
+plus its format; its held-out counts are before the ``heldout_max`` cap),
+and the encoder's own counters.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from stillroom.config.schema import DataConfig, DataSource
+from stillroom.config.core import DataConfig
 from stillroom.data.batch import Example
-from stillroom.data.errors import BadRecord, BadRecordPolicy, DataError
-from stillroom.data.formats import Encoded, Format, TextEncoder, encode_record, infer_format
-from stillroom.data.readers import RawRecord, describe, read_source
-
-_COUNTS = (
-    "records_read",
-    "records_bad",
-    "records_skipped",
-    "dropped_empty",
-    "dropped_no_targets",
-    "truncated_sequences",
-    "truncated_tokens",
-    "packed_tail_tokens_dropped",
-    "heldout_records",
-    "heldout_sequences_over_cap",
-    "train_sequences",
-    "heldout_sequences",
-    "train_tokens",
-    "heldout_tokens",
-    "train_target_tokens",
-    "heldout_target_tokens",
-)
-
+from stillroom.data.encoders import PlainEncoder, RecordEncoder
+from stillroom.data.errors import DataError
+from stillroom.data.records import source_tags, split_position
+from stillroom.data.sequences import COUNTS, SequenceBuilder, token_counts
 
 @dataclass
 class DataSplits:
-    """Tokenized training and held-out sequences and what happened on the way."""
+    """Tokenized sequences of every split and what happened on the way.
+
+    ``train`` holds the method's training view, in groups of ``group_size`` consecutive
+    sequences; ``heldout`` the eval view of the held-out records (what the report and
+    ``train.eval_every`` measure); ``plain_train`` / ``plain_heldout`` the plain view (what the
+    CE baseline trains and is measured on) when the encoder's views differ, else ``None``
+    (use :attr:`baseline_train` / :attr:`baseline_heldout`); ``steer`` the eval view of the
+    steer records (empty unless asked).
+    """
 
     train: list[Example]
     heldout: list[Example]
     stats: dict = field(default_factory=dict)
+    plain_train: list[Example] | None = None
+    plain_heldout: list[Example] | None = None
+    steer: list[Example] = field(default_factory=list)
+    group_size: int = 1
+
+    @property
+    def baseline_train(self) -> list[Example]:
+        return self.train if self.plain_train is None else self.plain_train
+
+    @property
+    def baseline_heldout(self) -> list[Example]:
+        return self.heldout if self.plain_heldout is None else self.plain_heldout
 
 
-@dataclass
-class _Record:
-    index: int
-    key: str  # hex SHA-256 of the record's identity; also the held-out order
-    enc: Encoded
-
-
-def record_key(tag: str, index: int, fields: dict) -> str:
-    """Hex SHA-256 of a record's identity: source tag, position and canonical content."""
-    content = json.dumps(fields, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(f"{tag}\x00{index}\x00{content}".encode("utf-8")).hexdigest()
-
-
-def is_heldout(key: str, fraction: float) -> bool:
-    """True when the record with hash ``key`` falls in the held-out fraction."""
-    return int(key[:16], 16) / 2.0**64 < fraction
-
-
-def _ids_hash(ids: list[int]) -> str:
-    return hashlib.sha1(",".join(map(str, ids)).encode("ascii")).hexdigest()[:10]
-
-
-def source_tags(sources: list[DataSource]) -> list[str]:
-    """One unique tag per source (its description, ``#2``, ``#3`` ... on repeats): part of every record key."""
-    tags: list[str] = []
-    for src in sources:
-        tag = describe(src).tag
-        base, n = tag, 1
-        while tag in tags:
-            n += 1
-            tag = f"{base}#{n}"
-        tags.append(tag)
-    return tags
-
-
-def good_records(src: DataSource, seed: int, policy: BadRecordPolicy, counts: dict | None = None) -> Iterator[RawRecord]:
-    """The readable records of ``src`` under the pipeline's rules, for every reader of data sources.
-
-    At most ``src.limit`` readable records; a bad record goes to ``policy`` (``stop`` raises naming
-    ``file:line``, ``skip`` counts it); ``counts["records_read"]`` counts every record read, bad ones too.
-    """
-    readable = 0
-    for item in read_source(src, seed):
-        if src.limit is not None and readable >= src.limit:
-            break
-        if counts is not None:
-            counts["records_read"] = counts.get("records_read", 0) + 1
-        if isinstance(item, BadRecord):
-            policy(item)
-            continue
-        readable += 1
-        yield item
-
-
-class _Builder:
-    def __init__(self, cfg: DataConfig, tokenizer, seed: int) -> None:
-        self.cfg = cfg
-        self.tok = tokenizer
-        self.seed = seed
-        self.enc = TextEncoder(tokenizer, cfg.add_eos)
-        self.stats: dict = {k: 0 for k in _COUNTS}
-        self.stats.update(bad_record_examples=[], warnings=[], per_source={})
-
-    # -------------------------------------------------------------- reading
-    def read(self, src: DataSource, tag: str, counts: dict) -> tuple[Format, list[_Record]]:
-        info = describe(src)
-        policy = BadRecordPolicy(self.cfg.on_bad_record)
-        fmt: Format | None = src.format
-        records: list[_Record] = []
-        for item in good_records(src, self.seed, policy, counts):
-            if fmt is None:
-                fmt = info.default_format or infer_format(item.fields, src, info.label, item.where)
-            try:
-                enc = encode_record(item.fields, fmt, src, self.enc)
-            except BadRecord as bad:
-                policy(bad.at(item.where))
-                continue
-            if enc is None:
-                counts["dropped_empty"] += 1
-                continue
-            records.append(_Record(item.index, record_key(tag, item.index, item.fields), enc))
-        counts["records_bad"] = policy.count
-        self.stats["bad_record_examples"].extend(policy.examples)
-        if counts["records_read"] == 0:
-            raise DataError(f"data source {info.label}: no records (empty file or dataset); check data.sources[]")
-        if not records:
-            first = f"; first problem: {policy.examples[0]}" if policy.examples else ""
-            raise DataError(
-                f"data source {info.label}: none of its {counts['records_read']} records is usable "
-                f"(bad: {policy.count}, empty: {counts['dropped_empty']}){first}"
-            )
-        assert fmt is not None
-        return fmt, records
-
-    # -------------------------------------------------------------- sequences
-    def n_bytes(self, ids: list[int], target: list[bool]) -> int:
-        """UTF-8 bytes of the predicted target tokens (positions >= 1), decoded in contiguous runs."""
-        total, run = 0, []
-        for t in range(1, len(ids) + 1):
-            if t < len(ids) and target[t]:
-                run.append(ids[t])
-            elif run:
-                text = self.tok.decode(run, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-                total += len(text.encode("utf-8"))
-                run = []
-        return total
-
-    def example(self, ids: list[int], target: list[bool], uid: str, src: DataSource, meta: dict) -> Example:
-        return Example(
-            input_ids=ids, target=target, uid=uid, domain=src.domain, n_bytes=self.n_bytes(ids, target), meta=meta
-        )
-
-    def one_per_record(
-        self, records: list[_Record], tag: str, src: DataSource, fmt: Format, counts: dict
-    ) -> list[tuple[str, Example]]:
-        out = []
-        seq_len = self.cfg.seq_len
-        for r in records:
-            ids, target = r.enc.input_ids, r.enc.target
-            if len(ids) > seq_len:
-                counts["truncated_sequences"] += 1
-                counts["truncated_tokens"] += len(ids) - seq_len
-                ids, target = ids[:seq_len], target[:seq_len]
-            if not any(target[1:]):
-                counts["dropped_no_targets"] += 1
-                continue
-            uid = f"{tag}:{r.index}:{_ids_hash(ids)}"
-            meta = {"source": tag, "format": fmt, "record": r.index}
-            out.append((r.key, self.example(list(ids), list(target), uid, src, meta)))
-        return out
-
-    def packed(
-        self, records: list[_Record], tag: str, src: DataSource, split: str, counts: dict
-    ) -> list[tuple[str, Example]]:
-        seq_len = self.cfg.seq_len
-        ids: list[int] = []
-        target: list[bool] = []
-        starts: list[tuple[int, _Record]] = []  # (token offset, record) where each record begins
-        for r in records:
-            starts.append((len(ids), r))
-            ids.extend(r.enc.input_ids)
-            target.extend(r.enc.target)
-        n_blocks = len(ids) // seq_len
-        counts["packed_tail_tokens_dropped"] += len(ids) - n_blocks * seq_len
-        out = []
-        k = 0  # index into starts of the record containing the block's first token
-        for b in range(n_blocks):
-            lo = b * seq_len
-            while k + 1 < len(starts) and starts[k + 1][0] <= lo:
-                k += 1
-            first = starts[k][1]
-            block_ids, block_target = ids[lo : lo + seq_len], target[lo : lo + seq_len]
-            uid = f"{tag}:pack-{split}{b}:{_ids_hash(block_ids)}"
-            meta = {"source": tag, "format": "text", "packed": True, "first_record": first.index}
-            out.append((first.key, self.example(block_ids, block_target, uid, src, meta)))
-        return out
-
-
-def _token_counts(examples: list[Example]) -> tuple[int, int]:
-    return sum(len(e.input_ids) for e in examples), sum(sum(e.target[1:]) for e in examples)
-
-
-def build_splits(cfg: DataConfig, tokenizer, seed: int) -> DataSplits:
+def build_splits(cfg: DataConfig, tokenizer, seed: int, encoder: RecordEncoder | None = None, *,
+                 steer_fraction: float = 0.0) -> DataSplits:
     """Read, encode, split and sequence every source of ``cfg`` (see the module docstring).
 
-    ``tokenizer``: a Hugging Face tokenizer; ``seed`` only affects generated
-    bundled sets (``instructions``, ``arithmetic``), never the held-out split.
-    Raises :class:`DataError` for unusable data, naming the source.
+    ``tokenizer``: a Hugging Face tokenizer; ``seed`` only affects generated bundled sets
+    (``instructions``, ``arithmetic``), never the held-out split; ``encoder``: what a record
+    becomes (default :class:`PlainEncoder`); ``steer_fraction``: records set apart for a
+    method that steers on data. Raises :class:`DataError` for unusable data, naming the source.
     """
     if not cfg.sources:
         raise DataError("data.sources is empty; add at least one source (path, dataset or bundled)")
-    b = _Builder(cfg, tokenizer, seed)
-    train: list[Example] = []
-    heldout_keyed: list[tuple[str, Example]] = []
+    if not 0.0 <= steer_fraction < 1.0 - cfg.heldout_fraction:
+        raise DataError(f"a steer split of {steer_fraction} next to data.heldout_fraction={cfg.heldout_fraction} "
+                        "leaves no training data; lower one of them")
+    encoder = encoder or PlainEncoder()
+    b = SequenceBuilder(cfg, tokenizer, seed, encoder)
+    lists: dict[str, list] = {"train": [], "heldout": [], "plain_train": [], "plain_heldout": [], "steer": []}
     for src, tag in zip(cfg.sources, source_tags(cfg.sources)):
-        counts = {k: 0 for k in _COUNTS}
+        counts = {k: 0 for k in COUNTS}
         fmt, records = b.read(src, tag, counts)
-        held = sorted((r for r in records if is_heldout(r.key, cfg.heldout_fraction)), key=lambda r: r.key)
-        kept = [r for r in records if not is_heldout(r.key, cfg.heldout_fraction)]
-        counts["heldout_records"] = len(held)
-        if fmt == "text" and cfg.pack:
-            src_train = [e for _, e in b.packed(kept, tag, src, "train", counts)]
-            src_held = b.packed(held, tag, src, "heldout", counts)
-        else:
-            src_train = [e for _, e in b.one_per_record(kept, tag, src, fmt, counts)]
-            src_held = b.one_per_record(held, tag, src, fmt, counts)
-        counts["records_skipped"] = counts["records_bad"] + counts["dropped_empty"] + counts["dropped_no_targets"]
+        by_key = sorted(records, key=lambda r: r.key)
+        held = [r for r in by_key if split_position(r.key) < cfg.heldout_fraction]
+        steer = [r for r in by_key if cfg.heldout_fraction <= split_position(r.key) < cfg.heldout_fraction + steer_fraction]
+        kept = [r for r in records if split_position(r.key) >= cfg.heldout_fraction + steer_fraction]
+        counts["heldout_records"], counts["steer_records"] = len(held), len(steer)
+        src_train = [e for _, e in b.sequences(kept, "train", tag, src, fmt, "train", counts)]
+        src_held = b.sequences(held, "eval", tag, src, fmt, "heldout", counts)
+        scratch = {k: 0 for k in COUNTS}  # the other views are not counted twice
+        lists["steer"] += [e for _, e in b.sequences(steer, "eval", tag, src, fmt, "steer", scratch)]
+        if encoder.views_differ:
+            lists["plain_train"] += [e for _, e in b.sequences(kept, "plain", tag, src, fmt, "plain-train", scratch)]
+            lists["plain_heldout"] += b.sequences(held, "plain", tag, src, fmt, "plain-heldout", scratch)
+        counts["records_skipped"] = (counts["records_bad"] + counts["dropped_empty"] + counts["dropped_no_targets"]
+                                     + counts["dropped_too_long"])
         counts["train_sequences"] = len(src_train)
         counts["heldout_sequences"] = len(src_held)  # per source: before the heldout_max cap
-        counts["train_tokens"], counts["train_target_tokens"] = _token_counts(src_train)
-        counts["heldout_tokens"], counts["heldout_target_tokens"] = _token_counts([e for _, e in src_held])
-        train.extend(src_train)
-        heldout_keyed.extend(src_held)
+        counts["train_tokens"], counts["train_target_tokens"] = token_counts(src_train)
+        counts["heldout_tokens"], counts["heldout_target_tokens"] = token_counts([e for _, e in src_held])
+        lists["train"] += src_train
+        lists["heldout"] += src_held
         b.stats["per_source"][tag] = {"format": fmt, **counts}
-        for k in _COUNTS:
+        for k in COUNTS:
             b.stats[k] += counts[k]
-    heldout_keyed.sort(key=lambda ke: ke[0])  # stable: blocks of one source keep their order
-    over = max(0, len(heldout_keyed) - cfg.heldout_max)
-    heldout = [e for _, e in heldout_keyed[: cfg.heldout_max]]
+    b.stats.update(encoder.counts)
+    heldout = _capped(lists["heldout"], cfg.heldout_max)
+    train = lists["train"]
     stats = b.stats
-    stats["heldout_sequences_over_cap"] = over
+    stats["heldout_sequences_over_cap"] = max(0, len(lists["heldout"]) - cfg.heldout_max)
     stats["heldout_sequences"] = len(heldout)
-    stats["train_tokens"], stats["train_target_tokens"] = _token_counts(train)
-    stats["heldout_tokens"], stats["heldout_target_tokens"] = _token_counts(heldout)
+    stats["train_tokens"], stats["train_target_tokens"] = token_counts(train)
+    stats["heldout_tokens"], stats["heldout_target_tokens"] = token_counts(heldout)
     if not train:
         raise DataError(
             f"no training sequences: {stats['records_read']} records read, {stats['heldout_records']} held out, "
@@ -310,4 +167,12 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> DataSplits:
             f"no held-out sequences (heldout_fraction={cfg.heldout_fraction}, {stats['heldout_records']} records "
             "held out); evaluation has nothing to measure: raise data.heldout_fraction or add data"
         )
-    return DataSplits(train=train, heldout=heldout, stats=stats)
+    differ = encoder.views_differ
+    return DataSplits(train=train, heldout=heldout, stats=stats, group_size=len(encoder.roles), steer=lists["steer"],
+                      plain_train=lists["plain_train"] if differ else None,
+                      plain_heldout=_capped(lists["plain_heldout"], cfg.heldout_max) if differ else None)
+
+
+def _capped(keyed: list[tuple[str, Example]], cap: int) -> list[Example]:
+    """The first ``cap`` examples in record-hash order (stable: blocks of one source keep their order)."""
+    return [e for _, e in sorted(keyed, key=lambda ke: ke[0])[:cap]]

@@ -8,7 +8,7 @@ Steps (each checked before the teacher is loaded where possible):
 2. Build the teacher's ``complete_fn``: ``teacher.source: online`` loads
    ``teacher.model`` and samples with :func:`~stillroom.datagen.complete.hf_complete_fn`;
    ``remote`` asks an OpenAI-compatible server through
-   :class:`~stillroom.teachers.remote.RemoteTeacher` (API key from the env var
+   :func:`~stillroom.datagen.remote_complete.remote_complete` (API key from the env var
    ``teacher.remote.api_key_env``, never logged).
 3. :func:`~stillroom.datagen.complete.generate_with` appends each batch
    to the :class:`~stillroom.datagen.store.GenerationStore` as it arrives
@@ -26,7 +26,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from stillroom.config.load import ConfigError
 from stillroom.config.schema import GenerateConfig, GenerateInput, RunConfig
@@ -144,7 +143,7 @@ def store_path(cfg: RunConfig) -> Path:
     """``generate.output``, or ``<output_dir>/<name>/generations.jsonl``."""
     if cfg.generate.output is not None:
         return _path(cfg, cfg.generate.output, "generate.output")
-    return Path(cfg.output_dir).expanduser() / cfg.name / "generations.jsonl"
+    return cfg.run_dir / "generations.jsonl"
 
 
 def export_path(cfg: RunConfig) -> Path | None:
@@ -166,23 +165,14 @@ def build_teacher(cfg: RunConfig, log: Log) -> tuple[CompleteFn, str, bool, Call
     """``(complete_fn, teacher_id, chat, close)`` for ``cfg.teacher`` (online or remote)."""
     gcfg, source = cfg.generate, cfg.teacher.source
     if source == "remote":
-        from stillroom.teachers.remote import RemoteTeacher
+        from stillroom.datagen.remote_complete import remote_complete
 
         rcfg = cfg.teacher.remote
-        # vocab_size only bounds top_k (a logit-distillation setting); generation does not use it.
-        teacher = RemoteTeacher(rcfg, vocab_size=rcfg.top_k)
-        try:
-            teacher.check_server()
-        except BaseException:
-            teacher.close()
-            raise
-        parts = urlsplit(rcfg.url or "")
-        shown = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path.rstrip('/')}"
         chat = True if gcfg.chat is None else gcfg.chat
-        fn = teacher.complete_fn(max_new_tokens=gcfg.max_new_tokens, sampling_temperature=gcfg.sampling_temperature,
-                                 top_p=gcfg.top_p, seed=gcfg.seed, chat=chat)
-        log(f"teacher: remote {shown} model {rcfg.model!r}")
-        return fn, f"remote:{shown}#{rcfg.model}", chat, teacher.close
+        fn, client = remote_complete(rcfg, max_new_tokens=gcfg.max_new_tokens, seed=gcfg.seed,
+                                     sampling_temperature=gcfg.sampling_temperature, top_p=gcfg.top_p, chat=chat)
+        log(f"teacher: remote {client.shown_base} model {rcfg.model!r}")
+        return fn, f"remote:{client.shown_base}#{rcfg.model}", chat, client.close
     if source != "online":
         raise ConfigError(f"teacher.source={source} cannot generate text; use online (teacher.model) or remote")
     import torch

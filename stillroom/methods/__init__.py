@@ -1,0 +1,20 @@
+"""Training methods: what differs between them, each a small module behind the typed seam of
+:mod:`stillroom.methods.base` (its record encoder, its steer split, its :class:`MethodPlan`).
+
+``METHODS`` is the static registry, keyed by the names :data:`stillroom.config.methods.METHODS`
+lists with their config sections (a test keeps the two in step).
+"""
+
+from stillroom.methods import conditional, ddk, onpolicy, redi, step_by_step
+from stillroom.methods.base import Method, MethodContext, MethodPlan, StepCounts
+
+KD = Method("kd", domains=("lm", "classifier"))
+"""The loss terms against the teacher on the data as it is."""
+SFT = Method("sft", ce_only=True, domains=("lm", "classifier"))
+"""Cross-entropy on the data alone (the baseline's method); the teacher is not used in training."""
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    KD, SFT, onpolicy.METHOD, step_by_step.METHOD, redi.METHOD, ddk.METHOD, conditional.METHOD,
+)}
+
+__all__ = ["METHODS", "Method", "MethodContext", "MethodPlan", "StepCounts"]

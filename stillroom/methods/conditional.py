@@ -19,14 +19,13 @@ How it fits a run (two steps, both offline):
 1. :func:`extend_model_folder` (``stillroom conditional-extend SRC DST``) adds
    the two control tokens to the tokenizer as special tokens and resizes the embeddings (new
    rows = the mean of the existing rows, deterministic), writing a plain HF folder. This has to
-   happen before a run because :func:`stillroom.train.run.prepare` checks the tokenizer against
-   the models' heads before any method hook exists.
-2. ``method: conditional`` with teacher and student pointing at that folder. The data pipeline
-   builds the usual *untagged* splits (so the held-out loss is measured on plain text, without
-   control tokens, and ``baseline: true`` trains the plain-MLE baseline on the same documents);
-   :func:`build_hooks` re-reads the *training* records (same held-out rule:
-   :func:`stillroom.data.pipeline.is_heldout`), tags them and packs them into ``data.seq_len``
-   blocks (or one truncated sequence per document with ``data.pack: false``).
+   happen before a run because the run checks the tokenizer against the models' heads before
+   anything trains.
+2. ``method: conditional`` with teacher and student pointing at that folder. The one data
+   pipeline reads the records with :class:`TaggingEncoder`: the training view is the tagged
+   stream, packed into ``data.seq_len`` blocks (or one truncated sequence per document with
+   ``data.pack: false``); the held-out loss is measured on the *untagged* text, and
+   ``baseline: true`` trains the plain-MLE baseline on the same documents untagged.
 
 Only ``text`` records are tagged (prompt/completion and chat records are refused). The
 teacher is loaded (``prepare`` needs a tokenizer) but never used for training.
@@ -34,25 +33,23 @@ teacher is loaded (``prepare`` needs a tokenizer) but never used for training.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from stillroom.config.schema import ConditionalConfig, DataConfig
-from stillroom.data.batch import Example
-from stillroom.data.errors import BadRecordPolicy
-from stillroom.data.formats import TextEncoder, infer_format
-from stillroom.data.pipeline import good_records, is_heldout, record_key, source_tags
-from stillroom.data.readers import describe
-from stillroom.methods.hooks import MethodHooks
-from stillroom.models.control_tokens import add_special_tokens
+from stillroom.config.core import DataSource
+from stillroom.config.methods import ConditionalConfig
+from stillroom.data.encoders import RecordViews
+from stillroom.data.formats import Encoded, Format, TextEncoder, encode_record
 from stillroom.data.seeds import derive_seed
 from stillroom.datagen.verifiers import import_callable
+from stillroom.methods.base import Method, MethodContext, MethodPlan
+from stillroom.models.control_tokens import add_special_tokens
 
 _SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -184,90 +181,70 @@ def tag_document(
     return TaggedDoc(out, tags)
 
 
-def tagged_train_examples(
-    data: DataConfig, tokenizer, ccfg: ConditionalConfig, seed: int
-) -> tuple[list[Example], dict[str, int]]:
-    """The training records of ``data`` (held-out ones skipped by the pipeline's rule), tagged and sequenced.
+class TaggingEncoder:
+    """Text records -> the tagged stream ``EOS [c_1] x^1 [c_2] x^2 ...`` (train view; every token a target,
+    control tokens included) and the untagged text (eval and plain views: the held-out loss is measured on
+    plain text, and ``baseline: true`` trains the plain-MLE baseline on the same documents).
 
-    Packed (``data.pack``): documents concatenated in source order and cut into ``seq_len``
-    blocks (the last partial block dropped). Otherwise one sequence per document, truncated
-    to ``seq_len``. Every token is a target (control tokens included). Returns the examples
-    and counts (documents, segments, aligned, misaligned, dropped).
+    Packed into ``data.seq_len`` blocks with ``data.pack`` (documents in source order), else one sequence
+    per document ending in EOS, cut to ``seq_len``. ``counts``: documents, segments and their tags, over
+    every record the pipeline encodes (held-out and steer records included).
     """
-    score = load_scorer(ccfg.scorer)
-    ids = control_token_ids(tokenizer, ccfg)
-    enc = TextEncoder(tokenizer, add_eos=True)
-    stats = {"documents": 0, "segments": 0, "aligned": 0, "misaligned": 0, "dropped": 0}
-    examples: list[Example] = []
-    for src, tag in zip(data.sources, source_tags(data.sources)):
-        info = describe(src)
-        fmt = src.format
-        docs: list[list[int]] = []
-        for item in good_records(src, seed, BadRecordPolicy(data.on_bad_record)):  # the pipeline's rules
-            fmt = fmt or info.default_format or infer_format(item.fields, src, info.label, item.where)
-            if fmt != "text":
-                raise ConditionalSetupError(
-                    f"conditional training tags plain-text documents, but {info.label} has format {fmt!r}; "
-                    "use text records (data.sources[].text_field)"
-                )
-            key = record_key(tag, item.index, item.fields)
-            text = item.fields.get(src.text_field)
-            if is_heldout(key, data.heldout_fraction) or not isinstance(text, str) or not text.strip():
-                continue
-            doc = tag_document(text, encode=enc.encode, score=score, ccfg=ccfg, ids=ids, eos_id=enc.eos_id,
-                               seed=seed, doc_key=key)
-            stats["documents"] += 1
-            stats["segments"] += len(doc.tags)
-            for t in doc.tags:
-                stats[t] += 1
-            docs.append(doc.input_ids + ([] if data.pack else [enc.eos_id]))
-        examples.extend(_sequences(docs, data, tag, src.domain, tokenizer))
-    if not examples:
+
+    roles = (None,)
+    on_too_long: Literal["truncate", "drop"] = "truncate"
+    packs_text = True
+    views_differ = True
+
+    def __init__(self, ccfg: ConditionalConfig, *, seed: int, pack: bool) -> None:
+        self.ccfg = ccfg
+        self.seed = seed
+        self.pack = pack
+        self.score = load_scorer(ccfg.scorer)
+        split_segments("", ccfg.splitter)  # a bad regex fails when the run starts, naming the setting
+        self.counts = {"conditional_documents": 0, "conditional_segments": 0, "conditional_aligned": 0,
+                       "conditional_misaligned": 0, "conditional_untagged": 0}
+
+    def encode(self, fields: dict, fmt: Format, src: DataSource, text: TextEncoder, key: str) -> RecordViews | None:
+        if fmt != "text":
+            raise ConditionalSetupError(
+                f"conditional training tags plain-text documents, but a data source has format {fmt!r}; "
+                "use text records (data.sources[].text_field)"
+            )
+        plain = encode_record(fields, fmt, src, text)
+        if plain is None:
+            return None
+        eos = text.tok.eos_token_id
+        doc = tag_document(fields[src.text_field], encode=text.encode, score=self.score, ccfg=self.ccfg,
+                           ids=control_token_ids(text.tok, self.ccfg), eos_id=eos, seed=self.seed, doc_key=key)
+        self.counts["conditional_documents"] += 1
+        self.counts["conditional_segments"] += len(doc.tags)
+        for t in doc.tags:
+            self.counts["conditional_" + ("untagged" if t == "dropped" else t)] += 1
+        ids = doc.input_ids + ([] if self.pack else [eos])
+        return RecordViews([Encoded(ids, [True] * len(ids))], plain, plain)
+
+
+def build(ctx: MethodContext) -> MethodPlan:
+    """``method: conditional``: train on the tagged stream with plain MLE (``ce``); checks the control tokens."""
+    aligned, misaligned = control_token_ids(ctx.tokenizer, ctx.cfg.conditional)
+    if max(aligned, misaligned) >= ctx.vocab_size:
         raise ConditionalSetupError(
-            f"conditional: no training sequence after tagging ({stats['documents']} documents); "
-            f"add data or lower data.seq_len ({data.seq_len})"
-        )
-    return examples, stats
-
-
-def _sequences(docs: list[list[int]], data: DataConfig, tag: str, domain: str | None, tokenizer) -> list[Example]:
-    if data.pack:
-        stream = [t for d in docs for t in d]
-        blocks = [stream[i : i + data.seq_len] for i in range(0, len(stream) - data.seq_len + 1, data.seq_len)]
-        names = [f"{tag}:cond-pack{b}" for b in range(len(blocks))]
-    else:
-        blocks = [d[: data.seq_len] for d in docs]
-        names = [f"{tag}:cond-{i}" for i in range(len(blocks))]
-    out = []
-    for name, ids in zip(names, blocks):
-        n_bytes = len(tokenizer.decode(ids[1:], skip_special_tokens=True).encode("utf-8"))
-        digest = hashlib.sha1(",".join(map(str, ids)).encode("ascii")).hexdigest()[:10]
-        out.append(Example(input_ids=ids, target=[True] * len(ids), uid=f"{name}:{digest}", domain=domain,
-                           n_bytes=n_bytes, meta={"source": tag, "format": "text", "conditional": True}))
-    return out
-
-
-def build_hooks(p, model, *, mix, run_dir, log) -> MethodHooks:
-    """``method: conditional``: train on the tagged training documents with plain MLE (``ce``)."""
-    names = [t.name for t in mix.cfg.terms]
-    if names != ["ce"]:
-        raise ConditionalSetupError(
-            f"method: conditional is plain MLE over the tagged stream, but loss.terms is {names}; "
-            "set loss.terms: [{name: ce}]"
-        )
-    ccfg = p.cfg.conditional
-    aligned, misaligned = control_token_ids(p.tokenizer, ccfg)
-    if max(aligned, misaligned) >= p.vocab_size:
-        raise ConditionalSetupError(
-            f"control token ids {aligned}, {misaligned} have no logit (vocab {p.vocab_size}); "
+            f"control token ids {aligned}, {misaligned} have no logit (vocab {ctx.vocab_size}); "
             "resize the model with `stillroom conditional-extend SRC DST`"
         )
-    examples, stats = tagged_train_examples(p.cfg.data, p.tokenizer, ccfg, p.cfg.seed)
-    log(f"conditional: {stats['documents']} documents, {stats['segments']} segments: {stats['aligned']} aligned, "
-        f"{stats['misaligned']} misaligned, {stats['dropped']} without a token; {len(examples)} sequences")
-    n = max(stats["segments"], 1)
-    state = {"conditional/misaligned_fraction": stats["misaligned"] / n, "conditional/dropped_fraction": stats["dropped"] / n}
-    return MethodHooks(train_examples=examples, log_state=lambda: dict(state))
+    st = ctx.data.stats
+    ctx.log(f"conditional: {st['conditional_documents']} documents, {st['conditional_segments']} segments: "
+            f"{st['conditional_aligned']} aligned, {st['conditional_misaligned']} misaligned, "
+            f"{st['conditional_untagged']} without a token; {len(ctx.data.train)} training sequences")
+    n = max(st["conditional_segments"], 1)
+    state = {"conditional/misaligned_fraction": st["conditional_misaligned"] / n,
+             "conditional/dropped_fraction": st["conditional_untagged"] / n}
+    return MethodPlan(metrics=lambda: dict(state))
+
+
+METHOD = Method("conditional", build=build,
+                encoder=lambda cfg: TaggingEncoder(cfg.conditional, seed=cfg.seed, pack=cfg.data.pack))
 
 
 # ---------------------------------------------------------------------------- inference

@@ -4,8 +4,10 @@
 at ``loss_temperature`` 1) and changes only *which domains* the training sequences come
 from. Domains are the ``domain`` labels of ``data.sources`` (``Example.domain``).
 
-Domain discrepancy factor. For every domain ``i`` with held-out sequences ``V_i`` (the
-run's held-out split filtered by domain, at most ``ddk.val_max_per_domain``)::
+Domain discrepancy factor. For every domain ``i`` with steering sequences ``V_i`` (the
+records the data pipeline sets apart for steering, ``ddk.steer_fraction`` of them by the
+record hash, filtered by domain, at most ``ddk.val_max_per_domain``; never the held-out
+split that the report evaluates, and never trained on)::
 
     l_S[i] = exp(mean CE of the student on V_i)      (token mean over target tokens)
     l_T[i] = exp(mean CE of the teacher on V_i)      (computed once: the teacher is frozen)
@@ -58,6 +60,7 @@ import torch
 
 from stillroom.data.batch import Example, collate
 from stillroom.data.seeds import derive_seed
+from stillroom.methods.base import Method, MethodContext, MethodPlan
 
 PREFIX = "ddk"
 
@@ -117,23 +120,23 @@ def group_by_domain(examples: Sequence[Example], what: str) -> dict[str, list[in
 
 
 def domain_sets(
-    train: Sequence[Example], heldout: Sequence[Example], cap: int
+    train: Sequence[Example], steer: Sequence[Example], cap: int
 ) -> tuple[dict[str, list[int]], dict[str, list[Example]]]:
-    """Training indices and validation examples (at most ``cap``) per domain, checked for DDK."""
+    """Training indices and steering examples (at most ``cap``) per domain, checked for DDK."""
     train_groups = group_by_domain(train, "training")
-    held_groups = group_by_domain(heldout, "held-out")
+    held_groups = group_by_domain(steer, "steering")
     if len(train_groups) < 2:
         raise ValueError(f"method=ddk needs training data from at least 2 domains, found {list(train_groups) or 'none'}; "
                          "label data.sources with different `domain:` values")
     missing = [d for d in train_groups if d not in held_groups]
     if missing:
-        raise ValueError(f"method=ddk: domain(s) {missing} have no held-out sequences to estimate their perplexity; "
-                         "raise data.heldout_fraction (or data.heldout_max, which caps the whole held-out split)")
+        raise ValueError(f"method=ddk: domain(s) {missing} have no steering sequences to estimate their perplexity; "
+                         "raise ddk.steer_fraction or add data for them")
     extra = [d for d in held_groups if d not in train_groups]
     if extra:
-        raise ValueError(f"method=ddk: domain(s) {extra} have held-out but no training sequences; "
-                         "add training data for them or lower data.heldout_fraction")
-    val = {d: [heldout[i] for i in idx[:cap]] for d, idx in held_groups.items()}
+        raise ValueError(f"method=ddk: domain(s) {extra} have steering but no training sequences; "
+                         "add training data for them or lower ddk.steer_fraction")
+    val = {d: [steer[i] for i in idx[:cap]] for d, idx in held_groups.items()}
     return train_groups, val
 
 
@@ -301,51 +304,41 @@ class DomainSampler:
 
 
 # ---------------------------------------------------------------------------- the method
-def check_ddk_run(p: Any, mix: Any) -> list[str]:
-    """Refuse what DDK cannot do; return warnings (loss terms other than the paper's)."""
-    if p.teacher_model is None:
+def build(ctx: MethodContext) -> MethodPlan:
+    """``method: ddk``: a :class:`DomainSampler` steered on the steer split, its metrics and its report."""
+    cfg, dc = ctx.cfg, ctx.cfg.ddk
+    if ctx.teacher_model is None:
         raise ValueError("method=ddk needs the teacher model in this process to measure its per-domain perplexity")
-    names = [t.name for t in mix.cfg.terms]
-    warnings = []
-    if not mix.needs_teacher:
-        warnings.append(f"ddk: loss.terms {names} do not use the teacher (the paper's gamma=0 ablation); the teacher "
-                        "still sets the domain weights. The paper's loss: [{name: ce}, {name: forward_kl, weight: 0.2}]")
+    names = [t.name for t in cfg.loss.terms]
+    if not ctx.mix.needs_teacher:
+        ctx.log(f"ddk: loss.terms {names} do not use the teacher (the paper's gamma=0 ablation); the teacher still "
+                "sets the domain weights. The paper's loss: [{name: ce}, {name: forward_kl, weight: 0.2}]")
     elif sorted(names) != ["ce", "forward_kl"]:
-        warnings.append(f"ddk: loss.terms are {names}; the paper uses ce + 0.2 * forward_kl")
-    return warnings
-
-
-def build_hooks(p: Any, model: torch.nn.Module, *, mix: Any, run_dir: Path, log: Callable[[str], None] = print):
-    """``method: ddk`` for the training loop: a :class:`DomainSampler` and its per-step metrics."""
-    from stillroom.methods.hooks import MethodHooks
-
-    cfg = p.cfg
-    dc = cfg.ddk
-    for w in check_ddk_run(p, mix):
-        log(w)
-    train_groups, val = domain_sets(p.splits.train, p.splits.heldout, dc.val_max_per_domain)
-    pad, bs = p.tokenizer.pad_token_id, cfg.eval.batch_size
+        ctx.log(f"ddk: loss.terms are {names}; the paper uses ce + 0.2 * forward_kl")
+    train_groups, val = domain_sets(ctx.data.train, ctx.data.steer, dc.val_max_per_domain)
+    pad, bs = ctx.tokenizer.pad_token_id, cfg.eval.batch_size
     batches = {d: [collate(rows[i : i + bs], pad) for i in range(0, len(rows), bs)] for d, rows in val.items()}
-    ppl_teacher = domain_perplexities(p.teacher_model, batches, precision=cfg.eval.precision, vocab_size=p.vocab_size)
-    log("ddk: domains " + ", ".join(f"{d} ({len(train_groups[d])} train / {len(val[d])} val, teacher ppl "
-                                     f"{ppl_teacher[d]:.3f})" for d in train_groups)
-        + f"; K={dc.interval_steps}, smoothing={dc.smoothing} ({dc.smoothing_mode})")
+    ppl_teacher = domain_perplexities(ctx.teacher_model, batches, precision=cfg.eval.precision,
+                                      vocab_size=ctx.vocab_size)
+    ctx.log("ddk: domains " + ", ".join(f"{d} ({len(train_groups[d])} train / {len(val[d])} steer, teacher ppl "
+                                        f"{ppl_teacher[d]:.3f})" for d in train_groups)
+            + f"; K={dc.interval_steps}, smoothing={dc.smoothing} ({dc.smoothing_mode})")
 
     def estimate() -> dict[str, dict[str, float]]:
-        ppl_student = domain_perplexities(model, batches, precision=cfg.eval.precision, vocab_size=p.vocab_size)
+        ppl_student = domain_perplexities(ctx.model, batches, precision=cfg.eval.precision, vocab_size=ctx.vocab_size)
         return {"ratio": {d: ppl_student[d] / ppl_teacher[d] for d in batches},
                 "ppl_student": ppl_student, "ppl_teacher": dict(ppl_teacher)}
 
     def on_update(step: int, snap: dict) -> None:
-        if p.topology.is_main:
+        if ctx.topology.is_main:
             parts = ", ".join(f"{d}: ratio {snap[f'{PREFIX}/ratio/{d}']:.3f} r {snap[f'{PREFIX}/r/{d}']:.3f}"
                               for d in train_groups)
-            log(f"ddk step {step}: {parts}")
+            ctx.log(f"ddk step {step}: {parts}")
 
     holder: dict[str, DomainSampler] = {}
 
-    def sampler_factory(*, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0,
-                        world_size: int = 1) -> DomainSampler:
+    def sampler(*, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                group_size: int = 1) -> DomainSampler:
         holder["sampler"] = DomainSampler(
             n=n, batch_size=batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
             indices_by_domain=train_groups, calls_per_step=cfg.train.grad_accum, interval_steps=dc.interval_steps,
@@ -353,10 +346,13 @@ def build_hooks(p: Any, model: torch.nn.Module, *, mix: Any, run_dir: Path, log:
         )
         return holder["sampler"]
 
-    def log_state() -> dict[str, float]:
+    def metrics() -> dict[str, float]:
         return holder["sampler"].snapshot() if "sampler" in holder else {}
 
-    return MethodHooks(sampler_factory=sampler_factory, log_state=log_state, report=write_ddk_report)
+    return MethodPlan(sampler=sampler, metrics=metrics, report=write_ddk_report)
+
+
+METHOD = Method("ddk", steer_fraction=lambda cfg: cfg.ddk.steer_fraction, build=build)
 
 
 # ---------------------------------------------------------------------------- report

@@ -45,10 +45,11 @@ from typing import Any
 
 import torch
 
-from stillroom.config.schema import OnPolicyConfig, RunConfig
-from stillroom.data.batch import Batch, Example, collate
+from stillroom.config.methods import OnPolicyConfig
+from stillroom.data.batch import Batch, Example, batch_prompts, collate
 from stillroom.data.seeds import derive_seed
 from stillroom.generate.sampling import sample_continuations
+from stillroom.methods.base import Method, MethodContext, MethodPlan
 
 SOURCES = ("fixed", "student", "teacher")
 LOG_EVERY_S = 30.0
@@ -72,31 +73,6 @@ def choose_source(cfg: OnPolicyConfig, seed: int, step: int, micro_index: int) -
         if w > 0 and u < acc:
             return name
     return next(n for n, w in reversed(list(zip(SOURCES, weights))) if w > 0)  # u == total (rounding)
-
-
-def prompts_of(batch: Batch, text_prompt_tokens: int) -> list[list[int]]:
-    """Per row of ``batch``: the token ids before its first target token.
-
-    ``target_ids[b, t]`` is the token at ``t + 1`` (collate shifted once), so when the
-    first counted position is ``t0`` the first target token is ``input_ids[b, t0 + 1]``
-    and the prompt is ``input_ids[b, : t0 + 1]``. A row whose token 1 is already a
-    target (plain text: everything is learned) gets its first ``text_prompt_tokens``
-    tokens, at most all but one of its real tokens. A row with no target at all is an
-    error (the pipeline drops such sequences, so this means a malformed batch).
-    """
-    mask_bt = batch.loss_mask
-    lengths = batch.attention_mask.sum(dim=1).tolist()
-    prompts: list[list[int]] = []
-    for b in range(batch.input_ids.shape[0]):
-        counted = mask_bt[b].nonzero()
-        if counted.numel() == 0:
-            raise ValueError(f"onpolicy: sequence {batch.uids[b]} has no target token, so it has no prompt to continue")
-        t0 = int(counted[0, 0])
-        n = t0 + 1
-        if t0 == 0:  # no prompt: plain text
-            n = max(1, min(text_prompt_tokens, int(lengths[b]) - 1))
-        prompts.append(batch.input_ids[b, :n].tolist())
-    return prompts
 
 
 def generated_batch(
@@ -179,7 +155,7 @@ class OnPolicySource:
     def generate(self, batch: Batch, source: str, step: int, micro_index: int) -> Batch:
         """Replace ``batch`` by ``source``'s continuations of its prompts (source: student or teacher)."""
         model = self.student if source == "student" else self.teacher_model
-        prompts = prompts_of(batch, self.cfg.text_prompt_tokens)
+        prompts = batch_prompts(batch, self.cfg.text_prompt_tokens)
         budgets = [min(self.cfg.max_new_tokens, self.seq_len - len(p)) for p in prompts]
         if min(budgets) < 1:
             i = budgets.index(min(budgets))
@@ -246,45 +222,23 @@ class OnPolicySource:
             self.log(f"step {step + 1}: {self.summary()}")
 
 
-def check_onpolicy_run(cfg: RunConfig, *, needs_teacher: bool, term_names: Sequence[str]) -> list[str]:
-    """Refuse configurations that cannot work, before step 0; return warnings to log."""
-    oc = cfg.onpolicy
-    generates = oc.student_weight > 0 or oc.teacher_weight > 0
-    if not needs_teacher:
-        raise ValueError("method=onpolicy needs a loss term that uses the teacher (e.g. forward_kl, jsd, tvd_pp); "
-                         f"loss.terms are {list(term_names)}")
-    if generates and cfg.teacher.source == "store":
-        raise ValueError("method=onpolicy generates new sequences every step, which a precomputed teacher store "
-                         "cannot score; use teacher.source=online (or remote), or set onpolicy.student_weight=0 "
-                         "and onpolicy.teacher_weight=0")
-    warnings = []
-    if "ce" in term_names and oc.student_weight > 0:
-        warnings.append("onpolicy: a 'ce' term on student-generated batches fits the student to its own samples; "
-                        "it is usually meant for fixed data only")
-    return warnings
-
-
-def build_onpolicy(p: Any, model: torch.nn.Module, *, run_dir: Path, needs_teacher: bool,
-                   term_names: Sequence[str], log: Callable[[str], None] = print) -> OnPolicySource:
-    """The :class:`OnPolicySource` of a prepared run (:class:`stillroom.train.run.Prepared`) training ``model``."""
-    cfg = p.cfg
-    for w in check_onpolicy_run(cfg, needs_teacher=needs_teacher, term_names=term_names):
-        log(w)
-    oc = cfg.onpolicy
-    log(f"onpolicy: sources fixed/student/teacher weights {oc.fixed_weight}/{oc.student_weight}/{oc.teacher_weight}, "
-        f"sampling_temperature={oc.sampling_temperature}, top_p={oc.top_p}, max_new_tokens={oc.max_new_tokens}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return OnPolicySource(
-        oc, seed=cfg.seed, student=model, teacher_model=p.teacher_model, tokenizer=p.tokenizer,
-        pad_id=p.tokenizer.pad_token_id, seq_len=cfg.data.seq_len, rank=p.topology.rank,
-        log_path=run_dir / "onpolicy.jsonl" if p.topology.is_main else None, log=log if p.topology.is_main else None,
+def build(ctx: MethodContext) -> MethodPlan:
+    """``method: onpolicy``: each micro-batch's sequences come from the source drawn for it."""
+    oc, cfg = ctx.cfg.onpolicy, ctx.cfg
+    if "ce" in [t.name for t in cfg.loss.terms] and oc.student_weight > 0:
+        ctx.log("onpolicy: a 'ce' term on student-generated batches fits the student to its own samples; "
+                "it is usually meant for fixed data only")
+    ctx.log(f"onpolicy: sources fixed/student/teacher weights {oc.fixed_weight}/{oc.student_weight}/"
+            f"{oc.teacher_weight}, sampling_temperature={oc.sampling_temperature}, top_p={oc.top_p}, "
+            f"max_new_tokens={oc.max_new_tokens}")
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    main = ctx.topology.is_main
+    source = OnPolicySource(
+        oc, seed=cfg.seed, student=ctx.model, teacher_model=ctx.teacher_model, tokenizer=ctx.tokenizer,
+        pad_id=ctx.tokenizer.pad_token_id, seq_len=cfg.data.seq_len, rank=ctx.topology.rank,
+        log_path=ctx.run_dir / "onpolicy.jsonl" if main else None, log=ctx.log if main else None,
     )
+    return MethodPlan(replace_batches=source)
 
 
-def build_hooks(p: Any, model: torch.nn.Module, *, mix: Any, run_dir: Path, log: Callable[[str], None] = print):
-    """``method: onpolicy`` for the training loop: the sampled micro-batches are replaced by on-policy ones."""
-    from stillroom.methods.hooks import MethodHooks
-
-    source = build_onpolicy(p, model, run_dir=run_dir, needs_teacher=mix.needs_teacher,
-                            term_names=[t.name for t in mix.cfg.terms], log=log)
-    return MethodHooks(prepare_batches=source)
+METHOD = Method("onpolicy", build=build)

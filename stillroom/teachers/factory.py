@@ -15,7 +15,7 @@ def store_path(cfg: RunConfig) -> Path:
     """``teacher.store.path``, or ``<output_dir>/<name>/teacher_store`` when it is null."""
     if cfg.teacher.store.path:
         return Path(cfg.teacher.store.path).expanduser()
-    return Path(cfg.output_dir) / cfg.name / "teacher_store"
+    return cfg.run_dir / "teacher_store"
 
 
 def build_teacher_source(

@@ -5,10 +5,11 @@ marked ``COMPLETE`` and renamed into place; only then is ``latest`` updated (als
 by rename). A kill at any moment leaves the last good checkpoint untouched; a
 leftover temporary folder is ignored and removed by the next save.
 
-Contents: ``model.safetensors`` (trainable student weights, or the whole state
-dict), ``loss.safetensors`` (learned loss parameters and schedule state, e.g.
-TAID), ``train_state.{json,safetensors}`` (optimizer, scheduler, sampler
-position, RNG states, step).
+Contents: one ``<name>.safetensors`` per weight set (for each player: ``<player>``,
+its model's state dict, and ``<player>.objective``, its objective's state: learned
+loss parameters and schedule buffers, e.g. TAID), and
+``train_state.{json,safetensors}`` (per player its optimizer and scheduler; the
+sampler position, RNG states, step).
 """
 
 from __future__ import annotations
@@ -47,23 +48,18 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
-    *,
-    model_state: dict[str, torch.Tensor],
-    loss_state: dict[str, torch.Tensor],
-    train_state: dict,
-    keep: int,
-) -> Path:
+def save_checkpoint(root: Path, step: int, *, weights: dict[str, dict[str, torch.Tensor]], train_state: dict,
+                    keep: int) -> Path:
+    """Write ``weights`` (``{file name: state dict}``) and ``train_state`` as ``step_NNNNNN`` atomically;
+    keep the ``keep`` newest complete checkpoints. Returns the checkpoint folder."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
     tmp.mkdir()
-    _save_deduplicated(model_state, tmp / "model.safetensors")
-    _save_deduplicated(loss_state, tmp / "loss.safetensors")
+    for name, state in weights.items():
+        _save_deduplicated(state, tmp / f"{name}.safetensors")
     save_state(train_state, tmp, "train_state")
     (tmp / "COMPLETE").write_text(str(step))
     for f in tmp.iterdir():
@@ -126,10 +122,13 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+def load_checkpoint(folder: Path, names: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """``({name: state dict}, train_state)`` of the checkpoint in ``folder``; ``names``: the weight sets to read."""
     if not (folder / "COMPLETE").is_file():
         raise FileNotFoundError(f"{folder} is not a complete checkpoint (no COMPLETE marker)")
-    model_state = _load_deduplicated(folder / "model.safetensors")
-    loss_state = _load_deduplicated(folder / "loss.safetensors")
-    train_state = load_state(folder, "train_state")
-    return model_state, loss_state, train_state
+    missing = [n for n in names if not (folder / f"{n}.safetensors").is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {folder} has no weights for {missing} (it was written by another kind "
+                                "of run); start a new run or resume the run that wrote it")
+    weights = {n: _load_deduplicated(folder / f"{n}.safetensors") for n in names}
+    return weights, load_state(folder, "train_state")

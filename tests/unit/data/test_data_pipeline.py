@@ -8,7 +8,7 @@ import pytest
 
 from stillroom.config.schema import DataConfig, DataSource
 from stillroom.data import DataError, build_splits
-from stillroom.data.pipeline import is_heldout, record_key
+from stillroom.data.records import is_heldout, record_key
 
 WORDS = "assert class def return yield lambda import global while break continue pass raise".split()
 

@@ -81,17 +81,24 @@ def test_training_examples_skip_heldout_and_labels_include_control_tokens(tmp_pa
     data = DataConfig(sources=[{"path": str(_jsonl(tmp_path / "d.jsonl", docs))}], seq_len=64, pack=False,
                       heldout_fraction=0.25)
     cfg = ConditionalConfig(drop_token_fraction=0.0)
-    examples, stats = C.tagged_train_examples(data, tok, cfg, seed=0)
+    split = build_splits(data, tok, 0, C.TaggingEncoder(cfg, seed=0, pack=False))
+    examples, stats = split.train, split.stats
     plain = build_splits(data, tok, seed=0)
-    assert stats["documents"] == len(plain.train) == len(examples)  # the pipeline's held-out rule
-    assert stats["aligned"] + stats["misaligned"] == stats["segments"] and stats["misaligned"] > 0
+    assert len(plain.train) == len(examples) and len(split.baseline_train) == len(examples)  # the same held-out rule
+    assert stats["conditional_documents"] == 60  # every record is tagged, held-out ones too
+    assert stats["conditional_aligned"] + stats["conditional_misaligned"] == stats["conditional_segments"]
+    assert stats["conditional_misaligned"] > 0
     assert all(e.input_ids[0] == tok.eos_token_id and e.input_ids[1] in (a, m) for e in examples)
     batch = collate(examples, tok.pad_token_id)
     targets = batch.target_ids[batch.loss_mask]
     assert (targets == a).any() and (targets == m).any()  # MLE over the control tokens too
+    # the report and the baseline see the untagged text
+    held = collate(split.heldout, tok.pad_token_id)
+    assert not ((held.input_ids == a) | (held.input_ids == m)).any()
+    assert [e.input_ids for e in split.baseline_train] == [e.input_ids for e in plain.train]
     # packed: seq_len blocks
-    packed, _ = C.tagged_train_examples(data.model_copy(update={"pack": True}), tok, cfg, seed=0)
-    assert all(len(e.input_ids) == 64 for e in packed)
+    packed = build_splits(data.model_copy(update={"pack": True}), tok, 0, C.TaggingEncoder(cfg, seed=0, pack=True))
+    assert packed.train and all(len(e.input_ids) == 64 for e in packed.train)
 
 
 def test_non_text_records_are_refused(tmp_path):
@@ -100,7 +107,7 @@ def test_non_text_records_are_refused(tmp_path):
     path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     data = DataConfig(sources=[{"path": str(path)}], heldout_fraction=0.0)
     with pytest.raises(C.ConditionalSetupError, match="plain-text"):
-        C.tagged_train_examples(data, tok, ConditionalConfig(), seed=0)
+        build_splits(data, tok, 0, C.TaggingEncoder(ConditionalConfig(), seed=0, pack=True))
 
 
 def test_tokenizer_extended_and_embeddings_resized():

@@ -173,7 +173,7 @@ def test_domain_sets_and_errors():
     assert [e.uid for e in val["x"]] == ["h0", "h2"]
     with pytest.raises(ValueError, match="at least 2 domains"):
         domain_sets([_ex("a", "x")], [_ex("b", "x")], cap=5)
-    with pytest.raises(ValueError, match=r"\['y'\] have no held-out.*data.heldout_fraction"):
+    with pytest.raises(ValueError, match=r"\['y'\] have no steering sequences.*ddk.steer_fraction"):
         domain_sets(train, [e for e in held if e.domain == "x"], cap=5)
     with pytest.raises(ValueError, match="no domain.*data.sources"):
         domain_sets([_ex("a", None)], held, cap=5)
@@ -198,7 +198,7 @@ def _recipe(tmp_path: Path, teacher_dir: Path, **over) -> Path:
         "data": {"sources": [{"path": str(tmp_path / "prose.jsonl"), "domain": "prose"},
                              {"path": str(tmp_path / "nums.jsonl"), "domain": "nums"}],
                  "seq_len": 24, "heldout_fraction": 0.25, "heldout_max": 40},
-        "ddk": {"interval_steps": 3, "val_max_per_domain": 4},
+        "ddk": {"interval_steps": 3, "val_max_per_domain": 4, "steer_fraction": 0.2},
         "loss": {"terms": [{"name": "ce"}, {"name": "forward_kl", "weight": 0.2}], "chunk_tokens": 64},
         "train": {"steps": 8, "micro_batch_size": 2, "grad_accum": 2, "precision": "fp32", "warmup_steps": 0,
                   "lr": 3e-3, "save_every": 2, "keep_checkpoints": 10},
@@ -224,11 +224,13 @@ def _train_only(recipe: Path, name: str, resume: bool) -> None:
     preparation, method hooks and loop as the CLI, without the final evaluation and report (which
     take most of a tiny run's time; the CLI's own path is covered by the tests of the run command)."""
     from stillroom.config.load import load_config
-    from stillroom.train.run import prepare, train_student
+    from stillroom.run import prepare_run
+    from stillroom.train.loop import train
 
     cfg = load_config(recipe, [f"name={name}"])
-    p = prepare(cfg, log=lambda _m: None)
-    train_student(p, p.student, run_dir=p.run_dir, resume=resume, log=lambda _m: None)
+    prep, method = prepare_run(cfg, log=lambda _m: None)
+    job, _ = prep.job(prep.student, method, baseline=False, run_dir=cfg.run_dir, resume=resume, log=lambda _m: None)
+    train(job)
 
 
 def test_resume_matches_uninterrupted(tmp_path, tiny_teacher_dir):
@@ -295,6 +297,16 @@ def test_shipped_recipe_validates():
     terms = {t.name: t.weight for t in cfg.loss.terms}
     assert terms == {"ce": 1.0, "forward_kl": 0.2} and cfg.loss.loss_temperature == 1.0
     assert len({s.domain for s in cfg.data.sources}) == len(cfg.data.sources) >= 2
+
+
+def test_steering_split_is_apart_from_the_report_and_training(tmp_path, tiny_teacher_dir):
+    from stillroom.config.load import load_config
+    from stillroom.run import prepare_run
+
+    prep, _ = prepare_run(load_config(_recipe(tmp_path, tiny_teacher_dir), []), log=lambda _m: None)
+    steer = {e.uid for e in prep.data.steer}
+    assert steer and {e.domain for e in prep.data.steer} == {"prose", "nums"}
+    assert not steer & {e.uid for e in prep.data.heldout} and not steer & {e.uid for e in prep.data.train}
 
 
 def test_cli_run_writes_the_domain_report(tmp_path, tiny_teacher_dir):

@@ -9,17 +9,12 @@ import pytest
 import torch
 from helpers import tiny_llama, tiny_tokenizer
 
-from stillroom.config.schema import OnPolicyConfig, RunConfig
-from stillroom.data.batch import IGNORE, Example, collate
+from pydantic import ValidationError
+
+from stillroom.config.schema import LossConfig, LossTerm, OnPolicyConfig, RunConfig
+from stillroom.data.batch import IGNORE, Example, batch_prompts, collate
 from stillroom.losses import LossMix, StudentOutput
-from stillroom.config.schema import LossConfig, LossTerm
-from stillroom.methods.onpolicy import (
-    OnPolicySource,
-    check_onpolicy_run,
-    choose_source,
-    generated_batch,
-    prompts_of,
-)
+from stillroom.methods.onpolicy import OnPolicySource, choose_source, generated_batch
 from stillroom.teachers.online import OnlineTeacher
 
 PAD = 1
@@ -59,19 +54,19 @@ def _source(student, teacher, tok, **cfg) -> OnPolicySource:
 
 
 def test_prompts_are_the_tokens_before_the_first_target():
-    prompts = prompts_of(_mixed_batch(), text_prompt_tokens=4)
+    prompts = batch_prompts(_mixed_batch(), text_prompt_tokens=4)
     assert prompts == [[10, 11, 12, 13, 14], [30, 31, 32], [50, 51, 52, 53]]
 
 
 def test_text_prompt_is_capped_to_leave_a_target():
     batch = collate([Example([5, 6, 7], [True] * 3, "short")], PAD)
-    assert prompts_of(batch, text_prompt_tokens=16) == [[5, 6]]
+    assert batch_prompts(batch, text_prompt_tokens=16) == [[5, 6]]
 
 
 def test_row_without_targets_is_an_error():
     batch = collate([Example([5, 6, 7], [True, False, False], "nothing")], PAD)
     with pytest.raises(ValueError, match="nothing.*no target"):
-        prompts_of(batch, text_prompt_tokens=4)
+        batch_prompts(batch, text_prompt_tokens=4)
 
 
 def test_generated_batch_targets_only_the_continuation():
@@ -84,7 +79,7 @@ def test_generated_batch_targets_only_the_continuation():
 def test_onpolicy_batches_only_train_on_generated_tokens(student, teacher, tok):
     src = _source(student, teacher, tok)
     original = _mixed_batch()
-    prompts = prompts_of(original, 4)
+    prompts = batch_prompts(original, 4)
     (new,) = src([original], step=0)
     assert new is not original
     for b, prompt in enumerate(prompts):
@@ -183,17 +178,14 @@ def test_log_file_is_truncated_on_resume(student, teacher, tok, tmp_path):
     assert steps == [1, 2]
 
 
-def test_run_checks():
-    cfg = RunConfig(method="onpolicy")
-    with pytest.raises(ValueError, match="uses the teacher"):
-        check_onpolicy_run(cfg, needs_teacher=False, term_names=["ce"])
-    store = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"source": "store"})})
-    with pytest.raises(ValueError, match="store"):
-        check_onpolicy_run(store, needs_teacher=True, term_names=["forward_kl"])
-    fixed_only = store.model_copy(update={"onpolicy": OnPolicyConfig(student_weight=0.0, fixed_weight=1.0)})
-    assert check_onpolicy_run(fixed_only, needs_teacher=True, term_names=["forward_kl"]) == []
-    warnings = check_onpolicy_run(cfg, needs_teacher=True, term_names=["forward_kl", "ce"])
-    assert warnings and "ce" in warnings[0]
+def test_run_checks_fail_when_the_recipe_loads():
+    with pytest.raises(ValidationError, match="uses the teacher"):
+        RunConfig(method="onpolicy", loss={"terms": [{"name": "ce"}]})
+    with pytest.raises(ValidationError, match="store"):
+        RunConfig(method="onpolicy", teacher={"source": "store"})
+    fixed_only = RunConfig(method="onpolicy", teacher={"source": "store"},
+                           onpolicy={"student_weight": 0.0, "fixed_weight": 1.0})
+    assert fixed_only.onpolicy.fixed_weight == 1.0
 
 
 def test_teacher_weight_needs_a_teacher_model(student, tok):

@@ -8,14 +8,19 @@ import json
 import pytest
 import torch
 
-from stillroom.config.schema import LossConfig, LossTerm, RunConfig
+from pydantic import ValidationError
+
+from stillroom.config.schema import DataConfig, LossConfig, LossTerm, RunConfig
+from stillroom.data import build_splits
 from stillroom.data.batch import Example, collate
-from stillroom.losses import LossMix
 from stillroom.datagen.preference import build_preference_data, preference_data_from_store
-from stillroom.methods.redi import PairSampler, RediBatches, check_redi_run, normalised_logps, redi_weights
-from stillroom.train.distributed import Topology
-from stillroom.train.loop import StudentForward, _SlicedHead, forward_backward
+from stillroom.domains.lm.forward import SlicedHead, StudentForward
+from stillroom.losses import LossMix
+from stillroom.methods.base import StepCounts
+from stillroom.methods.redi import PairEncoder, RediWeights, normalised_logps, redi_weights
 from stillroom.models import output_head
+from stillroom.train.loop import forward_backward
+from stillroom.train.players import DistillObjective, Player
 
 V = 23
 
@@ -35,8 +40,15 @@ def _pair(i, prompt_len, chosen_len, rejected_len, seed):
     out = []
     for role, n in (("chosen", chosen_len), ("rejected", rejected_len)):
         resp = torch.randint(2, V, (n,), generator=g).tolist()
-        out.append(Example(prompt + resp, [False] * prompt_len + [True] * n, uid=f"src:{i}|{role}"))
+        out.append(Example(prompt + resp, [False] * prompt_len + [True] * n, uid=f"src:{i}:{role}:h", role=role))
     return out
+
+
+def _weighted(weights: RediWeights, micro: list, step: int) -> list:
+    counts = StepCounts(step=step, targets=sum(b.num_targets for b in micro), all_reduce_sum=lambda v: v)
+    for b, w in zip(micro, weights(micro, counts)):
+        b.target_weight = w
+    return micro
 
 
 def _hand_objective(model, pairs, alpha):
@@ -63,15 +75,16 @@ def test_weighted_ce_is_the_redi_objective(alpha, shape, fused):
     pairs = [tuple(_pair(i, *specs[i], seed=10 + i)) for i in range(n_pairs)]
     flat = [e for p in pairs for e in p]
     micro = [collate(flat, 0)] if shape != "three_pairs_two_micro" else [collate(flat[:2], 0), collate(flat[2:], 0)]
-    micro = RediBatches(alpha=alpha, model=model, topology=Topology(), monitor_every=1)(micro, 0)
+    micro = _weighted(RediWeights(alpha=alpha, model=model, monitor_every=1), micro, 0)
     n_targets = sum(b.num_targets for b in micro)
 
     mix = LossMix(LossConfig(terms=[LossTerm(name="ce")], fused=fused, chunk_tokens=8))
     fwd = StudentForward(model, fused=fused, hidden_layers=[], vocab=V)
-    head = _SlicedHead(output_head(model), V) if fused else None
+    head = SlicedHead(output_head(model), V) if fused else None
+    player = Player("student", model, DistillObjective(fwd, mix, None, head))
     model.zero_grad()
-    loss_sum, _, _ = forward_backward(micro, forward=fwd, head=head, mix=mix, teacher=None,
-                                      device=torch.device("cpu"), precision="fp32", scale=1.0 / n_targets)
+    loss_sum, _, _ = forward_backward(micro, player, fwd, device=torch.device("cpu"), precision="fp32",
+                                      scale=1.0 / n_targets)
     grads = [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad()
@@ -95,16 +108,17 @@ def test_weights_and_monitor_values():
     lengths = batch.loss_mask.sum(1).float()
     torch.testing.assert_close(w.sum(1), torch.tensor([30 / 4, -0.5 * 30 / 4] * 2))
     assert (w[~batch.loss_mask] == 0).all() and torch.allclose(w[0][batch.loss_mask[0]], 30 / (4 * lengths[0]))
-    prep = RediBatches(alpha=0.5, model=model, topology=Topology(), monitor_every=2)
-    prep([batch], 0)
+    model.train()
+    prep = RediWeights(alpha=0.5, model=model, monitor_every=2)
+    _weighted(prep, [batch], 0)
     lp = normalised_logps(model, batch)
-    state = prep.log_state()
+    state = prep.metrics()
     assert state["redi/logp_chosen"] == pytest.approx(float(lp[0::2].mean()), rel=1e-5)
     assert state["redi/logp_rejected"] == pytest.approx(float(lp[1::2].mean()), rel=1e-5)
     assert state["redi/monitor_step"] == 0 and state["redi/pairs"] == 2
     assert model.training  # the monitor restores the mode
-    prep([batch], 1)  # not a monitor step: last measurement kept
-    assert prep.log_state()["redi/monitor_step"] == 0
+    _weighted(prep, [batch], 1)  # not a monitor step: last measurement kept
+    assert prep.metrics()["redi/monitor_step"] == 0
 
 
 def test_batches_must_hold_whole_pairs():
@@ -116,34 +130,36 @@ def test_batches_must_hold_whole_pairs():
         redi_weights(collate([a, b, c], 0), alpha=0.8, global_pairs=1, global_targets=4)
 
 
-def test_pair_sampler_keeps_pairs_together_and_resumes():
-    s = PairSampler(n=20, batch_size=4, seed=3)
-    seen = []
-    for _ in range(7):
-        idx = s.next_indices()
-        assert len(idx) == 4 and all(idx[k] % 2 == 0 and idx[k + 1] == idx[k] + 1 for k in (0, 2))
-        seen.append(idx)
-    state = json.loads(json.dumps(s.state_dict()))
-    again = PairSampler(n=20, batch_size=4, seed=3)
-    again.load_state_dict(state)
-    assert again.next_indices() == s.next_indices()
-    ranks = [PairSampler(n=20, batch_size=2, seed=3, rank=r, world_size=2).next_indices() for r in range(2)]
-    assert sorted(ranks[0] + ranks[1]) == sorted(PairSampler(n=20, batch_size=4, seed=3).next_indices())
-    with pytest.raises(ValueError, match="must be even"):
-        PairSampler(n=20, batch_size=3, seed=0)
+def test_pairs_come_from_the_one_pipeline(tmp_path):
+    from helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    rows = [{"prompt": f"q{i} is", "chosen": f" a{i}.", "rejected": " no" * (30 if i == 3 else 1)} for i in range(12)]
+    rows[5].pop("rejected")
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = {"path": str(path), "completion_field": "chosen"}
+    data = build_splits(DataConfig(sources=[src], seq_len=24, heldout_fraction=0.25, on_bad_record="skip"), tok, 0,
+                        PairEncoder("rejected"))
+    assert data.group_size == 2 and len(data.train) % 2 == 0
+    assert [e.role for e in data.train[:4]] == ["chosen", "rejected", "chosen", "rejected"]
+    assert data.stats["records_bad"] == 1  # the record without a rejected trace, named file:line
+    assert "p.jsonl:6: missing the rejected trace field 'rejected'" in data.stats["bad_record_examples"][0]
+    assert data.stats["dropped_too_long"] == (0 if 3 in {e.meta["record"] for e in data.heldout} else 1)
+    held = {e.meta["record"] for e in data.heldout}
+    assert not held & {e.meta["record"] for e in data.train}
+    assert all(tok.decode([t for t, f in zip(e.input_ids, e.target) if f]).startswith(" a") for e in data.heldout)
 
 
-def test_refuses_other_loss_terms_and_odd_batches():
-    cfg = RunConfig(method="redi", loss={"terms": [{"name": "ce"}, {"name": "forward_kl"}]})
-    with pytest.raises(ValueError, match=r"loss.terms are \['ce', 'forward_kl'\]"):
-        check_redi_run(cfg, ["ce", "forward_kl"])
-    with pytest.raises(ValueError, match="exactly one 'ce'"):
-        check_redi_run(cfg, ["forward_kl"])
-    with pytest.raises(ValueError, match="weight must be 1"):
-        check_redi_run(cfg, ["ce"], [0.5])
-    odd = RunConfig(method="redi", train={"micro_batch_size": 3})
-    with pytest.raises(ValueError, match="micro_batch_size=3"):
-        check_redi_run(odd, ["ce"], [1.0])
+def test_refuses_other_loss_terms_and_odd_batches_when_the_recipe_loads():
+    with pytest.raises(ValidationError, match=r"loss.terms are \['ce', 'forward_kl'\]"):
+        RunConfig(method="redi", loss={"terms": [{"name": "ce"}, {"name": "forward_kl"}]})
+    with pytest.raises(ValidationError, match="exactly one 'ce'"):
+        RunConfig(method="redi", loss={"terms": [{"name": "forward_kl"}]})
+    with pytest.raises(ValidationError, match="weight must be 1"):
+        RunConfig(method="redi", loss={"terms": [{"name": "ce", "weight": 0.5}]})
+    with pytest.raises(ValidationError, match="micro_batch_size=3"):
+        RunConfig(method="redi", loss={"terms": [{"name": "ce"}]}, train={"micro_batch_size": 3})
 
 
 def test_recipes_validate():
@@ -155,7 +171,6 @@ def test_recipes_validate():
     assert stage1.method == "sft" and stage2.method == "redi"
     assert stage2.redi.alpha == 0.8 and [t.name for t in stage2.loss.terms] == ["ce"]
     assert stage2.data.sources[0].completion_field == "chosen" and stage2.train.micro_batch_size % 2 == 0
-    check_redi_run(stage2, ["ce"], [1.0])
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -208,7 +223,7 @@ def test_cli_run_on_tiny_models(tmp_path, tiny_teacher_dir, capsys):
 
     recipe["loss"]["terms"] = [{"name": "forward_kl"}]
     path.write_text(yaml.safe_dump(recipe))
-    assert main(["run", str(path), "name=bad"]) not in (0, None)
+    assert main(["run", str(path), "name=bad"]) == 2  # refused when the recipe loads
     assert "exactly one 'ce' term; loss.terms are ['forward_kl']" in capsys.readouterr().err
 
 
@@ -284,7 +299,7 @@ def test_preference_data_from_the_generate_export(tmp_path):
     from stillroom.config.load import load_config
     from stillroom.datagen.export import export_rows
     from stillroom.datagen.store import make_key
-    from stillroom.datagen.preference import main as redi_main
+    from stillroom.cli.main import main
     from stillroom.datagen.verifiers import load_verifier
 
     gcfg = load_config(_recipe_path("redi_sft"), []).generate
@@ -295,7 +310,7 @@ def test_preference_data_from_the_generate_export(tmp_path):
     rows, _ = export_rows(items, records, gcfg, load_verifier(gcfg.verifier))
     export = tmp_path / "all_samples.jsonl"
     export.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert redi_main(["--export", str(export), "--out", str(tmp_path / "d")]) == 0
+    assert main(["preference-data", "--export", str(export), "--out", str(tmp_path / "d")]) == 0
     pref = [json.loads(l) for l in (tmp_path / "d" / "pref.jsonl").read_text().splitlines()]
     sft = [json.loads(l) for l in (tmp_path / "d" / "sft.jsonl").read_text().splitlines()]
     assert pref == [{"id": "a", "prompt": "Q1\n", "chosen": "2 + 3 = 5. The answer is 5.",

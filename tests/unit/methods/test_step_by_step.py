@@ -1,4 +1,4 @@
-"""Distilling step-by-step: sequences, pair sampling, per-task normalisation (by hand), variants, CLI."""
+"""Distilling step-by-step: its record views through the one pipeline, per-task normalisation (by hand), variants, CLI."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from stillroom.config.schema import DataSource, LossConfig, LossTerm, StepByStepConfig
+from stillroom.config.schema import DataConfig, DataSource, LossConfig, LossTerm, StepByStepConfig
+from stillroom.data import build_splits
 from stillroom.data.batch import collate
 from stillroom.data.errors import DataError
+from stillroom.data.sampler import ExampleSampler
 from stillroom.losses import LossMix, StudentOutput
-from stillroom.methods.step_by_step import PairSampler, TaskWeights, build_data, task_masks
+from stillroom.methods.base import StepCounts
+from stillroom.methods.step_by_step import StepByStepEncoder, TaskWeights, predict_rows
 
 RECIPE = Path(__file__).resolve().parents[3] / "stillroom" / "recipes" / "step_by_step.yaml"
 
@@ -39,10 +42,16 @@ def tok():
     return tiny_tokenizer()
 
 
-def _data(tok, path: Path, **cfg):
+def _data(tok, path: Path, *, heldout_fraction=0.0, heldout_max=8, seq_len=64, on_bad_record="stop", **cfg):
     src = DataSource(path=str(path), format="prompt_completion", prompt_field="input", completion_field="label")
-    return build_data([src], StepByStepConfig(**cfg), tok, seq_len=64, add_eos=True, seed=0,
-                      heldout_fraction=0.0, heldout_max=8)
+    data = DataConfig(sources=[src], seq_len=seq_len, heldout_fraction=heldout_fraction, heldout_max=heldout_max,
+                      on_bad_record=on_bad_record)
+    return build_splits(data, tok, 0, StepByStepEncoder(StepByStepConfig(**cfg)))
+
+
+def _counts(step=0, all_reduce_sum=lambda v: v):
+    return lambda micro: StepCounts(step=step, targets=all_reduce_sum(sum(b.num_targets for b in micro)),
+                                    all_reduce_sum=all_reduce_sum)
 
 
 def _text(tok, ex, targets: bool) -> str:
@@ -54,7 +63,7 @@ def test_multi_task_builds_predict_explain_pairs(tok, tmp_path):
     assert len(data.train) == 12
     for k, rec in enumerate(_records(6)):
         pred, expl = data.train[2 * k], data.train[2 * k + 1]
-        assert pred.meta["task"] == "predict" and expl.meta["task"] == "explain"
+        assert pred.role == "predict" and expl.role == "explain"
         assert _text(tok, pred, False) == "predict: " + rec["input"] + "\n" and _text(tok, pred, True) == rec["label"]
         assert _text(tok, expl, False) == "explain: " + rec["input"] + "\n" and _text(tok, expl, True) == rec["rationale"]
         assert pred.input_ids[-1] == tok.eos_token_id and pred.target[-1]  # EOS is learned (the model stops)
@@ -69,11 +78,13 @@ def test_variants_single_task_and_label_only(tok, tmp_path):
     assert _text(tok, single.train[2], False) == "predict: " + rec["input"] + "\n"
     assert _text(tok, single.train[2], True) == rec["rationale"] + " So the answer is " + rec["label"]
     label_only = _data(tok, path, variant="label_only")
-    assert [e.meta["task"] for e in label_only.train] == ["predict"] * 5
-    # every variant also gives the predict sequences of its records (what `baseline: true` trains on)
+    assert [e.role for e in label_only.train] == ["label"] * 5
+    # standard fine-tuning has no task prefix (the paper's baseline), and it is what `baseline: true` trains on
+    assert _text(tok, label_only.train[2], False) == rec["input"] + "\n"
+    assert _text(tok, label_only.train[2], True) == rec["label"]
     multi = _data(tok, path)
     for d in (single, label_only, multi):
-        assert [e.input_ids for e in d.predict_train] == [e.input_ids for e in label_only.train]
+        assert [e.input_ids for e in d.baseline_train] == [e.input_ids for e in label_only.train]
 
 
 def test_bad_record_names_file_and_line(tok, tmp_path):
@@ -87,9 +98,7 @@ def test_bad_record_names_file_and_line(tok, tmp_path):
     with pytest.raises(DataError, match=r"bad2\.jsonl:2: field 'label' must be a string"):
         _data(tok, _write(tmp_path, rows, "bad2.jsonl"))
     # skip: the bad record is counted and the rest used
-    src = DataSource(path=str(path), format="prompt_completion", prompt_field="input", completion_field="label")
-    data = build_data([src], StepByStepConfig(), tok, seq_len=64, add_eos=True, seed=0, heldout_fraction=0.0,
-                      heldout_max=8, on_bad_record="skip")
+    data = _data(tok, path, on_bad_record="skip")
     assert data.stats["records_bad"] == 1 and len(data.train) == 6
 
 
@@ -102,48 +111,28 @@ def test_empty_rationale_dropped_and_counted(tok, tmp_path):
     assert len(_data(tok, path, drop_empty=False).train) == 8
 
 
-def test_heldout_split_matches_the_pipeline(tok, tmp_path):
-    from stillroom.config.schema import DataConfig
-    from stillroom.data import build_splits
-
+def test_heldout_split_and_views(tok, tmp_path):
     path = _write(tmp_path, _records(40))
     src = DataSource(path=str(path), format="prompt_completion", prompt_field="input", completion_field="label")
-    splits = build_splits(DataConfig(sources=[src], seq_len=64, heldout_fraction=0.3, heldout_max=100), tok, 0)
-    data = build_data([src], StepByStepConfig(), tok, seq_len=64, add_eos=True, seed=0, heldout_fraction=0.3,
-                      heldout_max=100)
-    held_pipeline = {e.meta["record"] for e in splits.heldout}
-    held_mine = {int(e.uid.split(":")[1]) for e in data.heldout}
-    assert held_mine == held_pipeline and held_mine
-    assert all(e.meta["task"] == "predict" for e in data.heldout)
-    assert not {int(e.uid.split(":")[1]) for e in data.train} & held_mine
+    plain = build_splits(DataConfig(sources=[src], seq_len=64, heldout_fraction=0.3, heldout_max=100), tok, 0)
+    data = _data(tok, path, heldout_fraction=0.3, heldout_max=100)
+    held_plain = {e.meta["record"] for e in plain.heldout}
+    held_mine = {e.meta["record"] for e in data.heldout}
+    assert held_mine == held_plain and held_mine  # the same held-out records as any other method
+    assert not {e.meta["record"] for e in data.train} & held_mine
+    # the report measures the trained student on the predict task; the baseline on the unprefixed task
+    assert all(_text(tok, e, False).startswith("predict: ") for e in data.heldout)
+    assert {e.meta["record"] for e in data.baseline_heldout} == held_mine
+    assert not any(_text(tok, e, False).startswith("predict: ") for e in data.baseline_heldout)
 
 
 def test_bundled_arithmetic_fields(tok):
     src = DataSource(bundled="arithmetic", limit=6, format="prompt_completion", prompt_field="question",
                      completion_field="label_completion")
-    data = build_data([src], StepByStepConfig(), tok, seq_len=256, add_eos=True, seed=0, heldout_fraction=0.0,
-                      heldout_max=4)
-    assert len(data.train) == 12
+    data = build_splits(DataConfig(sources=[src], seq_len=256, heldout_fraction=0.0, heldout_max=4), tok, 0,
+                        StepByStepEncoder(StepByStepConfig()))
+    assert len(data.train) == 12 and data.group_size == 2
     assert _text(tok, data.train[0], True).startswith("The answer is")
-
-
-def test_pair_sampler_keeps_pairs_together_and_resumes():
-    s = PairSampler(n=20, batch_size=4, seed=3)
-    seen = [s.next_indices() for _ in range(4)]
-    for idx in seen:
-        assert len(idx) == 4 and all(idx[i] % 2 == 0 and idx[i + 1] == idx[i] + 1 for i in (0, 2))
-    state = s.state_dict()
-    ahead = [s.next_indices() for _ in range(5)]
-    r = PairSampler(n=20, batch_size=4, seed=3)
-    r.load_state_dict(json.loads(json.dumps(state)))
-    assert [r.next_indices() for _ in range(5)] == ahead
-    # two processes with 2 sequences each see what one process with 4 sees
-    ranks = [PairSampler(n=20, batch_size=2, seed=3, rank=k, world_size=2) for k in range(2)]
-    one = PairSampler(n=20, batch_size=4, seed=3)
-    for _ in range(6):
-        assert ranks[0].next_indices() + ranks[1].next_indices() == one.next_indices()
-    with pytest.raises(ValueError, match="micro_batch_size=3 must be even"):
-        PairSampler(n=20, batch_size=3, seed=0)
 
 
 def test_weights_make_the_step_loss_the_per_task_means(tok, tmp_path):
@@ -152,11 +141,12 @@ def test_weights_make_the_step_loss_the_per_task_means(tok, tmp_path):
 
     data = _data(tok, _write(tmp_path, _records(12)))
     model = tiny_llama(len(tok), layers=2)
-    sampler = PairSampler(n=len(data.train), batch_size=4, seed=0)
+    sampler = ExampleSampler(n=len(data.train), batch_size=4, seed=0, group_size=data.group_size)
     micro = [collate([data.train[i] for i in sampler.next_indices()], tok.pad_token_id) for _ in range(3)]
     alpha = 0.3
     weights = TaskWeights(alpha)
-    micro = weights(micro, step=0)
+    for b, w in zip(micro, weights(micro, _counts()(micro))):
+        b.target_weight = w
     mix = LossMix(LossConfig(terms=[LossTerm(name="ce")], fused=False))
     total, n = 0.0, sum(b.num_targets for b in micro)
     sums = {True: 0.0, False: 0.0}
@@ -167,7 +157,7 @@ def test_weights_make_the_step_loss_the_per_task_means(tok, tmp_path):
             total += float(mix(StudentOutput(logits_btv=logits_btv), None, b.target_ids, b.loss_mask, b.target_weight).total)
             nll_bt = torch.nn.functional.cross_entropy(logits_btv.transpose(1, 2), b.target_ids, reduction="none",
                                                        ignore_index=-100)
-            pred_b, _ = task_masks(b)
+            pred_b = predict_rows(b)
             for is_pred in (True, False):
                 rows = pred_b if is_pred else ~pred_b
                 sums[is_pred] += float(nll_bt[rows].sum())
@@ -175,7 +165,7 @@ def test_weights_make_the_step_loss_the_per_task_means(tok, tmp_path):
     expected = alpha * sums[True] / counts[True] + (1 - alpha) * sums[False] / counts[False]
     assert counts[False] > 2 * counts[True]  # rationales are longer: the normalisation matters
     assert total / n == pytest.approx(expected, rel=1e-5)
-    state = weights.log_state()
+    state = weights.metrics()
     assert state["step_by_step/tokens_predict"] == counts[True] and state["step_by_step/tokens_explain"] == counts[False]
 
 
@@ -183,15 +173,15 @@ def test_weights_use_global_counts():
     """With two processes the counts are summed over both (here: an all-reduce that doubles)."""
     from stillroom.data.batch import Example
 
-    rows = [Example([5, 6, 7, 8], [False, False, True, True], "s:0:predict:x"),
-            Example([5, 6, 7, 8, 9, 10], [False, False, True, True, True, True], "s:0:explain:y")]
+    rows = [Example([5, 6, 7, 8], [False, False, True, True], "s:0:predict:x", role="predict"),
+            Example([5, 6, 7, 8, 9, 10], [False, False, True, True, True, True], "s:0:explain:y", role="explain")]
     b = collate(rows, 0)
-    w = TaskWeights(0.5, all_reduce_sum=lambda v: 2 * v)
-    (out,) = w([b], step=0)
+    w = TaskWeights(0.5)
+    (out,) = w([b], _counts(all_reduce_sum=lambda v: 2 * v)([b]))
     n_p, n_e = 2 * 2, 2 * 4  # global
-    assert out.target_weight[0, 1].item() == pytest.approx(0.5 * (n_p + n_e) / n_p)
-    assert out.target_weight[1, 1].item() == pytest.approx(0.5 * (n_p + n_e) / n_e)
-    assert out.target_weight[0, 0].item() == 0.0  # not a target
+    assert out[0, 1].item() == pytest.approx(0.5 * (n_p + n_e) / n_p)
+    assert out[1, 1].item() == pytest.approx(0.5 * (n_p + n_e) / n_e)
+    assert out[0, 0].item() == 0.0  # not a target
 
 
 def test_recipe_validates():
@@ -236,28 +226,22 @@ def test_cli_odd_micro_batch_is_refused(tiny_teacher_dir, tmp_path, capsys):
     from stillroom.cli.main import main
 
     data = _write(tmp_path, _records(30))
-    assert main(_cli_args(tmp_path, tiny_teacher_dir, data, "train.micro_batch_size=3")) == 1
-    assert "train.micro_batch_size=3 must be even" in capsys.readouterr().err
+    assert main(_cli_args(tmp_path, tiny_teacher_dir, data, "train.micro_batch_size=3")) == 2  # refused when loaded
+    assert "train.micro_batch_size=3 counts sequences and must be even" in capsys.readouterr().err
 
 
-def test_build_hooks_refuses_terms_that_take_no_token_weights(tok, tmp_path):
-    from types import SimpleNamespace
+def test_terms_that_take_no_token_weights_are_refused_when_the_recipe_loads(tmp_path):
+    from pydantic import ValidationError
 
     from stillroom.config.schema import RunConfig
-    from stillroom.methods.step_by_step import build_hooks
 
     data = _write(tmp_path, _records(6))
-    cfg = RunConfig.model_validate({
+    recipe = {
         "method": "step_by_step", "student": {"model": {"path": "unused"}},
         "data": {"sources": [{"path": str(data), "format": "prompt_completion", "prompt_field": "input",
                               "completion_field": "label"}], "seq_len": 64, "heldout_fraction": 0.0},
-        "loss": {"terms": [{"name": "ce"}, {"name": "hidden_mse"}]}, "train": {"micro_batch_size": 4}})
-    mix = LossMix(cfg.loss, student_hidden=32, teacher_hidden=32, student_layers=2, teacher_layers=2)
-    p = SimpleNamespace(cfg=cfg, tokenizer=tok, splits=SimpleNamespace(train=[], heldout=[]), vocab_size=len(tok),
-                        topology=SimpleNamespace(all_reduce_sum=lambda v: v))
-    with pytest.raises(ValueError, match=r"loss terms \['hidden_mse'\] cannot take"):
-        build_hooks(p, None, mix=mix, run_dir=tmp_path, log=lambda m: None)
-    ok = build_hooks(p, None, mix=LossMix(LossConfig(terms=[LossTerm(name="ce")])), run_dir=tmp_path,
-                     log=lambda m: None)
-    assert len(ok.train_examples) == 12 and ok.sampler_factory is PairSampler
-    assert [e.meta["task"] for e in p.splits.train] == ["predict"] * 6  # what baseline: true trains on
+        "loss": {"terms": [{"name": "ce"}, {"name": "hidden_mse"}]}, "train": {"micro_batch_size": 4}}
+    with pytest.raises(ValidationError, match=r"loss terms \['hidden_mse'\] cannot take"):
+        RunConfig.model_validate(recipe)
+    recipe["step_by_step"] = {"variant": "label_only"}  # one sequence per record: no token weights, no refusal
+    assert RunConfig.model_validate(recipe).step_by_step.variant == "label_only"

@@ -1,5 +1,6 @@
 """RemoteTeacher against the real teacher server on loopback: parity with the online teacher,
-resume from the cache, generations, API-key hygiene, and the prompt_logprobs parser."""
+resume from the cache, generations (stillroom.datagen.remote_complete), API-key hygiene, and the
+prompt_logprobs parser."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from stillroom.data.batch import Example, collate
 from stillroom.losses.sparse import student_bins, teacher_bins
 from stillroom.models.vocab import tokenizer_hash
 from stillroom.teachers.online import OnlineTeacher
-from stillroom.teachers.remote import RemoteCache, RemoteError, RemoteTeacher, parse_prompt_logprobs
+from stillroom.datagen.remote_complete import complete_fn, generate, remote_complete
+from stillroom.teachers.http import OpenAIClient, RemoteError
+from stillroom.teachers.remote import RemoteTeacher, parse_prompt_logprobs
+from stillroom.teachers.remote_cache import RemoteCache
 from stillroom.teachers.server import RunningServer, TeacherService, create_app
 from stillroom.teachers.signal import Fingerprint
 
@@ -88,6 +92,22 @@ def test_cache_resumes_without_asking_again(server, tiny, tmp_path):
         RemoteCache(tmp_path / "remote.jsonl", model="tiny", top_k=5)
 
 
+def test_cache_of_another_teacher_is_refused_in_words_with_the_way_out(tmp_path):
+    path = tmp_path / "remote.jsonl"
+    RemoteCache(path, model="small", top_k=4).close()
+    with pytest.raises(RemoteError) as err:
+        RemoteCache(path, model="big", top_k=8)
+    msg = str(err.value)
+    assert "model 'small' (this run: 'big')" in msg and "top_k 4 (this run: 8)" in msg
+    assert "{" not in msg and "teacher.remote.cache=" in msg and f"delete {path}" in msg
+    with pytest.raises(RemoteError) as err:  # only what differs is named
+        RemoteCache(path, model="small", top_k=8)
+    assert "another teacher setting: top_k 4 (this run: 8). " in str(err.value)
+    path.write_text('{"some": "other file"}\n')
+    with pytest.raises(RemoteError, match="file format None"):
+        RemoteCache(path, model="small", top_k=4)
+
+
 def test_cache_drops_a_torn_tail_and_rejects_corruption(tmp_path):
     path = tmp_path / "c.jsonl"
     cache = RemoteCache(path, model="m", top_k=2)
@@ -106,19 +126,31 @@ def test_cache_drops_a_torn_tail_and_rejects_corruption(tmp_path):
         RemoteCache(path, model="m", top_k=2)
 
 
-def test_generate_returns_n_texts_per_prompt_and_is_seeded(server, tiny):
-    cfg = RemoteConfig(url=server.url, model="tiny", concurrency=2)
-    remote = RemoteTeacher(cfg, vocab_size=len(tiny[1]))
+def test_generate_returns_n_texts_per_prompt_and_is_seeded(server):
+    client = OpenAIClient(RemoteConfig(url=server.url, model="tiny", concurrency=2))
     prompts = ["one", "two", [{"role": "user", "content": "three"}]]
-    a = remote.generate(prompts, 2, max_new_tokens=4, seed=7)
-    b = remote.generate(list(reversed(prompts)), 2, max_new_tokens=4, seed=7)
+    a = generate(client, prompts, 2, max_new_tokens=4, seed=7)
+    b = generate(client, list(reversed(prompts)), 2, max_new_tokens=4, seed=7)
     assert [len(x) for x in a] == [2, 2, 2] and all(isinstance(t, str) for x in a for t in x)
     assert a == list(reversed(b))  # a prompt's seed does not depend on its position
-    raw = remote.generate(["text prompt"], 1, max_new_tokens=3, chat=False, sampling_temperature=0.0)
+    raw = generate(client, ["text prompt"], 1, max_new_tokens=3, chat=False, sampling_temperature=0.0)
     assert len(raw) == 1 and len(raw[0]) == 1
-    fn = remote.complete_fn(max_new_tokens=2, seed=1)
+    fn = complete_fn(client, max_new_tokens=2, seed=1)
     assert [len(x) for x in fn(["p", "q"], 3)] == [3, 3]
-    remote.close()
+    client.close()
+
+
+def test_generation_and_logit_teacher_share_one_client(server, tiny):
+    fn, client = remote_complete(RemoteConfig(url=server.url, model="tiny", top_k=4), max_new_tokens=2, seed=3)
+    assert client.server_checked and client.shown_base == server.url.rstrip("/")
+    teacher = RemoteTeacher(client.cfg, vocab_size=len(tiny[1]), client=client)
+    before = client.requests_sent
+    teacher.signal(batch_of([4], len(tiny[1])))
+    assert fn(["hi"], 1)[0] and teacher.generate(["hi"], 1, max_new_tokens=2, seed=3) == fn(["hi"], 1)
+    assert teacher.requests_sent == client.requests_sent == before + 4
+    teacher.close()  # a handed-in client stays open for its owner
+    assert len(fn(["again"], 1)) == 1
+    client.close()
 
 
 def test_fingerprint_is_checked_against_the_served_tokenizer(server, tiny):
@@ -241,7 +273,9 @@ def test_remote_from_run_checks_before_step_0_and_caches_in_the_run_folder(serve
     cfg = RunConfig.model_validate({"name": "r", "output_dir": str(tmp_path), "teacher": {
         "source": "remote", "remote": {"url": server.url, "model": "tiny", "top_k": 3}}})
     teacher = remote_from_run(cfg, vocab_size=vocab, fingerprint=fp)
+    assert teacher.checked  # recorded by check_server itself; signal does not ask /models again
     teacher.signal(batch_of([5, 4], vocab))
+    assert teacher.requests_sent == 1 + 2
     teacher.close()
     assert (tmp_path / "r" / "remote_cache.jsonl").is_file()
     hot = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"loss_temperature": 2.0})})
@@ -250,3 +284,26 @@ def test_remote_from_run_checks_before_step_0_and_caches_in_the_run_folder(serve
     bad = Fingerprint(teacher="t", tokenizer_hash="f" * 64, vocab_size=vocab)
     with pytest.raises(RemoteError, match="tokenizer"):
         remote_from_run(cfg, vocab_size=vocab, fingerprint=bad)
+
+
+def test_cache_path_comes_from_the_config_with_home_expanded(server, tiny, tmp_path, monkeypatch):
+    from stillroom.config.schema import RunConfig
+    from stillroom.teachers.remote import remote_cache_path, remote_from_run
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    vocab = len(tiny[1])
+    remote = {"url": server.url, "model": "tiny", "top_k": 3, "cache": "~/caches/t.jsonl"}
+    cfg = RunConfig.model_validate({"name": "r", "output_dir": "~/runs", "teacher": {"source": "remote",
+                                                                                     "remote": remote}})
+    assert remote_cache_path(cfg) == tmp_path / "home" / "caches" / "t.jsonl"
+    teacher = remote_from_run(cfg, vocab_size=vocab, fingerprint=None)
+    teacher.signal(batch_of([4], vocab))
+    teacher.close()
+    assert (tmp_path / "home" / "caches" / "t.jsonl").is_file()
+    default = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(
+        update={"remote": cfg.teacher.remote.model_copy(update={"cache": None})})})
+    assert remote_cache_path(default) == tmp_path / "home" / "runs" / "r" / "remote_cache.jsonl"
+    # A RemoteTeacher built from the config alone uses the configured cache too.
+    again = RemoteTeacher(cfg.teacher.remote, vocab_size=vocab)
+    assert again.cache is not None and len(again.cache) == 1
+    again.close()

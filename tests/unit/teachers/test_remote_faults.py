@@ -1,11 +1,13 @@
 """Fault injection: a scripted fake OpenAI server on loopback answers 500s, 429 with Retry-After,
 stalls past the timeout, drops connections and sends malformed JSON. The client recovers within its
-retry budget or fails with a message naming the URL path and the problem; finished rows survive."""
+retry budget or fails with a message naming the URL path and the problem; finished rows survive.
+No server at all: the first check fails at once; a server dying mid-run: the error says how to resume."""
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -16,7 +18,8 @@ import torch
 
 from stillroom.config.schema import RemoteConfig
 from stillroom.data.batch import Example, collate
-from stillroom.teachers.remote import RemoteError, RemoteTeacher
+from stillroom.teachers.http import OpenAIClient, RemoteError
+from stillroom.teachers.remote import RemoteTeacher
 
 V, K = 50, 3
 KEY = "sk-fault-test-91ab77e2"
@@ -58,6 +61,13 @@ class Fake:
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_GET(self):  # /v1/models; the connection is closed after it, so a server shut down later
+                with fake.lock:  # refuses the next request instead of answering on a kept-alive connection
+                    fake.counts[self.path] += 1
+                self.close_connection = True
+                body = json.dumps({"object": "list", "data": [{"id": "m"}]}).encode()
+                self.reply(200, body, [("Connection", "close")])
 
             def do_POST(self):
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -123,10 +133,20 @@ def make_batch(firsts, n=5):
     return collate(exs, pad_id=0)
 
 
-def client(fake, sleeps=None, cache=None, **kw):
-    cfg = RemoteConfig(url=fake.url, model="m", top_k=K, **{"timeout_s": 0.5, "max_retries": 6, **kw})
-    return RemoteTeacher(cfg, vocab_size=V, backoff_s=0.01, max_backoff_s=0.05, cache=cache,
+FAST = {"timeout_s": 0.5, "max_retries": 6, "backoff_s": 0.01, "max_backoff_s": 0.05}
+
+
+def client(fake, sleeps=None, cache=None, url=None, **kw):
+    cfg = RemoteConfig(url=url or fake.url, model="m", top_k=K, **{**FAST, **kw})
+    return RemoteTeacher(cfg, vocab_size=V, cache=cache,
                          sleep=(lambda s: sleeps.append(s)) if sleeps is not None else time.sleep)
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_recovers_from_every_transient_fault(fake):
@@ -203,3 +223,66 @@ def test_key_is_scrubbed_even_when_the_server_echoes_it(fake, monkeypatch, caplo
         client(fake, max_retries=2, api_key_env="FAULT_KEY").signal(make_batch([7]))
     assert "Bearer ***" in str(err.value)
     assert KEY not in str(err.value) and KEY not in caplog.text and "retry 1/2" in caplog.text
+
+
+def test_backoff_knobs_come_from_the_config(fake):
+    sleeps: list[float] = []
+    fake.script = ["500"] * 3
+    client(fake, sleeps, backoff_s=0.2, max_backoff_s=0.3, max_retries=3).signal(make_batch([8]))
+    assert 0.1 <= sleeps[0] <= 0.2 and 0.15 <= sleeps[1] <= 0.3 and 0.15 <= sleeps[2] <= 0.3
+    sleeps.clear()
+    fake.script = ["429"]  # Retry-After: 0.3, capped by max_retry_after_s
+    client(fake, sleeps, backoff_s=0.0, max_retry_after_s=0.1).signal(make_batch([9]))
+    assert sleeps == [pytest.approx(0.1)]
+
+
+def test_no_server_at_the_first_check_fails_at_once_saying_to_start_one():
+    sleeps: list[float] = []
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    teacher = client(None, sleeps, url=url)
+    t0 = time.perf_counter()
+    with pytest.raises(RemoteError) as err:
+        teacher.check_server()
+    msg = str(err.value)
+    assert time.perf_counter() - t0 < 5 and sleeps == [] and teacher.requests_sent == 1  # not retried
+    assert url in msg and "connection refused" in msg and "stillroom serve-teacher" in msg
+    assert "teacher.remote.url" in msg and not teacher.checked
+    teacher.close()
+    # `stillroom generate` checks through the same client
+    from stillroom.datagen.remote_complete import remote_complete
+
+    with pytest.raises(RemoteError, match="stillroom serve-teacher"):
+        remote_complete(RemoteConfig(url=url, model="m", **FAST))
+
+
+def test_refused_connections_after_the_check_are_retried(fake):
+    sleeps: list[float] = []
+    teacher = client(fake, sleeps, max_retries=2)
+    teacher.check_server()
+    fake.close()  # the server goes away mid-run (it may be restarting)
+    with pytest.raises(RemoteError) as err:
+        teacher.signal(make_batch([6]))
+    assert len(sleeps) == 2 and "3 attempt(s)" in str(err.value) and "connection failed" in str(err.value)
+    teacher.close()
+
+
+def test_a_run_killed_by_a_dead_server_says_how_to_resume(fake, tmp_path):
+    from stillroom.config.schema import RunConfig
+    from stillroom.teachers.remote import remote_from_run
+
+    cfg = RunConfig.model_validate({"name": "r", "output_dir": str(tmp_path), "teacher": {
+        "source": "remote", "remote": {"url": fake.url, "model": "m", "top_k": K, **FAST, "max_retries": 1,
+                                       "backoff_s": 0.0}}})
+    teacher = remote_from_run(cfg, vocab_size=V, fingerprint=None)
+    fake.per_prompt = {3: ["drop"] * 2}  # the server dies while row 3 is asked; rows 1 and 2 arrived
+    with pytest.raises(RemoteError) as err:
+        teacher.signal(make_batch([1, 2, 3]))
+    msg = str(err.value)
+    cache = tmp_path / "r" / "remote_cache.jsonl"
+    assert "connection failed" in msg and "stillroom run RECIPE ... --resume" in msg and str(cache) in msg
+    teacher.close()
+    again = remote_from_run(cfg, vocab_size=V, fingerprint=None)
+    assert len(again.cache) == 2  # the finished rows are kept: resuming asks only row 3
+    again.signal(make_batch([1, 2, 3]))
+    assert fake.first_tokens[1] == fake.first_tokens[2] == 1 and fake.first_tokens[3] == 3
+    again.close()

@@ -8,18 +8,32 @@ import torch
 
 from stillroom.config.schema import TrainConfig
 from stillroom.train import checkpoint as ck
-from stillroom.train.schedule import build_optimizer, lr_factor
+from stillroom.train.players import Player, lr_factor
 from stillroom.train.state_io import load_state, save_state
+
+
+class _NoState(torch.nn.Module):
+    pass
+
+
+class _Objective:
+    state = _NoState()
+
+
+def _player(model):
+    player = Player("student", model, _Objective())
+    player.build_optimizer(TrainConfig(steps=10, warmup_steps=2))
+    return player
 
 
 def _model_opt():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-    opt, sched = build_optimizer(list(model.parameters()), TrainConfig(steps=10, warmup_steps=2))
+    player = _player(model)
     model(torch.randn(3, 4)).sum().backward()
-    opt.step()
-    sched.step()
-    return model, opt, sched
+    player.optimizer.step()
+    player.scheduler.step()
+    return model, player.optimizer, player.scheduler
 
 
 def test_state_roundtrip_without_pickle(tmp_path):
@@ -28,7 +42,7 @@ def test_state_roundtrip_without_pickle(tmp_path):
     save_state(state, tmp_path, "s")
     back = load_state(tmp_path, "s")
     assert back["x"] == (1, 2.5, None)
-    opt2, _ = build_optimizer(list(model.parameters()), TrainConfig(steps=10, warmup_steps=2))
+    opt2 = _player(model).optimizer
     opt2.load_state_dict(back["optimizer"])
     for k, v in opt.state_dict()["state"].items():
         for name, t in v.items():
@@ -47,7 +61,8 @@ def test_rng_state_restores_exactly():
 
 def _save(root, step, value):
     return ck.save_checkpoint(
-        root, step, model_state={"w": torch.full((2,), float(value))}, loss_state={}, train_state={"step": step}, keep=3
+        root, step, weights={"student": {"w": torch.full((2,), float(value))}, "student.objective": {}},
+        train_state={"step": step}, keep=3
     )
 
 
@@ -64,8 +79,8 @@ def test_kill_during_save_keeps_last_good(tmp_path, monkeypatch):
     monkeypatch.undo()
     latest = ck.latest_checkpoint(root)
     assert latest.name == "step_000001"
-    model_state, _, train_state = ck.load_checkpoint(latest)
-    assert model_state["w"][0] == 1.0 and train_state["step"] == 1
+    weights, train_state = ck.load_checkpoint(latest, ["student", "student.objective"])
+    assert weights["student"]["w"][0] == 1.0 and train_state["step"] == 1
     # The next save cleans the leftover temporary folder.
     _save(root, 3, 3.0)
     assert not list(root.glob(".tmp-*"))

@@ -1,0 +1,11 @@
+"""Domains: what a kind of model brings to the one core (:mod:`stillroom.domains.base`).
+
+``DOMAINS`` is the static registry, keyed by ``RunConfig.domain``.
+"""
+
+from stillroom.domains.base import Domain, PreparedRun
+from stillroom.domains.lm.prepare import LmDomain
+
+DOMAINS: dict[str, Domain] = {d.name: d for d in (LmDomain(),)}
+
+__all__ = ["DOMAINS", "Domain", "PreparedRun"]

@@ -1,0 +1,183 @@
+"""The causal-LM domain: teacher and student, the data, the training jobs, saved students.
+
+Before step 0, in order: the teacher loads (it derives the student, provides the
+tokenizer and the report's reference numbers); the data is read through the one
+pipeline with the method's record encoder; the student is loaded, built from the
+teacher's config or derived from its layers; the vocabularies are compared. A
+training job then binds a model to the method's loss terms, its teacher source
+(online, store, remote or ensemble: checked here, before step 0) and its plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from stillroom.config.schema import LossTerm, RunConfig
+from stillroom.data import DataSplits, build_splits, collate
+from stillroom.data.sampler import ExampleSampler
+from stillroom.domains.lm.evaluate import evaluate_models, periodic_evaluation
+from stillroom.domains.lm.forward import SlicedHead, StudentForward
+from stillroom.losses import LossMix
+from stillroom.methods.base import Method, MethodContext, MethodPlan
+from stillroom.models import (
+    apply_lora, check_vocab, derive_student, load_model, merge_lora, output_head, student_from_config, tokenizer_hash,
+    use_eager_attention,
+)
+from stillroom.models.precision import torch_dtype
+from stillroom.teachers.factory import build_teacher_source
+from stillroom.teachers.signal import Fingerprint
+from stillroom.train.distributed import Topology
+from stillroom.train.loop import TrainJob
+from stillroom.train.players import DistillObjective, Player
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class LmRun:
+    """A causal-LM run's models and data, loaded and checked before step 0."""
+
+    cfg: RunConfig
+    topology: Topology
+    device: torch.device
+    teacher_model: torch.nn.Module
+    student: torch.nn.Module
+    tokenizer: Any
+    vocab_size: int
+    data: DataSplits
+    kept_layers: list[int] | None
+    fingerprint: Fingerprint
+
+    def loss_mix(self, model: torch.nn.Module, method: Method) -> LossMix:
+        """The loss terms of ``method`` (``sft``: cross-entropy alone) sized for ``model`` and the teacher."""
+        loss_cfg = self.cfg.loss
+        if method.ce_only:
+            loss_cfg = loss_cfg.model_copy(update={"terms": [LossTerm(name="ce")]})
+        s_cfg, t_cfg = getattr(model, "config", None), getattr(self.teacher_model, "config", None)
+        return LossMix(loss_cfg, student_hidden=getattr(s_cfg, "hidden_size", None),
+                       teacher_hidden=getattr(t_cfg, "hidden_size", None),
+                       student_layers=getattr(s_cfg, "num_hidden_layers", None),
+                       teacher_layers=getattr(t_cfg, "num_hidden_layers", None))
+
+    def job(self, model: torch.nn.Module, method: Method, *, baseline: bool, run_dir: Path, resume: bool,
+            log: Log) -> tuple[TrainJob, MethodPlan]:
+        """Train ``model`` with ``method`` on the method's view of the data, or, for the CE baseline, on the
+        plain view (:class:`~stillroom.data.pipeline.DataSplits`)."""
+        cfg = self.cfg
+        examples, heldout = (self.data.baseline_train, self.data.baseline_heldout) if baseline else \
+            (self.data.train, self.data.heldout)
+        mix = self.loss_mix(model, method)
+        plan = method.plan(MethodContext(
+            cfg=cfg, run_dir=run_dir, model=model, data=self.data, tokenizer=self.tokenizer,
+            teacher_model=self.teacher_model, vocab_size=self.vocab_size, topology=self.topology, mix=mix, log=log))
+        teacher = None
+        if mix.needs_teacher:
+            teacher = build_teacher_source(
+                cfg, teacher_model=self.teacher_model, vocab_size=self.vocab_size, fingerprint=self.fingerprint,
+                hidden_layers=mix.teacher_hidden_layers, output_device=self.device, train_examples=examples,
+                attentions=mix.needs_attentions,
+            )
+        fused = cfg.loss.fused and mix.needs_logits
+        if mix.needs_attentions:
+            use_eager_attention(model)
+        forward = StudentForward(model, fused=fused, hidden_layers=mix.student_hidden_layers, vocab=self.vocab_size,
+                                 attentions=mix.needs_attentions)
+        head = SlicedHead(output_head(model), self.vocab_size) if fused else None
+        player = Player("student", model, DistillObjective(forward, mix, teacher, head),
+                        replace_batches=plan.replace_batches, weight_targets=plan.weight_targets)
+        evaluate = periodic_evaluation(self, heldout) if cfg.train.eval_every and self.topology.is_main else None
+        job = TrainJob(
+            train=cfg.train, seed=cfg.seed, run_dir=run_dir, run_name=cfg.name, players=[player], examples=examples,
+            collate=lambda rows: collate(rows, self.tokenizer.pad_token_id), topology=self.topology,
+            device=self.device, sampler=plan.sampler or ExampleSampler, group_size=1 if baseline else
+            self.data.group_size, evaluate=evaluate, metrics=plan.metrics, resume=resume, log=log,
+        )
+        return job, plan
+
+    def evaluate(self, models: dict[str, tuple[torch.nn.Module, list]], log: Log) -> dict[str, dict]:
+        return evaluate_models(self, models, log=log)
+
+    def save_model(self, model: torch.nn.Module, folder: Path) -> None:
+        """The trained student as a plain HF folder (LoRA adapters merged) + tokenizer, renamed into place."""
+        plain = merge_lora(copy.deepcopy(model)) if self.cfg.student.trainable == "lora" else model
+        tmp = folder.with_name(folder.name + ".tmp")
+        plain.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        (tmp / "stillroom.json").write_text(json.dumps({"kept_layers": self.kept_layers,
+                                                         "teacher": self.fingerprint.teacher}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+
+    def load_model(self, folder: Path) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+    def report_notes(self) -> list[str]:
+        notes = [f"student keeps teacher layers {self.kept_layers}"] if self.kept_layers is not None else []
+        stats = self.data.stats
+        notes.append("data: " + ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float))))
+        return notes
+
+
+class LmDomain:
+    name = "lm"
+
+    def prepare(self, cfg: RunConfig, topology: Topology, method: Method, log: Log) -> LmRun:
+        """Load and check the teacher, the data and the student (see the module docstring)."""
+        teacher_loaded = load_model(cfg.teacher.model, dtype=torch_dtype(cfg.teacher.dtype), cache_dir=cfg.cache_dir)
+        teacher_model = teacher_loaded.model.to(cfg.teacher.device).eval()
+        tokenizer = teacher_loaded.tokenizer
+        log(f"teacher: {teacher_loaded.identity}")
+
+        # the data, tokenized with the teacher's tokenizer (the student must share it)
+        encoder = method.encoder(cfg) if method.encoder is not None else None
+        steer = method.steer_fraction(cfg) if method.steer_fraction is not None else 0.0
+        data = build_splits(cfg.data, tokenizer, cfg.seed, encoder, steer_fraction=steer)
+        log(f"data: {len(data.train)} train / {len(data.heldout)} held-out sequences; {_short_stats(data.stats)}")
+
+        student, student_tok, kept_layers = _student(cfg, teacher_model, tokenizer, data, log)
+        vocab_size = check_vocab(tokenizer, teacher_model, student_tok, student)
+        if cfg.student.trainable == "lora":
+            student = apply_lora(student, cfg.student.lora)
+        fingerprint = Fingerprint(teacher=teacher_loaded.identity, tokenizer_hash=tokenizer_hash(tokenizer),
+                                  vocab_size=vocab_size)
+        return LmRun(cfg, topology, torch.device(cfg.train.device), teacher_model, student, tokenizer, vocab_size,
+                     data, kept_layers, fingerprint)
+
+
+def _student(cfg: RunConfig, teacher_model: torch.nn.Module, tokenizer, data: DataSplits, log: Log):
+    """``(student, its tokenizer, kept teacher layers or None)`` as ``student`` says."""
+    dtype = torch_dtype(cfg.student.dtype)
+    if cfg.student.model is not None:
+        loaded = load_model(cfg.student.model, dtype=dtype, cache_dir=cfg.cache_dir)
+        return loaded.model, loaded.tokenizer, None
+    if cfg.student.from_config is not None:
+        student = student_from_config(teacher_model, cfg.student.from_config, seed=cfg.seed).to(dtype)
+        n_params = sum(x.numel() for x in student.parameters())
+        log(f"student: new {student.config.num_hidden_layers}-layer model from the teacher's config "
+            f"({n_params / 1e6:.1f}M parameters, random init)")
+        return student, tokenizer, None
+    sel = cfg.student.from_teacher
+    calibration = None
+    if sel.strategy == "angular":
+        rows = data.baseline_train[: sel.calibration_batches * cfg.train.micro_batch_size]
+        mbs = cfg.train.micro_batch_size
+        calibration = [collate(rows[i : i + mbs], tokenizer.pad_token_id).input_ids for i in range(0, len(rows), mbs)]
+    # derive_student copies the kept layers into a new fp32 model; the teacher is untouched.
+    student, kept_layers = derive_student(teacher_model, sel, calibration)
+    log(f"student: kept teacher layers {kept_layers}")
+    return student.to(dtype), tokenizer, kept_layers
+
+
+def _short_stats(stats: dict) -> str:
+    keys = ["records_read", "records_bad", "records_skipped", "truncated_sequences", "train_tokens", "heldout_tokens"]
+    return ", ".join(f"{k}={stats[k]}" for k in keys if k in stats)

@@ -1,0 +1,105 @@
+"""The typed seam between a training method and the one training run.
+
+A :class:`Method` says, before anything loads, how its records become sequences
+(``encoder``: a :class:`~stillroom.data.encoders.RecordEncoder`, so the data pipeline
+with its held-out split, bad-record policy, truncation and statistics exists once) and
+whether it needs a steer split. Once the data and models are prepared, ``build``
+receives a read-only :class:`MethodContext` and returns a :class:`MethodPlan`: what the
+method changes in the training loop. Every slot is optional and typed:
+
+* ``sampler``: how micro-batches are drawn (DDK's domain weights); its ``state_dict`` is
+  checkpointed with the run;
+* ``replace_batches(micro, step) -> micro``: new sequences for the step (on-policy
+  samples); timed as ``generate_s``;
+* ``weight_targets(micro, counts) -> [B, T] weights per micro-batch``: per-token loss
+  weights, called *after* the loop has counted the step's target tokens ``N``
+  (``counts.targets``, all micro-batches and processes), so no method recounts it;
+* ``metrics() -> dict``: per-step metrics; ``report(run_dir)``: the method's own report files.
+
+Cross-field checks of a method's settings are config validators
+(:meth:`stillroom.config.methods.MethodSection.check_run`): they fail when the recipe is
+loaded. A method never mutates prepared data: what the report measures and what the
+baseline trains on are views the data pipeline built (:class:`~stillroom.data.pipeline.DataSplits`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import torch
+
+from stillroom.data.batch import Batch
+
+if TYPE_CHECKING:
+    from stillroom.config.schema import RunConfig
+    from stillroom.data.encoders import RecordEncoder
+    from stillroom.data.pipeline import DataSplits
+    from stillroom.losses import LossMix
+    from stillroom.train.distributed import Topology
+
+
+class Sampler(Protocol):
+    def next_indices(self) -> list[int]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """What the loop counted for one optimizer step, handed to ``weight_targets``."""
+
+    step: int
+    targets: float
+    """N: target tokens of the whole step (all micro-batches, summed over processes)."""
+    all_reduce_sum: Callable[[float], float]
+    """Sums a per-process count over processes (identity with one process)."""
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may read when it builds its part of one training run (nothing here is to be mutated)."""
+
+    cfg: "RunConfig"
+    run_dir: Path
+    model: torch.nn.Module
+    """The model this training run updates (the student, or the baseline's copy)."""
+    data: "DataSplits"
+    tokenizer: Any
+    teacher_model: torch.nn.Module | None
+    vocab_size: int
+    topology: "Topology"
+    mix: "LossMix"
+    log: Callable[[str], None]
+
+
+@dataclass
+class MethodPlan:
+    """What a method changes in one training run (see the module docstring); ``None``: nothing."""
+
+    sampler: Callable[..., Sampler] | None = None
+    replace_batches: Callable[[list[Batch], int], list[Batch]] | None = None
+    weight_targets: Callable[[list[Batch], StepCounts], list[torch.Tensor]] | None = None
+    metrics: Callable[[], dict[str, float]] | None = None
+    report: Callable[[Path], object] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method: its name (``RunConfig.method``), its data and its plan."""
+
+    name: str
+    encoder: Callable[["RunConfig"], "RecordEncoder"] | None = None
+    """How a record becomes sequences (``None``: the record formats as they are)."""
+    steer_fraction: Callable[["RunConfig"], float] | None = None
+    """Fraction of the records set apart for the method to steer on (``None``: none)."""
+    ce_only: bool = False
+    """Train with cross-entropy on the data alone, whatever ``loss.terms`` say (``sft``; the baseline)."""
+    build: Callable[[MethodContext], MethodPlan] | None = None
+    """The plan of one training run (``None``: the loop as it is)."""
+    domains: tuple[str, ...] = ("lm",)
+    """The domains the method works in (``kd`` and ``sft`` work in every one)."""
+
+    def plan(self, ctx: MethodContext) -> MethodPlan:
+        return MethodPlan() if self.build is None else self.build(ctx)

@@ -1,0 +1,147 @@
+"""The state a training run carries between steps: optimizers, samplers, checkpoints, metrics, progress.
+
+:class:`Session` is what :func:`stillroom.train.loop.train` builds before step 0 and
+updates after every step; it keeps the loop itself short. Checkpoints hold, per
+player, the model's weights (``<player>.safetensors``), the objective's state
+(``<player>.objective.safetensors``), the optimizer and the schedule; and the
+sampler's position, the RNG states and the step, so a resumed run continues
+exactly where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from stillroom.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from stillroom.train.metrics import MetricsLog
+from stillroom.train.progress import Progress
+
+if TYPE_CHECKING:
+    from stillroom.train.loop import TrainJob
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    median_step_s: float = 0.0
+    median_teacher_s: float = 0.0
+    target_tokens: int = 0
+    checkpoint: Path | None = None
+
+
+class Session:
+    """Optimizers, DDP wrappers and the sampler of ``job``, and the bookkeeping after each step."""
+
+    def __init__(self, job: "TrainJob") -> None:
+        self.job = job
+        tc = job.train
+        for player in job.players:
+            player.model.to(job.device)
+            player.objective.state.to(job.device)
+            player.build_optimizer(tc)
+        self.sampler = job.sampler(n=len(job.examples), batch_size=tc.micro_batch_size, seed=job.seed,
+                                   shuffle=tc.shuffle, rank=job.topology.rank, world_size=job.topology.world_size,
+                                   group_size=job.group_size)
+        self.ckpt_root = job.run_dir / "checkpoints"
+        self.start_step = self._restore() if job.resume else 0
+        self.forwards = {p.name: self._wrapped(p.objective.forward) for p in job.players}
+        self.metrics = MetricsLog(job.run_dir / "metrics.jsonl", resume_step=self.start_step if job.resume else None,
+                                  trackers=tc.trackers, run_name=job.run_name, enabled=job.topology.is_main)
+        self.progress = Progress(total=tc.steps, start=self.start_step, enabled=job.topology.is_main, log=job.log)
+        self.step_times: list[float] = []
+        self.teacher_times: list[float] = []
+        self.losses: list[float] = []
+        self.total_targets = 0
+        self.last_ckpt = latest_checkpoint(self.ckpt_root)
+        self.t_start = time.perf_counter()
+        for player in job.players:
+            player.model.train()
+
+    @classmethod
+    def start(cls, job: "TrainJob") -> "Session":
+        return cls(job)
+
+    def _wrapped(self, forward: torch.nn.Module) -> torch.nn.Module:
+        if not self.job.topology.enabled:
+            return forward
+        device_ids = [self.job.device.index] if self.job.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
+
+    def _restore(self) -> int:
+        found = latest_checkpoint(self.ckpt_root)
+        if found is None:
+            self.job.log(f"--resume: no complete checkpoint in {self.ckpt_root}; starting from step 0")
+            return 0
+        players = self.job.players
+        weights, state = load_checkpoint(found, [n for p in players for n in (p.name, f"{p.name}.objective")])
+        for p in players:
+            p.model.load_state_dict(weights[p.name])
+            p.objective.state.load_state_dict(weights[f"{p.name}.objective"])
+            p.optimizer.load_state_dict(state["players"][p.name]["optimizer"])
+            p.scheduler.load_state_dict(state["players"][p.name]["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.job.log(f"resumed from {found} at step {int(state['step'])}")
+        return int(state["step"])
+
+    def where(self) -> str:
+        return f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
+
+    def finish_step(self, step: int, record: dict[str, Any], seconds: float) -> None:
+        """Timings, the method's metrics, periodic evaluation, the metrics record, progress and checkpoint."""
+        job, tc = self.job, self.job.train
+        record.update(step_s=seconds, tokens_per_s=record["target_tokens"] / seconds)
+        self.step_times.append(seconds)
+        self.teacher_times.append(record["teacher_s"])
+        self.losses.append(record["loss"])
+        self.total_targets += record["target_tokens"]
+        if job.metrics is not None:
+            record.update(job.metrics())
+        if job.evaluate is not None and tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
+            record.update({f"eval/{k}": v for k, v in job.evaluate(job.players[0].model).items()})
+            job.players[0].model.train()
+        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+            self.metrics.log(record)
+        generating = any(p.replace_batches is not None for p in job.players)
+        self.progress.update(step + 1, record["loss"], record["tokens_per_s"],
+                             record["generate_s"] / seconds if generating else None)
+        if (tc.save_every and (step + 1) % tc.save_every == 0) or step + 1 == tc.steps:
+            if job.topology.is_main:
+                self.last_ckpt = self._save(step + 1)
+            job.topology.barrier()
+
+    def _save(self, step: int) -> Path:
+        players = self.job.players
+        weights = {}
+        for p in players:
+            weights[p.name] = p.model.state_dict()
+            weights[f"{p.name}.objective"] = p.objective.state.state_dict()
+        train_state = {
+            "step": step, "sampler": self.sampler.state_dict(), "rng": rng_state(),
+            "players": {p.name: {"optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict()}
+                        for p in players},
+        }
+        return save_checkpoint(self.ckpt_root, step, weights=weights, train_state=train_state,
+                               keep=self.job.train.keep_checkpoints)
+
+    def close(self) -> TrainResult:
+        self.progress.close()
+        self.metrics.close()
+        for player in self.job.players:
+            player.model.eval()
+        return TrainResult(
+            steps=self.job.train.steps, final_loss=self.losses[-1] if self.losses else float("nan"),
+            losses=self.losses, train_seconds=time.perf_counter() - self.t_start,
+            median_step_s=statistics.median(self.step_times) if self.step_times else 0.0,
+            median_teacher_s=statistics.median(self.teacher_times) if self.teacher_times else 0.0,
+            target_tokens=self.total_targets, checkpoint=latest_checkpoint(self.ckpt_root),
+        )
