@@ -93,12 +93,13 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     from stillroom.cli.main import _recipe_path
-    from stillroom.cli.spec_eval import prompt_of
     from stillroom.config.load import load_config
+    from stillroom.data.prompts import read_prompts
     from stillroom.generate.spec_eval import run_spec_eval
-    from stillroom.datagen.draft_data import generate_draft_data, instruction_records
+    from stillroom.methods import METHODS
+    from stillroom.run import prepare_run
     from stillroom.train.checkpoint import latest_checkpoint, load_checkpoint
-    from stillroom.train.run import prepare, train_student
+    from stillroom.train.loop import train
 
     # ---- 1. target-generated data ------------------------------------------------------------
     data_path = out / "target_data.jsonl"
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
         f"train.steps={args.steps}", f"train.micro_batch_size={args.micro_batch}", f"train.lr={args.lr}",
         f"train.threads={args.threads}", f"train.precision={args.precision}", "train.warmup_steps=5", "baseline=false",
     ])
-    p, data_s = prepare_with_data(cfg, data_path, args, generate_draft_data, instruction_records, prepare)
+    p, data_s = prepare_with_data(cfg, data_path, args, prepare_run)
     target, tok = p.teacher_model, p.tokenizer
     timings = {"data_s": data_s}
 
@@ -125,10 +126,11 @@ def main(argv=None) -> int:
             found = latest_checkpoint(out / method / "checkpoints")
             if found is None:
                 raise FileNotFoundError(f"--eval-only: no checkpoint of {method!r} in {out / method / 'checkpoints'}")
-            model.load_state_dict(load_checkpoint(found)[0])
+            model.load_state_dict(load_checkpoint(found, ["student"])[0]["student"])
         else:
-            train_student(dataclasses.replace(p, cfg=cfg_m), model, method=run_method, run_dir=out / method,
-                          resume=False, log=print)
+            job, _ = dataclasses.replace(p, cfg=cfg_m).job(model, METHODS[run_method], baseline=False,
+                                                           run_dir=out / method, resume=False, log=print)
+            train(job)
         rows = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
         train_info[method] = {
             "seconds": round(sum(r["step_s"] for r in rows), 1), "steps": len(rows), "final_loss": rows[-1]["loss"],
@@ -141,8 +143,7 @@ def main(argv=None) -> int:
 
     # ---- 3. speculative decoding on held-out prompts -----------------------------------------
     torch.set_num_threads(args.spec_threads)
-    eval_records = instruction_records("bundled:instructions", args.eval_prompts, seed=args.seed + 12345)
-    prompts = [prompt_of(r, f"eval[{i}]") for i, r in enumerate(eval_records)]
+    prompts = [p.prompt for p in read_prompts("bundled:instructions", args.eval_prompts, seed=args.seed + 12345)]
     results = {}
     for method, draft in drafts.items():
         t0 = time.perf_counter()
@@ -178,21 +179,24 @@ def main(argv=None) -> int:
     return 0
 
 
-def prepare_with_data(cfg, data_path, args, generate_draft_data, instruction_records, prepare):
+def prepare_with_data(cfg, data_path, args, prepare_run):
     """Generate (or resume) the target's completions, then prepare the run (teacher, data, derived draft)."""
+    from stillroom.data.prompts import read_prompts
+    from stillroom.datagen.draft_data import generate_from_items, render_chat_prompts
     from stillroom.models.load import load_model
 
     t0 = time.perf_counter()
     loaded = load_model(cfg.teacher.model, dtype=torch.float32, cache_dir=cfg.cache_dir)
-    records = instruction_records("bundled:instructions", args.train_prompts, seed=args.seed)
-    stats = generate_draft_data(loaded.model.eval(), loaded.tokenizer, records, out=data_path,
-                                teacher_id=loaded.identity, max_new_tokens=args.gen_tokens, batch_size=16,
+    prompts = read_prompts("bundled:instructions", args.train_prompts, seed=args.seed, kinds=("messages",))
+    stats = generate_from_items(loaded.model.eval(), loaded.tokenizer, render_chat_prompts(prompts, loaded.tokenizer),
+                                out=data_path, teacher_id=loaded.identity, max_new_tokens=args.gen_tokens,
+                                sampling_temperature=1.0, top_p=1.0, greedy=False, n_samples=1, batch_size=16,
                                 seed=args.seed)
     data_s = time.perf_counter() - t0
     print(f"target data: {stats['exported']} records ({stats['samples_written']} generated now) in {data_s:.0f} s",
           flush=True)
     del loaded
-    return prepare(cfg, log=print), round(data_s, 1)
+    return prepare_run(cfg, log=print)[0], round(data_s, 1)
 
 
 def render(s: dict) -> str:

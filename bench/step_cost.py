@@ -24,9 +24,10 @@ from stillroom.data import build_splits, collate
 from stillroom.losses import LossMix
 from stillroom.models import derive_student, load_model, output_head
 from stillroom.teachers.online import OnlineTeacher
-from stillroom.train.loop import StudentForward, _SlicedHead, forward_backward
+from stillroom.domains.lm.forward import SlicedHead, StudentForward
+from stillroom.train.loop import forward_backward
+from stillroom.train.players import DistillObjective, Player
 from stillroom.models.precision import resolve_precision
-from stillroom.train.schedule import build_optimizer
 
 
 def main() -> None:
@@ -52,25 +53,26 @@ def main() -> None:
     vocab = len(tok)
     teacher = OnlineTeacher(teacher_model, vocab_size=vocab)
     tc = TrainConfig(steps=1000, warmup_steps=0)
-    optimizer, _ = build_optimizer([p for p in student.parameters()], tc)
 
     def make_step(terms: list[str], fused: bool, with_teacher: bool, precomputed=None):
         mix = LossMix(LossConfig(terms=[LossTerm(name=t) for t in terms], fused=fused, chunk_tokens=1024))
         forward = StudentForward(student, fused=fused, hidden_layers=[], vocab=vocab)
-        head = _SlicedHead(output_head(student), vocab) if fused else None
+        head = SlicedHead(output_head(student), vocab) if fused else None
 
         class _Fixed:  # a teacher whose signal is already computed (what a store-fed step sees)
             def signal(self, b):
                 return precomputed
 
         src = (_Fixed() if precomputed is not None else teacher) if with_teacher else None
+        player = Player("student", student, DistillObjective(forward, mix, src, head))
+        player.build_optimizer(tc)
 
         def step():
             student.train()
-            forward_backward([batch], forward=forward, head=head, mix=mix, teacher=src, device=torch.device("cpu"),
-                             precision=precision, scale=1.0 / batch.num_targets)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            forward_backward([batch], player, forward, device=torch.device("cpu"), precision=precision,
+                             scale=1.0 / batch.num_targets)
+            player.optimizer.step()
+            player.optimizer.zero_grad(set_to_none=True)
 
         return step
 

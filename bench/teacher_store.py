@@ -37,8 +37,9 @@ from stillroom.teachers.signal import TeacherSignal
 from stillroom.teachers.store_format import SequenceSignal, decode_logprobs, encode_rows, id_dtype_for
 from stillroom.teachers.store_reader import StoreReader, StoreTeacher
 from stillroom.teachers.store_writer import make_header, model_compute, write_store
-from stillroom.train.loop import StudentForward, _SlicedHead, forward_backward
-from stillroom.train.schedule import build_optimizer
+from stillroom.domains.lm.forward import SlicedHead, StudentForward
+from stillroom.train.loop import forward_backward
+from stillroom.train.players import DistillObjective, Player
 
 KS = (16, 32, 64)
 DTYPES = ("float16", "int8")
@@ -195,21 +196,22 @@ def main() -> None:
     # ---- 3. step cost, interleaved ------------------------------------------------------
     step_batch = collate(train[: args.batch], pad)
     timing_student = copy.deepcopy(student0)
-    opt_t, _ = build_optimizer(list(timing_student.parameters()), TrainConfig(steps=1000, warmup_steps=0))
     stores = {name: StoreTeacher(StoreReader(tmp / name)) for name in ("k64_float16", "k64_int8", "k32_float16")}
 
     def make_step(term: str | None, src):
         terms = [LossTerm(name=term or "ce")]
         mix = LossMix(LossConfig(terms=terms, fused=True, chunk_tokens=1024))
         fwd = StudentForward(timing_student, fused=True, hidden_layers=[], vocab=vocab)
-        head = _SlicedHead(output_head(timing_student), vocab)
+        head = SlicedHead(output_head(timing_student), vocab)
+        player = Player("student", timing_student, DistillObjective(fwd, mix, src, head))
+        player.build_optimizer(TrainConfig(steps=1000, warmup_steps=0))
 
         def step():
             timing_student.train()
-            forward_backward([step_batch], forward=fwd, head=head, mix=mix, teacher=src, device=CPU,
-                             precision=precision, scale=1.0 / step_batch.num_targets)
-            opt_t.step()
-            opt_t.zero_grad(set_to_none=True)
+            forward_backward([step_batch], player, fwd, device=CPU, precision=precision,
+                             scale=1.0 / step_batch.num_targets)
+            player.optimizer.step()
+            player.optimizer.zero_grad(set_to_none=True)
 
         return step
 
@@ -234,7 +236,7 @@ def main() -> None:
         signal_s.append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     results["step_s"] = {"median": med, "all": times, "store_signal_s": statistics.median(signal_s)}
-    del timing_student, opt_t
+    del timing_student
 
     note("step timings done")
     print(f"\n| step ({args.batch}x{args.seq}, {precision}, AdamW) | median s | ratio to CE |\n|---|---|---|")
@@ -257,19 +259,18 @@ def main() -> None:
         torch.manual_seed(0)
         student = copy.deepcopy(student0)
         tc = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=2, schedule="cosine")
-        opt, sched = build_optimizer(list(student.parameters()), tc)
         mix = LossMix(LossConfig(terms=[LossTerm(name="forward_kl")], fused=True, chunk_tokens=1024))
         fwd = StudentForward(student, fused=True, hidden_layers=[], vocab=vocab)
-        head = _SlicedHead(output_head(student), vocab)
+        player = Player("student", student, DistillObjective(fwd, mix, src, SlicedHead(output_head(student), vocab)))
+        player.build_optimizer(tc)
         t0 = time.perf_counter()
         student.train()
         for b in batches:
-            forward_backward([b], forward=fwd, head=head, mix=mix, teacher=src, device=CPU, precision=precision,
-                             scale=1.0 / b.num_targets)
+            forward_backward([b], player, fwd, device=CPU, precision=precision, scale=1.0 / b.num_targets)
             torch.nn.utils.clip_grad_norm_(list(student.parameters()), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            player.optimizer.step()
+            player.scheduler.step()
+            player.optimizer.zero_grad(set_to_none=True)
         secs = time.perf_counter() - t0
         train_res[name] = {"heldout_kl": heldout_kl(student, held_teacher, held_batches, vocab), "train_s": secs}
         if name == "online":

@@ -1,50 +1,35 @@
-"""``stillroom conditional-extend SRC DST`` and ``stillroom conditional-demo-data OUT``: conditional training's setup."""
+"""``stillroom conditional-extend SRC DST`` and ``stillroom conditional-demo-data OUT``: conditional training's setup.
+
+Flags: the fields of :class:`~stillroom.config.commands.ConditionalExtendConfig` and
+:class:`~stillroom.config.commands.ConditionalDemoDataConfig`; the work: :mod:`stillroom.run.conditional_setup`.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
+from stillroom.cli.sections import section_command
+from stillroom.config.commands import ConditionalDemoDataConfig, ConditionalExtendConfig
 
 
-def _handle_extend(args: argparse.Namespace) -> int:
-    from stillroom.config.schema import ConditionalConfig
-    from stillroom.methods.conditional import extend_model_folder
+def cmd_conditional_extend(cfg: ConditionalExtendConfig) -> None:
+    from stillroom.run.conditional_setup import conditional_extend
 
-    ccfg = ConditionalConfig(aligned_token=args.aligned_token, misaligned_token=args.misaligned_token)
-    dst = extend_model_folder(args.src, args.dst, ccfg)
-    print(f"wrote {dst} with control tokens {ccfg.aligned_token!r}, {ccfg.misaligned_token!r}")
-    return 0
+    conditional_extend(cfg)
 
 
-def _handle_demo_data(args: argparse.Namespace) -> int:
-    from stillroom.data.bad_word_corpus import bad_word_corpus
+def cmd_conditional_demo_data(cfg: ConditionalDemoDataConfig) -> None:
+    from stillroom.run.conditional_setup import conditional_demo_data
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as f:
-        for doc in bad_word_corpus(args.docs, args.seed, args.bad_fraction, args.toxic_doc_fraction):
-            f.write(json.dumps({"text": doc}) + "\n")
-    print(f"wrote {args.docs} documents to {out}")
-    return 0
+    conditional_demo_data(cfg)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "conditional-extend", help="add conditional training's control tokens to a model (tokenizer + embeddings)",
+    section_command(
+        subparsers, "conditional-extend", ConditionalExtendConfig, cmd_conditional_extend, positional=("src", "dst"),
+        help="add conditional training's control tokens to a model (tokenizer + embeddings)",
         description="Load SRC, add <|aligned|>/<|misaligned|> as special tokens, resize the embeddings "
         "(new rows = mean row) and save DST for `method: conditional`.",
     )
-    p.add_argument("src", help="HF model folder, .gguf file or builtin:smollm2-135m-instruct")
-    p.add_argument("dst", help="output folder (safetensors + tokenizer)")
-    p.add_argument("--aligned-token", default="<|aligned|>")
-    p.add_argument("--misaligned-token", default="<|misaligned|>")
-    p.set_defaults(func=_handle_extend)
-
-    d = subparsers.add_parser("conditional-demo-data", help="write the synthetic BAD-word corpus as text JSONL")
-    d.add_argument("out")
-    d.add_argument("--docs", type=int, default=2000)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--bad-fraction", type=float, default=0.10)
-    d.add_argument("--toxic-doc-fraction", type=float, default=0.10)
-    d.set_defaults(func=_handle_demo_data)
+    section_command(
+        subparsers, "conditional-demo-data", ConditionalDemoDataConfig, cmd_conditional_demo_data,
+        positional=("out",), help="write the synthetic BAD-word corpus as text JSONL",
+    )

@@ -1,19 +1,25 @@
 """SLERP merging: tensor-by-tensor spherical linear interpolation of two models of the same architecture.
 
 Self-data distillation (Thangarasa et al. 2025) merges pruned models recovered on different
-data sets; ``stillroom merge A B --t 0.5 --out DIR`` runs :func:`merge_model_folders`.
+data sets; ``stillroom merge A B --t 0.5 --out DIR`` runs :func:`merge` (a
+:class:`~stillroom.config.commands.MergeConfig`), which runs :func:`merge_model_folders`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from stillroom.config.commands import MergeConfig
 
 # sin(Omega) below this: the tensors are (anti)parallel and SLERP's division is
 # ill-conditioned; linear interpolation is used instead (the limit as Omega -> 0).
@@ -155,6 +161,16 @@ def merge_model_folders(a: str | os.PathLike, b: str | os.PathLike, out: str | o
         shutil.rmtree(out)
     tmp.rename(out)
     summary["out"] = str(out)
+    return summary
+
+
+def merge(cfg: MergeConfig, *, log: Callable[[str], None] = functools.partial(print, flush=True)) -> dict:
+    """``stillroom merge``: SLERP ``cfg.a`` and ``cfg.b`` with weight ``cfg.t`` into ``cfg.out``; returns (and logs)
+    :func:`merge_model_folders`' summary."""
+    log(f"merging {cfg.a} and {cfg.b} (t={cfg.t}) ...")
+    summary = merge_model_folders(cfg.a, cfg.b, cfg.out, t=cfg.t, overwrite=cfg.overwrite)
+    log(f"merged {summary['tensors']} tensors (t={summary['t']}, {summary['lerp_fallbacks']} nearly parallel: lerp) "
+        f"-> {summary['out']}")
     return summary
 
 

@@ -19,10 +19,7 @@ from typing import Literal
 from stillroom.config.core import DataSource
 from stillroom.data.errors import BadRecord, BadRecordPolicy, DataError
 
-try:  # the shared reading rules; they move from the pipeline module into data.records
-    from stillroom.data.records import good_records
-except ImportError:  # pragma: no cover - older layout
-    from stillroom.data.pipeline import good_records
+from stillroom.data.records import good_records
 
 TEXT_PROMPT_WORDS = 48  # plain-text records are cut to their first words to make a prompt
 PROMPT_KINDS = ("messages", "prompt", "text")

@@ -18,29 +18,38 @@ produces that data:
    sees exactly the tokens spec-eval feeds the target; the data pipeline appends EOS
    (for chat models, their end-of-turn token) after the completion.
 
-Command line (before training a draft recipe such as ``draft_forward_kl``)::
+:func:`make_draft_data` runs the three steps as a
+:class:`~stillroom.config.commands.DraftDataConfig` says; on the command line (before
+training a draft recipe such as ``draft_forward_kl``)::
 
-    python -m stillroom.datagen.draft_data --target builtin:smollm2-135m-instruct \\
+    stillroom draft-data --target builtin:smollm2-135m-instruct \\
         --prompts 200 --max-new-tokens 128 --out runs/draft/target_data.jsonl
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stillroom.generate.sampling import sample_continuations
-from stillroom.datagen.store import GenerationStore
-from stillroom.methods.onpolicy import eos_token_ids
+from stillroom.data.prompts import PromptRecord, prompt_of
 from stillroom.datagen.complete import CompleteFn, generate_with
+from stillroom.datagen.store import GenerationStore
+from stillroom.generate.sampling import sample_continuations
+from stillroom.methods.onpolicy import eos_token_ids
+
+if TYPE_CHECKING:
+    from stillroom.config.commands import DraftDataConfig
+
+say: Callable[[str], None] = functools.partial(print, flush=True)
 
 
 def chat_prompts(records: Sequence[dict], tokenizer: Any, *, where: str = "records") -> list[dict]:
@@ -48,20 +57,25 @@ def chat_prompts(records: Sequence[dict], tokenizer: Any, *, where: str = "recor
 
     Records need a ``messages`` list; ``id`` is the record's ``id`` field or its index.
     """
+    prompts = [
+        PromptRecord(str(rec.get("id", i)) if isinstance(rec, dict) else str(i),
+                     prompt_of(rec, f"{where}[{i}]", kinds=("messages",)), f"{where}[{i}]")
+        for i, rec in enumerate(records)
+    ]
+    return render_chat_prompts(prompts, tokenizer)
+
+
+def render_chat_prompts(prompts: Sequence[PromptRecord], tokenizer: Any) -> list[dict]:
+    """``[{"id", "prompt"}]``: chat prompts (messages ending in a user turn) rendered with the tokenizer's chat
+    template plus the generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the target's tokenizer has no chat_template; draft data from chat prompts needs one")
     items = []
-    for i, rec in enumerate(records):
-        messages = rec.get("messages") if isinstance(rec, dict) else None
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{where}[{i}]: needs a non-empty `messages` list (has {sorted(rec) if isinstance(rec, dict) else type(rec).__name__})")
-        messages = list(messages)
-        while messages and messages[-1].get("role") == "assistant":
-            messages.pop()
-        if not messages or messages[-1].get("role") != "user":
-            raise ValueError(f"{where}[{i}]: no user turn to answer")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        items.append({"id": str(rec.get("id", i)), "prompt": text})
+    for p in prompts:
+        if not isinstance(p.prompt, list):
+            raise ValueError(f"{p.where}: draft data needs chat `messages`, not a plain-text prompt")
+        text = tokenizer.apply_chat_template(p.prompt, tokenize=False, add_generation_prompt=True)
+        items.append({"id": p.id, "prompt": text})
     return items
 
 
@@ -139,10 +153,36 @@ def generate_draft_data(
     a crash generates only the missing samples. Returns :func:`generate_with`'s stats
     plus ``exported`` (lines written).
     """
+    return generate_from_items(
+        model, tokenizer, chat_prompts(records, tokenizer), out=out, teacher_id=teacher_id,
+        max_new_tokens=max_new_tokens, sampling_temperature=sampling_temperature, top_p=top_p, greedy=greedy,
+        n_samples=n_samples, batch_size=batch_size, seed=seed,
+    )
+
+
+def generate_from_items(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    items: Sequence[dict],
+    *,
+    out: Path,
+    teacher_id: str,
+    max_new_tokens: int,
+    sampling_temperature: float,
+    top_p: float,
+    greedy: bool,
+    n_samples: int,
+    batch_size: int,
+    seed: int,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """:func:`generate_draft_data` for already-rendered ``[{"id", "prompt"}]`` items; ``log``, when given,
+    receives a line after every generated batch."""
     out = Path(out)
-    items = chat_prompts(records, tokenizer)
     complete = sampled_complete_fn(model, tokenizer, max_new_tokens=max_new_tokens,
                                    sampling_temperature=sampling_temperature, top_p=top_p, seed=seed, greedy=greedy)
+    if log is not None:
+        complete = _reporting(complete, log)
     settings = {"max_new_tokens": max_new_tokens, "sampling_temperature": sampling_temperature, "top_p": top_p,
                 "greedy": greedy, "seed": seed}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,70 +193,46 @@ def generate_draft_data(
     return stats
 
 
-def instruction_records(data: str, n: int, seed: int) -> list[dict]:
-    """The first ``n`` records of ``bundled:NAME`` or a local file (as :mod:`stillroom.data.readers` reads them)."""
-    from stillroom.config.schema import DataSource
-    from stillroom.data.readers import RawRecord, read_source
+def _reporting(complete: CompleteFn, log: Callable[[str], None]) -> CompleteFn:
+    """``complete`` that logs the prompts done so far and the elapsed time after each call."""
+    start, done = time.perf_counter(), 0
 
-    src = DataSource(bundled=data.split(":", 1)[1], limit=n) if data.startswith("bundled:") else DataSource(path=data, limit=n)
-    out = []
-    for item in read_source(src, seed=seed):
-        if not isinstance(item, RawRecord):
-            raise ValueError(f"{item.where}: {item.reason}")
-        out.append(item.fields)
-        if len(out) >= n:
-            break
-    return out
+    def reported(prompts: list[str], n: int) -> list[list[str]]:
+        nonlocal done
+        texts = complete(prompts, n)
+        done += len(prompts)
+        log(f"  {done} prompt(s) generated this run, {time.perf_counter() - start:.0f} s")
+        return texts
+
+    return reported
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stillroom.datagen.draft_data",
-                                     description="Generate a draft model's distillation data from the target.")
-    add_arguments(parser)
-    return handle(parser.parse_args(argv))
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", required=True, help="builtin:NAME, a .gguf file or an HF folder")
-    p.add_argument("--data", default="bundled:instructions", help="chat records: bundled:NAME or a .jsonl file")
-    p.add_argument("--prompts", type=int, default=200, help="number of records used")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the bundled generator (keep eval prompts apart)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--sampling-temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--n-samples", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", required=True, help="prompt/completion JSONL to write")
-
-
-def handle(args: argparse.Namespace) -> int:
+def make_draft_data(cfg: DraftDataConfig, *, log: Callable[[str], None] = say) -> dict:
+    """``stillroom draft-data``: load ``cfg.target``, read ``cfg.prompts`` chat records of ``cfg.data``, write the
+    target's completions to ``cfg.out`` (resumable); returns :func:`generate_draft_data`'s stats."""
+    from stillroom.data.prompts import read_prompts
     from stillroom.models.load import load_model, model_source
     from stillroom.models.precision import torch_dtype
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_model(model_source(args.target), dtype=torch_dtype(args.dtype))
-    records = instruction_records(args.data, args.prompts, args.data_seed)
-    stats = generate_draft_data(
-        loaded.model.eval(), loaded.tokenizer, records, out=Path(args.out), teacher_id=loaded.identity,
-        max_new_tokens=args.max_new_tokens, sampling_temperature=args.sampling_temperature, top_p=args.top_p,
-        greedy=args.greedy, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed,
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    log(f"loading the target {cfg.target} ...")
+    loaded = load_model(model_source(cfg.target), dtype=torch_dtype(cfg.dtype))
+    log(f"  {loaded.identity}, {time.perf_counter() - t0:.1f} s")
+    counts: dict = {}
+    prompts = read_prompts(cfg.data, cfg.prompts, seed=cfg.data_seed, kinds=("messages",),
+                           on_bad_record=cfg.on_bad_record, counts=counts)
+    items = render_chat_prompts(prompts, loaded.tokenizer)
+    skipped = f", {counts['records_bad']} bad record(s) skipped" if counts.get("records_bad") else ""
+    log(f"{len(items)} chat prompts from {cfg.data}{skipped}; generating {cfg.n_samples} completion(s) each "
+        f"(up to {cfg.max_new_tokens} tokens) in batches of {cfg.batch_size} into {cfg.out} ...")
+    out = Path(cfg.out)
+    stats = generate_from_items(
+        loaded.model.eval(), loaded.tokenizer, items, out=out, teacher_id=loaded.identity,
+        max_new_tokens=cfg.max_new_tokens, sampling_temperature=cfg.sampling_temperature, top_p=cfg.top_p,
+        greedy=cfg.greedy, n_samples=cfg.n_samples, batch_size=cfg.batch_size, seed=cfg.seed, log=log,
     )
-    print(f"{stats['exported']} prompt/completion records in {args.out} ({stats['samples_written']} generated now, "
-          f"{stats['samples_skipped']} already stored, {stats['errors']} malformed, {stats['seconds']:.1f} s)")
-    return 0
-
-
-def register(subparsers) -> None:
-    """``stillroom draft-data``: for :mod:`stillroom.cli.main` to add to its command list."""
-    p = subparsers.add_parser("draft-data", help="generate a draft's distillation data from the target's completions")
-    add_arguments(p)
-    p.set_defaults(func=handle)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    log(f"{stats['exported']} prompt/completion records in {out} ({stats['samples_written']} generated now, "
+        f"{stats['samples_skipped']} already stored, {stats['errors']} malformed, {stats['seconds']:.1f} s)")
+    return stats

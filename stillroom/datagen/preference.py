@@ -2,17 +2,25 @@
 
 D_SFT holds every correct trace (stage 1, ``method: sft``); D_Pref holds, per problem with both,
 one correct and one incorrect trace (stage 2, ``method: redi``; see :mod:`stillroom.methods.redi`).
+:func:`make_preference_data` writes both files (``stillroom preference-data --export FILE --out DIR``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from stillroom.data.errors import DataError
 from stillroom.data.jsonl import write_jsonl_atomic
+
+if TYPE_CHECKING:
+    from stillroom.config.commands import PreferenceDataConfig
+
+say: Callable[[str], None] = functools.partial(print, flush=True)
 
 
 def build_preference_data(
@@ -143,33 +151,21 @@ def preference_data_from_store(store_path: str | os.PathLike, items: Sequence[di
     return stats
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Write D_SFT (sft.jsonl) and D_Pref (pref.jsonl) into --out, from ``stillroom generate``'s export
-    (``--export``, rows with verifier verdicts) or from a generation store and its problems (``--store`` +
-    ``--items``)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m stillroom.methods.redi", description=main.__doc__)
-    ap.add_argument("--export", help="`stillroom generate` export (prompt_completion, keep: all, with a verifier)")
-    ap.add_argument("--store", help="generation store (JSONL) written by `stillroom generate`")
-    ap.add_argument("--items", help="JSONL of the problems the store's generations answer (id, prompt, answer)")
-    ap.add_argument("--out", required=True, help="folder for sft.jsonl (D_SFT) and pref.jsonl (D_Pref)")
-    ap.add_argument("--verifier", default="numeric", help="with --store: numeric, string or package.module:function")
-    ap.add_argument("--id-field", default="id")
-    ap.add_argument("--prompt-field", default="prompt")
-    args = ap.parse_args(argv)
-    if bool(args.export) == bool(args.store) or bool(args.store) != bool(args.items):
-        ap.error("give --export, or --store with --items")
-    if args.export:
+def make_preference_data(cfg: PreferenceDataConfig, *, log: Callable[[str], None] = say) -> dict:
+    """``stillroom preference-data``: write D_SFT (``<out>/sft.jsonl``) and D_Pref (``<out>/pref.jsonl``) from
+    ``stillroom generate``'s export (``cfg.export``, rows with verifier verdicts) or from a generation store and
+    its problems (``cfg.store`` + ``cfg.items``, checked by ``cfg.verifier``); returns (and logs) the counts."""
+    out = Path(cfg.out)
+    if cfg.export is not None:
         stats: dict = {}
-        sft_rows, pref_rows = preference_data_from_export(_read_jsonl(args.export), stats=stats)
-        stats["sft_path"] = str(write_jsonl_atomic(Path(args.out) / "sft.jsonl", sft_rows))
-        stats["pref_path"] = str(write_jsonl_atomic(Path(args.out) / "pref.jsonl", pref_rows))
+        sft_rows, pref_rows = preference_data_from_export(_read_jsonl(cfg.export), dedupe=cfg.dedupe, stats=stats)
+        stats["sft_path"] = str(write_jsonl_atomic(out / "sft.jsonl", sft_rows))
+        stats["pref_path"] = str(write_jsonl_atomic(out / "pref.jsonl", pref_rows))
     else:
-        stats = preference_data_from_store(args.store, _read_jsonl(args.items), args.verifier, args.out,
-                                           id_field=args.id_field, prompt_field=args.prompt_field)
-    print(json.dumps(stats, indent=2))
-    return 0
+        stats = preference_data_from_store(cfg.store, _read_jsonl(cfg.items), cfg.verifier, out,
+                                           id_field=cfg.id_field, prompt_field=cfg.prompt_field, dedupe=cfg.dedupe)
+    log(json.dumps(stats, indent=2))
+    return stats
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -180,9 +176,5 @@ def _read_jsonl(path: str) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{n}: not valid JSON ({e})") from None
+                    raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
     return rows
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,8 +2,10 @@
 
 ``run`` prepares a run through its domain, calls the loop, trains the baseline,
 evaluates and writes the report (:mod:`stillroom.run.training`); ``evaluate_run``
-re-evaluates a finished run; ``cache_teacher`` writes a teacher store. The other
-commands' functions live beside them (``spec_eval``, ``serve``, ...).
+re-evaluates a finished run; ``cache_teacher`` writes a teacher store;
+:mod:`stillroom.run.spec_eval`, :mod:`stillroom.run.serve` and
+:mod:`stillroom.run.conditional_setup` hold the other commands' functions (the data
+commands' live in :mod:`stillroom.datagen`, ``merge`` in :mod:`stillroom.compress.merge`).
 """
 
 from stillroom.run.cache_teacher import cache_teacher

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import drop_layers
+from generate_models import drop_layers
 from helpers import tiny_llama, tiny_tokenizer
 
 from stillroom.generate.spec_eval import encode_prompt, run_spec_eval
@@ -110,9 +110,10 @@ def test_cli_spec_eval_on_saved_models(tmp_path, tok, pair):
 
 
 def test_cli_prompt_loading_from_bundled_and_errors(tmp_path):
-    from stillroom.cli.spec_eval import load_prompts, model_source, prompt_of
+    from stillroom.data.prompts import prompt_of, read_prompts
+    from stillroom.models import model_source
 
-    prompts = load_prompts("bundled:instructions", 3)
+    prompts = [p.prompt for p in read_prompts("bundled:instructions", 3)]
     assert len(prompts) == 3
     assert all(isinstance(p, list) and p[-1]["role"] == "user" for p in prompts)
     assert prompt_of({"text": "one two three"}, "x") == "one two three"
@@ -121,7 +122,7 @@ def test_cli_prompt_loading_from_bundled_and_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json}\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
-        load_prompts(str(bad), 2)
+        read_prompts(str(bad), 2)
     assert model_source("builtin:smollm2-135m-instruct").builtin == "smollm2-135m-instruct"
     assert model_source("/x/model.Q4.gguf").gguf == "/x/model.Q4.gguf"
     assert model_source("./folder").path == "./folder"

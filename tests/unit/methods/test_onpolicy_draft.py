@@ -9,7 +9,8 @@ from helpers import tiny_llama, tiny_tokenizer
 
 from stillroom.config.schema import DataConfig, DataSource
 from stillroom.data import build_splits
-from stillroom.datagen.draft_data import chat_prompts, generate_draft_data, instruction_records
+from stillroom.data.prompts import read_prompts
+from stillroom.datagen.draft_data import chat_prompts, generate_draft_data
 
 RECORDS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a keyword."},
@@ -69,7 +70,7 @@ def test_generate_export_resume_and_train_on_completions_only(tok, target, tmp_p
         assert not any(ex.target[:n_prompt]) and all(ex.target[n_prompt:])
 
 
-def test_instruction_records_reads_bundled_chat_data():
-    recs = instruction_records("bundled:instructions", 5, seed=1)
-    assert len(recs) == 5 and all("messages" in r for r in recs)
-    assert recs != instruction_records("bundled:instructions", 5, seed=2)
+def test_chat_prompts_of_bundled_instructions_follow_the_data_seed():
+    recs = read_prompts("bundled:instructions", 5, seed=1, kinds=("messages",))
+    assert len(recs) == 5 and all(isinstance(r.prompt, list) and r.prompt[-1]["role"] == "user" for r in recs)
+    assert recs != read_prompts("bundled:instructions", 5, seed=2, kinds=("messages",))

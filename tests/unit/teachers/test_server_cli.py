@@ -6,9 +6,11 @@ import httpx
 import pytest
 
 from helpers import tiny_llama, tiny_tokenizer
-from stillroom.cli import serve_commands
 from stillroom.cli.main import build_parser, main
+from stillroom.cli.sections import section_from_args
+from stillroom.config.commands import ServeTeacherConfig
 from stillroom.config.schema import RemoteConfig
+from stillroom.run.serve import make_service
 from stillroom.teachers.remote import RemoteTeacher
 from stillroom.teachers.server import RunningServer, create_app
 
@@ -23,17 +25,24 @@ def teacher_dir(tmp_path_factory):
     return folder
 
 
-def test_defaults_bind_loopback():
-    args = build_parser().parse_args(["serve-teacher", "builtin:smollm2-135m-instruct"])
-    assert (args.host, args.port, args.dtype, args.max_top_k) == ("127.0.0.1", 8000, "auto", 64)
-    assert args.func is serve_commands.cmd_serve_teacher
+def _config(argv: list[str]) -> ServeTeacherConfig:
+    """The section `stillroom serve-teacher ARGV` runs with."""
+    return section_from_args(ServeTeacherConfig, build_parser().parse_args(["serve-teacher", *argv]), ("model",))
+
+
+def test_defaults_bind_loopback(monkeypatch):
+    cfg = _config(["builtin:smollm2-135m-instruct"])
+    assert (cfg.host, cfg.port, cfg.dtype, cfg.max_top_k) == ("127.0.0.1", 8000, "auto", 64)
+    seen = []
+    monkeypatch.setattr("stillroom.run.serve.serve_teacher", lambda cfg: seen.append(cfg))
+    assert main(["serve-teacher", "builtin:smollm2-135m-instruct"]) == 0
+    assert seen == [ServeTeacherConfig(model="builtin:smollm2-135m-instruct")]  # the schema's defaults
 
 
 def test_command_loads_the_folder_and_serves_it(teacher_dir, monkeypatch):
-    args = build_parser().parse_args(["serve-teacher", str(teacher_dir), "--dtype", "float32",
-                                      "--max-top-k", "5", "--api-key-env", "SERVE_TEST_KEY"])
+    cfg = _config([str(teacher_dir), "--dtype", "float32", "--max-top-k", "5", "--api-key-env", "SERVE_TEST_KEY"])
     monkeypatch.setenv("SERVE_TEST_KEY", "k-123")
-    service, key = serve_commands.make_service(args)
+    service, key = make_service(cfg)
     assert service.model_name == "model" and service.max_top_k == 5 and key == "k-123"
     assert service.identity.startswith("local:")
     with RunningServer(create_app(service, api_key=key)) as srv:
@@ -57,7 +66,7 @@ def test_cmd_passes_host_port_and_key_to_serve(teacher_dir, monkeypatch, capsys)
 
 def test_missing_key_variable_and_bad_model_fail_clearly(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("NOPE_KEY", raising=False)
-    with pytest.raises(SystemExit, match="NOPE_KEY"):
-        main(["serve-teacher", str(tmp_path), "--api-key-env", "NOPE_KEY"])
+    assert main(["serve-teacher", str(tmp_path), "--api-key-env", "NOPE_KEY"]) == 2
+    assert "NOPE_KEY" in capsys.readouterr().err
     assert main(["serve-teacher", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,61 @@
+"""``stillroom serve-teacher`` as a function: load a model and serve it over an OpenAI-compatible API.
+
+:func:`make_service` builds the :class:`~stillroom.teachers.server.TeacherService` from a
+:class:`~stillroom.config.commands.ServeTeacherConfig`; :func:`serve_teacher` serves it in the
+foreground (:func:`stillroom.teachers.server.serve`) until interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+
+from stillroom.config.commands import ServeTeacherConfig
+from stillroom.config.load import ConfigError
+
+Log = Callable[[str], None]
+say: Log = functools.partial(print, flush=True)
+
+
+def served_name(cfg: ServeTeacherConfig) -> str:
+    """The name clients send as ``model``: ``served_model_name``, else the last part of the model reference."""
+    return cfg.served_model_name or cfg.model.split(":", 1)[-1].rstrip("/").split("/")[-1]
+
+
+def api_key_of(cfg: ServeTeacherConfig) -> str | None:
+    """The API key clients must send (read from the variable ``api_key_env`` names), or None."""
+    if not cfg.api_key_env:
+        return None
+    key = os.environ.get(cfg.api_key_env)
+    if not key:
+        raise ConfigError(f"api_key_env (--api-key-env) names {cfg.api_key_env!r}, which is not set or empty")
+    return key
+
+
+def make_service(cfg: ServeTeacherConfig, *, log: Log = say):
+    """``(TeacherService, api_key or None)``: the model loaded as ``cfg`` says."""
+    from stillroom.models import load_model, model_source
+    from stillroom.models.precision import weights_dtype
+    from stillroom.teachers.server import TeacherService
+
+    api_key = api_key_of(cfg)  # before loading: a missing key fails in a second, not after the model loads
+    t0 = time.perf_counter()
+    log(f"loading {cfg.model} ...")
+    loaded = load_model(model_source(cfg.model), dtype=weights_dtype(cfg.dtype, cfg.device), cache_dir=cfg.cache_dir)
+    model = loaded.model.to(cfg.device)
+    service = TeacherService(model, loaded.tokenizer, model_name=served_name(cfg), max_top_k=cfg.max_top_k,
+                             identity=loaded.identity)
+    log(f"  loaded in {time.perf_counter() - t0:.1f} s")
+    return service, api_key
+
+
+def serve_teacher(cfg: ServeTeacherConfig, *, log: Log = say) -> None:
+    """Serve ``cfg.model`` at ``http://host:port/v1`` in the foreground until interrupted."""
+    from stillroom.teachers import server
+
+    service, api_key = make_service(cfg, log=log)
+    log(f"serving {service.model_name} ({service.identity}) at http://{cfg.host}:{cfg.port}/v1 "
+        f"(prompt log-probs up to top-{service.max_top_k}{', API key required' if api_key else ''})")
+    server.serve(service, cfg.host, cfg.port, api_key=api_key)
