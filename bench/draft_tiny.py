@@ -30,6 +30,7 @@ to converge, and every step goes through the product:
 
     .venv/bin/python bench/draft_tiny.py                # 3 seeds, writes bench/results/draft_tiny.json
     .venv/bin/python bench/draft_tiny.py --quick --seeds 0   # smoke run (numbers meaningless)
+    .venv/bin/python bench/reproduce.py draft_tiny --from-results   # only re-decide the verdict from the JSON
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.repro.common import RESULTS, char_tokenizer, fmt, markdown_table, run_stillroom, save_model, tiny_llama, write_jsonl  # noqa: E402
+from bench.repro.verdict import best_of, beyond_spread, verdict_fields  # noqa: E402
 
 CLAIM = ("issue #5 / DistillSpec (Zhou et al. 2024), Drafter (Goel et al. 2024): a draft distilled from the target "
          "reaches a block efficiency at least 10% higher than the same draft trained with cross-entropy on the "
@@ -66,6 +68,7 @@ METHODS = {
 DISTILLED = ("forward_kl", "tvd", "tvd_pp", "onpolicy_fkl")
 SWEEP = ("ce", "forward_kl", "tvd", "tvd_pp", "onpolicy_fkl")  # methods also trained for sweep_fraction of the steps
 MODES = ("greedy", "sampling")
+BAR = 1.10  # the claim: tau at least 10% above the CE draft's
 
 
 @dataclass(frozen=True)
@@ -399,27 +402,38 @@ def summarize(per_seed: list[dict], s: Sizes) -> dict:
                   + markdown_table(["draft", f"greedy {short}", f"greedy {s.draft_steps}", f"sampling {short}",
                                     f"sampling {s.draft_steps}"], rows + [ce_row]))
 
-    # held: best distilled mean tau at the largest gamma >= 1.10 x CE's mean tau, in at least one mode
+    # One part per distilled draft and mode: its per-seed paired tau@g_hi change vs CE must exceed +10% by more
+    # than its seed spread (bench.repro.verdict). The claim is "a distilled draft", so the verdict is a best-of
+    # over the len(DISTILLED) x len(MODES) parts, and says so.
+    parts = [beyond_spread(f"{m}, {mode}: tau@{g_hi} at least 10% above CE", _rel(per_seed, "full", m, f"{mode}@{g_hi}"),
+                           margin=100.0 * (BAR - 1.0), unit="%") for mode in MODES for m in DISTILLED]
+    _, note = best_of(parts)
+    fields = verdict_fields(parts, best_of_note=note)
     verdict = {}
     for mode in MODES:
         ce = statistics.fmean(_vals(per_seed, "full", "ce", f"{mode}@{g_hi}", "tau"))
         best = max(DISTILLED, key=lambda m: statistics.fmean(_vals(per_seed, "full", m, f"{mode}@{g_hi}", "tau")))
         tau = statistics.fmean(_vals(per_seed, "full", best, f"{mode}@{g_hi}", "tau"))
-        verdict[mode] = {"ce_tau": ce, "best": best, "best_tau": tau, "ratio": tau / ce, "held": tau >= 1.10 * ce}
-    held = any(v["held"] for v in verdict.values())
-    return {"table_md": "\n\n".join(tables), "held": held, "verdict": verdict, "analysis": analysis(per_seed, s, verdict)}
+        mode_parts = [p for p in parts if p.name.split(", ")[1].startswith(mode)]
+        verdict[mode] = {"ce_tau": ce, "best": best, "best_tau": tau, "ratio": tau / ce,
+                         "held": any(p.held for p in mode_parts),
+                         "held_by": [p.name.split(",")[0] for p in mode_parts if p.held]}
+    return {"table_md": "\n\n".join(tables), **fields, "verdict": verdict,
+            "analysis": analysis(per_seed, s, verdict, parts, fields["verdict_text"])}
 
 
-def analysis(per_seed: list[dict], s: Sizes, verdict: dict) -> str:
+def analysis(per_seed: list[dict], s: Sizes, verdict: dict, checks: list, verdict_text: str) -> str:
     g = max(s.gammas)
-    parts = []
+    parts = [f"Verdict: {'held' if any(v['held'] for v in verdict.values()) else 'not held'}, {verdict_text}."]
     for mode in MODES:
         v = verdict[mode]
         rel = {m: _rel(per_seed, "full", m, f"{mode}@{g}") for m in DISTILLED}
         order = sorted(DISTILLED, key=lambda m: -statistics.fmean(rel[m]))
-        desc = ", ".join(f"{m} {statistics.fmean(rel[m]):+.1f}% (seeds {min(rel[m]):+.1f}..{max(rel[m]):+.1f})" for m in order)
-        parts.append(f"{mode}: CE τ@{g} = {v['ce_tau']:.2f}; vs CE, {desc}; best {v['best']} at {v['ratio']:.3f}x CE, "
-                     f"so the +10% bar is {'met' if v['held'] else 'not met'}.")
+        desc = ", ".join(f"{m} {statistics.fmean(rel[m]):+.1f} ± {statistics.stdev(rel[m]) if len(rel[m]) > 1 else 0:.1f}% "
+                         f"(seeds {min(rel[m]):+.1f}..{max(rel[m]):+.1f})" for m in order)
+        parts.append(f"{mode}: CE τ@{g} = {v['ce_tau']:.2f}; vs CE, {desc}; the best mean, {v['best']}, is at "
+                     f"{v['ratio']:.3f}x CE; the +10% bar is met beyond the seed spread (mean - 10% > std) by "
+                     + (", ".join(v["held_by"]) if v["held_by"] else "none") + ".")
     prose = {mode: _rel(per_seed, "full", "ce_prose", f"{mode}@{g}") for mode in MODES}
     parts.append("CE on the original prose (a draft that never saw the target) vs CE on the target's tokens: "
                  + ", ".join(f"{mode} {statistics.fmean(prose[mode]):+.1f}%" for mode in MODES) + ".")
@@ -446,6 +460,16 @@ def main(seeds: list[int], work: Path, quick: bool) -> dict:
     for seed in seeds:
         print(f"seed {seed}", flush=True)
         per_seed.append(run_seed(seed, work, s, log=lambda m: print(m, flush=True)))
+    return result_of(per_seed, s, seeds)
+
+
+def resummarize(stored: dict) -> dict:
+    """Setting, table, parts, verdict and analysis recomputed from a stored result's per-seed numbers."""
+    s = Sizes(**{**stored["sizes"], "gammas": tuple(stored["sizes"]["gammas"])})
+    return result_of(stored["per_seed"], s, stored["seeds"])
+
+
+def result_of(per_seed: list[dict], s: Sizes, seeds: list[int]) -> dict:
     summary = summarize(per_seed, s)
     t = per_seed[0]
     setting = (
@@ -461,11 +485,11 @@ def main(seeds: list[int], work: Path, quick: bool) -> dict:
         f"micro-batches the draft's own T=1 samples. Measurement: stillroom.generate.speculative on "
         f"{s.eval_prompts} prompts from held-out documents x {s.eval_tokens} tokens, γ in {list(s.gammas)}, greedy and "
         f"T=1, same sampling seeds for every draft. Held-out KL: teacher-forced on held-out target continuations. "
-        f"Rule: held = the best distilled draft's mean τ at γ={max(s.gammas)} is >= 1.10 x the CE draft's mean τ in "
-        f"at least one mode (greedy or sampling). Seeds {seeds}."
+        f"Rule (bench.repro.verdict, best of {len(DISTILLED) * len(MODES)}): held = for at least one of the "
+        f"{len(DISTILLED)} distilled drafts in at least one of the {len(MODES)} modes, the per-seed paired change of τ at "
+        f"γ={max(s.gammas)} vs the CE draft, minus 10%, exceeds its standard deviation over seeds. Seeds {seeds}."
     )
-    return {"claim": CLAIM, "setting": setting, "table_md": summary["table_md"], "held": summary["held"],
-            "analysis": summary["analysis"], "verdict": summary["verdict"], "sizes": asdict(s),
+    return {"claim": CLAIM, "setting": setting, **summary, "sizes": asdict(s),
             "seed_seconds": [r["timings"]["seed_s"] for r in per_seed], "per_seed": per_seed}
 
 

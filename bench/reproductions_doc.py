@@ -1,8 +1,12 @@
-"""Write docs/REPRODUCTIONS.md from the measured results in bench/results/repro_*.json.
+"""Write docs/REPRODUCTIONS.md, and the verdict and analysis of each docs/reproductions/*.md page,
+from the measured results in bench/results/*.json.
 
-Nothing in the page is typed by hand except the introduction: each section is the
-claim, setting, table (mean ± std over seeds), verdict and analysis that
-``bench/reproduce.py METHOD`` stored. Rerun after any reproduction:
+Nothing in REPRODUCTIONS.md is typed by hand except the introduction: each section is the
+claim, setting, table (mean ± std over seeds), parts, verdict and analysis that
+``bench/reproduce.py METHOD`` (or ``bench/draft_tiny.py``) stored. In a method's own page
+only the blocks between ``<!-- BEGIN generated NAME -->`` and ``<!-- END generated NAME -->``
+(NAME: ``verdict``, ``analysis``) are rewritten; a page without them is an error, so a page
+cannot keep a stale verdict. Rerun after any reproduction or any change of the verdict rule:
 
     python bench/reproductions_doc.py
 """
@@ -10,9 +14,15 @@ claim, setting, table (mean ± std over seeds), verdict and analysis that
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.repro.verdict import RULE, Part, parts_table  # noqa: E402
+
 ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "draft_tiny"]
 TITLES = {
     "step_by_step": "Distilling step-by-step (Hsieh et al. 2023)",
@@ -24,7 +34,7 @@ TITLES = {
     "draft_tiny": "Distilled drafts for speculative decoding (DistillSpec / Drafter), tiny scale",
 }
 
-INTRO = """# Reproductions
+INTRO = f"""# Reproductions
 
 Each method's headline claim, checked qualitatively at CPU scale on this machine (2 cores, no
 GPU): tiny models trained from scratch on data generated here, at least 3 seeds, mean ± std.
@@ -35,41 +45,110 @@ with our analysis. This page is generated from `bench/results/*.json` by
 ```bash
 python bench/reproduce.py METHOD          # METHOD: step_by_step self_data redi miniplm ddk conditional
 python bench/draft_tiny.py                # the draft experiment of docs/ONPOLICY.md (issue: draft models)
+python bench/reproduce.py METHOD --from-results   # only re-decide the verdict from the stored numbers (also draft_tiny)
 ```
+
+<a id="verdict-rule"></a>
+## Verdict rule
+
+{RULE} The rule is `bench/repro/verdict.py`, shared by every reproduction; each section lists its
+parts, the per-seed paired differences and whether each cleared the bar. A claim is held when all
+its required parts are (parts marked "not required" are reported only).
+
+Earlier verdicts counted a part as held on the direction of the means alone. All verdicts below
+were re-decided under this rule from the stored per-seed numbers (no experiment was re-run):
+DDK changed from held to **not held** (its mean-ratio part, 2.538 vs 2.552, is a paired difference
+of +0.014 ± 0.046, inside the seed spread); the draft experiment stays held, but only as a
+best-of-8 pick (TVD under sampling is the one variant of 8 that clears its +10% bar beyond the
+spread; none does in greedy mode); the others are unchanged.
 
 """
 
+BLOCK = "<!-- {edge} generated {name}: bench/reproductions_doc.py from {source}; edit the JSON, not this block -->"
 
-def load(method: str) -> dict | None:
+
+def load(method: str) -> tuple[dict, str] | None:
     for name in (f"repro_{method}.json", f"{method}.json"):
         path = ROOT / "bench" / "results" / name
         if path.is_file():
-            return json.loads(path.read_text())
+            return json.loads(path.read_text()), f"bench/results/{name}"
     return None
 
 
+def parts_of(r: dict) -> list[Part]:
+    """The stored parts (``verdict.Part`` fields), with the 'required' flag folded into the name."""
+    out = []
+    for p in r.get("parts", []):
+        fields = {k: v for k, v in p.items() if k in Part.__dataclass_fields__}
+        fields["diffs"] = tuple(fields["diffs"])
+        if not p.get("required", True):
+            fields["name"] = f"{fields['name']} (not required)"
+        out.append(Part(**fields))
+    return out
+
+
+def verdict_md(r: dict) -> str:
+    """The held line and the parts table of one result."""
+    if "parts" not in r:
+        raise ValueError(f"result of {r.get('method', '?')} has no parts: re-decide it with --from-results")
+    held = "yes" if r["held"] else "no"
+    return (f"**Held: {held}**: {r['verdict_text']} (rule: "
+            "[beyond the seed spread](../REPRODUCTIONS.md#verdict-rule)).\n\n" + parts_table(parts_of(r)))
+
+
+def replace_block(text: str, name: str, body: str, source: str, page: Path) -> str:
+    begin = re.escape("<!-- BEGIN generated " + name) + r"[^\n]*-->"
+    end = re.escape("<!-- END generated " + name) + r"[^\n]*-->"
+    pattern = re.compile(f"{begin}.*?{end}", re.S)
+    if len(pattern.findall(text)) != 1:
+        raise ValueError(f"{page}: needs exactly one '<!-- BEGIN generated {name} ... -->' ... "
+                         f"'<!-- END generated {name} ... -->' block (found {len(pattern.findall(text))})")
+    block = "\n".join([BLOCK.format(edge="BEGIN", name=name, source=source), body,
+                       BLOCK.format(edge="END", name=name, source=source)])
+    return pattern.sub(lambda _m: block, text)
+
+
+def update_page(method: str, r: dict, source: str) -> Path | None:
+    page = ROOT / "docs" / "reproductions" / f"{method}.md"
+    if not page.is_file():
+        return None
+    text = page.read_text()
+    text = replace_block(text, "verdict", verdict_md(r), source, page)
+    text = replace_block(text, "analysis", r["analysis"], source, page)
+    page.write_text(text)
+    return page
+
+
 def main() -> None:
-    parts = [INTRO, "| method | held | seeds | wall time |", "|---|---|---|---|"]
+    parts = [INTRO, "| method | held | required parts held | seeds | wall time |", "|---|---|---|---|---|"]
     found = {m: load(m) for m in ORDER}
-    for m, r in found.items():
-        if r is None:
-            parts.append(f"| {TITLES[m]} | not run | - | - |")
-        else:
-            held = "yes" if r.get("held") is True else ("no" if r.get("held") is False else str(r.get("held")))
-            parts.append(f"| [{TITLES[m]}](#{m}) | {held} | {len(r.get('seeds', []))} | "
-                         f"{r.get('seconds', '?')} s |")
-    for m, r in found.items():
-        if r is None:
+    for m, loaded in found.items():
+        if loaded is None:
+            parts.append(f"| {TITLES[m]} | not run | - | - | - |")
             continue
+        r, _ = loaded
+        req = [p for p in r["parts"] if p.get("required", True)]
+        held = ("yes" if r["held"] else "no") + (" (best of %d)" % len(req) if "best-of" in r["verdict_text"] else "")
+        parts.append(f"| [{TITLES[m]}](#{m}) | {held} | {sum(p['held'] for p in req)}/{len(req)} | "
+                     f"{len(r.get('seeds', []))} | {r.get('seconds', '?')} s |")
+    for m, loaded in found.items():
+        if loaded is None:
+            continue
+        r, source = loaded
         page = f"docs/reproductions/{m}.md"
         parts += [
             "", f"<a id=\"{m}\"></a>", f"## {TITLES[m]}", "",
             f"**Claim.** {r['claim']}", "", f"**Setting.** {r['setting']}", "",
             r["table_md"], "",
-            f"**Held:** {r.get('held')}. {r['analysis']}", "",
-            f"Seeds {r.get('seeds')}; {r.get('seconds', '?')} s; finished {r.get('finished', '?')}."
+            verdict_md(r).replace("](../REPRODUCTIONS.md#", "](#"), "",
+            f"**Analysis.** {r['analysis']}", "",
+            f"Seeds {r.get('seeds')}; {r.get('seconds', '?')} s; finished {r.get('finished', '?')}"
+            + (f"; verdict re-decided {r['verdict_recomputed']}" if r.get("verdict_recomputed") else "") + "."
             + (f" Details: [{page}]({Path(page).relative_to('docs')})." if (ROOT / page).is_file() else ""),
         ]
+        written = update_page(m, r, source)
+        if written is not None:
+            print(f"updated {written.relative_to(ROOT)}")
     (ROOT / "docs" / "REPRODUCTIONS.md").write_text("\n".join(parts) + "\n")
     print("wrote docs/REPRODUCTIONS.md")
 

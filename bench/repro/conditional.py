@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerFast
 
 from bench.repro.common import SPECIALS, fmt, markdown_table, mean_std, run_stillroom, save_model, \
     tiny_llama, write_jsonl
+from bench.repro.verdict import beyond_spread, verdict_fields, within_tolerance
 from stillroom.config.schema import ConditionalConfig
 from stillroom.data.bad_word_corpus import bad_word_corpus
 from stillroom.methods.conditional import bad_word_score, control_token_ids, extend_model_folder, \
@@ -153,6 +154,11 @@ def main(seeds: list[int], work: Path, quick: bool) -> dict:
     return summarize({seed: one_seed(seed, work, s) for seed in seeds}, s)
 
 
+def resummarize(stored: dict) -> dict:
+    """The summary recomputed from a stored result's per-seed numbers (no experiment is re-run)."""
+    return summarize({int(k): v for k, v in stored["per_seed"].items()}, settings(bool(stored.get("quick"))))
+
+
 def summarize(per_seed: dict, s: dict) -> dict:
     """Table, verdict and analysis from the per-seed numbers (also re-renders a stored result)."""
     col = lambda k: [r[k] for r in per_seed.values()]  # noqa: E731
@@ -185,7 +191,16 @@ def summarize(per_seed: dict, s: dict) -> dict:
               f"held-out CE gap (conditional - MLE): {fmt(ce_gap)}.")
     mean_ratio = mean_std(col("bad_mle_none"))[0] / max(mean_std(col("bad_conditional_aligned"))[0], 1e-9)
     mean_gap = mean_std(ce_gap)[0]
-    held = bool(mean_ratio >= RATIO_NEEDED and abs(mean_gap) <= CE_TOLERANCE)
+    # Each part is a per-seed paired difference (same init, same corpus), held only beyond the seed spread;
+    # "at least 5x fewer" is MLE's rate minus 5x the conditional model's, per seed.
+    parts = [
+        beyond_spread(f"BAD rate at least {RATIO_NEEDED:.0f}x lower than MLE's (MLE - {RATIO_NEEDED:.0f} x conditional)",
+                      [r["bad_mle_none"] - RATIO_NEEDED * r["bad_conditional_aligned"] for r in per_seed.values()]),
+        within_tolerance(f"similar held-out loss (conditional - MLE, within {CE_TOLERANCE} nats/token)", ce_gap,
+                         tolerance=CE_TOLERANCE),
+    ]
+    verdict = verdict_fields(parts)
+    held = verdict["held"]
     untagged_gap = mean_std([r["heldout_ce_conditional"] - r["heldout_ce_mle"] for r in per_seed.values()])[0]
     m = lambda k: mean_std(col(k))[0]  # noqa: E731
     first_ratio = m("first_bad_mle_none") / max(m("first_bad_conditional_aligned"), 1e-9)
@@ -194,9 +209,11 @@ def summarize(per_seed: dict, s: dict) -> dict:
         f"Primary metric (decided before the runs): BAD rate over all generated sentences, the paper's inference "
         f"(prefix <|aligned|>, both control tokens banned, T 0.7, top-p 0.9): {m('bad_conditional_aligned'):.4f} vs "
         f"{m('bad_mle_none'):.4f} for MLE sampled unconditionally, a ratio of means of {mean_ratio:.1f}x (needed >= "
-        f"{RATIO_NEEDED:.0f}x). Held-out loss, each model on its own format over 200 unseen documents (the conditional "
-        f"model also pays for its control tokens, per text token): gap {mean_gap:+.4f} nats/token (tolerance "
-        f"{CE_TOLERANCE}). "
+        f"{RATIO_NEEDED:.0f}x; per seed, MLE - {RATIO_NEEDED:.0f} x conditional: {parts[0].evidence(4)}, "
+        f"{'beyond' if parts[0].held else 'not beyond'} the seed spread). Held-out loss, each model on its own format "
+        f"over 200 unseen documents (the conditional model also pays for its control tokens, per text token): gap "
+        f"{parts[1].evidence(4)} nats/token (tolerance {CE_TOLERANCE}: "
+        f"{'similar' if parts[1].held else 'not shown similar'} beyond the seed spread). "
         + ("So the claim holds at this scale. " if held else "So the claim does not hold as stated at this scale. ")
         + f"Where the prefix acts directly, on the first sentence, the BAD rate falls from {m('first_bad_mle_none'):.4f} "
         f"to {m('first_bad_conditional_aligned'):.4f} ({'>' if first_ratio > 100 else ''}{min(first_ratio, 100):.0f}x), "
@@ -229,5 +246,5 @@ def summarize(per_seed: dict, s: dict) -> dict:
         f"baseline: true = plain MLE on untagged text); {s['samples']} samples of {s['new_tokens']} tokens per "
         "model at temperature 0.7, top-p 0.9; BAD rate over generated sentences."
     )
-    return {"claim": CLAIM, "setting": setting, "table_md": table, "held": held, "analysis": analysis,
+    return {"claim": CLAIM, "setting": setting, "table_md": table, **verdict, "analysis": analysis,
             "per_seed": {str(k): v for k, v in per_seed.items()}, "ratio_of_means": mean_ratio}

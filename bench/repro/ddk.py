@@ -35,6 +35,7 @@ import torch
 
 from bench.repro.common import char_tokenizer, fmt, markdown_table, mean_std, run_stillroom, save_model, tiny_llama, \
     write_jsonl
+from bench.repro.verdict import beyond_spread, paired, verdict_fields
 
 DOMAINS = ["alpha", "template", "dict", "arith"]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -251,23 +252,32 @@ def summarize(per_seed: dict, seeds: list[int], teacher_ppl: dict, teacher_s: fl
     flips_n = sum(per_seed[s]["variants"]["DDK, no smoothing"]["trace"]["sign_changes"] for s in seeds)
     wins_max = sum(per_seed[s]["variants"]["DDK"]["max_ratio"] < per_seed[s]["variants"]["uniform KD"]["max_ratio"]
                    for s in seeds)
-    diffs = [per_seed[s]["variants"]["DDK"]["mean_ratio"] - per_seed[s]["variants"]["uniform KD"]["mean_ratio"]
-             for s in seeds]
-    diff_m, diff_sd = mean_std(diffs)
-    wins_mean = sum(x < 0 for x in diffs)
-    mean_clear = diff_m < 0 and (len(seeds) < 2 or abs(diff_m) > 2 * diff_sd / math.sqrt(len(seeds)))
-    c_max, c_mean, c_osc = d_max < u_max, d_mean < u_mean, tv_n > tv_s
-    held = c_max and c_mean and c_osc  # the qualitative direction of each part (Appendix B)
+    wins_mean = sum(per_seed[s]["variants"]["DDK"]["mean_ratio"] < per_seed[s]["variants"]["uniform KD"]["mean_ratio"]
+                    for s in seeds)
+    # Each part: the paired per-seed difference, positive = as claimed, held only beyond the seed spread.
+    parts = [
+        beyond_spread("DDK lowers the max ratio (uniform - DDK)", paired(col("uniform KD", "max_ratio"),
+                                                                          col("DDK", "max_ratio"))),
+        beyond_spread("DDK lowers the mean ratio (uniform - DDK)", paired(col("uniform KD", "mean_ratio"),
+                                                                           col("DDK", "mean_ratio"))),
+        beyond_spread("weights oscillate more without smoothing (TV unsmoothed - smoothed)",
+                      paired([per_seed[s]["variants"]["DDK, no smoothing"]["trace"]["mean_tv"] for s in seeds],
+                             [per_seed[s]["variants"]["DDK"]["trace"]["mean_tv"] for s in seeds]), unit=""),
+    ]
+    c_max, c_mean, c_osc = (p.held for p in parts)
+    verdict = verdict_fields(parts)
+    held = verdict["held"]
     worst_u = max(DOMAINS, key=lambda d: statistics_mean([per_seed[s]["variants"]["uniform KD"]["ratio"][d] for s in seeds]))
     r_final = {d: statistics_mean([per_seed[s]["variants"]["DDK"]["trace"]["weights"][-1][DOMAINS.index(d)]
                                    for s in seeds]) for d in DOMAINS}
     analysis = (
-        f"Worst-domain gap (max ratio): DDK {d_max:.3f} vs uniform {u_max:.3f} "
-        f"({'lower' if c_max else 'NOT lower'}; DDK lower in {wins_max}/{len(seeds)} seeds). "
-        f"Mean ratio: DDK {d_mean:.3f} vs uniform {u_mean:.3f} ({'better' if c_mean else 'NOT better'}; paired "
-        f"difference {diff_m:+.3f} ± {diff_sd:.3f}, DDK lower in {wins_mean}/{len(seeds)} seeds: "
-        + ("more than two standard errors, a clear improvement). " if mean_clear else
-           "within two standard errors of 0, so the average improvement is NOT clearly established here). ")
+        f"Worst-domain gap (max ratio): DDK {d_max:.3f} vs uniform {u_max:.3f} (paired difference "
+        f"{parts[0].evidence()}: {'lower beyond the seed spread' if c_max else 'NOT lower beyond the seed spread'}; "
+        f"DDK lower in {wins_max}/{len(seeds)} seeds). "
+        f"Mean ratio: DDK {d_mean:.3f} vs uniform {u_mean:.3f} (paired difference {parts[1].evidence()}, DDK lower "
+        f"in {wins_mean}/{len(seeds)} seeds: "
+        + ("lower beyond the seed spread). " if c_mean else
+           "within the seed spread, so the average improvement is NOT established here). ")
         + "Per-domain ratios, uniform -> DDK: "
         + ", ".join(f"{d} {statistics_mean(per_seed[s]['variants']['uniform KD']['ratio'][d] for s in seeds):.2f} -> "
                     f"{statistics_mean(per_seed[s]['variants']['DDK']['ratio'][d] for s in seeds):.2f}" for d in DOMAINS)
@@ -275,12 +285,14 @@ def summarize(per_seed: dict, seeds: list[int], teacher_ppl: dict, teacher_s: fl
         f"Under uniform sampling the worst domain is '{worst_u}'; DDK's final weights (mean over seeds) are "
         + ", ".join(f"{d} {r_final[d]:.2f}" for d in DOMAINS) + ". "
         f"Weight oscillation (mean total variation between consecutive weight vectors): without smoothing "
-        f"{tv_n:.4f} vs smoothed {tv_s:.4f} ({'more' if c_osc else 'NOT more'} oscillation without smoothing); "
+        f"{tv_n:.4f} vs smoothed {tv_s:.4f} (paired difference {parts[2].evidence(4)}: "
+        f"{'more' if c_osc else 'NOT more'} oscillation without smoothing, beyond the seed spread); "
         f"sign changes of per-domain weight moves, summed over seeds: {flips_n} unsmoothed vs {flips_s} smoothed. "
-        + ("The claim holds in direction at this scale" + ("." if mean_clear else
-           " (the worst-domain gap and the oscillation clearly; the average only marginally).") if held else
-           "The claim does not fully hold at this scale: see which part failed above; with tiny models, "
-           f"{STEPS} steps and K={K}, only {STEPS // K} re-estimations happen, so the effect is small and noisy.")
+        + ("Every part of the claim holds beyond the seed spread at this scale." if held else
+           "The claim does not hold in full at this scale: "
+           + "; ".join(p.name for p in parts if not p.held) + " is not beyond the seed spread"
+           + (". The worst-domain gap and the oscillation parts hold." if c_max and c_osc else ".")
+           + f" With tiny models, {STEPS} steps and K={K}, only {STEPS // K} re-estimations happen.")
     )
     return {
         "claim": "DDK (sampling domains by the softmax of student/teacher perplexity ratios, re-estimated every K "
@@ -297,12 +309,18 @@ def summarize(per_seed: dict, seeds: list[int], teacher_ppl: dict, teacher_s: fl
                     f"smoothing_mode none. Ratios = student/teacher perplexity on {TEST_RECORDS} fresh test records "
                     f"per domain (not the held-out split DDK steers by)."
                     + (" QUICK smoke run: numbers not meaningful." if quick else "")),
-        "table_md": table, "held": bool(held),
-        "checks": {"max_ratio_lower": c_max, "mean_ratio_lower": c_mean, "mean_ratio_lower_beyond_2se": mean_clear,
-                   "unsmoothed_oscillates_more": c_osc},
+        "table_md": table, **verdict,
+        "checks": {"max_ratio_lower": c_max, "mean_ratio_lower": c_mean, "unsmoothed_oscillates_more": c_osc},
         "analysis": analysis, "per_seed": {str(s): v for s, v in per_seed.items()},
         "teacher_ppl": shared["teacher_ppl"], "teacher_s": shared["teacher_s"],
     }
+
+
+def resummarize(stored: dict) -> dict:
+    """The summary recomputed from a stored result's per-seed numbers (no experiment is re-run)."""
+    seeds = [int(s) for s in stored["seeds"]]
+    per_seed = {int(k): v for k, v in stored["per_seed"].items()}
+    return summarize(per_seed, seeds, stored["teacher_ppl"], stored["teacher_s"], bool(stored.get("quick")))
 
 
 def statistics_mean(values) -> float:

@@ -28,6 +28,7 @@ import torch
 
 from bench.repro.common import char_tokenizer, fmt, greedy_complete, markdown_table, mean_std, run_stillroom, \
     save_model, tiny_llama, write_jsonl
+from bench.repro.verdict import beyond_spread, paired, verdict_fields
 
 DIGITS = 2
 N_TRAIN, N_EVAL = 1200, 300
@@ -205,14 +206,26 @@ def summarise(per_seed: list[dict], seeds: list[int]) -> dict:
     drop = {k: [f - l for f, l in zip(cs[k]["first_c"], cs[k]["last_c"])] for k in cs}
     drop_r = {k: [f - l for f, l in zip(cs[k]["first_r"], cs[k]["last_r"])] for k in cs}
     collapsed = {k: [dc > 1.0 and dr > 1.0 for dc, dr in zip(drop[k], drop_r[k])] for k in cs}
-    improves = m["redi_0.8"] > m["sft"]
-    stable = not any(collapsed["redi_0.8"])
-    sym_collapses = sum(collapsed["redi_1.0"]) >= 2 and m["redi_1.0"] < m["redi_0.8"]
-    held = improves and stable and sym_collapses
+    # Each part is a per-seed difference (same stage-1 checkpoint), held only beyond the seed spread;
+    # "collapse" = the chosen and the rejected log-prob both fall by more than 1 nat/token.
+    parts = [
+        beyond_spread("REDI alpha=0.8 beats the SFT continuation (accuracy)", paired(acc["redi_0.8"], acc["sft"])),
+        beyond_spread("alpha=0.8 stays stable: chosen log-prob falls by less than 1 nat/token",
+                      [-x for x in drop["redi_0.8"]], margin=-1.0),
+        beyond_spread("alpha=1 collapses: chosen log-prob falls by more than 1 nat/token", drop["redi_1.0"], margin=1.0),
+        beyond_spread("alpha=1 collapses: rejected log-prob falls by more than 1 nat/token", drop_r["redi_1.0"],
+                      margin=1.0),
+        beyond_spread("alpha=1 ends below alpha=0.8 (accuracy)", paired(acc["redi_0.8"], acc["redi_1.0"])),
+    ]
+    verdict = verdict_fields(parts)
+    held = verdict["held"]
+    improves, stable = parts[0].held, parts[1].held
+    sym_collapses = all(p.held for p in parts[2:])
     analysis = (
         f"Held-out exact match: stage 1 {m['stage1']:.3f}; SFT continuation {m['sft']:.3f}, REDI alpha=0.8 "
         f"{m['redi_0.8']:.3f}, symmetric REDI {m['redi_1.0']:.3f} (means over {len(seeds)} seeds). "
-        f"REDI 0.8 {'beats' if improves else 'does not beat'} the SFT continuation. "
+        f"REDI 0.8 {'beats' if improves else 'does not beat'} the SFT continuation beyond the seed spread "
+        f"(paired difference {parts[0].evidence()}). "
         f"Chosen log-prob change (nats/token, start - end): alpha=0.8 {fmt(drop['redi_0.8'], 2)}, alpha=1 "
         f"{fmt(drop['redi_1.0'], 2)}; rejected: alpha=0.8 {fmt(drop_r['redi_0.8'], 2)}, alpha=1 "
         f"{fmt(drop_r['redi_1.0'], 2)}. Collapse (both chosen and rejected log-probs fall by more than 1 nat/token) "
@@ -226,12 +239,9 @@ def summarise(per_seed: list[dict], seeds: list[int]) -> dict:
                      "answer read back from the scratchpad), so a 2-layer model partly unlearns shared skills "
                      "and greedy decoding breaks on a few tokens per trace; the paper's long, diverse traces and "
                      "its far smaller LR (1e-6) dilute this, a tiny model on one narrow skill does not. ")
-    analysis += ("The claim holds at this scale." if held else
-                 "The claim does not hold in full here: " + "; ".join(
-                     s for s, bad in [("alpha=0.8 did not beat SFT", not improves),
-                                      ("alpha=0.8 collapsed in some seed", not stable),
-                                      ("alpha=1 did not collapse in most seeds (or was not worse than 0.8)",
-                                       not sym_collapses)] if bad) + ".")
+    analysis += ("Every part of the claim holds beyond the seed spread at this scale." if held else
+                 "The claim does not hold in full here; not beyond the seed spread: "
+                 + "; ".join(p.name for p in parts if not p.held) + ".")
     return {
         "claim": "Asymmetric REDI (alpha=0.8) improves over SFT and stays stable; symmetric REDI (alpha=1) at the "
                  "same high LR collapses, with the chosen and rejected log-probs falling together.",
@@ -245,7 +255,12 @@ def summarise(per_seed: list[dict], seeds: list[int]) -> dict:
                     f"{PAIRS_PER_STEP} chosen traces). DPO not run (no reference-model path in the product). "
                     f"Greedy exact match on held-out problems."),
         "table_md": table,
-        "held": held,
+        **verdict,
         "analysis": analysis,
         "per_seed": per_seed,
     }
+
+
+def resummarize(stored: dict) -> dict:
+    """The summary recomputed from a stored result's per-seed numbers (no experiment is re-run)."""
+    return summarise(stored["per_seed"], stored["seeds"])

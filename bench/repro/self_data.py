@@ -25,6 +25,7 @@ import torch
 
 from bench.repro.common import char_tokenizer, fmt, greedy_complete, markdown_table, mean_std, run_stillroom, \
     save_model, tiny_llama, write_jsonl
+from bench.repro.verdict import beyond_spread, paired, verdict_fields
 
 LAYERS, HIDDEN, PRUNE = 5, 64, 2
 PRETRAIN_STEPS, RECOVER_STEPS, RECOVER_LR, COPIES = 350, 80, 1e-3, 3
@@ -203,6 +204,16 @@ def main(seeds: list[int], work: Path, quick: bool) -> dict:
         t0 = time.perf_counter()
         per_seed.append(one_seed(seed, Path(work) / f"seed{seed}", quick))
         print(f"seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
+    return summarize(per_seed, quick)
+
+
+def resummarize(stored: dict) -> dict:
+    """The summary recomputed from a stored result's per-seed numbers (no experiment is re-run)."""
+    return summarize(stored["per_seed"], bool(stored.get("quick")))
+
+
+def summarize(per_seed: list[dict], quick: bool) -> dict:
+    """Table, parts, verdict and analysis from the per-seed numbers."""
 
     def col(model: str, key: str) -> list[float]:
         return [r[model][key] for r in per_seed if key in r[model]]
@@ -227,28 +238,50 @@ def main(seeds: list[int], work: Path, quick: bool) -> dict:
     m = {k: mean_std(col(k, "prose_ce"))[0] for k in labels}
     acc_b = {k: mean_std(col(k, "acc_b"))[0] for k in labels if col(k, "acc_b")}
     acc_a = {k: mean_std(col(k, "acc_a"))[0] for k in labels if col(k, "acc_a")}
-    less_forgetting = m["self_b"] < m["sft_b"]
-    task_ok = acc_b["self_b"] >= acc_b["sft_b"] - 0.05
-    recovered = acc_b["self_b"] > acc_b["pruned_angular"]  # the recovery taught task B at all
-    held = bool(less_forgetting and task_ok and recovered)
+    # Each part is a per-seed paired difference (same original model), held only beyond the seed spread.
+    parts = [
+        beyond_spread("self-data forgets less (prose CE: references - self-data)",
+                      paired(col("sft_b", "prose_ce"), col("self_b", "prose_ce"))),
+        beyond_spread("task-B accuracy no more than 0.05 below the references' (self-data - references)",
+                      paired(col("self_b", "acc_b"), col("sft_b", "acc_b")), margin=-0.05),
+        beyond_spread("recovery raises task-B accuracy above the pruned model's (self-data - pruned)",
+                      paired(col("self_b", "acc_b"), col("pruned_angular", "acc_b"))),
+    ]
+    def union_acc(r: dict, k: str) -> float:
+        return (r[k]["acc_a"] + r[k]["acc_b"]) / 2
+
+    secondary = [  # reported, not part of the verdict
+        beyond_spread("secondary: the merge beats both components (mean A/B accuracy: merged - best component)",
+                      [union_acc(r, "merged") - max(union_acc(r, "self_a"), union_acc(r, "self_b")) for r in per_seed]),
+        beyond_spread("secondary: angular pruning beats dropping the last layers (prose CE: last - angular)",
+                      paired(col("pruned_last", "prose_ce"), col("pruned_angular", "prose_ce"))),
+    ]
+    verdict = verdict_fields([*parts, *secondary], [p.name for p in parts])
+    held = verdict["held"]
+    less_forgetting, task_ok, recovered = (p.held for p in parts)
     union = {k: (acc_a[k] + acc_b[k]) / 2 for k in ("self_a", "self_b", "merged")}
-    merge_better = union["merged"] > max(union["self_a"], union["self_b"])
-    angular_better = m["pruned_angular"] < m["pruned_last"]
+    merge_better, angular_better = (p.held for p in secondary)
     wins = sum(r["self_b"]["prose_ce"] < r["sft_b"]["prose_ce"] for r in per_seed)
     analysis = (
         f"Forgetting: after recovery on task B the prose held-out CE is {m['self_b']:.3f} with self-data rewrites vs "
         f"{m['sft_b']:.3f} with the references (original model {m['original']:.3f}, pruned before recovery "
-        f"{m['pruned_angular']:.3f}); self-data forgets {'less' if less_forgetting else 'more'} "
-        f"({wins}/{len(per_seed)} seeds). Task B accuracy: {acc_b['self_b']:.2f} (self-data) vs {acc_b['sft_b']:.2f} "
-        f"(references); the original solved {acc_b['original']:.2f}. The claim (less forgetting at no loss of task "
-        f"accuracy, tolerance 0.05, and recovery raising task-B accuracy above the pruned model's "
-        f"{acc_b['pruned_angular']:.2f}) {'holds' if held else 'does not hold'} here. "
+        f"{m['pruned_angular']:.3f}); paired difference {parts[0].evidence()}: self-data forgets "
+        f"{'less, beyond the seed spread' if less_forgetting else 'NOT less beyond the seed spread'} "
+        f"(less in {wins}/{len(per_seed)} seeds). Task B accuracy: {acc_b['self_b']:.2f} (self-data) vs "
+        f"{acc_b['sft_b']:.2f} (references); the original solved {acc_b['original']:.2f}. The claim (less forgetting "
+        f"at no loss of task accuracy, tolerance 0.05, and recovery raising task-B accuracy above the pruned model's "
+        f"{acc_b['pruned_angular']:.2f}, each beyond the seed spread) "
+        + ("holds here. " if held else "does not hold here: " + "; ".join(p.name for p in parts if not p.held)
+           + " not beyond the seed spread. ")
+        + 
         f"Merge: the SLERP merge of the A- and B-recovered models averages {union['merged']:.2f} accuracy over A and B "
         f"vs {union['self_a']:.2f} (A model) and {union['self_b']:.2f} (B model): "
-        f"{'better than either component' if merge_better else 'not better than the best component'}. "
+        f"{'better than either component' if merge_better else 'not better than the best component'} beyond the "
+        f"seed spread ({secondary[0].evidence()}). "
         f"Pruning: right after pruning, the angular block gives prose CE {m['pruned_angular']:.3f} vs "
         f"{m['pruned_last']:.3f} for dropping the last 2 layers "
-        f"({'angular is better' if angular_better else 'angular is not better'}). "
+        f"({'angular is better' if angular_better else 'angular is not better'} beyond the seed spread: "
+        f"{secondary[1].evidence()}). "
         f"Caveats: a {LAYERS}-layer char model; the tasks are 26 facts each, evaluated on the facts trained on "
         "(recovery = re-learning facts, not generalisation); rewrites are prompted by the question alone (the tiny "
         "model cannot follow a rephrase instruction), so a rewrite is the original model's own answer."
@@ -265,7 +298,7 @@ def main(seeds: list[int], work: Path, quick: bool) -> dict:
                    "merge by merge_model_folders. Accuracy: greedy answers to the 26 facts of a task; prose CE on "
                    "20 held-out pydoc documents (48 x 64 chars).",
         "table_md": table,
-        "held": held,
+        **verdict,
         "analysis": analysis,
         "secondary": {"merge_better_than_components": merge_better, "angular_better_than_last": angular_better},
         "per_seed": per_seed,

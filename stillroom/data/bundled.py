@@ -25,7 +25,6 @@ from functools import lru_cache
 from typing import Callable, Iterator
 
 from stillroom.data.errors import DataError
-from stillroom.data.readers import RawRecord
 
 DEFAULT_INSTRUCTIONS = 400
 DEFAULT_ARITHMETIC = 1000
@@ -36,8 +35,9 @@ SYSTEM_PROMPTS = (
 )
 
 
-def bundled_records(name: str, seed: int, limit: int | None = None) -> Iterator[RawRecord]:
-    """Records of the bundled set ``name`` (``pydoc``, ``instructions``, ``arithmetic``)."""
+def bundled_records(name: str, seed: int, limit: int | None = None) -> Iterator[tuple[dict, str]]:
+    """``(fields, where)`` of each record of the bundled set ``name`` (``pydoc``, ``instructions``,
+    ``arithmetic``), in order; :mod:`stillroom.data.readers` numbers them."""
     if name == "pydoc":
         return _pydoc(limit)
     if name == "instructions":
@@ -51,9 +51,9 @@ def bundled_records(name: str, seed: int, limit: int | None = None) -> Iterator[
     raise DataError(f"unknown bundled data set {name!r}; use pydoc, instructions or arithmetic")
 
 
-def _as_records(tag: str, items: list[dict]) -> Iterator[RawRecord]:
+def _as_records(tag: str, items: list[dict]) -> Iterator[tuple[dict, str]]:
     for i, item in enumerate(items):
-        yield RawRecord(dict(item), i, f"bundled:{tag}[{i}]")
+        yield dict(item), f"bundled:{tag}[{i}]"
 
 
 @lru_cache(maxsize=1)
@@ -85,11 +85,11 @@ def pydoc_sections(max_chars: int = PYDOC_SECTION_CHARS) -> list[tuple[str, int,
     return out
 
 
-def _pydoc(limit: int | None) -> Iterator[RawRecord]:
+def _pydoc(limit: int | None) -> Iterator[tuple[dict, str]]:
     for i, (key, part, text) in enumerate(pydoc_sections()):
         if limit is not None and i >= limit:
             return
-        yield RawRecord({"text": text, "topic": key, "part": part}, i, f"bundled:pydoc[{key}#{part}]")
+        yield {"text": text, "topic": key, "part": part}, f"bundled:pydoc[{key}#{part}]"
 
 
 # ---------------------------------------------------------------- instructions

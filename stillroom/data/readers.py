@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
-from stillroom.config.schema import DataSource
+from stillroom.config.core import DataSource
+from stillroom.data.bundled import bundled_records
 from stillroom.data.errors import BadRecord, DataError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
@@ -78,9 +79,8 @@ def read_source(src: DataSource, seed: int) -> Iterator[Item]:
         return _read_path(Path(src.path))
     if src.dataset is not None:
         return _read_dataset(src)
-    from stillroom.data.bundled import bundled_records
-
-    return bundled_records(src.bundled, seed=seed, limit=src.limit)
+    return (RawRecord(fields, i, where) for i, (fields, where) in
+            enumerate(bundled_records(src.bundled, seed=seed, limit=src.limit)))
 
 
 def _read_path(path: Path) -> Iterator[Item]:

@@ -8,7 +8,8 @@ corpus (cut exactly as training cuts it: :func:`stillroom.data.build_splits` wit
     score(x) = NLL_ref(x) - NLL_teacher(x) = (1/|x|) log( p_teacher(x) / p_ref(x) )
 
 where ``|x|`` counts the instance's target tokens (padding and non-target positions excluded,
-exactly :attr:`Batch.loss_mask`). Degenerate instances (no target token, or only special
+exactly :attr:`Batch.loss_mask`) and ``p_M`` is the softmax over the token ids of the shared
+tokenizer only (:func:`scoring_vocab_size`: padded head rows are cut off). Degenerate instances (no target token, or only special
 tokens) are removed before ranking. Instances are sorted by score, descending (ties keep the
 corpus order), the top ``floor(fraction * N)`` are kept, re-sorted into corpus order and written
 as *text* (JSONL ``{"text": ...}``, detokenised), so a student with any tokenizer or
@@ -21,7 +22,7 @@ Files (``<out>`` = ``select.output`` without ``.jsonl``): ``<out>.jsonl`` (the s
 nll_teacher, nll_ref, score, kept), ``<out>.summary.json`` (counts kept per source and domain,
 score statistics, models, settings). While scoring, rows are appended per batch to
 ``<out>.scores.partial.jsonl``; an interrupted run resumes from it when the teacher, reference,
-precision and instances are the same (``select.resume``).
+precision, scoring vocabulary and instances are the same (``select.resume``).
 """
 
 from __future__ import annotations
@@ -106,12 +107,33 @@ def check_same_tokenizer(teacher_tok, reference_tok, reference_model: torch.nn.M
         )
 
 
+def scoring_vocab_size(tokenizer, *models: torch.nn.Module) -> int:
+    """How many leading logits the NLLs are taken over: the token ids the shared tokenizer can produce.
+
+    Heads are often padded past the tokenizer (to a multiple of 64 or 128) with rows no token id
+    reaches; their logits must not enter the log-softmax, or they take probability mass from the real
+    tokens and shift NLL_teacher and NLL_ref by amounts that have nothing to do with the text. This is
+    at most :func:`stillroom.models.vocab.check_vocab`'s shared width, and smaller when both heads are
+    padded alike. Raises when a head has fewer rows than that (some token ids would have no logit).
+    """
+    from stillroom.models.vocab import logit_width
+
+    n = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+    for model in models:
+        width = logit_width(model)
+        if width < n:
+            raise ValueError(f"{type(model).__name__} has {width} output logits but the tokenizer has {n} token ids; "
+                             "resize its embeddings (`model.resize_token_embeddings(len(tokenizer))`)")
+    return n
+
+
 def score_instances(
     teacher: torch.nn.Module,
     reference: torch.nn.Module,
     examples: Sequence[Example],
     *,
     pad_id: int,
+    vocab_size: int | None,
     batch_size: int = 8,
     precision: str = "fp32",
     done: dict[str, InstanceScore] | None = None,
@@ -120,6 +142,8 @@ def score_instances(
 ) -> list[InstanceScore]:
     """Score every example (none degenerate) in batches; returns one :class:`InstanceScore` per example, in order.
 
+    ``vocab_size``: the log-softmax is over the first ``vocab_size`` logits of both models
+    (:func:`scoring_vocab_size`; ``None``: the whole head, only right when no head is padded).
     ``done``: scores already known by example uid (resume); ``on_batch``: called with each
     batch's new rows (e.g. to append them to a file). Logs a progress line at most every 10 s.
     """
@@ -137,8 +161,8 @@ def score_instances(
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
         batch = collate([examples[i] for i in idx], pad_id)
-        t_sum, t_cnt = instance_nll(teacher, batch, precision)
-        r_sum, r_cnt = instance_nll(reference, batch, precision)
+        t_sum, t_cnt = instance_nll(teacher, batch, precision, vocab_size=vocab_size)
+        r_sum, r_cnt = instance_nll(reference, batch, precision, vocab_size=vocab_size)
         assert torch.equal(t_cnt, r_cnt)
         rows = []
         for j, i in enumerate(idx):
@@ -237,8 +261,8 @@ def output_paths(output: str | Path) -> dict[str, Path]:
             "summary": Path(f"{stem}.summary.json")}
 
 
-def _fingerprint(teacher_id: str, reference_id: str, precision: str, examples: Sequence[Example]) -> str:
-    h = hashlib.sha256(f"{teacher_id}\n{reference_id}\n{precision}\n".encode())
+def _fingerprint(teacher_id: str, reference_id: str, precision: str, vocab_size: int, examples: Sequence[Example]) -> str:
+    h = hashlib.sha256(f"{teacher_id}\n{reference_id}\n{precision}\nvocab {vocab_size}\n".encode())
     for ex in examples:
         h.update(ex.uid.encode() + b"\n")
     return h.hexdigest()[:24]
@@ -293,7 +317,7 @@ def run_select(cfg, *, log: Log = print) -> SelectResult:
     dtype = weights_dtype(cfg.teacher.dtype, cfg.teacher.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    paths = output_paths(sel.output or Path(cfg.output_dir) / cfg.name / "selected.jsonl")
+    paths = output_paths(sel.output or cfg.run_dir / "selected.jsonl")
     paths["selected"].parent.mkdir(parents=True, exist_ok=True)
 
     teacher = load_model(cfg.teacher.model, dtype=dtype, cache_dir=cfg.cache_dir)
@@ -302,6 +326,7 @@ def run_select(cfg, *, log: Log = print) -> SelectResult:
                          teacher=teacher.identity, reference=reference.identity)
     log(f"select: teacher {teacher.identity}; reference {reference.identity}; precision {precision}")
     tok = teacher.tokenizer
+    vocab_size = scoring_vocab_size(tok, teacher.model, reference.model)
     splits = build_splits(cfg.data, tok, cfg.seed)
     not_text = sorted({str(e.meta.get("source")) for e in splits.train if e.meta.get("format") != "text"})
     if not_text:
@@ -320,7 +345,7 @@ def run_select(cfg, *, log: Log = print) -> SelectResult:
     log(f"select: {len(examples)} instances of {cfg.data.seq_len} tokens (pack={cfg.data.pack}), "
         f"{sum(degenerate.values())} degenerate removed, {len(splits.heldout)} held-out sequences not scored")
 
-    fp = _fingerprint(teacher.identity, reference.identity, precision, examples)
+    fp = _fingerprint(teacher.identity, reference.identity, precision, vocab_size, examples)
     done = _read_partial(paths["partial"], fp, log) if sel.resume else {}
     with paths["partial"].open("w") as f:  # rewritten: header + the rows kept from the last run
         f.write(json.dumps({"fingerprint": fp}) + "\n")
@@ -334,7 +359,7 @@ def run_select(cfg, *, log: Log = print) -> SelectResult:
 
     teacher_model = teacher.model.to(cfg.teacher.device).eval()
     reference_model = reference.model.to(cfg.teacher.device).eval()
-    rows = score_instances(teacher_model, reference_model, examples, pad_id=tok.pad_token_id,
+    rows = score_instances(teacher_model, reference_model, examples, pad_id=tok.pad_token_id, vocab_size=vocab_size,
                            batch_size=sel.batch_size, precision=precision, done=done, on_batch=append, log=log)
     keep = set(select_top([r.score for r in rows], sel.fraction))
     for r in rows:

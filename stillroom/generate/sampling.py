@@ -8,6 +8,7 @@ global RNG) and so the sampling rule is the same one speculative decoding uses
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,9 +31,68 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def cache_of(output: Any) -> Any:
-    """The KV cache a forward pass returned (``cache`` in transformers 5.x, ``past_key_values`` before)."""
+    """The KV cache a forward pass returned (``cache`` from transformers 5.24 on, ``past_key_values`` in 5.0-5.23)."""
     cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+# The forward keyword that carries the KV cache, newest name first. transformers 5.0-5.23 name it
+# ``past_key_values`` and take every other keyword through ``**kwargs``, which the attention layers
+# ignore: a ``cache=`` there is dropped without an error and the model starts a fresh cache.
+# 5.24 renamed it ``cache`` (``past_key_values`` is still mapped to it, deprecated, due to go in 5.40).
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword under which ``model``'s forward takes a KV cache: the one its signature names.
+
+    Wrappers (DDP, ``torch.compile``, peft) are looked through: they pass keywords on to the
+    model inside. Raises ``TypeError`` when the forward names neither keyword (a model that
+    only has ``**kwargs`` cannot be shown to use the cache it is given).
+    """
+    from stillroom.models.lora import unwrap  # lazy: stillroom.models pulls in the config schema
+
+    base = unwrap(model)
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # builtins and some C extensions have no signature
+        params = {}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for name in CACHE_KEYWORDS:
+        if name in params and params[name].kind in named:
+            return name
+    raise TypeError(
+        f"{type(base).__name__}.forward takes neither `cache` (transformers >= 5.24) nor `past_key_values` "
+        "(transformers 5.0-5.23) as a named argument, so KV-cached generation cannot pass it a cache"
+    )
+
+
+def checked_cache(output: Any, expected: int, keyword: str, model: torch.nn.Module) -> Any:
+    """The cache ``output`` returned, after checking that it covers ``expected`` positions.
+
+    A model that ignored the cache it was given (e.g. ``cache=`` passed to transformers < 5.24,
+    which swallows it) returns a fresh cache holding only the tokens of this call, and logits
+    computed without the earlier context; this refuses that instead of decoding garbage.
+    """
+    cache = cache_of(output)
+    got = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else None
+    if got != expected:
+        raise RuntimeError(
+            f"{type(model).__name__} returned a KV cache of {got} positions where {expected} were expected: "
+            f"it did not use the cache passed as `{keyword}=` (transformers {_transformers_version()}). "
+            "transformers 5.0-5.23 take `past_key_values`, 5.24 and later `cache`; a custom model must name "
+            "one of them in its forward and return the extended cache as `cache` or `past_key_values`"
+        )
+    return cache
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+
+        return transformers.__version__
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return "not installed"
 
 
 class eval_mode:
@@ -116,6 +176,7 @@ def sample_continuations(
 
     new_tokens: list[list[int]] = [[] for _ in prompt_ids]
     finished = [False] * batch
+    keyword = cache_keyword(model)
     with eval_mode(model):
         out = model(
             input_ids=input_ids_bt,
@@ -124,6 +185,7 @@ def sample_continuations(
             use_cache=True,
             logits_to_keep=1,
         )
+        cache = checked_cache(out, width, keyword, model)
         next_pos_b1 = positions_bt[:, -1:] + 1
         for step in range(max_new_tokens):
             logits_bv = out.logits[:, -1, :]
@@ -145,8 +207,9 @@ def sample_continuations(
                 input_ids=tokens_b[:, None],
                 attention_mask=attention_bt,
                 position_ids=next_pos_b1,
-                cache=cache_of(out),
                 use_cache=True,
+                **{keyword: cache},
             )
+            cache = checked_cache(out, attention_bt.shape[1], keyword, model)
             next_pos_b1 = next_pos_b1 + 1
     return new_tokens

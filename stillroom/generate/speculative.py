@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from stillroom.generate.distributions import check_sampling_args, sample_from, uniform, warp_to_probs
-from stillroom.generate.sampling import cache_of, eval_mode, model_device, stop_ids
+from stillroom.generate.sampling import cache_keyword, checked_cache, eval_mode, model_device, stop_ids
 
 
 @dataclass
@@ -132,6 +132,7 @@ class _Decoder:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.device = model_device(model)
+        self.keyword = cache_keyword(model)  # `cache` (transformers >= 5.24) or `past_key_values` (5.0-5.23)
         self.cache: Any = None
         self.cached = 0  # number of sequence positions whose keys/values are in the cache
         self.calls = 0
@@ -142,8 +143,8 @@ class _Decoder:
         if len(feed) < keep:
             raise RuntimeError("internal error: asked for logits of positions already in the cache")
         ids_1t = torch.tensor([feed], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids_1t, cache=self.cache, use_cache=True, logits_to_keep=keep)
-        self.cache = cache_of(out)
+        out = self.model(input_ids=ids_1t, use_cache=True, logits_to_keep=keep, **{self.keyword: self.cache})
+        self.cache = checked_cache(out, len(sequence), self.keyword, self.model)
         self.cached = len(sequence)
         self.calls += 1
         return out.logits[0, -keep:, :]

@@ -12,7 +12,8 @@ Public API:
 from stillroom.models.builtin import ensure_builtin
 from stillroom.models.derive import angular_distances, decoder_layers, derive_student, select_layers, student_from_config
 from stillroom.models.errors import LayerSelectionError, ModelLoadError, VocabularyMismatch
-from stillroom.models.load import LoadedModel, load_gguf, load_model, model_source, rehome, weight_hash
+from stillroom.models.gguf import load_gguf, rehome
+from stillroom.models.load import LoadedModel, load_model, model_source, weight_hash
 from stillroom.models.lora import apply_lora, decoder_body, merge_lora, output_head, unwrap, use_eager_attention
 from stillroom.models.vocab import check_vocab, logit_width, tokenizer_hash
 

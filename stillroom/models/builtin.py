@@ -128,7 +128,7 @@ def _convert(spec: BuiltinSpec, name: str, gguf_file: Path, out: Path) -> None:
     import torch
     import transformers
 
-    from stillroom.models.load import fix_special_tokens, load_gguf
+    from stillroom.models.gguf import fix_special_tokens, load_gguf
 
     model, tok = load_gguf(gguf_file, torch.float32)
     fix_chat_tokenizer(tok, spec, getattr(model.config, "max_position_embeddings", None))

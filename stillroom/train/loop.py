@@ -29,7 +29,7 @@ import torch
 
 from stillroom.config.core import TrainConfig
 from stillroom.methods.base import Sampler, StepCounts
-from stillroom.models.precision import autocast
+from stillroom.models.precision import autocast as precision_autocast
 from stillroom.train.distributed import Topology
 from stillroom.train.players import Player
 from stillroom.train.session import Session, TrainResult
@@ -95,7 +95,7 @@ def update(player: Player, run: Session, step: int) -> dict[str, Any]:
         for b, w in zip(micro, player.weight_targets(micro, counts)):
             b.target_weight = w
     loss_sum, teacher_s, parts = forward_backward(
-        micro, player, run.forwards[player.name], device=job.device, precision=tc.precision,
+        micro, player, run.forwards[player.name], device=job.device, autocast=run.autocast,
         scale=topology.world_size / targets, ddp=topology.enabled,
     )
     loss = topology.all_reduce_sum(loss_sum) / targets
@@ -116,14 +116,17 @@ def update(player: Player, run: Session, step: int) -> dict[str, Any]:
 
 
 def forward_backward(micro: list, player: Player, forward: torch.nn.Module, *, device: torch.device,
-                     precision: str, scale: float, ddp: bool = False) -> tuple[float, float, dict[str, float]]:
+                     scale: float, ddp: bool = False, precision: str = "fp32",
+                     autocast: contextlib.AbstractContextManager | None = None) -> tuple[float, float, dict[str, float]]:
     """Accumulate the gradient of ``scale * sum of the loss sums`` over ``micro``.
 
     Returns the (unscaled) loss sum, the seconds spent in the teacher, and the per-term
     sums. With ``scale = world_size / global_target_count`` the result is independent of
     how the targets are split into micro-batches and processes. ``forward`` is the
-    objective's forward module, or its DDP wrapper.
+    objective's forward module, or its DDP wrapper; it runs under ``autocast`` (a reusable
+    context, :func:`stillroom.models.precision.autocast`; built from ``precision`` when not given).
     """
+    autocast = autocast or precision_autocast(precision, device)
     loss_sum, teacher_s = 0.0, 0.0
     parts: dict[str, float] = {}
     for j, batch in enumerate(micro):
@@ -133,7 +136,7 @@ def forward_backward(micro: list, player: Player, forward: torch.nn.Module, *, d
         teacher_s += time.perf_counter() - t_teacher
         sync = forward.no_sync() if ddp and j < len(micro) - 1 else contextlib.nullcontext()
         with sync:
-            with autocast(precision, device):
+            with autocast:
                 outputs = forward(batch)
             result = player.objective.loss(outputs, batch, signal)
             (result.total * scale).backward()

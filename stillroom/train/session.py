@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stillroom.models.precision import autocast
 from stillroom.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from stillroom.train.metrics import MetricsLog
 from stillroom.train.progress import Progress
@@ -54,6 +55,7 @@ class Session:
         self.ckpt_root = job.run_dir / "checkpoints"
         self.start_step = self._restore() if job.resume else 0
         self.forwards = {p.name: self._wrapped(p.objective.forward) for p in job.players}
+        self.autocast = autocast(tc.precision, job.device)  # one reusable context for every forward
         self.metrics = MetricsLog(job.run_dir / "metrics.jsonl", resume_step=self.start_step if job.resume else None,
                                   trackers=tc.trackers, run_name=job.run_name, enabled=job.topology.is_main)
         self.progress = Progress(total=tc.steps, start=self.start_step, enabled=job.topology.is_main, log=job.log)

@@ -50,9 +50,31 @@ def test_wrong_type_names_key():
     assert "train.steps" in str(err.value)
 
 
+def test_the_shipped_recipes_are_found():
+    """Guards the parametrised test below: an empty glob would turn it into a silent skip."""
+    packaged = sorted((Path(__file__).resolve().parents[2] / "stillroom" / "recipes").glob("*.yaml"))
+    assert len(RECIPES) >= 10
+    assert [r.name for r in RECIPES] == [r.name for r in packaged]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_every_shipped_recipe_loads(recipe):
+    """Each recipe validates, keeps what its file says, and its loss mix builds with one term per entry."""
+    import yaml
+
     from stillroom.losses import LossMix
 
+    raw = yaml.safe_load(recipe.read_text())
     cfg = load_config(recipe)
-    LossMix(cfg.loss)
+    assert cfg.name == raw.get("name", cfg.name) and cfg.name
+    assert cfg.method == raw.get("method", cfg.method)
+    for section in ("train", "data", "teacher"):
+        for key, value in (raw.get(section) or {}).items():
+            if isinstance(value, (int, float, str, bool)):
+                assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+    declared = [t["name"] for t in (raw.get("loss") or {}).get("terms", [])]
+    if declared:
+        assert [t.name for t in cfg.loss.terms] == declared
+    mix = LossMix(cfg.loss)
+    assert len(mix.keys) == len(mix.specs) == len(cfg.loss.terms) >= 1
+    assert [s.name for s in mix.specs] == [t.name for t in cfg.loss.terms]

@@ -41,6 +41,7 @@ class StudentForward(torch.nn.Module):
                  attentions: bool = False):
         super().__init__()
         self.model = model
+        self.body = decoder_body(model) if fused else None  # found once, not per batch
         self.fused = fused
         self.hidden_layers = hidden_layers
         self.vocab = vocab
@@ -50,7 +51,7 @@ class StudentForward(torch.nn.Module):
         kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                       output_hidden_states=bool(self.hidden_layers), output_attentions=self.attentions)
         if self.fused:
-            out = decoder_body(self.model)(**kwargs)
+            out = self.body(**kwargs)
             result = {"hidden": out.last_hidden_state}
         else:
             out = self.model(**kwargs)

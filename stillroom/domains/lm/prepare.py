@@ -11,6 +11,7 @@ training job then binds a model to the method's loss terms, its teacher source
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from stillroom.models import (
 from stillroom.models.precision import torch_dtype
 from stillroom.teachers.factory import build_teacher_source
 from stillroom.teachers.signal import Fingerprint
-from stillroom.train.distributed import Topology
+from stillroom.train.distributed import Topology, resolve_device
 from stillroom.train.loop import TrainJob
 from stillroom.train.players import DistillObjective, Player
 
@@ -95,7 +96,7 @@ class LmRun:
         evaluate = periodic_evaluation(self, heldout) if cfg.train.eval_every and self.topology.is_main else None
         job = TrainJob(
             train=cfg.train, seed=cfg.seed, run_dir=run_dir, run_name=cfg.name, players=[player], examples=examples,
-            collate=lambda rows: collate(rows, self.tokenizer.pad_token_id), topology=self.topology,
+            collate=functools.partial(collate, pad_id=self.tokenizer.pad_token_id), topology=self.topology,
             device=self.device, sampler=plan.sampler or ExampleSampler, group_size=1 if baseline else
             self.data.group_size, evaluate=evaluate, metrics=plan.metrics, resume=resume, log=log,
         )
@@ -134,7 +135,8 @@ class LmDomain:
     def prepare(self, cfg: RunConfig, topology: Topology, method: Method, log: Log) -> LmRun:
         """Load and check the teacher, the data and the student (see the module docstring)."""
         teacher_loaded = load_model(cfg.teacher.model, dtype=torch_dtype(cfg.teacher.dtype), cache_dir=cfg.cache_dir)
-        teacher_model = teacher_loaded.model.to(cfg.teacher.device).eval()
+        teacher_model = teacher_loaded.model.to(resolve_device(cfg.teacher.device, topology, name="teacher.device"))
+        teacher_model = teacher_model.eval()
         tokenizer = teacher_loaded.tokenizer
         log(f"teacher: {teacher_loaded.identity}")
 
@@ -150,8 +152,8 @@ class LmDomain:
             student = apply_lora(student, cfg.student.lora)
         fingerprint = Fingerprint(teacher=teacher_loaded.identity, tokenizer_hash=tokenizer_hash(tokenizer),
                                   vocab_size=vocab_size)
-        return LmRun(cfg, topology, torch.device(cfg.train.device), teacher_model, student, tokenizer, vocab_size,
-                     data, kept_layers, fingerprint)
+        return LmRun(cfg, topology, resolve_device(cfg.train.device, topology), teacher_model, student, tokenizer,
+                     vocab_size, data, kept_layers, fingerprint)
 
 
 def _student(cfg: RunConfig, teacher_model: torch.nn.Module, tokenizer, data: DataSplits, log: Log):

@@ -18,6 +18,7 @@ from stillroom.datagen.miniplm import (
     instance_nll,
     instance_texts,
     score_instances,
+    scoring_vocab_size,
     select_top,
     summarize,
 )
@@ -56,7 +57,8 @@ def test_score_is_reference_minus_teacher_nll():
     teacher, ref = tiny_llama(50, layers=1, hidden=16, seed=0), tiny_llama(50, layers=1, hidden=16, seed=1)
     exs = [_example([5, 7, 9, 11, 13], "a"), _example([3, 8, 12], "b"), _example([1, 2, 3, 4], "c")]
     seen = []
-    rows = score_instances(teacher, ref, exs, pad_id=0, batch_size=2, on_batch=seen.append, log=lambda _m: None)
+    rows = score_instances(teacher, ref, exs, pad_id=0, vocab_size=50, batch_size=2, on_batch=seen.append,
+                           log=lambda _m: None)
     assert [len(r) for r in seen] == [2, 1]  # appended per batch
     for r, ex in zip(rows, exs):
         nt, nr = _hand_nll(teacher, ex.input_ids, ex.target), _hand_nll(ref, ex.input_ids, ex.target)
@@ -70,7 +72,8 @@ def test_resume_reuses_known_scores():
     exs = [_example([5, 7, 9], "a"), _example([3, 8, 12], "b")]
     known = InstanceScore("a", 0, "s", None, 2, 1.0, 3.0, 2.0)
     seen = []
-    rows = score_instances(teacher, ref, exs, pad_id=0, done={"a": known}, on_batch=seen.append, log=lambda _m: None)
+    rows = score_instances(teacher, ref, exs, pad_id=0, vocab_size=50, done={"a": known}, on_batch=seen.append,
+                           log=lambda _m: None)
     assert rows[0].score == 2.0 and [r.id for batch in seen for r in batch] == ["b"]
 
 
@@ -235,11 +238,11 @@ def test_interrupted_select_resumes_from_partial_scores(tmp_path, monkeypatch):
 
     real, calls = mp.instance_nll, []
 
-    def failing(model, batch, precision="fp32"):
+    def failing(model, batch, precision="fp32", **kw):
         calls.append(1)
         if len(calls) == 3:  # teacher + reference of batch 1 done, then the second batch fails
             raise KeyboardInterrupt
-        return real(model, batch, precision)
+        return real(model, batch, precision, **kw)
 
     monkeypatch.setattr(mp, "instance_nll", failing)
     with pytest.raises(KeyboardInterrupt):
@@ -252,6 +255,68 @@ def test_interrupted_select_resumes_from_partial_scores(tmp_path, monkeypatch):
     assert any("resuming, 4 of 12" in m for m in logs)
     assert clean.scores.read_text() == expected and not partial.exists()
 
+
+
+def _padded(model, extra: int, scale: float = 50.0, seed: int = 0):
+    """``model`` with ``extra`` head rows past the tokenizer (as checkpoints pad to a multiple of 64),
+    set so that their logits are large: no token id reaches them, yet a full-head softmax gives them most mass."""
+    real = model.get_output_embeddings().weight.shape[0]
+    model.resize_token_embeddings(real + extra, mean_resizing=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[real:] = scale * torch.randn(extra, head.shape[1], generator=g)
+    assert model.get_output_embeddings().weight.shape[0] == real + extra
+    return model
+
+
+def test_scoring_vocab_is_the_tokenizers_ids_and_refuses_short_heads():
+    tok = tiny_tokenizer(320)
+    wide, exact = _padded(tiny_llama(len(tok), layers=1, hidden=16), 24), tiny_llama(len(tok), layers=1, hidden=16)
+    assert scoring_vocab_size(tok, wide, exact) == len(tok)
+    assert scoring_vocab_size(tok, wide, _padded(tiny_llama(len(tok), layers=1, hidden=16), 24)) == len(tok)
+    with pytest.raises(ValueError, match="output logits but the tokenizer has"):
+        scoring_vocab_size(tok, wide, tiny_llama(len(tok) - 5, layers=1, hidden=16))
+
+
+def test_select_scores_ignore_padded_head_rows(tmp_path):
+    """A teacher whose head has 24 padding rows with large logits scores exactly like the same teacher
+    without them: the padding rows never enter the log-softmax."""
+    from stillroom.config.schema import RunConfig
+    from stillroom.datagen.miniplm import run_select
+
+    tok = tiny_tokenizer(320)
+    plain = _save(tiny_llama(len(tok), layers=1, hidden=16, seed=0), tok, tmp_path / "plain")
+    padded = _save(_padded(tiny_llama(len(tok), layers=1, hidden=16, seed=0), 24), tok, tmp_path / "padded")
+    ref = _save(_padded(tiny_llama(len(tok), layers=1, hidden=16, seed=1), 8), tok, tmp_path / "ref")
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"text": f"entry {i} holds {i * 5 % 7} items"}) + "\n" for i in range(10)))
+
+    def scores(teacher: Path, name: str) -> list[dict]:
+        cfg = RunConfig.model_validate({
+            "name": name, "output_dir": str(tmp_path / "runs"),
+            "teacher": {"model": {"path": str(teacher)}, "dtype": "float32"},
+            "data": {"sources": [{"path": str(data)}], "seq_len": 64, "pack": False, "heldout_fraction": 0.0},
+            "select": {"reference": {"path": str(ref)}, "batch_size": 4, "resume": False},
+        })
+        result = run_select(cfg, log=lambda _m: None)
+        return [json.loads(line) for line in result.scores.read_text().splitlines()]
+
+    want, got = scores(plain, "plain"), scores(padded, "padded")
+    assert len(got) == 10
+    for w, g in zip(want, got):
+        assert g["nll_teacher"] == pytest.approx(w["nll_teacher"], abs=1e-5)
+        assert g["nll_ref"] == pytest.approx(w["nll_ref"], abs=1e-5) and g["score"] == pytest.approx(w["score"], abs=1e-5)
+    # and the hand computation over the tokenizer's ids agrees (the reference's own padding cut too)
+    exs = [_example(tok(f"entry {i} holds {i * 5 % 7} items")["input_ids"], str(i)) for i in range(2)]
+    ref_model = _padded(tiny_llama(len(tok), layers=1, hidden=16, seed=1), 8)
+    for ex in exs:
+        with torch.no_grad():
+            logits = ref_model(input_ids=torch.tensor([ex.input_ids])).logits[0, :, : len(tok)].double()
+        logp = torch.log_softmax(logits, -1)
+        hand = -sum(logp[t - 1, ex.input_ids[t]].item() for t in range(1, len(ex.input_ids))) / (len(ex.input_ids) - 1)
+        (row,) = score_instances(ref_model, ref_model, [ex], pad_id=0, vocab_size=len(tok), log=lambda _m: None)
+        assert row.nll_ref == pytest.approx(hand, abs=1e-5)
 
 @pytest.mark.slow
 def test_select_with_the_real_smollm2_teacher(tmp_path):

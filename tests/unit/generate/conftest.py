@@ -1,32 +1,11 @@
-"""Tiny random Llama target/draft pairs that share a vocabulary."""
+"""Fixtures of the generate tests: tiny random Llama target/draft pairs (built by generate_models)."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-
-def make_llama(vocab: int, layers: int, seed: int, hidden: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=None, eos_token_id=None, pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def perturbed(model: LlamaForCausalLM, scale: float, seed: int) -> LlamaForCausalLM:
-    """A copy of ``model`` with Gaussian noise on every weight: a draft that agrees with it part of the time."""
-    out = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in out.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return out.eval()
+from generate_models import drop_layers, make_llama
+from transformers import LlamaForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +31,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def drop_layers(model: LlamaForCausalLM, keep: int) -> LlamaForCausalLM:
-    """A copy of ``model`` with only its first ``keep`` decoder layers (shares embeddings and head)."""
-    out = copy.deepcopy(model)
-    out.model.layers = out.model.layers[:keep]
-    out.config.num_hidden_layers = keep
-    return out.eval()

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_llama
+from generate_models import make_llama
+
+from stillroom.generate.sampling import cache_keyword, cache_of
 
 from stillroom.generate.speculative import (
     SpecStats,
@@ -100,7 +102,8 @@ class DisagreeAt(torch.nn.Module):
 
     def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep=0, **kw):
         past = cache.get_seq_length() if cache is not None else 0
-        out = self.inner(input_ids=input_ids, cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
+        out = self.inner(input_ids=input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                         **{cache_keyword(self.inner): cache})
         logits = out.logits.clone()
         kept = logits.shape[1]
         last = past + input_ids.shape[1] - 1
@@ -109,7 +112,7 @@ class DisagreeAt(torch.nn.Module):
             if new_index in self.wrong:
                 row = logits[0, j]
                 row[(int(row.argmax()) + 1) % row.numel()] = row.max() + 10.0
-        return SimpleNamespace(logits=logits, cache=out.cache)
+        return SimpleNamespace(logits=logits, cache=cache_of(out))
 
 
 def test_acceptance_metrics_match_a_hand_computed_schedule(target64):
@@ -184,7 +187,7 @@ def test_cache_rollback_matches_a_fresh_forward(target64, rejected):
         after = decoder.logits(sequence + [5, 9], keep=2)
         fresh = target64(input_ids=torch.tensor([sequence + [5, 9]]), use_cache=True)
     torch.testing.assert_close(after, fresh.logits[0, -2:], rtol=1e-5, atol=1e-5)
-    for layer_kept, layer_fresh in zip(decoder.cache.layers, fresh.cache.layers):
+    for layer_kept, layer_fresh in zip(decoder.cache.layers, cache_of(fresh).layers):
         torch.testing.assert_close(layer_kept.keys, layer_fresh.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layer_kept.values, layer_fresh.values, rtol=1e-5, atol=1e-5)
 
@@ -192,11 +195,12 @@ def test_cache_rollback_matches_a_fresh_forward(target64, rejected):
 def test_crop_cache_is_a_noop_when_not_longer(target64):
     with torch.inference_mode():
         out = target64(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
-    crop_cache(out.cache, 5)
-    crop_cache(out.cache, 3)
-    assert out.cache.get_seq_length() == 3
-    crop_cache(out.cache, 1)
-    assert out.cache.get_seq_length() == 1
+    cache = cache_of(out)
+    crop_cache(cache, 5)
+    crop_cache(cache, 3)
+    assert cache.get_seq_length() == 3
+    crop_cache(cache, 1)
+    assert cache.get_seq_length() == 1
 
 
 class PaddedDraft(torch.nn.Module):
@@ -211,9 +215,10 @@ class PaddedDraft(torch.nn.Module):
         return self.head
 
     def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep=0, **kw):
-        out = self.inner(input_ids=input_ids, cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
+        out = self.inner(input_ids=input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                         **{cache_keyword(self.inner): cache})
         pad = torch.full((*out.logits.shape[:2], 8), 1e4)
-        return SimpleNamespace(logits=torch.cat([out.logits, pad], dim=-1), cache=out.cache)
+        return SimpleNamespace(logits=torch.cat([out.logits, pad], dim=-1), cache=cache_of(out))
 
 
 def test_padded_vocab_rows_are_cut_to_the_shared_width(target64):

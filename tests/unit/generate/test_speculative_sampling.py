@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import drop_layers, make_llama
+from generate_models import drop_layers, make_llama
 
 from stillroom.generate.distributions import warp_to_probs
 from stillroom.generate.speculative import autoregressive_generate, speculative_generate
