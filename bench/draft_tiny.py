@@ -11,7 +11,7 @@ to converge, and every step goes through the product:
    (T = 1) of prose prompts cut from the training documents (prompt/completion JSONL);
 3. **drafts**: 1 decoder layer (layer 0 of the target: ``student.from_teacher`` explicit),
    the same initial weights for every method within a seed, trained with
-   ``stillroom.train.run.prepare`` (once per data file) and ``train_student`` (the product's loop
+   ``stillroom.run.prepare_run`` (once per data file) and the prepared run's training job (the product's loop
    with the method's hooks, loss mix and teacher source; same steps, same batches; the run's
    evaluation/report step is skipped because its plots cost more than training here):
    ``ce`` (``method: sft`` on the target's tokens), ``forward_kl``, ``tvd``, ``tvd_pp``
@@ -203,23 +203,24 @@ def run_config(name: str, method: str, s: Sizes, seed: int, *, out: Path, target
 
 
 def prepared(s: Sizes, seed: int, *, out: Path, target_dir: Path, data: Path):
-    """``stillroom.train.run.prepare`` for one data file: loads the target, tokenizes, derives the 1-layer draft."""
+    """``stillroom.run.prepare_run`` for one data file: loads the target, tokenizes, derives the 1-layer draft."""
     from stillroom.config.schema import RunConfig
-    from stillroom.train.run import prepare
+    from stillroom.run import prepare_run
 
     cfg = RunConfig.model_validate(run_config("prepare", "ce", s, seed, out=out, target_dir=target_dir, data=data,
                                               steps=s.draft_steps))
-    return prepare(cfg, log=lambda _m: None)
+    return prepare_run(cfg, log=lambda _m: None)[0]
 
 
 def train_draft(p, initial, name: str, method: str, s: Sizes, seed: int, *, out: Path, steps: int, evaluate):
-    """Train a copy of ``initial`` with ``method`` through stillroom's loop (``train_student``: the method's hooks,
-    loss mix and teacher source, exactly as ``stillroom run`` builds them); returns (draft, metrics)."""
+    """Train a copy of ``initial`` with ``method`` through stillroom's loop (the prepared run's training job: the
+    method's plan, loss mix and teacher source, exactly as ``stillroom run`` builds them); returns (draft, metrics)."""
     import copy
     import dataclasses
 
     from stillroom.config.schema import RunConfig
-    from stillroom.train.run import train_student
+    from stillroom.methods import METHODS as RUN_METHODS
+    from stillroom.train.loop import train
 
     data = Path(p.cfg.data.sources[0].path)
     cfg = RunConfig.model_validate(run_config(name, method, s, seed, out=out, target_dir=Path(p.cfg.teacher.model.path),
@@ -227,8 +228,9 @@ def train_draft(p, initial, name: str, method: str, s: Sizes, seed: int, *, out:
     run_dir = out / name
     model = copy.deepcopy(initial)
     t0 = time.perf_counter()
-    result = train_student(dataclasses.replace(p, cfg=cfg, run_dir=run_dir), model, method=METHODS[method][0],
-                           run_dir=run_dir, resume=False, log=lambda _m: None)
+    job, _ = dataclasses.replace(p, cfg=cfg).job(model, RUN_METHODS[METHODS[method][0]], baseline=False,
+                                                 run_dir=run_dir, resume=False, log=lambda _m: None)
+    result = train(job)
     seconds = time.perf_counter() - t0
     model.eval()
     ev = evaluate(model)
@@ -324,9 +326,9 @@ def run_seed(seed: int, work: Path, s: Sizes, log=print) -> dict:
     p_prose = prepared(s, seed, out=runs, target_dir=target_dir, data=prose)
     initial = p.student
     same_init = all(torch.equal(a, b) for a, b in zip(initial.state_dict().values(), p_prose.student.state_dict().values()))
-    from stillroom.train.run import periodic_evaluation
+    from stillroom.domains.lm.evaluate import periodic_evaluation
 
-    evaluate = periodic_evaluation(p)  # held-out target continuations: CE, KL(target || draft), top-1 agreement
+    evaluate = periodic_evaluation(p, p.data.heldout)  # held-out target continuations: CE, KL(target || draft), top-1 agreement
     results: dict = {"full": {}, "short": {}}
     short_steps = max(1, round(s.draft_steps * s.sweep_fraction))
     train_s = spec_s = 0.0
@@ -480,7 +482,7 @@ def result_of(per_seed: list[dict], s: Sizes, seeds: list[int]) -> dict:
         f"{t['draft_params']:,} parameters, {t['draft_params'] / t['target']['params']:.0%} of the target), same initial "
         f"weights for every method. Distillation data: the target's T=1 continuations ({s.gen_tokens} chars) of "
         f"{s.n_prompts} {s.prompt_chars}-char prompts from the training documents. Each draft: {s.draft_steps} steps x "
-        f"{s.micro_batch} sequences through stillroom's training loop (stillroom.train.run.prepare + train_student: the hooks, loss mix and teacher source `stillroom run` builds), lr {s.draft_lr}, cosine, "
+        f"{s.micro_batch} sequences through stillroom's training loop (stillroom.run.prepare_run + the prepared run's job: the method plan, loss mix and teacher source `stillroom run` builds), lr {s.draft_lr}, cosine, "
         f"same batches for every method; loss on completion tokens only; on-policy: forward KL, half of the "
         f"micro-batches the draft's own T=1 samples. Measurement: stillroom.generate.speculative on "
         f"{s.eval_prompts} prompts from held-out documents x {s.eval_tokens} tokens, γ in {list(s.gammas)}, greedy and "

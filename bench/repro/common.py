@@ -3,7 +3,7 @@
 Every reproduction trains tiny models from scratch (spec Appendix B: 1-6 layers, d <= 256,
 vocab <= 512) on data generated here, for at least 3 seeds, and reports mean +- std. The
 models are real Hugging Face Llama models and the tokenizers real ``PreTrainedTokenizerFast``
-objects, saved to disk so that stillroom's own commands (``stillroom.train.run.run``) can
+objects, saved to disk so that stillroom's own commands (``stillroom.run.run``) can
 train them exactly as a user would.
 """
 
@@ -69,9 +69,9 @@ def write_jsonl(rows: Iterable[dict], path: Path) -> Path:
 
 
 def run_stillroom(config: dict, *, quiet: bool = True) -> Path:
-    """Validate ``config`` (a RunConfig as a dict) and run it with ``stillroom.train.run.run``."""
+    """Validate ``config`` (a RunConfig as a dict) and run it with ``stillroom.run.run``."""
     from stillroom.config.schema import RunConfig
-    from stillroom.train.run import run
+    from stillroom.run import run
 
     cfg = RunConfig.model_validate(config)
     return run(cfg, log=(lambda _m: None) if quiet else print)

@@ -164,7 +164,7 @@ def config(name: str, work: Path, data_dir: Path, teacher: Path, student: Path, 
 
 def weight_trace(run_dir: Path) -> dict:
     """Domain weights at each re-estimation, their mean total variation and sign changes of the moves."""
-    from stillroom.methods.ddk import read_ddk_trace, weight_oscillation
+    from stillroom.methods.ddk_report import read_ddk_trace, weight_oscillation
 
     tr = read_ddk_trace(run_dir / "metrics.jsonl")
     idx = [tr["steps"].index(s) for s in tr["updates"]]

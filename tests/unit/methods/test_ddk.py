@@ -257,7 +257,7 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_teacher_dir):
 
 
 def test_report_from_metrics(tmp_path):
-    from stillroom.methods.ddk import read_ddk_trace, weight_oscillation
+    from stillroom.methods.ddk_report import read_ddk_trace, weight_oscillation
 
     rows = []
     for step in range(1, 7):
