@@ -5,7 +5,7 @@ steps as the rationale (``a+b=s;s+c=y``); the label is ``y``. The student is a 2
 Llama (d 64, character tokenizer), trained from the same initialisation per seed through
 stillroom's own runner (``method: step_by_step``) with three variants:
 
-* ``label_only``: ``p x`` -> ``y`` (fine-tuning on labels; ``p `` is the predict prefix);
+* ``label_only``: ``x`` -> ``y`` (standard fine-tuning on labels, no task prefix, as the paper's baseline);
 * ``multi_task``: the paper's two prefixed tasks (``p ``/``e ``), alpha 0.5, per-task normalised;
 * ``single_task``: ``p x`` -> ``rationale|y`` (the answer is parsed after ``|``).
 
@@ -13,9 +13,9 @@ The prefixes are shortened from the spec's ``predict: ``/``explain: `` to two ch
 to keep the sequences (and the CPU time) short; they only tag the task.
 
 at several fractions of one training pool, equal optimizer steps (and records per step)
-everywhere. Metric: exact-match accuracy of greedy decoding from ``p x`` on a fixed
-held-out test set (multi-task and label-only emit the label directly; single-task must
-generate its rationale first).
+everywhere. Metric: exact-match accuracy of greedy decoding on a fixed held-out test set, from
+each model's own test-time prompt: ``p x`` for multi-task (which emits the label directly) and
+single-task (which must generate its rationale first), ``x`` for label-only.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def accuracy(model_dir: Path, tok, test: list[dict], variant: str) -> float:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    prompts = [PREDICT + r["input"] for r in test]
+    prefix = "" if variant == "label_only" else PREDICT  # each model's own test-time prompt
+    prompts = [prefix + r["input"] for r in test]
     max_new = 20 if variant == "single_task" else 4
     outs = greedy_complete(model, tok, prompts, max_new_tokens=max_new, batch_size=100)
     answers = [o.split(SEP)[-1].strip() if variant == "single_task" else o.strip() for o in outs]
@@ -197,7 +198,7 @@ def summarise(acc: dict, s: dict, seeds: list[int], label_ce: dict | None = None
                f"{s['steps']} AdamW steps of {s['records_per_step']} records (multi-task: both sequences of each), "
                "lr 3e-3 cosine; trained with stillroom run (method step_by_step, variants label_only / multi_task "
                "alpha 0.5 / single_task; prefixes 'p '/'e '); 5% of each training file is held out by stillroom's "
-               "split for the run report; metric: exact-match greedy accuracy from 'p x'; rule-based teacher "
+               "split for the run report; metric: exact-match greedy accuracy from each model's test-time prompt ('p x'; label-only: 'x'); rule-based teacher "
                "(no LLM teacher; the 1-layer teacher model folder only satisfies the runner).")
     return {"claim": CLAIM, "setting": setting, "table_md": markdown_table(header, table), **verdict,
             "held_parts": {"multi_beats_label_at_every_fraction": bool(beats_everywhere),

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from stillroom.data.batch import Batch
+from stillroom.losses.functional import forward_kl
 from stillroom.models.precision import autocast
 
 PRECISIONS = ("bf16", "fp32")
@@ -134,11 +135,11 @@ def _token_sums(
         if teacher_nv is not None:
             t_logits = teacher_nv[start : start + _ROW_CHUNK].float()
             t_logp = F.log_softmax(t_logits, dim=-1)
-            # KL(p_t || p_s) = sum_v p_t (log p_t - log p_s); xlogy-style guard so
-            # p_t = 0 contributes exactly 0 even where log p_t = -inf.
-            t_p = t_logp.exp()
-            diff = torch.where(t_p > 0, t_logp - s_logp, torch.zeros_like(t_logp))
-            kl_sum += float((t_p * diff).sum())
+            # KL(p_t || p_s) by the loss library's forward KL (the training loss's math). An entry
+            # whose fp32 teacher probability is 0 (-inf logit, or exp underflow) contributes exactly
+            # 0, whatever the model gives it (-inf included): marked -inf, which forward_kl skips.
+            t_logp = t_logp.masked_fill(t_logp.exp() == 0, float("-inf"))
+            kl_sum += float(forward_kl(t_logp, s_logp).sum())
             agree += int((t_logits.argmax(-1) == s_logp.argmax(-1)).sum())
     return ce_sum, kl_sum, agree
 

@@ -163,7 +163,8 @@ class ChunkContext:
             logps.append(torch.log_softmax(t / self.temperature if self.temperature != 1.0 else t, dim=-1))
         if len(logps) == 1:
             return logps[0]
-        n = torch.tensor(float(len(logps)), dtype=self.dtype).log()
+        # log(n) computed on the CPU as before (bit-identical), then moved to the rows' device.
+        n = torch.tensor(float(len(logps)), dtype=self.dtype, device="cpu").log().to(logps[0].device)
         return torch.logsumexp(torch.stack(logps), dim=0) - n
 
     @cached_property
@@ -184,7 +185,8 @@ class ChunkContext:
 
 @dataclass
 class LogitTerm:
-    """One logit-level term bound to its parameters.
+    """One logit-level term bound to its arguments, weight and ``loss_temperature``
+    (built from its spec by :func:`stillroom.losses.logit.bind`).
 
     ``kernel(ctx, stats) -> [N]`` per-row values; ``prepass(ctx) -> [S]`` optional sufficient
     statistics summed over all chunks before the main pass (no gradient), handed to the kernel as
@@ -197,6 +199,8 @@ class LogitTerm:
     scale: float = 1.0
     prepass: Callable[[ChunkContext], torch.Tensor] | None = None
     finish: Callable[[torch.Tensor], object] | None = None
+    temperature: float = 1.0
+    """``loss_temperature`` the term was bound with (terms evaluated in one pass share it)."""
 
 
 @dataclass
@@ -285,8 +289,9 @@ class _ChunkedLoss(torch.autograd.Function):
             return F.linear(xr.to(leaf_w.dtype), leaf_w, leaf_b) if fused else xr
 
         stats = _batch_stats(plan, lambda rows: logits_of(rows).detach())
-        total = torch.zeros((), dtype=torch.float64)
-        parts = torch.zeros(len(plan.terms), dtype=torch.float64)
+        # fp64 running sums on the input's device (chunk results live there).
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        parts = torch.zeros(len(plan.terms), dtype=torch.float64, device=x.device)
         for rows in plan.chunks():
             with torch.enable_grad():
                 leaf_x = x[rows].detach().requires_grad_(need[0])
@@ -302,7 +307,7 @@ class _ChunkedLoss(torch.autograd.Function):
                     grad_b += next(grads)
             total += chunk_total.detach().double()
             parts += torch.stack([p.detach().double() for p in chunk_parts])
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_x, grad_w, grad_b)))
+        ctx.save_for_backward(*(g if g is not None else x.new_empty(0) for g in (grad_x, grad_w, grad_b)))
         ctx.has = [g is not None for g in (grad_x, grad_w, grad_b)]
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias)]
         out_dtype = plan.dtype

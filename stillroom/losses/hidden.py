@@ -17,10 +17,13 @@ from typing import Any
 
 import torch
 
-from stillroom.losses.registry import TermSpec, register
+from stillroom.losses.registry import TermSpec, all_of, boolean, non_negative, register
 from stillroom.teachers.signal import TeacherSignal
 
 LayerMap = list[tuple[int, int]]
+LAYER_PARAMS = ("layers", "include_embeddings")
+"""Params of a hidden-state/attention term that choose its layer map (the mix resolves them);
+every other param is a keyword argument of the term function."""
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int, *, include_embeddings: bool = False) -> LayerMap:
@@ -41,9 +44,11 @@ def uniform_attention_map(student_layers: int, teacher_layers: int) -> LayerMap:
 def resolve_layer_map(term: str, layers: Any, student_layers: int | None, teacher_layers: int | None, *,
                       include_embeddings: bool = False, attention: bool = False) -> LayerMap:
     """Turn a recipe's ``layers`` ("uniform", "last" or ``[[s, t], ...]``) into explicit pairs."""
-    if isinstance(layers, str):
-        if layers not in ("uniform", "last"):
-            raise ValueError(f"loss term {term!r}: layers={layers!r}; valid: 'uniform', 'last' or [[s, t], ...]")
+    try:
+        pairs = parse_layers(layers)
+    except ValueError as err:
+        raise ValueError(f"loss term {term!r}: {err}") from None
+    if pairs is None:
         if student_layers is None or teacher_layers is None:
             raise ValueError(f"loss term {term!r}: layers={layers!r} needs the student's and teacher's layer counts")
         if layers == "last":
@@ -51,18 +56,36 @@ def resolve_layer_map(term: str, layers: Any, student_layers: int | None, teache
         if attention:
             return uniform_attention_map(student_layers, teacher_layers)
         return uniform_layer_map(student_layers, teacher_layers, include_embeddings=include_embeddings)
-    try:
-        pairs = [(int(s), int(t)) for s, t in layers]
-    except (TypeError, ValueError):
-        raise ValueError(f"loss term {term!r}: layers must be 'uniform', 'last' or a list of [student, teacher] "
-                         f"index pairs (got {layers!r})") from None
     top_s = student_layers - 1 if attention and student_layers else student_layers
     top_t = teacher_layers - 1 if attention and teacher_layers else teacher_layers
     for s, t in pairs:
-        if s < 0 or t < 0 or (top_s is not None and s > top_s) or (top_t is not None and t > top_t):
+        if (top_s is not None and s > top_s) or (top_t is not None and t > top_t):  # >= 0: parse_layers
             raise ValueError(f"loss term {term!r}: layer pair [{s}, {t}] is out of range "
                              f"(student 0..{top_s}, teacher 0..{top_t})")
     return pairs
+
+
+def parse_layers(layers: Any) -> LayerMap | None:
+    """A recipe's ``layers``: None for "uniform"/"last" (resolved once the layer counts are known),
+    else the explicit non-negative ``(student, teacher)`` pairs; ValueError on anything else."""
+    if isinstance(layers, str):
+        if layers not in ("uniform", "last"):
+            raise ValueError(f"layers={layers!r}; valid: 'uniform', 'last' or [[s, t], ...]")
+        return None
+    try:
+        pairs = [(int(s), int(t)) for s, t in layers]
+    except (TypeError, ValueError):
+        raise ValueError(f"layers must be 'uniform', 'last' or a list of [student, teacher] "
+                         f"index pairs (got {layers!r})") from None
+    if any(s < 0 or t < 0 for s, t in pairs):
+        raise ValueError(f"layers: indices must be >= 0 (got {layers!r})")
+    return pairs
+
+
+def _check_layers(values: dict[str, Any]) -> dict[str, Any]:
+    if "layers" in values:
+        parse_layers(values["layers"])
+    return values
 
 
 def _teacher_states(teacher: TeacherSignal | dict, attention: bool) -> dict[int, torch.Tensor]:
@@ -100,12 +123,13 @@ def squarehead(student_hidden: dict[int, torch.Tensor], teacher: TeacherSignal |
 
     Returned as a sum over counted tokens of sum_l mean_d (...)^2 / norm_l, so dividing by the
     count gives the paper's per-layer token mean. ``norm_l`` (the teacher's mean square) is
-    computed over this call's counted tokens, i.e. per micro-batch: with gradient accumulation the
-    normaliser differs slightly from a single big batch. eps defaults to bf16's machine epsilon
+    computed over this call's counted tokens, i.e. per micro-batch and per process: with gradient
+    accumulation or several processes it differs slightly from the normaliser of one big batch
+    (the rest of the loss is exactly one big batch's). eps defaults to bf16's machine epsilon
     (2^-7, MPT code). Student and teacher widths must match (no projection).
     """
     rows, count = _count(mask)
-    total = torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=mask.device)
     for s, t, hs, ht in _pairs("squarehead", student_hidden, _teacher_states(teacher, False), layer_map, "hidden_states"):
         if hs.shape[-1] != ht.shape[-1]:
             raise ValueError(f"squarehead: student layer {s} width {hs.shape[-1]} != teacher layer {t} width "
@@ -142,7 +166,7 @@ def hidden_cosine(student_hidden: dict[int, torch.Tensor], teacher: TeacherSigna
 
 def _latent(term, student_hidden, teacher, mask, layer_map, projections, cosine):
     rows, count = _count(mask)
-    total = torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=mask.device)
     for s, t, hs, ht in _pairs(term, student_hidden, _teacher_states(teacher, False), layer_map, "hidden_states"):
         proj = (projections or {}).get(s)
         if count == 0:
@@ -173,7 +197,7 @@ def attention_mse(student_attentions: dict[int, torch.Tensor], teacher: TeacherS
     b_, t_ = mask.shape
     q_rows = mask.reshape(-1).bool().nonzero().squeeze(1)
     count = int(q_rows.numel())
-    total = torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=mask.device)
     for s, t, a_s, a_t in _pairs("attention_mse", student_attentions, _teacher_states(teacher, True), layer_map,
                                  "attentions"):
         if count == 0:
@@ -189,7 +213,9 @@ def attention_mse(student_attentions: dict[int, torch.Tensor], teacher: TeacherS
 
 
 _LAYERS = {"layers": "uniform", "include_embeddings": False}
-register(TermSpec("squarehead", "hidden", squarehead, {**_LAYERS, "eps": 7.8125e-3}))
-register(TermSpec("hidden_mse", "hidden", hidden_mse, dict(_LAYERS)))
-register(TermSpec("hidden_cosine", "hidden", hidden_cosine, dict(_LAYERS)))
-register(TermSpec("attention_mse", "attention", attention_mse, {"layers": "uniform"}))
+_check_hidden = all_of(_check_layers, boolean("include_embeddings"))
+register(TermSpec("squarehead", "hidden", squarehead, {**_LAYERS, "eps": 7.8125e-3},
+                  all_of(_check_hidden, non_negative("eps"))))
+register(TermSpec("hidden_mse", "hidden", hidden_mse, dict(_LAYERS), _check_hidden, projects=True))
+register(TermSpec("hidden_cosine", "hidden", hidden_cosine, dict(_LAYERS), _check_hidden, projects=True))
+register(TermSpec("attention_mse", "attention", attention_mse, {"layers": "uniform"}, _check_layers))

@@ -3,24 +3,25 @@
 ``total = sum_i weight_i * term_i`` where every term is a sum over the counted
 tokens of this micro-batch; the loop divides once by the global token count.
 All logit terms share one pass over each chunk of rows (one student
-log-softmax per chunk). The mix owns the state that must be trained or
-checkpointed with the student: TAID's schedule buffers and the learned
-projections of ``hidden_mse`` / ``hidden_cosine`` (add ``mix.parameters()`` to
-the optimizer when there are any).
+log-softmax per chunk). The mix knows no term by name: it asks each term's
+spec what it needs. It owns the state that must be trained or checkpointed
+with the student: per-run term state (``TermSpec.state``, e.g. TAID's schedule
+buffers) and the learned projections of terms with ``TermSpec.projects`` (add
+``mix.parameters()`` to the optimizer when there are any).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from stillroom.losses import hidden as H
+from stillroom.losses.logit import bind, kernel_args, run_fused_logit_terms, run_logit_terms
 from stillroom.losses.registry import get_term, resolve_params
-from stillroom.losses.schedule import TaidSchedule
-from stillroom.losses.terms import make_logit_term, run_fused_logit_terms, run_logit_terms
 from stillroom.teachers.signal import TeacherSignal
 
 if TYPE_CHECKING:  # the config layer sits above the losses: no import at run time
@@ -61,105 +62,126 @@ class LossMix(torch.nn.Module):
         names = Counter(t.name for t in cfg.terms)
         self.keys = [t.name if names[t.name] == 1 else f"{t.name}[{i}]" for i, t in enumerate(cfg.terms)]
         self.specs = [get_term(t.name) for t in cfg.terms]
-        self.params = [resolve_params(t.name, t.params) for t in cfg.terms]
+        self.params = [resolve_params(t.name, t.params) for t in cfg.terms]  # validated, defaults filled in
+        self.weights = [t.weight for t in cfg.terms]
+        # Bound once: every logit term of the mix shares these.
+        self.loss_temperature = cfg.loss_temperature
+        self.scale_by_temperature_squared = cfg.scale_by_temperature_squared
+        self.chunk_tokens = cfg.chunk_tokens
+        self.fused = cfg.fused
+        self.states = torch.nn.ModuleDict()  # term key -> per-run state (TermSpec.state)
+        self.projections = torch.nn.ModuleDict()  # f"t{i}_s{s}" -> Linear(student_hidden, teacher_hidden)
         self.layer_maps: dict[int, H.LayerMap] = {}
-        self.projections = torch.nn.ModuleDict()
-        self.taid: TaidSchedule | None = None
-        for i, (term, spec, p) in enumerate(zip(cfg.terms, self.specs, self.params)):
-            if spec.name == "taid":
-                if self.taid is not None:
-                    raise ValueError("loss.terms: at most one 'taid' term (it owns one schedule)")
-                self.taid = TaidSchedule(float(p["t_start"]), float(p["t_end"]), float(p["alpha"]),
-                                         float(p["beta"]), bool(p["adaptive"]))
-            elif spec.kind == "logit":
-                make_logit_term(spec.name, term.params)  # validate values now, not at step 0
-            else:
-                lmap = H.resolve_layer_map(spec.name, p["layers"], student_layers, teacher_layers,
-                                           include_embeddings=bool(p.get("include_embeddings", False)),
-                                           attention=spec.kind == "attention")
-                self.layer_maps[i] = lmap
-                if spec.name in ("hidden_mse", "hidden_cosine") and student_hidden and teacher_hidden \
-                        and student_hidden != teacher_hidden:
-                    for s, _t in lmap:
-                        self.projections[f"t{i}_s{s}"] = torch.nn.Linear(student_hidden, teacher_hidden, bias=False)
+        self._term_kwargs: dict[int, dict] = {}  # hidden/attention term i -> its keyword params
+        for i, (key, spec, p) in enumerate(zip(self.keys, self.specs, self.params)):
+            if spec.state is not None:
+                if names[spec.name] > 1:
+                    raise ValueError(f"loss.terms: at most one {spec.name!r} term (it owns per-run state, "
+                                     "logged and checkpointed under fixed names)")
+                self.states[key] = spec.state(p)
+            if spec.kind == "logit":
+                continue
+            lmap = H.resolve_layer_map(spec.name, p["layers"], student_layers, teacher_layers,
+                                       include_embeddings=bool(p.get("include_embeddings", False)),
+                                       attention=spec.kind == "attention")
+            self.layer_maps[i] = lmap
+            self._term_kwargs[i] = {k: v for k, v in p.items() if k not in H.LAYER_PARAMS}
+            if spec.projects and student_hidden and teacher_hidden and student_hidden != teacher_hidden:
+                for s, _t in lmap:
+                    self.projections[f"t{i}_s{s}"] = torch.nn.Linear(student_hidden, teacher_hidden, bias=False)
+        self._logit = [i for i, s in enumerate(self.specs) if s.kind == "logit"]
+        self._structural = [i for i, s in enumerate(self.specs) if s.kind != "logit"]
+        # Stateless logit terms are bound once; a stateful one is re-bound per forward from its state.
+        self._bound = {i: self._bind(i) for i in self._logit if self.keys[i] not in self.states}
+        self._register_load_state_dict_pre_hook(self._rename_old_state_keys)
 
-        logit = [s for s in self.specs if s.kind == "logit"]
         self.needs_teacher = any(s.uses_teacher for s in self.specs)
-        self.needs_logits = bool(logit)
+        self.needs_logits = bool(self._logit)
+        self.accepts_token_weights = not self._structural
+        """Per-token weights (``weight_bt``) apply to logit terms only."""
         self.student_hidden_layers = sorted({s for i, m in self.layer_maps.items()
                                              if self.specs[i].kind == "hidden" for s, _ in m})
         self.teacher_hidden_layers = sorted({t for i, m in self.layer_maps.items()
                                              if self.specs[i].kind == "hidden" for _, t in m})
         self.needs_attentions = any(s.kind == "attention" for s in self.specs)
 
-    def _logit_terms(self):
-        scale = self.cfg.scale_by_temperature_squared
-        out = []
-        for key, term, spec in zip(self.keys, self.cfg.terms, self.specs):
-            if spec.kind != "logit":
-                continue
-            params = {} if spec.name == "taid" else term.params
-            out.append(make_logit_term(spec.name, params, key=key, weight=term.weight,
-                                       loss_temperature=self.cfg.loss_temperature,
-                                       scale_by_temperature_squared=scale,
-                                       taid_t=self.taid.value if spec.name == "taid" else None))
-        return out
+    def _bind(self, i: int):
+        key, spec = self.keys[i], self.specs[i]
+        args = kernel_args(spec, self.params[i], self.states[key] if key in self.states else None)
+        return bind(spec, args, key=key, weight=self.weights[i], loss_temperature=self.loss_temperature,
+                    scale_by_temperature_squared=self.scale_by_temperature_squared)
 
     def forward(self, student: StudentOutput, teacher: TeacherSignal | torch.Tensor | None,
                 target_ids_bt: torch.Tensor, mask_bt: torch.Tensor,
                 weight_bt: torch.Tensor | None = None) -> LossResult:
-        """``weight_bt`` (``[B, T]`` float, optional): per-token weights on the logit terms
-        (hidden-state and attention terms refuse them)."""
+        """``target_ids_bt``/``mask_bt``: ``[B, T]``; ``weight_bt`` (``[B, T]`` float, optional):
+        per-token weights on the logit terms (refused when the mix has hidden-state or attention
+        terms, see :attr:`accepts_token_weights`)."""
         if self.needs_teacher and teacher is None:
             raise ValueError(f"loss terms {[k for k, s in zip(self.keys, self.specs) if s.uses_teacher]} "
                              "need a teacher signal, got None")
+        if weight_bt is not None and not self.accepts_token_weights:
+            name = self.specs[self._structural[0]].name
+            raise ValueError(f"loss term {name!r} does not take per-token weights (the method set "
+                             "Batch.target_weight); use logit terms only with this method")
         count = int(mask_bt.sum())
         parts: dict[str, float] = {}
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=mask_bt.device)
         if self.needs_logits:
-            terms = self._logit_terms()
-            common = dict(target_ids=target_ids_bt, loss_temperature=self.cfg.loss_temperature, weight_bt=weight_bt)
-            if self.cfg.fused and student.hidden_btd is not None and student.head is not None:
+            terms = [self._bound[i] if i in self._bound else self._bind(i) for i in self._logit]
+            common = dict(target_ids=target_ids_bt, chunk_tokens=self.chunk_tokens, weight_bt=weight_bt)
+            if self.fused and student.hidden_btd is not None and student.head is not None:
                 lt, lparts, _ = run_fused_logit_terms(terms, student.hidden_btd, student.head, teacher, mask_bt,
-                                                      chunk_tokens=self.cfg.chunk_tokens, **common)
+                                                      **common)
             elif student.logits_btv is not None:
-                lt, lparts, _ = run_logit_terms(terms, student.logits_btv, teacher, mask_bt,
-                                                chunk_tokens=self.cfg.chunk_tokens, **common)
+                lt, lparts, _ = run_logit_terms(terms, student.logits_btv, teacher, mask_bt, **common)
             else:
                 raise ValueError("logit loss terms need StudentOutput.logits_btv, or hidden_btd and head "
                                  "(with loss.fused=true)")
             total = total + lt.float()
             parts.update({t.key: float(p) for t, p in zip(terms, lparts)})
-        for i, (key, term, spec) in enumerate(zip(self.keys, self.cfg.terms, self.specs)):
-            if spec.kind == "logit":
-                continue
-            if weight_bt is not None:
-                raise ValueError(f"loss term {spec.name!r} does not take per-token weights (the method set "
-                                 "Batch.target_weight); use logit terms only with this method")
-            value = self._structural(i, spec, student, teacher, mask_bt)
-            total = total + term.weight * value
-            parts[key] = float(value.detach())
+        for i in self._structural:
+            value = self._structural_value(i, student, teacher, mask_bt)
+            total = total + self.weights[i] * value
+            parts[self.keys[i]] = float(value.detach())
         return LossResult(total=total, count=count, parts=parts)
 
-    def _structural(self, i, spec, student: StudentOutput, teacher, mask_bt) -> torch.Tensor:
+    def _structural_value(self, i: int, student: StudentOutput, teacher, mask_bt) -> torch.Tensor:
+        spec, lmap = self.specs[i], self.layer_maps[i]
         if not isinstance(teacher, TeacherSignal):
             raise ValueError(f"loss term {spec.name!r} needs a TeacherSignal carrying hidden states/attentions")
-        lmap = self.layer_maps[i]
-        if spec.kind == "attention":
-            value, _ = H.attention_mse(student.attentions, teacher, mask_bt, layer_map=lmap)
-        elif spec.name == "squarehead":
-            value, _ = H.squarehead(student.hidden_states, teacher, mask_bt, layer_map=lmap,
-                                    eps=float(self.params[i]["eps"]))
-        else:
-            proj = {s: self.projections[f"t{i}_s{s}"] for s, _ in lmap if f"t{i}_s{s}" in self.projections}
-            value, _ = spec.fn(student.hidden_states, teacher, mask_bt, layer_map=lmap, projections=proj)
+        states = student.attentions if spec.kind == "attention" else student.hidden_states
+        kwargs = dict(self._term_kwargs[i])
+        if spec.projects:
+            kwargs["projections"] = {s: self.projections[f"t{i}_s{s}"] for s, _ in lmap
+                                     if f"t{i}_s{s}" in self.projections}
+        value, _ = spec.kernel(states, teacher, mask_bt, layer_map=lmap, **kwargs)
         return value
 
     def log_state(self) -> dict[str, float]:
-        """Schedule values worth logging per step (TAID's t)."""
-        return {} if self.taid is None else {"taid_t": float(self.taid.value)}
+        """Per-run state worth logging per step (TAID's ``taid_t``)."""
+        out: dict[str, float] = {}
+        for state in self.states.values():
+            out.update(state.log_state())
+        return out
 
-    def after_step(self, loss_per_token: float, step: int, total_steps: int) -> None:
-        """Once per optimizer step: advance TAID's t (no-op without a taid term)."""
-        if self.taid is not None:
-            self.taid.update(loss_per_token, step, total_steps)
+    def after_step(self, per_token: dict[str, float], step: int, total_steps: int) -> None:
+        """Once per optimizer step: advance per-run term state (TAID's t; a no-op without any).
+
+        ``per_token``: term key (as in ``LossResult.parts``) -> that term's unweighted sum over the
+        step divided by the global target count (all-reduced by the loop). Each stateful term is fed
+        its own value (TAID's schedule follows the TAID loss, not the whole mix's).
+        """
+        if not isinstance(per_token, Mapping):
+            raise TypeError("LossMix.after_step(per_token, step, total_steps): per_token must map each term key "
+                            f"{self.keys} to its loss per token, got {type(per_token).__name__}")
+        for key, state in self.states.items():
+            if key not in per_token:
+                raise KeyError(f"LossMix.after_step: per_token has no value for term {key!r} (got {sorted(per_token)})")
+            state.update(float(per_token[key]), step, total_steps)
+
+    def _rename_old_state_keys(self, state_dict, prefix, *_args) -> None:
+        """Checkpoints written before ``states`` existed hold a term's state as ``<key>.<buffer>``."""
+        for key in self.states:
+            for old in [k for k in state_dict if k.startswith(f"{prefix}{key}.")]:
+                state_dict[f"{prefix}states.{old[len(prefix):]}"] = state_dict.pop(old)

@@ -8,9 +8,9 @@ lists with their config sections (a test keeps the two in step).
 from stillroom.methods import conditional, ddk, onpolicy, redi, step_by_step
 from stillroom.methods.base import Method, MethodContext, MethodPlan, StepCounts
 
-KD = Method("kd", domains=("lm", "classifier"))
+KD = Method("kd", domains=None)
 """The loss terms against the teacher on the data as it is."""
-SFT = Method("sft", ce_only=True, domains=("lm", "classifier"))
+SFT = Method("sft", ce_only=True, domains=None)
 """Cross-entropy on the data alone (the baseline's method); the teacher is not used in training."""
 
 METHODS: dict[str, Method] = {m.name: m for m in (

@@ -98,8 +98,8 @@ class Method:
     """Train with cross-entropy on the data alone, whatever ``loss.terms`` say (``sft``; the baseline)."""
     build: Callable[[MethodContext], MethodPlan] | None = None
     """The plan of one training run (``None``: the loop as it is)."""
-    domains: tuple[str, ...] = ("lm",)
-    """The domains the method works in (``kd`` and ``sft`` work in every one)."""
+    domains: tuple[str, ...] | None = ("lm",)
+    """The domains the method works in (``None``: every domain, as ``kd`` and ``sft``)."""
 
     def plan(self, ctx: MethodContext) -> MethodPlan:
         return MethodPlan() if self.build is None else self.build(ctx)

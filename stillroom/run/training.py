@@ -35,7 +35,7 @@ Log = Callable[[str], None]
 def check_run(cfg: RunConfig) -> Method:
     """What can be checked without loading a model, beyond the config's own validators; returns the method."""
     method = METHODS[cfg.method]
-    if cfg.domain not in method.domains:
+    if method.domains is not None and cfg.domain not in method.domains:
         raise ValueError(f"method {cfg.method!r} works in the {', '.join(method.domains)} domain(s), not in "
                          f"domain {cfg.domain!r}")
     return method
@@ -85,8 +85,8 @@ def run(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> Path:
         prep.save_model(prep.student, run_dir / "student")
         after = {"student_after": (prep.student, prep.data.heldout)}
         if cfg.baseline:
-            prep.save_model(base_job.players[0].model, run_dir / "baseline" / "student")
-            after["baseline"] = (base_job.players[0].model, prep.data.baseline_heldout)
+            prep.save_model(baseline_model, run_dir / "baseline" / "student")
+            after["baseline"] = (baseline_model, prep.data.baseline_heldout)
         results = prep.evaluate(after, log)
         for key, (result, seconds) in trained.items():
             results[key].update(train_seconds=round(seconds, 2), steps=result.steps, median_step_s=result.median_step_s,

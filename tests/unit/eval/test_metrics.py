@@ -190,3 +190,39 @@ def test_forward_tokens_per_s(student):
     assert forward_tokens_per_s(student, 16, 2, 64, "fp32") > 0
     with pytest.raises(ValueError, match="max_position_embeddings"):
         forward_tokens_per_s(student, seq_len=1000, batch_size=1, total_tokens=10)
+
+
+def _kl_reference_f64(logits, teacher):
+    """Independent KL(teacher || model) sum in float64: entries with teacher probability 0 count 0."""
+    s = torch.log_softmax(logits.double(), -1)
+    t = torch.log_softmax(teacher.double(), -1)
+    p = t.exp()
+    return float(torch.where(p > 0, p * (t - s), torch.zeros_like(p)).sum())
+
+
+def test_eval_kl_is_the_loss_library_kl_and_matches_a_float64_reference():
+    from stillroom.eval.metrics import _ROW_CHUNK, _token_sums
+
+    g = torch.Generator().manual_seed(0)
+    n, v = _ROW_CHUNK + 37, 50  # two chunks
+    logits = torch.randn(n, v, generator=g) * 3
+    teacher = torch.randn(n, v, generator=g) * 3
+    teacher[:, -3:] = float("-inf")  # padded/banned entries: p = 0 ...
+    logits[:, -2:] = float("-inf")  # ... the model may give them -inf too
+    teacher[::7, :5] = float("-inf")
+    targets = torch.randint(0, v - 3, (n,), generator=g)
+    _, kl, _ = _token_sums(logits, targets, teacher)
+    assert kl == pytest.approx(_kl_reference_f64(logits, teacher), rel=1e-5)
+    # The same as the training loss's forward KL on these rows (sum over rows).
+    from stillroom.losses.functional import forward_kl
+
+    t_logp, s_logp = torch.log_softmax(teacher, -1), torch.log_softmax(logits, -1)
+    assert kl == pytest.approx(float(forward_kl(t_logp, s_logp).sum()), rel=1e-6)
+    # A teacher probability that underflows to 0 in fp32 counts 0 even where the model has -inf
+    # (p * (log p - log q) would be 0 * inf = NaN): finite, as the reference without that entry.
+    t2 = torch.zeros(2, 4)
+    t2[:, 0] = 200.0  # exp(-200) underflows: the other entries have p == 0 in fp32
+    s2 = torch.zeros(2, 4)
+    s2[:, 3] = float("-inf")
+    _, kl2, _ = _token_sums(s2, torch.zeros(2, dtype=torch.long), t2)
+    assert math.isfinite(kl2) and kl2 == pytest.approx(2 * math.log(3.0), rel=1e-6)

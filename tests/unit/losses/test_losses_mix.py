@@ -134,19 +134,53 @@ def test_mix_taid_uses_schedule_and_checkpoints_it():
     out = StudentOutput(hidden_btd=hidden, head=head)
     r0 = mix(out, teacher, targets, mask)
     torch.testing.assert_close(r0.total, L.taid(head(hidden), teacher, mask, t=0.2)[0].detach(), rtol=1e-5, atol=1e-6)
-    mix.after_step(3.0, 1, 10)
-    mix.after_step(2.0, 2, 10)
-    t_now = mix.taid.value
+    mix.after_step({"taid": 3.0}, 1, 10)
+    mix.after_step({"taid": 2.0}, 2, 10)
+    t_now = mix.log_state()["taid_t"]
     assert t_now > 0.2
     state = mix.state_dict()
-    assert {"taid.t", "taid.momentum", "taid.prev_loss"} <= set(state)
+    assert {"states.taid.t", "states.taid.momentum", "states.taid.prev_loss"} <= set(state)
     fresh = LossMix(c)
     fresh.load_state_dict(state)
-    assert fresh.taid.value == t_now and float(fresh.taid.prev_loss) == 2.0
+    assert fresh.log_state()["taid_t"] == t_now and float(fresh.states["taid"].prev_loss) == 2.0
     r1 = fresh(out, teacher, targets, mask)
     torch.testing.assert_close(r1.total, L.taid(head(hidden), teacher, mask, t=t_now)[0].detach(), rtol=1e-5, atol=1e-6)
+    # A checkpoint written before the mix kept term state under `states` (keys "taid.t", ...) still loads.
+    old_format = LossMix(c)
+    old_format.load_state_dict({k.removeprefix("states."): v for k, v in state.items()})
+    assert old_format.log_state()["taid_t"] == t_now
     with pytest.raises(ValueError, match="at most one 'taid'"):
         LossMix(cfg(("taid", 1.0, {}), ("taid", 1.0, {})))
+
+
+def test_taid_schedule_is_fed_the_taid_loss_not_the_mix_total():
+    """Official TAID updates t from the TAID loss: with ce beside it, t must move exactly as a
+    taid-alone schedule fed the same TAID values (feeding the mix's total gives another t)."""
+    hidden, head, teacher, mask, targets = make_inputs(b=3, t=6, v=13, d=5)
+    mix = LossMix(cfg(("taid", 1.0, {"alpha": 0.5}), ("ce", 3.0, {}), chunk_tokens=4))
+    alone = L.TaidSchedule(alpha=0.5)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 6):
+        h = hidden + 0.5 * step * torch.randn(hidden.shape, generator=g)  # the student moves
+        res = mix(StudentOutput(hidden_btd=h, head=head), teacher, targets, mask)
+        taid_now, _ = L.taid(head(h), teacher, mask, t=alone.value)
+        assert res.parts["taid"] == pytest.approx(taid_now.item(), rel=1e-6)  # the kernel runs at the state's t
+        per_token = {k: v / res.count for k, v in res.parts.items()}
+        mix.after_step(per_token, step, 10)
+        alone.update(per_token["taid"], step, 10)
+        assert mix.log_state()["taid_t"] == alone.value
+    assert alone.value > alone.t_linear(5, 10)  # the adaptive update (not the linear floor) set t
+
+
+def test_after_step_takes_per_term_values():
+    mix = LossMix(cfg(("taid", 1.0, {}), ("ce", 1.0, {})))
+    with pytest.raises(TypeError, match="per_token must map each term key"):
+        mix.after_step(2.0, 1, 10)
+    with pytest.raises(KeyError, match="no value for term 'taid'"):
+        mix.after_step({"ce": 2.0}, 1, 10)
+    plain = LossMix(cfg(("forward_kl", 1.0, {})))
+    plain.after_step({"forward_kl": 1.0}, 1, 10)  # no state: nothing to advance
+    assert plain.log_state() == {}
 
 
 def test_fused_accepts_bf16_hidden_with_fp32_head():
