@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from stillroom.data.batch import Batch
-from stillroom.losses.functional import forward_kl
+from stillroom.losses.terms import forward_kl_rows
 from stillroom.models.precision import autocast
 
 PRECISIONS = ("bf16", "fp32")
@@ -137,9 +137,9 @@ def _token_sums(
             t_logp = F.log_softmax(t_logits, dim=-1)
             # KL(p_t || p_s) by the loss library's forward KL (the training loss's math). An entry
             # whose fp32 teacher probability is 0 (-inf logit, or exp underflow) contributes exactly
-            # 0, whatever the model gives it (-inf included): marked -inf, which forward_kl skips.
+            # 0, whatever the model gives it (-inf included): marked -inf, which forward_kl_rows skips.
             t_logp = t_logp.masked_fill(t_logp.exp() == 0, float("-inf"))
-            kl_sum += float(forward_kl(t_logp, s_logp).sum())
+            kl_sum += float(forward_kl_rows(t_logp, s_logp).sum())
             agree += int((t_logits.argmax(-1) == s_logp.argmax(-1)).sum())
     return ce_sum, kl_sum, agree
 

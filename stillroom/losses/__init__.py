@@ -6,7 +6,8 @@ See docs/LOSSES.md.
 """
 
 from stillroom.losses.registry import REGISTRY, BatchStats, TermSpec, divergences, get_term, list_terms, resolve_params
-from stillroom.losses.logit import define, make_logit_term, run_fused_logit_terms, run_logit_terms
+from stillroom.losses.engine import run_fused_logit_terms, run_logit_terms
+from stillroom.losses.logit import define, make_logit_term
 from stillroom.losses.terms import (
     ce,
     forward_kl,

@@ -29,10 +29,16 @@ import torch
 import torch.nn.functional as F
 
 from stillroom.losses import sparse
-from stillroom.losses.functional import sanitize_logits
 from stillroom.teachers.signal import TeacherSignal
 
 TeacherLike = torch.Tensor | TeacherSignal | Sequence[torch.Tensor]
+NEG_INF = float("-inf")
+
+
+def sanitize_logits(z: torch.Tensor) -> torch.Tensor:
+    """Map ``+inf``/``-inf`` logits to ``-inf``: an infinite logit marks an entry that is not
+    part of the distribution (vocabulary padding, banned token). NaN is left alone: it is a bug."""
+    return z.masked_fill(torch.isinf(z), NEG_INF)
 
 
 class TeacherRows:
@@ -330,3 +336,65 @@ def chunked_loss(plan: Plan, x: torch.Tensor, weight: torch.Tensor | None = None
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     total, parts = _ChunkedLoss.apply(plan, need_grad, x, weight, bias)
     return total, list(parts.unbind(0))
+
+
+# ---------------------------------------------------------------- runners
+
+def run_logit_terms(terms: list[LogitTerm], student_logits: torch.Tensor, teacher: TeacherLike | None,
+                    mask: torch.Tensor, *, target_ids: torch.Tensor | None = None,
+                    loss_temperature: float | None = None, chunk_tokens: int | None = None,
+                    weight_bt: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """Evaluate several logit terms in one pass over ``student_logits`` ``[B, T, V]``.
+
+    Returns ``(sum_i weight_i * sum_i, [sum_i], count)``; sums are fp32 scalars. ``weight_bt``
+    (``[B, T]`` float, optional) multiplies each counted token's value before the sums. The
+    temperature is the one the terms were bound with (``loss_temperature``, if given, must equal it).
+    """
+    vocab = student_logits.shape[-1]
+    plan = _plan(terms, student_logits, vocab, teacher, mask, target_ids, loss_temperature, chunk_tokens, weight_bt)
+    flat = student_logits.reshape(-1, vocab)
+    if plan.rows.numel() == 0:
+        return _empty(plan, flat.sum() * 0.0)
+    total, parts = plain_loss(plan, flat) if chunk_tokens is None else chunked_loss(plan, flat)
+    return total, parts, int(plan.rows.numel())
+
+
+def run_fused_logit_terms(terms: list[LogitTerm], hidden_btd: torch.Tensor, head: torch.nn.Linear,
+                          teacher: TeacherLike | None, mask: torch.Tensor, *, target_ids: torch.Tensor | None = None,
+                          loss_temperature: float | None = None, chunk_tokens: int = 1024,
+                          weight_bt: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """Like :func:`run_logit_terms` but from the last hidden state ``[B, T, D]`` and the output head:
+    logits are computed ``chunk_tokens`` rows at a time and never materialised as ``[B, T, V]``."""
+    plan = _plan(terms, hidden_btd, head.weight.shape[0], teacher, mask, target_ids, loss_temperature, chunk_tokens,
+                 weight_bt)
+    flat = hidden_btd.reshape(-1, hidden_btd.shape[-1])
+    if plan.rows.numel() == 0:
+        return _empty(plan, flat.sum() * 0.0 + head.weight.sum() * 0.0)
+    total, parts = chunked_loss(plan, flat, head.weight, head.bias)
+    return total, parts, int(plan.rows.numel())
+
+
+def _plan(terms: list[LogitTerm], x: torch.Tensor, vocab: int, teacher: TeacherLike | None, mask: torch.Tensor,
+          target_ids: torch.Tensor | None, loss_temperature: float | None, chunk_tokens: int | None,
+          weight_bt: torch.Tensor | None) -> Plan:
+    """The plan of one call: counted rows, teacher rows, targets and weights flattened; one temperature."""
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the student's [B, T] = {tuple(x.shape[:2])}")
+    if weight_bt is not None and tuple(weight_bt.shape) != tuple(mask.shape):
+        raise ValueError(f"token weights of shape {tuple(weight_bt.shape)} do not match the mask's {tuple(mask.shape)}")
+    temps = {t.temperature for t in terms}
+    if len(temps) > 1:
+        raise ValueError(f"logit terms evaluated in one pass share one loss_temperature; got {sorted(temps)}")
+    temperature = temps.pop() if temps else (1.0 if loss_temperature is None else loss_temperature)
+    if loss_temperature is not None and loss_temperature != temperature:
+        raise ValueError(f"loss_temperature={loss_temperature} but the terms were bound with {temperature}")
+    rows = counted_rows(mask)
+    return Plan(terms, rows, TeacherRows(teacher, vocab, temperature),
+                target_ids.reshape(-1) if target_ids is not None else None, temperature,
+                chunk_tokens or max(rows.numel(), 1), compute_dtype(x),
+                weight_bt.reshape(-1) if weight_bt is not None else None)
+
+
+def _empty(plan: Plan, zero: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """No counted row: a zero total still connected to the inputs (their gradient is 0), zero parts."""
+    return zero.to(plan.dtype), [zero.detach().to(plan.dtype) for _ in plan.terms], 0

@@ -1,4 +1,4 @@
-"""Logit terms from their specs: binding, the runners, and the generated public functions.
+"""Logit terms from their specs: binding them to their arguments, and the generated public functions.
 
 Every public logit term has the signature
 ``term(student_logits, teacher, mask, *, <its arguments>, loss_temperature=1.0,
@@ -21,21 +21,13 @@ The functions are not written by hand: :func:`define` makes one from a :class:`T
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any, Callable
 
 import torch
 
-from stillroom.losses.engine import (
-    LogitTerm,
-    Plan,
-    TeacherLike,
-    TeacherRows,
-    chunked_loss,
-    compute_dtype,
-    counted_rows,
-    plain_loss,
-)
+from stillroom.losses.engine import LogitTerm, run_fused_logit_terms, run_logit_terms
 from stillroom.losses.registry import TermSpec, get_term, register, resolve_params
 
 SHARED = {"loss_temperature": 1.0, "scale_by_temperature_squared": False, "chunk_tokens": None}
@@ -49,10 +41,7 @@ def bind(spec: TermSpec, args: dict[str, Any], *, key: str | None = None, weight
     scale = loss_temperature**2 if (spec.divergence and scale_by_temperature_squared) else 1.0
     stats = spec.batch_stats(args) if spec.batch_stats is not None else None
 
-    def kernel(ctx, batch_stats):
-        return spec.kernel(ctx, batch_stats, **args)
-
-    return LogitTerm(key=key or spec.name, kernel=kernel, weight=weight, scale=scale,
+    return LogitTerm(key=key or spec.name, kernel=functools.partial(spec.kernel, **args), weight=weight, scale=scale,
                      prepass=stats.prepass if stats else None, finish=stats.finish if stats else None,
                      temperature=loss_temperature)
 
@@ -83,78 +72,6 @@ def make_logit_term(name: str, params: dict, *, key: str | None = None, weight: 
 
 
 # ---------------------------------------------------------------- runners
-
-
-def run_logit_terms(terms: list[LogitTerm], student_logits: torch.Tensor, teacher: TeacherLike | None,
-                    mask: torch.Tensor, *, target_ids: torch.Tensor | None = None,
-                    loss_temperature: float | None = None, chunk_tokens: int | None = None,
-                    weight_bt: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-    """Evaluate several logit terms in one pass over ``student_logits`` ``[B, T, V]``.
-
-    Returns ``(sum_i weight_i * sum_i, [sum_i], count)``; sums are fp32 scalars. ``weight_bt``
-    (``[B, T]`` float, optional) multiplies each counted token's value before the sums. The
-    temperature is the one the terms were bound with (``loss_temperature``, if given, must equal it).
-    """
-    _check_mask(student_logits, mask)
-    vocab = student_logits.shape[-1]
-    rows = counted_rows(mask)
-    temperature = _shared_temperature(terms, loss_temperature)
-    plan = Plan(terms, rows, TeacherRows(teacher, vocab, temperature),
-                target_ids.reshape(-1) if target_ids is not None else None, temperature,
-                chunk_tokens or max(rows.numel(), 1), compute_dtype(student_logits), _flat_weight(weight_bt, mask))
-    flat = student_logits.reshape(-1, vocab)
-    if rows.numel() == 0:
-        zero = flat.sum() * 0.0
-        return zero.to(plan.dtype), [zero.detach().to(plan.dtype) for _ in terms], 0
-    total, parts = plain_loss(plan, flat) if chunk_tokens is None else chunked_loss(plan, flat)
-    return total, parts, int(rows.numel())
-
-
-def run_fused_logit_terms(terms: list[LogitTerm], hidden_btd: torch.Tensor, head: torch.nn.Linear,
-                          teacher: TeacherLike | None, mask: torch.Tensor, *, target_ids: torch.Tensor | None = None,
-                          loss_temperature: float | None = None, chunk_tokens: int = 1024,
-                          weight_bt: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-    """Like :func:`run_logit_terms` but from the last hidden state ``[B, T, D]`` and the output head:
-    logits are computed ``chunk_tokens`` rows at a time and never materialised as ``[B, T, V]``."""
-    _check_mask(hidden_btd, mask)
-    vocab = head.weight.shape[0]
-    rows = counted_rows(mask)
-    temperature = _shared_temperature(terms, loss_temperature)
-    plan = Plan(terms, rows, TeacherRows(teacher, vocab, temperature),
-                target_ids.reshape(-1) if target_ids is not None else None, temperature,
-                chunk_tokens, compute_dtype(hidden_btd), _flat_weight(weight_bt, mask))
-    flat = hidden_btd.reshape(-1, hidden_btd.shape[-1])
-    if rows.numel() == 0:
-        zero = flat.sum() * 0.0 + head.weight.sum() * 0.0
-        return zero.to(plan.dtype), [zero.detach().to(plan.dtype) for _ in terms], 0
-    total, parts = chunked_loss(plan, flat, head.weight, head.bias)
-    return total, parts, int(rows.numel())
-
-
-def _shared_temperature(terms: list[LogitTerm], given: float | None) -> float:
-    temps = {t.temperature for t in terms}
-    if len(temps) > 1:
-        raise ValueError(f"logit terms evaluated in one pass share one loss_temperature; got {sorted(temps)}")
-    temperature = temps.pop() if temps else (1.0 if given is None else given)
-    if given is not None and given != temperature:
-        raise ValueError(f"loss_temperature={given} but the terms were bound with {temperature}")
-    return temperature
-
-
-def _flat_weight(weight_bt: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
-    if weight_bt is None:
-        return None
-    if tuple(weight_bt.shape) != tuple(mask.shape):
-        raise ValueError(f"token weights of shape {tuple(weight_bt.shape)} do not match the mask's {tuple(mask.shape)}")
-    return weight_bt.reshape(-1)
-
-
-def _check_mask(x: torch.Tensor, mask: torch.Tensor) -> None:
-    if tuple(mask.shape) != tuple(x.shape[:2]):
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the student's [B, T] = {tuple(x.shape[:2])}")
-
-
-# ---------------------------------------------------------------- public functions
 
 
 def _signature(spec: TermSpec) -> inspect.Signature:

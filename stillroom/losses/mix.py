@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from stillroom.losses import hidden as H
-from stillroom.losses.logit import bind, kernel_args, run_fused_logit_terms, run_logit_terms
+from stillroom.losses.engine import run_fused_logit_terms, run_logit_terms
+from stillroom.losses.logit import bind, kernel_args
 from stillroom.losses.registry import get_term, resolve_params
 from stillroom.teachers.signal import TeacherSignal
 
@@ -165,20 +166,20 @@ class LossMix(torch.nn.Module):
             out.update(state.log_state())
         return out
 
-    def after_step(self, per_token: dict[str, float], step: int, total_steps: int) -> None:
+    def after_step(self, per_target: dict[str, float], step: int, total_steps: int) -> None:
         """Once per optimizer step: advance per-run term state (TAID's t; a no-op without any).
 
-        ``per_token``: term key (as in ``LossResult.parts``) -> that term's unweighted sum over the
+        ``per_target``: term key (as in ``LossResult.parts``) -> that term's unweighted sum over the
         step divided by the global target count (all-reduced by the loop). Each stateful term is fed
         its own value (TAID's schedule follows the TAID loss, not the whole mix's).
         """
-        if not isinstance(per_token, Mapping):
-            raise TypeError("LossMix.after_step(per_token, step, total_steps): per_token must map each term key "
-                            f"{self.keys} to its loss per token, got {type(per_token).__name__}")
+        if not isinstance(per_target, Mapping):
+            raise TypeError("LossMix.after_step(per_target, step, total_steps): per_target must map each term key "
+                            f"{self.keys} to its loss per target, got {type(per_target).__name__}")
         for key, state in self.states.items():
-            if key not in per_token:
-                raise KeyError(f"LossMix.after_step: per_token has no value for term {key!r} (got {sorted(per_token)})")
-            state.update(float(per_token[key]), step, total_steps)
+            if key not in per_target:
+                raise KeyError(f"LossMix.after_step: per_target has no value for term {key!r} (got {sorted(per_target)})")
+            state.update(float(per_target[key]), step, total_steps)
 
     def _rename_old_state_keys(self, state_dict, prefix, *_args) -> None:
         """Checkpoints written before ``states`` existed hold a term's state as ``<key>.<buffer>``."""

@@ -64,7 +64,7 @@ class TermSpec:
     them each step (TAID: recipe params configure the schedule, the kernel takes ``t``)."""
     state: Callable[[dict[str, Any]], Any] | None = None
     """Per-run state, built from the validated recipe params: a ``torch.nn.Module`` (checkpointed
-    with the mix) with ``kernel_args() -> dict``, ``update(per_token, step, total_steps)`` (fed the
+    with the mix) with ``kernel_args() -> dict``, ``update(per_target, step, total_steps)`` (fed the
     term's own loss per token after each optimizer step) and ``log_state() -> dict``."""
     batch_stats: Callable[[dict[str, Any]], BatchStats | None] | None = None
     """Logit terms: given the kernel arguments, the batch statistics the kernel needs (or None)."""

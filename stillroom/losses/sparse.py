@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from stillroom.losses.functional import NEG_INF
+NEG_INF = float("-inf")
 
 
 def student_bins(s_logp_nv: torch.Tensor, ids_nk: torch.Tensor) -> torch.Tensor:

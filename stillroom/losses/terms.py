@@ -1,4 +1,4 @@
-"""The logit-level loss terms: one spec each (kernel, parameters, validation, what it needs).
+"""The logit-level loss terms, each in one place: its per-row math, its kernel and its spec.
 
 Each ``name = define(TermSpec(...))`` below is the whole definition of a term: it registers
 the spec (so recipes can name it) and returns its public function
@@ -9,18 +9,181 @@ scale_by_temperature_squared=False, chunk_tokens=None) -> (sum, count)``
 A kernel ``kernel(ctx, stats, **args) -> [N]`` gets a :class:`~stillroom.losses.engine.ChunkContext`
 for ``N`` counted rows (``ctx.pair`` = (teacher, student) log-probs ``[N, V]`` or top-k bins
 ``[N, K+1]``; ``ctx.t_logp``/``ctx.s_logp`` dense ``[N, V]``) and returns per-row values.
-"""
 
+The per-row math (``*_rows``) works on the last axis: ``logp`` (teacher, ``p``) and ``logq``
+(student, ``q``) are ``[N, V]`` log-probabilities (or ``[N, K+1]`` bins of a top-k teacher,
+see :mod:`stillroom.losses.sparse`) and every function returns ``[N]`` per-row values; no
+reduction over rows happens here. Zero-probability entries (``-inf`` log-probabilities, e.g.
+padded vocabulary rows or banned tokens) are handled explicitly so that ``0 * log 0`` is 0 and
+no NaN appears in the value *or* the gradient: the inputs are sanitised before the products
+(``where`` alone would still leak NaN into the backward pass).
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from stillroom.losses import functional as Fn
 from stillroom.losses.logit import define
 from stillroom.losses.registry import BatchStats, TermSpec, all_of, non_negative, one_of, unit_interval
 from stillroom.losses.schedule import TaidSchedule
+
+# ---------------------------------------------------------------- per-row math
+
+NEG_INF = float("-inf")
+
+
+def kl_terms(loga: torch.Tensor, logb: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``a * (log a - log b)``, exactly 0 where ``a == 0``. Shape of the inputs."""
+    zero = torch.isneginf(loga)
+    if not zero.any():  # the common case: skip three [N, V] copies
+        return loga.exp() * (loga - logb)
+    la = loga.masked_fill(zero, 0.0)
+    lb = logb.masked_fill(zero, 0.0)
+    return (la.exp() * (la - lb)).masked_fill(zero, 0.0)
+
+
+def ce_terms(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``-p * log q``, exactly 0 where ``p == 0``."""
+    zero = torch.isneginf(logp)
+    if not zero.any():
+        return -(logp.exp() * logq)
+    lp = logp.masked_fill(zero, 0.0)
+    lq = logq.masked_fill(zero, 0.0)
+    return (-(lp.exp() * lq)).masked_fill(zero, 0.0)
+
+
+def log_mix(loga: torch.Tensor, logb: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """``log(weight_a * a + (1 - weight_a) * b)`` via logaddexp (never ``log`` of a sum).
+
+    Entries where both ``a`` and ``b`` are 0 give ``-inf`` with a zero (not NaN) gradient.
+    """
+    if weight_a == 1.0:
+        return loga
+    if weight_a == 0.0:
+        return logb
+    both = torch.isneginf(loga) & torch.isneginf(logb)
+    if not both.any():
+        return torch.logaddexp(loga + math.log(weight_a), logb + math.log1p(-weight_a))
+    la = loga.masked_fill(both, 0.0)
+    lb = logb.masked_fill(both, 0.0)
+    mix = torch.logaddexp(la + math.log(weight_a), lb + math.log1p(-weight_a))
+    return mix.masked_fill(both, NEG_INF)
+
+
+def forward_kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p (log p - log q), per row."""
+    return kl_terms(logp, logq).sum(-1)
+
+
+def reverse_kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) = sum_v q (log q - log p), per row."""
+    return kl_terms(logq, logp).sum(-1)
+
+
+def jsd_rows(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalised JSD of GKD: beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q.
+
+    beta = 0 is defined as KL(p||q) and beta = 1 as KL(q||p) (TRL's convention; the
+    formula itself would vanish at both ends).
+    """
+    if beta == 0.0:
+        return forward_kl_rows(logp, logq)
+    if beta == 1.0:
+        return reverse_kl_rows(logp, logq)
+    logm = log_mix(logp, logq, beta)
+    return beta * kl_terms(logp, logm).sum(-1) + (1.0 - beta) * kl_terms(logq, logm).sum(-1)
+
+
+def tvd_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Total variation distance 0.5 * sum_v |p - q|, per row."""
+    return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+
+
+def skew_kl_rows(logp: torch.Tensor, logq: torch.Tensor, alpha: float) -> torch.Tensor:
+    """DistiLLM skew KL: KL(p || alpha p + (1 - alpha) q)."""
+    return kl_terms(logp, log_mix(logp, logq, alpha)).sum(-1)
+
+
+def skew_rkl_rows(logp: torch.Tensor, logq: torch.Tensor, alpha: float) -> torch.Tensor:
+    """DistiLLM skew reverse KL: KL(q || (1 - alpha) p + alpha q)."""
+    return kl_terms(logq, log_mix(logp, logq, 1.0 - alpha)).sum(-1)
+
+
+def soft_ce_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets: -sum_v p log q = H(p) + KL(p||q), per row."""
+    return ce_terms(logp, logq).sum(-1)
+
+
+def taid_target(logp: torch.Tensor, logq: torch.Tensor, t: float) -> torch.Tensor:
+    """log p_t with p_t = softmax((1 - t) sg(log q) + t log p) (TAID's logit-space interpolation).
+
+    Interpolating normalised log-probabilities equals interpolating the logits
+    (per-row constants cancel in the softmax) and avoids ``0 * inf`` at t in {0, 1}.
+    Returns detached ``[N, V]`` log-probabilities.
+    """
+    logq = logq.detach()
+    if t >= 1.0:
+        return logp.detach()
+    if t <= 0.0:
+        return logq
+    both = torch.isneginf(logp) | torch.isneginf(logq)
+    mixed = (1.0 - t) * logq.masked_fill(both, 0.0) + t * logp.masked_fill(both, 0.0)
+    return torch.log_softmax(mixed.masked_fill(both, NEG_INF), dim=-1).detach()
+
+
+def taid_rows(logp: torch.Tensor, logq: torch.Tensor, t: float) -> torch.Tensor:
+    """TAID: KL(p_t || q) with the interpolated, detached target p_t (see :func:`taid_target`)."""
+    return kl_terms(taid_target(logp, logq, t), logq).sum(-1)
+
+
+def tvd_pp_reward(logp: torch.Tensor, logq: torch.Tensor, eps: float,
+                  stats: tuple[float, float] | None = None) -> torch.Tensor:
+    """Normalised TVD++ reward r_hat = (r - mu) / (sigma + eps), r = 1[p > q] (no gradient).
+
+    ``stats=None``: mu and sigma (unbiased std) per row over the entries that are not zero
+    in both distributions (padding and an empty top-k tail bin are left out, so k = V
+    matches dense); otherwise ``stats = (mu, sigma)`` computed over the whole micro-batch
+    by :func:`tvd_pp_stats`. r_hat is 0 on left-out entries.
+    """
+    with torch.no_grad():
+        valid = ~(torch.isneginf(logp) & torch.isneginf(logq))
+        r = (logp > logq).to(logq.dtype)
+        if stats is None:
+            n = valid.sum(-1, keepdim=True).to(r.dtype)
+            mu = r.sum(-1, keepdim=True) / n.clamp(min=1)
+            var = ((r - mu).pow(2) * valid).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
+            sigma = var.sqrt()
+        else:
+            mu, sigma = stats
+        return ((r - mu) / (sigma + eps)).masked_fill(~valid, 0.0)
+
+
+def tvd_pp_stats(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Sufficient statistics ``[sum r, number of entries]`` (float64) for the batch-scope reward."""
+    valid = ~(torch.isneginf(logp) & torch.isneginf(logq))
+    r = (logp > logq) & valid
+    return torch.stack([r.sum().double(), valid.sum().double()])
+
+
+def tvd_pp_rows(logp: torch.Tensor, logq: torch.Tensor, *, eps: float = 1e-5, weighting: str = "expectation",
+           stats: tuple[float, float] | None = None) -> torch.Tensor:
+    """TVD++ (Goel et al. 2024): value = TVD(p, q), gradient = the variance-reduced policy gradient.
+
+    Surrogate per row: ``-sum_v sg(r_hat) q`` (weighting="expectation", default) or
+    ``-mean_v sg(r_hat) log q`` (weighting="unweighted", a different objective). The
+    returned value is ``TVD.detach() + surrogate - surrogate.detach()`` so logs show the
+    TVD (zero iff p == q) while backward follows TVD++.
+    """
+    r_hat = tvd_pp_reward(logp, logq, eps, stats)
+    if weighting == "expectation":
+        surrogate = -(r_hat * logq.exp()).sum(-1)
+    else:
+        finite = ~torch.isneginf(logq)
+        surrogate = -(r_hat * logq.masked_fill(~finite, 0.0)).sum(-1) / finite.sum(-1).clamp(min=1)
+    value = tvd_rows(logp, logq).detach()
+    return value + (surrogate - surrogate.detach())
+
 
 # ---------------------------------------------------------------- kernels
 
@@ -32,7 +195,7 @@ def _ce(ctx, _stats):
 
 
 def _soft_ce(ctx, _stats):
-    return Fn.soft_ce(*ctx.pair)
+    return soft_ce_rows(*ctx.pair)
 
 
 def _divergence(fn):
@@ -47,11 +210,11 @@ def _divergence(fn):
 def _taid(ctx, _stats, *, t):
     if ctx.teacher.topk is not None:
         raise ValueError("loss term 'taid' needs dense teacher logits (its target interpolates logits)")
-    return Fn.taid(ctx.t_logp, ctx.s_logp, t).clamp_min(0.0)
+    return taid_rows(ctx.t_logp, ctx.s_logp, t).clamp_min(0.0)
 
 
 def _tvd_pp(ctx, stats, *, eps, weighting, scope):
-    return Fn.tvd_pp(*ctx.pair, eps=eps, weighting=weighting, stats=stats)
+    return tvd_pp_rows(*ctx.pair, eps=eps, weighting=weighting, stats=stats)
 
 
 def _tvd_pp_batch_stats(args) -> BatchStats | None:
@@ -65,7 +228,7 @@ def _tvd_pp_batch_stats(args) -> BatchStats | None:
         var = (total - total * total / n) / (n - 1.0) if n > 1 else 0.0
         return mu, math.sqrt(max(var, 0.0))
 
-    return BatchStats(prepass=lambda ctx: Fn.tvd_pp_stats(*ctx.pair), finish=finish)
+    return BatchStats(prepass=lambda ctx: tvd_pp_stats(*ctx.pair), finish=finish)
 
 
 def _taid_state(p) -> TaidSchedule:
@@ -90,31 +253,31 @@ soft_ce = define(TermSpec(
     """))
 
 forward_kl = define(TermSpec(
-    "forward_kl", "logit", _divergence(Fn.forward_kl), divergence=True, sparse_ok=True,
+    "forward_kl", "logit", _divergence(forward_kl_rows), divergence=True, sparse_ok=True,
     doc="""Forward KL(p || q) = sum_v p (log p - log q), p teacher, q student (Hinton et al. 2015)."""))
 
 reverse_kl = define(TermSpec(
-    "reverse_kl", "logit", _divergence(Fn.reverse_kl), divergence=True, sparse_ok=True,
+    "reverse_kl", "logit", _divergence(reverse_kl_rows), divergence=True, sparse_ok=True,
     doc="""Reverse KL(q || p) = sum_v q (log q - log p), mode-seeking (MiniLLM, Gu et al. 2024)."""))
 
 jsd = define(TermSpec(
-    "jsd", "logit", _divergence(Fn.jsd), {"beta": 0.5}, unit_interval("beta"), divergence=True, sparse_ok=True,
+    "jsd", "logit", _divergence(jsd_rows), {"beta": 0.5}, unit_interval("beta"), divergence=True, sparse_ok=True,
     doc="""Generalised JSD (GKD, Agarwal et al. 2024): beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q.
 
     log m by logsumexp. beta = 0 is exactly KL(p||q), beta = 1 exactly KL(q||p) (TRL). Default beta 0.5.
     """))
 
 tvd = define(TermSpec(
-    "tvd", "logit", _divergence(Fn.tvd), divergence=True, sparse_ok=True,
+    "tvd", "logit", _divergence(tvd_rows), divergence=True, sparse_ok=True,
     doc="""Total variation distance 0.5 sum_v |p - q| (= 1 - speculative acceptance rate)."""))
 
 skew_kl = define(TermSpec(
-    "skew_kl", "logit", _divergence(Fn.skew_kl), {"alpha": 0.1}, unit_interval("alpha"), divergence=True,
+    "skew_kl", "logit", _divergence(skew_kl_rows), {"alpha": 0.1}, unit_interval("alpha"), divergence=True,
     sparse_ok=True,
     doc="""Skew KL (DistiLLM, Ko et al. 2024): KL(p || alpha p + (1 - alpha) q); default alpha 0.1."""))
 
 skew_rkl = define(TermSpec(
-    "skew_rkl", "logit", _divergence(Fn.skew_rkl), {"alpha": 0.1}, unit_interval("alpha"), divergence=True,
+    "skew_rkl", "logit", _divergence(skew_rkl_rows), {"alpha": 0.1}, unit_interval("alpha"), divergence=True,
     sparse_ok=True,
     doc="""Skew reverse KL (DistiLLM): KL(q || (1 - alpha) p + alpha q); default alpha 0.1."""))
 

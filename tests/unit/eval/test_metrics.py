@@ -214,7 +214,7 @@ def test_eval_kl_is_the_loss_library_kl_and_matches_a_float64_reference():
     _, kl, _ = _token_sums(logits, targets, teacher)
     assert kl == pytest.approx(_kl_reference_f64(logits, teacher), rel=1e-5)
     # The same as the training loss's forward KL on these rows (sum over rows).
-    from stillroom.losses.functional import forward_kl
+    from stillroom.losses.terms import forward_kl_rows as forward_kl
 
     t_logp, s_logp = torch.log_softmax(teacher, -1), torch.log_softmax(logits, -1)
     assert kl == pytest.approx(float(forward_kl(t_logp, s_logp).sum()), rel=1e-6)

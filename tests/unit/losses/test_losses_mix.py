@@ -165,16 +165,16 @@ def test_taid_schedule_is_fed_the_taid_loss_not_the_mix_total():
         res = mix(StudentOutput(hidden_btd=h, head=head), teacher, targets, mask)
         taid_now, _ = L.taid(head(h), teacher, mask, t=alone.value)
         assert res.parts["taid"] == pytest.approx(taid_now.item(), rel=1e-6)  # the kernel runs at the state's t
-        per_token = {k: v / res.count for k, v in res.parts.items()}
-        mix.after_step(per_token, step, 10)
-        alone.update(per_token["taid"], step, 10)
+        per_target = {k: v / res.count for k, v in res.parts.items()}
+        mix.after_step(per_target, step, 10)
+        alone.update(per_target["taid"], step, 10)
         assert mix.log_state()["taid_t"] == alone.value
     assert alone.value > alone.t_linear(5, 10)  # the adaptive update (not the linear floor) set t
 
 
 def test_after_step_takes_per_term_values():
     mix = LossMix(cfg(("taid", 1.0, {}), ("ce", 1.0, {})))
-    with pytest.raises(TypeError, match="per_token must map each term key"):
+    with pytest.raises(TypeError, match="per_target must map each term key"):
         mix.after_step(2.0, 1, 10)
     with pytest.raises(KeyError, match="no value for term 'taid'"):
         mix.after_step({"ce": 2.0}, 1, 10)
