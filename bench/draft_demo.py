@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             "seconds": round(sum(r["step_s"] for r in rows), 1), "steps": len(rows), "final_loss": rows[-1]["loss"],
             "median_step_s": round(statistics.median(r["step_s"] for r in rows), 3),
             "generate_s": round(sum(r["generate_s"] for r in rows), 1),
-            "teacher_s": round(sum(r["teacher_s"] for r in rows), 1), "target_tokens": sum(r["target_tokens"] for r in rows),
+            "teacher_s": round(sum(r["teacher_s"] for r in rows), 1), "targets": sum(r["targets"] for r in rows),
         }
         print(f"[{method}] {train_info[method]}", flush=True)
         drafts[method] = model.eval()

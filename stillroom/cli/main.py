@@ -32,8 +32,8 @@ def cmd_validate(args) -> int:
 
     cfg = _load(args)
     check_run(cfg)
-    print(f"{args.recipe}: OK ({cfg.method}, domain {cfg.domain}, teacher source {cfg.teacher.source}, "
-          f"{len(cfg.loss.terms)} loss term(s))")
+    source = f", teacher source {cfg.teacher.source}" if cfg.domain == "lm" else ""
+    print(f"{args.recipe}: OK ({cfg.method}, domain {cfg.domain}{source}, {len(cfg.loss.terms)} loss term(s))")
     return 0
 
 

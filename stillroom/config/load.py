@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from stillroom.config.schema import METHODS, RunConfig
+from stillroom.config.schema import DOMAINS, LM_SECTIONS, METHODS, RunConfig
 
 
 class ConfigError(ValueError):
@@ -145,7 +145,11 @@ def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConf
 
 
 def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as YAML; sections of methods the run does not use (null) are left out."""
+    """The resolved config as YAML; sections the run does not use are left out: those of other methods and
+    domains (null), and the language-model sections (teacher, student, data) of another domain's run."""
     tree = cfg.model_dump(mode="json")
     unused = [s.method for s in METHODS.values() if s is not None and tree.get(s.method) is None]
+    unused += [s.domain for s in DOMAINS.values() if s is not None and tree.get(s.domain) is None]
+    if cfg.domain != "lm":
+        unused += list(LM_SECTIONS)
     return yaml.safe_dump({k: v for k, v in tree.items() if k not in unused}, sort_keys=False)

@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from stillroom.config.commands import GenerateConfig, GenerateExport, GenerateInput, SelectConfig
-from stillroom.config.domains import DOMAINS, DomainSection
+from stillroom.config.domains import DOMAINS, ClassifierConfig, DomainSection
 from stillroom.config.core import (
     DataConfig,
     DataSource,
@@ -48,10 +48,14 @@ from stillroom.config.methods import (
 
 __all__ = [
     "ConditionalConfig", "DOMAINS", "DataConfig", "DomainSection", "DataSource", "DdkConfig", "EvalConfig", "GenerateConfig", "GenerateExport",
-    "GenerateInput", "LayerSelection", "LoraConfig", "LossConfig", "LossTerm", "METHODS", "MethodSection",
+    "GenerateInput", "LM_SECTIONS", "LayerSelection", "LoraConfig", "LossConfig", "LossTerm", "METHODS", "MethodSection",
     "ModelSource", "OnPolicyConfig", "RediConfig", "RemoteConfig", "RunConfig", "SelectConfig", "StepByStepConfig",
     "StoreConfig", "Strict", "StudentConfig", "TeacherConfig", "TrainConfig",
 ]
+
+
+LM_SECTIONS = ("teacher", "student", "data")
+"""Core sections only the language-model domain reads; another domain's run refuses them."""
 
 
 class RunConfig(Strict):
@@ -81,6 +85,9 @@ class RunConfig(Strict):
     redi: RediConfig | None = Field(None, description="Settings of method=redi.")
     ddk: DdkConfig | None = Field(None, description="Settings of method=ddk.")
     conditional: ConditionalConfig | None = Field(None, description="Settings of method=conditional.")
+    classifier: ClassifierConfig | None = Field(
+        None, description="Settings of domain=classifier: the data set, the classifier teacher and the student."
+    )
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Used by `stillroom generate`.")
     select: SelectConfig = Field(default_factory=SelectConfig, description="Used by `stillroom select`.")
     cache_dir: str | None = Field(None, description="Model cache (default: $STILLROOM_CACHE or ~/.cache/stillroom).")
@@ -121,6 +128,20 @@ class RunConfig(Strict):
         own = DOMAINS[self.domain]
         if own is not None and getattr(self, own.domain) is None:
             object.__setattr__(self, own.domain, own())
+        return self
+
+    @model_validator(mode="after")
+    def _lm_only_sections(self) -> "RunConfig":
+        """Another domain than ``lm`` takes its teacher, student and data from its own section: a recipe
+        that sets the language-model sections ``teacher``, ``student`` or ``data`` is refused."""
+        if self.domain != "lm":
+            given = [s for s in LM_SECTIONS if s in self.model_fields_set]
+            if given:
+                raise ValueError(
+                    f"the `{given[0]}` section is set, but domain is {self.domain!r}: `teacher`, `student` and "
+                    f"`data` are language-model (domain: lm) sections. Set them in the `{self.domain}` section "
+                    f"(e.g. {self.domain}.teacher, {self.domain}.student) and remove `{given[0]}`"
+                )
         return self
 
     @property

@@ -5,7 +5,8 @@
 
 from stillroom.domains.base import Domain, PreparedRun
 from stillroom.domains.lm.prepare import LmDomain
+from stillroom.domains.vision import ClassifierDomain
 
-DOMAINS: dict[str, Domain] = {d.name: d for d in (LmDomain(),)}
+DOMAINS: dict[str, Domain] = {d.name: d for d in (LmDomain(), ClassifierDomain())}
 
 __all__ = ["DOMAINS", "Domain", "PreparedRun"]

@@ -14,6 +14,11 @@
 
 Non-finite floats (an overflowing perplexity) are written as ``null`` so the
 file is strict JSON.
+
+Each domain's metrics show in report.md as its :class:`ReportLayout` says (:data:`LAYOUTS`: the
+columns in order with their formats, the "versus the teacher" deltas, the throughput metric, the
+CE unit and the plots the domain draws into the run folder itself); a caller names the layout, or
+it is the one whose ``marker`` metric the models carry (``lm`` otherwise).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -53,6 +59,62 @@ _COLUMNS = (
     ("tokens", "eval tokens", "int"),
 )
 _DELTA_KEYS = ("heldout_ce", "perplexity", "bits_per_byte")
+
+_CLASSIFIER_COLUMNS = (
+    ("accuracy", "accuracy", "pct"),
+    ("top1_agreement", "top-1 agree", "pct"),
+    ("ece", "ECE", "f4"),
+    ("kl_teacher_student", "KL(teacher‖model)", "f4"),
+    ("heldout_ce", "CE (nats/image)", "f4"),
+    ("params", "params", "count"),
+    ("trainable_params", "trainable", "count"),
+    ("images_per_s", "fwd images/s", "int"),
+    ("train_seconds", "train s", "f1"),
+    ("steps", "steps", "int"),
+    ("examples", "eval images", "int"),
+)
+
+
+@dataclass(frozen=True)
+class ReportLayout:
+    """How one domain's metrics show in report.md.
+
+    ``columns``: ``(metric key, header, format)`` in table order (formats: ``f4``, ``f1``, ``pct``, ``ppl``,
+    ``int``, ``count``; other scalar metrics follow, sorted); ``deltas``: metrics shown as model − teacher;
+    ``speed``: the forward-throughput metric (the summary's speed ratio); ``ce_unit``: what ``heldout_ce``
+    is per; ``plots``: PNG files the domain writes into the run folder before the report (embedded when
+    present); ``marker``: a metric only this domain reports (picks the layout when none is named).
+    """
+
+    columns: tuple[tuple[str, str, str | None], ...]
+    deltas: tuple[str, ...]
+    speed: str
+    ce_unit: str
+    plots: tuple[str, ...] = ()
+    marker: str | None = None
+
+
+LAYOUTS: dict[str, ReportLayout] = {
+    "lm": ReportLayout(_COLUMNS, _DELTA_KEYS, speed="tokens_per_s", ce_unit="nats/token"),
+    "classifier": ReportLayout(_CLASSIFIER_COLUMNS, ("accuracy", "ece", "heldout_ce"), speed="images_per_s",
+                               ce_unit="nats/image", plots=("confusion_matrix.png",), marker="images_per_s"),
+}
+"""Report layouts by domain name (``RunConfig.domain``)."""
+
+
+def resolve_layout(layout: "str | ReportLayout | None", models: dict[str, dict]) -> ReportLayout:
+    """``layout`` itself, the layout of that name, or (``None``) the first whose ``marker`` the models carry,
+    else ``lm``'s."""
+    if isinstance(layout, ReportLayout):
+        return layout
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"write_report: unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+        return LAYOUTS[layout]
+    for candidate in LAYOUTS.values():
+        if candidate.marker is not None and any(candidate.marker in m for m in models.values()):
+            return candidate
+    return LAYOUTS["lm"]
 
 
 def _plain(value: Any, *, finite_only: bool) -> Any:
@@ -123,7 +185,7 @@ def _num(metrics: dict, key: str) -> float | None:
     return float(v)
 
 
-def _deltas(models: dict[str, dict]) -> dict[str, dict[str, float]]:
+def _deltas(models: dict[str, dict], keys: tuple[str, ...] = _DELTA_KEYS) -> dict[str, dict[str, float]]:
     if "teacher" not in models:
         return {}
     out = {}
@@ -131,7 +193,7 @@ def _deltas(models: dict[str, dict]) -> dict[str, dict[str, float]]:
         if key not in models:
             continue
         d = {}
-        for metric in _DELTA_KEYS:
+        for metric in keys:
             a, t = _num(models[key], metric), _num(models["teacher"], metric)
             if a is not None and t is not None:
                 d[metric] = a - t
@@ -139,8 +201,9 @@ def _deltas(models: dict[str, dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _summary(models: dict[str, dict]) -> dict[str, float]:
-    """Gap closed on CE, KD-vs-baseline CE difference, teacher/student size and speed ratios."""
+def _summary(models: dict[str, dict], speed: str = "tokens_per_s") -> dict[str, float]:
+    """Gap closed on CE, KD-vs-baseline CE (and accuracy) difference, teacher/student size and speed ratios
+    (``speed``: the throughput metric)."""
     out: dict[str, float] = {}
     ce = {k: _num(m, "heldout_ce") for k, m in models.items()}
     t, b, a = ce.get("teacher"), ce.get("student_before"), ce.get("student_after")
@@ -148,11 +211,14 @@ def _summary(models: dict[str, dict]) -> dict[str, float]:
         out["ce_gap_closed"] = (b - a) / (b - t)
     if a is not None and ce.get("baseline") is not None:
         out["ce_after_minus_baseline"] = a - ce["baseline"]
+    acc = {k: _num(m, "accuracy") for k, m in models.items()}
+    if acc.get("student_after") is not None and acc.get("baseline") is not None:
+        out["accuracy_after_minus_baseline"] = acc["student_after"] - acc["baseline"]
     if "teacher" in models and "student_after" in models:
         tp, sp = _num(models["teacher"], "params"), _num(models["student_after"], "params")
         if tp and sp:
             out["param_ratio_teacher_over_student"] = tp / sp
-        ts, ss = _num(models["teacher"], "tokens_per_s"), _num(models["student_after"], "tokens_per_s")
+        ts, ss = _num(models["teacher"], speed), _num(models["student_after"], speed)
         if ts and ss:
             out["speedup_student_over_teacher"] = ss / ts
     return out
@@ -188,10 +254,10 @@ def _validate(models: dict, generations: dict | None, prompts: list | None) -> N
             )
 
 
-def _markdown(report: dict, models: dict[str, dict]) -> str:
+def _markdown(report: dict, models: dict[str, dict], layout: ReportLayout = LAYOUTS["lm"]) -> str:
     lines = [f"# {report['title']}", "", f"_created {report['created']}_", "", "## Metrics", ""]
-    known = [c for c in _COLUMNS if any(c[0] in m for m in models.values())]
-    known_keys = {c[0] for c in _COLUMNS}
+    known = [c for c in layout.columns if any(c[0] in m for m in models.values())]
+    known_keys = {c[0] for c in layout.columns}
     extra = sorted(
         {
             k
@@ -211,10 +277,10 @@ def _markdown(report: dict, models: dict[str, dict]) -> str:
             )
     if report["deltas"]:
         lines += ["", "## Versus the teacher", "", "Difference model − teacher (lower CE is better).", ""]
-        lines.append("| model | " + " | ".join(f"Δ {k}" for k in _DELTA_KEYS) + " |")
-        lines.append("|---|" + "|".join("---:" for _ in _DELTA_KEYS) + "|")
+        lines.append("| model | " + " | ".join(f"Δ {k}" for k in layout.deltas) + " |")
+        lines.append("|---|" + "|".join("---:" for _ in layout.deltas) + "|")
         for key, d in report["deltas"].items():
-            vals = [f"{d[k]:+.4f}" if k in d else "—" for k in _DELTA_KEYS]
+            vals = [f"{d[k]:+.4f}" if k in d else "—" for k in layout.deltas]
             lines.append(f"| {MODEL_LABELS[key]} | " + " | ".join(vals) + " |")
     s = report["summary"]
     if s:
@@ -225,7 +291,10 @@ def _markdown(report: dict, models: dict[str, dict]) -> str:
                 "((before − after) / (before − teacher))"
             )
         if "ce_after_minus_baseline" in s:
-            lines.append(f"- student (after) CE − baseline CE: {s['ce_after_minus_baseline']:+.4f} nats/token")
+            lines.append(f"- student (after) CE − baseline CE: {s['ce_after_minus_baseline']:+.4f} {layout.ce_unit}")
+        if "accuracy_after_minus_baseline" in s:
+            lines.append(f"- student (after) accuracy − baseline accuracy: "
+                         f"{100 * s['accuracy_after_minus_baseline']:+.1f} points")
         if "param_ratio_teacher_over_student" in s:
             lines.append(f"- teacher / student parameters: {s['param_ratio_teacher_over_student']:.2f}×")
         if "speedup_student_over_teacher" in s:
@@ -259,15 +328,19 @@ def write_report(
     metrics_files: dict[str, Path] | None = None,
     title: str = "stillroom run",
     notes: list[str] | None = None,
+    layout: str | ReportLayout | None = None,
 ) -> dict:
     """Write ``report.json``, ``report.md``, ``loss_curves.png``, ``metrics_bars.png``.
 
     ``models``: metric dicts keyed by some of :data:`MODEL_KEYS` (as returned by
     :func:`stillroom.eval.metrics.evaluate_lm`, plus ``params``, ``tokens_per_s``
-    and extras such as ``train_seconds``/``steps``; missing values show as "—").
+    and extras such as ``train_seconds``/``steps``, or by a domain's ``evaluate``;
+    missing values show as "—").
     ``generations``: ``{model key: [text per prompt]}``. ``metrics_files``:
-    ``{run label: metrics.jsonl}`` for the loss curves. Every file is written
-    atomically (temp file + rename). Returns the report dict (as in report.json).
+    ``{run label: metrics.jsonl}`` for the loss curves. ``layout``: a
+    :data:`LAYOUTS` name or a :class:`ReportLayout` (``None``: chosen from the
+    metrics, see :func:`resolve_layout`). Every file is written atomically
+    (temp file + rename). Returns the report dict (as in report.json).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -276,26 +349,28 @@ def write_report(
     generations = {k: list(v) for k, v in generations.items()} if generations else {}
     _validate(models, generations, prompts)
     metrics_files = {str(k): Path(v) for k, v in (metrics_files or {}).items()}
+    chosen = resolve_layout(layout, models)
 
     plots = []
     plot_loss_curves(run_dir / "loss_curves.png", metrics_files)
     plots.append("loss_curves.png")
     plot_metric_bars(run_dir / "metrics_bars.png", {k: models[k] for k in MODEL_KEYS if k in models}, MODEL_LABELS)
     plots.append("metrics_bars.png")
+    plots += [name for name in chosen.plots if (run_dir / name).is_file()]
 
     report: dict[str, Any] = {
         "title": title,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "models": models,
-        "deltas": _deltas(models),
-        "summary": _summary(models),
+        "deltas": _deltas(models, chosen.deltas),
+        "summary": _summary(models, chosen.speed),
         "prompts": prompts,
         "generations": generations,
         "notes": list(notes or []),
         "plots": plots,
         "metrics_files": {k: str(v) for k, v in metrics_files.items()},
     }
-    _atomic_write_text(run_dir / REPORT_MD, _markdown(report, models))
+    _atomic_write_text(run_dir / REPORT_MD, _markdown(report, models, chosen))
     for key in MODEL_KEYS:
         if key in models:
             report[key] = models[key]

@@ -20,7 +20,7 @@ def write_run_report(prep: PreparedRun, models: dict, metrics_files: dict[str, P
     report = write_report(
         cfg.run_dir, models, generations=generations or None, prompts=prompts,
         metrics_files={k: f for k, f in metrics_files.items() if f.exists()},
-        title=f"stillroom run `{cfg.name}` ({cfg.method})", notes=prep.report_notes(),
+        title=f"stillroom run `{cfg.name}` ({cfg.method})", notes=prep.report_notes(), layout=cfg.domain,
     )
     log(f"report: {cfg.run_dir / 'report.md'}")
     return report

@@ -47,8 +47,11 @@ def prepare_run(cfg: RunConfig, *, log: Log = print) -> tuple[PreparedRun, Metho
     topology = init_topology(cfg.train.device)
     # Resolve `auto` once; the resolved values are what config.resolved.yaml records.
     cfg.train.precision = resolve_precision(cfg.train.precision, cfg.train.device)
-    cfg.teacher.dtype = resolve_dtype(cfg.teacher.dtype, cfg.teacher.device)
-    log(f"precision: train {cfg.train.precision}, teacher weights {cfg.teacher.dtype}")
+    if cfg.domain == "lm":  # the other domains' teachers are their own sections' business
+        cfg.teacher.dtype = resolve_dtype(cfg.teacher.dtype, cfg.teacher.device)
+        log(f"precision: train {cfg.train.precision}, teacher weights {cfg.teacher.dtype}")
+    else:
+        log(f"precision: train {cfg.train.precision}")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)

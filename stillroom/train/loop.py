@@ -62,6 +62,8 @@ class TrainJob:
     """The method's per-step metrics."""
     resume: bool = False
     log: Callable[[str], None] = field(default=print)
+    unit: str = "targets"
+    """What one target is, for the progress line (``tok`` for a language model, ``img`` for a classifier)."""
 
 
 def train(job: TrainJob) -> TrainResult:
@@ -111,7 +113,7 @@ def update(player: Player, run: Session, step: int) -> dict[str, Any]:
     per_target = {k: topology.all_reduce_sum(v) / targets for k, v in sorted(parts.items())}
     player.objective.after_step(per_target, step, tc.steps)
     return {"loss": loss, "lr": player.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-            "target_tokens": int(targets), "teacher_s": teacher_s, "generate_s": generate_s,
+            "targets": int(targets), "teacher_s": teacher_s, "generate_s": generate_s,
             **{f"loss/{k}": v for k, v in per_target.items()}, **player.objective.metrics()}
 
 
@@ -133,7 +135,8 @@ def forward_backward(micro: list, player: Player, forward: torch.nn.Module, *, d
         batch = batch.to(device)
         t_teacher = time.perf_counter()
         signal = player.objective.signal(batch)
-        teacher_s += time.perf_counter() - t_teacher
+        if signal is not None:  # a player without a teacher spends no teacher time
+            teacher_s += time.perf_counter() - t_teacher
         sync = forward.no_sync() if ddp and j < len(micro) - 1 else contextlib.nullcontext()
         with sync:
             with autocast:

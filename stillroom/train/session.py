@@ -35,7 +35,7 @@ class TrainResult:
     train_seconds: float = 0.0
     median_step_s: float = 0.0
     median_teacher_s: float = 0.0
-    target_tokens: int = 0
+    targets: int = 0
     checkpoint: Path | None = None
 
 
@@ -58,7 +58,8 @@ class Session:
         self.autocast = autocast(tc.precision, job.device)  # one reusable context for every forward
         self.metrics = MetricsLog(job.run_dir / "metrics.jsonl", resume_step=self.start_step if job.resume else None,
                                   trackers=tc.trackers, run_name=job.run_name, enabled=job.topology.is_main)
-        self.progress = Progress(total=tc.steps, start=self.start_step, enabled=job.topology.is_main, log=job.log)
+        self.progress = Progress(total=tc.steps, start=self.start_step, enabled=job.topology.is_main, log=job.log,
+                                unit=job.unit)
         self.step_times: list[float] = []
         self.teacher_times: list[float] = []
         self.losses: list[float] = []
@@ -101,11 +102,11 @@ class Session:
     def finish_step(self, step: int, record: dict[str, Any], seconds: float) -> None:
         """Timings, the method's metrics, periodic evaluation, the metrics record, progress and checkpoint."""
         job, tc = self.job, self.job.train
-        record.update(step_s=seconds, tokens_per_s=record["target_tokens"] / seconds)
+        record.update(step_s=seconds, targets_per_s=record["targets"] / seconds)
         self.step_times.append(seconds)
         self.teacher_times.append(record["teacher_s"])
         self.losses.append(record["loss"])
-        self.total_targets += record["target_tokens"]
+        self.total_targets += record["targets"]
         if job.metrics is not None:
             record.update(job.metrics())
         if job.evaluate is not None and tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
@@ -114,7 +115,7 @@ class Session:
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
             self.metrics.log(record)
         generating = any(p.replace_batches is not None for p in job.players)
-        self.progress.update(step + 1, record["loss"], record["tokens_per_s"],
+        self.progress.update(step + 1, record["loss"], record["targets_per_s"],
                              record["generate_s"] / seconds if generating else None)
         if (tc.save_every and (step + 1) % tc.save_every == 0) or step + 1 == tc.steps:
             if job.topology.is_main:
@@ -145,5 +146,5 @@ class Session:
             losses=self.losses, train_seconds=time.perf_counter() - self.t_start,
             median_step_s=statistics.median(self.step_times) if self.step_times else 0.0,
             median_teacher_s=statistics.median(self.teacher_times) if self.teacher_times else 0.0,
-            target_tokens=self.total_targets, checkpoint=latest_checkpoint(self.ckpt_root),
+            targets=self.total_targets, checkpoint=latest_checkpoint(self.ckpt_root),
         )

@@ -65,7 +65,7 @@ def test_onpolicy_resume_matches_uninterrupted_with_taid(recipe_factory, tmp_pat
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-6)
     assert [r["taid_t"] for r in resumed] == pytest.approx(taid_t, abs=1e-7)
-    assert [r["target_tokens"] for r in resumed] == [r["target_tokens"] for r in full]
+    assert [r["targets"] for r in resumed] == [r["targets"] for r in full]
     again = [json.loads(line) for line in (resumed_dir / "onpolicy.jsonl").read_text().splitlines()]
     assert [(s["step"], s["micro"], s["source"], s["target_tokens"]) for s in again] == \
         [(s["step"], s["micro"], s["source"], s["target_tokens"]) for s in sources]
@@ -125,4 +125,4 @@ def test_onpolicy_under_two_processes(recipe_factory, tmp_path):
     assert all(r["generate_s"] > 0 and r["loss"] == r["loss"] for r in rows)
     # micro_batch_size is per process: each rank generates 2 rows of at most 8 new tokens, and the
     # logged count is the sum over both ranks, so it may exceed what one process can produce.
-    assert all(1 <= r["target_tokens"] <= 2 * 2 * 8 for r in rows)
+    assert all(1 <= r["targets"] <= 2 * 2 * 8 for r in rows)

@@ -98,7 +98,7 @@ class LmRun:
             train=cfg.train, seed=cfg.seed, run_dir=run_dir, run_name=cfg.name, players=[player], examples=examples,
             collate=functools.partial(collate, pad_id=self.tokenizer.pad_token_id), topology=self.topology,
             device=self.device, sampler=plan.sampler or ExampleSampler, group_size=1 if baseline else
-            self.data.group_size, evaluate=evaluate, metrics=plan.metrics, resume=resume, log=log,
+            self.data.group_size, evaluate=evaluate, metrics=plan.metrics, resume=resume, log=log, unit="tok",
         )
         return job, plan
 

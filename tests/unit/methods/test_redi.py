@@ -252,7 +252,7 @@ def test_cli_resume_continues_the_pair_order_exactly(tmp_path, tiny_teacher_dir,
     resumed = [json.loads(l) for l in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-6)
-    assert [r["target_tokens"] for r in resumed] == [r["target_tokens"] for r in full]
+    assert [r["targets"] for r in resumed] == [r["targets"] for r in full]
 
 
 # ---------------------------------------------------------------------------------- data

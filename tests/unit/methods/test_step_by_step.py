@@ -214,7 +214,7 @@ def test_cli_run_multi_task(tiny_teacher_dir, tmp_path):
     assert [r["step"] for r in lines] == [1, 2, 3]
     for r in lines:
         assert r["step_by_step/tokens_predict"] > 0 and r["step_by_step/tokens_explain"] > r["step_by_step/tokens_predict"]
-        assert r["target_tokens"] == r["step_by_step/tokens_predict"] + r["step_by_step/tokens_explain"]
+        assert r["targets"] == r["step_by_step/tokens_predict"] + r["step_by_step/tokens_explain"]
         # the loop's loss is the objective: alpha * ce_predict + (1 - alpha) * ce_explain at the step's parameters
         expected = 0.5 * r["step_by_step/ce_predict"] + 0.5 * r["step_by_step/ce_explain"]
         assert r["loss"] == pytest.approx(expected, rel=1e-4)

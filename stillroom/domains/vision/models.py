@@ -1,0 +1,138 @@
+"""Image classifiers built from config in plain torch, saved as ``model.safetensors`` + ``config.json``.
+
+A :class:`Classifier` maps images ``[B, C, H, W]`` to logits ``[B, num_classes]``; its layers are an
+``nn.Sequential`` built from a :class:`~stillroom.config.domains.ClassifierArch` (an MLP or a small
+CNN). A saved folder holds the weights (safetensors, never pickle) and ``config.json``
+(``{"format", "arch", "in_shape", "num_classes", "classes", ...}``): enough to rebuild the module with
+plain torch and load the weights, with or without stillroom.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from stillroom.config.domains import ClassifierArch
+
+FORMAT = "stillroom-classifier/1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class Classifier(nn.Module):
+    """``layers``: images ``[B, C, H, W]`` float -> logits ``[B, num_classes]``."""
+
+    def __init__(self, arch: ClassifierArch, in_shape: tuple[int, int, int], num_classes: int):
+        super().__init__()
+        self.arch = arch
+        self.in_shape = tuple(in_shape)
+        self.num_classes = num_classes
+        self.layers = _mlp(arch, in_shape, num_classes) if arch.kind == "mlp" else _cnn(arch, in_shape, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` ``[B, C, H, W]`` -> logits ``[B, num_classes]``."""
+        return self.layers(images)
+
+    def describe(self) -> str:
+        """e.g. ``mlp [256, 256] (85.1K params)``."""
+        widths = self.arch.hidden if self.arch.kind == "mlp" else self.arch.channels
+        n = sum(p.numel() for p in self.parameters())
+        return f"{self.arch.kind} {widths} ({n:,} params)"
+
+
+def _mlp(arch: ClassifierArch, in_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
+    """Flatten; Linear + ReLU (+ Dropout) per hidden width; Linear to the classes."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_shape[0] * in_shape[1] * in_shape[2]
+    for h in arch.hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if arch.dropout:
+            layers.append(nn.Dropout(arch.dropout))
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _cnn(arch: ClassifierArch, in_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
+    """Per channel entry: 3x3 Conv2d (padding 1) + ReLU, then 2x2 max-pooling while the map is larger than
+    2x2 (8x8 -> 4x4 -> 2x2); flatten (+ Dropout); Linear to the classes."""
+    layers: list[nn.Module] = []
+    c, h, w = in_shape
+    for out in arch.channels:
+        layers += [nn.Conv2d(c, out, kernel_size=3, padding=1), nn.ReLU()]
+        c = out
+        if h > 2 and w > 2:
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+    layers.append(nn.Flatten())
+    if arch.dropout:
+        layers.append(nn.Dropout(arch.dropout))
+    layers.append(nn.Linear(c * h * w, num_classes))
+    return nn.Sequential(*layers)
+
+
+def build_classifier(arch: ClassifierArch, in_shape: tuple[int, int, int], num_classes: int, *,
+                     seed: int) -> Classifier:
+    """A new classifier initialised from ``seed`` (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Classifier(arch, in_shape, num_classes)
+
+
+def save_classifier(model: Classifier, folder: Path, *, extra: dict | None = None) -> None:
+    """Write ``model`` as ``folder/{model.safetensors, config.json}``: into ``<folder>.tmp``, then renamed into
+    place (a reader never sees half a folder). ``extra``: more ``config.json`` fields (e.g. class names)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write_classifier_files(model, tmp, extra=extra)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def write_classifier_files(model: Classifier, folder: Path, *, extra: dict | None = None) -> None:
+    """``model.safetensors`` + ``config.json`` of ``model`` into the existing ``folder``, fsynced."""
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT})
+    config = {"format": FORMAT, "arch": arch_json(model.arch), "in_shape": list(model.in_shape),
+              "num_classes": model.num_classes, "layers": "torch.nn.Sequential (see stillroom.domains.vision.models)",
+              **(extra or {})}
+    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    for name in (WEIGHTS, CONFIG):
+        with open(folder / name, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def arch_json(arch: ClassifierArch) -> dict:
+    """``arch`` as JSON without the other kind's field (``channels`` of an mlp, ``hidden`` of a cnn)."""
+    return arch.model_dump(mode="json", exclude={"channels" if arch.kind == "mlp" else "hidden"})
+
+
+def read_config(folder: Path) -> dict:
+    """The ``config.json`` of a saved classifier folder (checked to be one)."""
+    path = Path(folder) / CONFIG
+    if not path.is_file() or not (Path(folder) / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder} is not a saved classifier: it needs {CONFIG} and {WEIGHTS}")
+    config = json.loads(path.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {config.get('format')!r} is not {FORMAT!r} (not a stillroom classifier)")
+    return config
+
+
+def load_classifier(folder: Path) -> Classifier:
+    """The classifier :func:`save_classifier` wrote in ``folder`` (float32, CPU, eval mode)."""
+    config = read_config(folder)
+    model = Classifier(ClassifierArch.model_validate(config["arch"]), tuple(config["in_shape"]),
+                       int(config["num_classes"]))
+    model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)))
+    return model.eval()

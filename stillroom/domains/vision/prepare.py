@@ -1,0 +1,172 @@
+"""The classifier domain: an image classifier distilled from a classifier teacher through the one core.
+
+Before step 0, in order: the data set is loaded and split by hash (:mod:`.data`); the teacher is
+loaded from a folder or trained here once and cached (:mod:`.teacher`); the student is built from
+``classifier.student`` and the seed (:mod:`.models`). A training job binds a model to the method's
+logit terms (``kd``: ``loss.terms`` against the in-process teacher; ``sft`` and the baseline:
+``ce`` alone) through the same :class:`~stillroom.train.players.DistillObjective` as a language
+model: logits ``[B, 1, C]``, mask ``[B, 1]`` (:mod:`.forward`). The report's metrics are
+:mod:`.metrics`'; a confusion matrix of the student after training is drawn into the run folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from stillroom.config.schema import LossTerm, RunConfig
+from stillroom.data.sampler import ExampleSampler
+from stillroom.data.seeds import derive_seed
+from stillroom.domains.vision.data import ImageExample, ImageSplits, build_image_splits, collate_images
+from stillroom.domains.vision.forward import ClassifierForward, ClassifierTeacher
+from stillroom.domains.vision.metrics import (
+    ECE_BINS, classifier_metrics, confusion_matrix, images_per_s, logits_of, plot_confusion_matrix,
+)
+from stillroom.domains.vision.models import Classifier, build_classifier, load_classifier, save_classifier
+from stillroom.domains.vision.teacher import classifier_teacher
+from stillroom.losses import LossMix
+from stillroom.methods.base import Method, MethodContext, MethodPlan
+from stillroom.train.distributed import Topology, resolve_device
+from stillroom.train.loop import TrainJob
+from stillroom.train.players import DistillObjective, Player
+
+Log = Callable[[str], None]
+CONFUSION_PNG = "confusion_matrix.png"
+"""The student's confusion matrix after training, in the run folder (the report embeds it)."""
+
+
+@dataclass
+class ClassifierRun:
+    """A classifier run's models and data, loaded and checked before step 0 (a
+    :class:`~stillroom.domains.base.PreparedRun`)."""
+
+    cfg: RunConfig
+    topology: Topology
+    device: torch.device
+    teacher_model: Classifier
+    student: Classifier
+    data: ImageSplits
+    teacher_origin: str
+
+    def loss_mix(self, method: Method) -> LossMix:
+        """``loss.terms`` (``sft``: ``ce`` alone); refused when a term needs hidden states or attentions."""
+        loss_cfg = self.cfg.loss
+        if method.ce_only:
+            loss_cfg = loss_cfg.model_copy(update={"terms": [LossTerm(name="ce")]})
+        mix = LossMix(loss_cfg)
+        structural = [s.name for s in mix.specs if s.kind != "logit"]
+        if structural:
+            raise ValueError(f"loss terms {structural} compare hidden states or attentions; the classifier domain's "
+                             "models give logits only: use logit terms (ce, forward_kl, reverse_kl, jsd, ...)")
+        return mix
+
+    def job(self, model: torch.nn.Module, method: Method, *, baseline: bool, run_dir: Path, resume: bool,
+            log: Log) -> tuple[TrainJob, MethodPlan]:
+        """Train ``model`` with ``method`` on the training images (the baseline's view is the same images)."""
+        cfg = self.cfg
+        examples, heldout = (self.data.baseline_train, self.data.baseline_heldout) if baseline else \
+            (self.data.train, self.data.heldout)
+        mix = self.loss_mix(method)
+        plan = method.plan(MethodContext(
+            cfg=cfg, run_dir=run_dir, model=model, data=self.data, tokenizer=None, teacher_model=self.teacher_model,
+            vocab_size=self.data.dataset.num_classes, topology=self.topology, mix=mix, log=log))
+        teacher = ClassifierTeacher(self.teacher_model) if mix.needs_teacher else None
+        player = Player("student", model, DistillObjective(ClassifierForward(model), mix, teacher),
+                        replace_batches=plan.replace_batches, weight_targets=plan.weight_targets)
+        evaluate = self.periodic_evaluation(heldout) if cfg.train.eval_every and self.topology.is_main else None
+        job = TrainJob(
+            train=cfg.train, seed=cfg.seed, run_dir=run_dir, run_name=cfg.name, players=[player], examples=examples,
+            collate=collate_images, topology=self.topology, device=self.device,
+            sampler=plan.sampler or ExampleSampler, group_size=1, evaluate=evaluate, metrics=plan.metrics,
+            resume=resume, log=log, unit="img",
+        )
+        return job, plan
+
+    def _tensors(self, examples: list[ImageExample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images [N, C, H, W], labels [N])`` of ``examples``."""
+        if not examples:
+            raise ValueError("no held-out images to evaluate: raise classifier.heldout_fraction")
+        return torch.stack([e.image for e in examples]), torch.tensor([e.label for e in examples])
+
+    def _logits(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        device = next(model.parameters()).device
+        return logits_of(model, images, batch_size=self.cfg.classifier.eval_batch_size, device=device)
+
+    def periodic_evaluation(self, heldout: list[ImageExample]) -> Callable[[torch.nn.Module], dict]:
+        """Held-out accuracy, CE, KL to the teacher and top-1 agreement, for ``train.eval_every``."""
+        images, labels = self._tensors(heldout)
+        teacher_logits = self._logits(self.teacher_model, images)
+
+        def evaluate(model: torch.nn.Module) -> dict:
+            m = classifier_metrics(self._logits(model, images), labels, teacher_logits)
+            return {k: m[k] for k in ("accuracy", "heldout_ce", "kl_teacher_student", "top1_agreement")}
+
+        return evaluate
+
+    def evaluate(self, models: dict[str, tuple[torch.nn.Module, list]], log: Log) -> dict[str, dict]:
+        """Per named model, on its held-out images: accuracy, top-1 agreement with the teacher, ECE, KL(teacher ||
+        model), CE, parameters, images/s; ``student_after`` also gets its confusion matrix (JSON and PNG)."""
+        out = {}
+        for name, (model, examples) in models.items():
+            model.to(self.device)  # the student before training and a loaded one start on the CPU
+            images, labels = self._tensors(examples)
+            logits = self._logits(model, images)
+            teacher_logits = logits if model is self.teacher_model else self._logits(self.teacher_model, images)
+            m = classifier_metrics(logits, labels, teacher_logits)
+            m["params"] = sum(p.numel() for p in model.parameters())
+            m["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            batch = images[: self.cfg.classifier.eval_batch_size]
+            m["images_per_s"] = images_per_s(model, batch, device=self.device, precision=self.cfg.train.precision)
+            if name == "student_after":
+                ds = self.data.dataset
+                matrix = confusion_matrix(logits.argmax(-1), labels, ds.num_classes)
+                m["confusion_matrix"] = matrix.tolist()
+                self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+                plot_confusion_matrix(self.cfg.run_dir / CONFUSION_PNG, matrix, ds.classes,
+                                      f"student (after): {ds.name}, {len(labels)} held-out images")
+            log(f"eval {name}: accuracy {100 * m['accuracy']:.1f}%, agreement {100 * m['top1_agreement']:.1f}%, "
+                f"ece {m['ece']:.4f}, kl {m['kl_teacher_student']:.4f}, ce {m['heldout_ce']:.4f}")
+            out[name] = m
+        return out
+
+    def save_model(self, model: torch.nn.Module, folder: Path) -> None:
+        """``model.safetensors`` + ``config.json`` (with the class names), renamed into place."""
+        save_classifier(model, folder, extra={"classes": self.data.dataset.classes})
+
+    def load_model(self, folder: Path) -> torch.nn.Module:
+        return load_classifier(folder)
+
+    def report_notes(self) -> list[str]:
+        s, sec = self.data.stats, self.cfg.classifier
+        return [
+            f"data: {s['dataset']}, {s['train_images']} training / {s['heldout_images']} held-out images of shape "
+            f"{s['image_shape']}, {s['classes']} classes; held out by the hash of each image's index "
+            f"(fraction {sec.heldout_fraction}, the same for every seed)",
+            f"teacher: {self.teacher_origin}",
+            f"student: {self.student.describe()}, randomly initialised from seed {self.cfg.seed}",
+            f"metrics on every held-out image: CE and KL(teacher‖model) in nats per image; ECE: top-1 confidence, "
+            f"{ECE_BINS} equal-width bins (torchmetrics); images/s: forward passes of {sec.eval_batch_size} images "
+            "after a warm-up",
+        ]
+
+
+class ClassifierDomain:
+    name = "classifier"
+
+    def prepare(self, cfg: RunConfig, topology: Topology, method: Method, log: Log) -> ClassifierRun:
+        """Load and split the data, load or train the teacher, build the student (see the module docstring)."""
+        sec = cfg.classifier
+        device = resolve_device(cfg.train.device, topology)
+        data = build_image_splits(sec.dataset, sec.heldout_fraction)
+        log(f"data: {sec.dataset}, {len(data.train)} training / {len(data.heldout)} held-out images")
+        teacher, origin = classifier_teacher(sec.teacher, data, heldout_fraction=sec.heldout_fraction, seed=cfg.seed,
+                                             cache_dir=cfg.cache_dir, device=device, topology=topology, log=log)
+        log(f"teacher: {origin}")
+        ds = data.dataset
+        student = build_classifier(sec.student, ds.in_shape, ds.num_classes,
+                                   seed=derive_seed(cfg.seed, "classifier-student"))
+        log(f"student: {student.describe()}")
+        return ClassifierRun(cfg, topology, device, teacher, student, data, origin)

@@ -1,0 +1,141 @@
+"""The classifier teacher: loaded from a folder, or trained here once and cached.
+
+Without ``classifier.teacher.path``, the teacher is trained with cross-entropy on the training split
+through the same loop as every student (:func:`stillroom.train.loop.train`: one player, a
+:class:`~stillroom.losses.LossMix` of ``ce``), then kept in
+``<cache_dir>/classifiers/<key>/`` (``model.safetensors``, ``config.json``, ``teacher.json`` with
+its settings and held-out accuracy, ``metrics.jsonl`` of its training). ``key`` hashes the
+teacher's settings, the data (name, pixels, labels, held-out fraction) and the seed; a later run
+with the same key loads the folder instead of training. The folder is trained in
+``.tmp-<key>-<pid>/`` and renamed into place when complete, so a killed run never leaves half a
+teacher behind (its temporary folder is removed by the next run that trains it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from stillroom.config.core import LossConfig, LossTerm, TrainConfig
+from stillroom.config.domains import ClassifierTeacherConfig
+from stillroom.data.sampler import ExampleSampler
+from stillroom.data.seeds import derive_seed
+from stillroom.domains.vision.data import ImageSplits, collate_images
+from stillroom.domains.vision.forward import ClassifierForward
+from stillroom.domains.vision.metrics import logits_of
+from stillroom.domains.vision.models import Classifier, arch_json, build_classifier, load_classifier, \
+    write_classifier_files
+from stillroom.losses import LossMix
+from stillroom.models.builtin import cache_root
+from stillroom.train.distributed import Topology
+from stillroom.train.loop import TrainJob, train
+from stillroom.train.players import DistillObjective, Player
+
+Log = Callable[[str], None]
+RECIPE_VERSION = 1
+"""Bumped when how a teacher is trained here changes (part of the cache key)."""
+
+
+def teacher_key(tc: ClassifierTeacherConfig, data: ImageSplits, heldout_fraction: float, seed: int) -> str:
+    """16 hex digits of the SHA-256 of the teacher's settings, the data and the seed."""
+    payload = {
+        "version": RECIPE_VERSION, "arch": arch_json(tc.arch), "steps": tc.steps, "batch_size": tc.batch_size,
+        "lr": tc.lr, "weight_decay": tc.weight_decay, "warmup_steps": tc.warmup_steps, "seed": seed,
+        "dataset": data.dataset.name, "data": data.dataset.fingerprint(), "heldout_fraction": heldout_fraction,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def teacher_train_config(tc: ClassifierTeacherConfig, device: torch.device) -> TrainConfig:
+    """The loop settings of a teacher trained here: AdamW, warm-up then cosine to 10%, fp32, clip 1.0
+    (the rest: :class:`~stillroom.config.core.TrainConfig`'s defaults, whatever the run's ``train`` says)."""
+    return TrainConfig(steps=tc.steps, micro_batch_size=tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay,
+                       warmup_steps=tc.warmup_steps, schedule="cosine", precision="fp32", device=str(device),
+                       keep_checkpoints=1, log_every=10)
+
+
+def classifier_teacher(tc: ClassifierTeacherConfig, data: ImageSplits, *, heldout_fraction: float, seed: int,
+                       cache_dir: str | None, device: torch.device, topology: Topology,
+                       log: Log) -> tuple[Classifier, str]:
+    """``(teacher in eval mode on device, where it comes from)`` as ``tc`` says (see the module docstring).
+    With several processes, process 0 trains a missing teacher while the others wait."""
+    if tc.path is not None:
+        folder = Path(tc.path).expanduser()
+        model = load_classifier(folder)
+        origin = f"loaded from {folder} ({model.describe()})"
+    else:
+        teacher_seed = tc.seed if tc.seed is not None else seed
+        folder = cache_root(cache_dir) / "classifiers" / teacher_key(tc, data, heldout_fraction, teacher_seed)
+        if _complete(folder):
+            log(f"teacher: cached classifier {folder}")
+        elif topology.is_main:
+            _train_teacher(tc, data, teacher_seed, folder, device, log)
+        topology.barrier()
+        model = load_classifier(folder)
+        record = json.loads((folder / "teacher.json").read_text())
+        origin = (f"{model.describe()} trained here with cross-entropy for {tc.steps} steps (seed {teacher_seed}, "
+                  f"held-out accuracy {100 * record['heldout_accuracy']:.1f}%), cached in {folder}")
+    if model.in_shape != data.dataset.in_shape or model.num_classes != data.dataset.num_classes:
+        raise ValueError(f"the teacher in {folder} takes images {model.in_shape} into {model.num_classes} classes, "
+                         f"but {data.dataset.name!r} has images {data.dataset.in_shape} and "
+                         f"{data.dataset.num_classes} classes")
+    return model.to(device).eval(), origin
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in ("model.safetensors", "config.json", "teacher.json"))
+
+
+def _train_teacher(tc: ClassifierTeacherConfig, data: ImageSplits, seed: int, folder: Path, device: torch.device,
+                   log: Log) -> None:
+    """Train the teacher through the loop in a temporary folder, then rename it to ``folder``."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".tmp-{folder.name}-*"):
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds = data.dataset
+    model = build_classifier(tc.arch, ds.in_shape, ds.num_classes, seed=derive_seed(seed, "classifier-teacher"))
+    log(f"teacher: training {model.describe()} with cross-entropy for {tc.steps} steps into {folder}")
+    mix = LossMix(LossConfig(terms=[LossTerm(name="ce")]))
+    player = Player("teacher", model, DistillObjective(ClassifierForward(model), mix))
+    job = TrainJob(train=teacher_train_config(tc, device), seed=seed, run_dir=tmp, run_name=f"teacher-{folder.name}",
+                   players=[player], examples=data.train, collate=collate_images, topology=Topology(), device=device,
+                   sampler=ExampleSampler, log=log, unit="img")
+    t0 = time.perf_counter()
+    # The teacher's training must not move the global RNG: the run goes on exactly as with a cached teacher.
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        result = train(job)
+    images = torch.stack([e.image for e in data.heldout])
+    labels = torch.tensor([e.label for e in data.heldout])
+    accuracy = float((logits_of(model, images, batch_size=512, device=device).argmax(-1) == labels).float().mean())
+    shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+    write_classifier_files(model, tmp, extra={"classes": ds.classes})
+    record = {"settings": tc.model_dump(mode="json"), "seed": seed, "dataset": ds.name,
+              "train_images": len(data.train), "heldout_images": len(data.heldout), "heldout_accuracy": accuracy,
+              "final_train_loss": result.final_loss, "train_seconds": round(time.perf_counter() - t0, 2)}
+    (tmp / "teacher.json").write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another run put the same teacher there first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"teacher: trained in {record['train_seconds']} s, held-out accuracy {100 * accuracy:.1f}%")
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
