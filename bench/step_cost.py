@@ -22,11 +22,11 @@ import torch
 from stillroom.config.schema import DataConfig, DataSource, LayerSelection, LossConfig, LossTerm, ModelSource, TrainConfig
 from stillroom.data import build_splits, collate
 from stillroom.losses import LossMix
-from stillroom.models import derive_student, load_model, output_head
-from stillroom.teachers.online import OnlineTeacher
-from stillroom.domains.lm.forward import SlicedHead, StudentForward
+from stillroom.models import derive_student, load_model
+from stillroom.teachers.signal import OnlineTeacher
+from stillroom.domains.lm.forward import StudentForward
 from stillroom.train.loop import forward_backward
-from stillroom.train.players import DistillObjective, Player
+from stillroom.train.loop import DistillObjective, Player
 from stillroom.models.precision import resolve_precision
 
 
@@ -57,14 +57,13 @@ def main() -> None:
     def make_step(terms: list[str], fused: bool, with_teacher: bool, precomputed=None):
         mix = LossMix(LossConfig(terms=[LossTerm(name=t) for t in terms], fused=fused, chunk_tokens=1024))
         forward = StudentForward(student, fused=fused, hidden_layers=[], vocab=vocab)
-        head = SlicedHead(output_head(student), vocab) if fused else None
 
         class _Fixed:  # a teacher whose signal is already computed (what a store-fed step sees)
             def signal(self, b):
                 return precomputed
 
         src = (_Fixed() if precomputed is not None else teacher) if with_teacher else None
-        player = Player("student", student, DistillObjective(forward, mix, src, head))
+        player = Player("student", student, DistillObjective(forward, mix, src))
         player.build_optimizer(tc)
 
         def step():

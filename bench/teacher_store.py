@@ -31,15 +31,15 @@ import torch
 from stillroom.config.schema import DataConfig, DataSource, LayerSelection, LossConfig, LossTerm, ModelSource, TrainConfig
 from stillroom.data import build_splits, collate
 from stillroom.losses import LossMix, forward_kl
-from stillroom.models import derive_student, load_model, output_head, tokenizer_hash
-from stillroom.teachers.online import OnlineTeacher
+from stillroom.models import derive_student, load_model, tokenizer_hash
+from stillroom.teachers.signal import OnlineTeacher
 from stillroom.teachers.signal import TeacherSignal
 from stillroom.teachers.store_format import SequenceSignal, decode_logprobs, encode_rows, id_dtype_for
 from stillroom.teachers.store_reader import StoreReader, StoreTeacher
 from stillroom.teachers.store_writer import make_header, model_compute, write_store
-from stillroom.domains.lm.forward import SlicedHead, StudentForward
+from stillroom.domains.lm.forward import StudentForward
 from stillroom.train.loop import forward_backward
-from stillroom.train.players import DistillObjective, Player
+from stillroom.train.loop import DistillObjective, Player
 
 KS = (16, 32, 64)
 DTYPES = ("float16", "int8")
@@ -202,8 +202,7 @@ def main() -> None:
         terms = [LossTerm(name=term or "ce")]
         mix = LossMix(LossConfig(terms=terms, fused=True, chunk_tokens=1024))
         fwd = StudentForward(timing_student, fused=True, hidden_layers=[], vocab=vocab)
-        head = SlicedHead(output_head(timing_student), vocab)
-        player = Player("student", timing_student, DistillObjective(fwd, mix, src, head))
+        player = Player("student", timing_student, DistillObjective(fwd, mix, src))
         player.build_optimizer(TrainConfig(steps=1000, warmup_steps=0))
 
         def step():
@@ -261,7 +260,7 @@ def main() -> None:
         tc = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=2, schedule="cosine")
         mix = LossMix(LossConfig(terms=[LossTerm(name="forward_kl")], fused=True, chunk_tokens=1024))
         fwd = StudentForward(student, fused=True, hidden_layers=[], vocab=vocab)
-        player = Player("student", student, DistillObjective(fwd, mix, src, SlicedHead(output_head(student), vocab)))
+        player = Player("student", student, DistillObjective(fwd, mix, src))
         player.build_optimizer(tc)
         t0 = time.perf_counter()
         student.train()

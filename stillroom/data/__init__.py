@@ -8,7 +8,7 @@
 from stillroom.data.batch import IGNORE, Batch, Example, collate
 from stillroom.data.errors import BadRecord, DataError
 from stillroom.data.pipeline import DataSplits, build_splits
-from stillroom.data.sampler import ExampleSampler
+from stillroom.data.batch import ExampleSampler
 
 __all__ = [
     "IGNORE",

@@ -55,10 +55,10 @@ class TeacherRows:
         self._dense_flat: list[torch.Tensor] = []
         if teacher is None:
             return
-        if isinstance(teacher, TeacherSignal):
-            if teacher.is_dense:
+        if isinstance(teacher, TeacherSignal):  # its fields, read directly: the signal is data here
+            if teacher.logits_btv is not None:
                 self.dense = [teacher.logits_btv]
-            elif teacher.is_topk:
+            elif teacher.topk_ids_btk is not None:
                 if abs(teacher.temperature - loss_temperature) > 1e-6:
                     raise ValueError(
                         f"the top-k teacher log-probs were computed at temperature {teacher.temperature} but "

@@ -30,13 +30,23 @@ if TYPE_CHECKING:  # the config layer sits above the losses: no import at run ti
 
 
 @dataclass
+class OutputHead:
+    """The student's output projection restricted to the shared vocabulary (views, no copies)."""
+
+    weight: torch.Tensor
+    """``[V, D]``."""
+    bias: torch.Tensor | None = None
+    """``[V]`` or ``None``."""
+
+
+@dataclass
 class StudentOutput:
     logits_btv: torch.Tensor | None = None
     """Plain path: student logits ``[B, T, V]``."""
     hidden_btd: torch.Tensor | None = None
     """Fused path: last hidden state after the final norm ``[B, T, D]``."""
-    head: torch.nn.Linear | None = None
-    """Fused path: the output projection (``lm_head``)."""
+    head: OutputHead | torch.nn.Linear | None = None
+    """Fused path: the output projection (anything with ``weight [V, D]`` and ``bias [V]`` or None)."""
     hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
     """HF hidden_states index -> ``[B, T, H]`` (0 = embeddings, i = output of block i-1)."""
     attentions: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -25,7 +25,7 @@ def build_teacher_source(
 ):
     """An object with ``.signal(batch) -> TeacherSignal`` for ``cfg.teacher.source``.
 
-    ``online``: :class:`~stillroom.teachers.online.OnlineTeacher` on ``teacher_model``.
+    ``online``: :class:`~stillroom.teachers.signal.OnlineTeacher` on ``teacher_model``.
     ``store``: :class:`~stillroom.teachers.store_reader.StoreTeacher`; the manifest is
     compared with the run (teacher identity, tokenizer hash, vocabulary, k, loss
     temperature, log-prob dtype, the fingerprint of ``train_examples``, hidden layers)
@@ -45,12 +45,15 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
     source = tcfg.source
     where = "teacher" if member is None else f"teacher.ensemble.{member}"
     if source == "online":
-        from stillroom.teachers.online import OnlineTeacher
+        from stillroom.models import use_eager_attention
+        from stillroom.teachers.signal import OnlineTeacher
 
         if member is not None and tcfg.model != cfg.teacher.model:
             teacher_model, fingerprint = _load_member(cfg, tcfg, where, fingerprint)
         if teacher_model is None:
             raise ValueError(f"{where}.source=online needs the teacher model loaded")
+        if attentions:
+            use_eager_attention(teacher_model)
         return OnlineTeacher(teacher_model, vocab_size=vocab_size, fingerprint=fingerprint,
                              hidden_layers=hidden_layers, attentions=attentions, output_device=output_device)
     if source == "store":

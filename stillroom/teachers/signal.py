@@ -17,13 +17,23 @@ A signal is either dense or sparse (top-k):
   :mod:`stillroom.losses.sparse`.
 
 Optionally ``hidden_states``: ``{layer_index: [B, T, H]}`` for hidden-state terms.
+
+:class:`OnlineTeacher` is the in-process source: a Hugging Face model run on each batch under
+``torch.no_grad``. It can live on another device than the student (``teacher.device``) and in
+bf16 weights (``teacher.dtype``); its activations are freed after each micro-batch because
+nothing of its graph is kept. Its signal is dense (``[B, T, V]`` logits, moved to the
+student's device). The store, remote and ensemble sources live in their own modules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from stillroom.data.batch import Batch
 
 
 @dataclass(frozen=True)
@@ -108,3 +118,44 @@ def tail_logmass(topk_logprobs: torch.Tensor) -> torch.Tensor:
     # log(1 - exp(lse)) = log(-expm1(lse)); -expm1(0) = 0 -> -inf, as intended.
     out = torch.log(-torch.expm1(lse))
     return out.to(torch.float32)
+
+
+class OnlineTeacher:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        vocab_size: int,
+        fingerprint: Fingerprint | None = None,
+        hidden_layers: list[int] | None = None,
+        attentions: bool = False,
+        output_device: torch.device | str = "cpu",
+    ) -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.vocab_size = vocab_size
+        self.fingerprint = fingerprint
+        self.hidden_layers = sorted(set(hidden_layers or []))
+        self.attentions = attentions  # the model must run eager attention to return them (the factory sees to it)
+        self.output_device = torch.device(output_device)
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def signal(self, batch: Batch) -> TeacherSignal:
+        """Dense teacher logits for ``batch``: ``[B, T, V]`` aligned with the student's positions."""
+        out = self.model(
+            input_ids=batch.input_ids.to(self.device),
+            attention_mask=batch.attention_mask.to(self.device),
+            output_hidden_states=bool(self.hidden_layers),
+            output_attentions=self.attentions,
+            use_cache=False,
+        )
+        logits_btv = out.logits[..., : self.vocab_size].to(self.output_device)
+        hidden = {}
+        if self.hidden_layers:
+            hidden = {i: out.hidden_states[i].to(self.output_device) for i in self.hidden_layers}
+        attentions = {}
+        if self.attentions:
+            attentions = {i: a.to(self.output_device) for i, a in enumerate(out.attentions)}
+        return TeacherSignal(logits_btv=logits_btv, hidden_states=hidden, attentions=attentions, fingerprint=self.fingerprint)

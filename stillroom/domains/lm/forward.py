@@ -5,54 +5,38 @@ from __future__ import annotations
 import torch
 
 from stillroom.data.batch import Batch
-from stillroom.models import decoder_body
-
-
-class SlicedHead(torch.nn.Module):
-    """The output head restricted to the first ``vocab`` rows (padding rows dropped), sharing storage."""
-
-    def __init__(self, head: torch.nn.Linear, vocab: int):
-        super().__init__()
-        self.head = head
-        self.vocab = vocab
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.head.weight[: self.vocab]
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return None if self.head.bias is None else self.head.bias[: self.vocab]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+from stillroom.losses import OutputHead
+from stillroom.models import decoder_body, output_head
 
 
 class StudentForward(torch.nn.Module):
     """The student's forward pass on a :class:`Batch` as one module.
 
-    Returns a dict: ``hidden`` (last hidden state after the final norm ``[B, T, D]``, fused
-    path: the loss applies the head chunk by chunk) or ``logits`` (``[B, T, V]`` sliced to the
-    shared vocabulary, plain path), plus ``hs_<i>`` hidden states and ``att_<i>`` attentions
-    the loss terms ask for.
+    Returns a dict: on the fused path ``hidden`` (last hidden state after the final norm
+    ``[B, T, D]``) and ``head`` (the output head's weight ``[V, D]`` and bias restricted to the
+    shared vocabulary: the loss applies it chunk by chunk); on the plain path ``logits``
+    (``[B, T, V]`` sliced to the shared vocabulary); plus ``hs_<i>`` hidden states and
+    ``att_<i>`` attentions the loss terms ask for.
     """
 
     def __init__(self, model: torch.nn.Module, *, fused: bool, hidden_layers: list[int], vocab: int,
                  attentions: bool = False):
         super().__init__()
         self.model = model
-        self.body = decoder_body(model) if fused else None  # found once, not per batch
         self.fused = fused
+        self.body = decoder_body(model) if fused else None  # found once, not per batch
+        self.head = output_head(model) if fused else None
         self.hidden_layers = hidden_layers
         self.vocab = vocab
         self.attentions = attentions
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict:
         kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                       output_hidden_states=bool(self.hidden_layers), output_attentions=self.attentions)
         if self.fused:
             out = self.body(**kwargs)
-            result = {"hidden": out.last_hidden_state}
+            bias = None if self.head.bias is None else self.head.bias[: self.vocab]
+            result = {"hidden": out.last_hidden_state, "head": OutputHead(self.head.weight[: self.vocab], bias)}
         else:
             out = self.model(**kwargs)
             result = {"logits": out.logits[..., : self.vocab]}

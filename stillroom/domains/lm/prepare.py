@@ -22,13 +22,13 @@ import torch
 
 from stillroom.config.schema import LossTerm, RunConfig
 from stillroom.data import DataSplits, build_splits, collate
-from stillroom.data.sampler import ExampleSampler
+from stillroom.data.batch import ExampleSampler
 from stillroom.domains.lm.evaluate import evaluate_models, periodic_evaluation
-from stillroom.domains.lm.forward import SlicedHead, StudentForward
+from stillroom.domains.lm.forward import StudentForward
 from stillroom.losses import LossMix
 from stillroom.methods.base import Method, MethodContext, MethodPlan
 from stillroom.models import (
-    apply_lora, check_vocab, derive_student, load_model, merge_lora, output_head, student_from_config, tokenizer_hash,
+    apply_lora, check_vocab, derive_student, load_model, merge_lora, student_from_config, tokenizer_hash,
     use_eager_attention,
 )
 from stillroom.models.precision import torch_dtype
@@ -36,7 +36,7 @@ from stillroom.teachers.factory import build_teacher_source
 from stillroom.teachers.signal import Fingerprint
 from stillroom.train.distributed import Topology, resolve_device
 from stillroom.train.loop import TrainJob
-from stillroom.train.players import DistillObjective, Player
+from stillroom.train.loop import DistillObjective, Player
 
 Log = Callable[[str], None]
 
@@ -90,8 +90,7 @@ class LmRun:
             use_eager_attention(model)
         forward = StudentForward(model, fused=fused, hidden_layers=mix.student_hidden_layers, vocab=self.vocab_size,
                                  attentions=mix.needs_attentions)
-        head = SlicedHead(output_head(model), self.vocab_size) if fused else None
-        player = Player("student", model, DistillObjective(forward, mix, teacher, head),
+        player = Player("student", model, DistillObjective(forward, mix, teacher),
                         replace_batches=plan.replace_batches, weight_targets=plan.weight_targets)
         evaluate = periodic_evaluation(self, heldout) if cfg.train.eval_every and self.topology.is_main else None
         job = TrainJob(

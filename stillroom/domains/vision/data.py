@@ -7,7 +7,7 @@ uid ``<dataset>:<index>``; the held-out split is decided by the hash of that uid
 it is the same for every seed, and the same for a teacher trained here and the students after it.
 
 :func:`collate_images` turns examples into an :class:`ImageBatch`, the batch contract the training
-loop and :class:`~stillroom.train.players.DistillObjective` read: a classifier has one target per
+loop and :class:`~stillroom.train.loop.DistillObjective` read: a classifier has one target per
 image, so ``target_ids``, ``loss_mask`` and ``target_weight`` are ``[B, 1]`` and ``num_targets`` is ``B``.
 """
 

@@ -4,7 +4,7 @@ Before step 0, in order: the data set is loaded and split by hash (:mod:`.data`)
 loaded from a folder or trained here once and cached (:mod:`.teacher`); the student is built from
 ``classifier.student`` and the seed (:mod:`.models`). A training job binds a model to the method's
 logit terms (``kd``: ``loss.terms`` against the in-process teacher; ``sft`` and the baseline:
-``ce`` alone) through the same :class:`~stillroom.train.players.DistillObjective` as a language
+``ce`` alone) through the same :class:`~stillroom.train.loop.DistillObjective` as a language
 model: logits ``[B, 1, C]``, mask ``[B, 1]`` (:mod:`.forward`). The report's metrics are
 :mod:`.metrics`'; a confusion matrix of the student after training is drawn into the run folder.
 """
@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from stillroom.config.schema import LossTerm, RunConfig
-from stillroom.data.sampler import ExampleSampler
+from stillroom.data.batch import ExampleSampler
 from stillroom.data.seeds import derive_seed
 from stillroom.domains.vision.data import ImageExample, ImageSplits, build_image_splits, collate_images
 from stillroom.domains.vision.forward import ClassifierForward, ClassifierTeacher
@@ -31,7 +31,7 @@ from stillroom.losses import LossMix
 from stillroom.methods.base import Method, MethodContext, MethodPlan
 from stillroom.train.distributed import Topology, resolve_device
 from stillroom.train.loop import TrainJob
-from stillroom.train.players import DistillObjective, Player
+from stillroom.train.loop import DistillObjective, Player
 
 Log = Callable[[str], None]
 CONFUSION_PNG = "confusion_matrix.png"

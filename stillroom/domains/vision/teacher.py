@@ -25,7 +25,7 @@ import torch
 
 from stillroom.config.core import LossConfig, LossTerm, TrainConfig
 from stillroom.config.domains import ClassifierTeacherConfig
-from stillroom.data.sampler import ExampleSampler
+from stillroom.data.batch import ExampleSampler
 from stillroom.data.seeds import derive_seed
 from stillroom.domains.vision.data import ImageSplits, collate_images
 from stillroom.domains.vision.forward import ClassifierForward
@@ -36,7 +36,7 @@ from stillroom.losses import LossMix
 from stillroom.models.builtin import cache_root
 from stillroom.train.distributed import Topology
 from stillroom.train.loop import TrainJob, train
-from stillroom.train.players import DistillObjective, Player
+from stillroom.train.loop import DistillObjective, Player
 
 Log = Callable[[str], None]
 RECIPE_VERSION = 1

@@ -15,7 +15,7 @@ from stillroom.config.schema import LossConfig, LossTerm, OnPolicyConfig, RunCon
 from stillroom.data.batch import IGNORE, Example, batch_prompts, collate
 from stillroom.losses import LossMix, StudentOutput
 from stillroom.methods.onpolicy import OnPolicySource, choose_source, generated_batch
-from stillroom.teachers.online import OnlineTeacher
+from stillroom.teachers.signal import OnlineTeacher
 
 PAD = 1
 

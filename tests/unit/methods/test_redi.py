@@ -14,13 +14,12 @@ from stillroom.config.schema import DataConfig, LossConfig, LossTerm, RunConfig
 from stillroom.data import build_splits
 from stillroom.data.batch import Example, collate
 from stillroom.datagen.preference import build_preference_data, preference_data_from_store
-from stillroom.domains.lm.forward import SlicedHead, StudentForward
+from stillroom.domains.lm.forward import StudentForward
 from stillroom.losses import LossMix
 from stillroom.methods.base import StepCounts
 from stillroom.methods.redi import PairEncoder, RediWeights, normalised_logps, redi_weights
-from stillroom.models import output_head
 from stillroom.train.loop import forward_backward
-from stillroom.train.players import DistillObjective, Player
+from stillroom.train.loop import DistillObjective, Player
 
 V = 23
 
@@ -80,8 +79,7 @@ def test_weighted_ce_is_the_redi_objective(alpha, shape, fused):
 
     mix = LossMix(LossConfig(terms=[LossTerm(name="ce")], fused=fused, chunk_tokens=8))
     fwd = StudentForward(model, fused=fused, hidden_layers=[], vocab=V)
-    head = SlicedHead(output_head(model), V) if fused else None
-    player = Player("student", model, DistillObjective(fwd, mix, None, head))
+    player = Player("student", model, DistillObjective(fwd, mix, None))
     model.zero_grad()
     loss_sum, _, _ = forward_backward(micro, player, fwd, device=torch.device("cpu"), precision="fp32",
                                       scale=1.0 / n_targets)

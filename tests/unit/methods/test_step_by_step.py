@@ -12,7 +12,7 @@ from stillroom.config.schema import DataConfig, DataSource, LossConfig, LossTerm
 from stillroom.data import build_splits
 from stillroom.data.batch import collate
 from stillroom.data.errors import DataError
-from stillroom.data.sampler import ExampleSampler
+from stillroom.data.batch import ExampleSampler
 from stillroom.losses import LossMix, StudentOutput
 from stillroom.methods.base import StepCounts
 from stillroom.methods.step_by_step import StepByStepEncoder, TaskWeights, predict_rows

@@ -12,7 +12,7 @@ from helpers import tiny_llama, tiny_tokenizer
 from stillroom.data.batch import Example, collate
 from stillroom.losses import forward_kl
 from stillroom.teachers.ensemble import EnsembleTeacher, densify_topk
-from stillroom.teachers.online import OnlineTeacher
+from stillroom.teachers.signal import OnlineTeacher
 from stillroom.teachers.signal import Fingerprint, TeacherSignal, tail_logmass
 
 V = 64

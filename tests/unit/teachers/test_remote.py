@@ -15,7 +15,7 @@ from stillroom.config.schema import RemoteConfig
 from stillroom.data.batch import Example, collate
 from stillroom.losses.sparse import student_bins, teacher_bins
 from stillroom.models.vocab import tokenizer_hash
-from stillroom.teachers.online import OnlineTeacher
+from stillroom.teachers.signal import OnlineTeacher
 from stillroom.datagen.remote_complete import complete_fn, generate, remote_complete
 from stillroom.teachers.http import OpenAIClient, RemoteError
 from stillroom.teachers.remote import RemoteTeacher, parse_prompt_logprobs

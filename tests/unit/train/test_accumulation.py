@@ -9,11 +9,10 @@ from helpers import tiny_llama
 from stillroom.config.schema import LossConfig, LossTerm
 from stillroom.data.batch import Example, collate
 from stillroom.losses import LossMix
-from stillroom.domains.lm.forward import SlicedHead, StudentForward
-from stillroom.models import output_head
-from stillroom.teachers.online import OnlineTeacher
+from stillroom.domains.lm.forward import StudentForward
+from stillroom.teachers.signal import OnlineTeacher
 from stillroom.train.loop import forward_backward
-from stillroom.train.players import DistillObjective, Player
+from stillroom.train.loop import DistillObjective, Player
 
 V = 64
 
@@ -35,8 +34,7 @@ def _grads(micro_size: int, terms, fused: bool):
     teacher = OnlineTeacher(tiny_llama(V, layers=3, seed=2), vocab_size=V)
     mix = LossMix(LossConfig(terms=terms, chunk_tokens=7, fused=fused))
     forward = StudentForward(student, fused=fused, hidden_layers=[], vocab=V)
-    head = SlicedHead(output_head(student), V) if fused else None
-    player = Player("student", student, DistillObjective(forward, mix, teacher, head))
+    player = Player("student", student, DistillObjective(forward, mix, teacher))
     exs = _examples()
     micro = [collate(exs[i : i + micro_size], pad_id=1) for i in range(0, 8, micro_size)]
     total = sum(b.num_targets for b in micro)

@@ -8,7 +8,7 @@ import torch
 
 from stillroom.config.schema import TrainConfig
 from stillroom.train import checkpoint as ck
-from stillroom.train.players import Player, lr_factor
+from stillroom.train.loop import Player, lr_factor
 from stillroom.train.state_io import load_state, save_state
 
 

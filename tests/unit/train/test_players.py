@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from stillroom.config.schema import TrainConfig
-from stillroom.data.sampler import ExampleSampler
+from stillroom.data.batch import ExampleSampler
 from stillroom.losses import LossResult
 from stillroom.train.distributed import Topology
 from stillroom.train.loop import TrainJob, train
-from stillroom.train.players import Player
+from stillroom.train.loop import Player
 
 
 @dataclass
