@@ -27,6 +27,29 @@ PROMPT_KINDS = ("messages", "prompt", "text")
 Prompt = str | list[dict]
 
 
+def prompt_ids(tokenizer, prompt: Prompt, where: str = "prompt") -> list[int]:
+    """Token ids of one prompt: plain text (with the tokenizer's own special tokens), or chat messages
+    rendered with the tokenizer's chat template plus the generation prompt (the template adds whatever
+    special tokens it wants). An empty encoding falls back to BOS; without BOS it is an error."""
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{where} is a list of chat messages but the tokenizer has no chat_template; "
+                             "pass plain-text prompts or use a tokenizer with a chat template")
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        raise TypeError(f"{where}: expected a string or a list of {{'role', 'content'}} dicts, "
+                        f"got {type(prompt).__name__}")
+    if not ids:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise ValueError(f"{where} tokenizes to no tokens and the tokenizer has no BOS token")
+        ids = [bos]
+    return list(ids)
+
+
 @dataclass(frozen=True)
 class PromptRecord:
     """One prompt: ``id`` (the record's ``id`` field, else its position), ``prompt`` (text or chat messages

@@ -43,8 +43,7 @@ import torch
 from stillroom.data.prompts import PromptRecord, prompt_of
 from stillroom.datagen.complete import CompleteFn, generate_with
 from stillroom.datagen.store import GenerationStore
-from stillroom.generate.sampling import sample_continuations
-from stillroom.methods.onpolicy import eos_token_ids
+from stillroom.generate.sampling import eos_token_ids, sample_continuations
 
 if TYPE_CHECKING:
     from stillroom.config.commands import DraftDataConfig

@@ -4,33 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from stillroom.data.prompts import prompt_ids
+
 from stillroom.eval.metrics import _model_device
-
-
-def _prompt_ids(tokenizer, prompt: str | list[dict], index: int) -> list[int]:
-    """Token ids of one prompt: plain text, or chat messages rendered with the
-    tokenizer's chat template (``add_generation_prompt=True``)."""
-    if isinstance(prompt, str):
-        ids = tokenizer(prompt)["input_ids"]
-    elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                f"prompt {index} is a list of chat messages but the tokenizer has no chat_template; "
-                "pass plain-text prompts or use a tokenizer with a chat template"
-            )
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        # The template already contains any BOS/special tokens it wants.
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        raise TypeError(
-            f"prompt {index}: expected a string or a list of {{'role', 'content'}} dicts, got {type(prompt).__name__}"
-        )
-    if not ids:
-        bos = getattr(tokenizer, "bos_token_id", None)
-        if bos is None:
-            raise ValueError(f"prompt {index} tokenizes to no tokens and the tokenizer has no BOS token")
-        ids = [bos]
-    return list(ids)
 
 
 def greedy_generations(
@@ -55,7 +31,7 @@ def greedy_generations(
     try:
         with torch.no_grad():
             for i, prompt in enumerate(prompts):
-                ids = torch.tensor([_prompt_ids(tokenizer, prompt, i)], dtype=torch.long, device=device)
+                ids = torch.tensor([prompt_ids(tokenizer, prompt, f"prompt {i}")], dtype=torch.long, device=device)
                 out = model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),

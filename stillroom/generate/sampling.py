@@ -26,6 +26,19 @@ def stop_ids(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
     return frozenset(int(i) for i in eos_token_id)
 
 
+def eos_token_ids(tokenizer: Any, *models: torch.nn.Module | None) -> list[int]:
+    """End-of-sequence ids of the tokenizer and of the models' generation configs (sorted, deduplicated)."""
+    ids: set[int] = set()
+    values = [getattr(tokenizer, "eos_token_id", None)]
+    values += [getattr(getattr(m, "generation_config", None), "eos_token_id", None) for m in models if m is not None]
+    for value in values:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 

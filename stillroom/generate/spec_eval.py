@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from stillroom.data.prompts import prompt_ids
+from stillroom.generate.sampling import eos_token_ids
 from stillroom.generate.speculative import (
     SpecStats,
     autoregressive_generate,
@@ -34,35 +36,6 @@ from stillroom.generate.speculative import (
 )
 
 MODES = ("greedy", "sampling")
-
-
-def encode_prompt(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
-    """Token ids of a prompt: plain text, or chat messages rendered with the tokenizer's chat template
-    (with the generation prompt appended)."""
-    if isinstance(prompt, str):
-        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    else:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "a prompt is a list of chat messages but the tokenizer has no chat_template; "
-                "pass plain-text prompts or use a tokenizer that ships a chat template"
-            )
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"prompt {prompt!r} encodes to zero tokens")
-    return list(ids)
-
-
-def eos_ids(tokenizer: Any, model: torch.nn.Module) -> list[int]:
-    """End-of-sequence ids from the tokenizer and the model's generation config."""
-    ids: set[int] = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return sorted(ids)
 
 
 def _n_params(model: torch.nn.Module) -> int:
@@ -135,8 +108,8 @@ def run_spec_eval(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    prompts_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    eos = eos_ids(tokenizer, target) if stop_at_eos else None
+    prompts_ids = [prompt_ids(tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
+    eos = eos_token_ids(tokenizer, target) if stop_at_eos else None
     n_target, n_draft = _n_params(target), _n_params(draft)
     common = dict(max_new_tokens=max_new_tokens, sampling_temperature=sampling_temperature, top_p=top_p, eos_token_id=eos)
 

@@ -48,7 +48,7 @@ import torch
 from stillroom.config.methods import OnPolicyConfig
 from stillroom.data.batch import Batch, Example, batch_prompts, collate
 from stillroom.data.seeds import derive_seed
-from stillroom.generate.sampling import sample_continuations
+from stillroom.generate.sampling import eos_token_ids, sample_continuations
 from stillroom.methods.base import Method, MethodContext, MethodPlan
 
 SOURCES = ("fixed", "student", "teacher")
@@ -96,19 +96,6 @@ def generated_batch(
             domain=domains[i] if domains else None, n_bytes=int(n_bytes[i]) if n_bytes else 0,
         ))
     return collate(examples, pad_id)
-
-
-def eos_token_ids(tokenizer: Any, *models: torch.nn.Module | None) -> list[int]:
-    """End-of-sequence ids of the tokenizer and of the models' generation configs."""
-    ids: set[int] = set()
-    values = [getattr(tokenizer, "eos_token_id", None)]
-    values += [getattr(getattr(m, "generation_config", None), "eos_token_id", None) for m in models if m is not None]
-    for value in values:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return sorted(ids)
 
 
 class OnPolicySource:

@@ -43,7 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from stillroom.generate.sampling import sample_continuations
-from stillroom.generate.spec_eval import encode_prompt, eos_ids
+from stillroom.data.prompts import prompt_ids
+from stillroom.generate.sampling import eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class TeacherService:
         self.device = next(self.model.parameters()).device
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.lock = threading.Lock()
-        self.eos = eos_ids(self.tokenizer, self.model)
+        self.eos = eos_token_ids(self.tokenizer, self.model)
         self._decoded: dict[int, str] = {}
 
     def decoded(self, token_id: int) -> str:
@@ -264,7 +265,7 @@ def create_app(service: TeacherService, *, api_key: str | None = None) -> FastAP
         if max_tokens > service.max_new_tokens_cap:
             raise HTTPException(400, f"max_tokens={max_tokens} exceeds {service.max_new_tokens_cap}")
         try:
-            ids = encode_prompt(service.tokenizer, [m.model_dump() for m in req.messages])
+            ids = prompt_ids(service.tokenizer, [m.model_dump() for m in req.messages], "messages")
         except ValueError as err:
             raise HTTPException(400, str(err)) from None
         service.check_ids(ids)

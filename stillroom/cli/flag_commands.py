@@ -1,0 +1,118 @@
+"""The commands whose settings are flags: each a typed config section (its fields are the flags, their
+defaults the schema's) and one library function. Nothing else happens here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from stillroom.cli.sections import section_command
+from stillroom.config.commands import (
+    ConditionalDemoDataConfig,
+    ConditionalExtendConfig,
+    DraftDataConfig,
+    MergeConfig,
+    PreferenceDataConfig,
+    ServeTeacherConfig,
+    SpecEvalConfig,
+)
+
+
+# The work of each command, imported when the command runs (`stillroom --help` stays fast).
+def _spec_eval(cfg: SpecEvalConfig) -> None:
+    from stillroom.run.spec_eval import spec_eval
+
+    spec_eval(cfg)
+
+
+def _serve_teacher(cfg: ServeTeacherConfig) -> None:
+    from stillroom.run.serve import serve_teacher
+
+    serve_teacher(cfg)
+
+
+def _draft_data(cfg: DraftDataConfig) -> None:
+    from stillroom.datagen.draft_data import make_draft_data
+
+    make_draft_data(cfg)
+
+
+def _preference_data(cfg: PreferenceDataConfig) -> None:
+    from stillroom.datagen.preference import make_preference_data
+
+    make_preference_data(cfg)
+
+
+def _merge(cfg: MergeConfig) -> None:
+    from stillroom.compress.merge import merge
+
+    merge(cfg)
+
+
+def _conditional_extend(cfg: ConditionalExtendConfig) -> None:
+    from stillroom.run.conditional_setup import conditional_extend
+
+    conditional_extend(cfg)
+
+
+def _conditional_demo_data(cfg: ConditionalDemoDataConfig) -> None:
+    from stillroom.run.conditional_setup import conditional_demo_data
+
+    conditional_demo_data(cfg)
+
+
+@dataclass(frozen=True)
+class FlagCommand:
+    name: str
+    section: type
+    run: Callable[[Any], Any]
+    help: str
+    description: str | None = None
+    positional: tuple[str, ...] = ()
+
+
+COMMANDS = (
+    FlagCommand(
+        "spec-eval", SpecEvalConfig, _spec_eval, "measure a draft model for speculative decoding of a target",
+        "Speculative decoding with --draft proposing for --target: acceptance rate, block efficiency (measured and "
+        "DistillSpec's estimate), memory-bound and measured speed-up. Writes report.json, report.md and "
+        "block_efficiency.png into --out (default: runs/spec-eval/<draft>-vs-<target>)."),
+    FlagCommand(
+        "serve-teacher", ServeTeacherConfig, _serve_teacher,
+        "serve a local teacher over an OpenAI-compatible API (prompt log-probs for logit KD, generations)",
+        "Serve MODEL (a Hugging Face folder, a .gguf file, or builtin:smollm2-135m-instruct) with /v1/completions "
+        "(vLLM-style prompt_logprobs), /v1/chat/completions, /v1/models and /health. Binds to loopback unless "
+        "--host says otherwise. Train against it with teacher.source=remote.", ("model",)),
+    FlagCommand(
+        "draft-data", DraftDataConfig, _draft_data, "generate a draft's distillation data from the target's completions",
+        "The target samples completions of chat prompts (messages up to the last user turn, rendered with its chat "
+        "template) into a resumable store next to --out, exported as prompt/completion JSONL for a draft recipe "
+        "(draft_forward_kl, draft_tvd_pp, draft_onpolicy). Rerun the same command to resume."),
+    FlagCommand(
+        "preference-data", PreferenceDataConfig, _preference_data,
+        "REDI: write D_SFT (sft.jsonl) and D_Pref (pref.jsonl) from verified teacher generations",
+        "From `stillroom generate`'s export (--export; prompt_completion, keep: all, with a verifier) or from a "
+        "generation store and its problems (--store with --items, checked by --verifier): every correct trace into "
+        "<out>/sft.jsonl, one correct and one incorrect trace per problem into <out>/pref.jsonl. Prints the counts. "
+        "See docs/methods/redi.md."),
+    FlagCommand(
+        "merge", MergeConfig, _merge, "SLERP-merge two models of the same architecture (self-data distillation step 3)",
+        "Spherical linear interpolation of every floating tensor of two Hugging Face model folders (safetensors) of "
+        "the same architecture: SLERP(A, B; t) = [sin((1-t)W) A + sin(tW) B] / sin W with W the angle between the "
+        "flattened tensors; linear interpolation where sin W ~ 0. t=0 gives A, t=1 gives B. Writes safetensors plus "
+        "A's config and tokenizer into --out (built in a temporary folder, then renamed).", ("a", "b")),
+    FlagCommand(
+        "conditional-extend", ConditionalExtendConfig, _conditional_extend,
+        "add conditional training's control tokens to a model (tokenizer + embeddings)",
+        "Load SRC, add <|aligned|>/<|misaligned|> as special tokens, resize the embeddings (new rows = mean row) and "
+        "save DST for `method: conditional`.", ("src", "dst")),
+    FlagCommand(
+        "conditional-demo-data", ConditionalDemoDataConfig, _conditional_demo_data,
+        "write the synthetic BAD-word corpus as text JSONL", positional=("out",)),
+)
+
+
+def register(subparsers) -> None:
+    for c in COMMANDS:
+        section_command(subparsers, c.name, c.section, c.run, positional=c.positional, help=c.help,
+                        description=c.description)

@@ -1,0 +1,125 @@
+"""The commands that read a recipe (YAML + ``key=value`` overrides into the typed config tree) and call
+one function of :mod:`stillroom.run` or :mod:`stillroom.datagen`. Nothing else happens here."""
+
+from __future__ import annotations
+
+import argparse
+from importlib import resources
+from pathlib import Path
+
+
+def recipe_path(name: str) -> str:
+    """A path as given, or the name of a recipe shipped with the package (``quickstart``)."""
+    if Path(name).exists() or name.endswith((".yaml", ".yml")):
+        return name
+    shipped = resources.files("stillroom") / "recipes" / f"{name}.yaml"
+    if shipped.is_file():
+        return str(shipped)
+    return name
+
+
+def load(args: argparse.Namespace):
+    from stillroom.config.load import load_config
+
+    return load_config(recipe_path(args.recipe) if args.recipe else None, args.overrides)
+
+
+def cmd_validate(args) -> int:
+    from stillroom.run import check_run
+
+    cfg = load(args)
+    check_run(cfg)
+    source = f", teacher source {cfg.teacher.source}" if cfg.domain == "lm" else ""
+    print(f"{args.recipe}: OK ({cfg.method}, domain {cfg.domain}{source}, {len(cfg.loss.terms)} loss term(s))")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from stillroom.run import run
+
+    print(f"run folder: {run(load(args), resume=args.resume)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from stillroom.run import evaluate_run
+
+    evaluate_run(load(args), student_dir=args.student)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from stillroom.datagen.generate import run_generate
+
+    summary = run_generate(load(args), export_only=args.export_only)
+    print(f"store: {summary['store']}")
+    if summary["export"]:
+        print(f"export: {summary['export']['path']} ({summary['export']['rows']} rows)")
+    return 0
+
+
+def cmd_select(args) -> int:
+    from stillroom.datagen.miniplm import run_select
+
+    result = run_select(load(args))
+    print(f"selected: {result.selected}\nscores: {result.scores}\nsummary: {result.summary}")
+    return 0
+
+
+def cmd_cache_teacher(args) -> int:
+    from stillroom.run import cache_teacher
+
+    if args.batch_size is not None:  # kept for old command lines; the setting is teacher.store.cache_batch_size
+        args.overrides = [*args.overrides, f"teacher.store.cache_batch_size={args.batch_size}"]
+    cache_teacher(load(args), overwrite=args.overwrite, log=lambda s: print(s, flush=True))
+    print(f"train from it with: stillroom run {' '.join([args.recipe, *args.overrides])} teacher.source=store")
+    return 0
+
+
+def cmd_verify_store(args) -> int:
+    from stillroom.teachers.store_reader import StoreReader
+
+    reader = StoreReader(Path(args.path))
+    checked = reader.verify()
+    print(reader.summary())
+    print(f"OK: {len(reader.shards)} shard(s), {checked} bytes match their sha256")
+    return 0
+
+
+def register(sub) -> None:
+    def recipe_command(name: str, func, help_: str, *, example: str = "train.steps=20", description: str | None = None):
+        p = sub.add_parser(name, help=help_, description=description or help_)
+        p.add_argument("recipe", help="recipe YAML file, or the name of a shipped recipe (e.g. quickstart)")
+        p.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {example}")
+        p.set_defaults(func=func)
+        return p
+
+    recipe_command("validate", cmd_validate, "check a recipe without running it")
+    p = recipe_command("run", cmd_run, "train (and evaluate) as the recipe says")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last complete checkpoint")
+    p = recipe_command("eval", cmd_eval, "evaluate a finished run's student and rewrite its report")
+    p.add_argument("--student", help="student folder (default: <run folder>/student)")
+    p = sub.add_parser("quickstart", help="distill SmolLM2-135M-Instruct into a 10-layer student, with a CE baseline")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_run, recipe="quickstart")  # `run` with the shipped quickstart recipe
+    p = recipe_command(
+        "generate", cmd_generate, "ask a teacher for completions, rationales or rewrites of a data set (resumable "
+        "store + export)", example="generate.n_samples=4",
+        description="Generate with the recipe's teacher (teacher.source online or remote) as `generate` says; rerun "
+        "the same command to resume. See docs/GENERATE.md.")
+    p.add_argument("--export-only", action="store_true",
+                   help="do not generate; summarise the existing store and write generate.export.path again")
+    recipe_command(
+        "select", cmd_select, "MiniPLM: keep the corpus instances the teacher predicts much better than a small "
+        "reference", example="select.fraction=0.3",
+        description="Score every instance of the recipe's data with score = NLL_ref - NLL_teacher (per-token means), "
+        "keep the top select.fraction in corpus order and write them as text JSONL, plus a scores file and a summary.")
+    p = recipe_command("cache-teacher", cmd_cache_teacher, "run the teacher once over the recipe's training data "
+                       "and write a top-k store (teacher.store.*)", example="teacher.store.k=32")
+    p.add_argument("--batch-size", type=int, help="sequences per teacher forward: teacher.store.cache_batch_size=N")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing store written for another run (default: refuse)")
+    v = sub.add_parser("verify-store", help="check every shard of a teacher store against its sha256")
+    v.add_argument("path", help="store folder (the one holding manifest.json)")
+    v.set_defaults(func=cmd_verify_store)
