@@ -25,8 +25,7 @@ from stillroom.losses import LossMix
 from stillroom.models import derive_student, load_model
 from stillroom.teachers.signal import OnlineTeacher
 from stillroom.domains.lm.forward import StudentForward
-from stillroom.train.loop import forward_backward
-from stillroom.train.loop import DistillObjective, Player
+from stillroom.train.loop import DistillObjective, forward_backward, Player
 from stillroom.models.precision import resolve_precision
 
 

@@ -38,8 +38,7 @@ from stillroom.teachers.store_format import SequenceSignal, decode_logprobs, enc
 from stillroom.teachers.store_reader import StoreReader, StoreTeacher
 from stillroom.teachers.store_writer import make_header, model_compute, write_store
 from stillroom.domains.lm.forward import StudentForward
-from stillroom.train.loop import forward_backward
-from stillroom.train.loop import DistillObjective, Player
+from stillroom.train.loop import DistillObjective, forward_backward, Player
 
 KS = (16, 32, 64)
 DTYPES = ("float16", "int8")

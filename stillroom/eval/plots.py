@@ -59,7 +59,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_png(fig: Figure, path: Path) -> None:
     """Atomic PNG write (temp file + rename)."""
     FigureCanvasAgg(fig)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -101,7 +101,7 @@ def plot_loss_curves(path: Path, metrics_files: dict[str, Path]) -> None:
     ax.set_ylabel("training loss (each run's objective)")
     ax.set_title("Training loss")
     ax.grid(alpha=0.3)
-    _save(fig, Path(path))
+    save_png(fig, Path(path))
 
 
 def plot_metric_bars(path: Path, models: dict[str, dict], labels: dict[str, str]) -> None:
@@ -133,4 +133,26 @@ def plot_metric_bars(path: Path, models: dict[str, dict], labels: dict[str, str]
             ax.set_xticks([])
         ax.set_title(name, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    _save(fig, Path(path))
+    save_png(fig, Path(path))
+
+
+def plot_confusion_matrix(path: Path, matrix, classes: list[str], title: str) -> None:
+    """``matrix`` ``[C, C]`` (a tensor) (rows: true class) as a PNG heat map with counts, written atomically."""
+    m = matrix.cpu().numpy()
+    n = len(classes)
+    fig = Figure(figsize=(1.2 + 0.5 * n, 1.0 + 0.5 * n))
+    ax = fig.add_subplot()
+    im = ax.imshow(m, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(n), classes)
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    top = m.max() if m.size else 0
+    for i in range(n):
+        for j in range(n):
+            if m[i, j]:
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] > top / 2 else "black")
+    save_png(fig, Path(path))

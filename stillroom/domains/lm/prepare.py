@@ -35,8 +35,7 @@ from stillroom.models.precision import torch_dtype
 from stillroom.teachers.factory import build_teacher_source
 from stillroom.teachers.signal import Fingerprint
 from stillroom.train.distributed import Topology, resolve_device
-from stillroom.train.loop import TrainJob
-from stillroom.train.loop import DistillObjective, Player
+from stillroom.train.loop import DistillObjective, Player, TrainJob
 
 Log = Callable[[str], None]
 

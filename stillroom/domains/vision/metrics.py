@@ -8,11 +8,8 @@ The expected calibration error is torchmetrics' multiclass calibration error (to
 from __future__ import annotations
 
 import math
-import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -95,37 +92,3 @@ def images_per_s(model: torch.nn.Module, images: torch.Tensor, *, device: torch.
     rates = [n * len(x) / max(passes(n), 1e-9) for _ in range(repeats)]
     model.train(was_training)
     return statistics.median(rates)
-
-
-def plot_confusion_matrix(path: Path, matrix: torch.Tensor, classes: list[str], title: str) -> None:
-    """``matrix`` ``[C, C]`` (rows: true class) as a PNG heat map with counts, written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    m = matrix.cpu().numpy()
-    n = len(classes)
-    fig = Figure(figsize=(1.2 + 0.5 * n, 1.0 + 0.5 * n))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    im = ax.imshow(m, cmap="Blues")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(n), classes)
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title, fontsize=10)
-    top = m.max() if m.size else 0
-    for i in range(n):
-        for j in range(n):
-            if m[i, j]:
-                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if m[i, j] > top / 2 else "black")
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

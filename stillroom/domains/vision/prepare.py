@@ -23,15 +23,15 @@ from stillroom.data.seeds import derive_seed
 from stillroom.domains.vision.data import ImageExample, ImageSplits, build_image_splits, collate_images
 from stillroom.domains.vision.forward import ClassifierForward, ClassifierTeacher
 from stillroom.domains.vision.metrics import (
-    ECE_BINS, classifier_metrics, confusion_matrix, images_per_s, logits_of, plot_confusion_matrix,
+    ECE_BINS, classifier_metrics, confusion_matrix, images_per_s, logits_of,
 )
 from stillroom.domains.vision.models import Classifier, build_classifier, load_classifier, save_classifier
 from stillroom.domains.vision.teacher import classifier_teacher
+from stillroom.eval.plots import plot_confusion_matrix
 from stillroom.losses import LossMix
 from stillroom.methods.base import Method, MethodContext, MethodPlan
 from stillroom.train.distributed import Topology, resolve_device
-from stillroom.train.loop import TrainJob
-from stillroom.train.loop import DistillObjective, Player
+from stillroom.train.loop import DistillObjective, Player, TrainJob
 
 Log = Callable[[str], None]
 CONFUSION_PNG = "confusion_matrix.png"

@@ -35,8 +35,7 @@ from stillroom.domains.vision.models import Classifier, arch_json, build_classif
 from stillroom.losses import LossMix
 from stillroom.models.builtin import cache_root
 from stillroom.train.distributed import Topology
-from stillroom.train.loop import TrainJob, train
-from stillroom.train.loop import DistillObjective, Player
+from stillroom.train.loop import DistillObjective, Player, train, TrainJob
 
 Log = Callable[[str], None]
 RECIPE_VERSION = 1
