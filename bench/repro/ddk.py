@@ -17,7 +17,7 @@ Per seed:
    forward KL at T = 1:
    ``kd`` (uniform: the plain sampler over equally sized domains), ``ddk`` (K = ``K``,
    alpha = 0.5) and ``ddk`` with ``smoothing_mode: none``.
-4. Metrics on fresh test records per domain (not the held-out split DDK steers by):
+4. Metrics on fresh test records per domain (neither the held-out split nor the split DDK steers on):
    perplexity ratio student / teacher per domain, its max (worst-domain gap) and mean;
    from the DDK runs' metrics.jsonl, the mean total variation between consecutive domain
    weight vectors (oscillation) and the sign changes of each domain's weight moves.
@@ -48,6 +48,7 @@ RECORD_CHARS, SEQ_LEN = 200, 64
 TEACHER_LAYERS, TEACHER_HIDDEN, TEACHER_STEPS, TEACHER_BATCH, TEACHER_LR = 2, 128, 500, 16, 3e-3
 STUDENT_LAYERS, STUDENT_HIDDEN, PRETRAIN_STEPS, PRETRAIN_LR = 1, 64, 100, 3e-3
 STEPS, MBS, LR, K = 150, 8, 2e-3, 15
+HELDOUT, STEER = 0.1, 0.1  # fractions of each domain's records: the run report's held-out split, DDK's steer split
 VARIANTS = {"uniform KD": {"method": "kd"}, "DDK": {"method": "ddk"},
             "DDK, no smoothing": {"method": "ddk", "ddk_mode": "none"}}
 
@@ -146,13 +147,18 @@ def domain_ppl(model, tok, test: dict) -> dict[str, float]:
 
 def config(name: str, work: Path, data_dir: Path, teacher: Path, student: Path, seed: int, method: str, steps: int,
            ddk_mode: str = "smooth") -> dict:
+    # DDK steers on a split of its own (ddk.steer_fraction, next to the held-out fraction); the uniform
+    # run holds out both fractions, so every student trains on exactly the same records.
+    ddk = {"interval_steps": K, "smoothing": 0.5, "smoothing_mode": ddk_mode, "val_max_per_domain": 16,
+           "steer_fraction": STEER}
     return {
         "name": name, "output_dir": str(work / "runs"), "seed": seed, "method": method,
         "teacher": {"model": {"path": str(teacher)}, "dtype": "float32", "source": "online"},
         "student": {"model": {"path": str(student)}},
         "data": {"sources": [{"path": str(data_dir / f"{d}.jsonl"), "domain": d} for d in DOMAINS],
-                 "seq_len": SEQ_LEN, "heldout_fraction": 0.1, "heldout_max": 400},
-        "ddk": {"interval_steps": K, "smoothing": 0.5, "smoothing_mode": ddk_mode, "val_max_per_domain": 16},
+                 "seq_len": SEQ_LEN, "heldout_fraction": HELDOUT if method == "ddk" else HELDOUT + STEER,
+                 "heldout_max": 400},
+        **({"ddk": ddk} if method == "ddk" else {}),
         "loss": {"terms": [{"name": "ce"}, {"name": "forward_kl", "weight": 0.2}], "loss_temperature": 1.0,
                  "fused": False},
         "train": {"steps": steps, "micro_batch_size": MBS, "lr": LR, "warmup_steps": steps // 20,
@@ -307,7 +313,7 @@ def summarize(per_seed: dict, seeds: list[int], teacher_ppl: dict, teacher_s: fl
                     f"CE + 0.2 forward KL, T=1, lr {LR} cosine: uniform = method kd with the plain sampler over "
                     f"equally sized domains; DDK K={K}, alpha=0.5, 16 held-out sequences per domain; DDK with "
                     f"smoothing_mode none. Ratios = student/teacher perplexity on {TEST_RECORDS} fresh test records "
-                    f"per domain (not the held-out split DDK steers by)."
+                    f"per domain (neither the held-out split nor the split DDK steers on)."
                     + (" QUICK smoke run: numbers not meaningful." if quick else "")),
         "table_md": table, **verdict,
         "checks": {"max_ratio_lower": c_max, "mean_ratio_lower": c_mean, "unsmoothed_oscillates_more": c_osc},
