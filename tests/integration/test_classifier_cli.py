@@ -1,23 +1,10 @@
 """The classifier domain end to end through the real CLI: the shipped recipe (shortened) with its report,
 the teacher cache, SIGKILL + ``--resume``, and ``stillroom eval``."""
 
-import importlib.util
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-
-# `from conftest import stillroom` finds whichever conftest module pytest imported last (tests/unit/eval's
-# when that folder is collected after this one): load the sibling file by path instead.
-_spec = importlib.util.spec_from_file_location("_integration_conftest", Path(__file__).with_name("conftest.py"))
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-stillroom = _helpers.stillroom
+from cli_helpers import assert_same_losses, completed_checkpoints, stillroom, stillroom_sigkilled, stillroom_torchrun
 
 SHORT = ["classifier.teacher.steps=60", "train.steps=40", "train.warmup_steps=4", "train.eval_every=20",
          "train.save_every=10", "train.keep_checkpoints=2"]
@@ -92,35 +79,20 @@ def test_eval_reevaluates_the_run(first_run, cache):
             assert after[key][metric] == pytest.approx(before[key][metric], abs=1e-6), (key, metric)
 
 
-def _losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_sigkill_then_resume_matches_uninterrupted(first_run, cache):
     """Killed after its first checkpoint and resumed, the run logs the losses of the uninterrupted first run,
     whose teacher was trained in the same process (so that must not have moved the run's random state)."""
     out, _ = first_run
     run_dir = out / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "stillroom.cli.main", "run", *_args(out, cache, "name=killed")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if any((run_dir / "checkpoints").glob("step_*/COMPLETE")):
-            break
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
-    done = sorted((run_dir / "checkpoints").glob("step_*/COMPLETE"))
+    stillroom_sigkilled("run", *_args(out, cache, "name=killed"), when=lambda: completed_checkpoints(run_dir))
+    done = completed_checkpoints(run_dir)
     assert done and "step_000040" not in str(done[-1])
 
     resumed = stillroom("run", *_args(out, cache, "name=killed"), "--resume")
     assert "resumed from" in resumed.stdout and "teacher: cached classifier" in resumed.stdout
     full = out / "classifier_digits"
-    assert len(_losses(run_dir)) == 40
-    assert _losses(run_dir) == pytest.approx(_losses(full), abs=1e-6)
-    assert _losses(run_dir / "baseline") == pytest.approx(_losses(full / "baseline"), abs=1e-6)
+    assert_same_losses(run_dir, full, abs=1e-6, steps=40)
+    assert_same_losses(run_dir / "baseline", full / "baseline", abs=1e-6)
     a, b = (json.loads((d / "report.json").read_text())["student_after"] for d in (run_dir, full))
     assert a["accuracy"] == b["accuracy"] and a["heldout_ce"] == pytest.approx(b["heldout_ce"], abs=1e-6)
 
@@ -129,12 +101,7 @@ def test_sigkill_then_resume_matches_uninterrupted(first_run, cache):
 def test_two_processes_match_one(first_run, cache):
     """torchrun with 2 processes of 32 images each logs the losses of the 1-process run with 64."""
     out, _ = first_run
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "stillroom.cli.main", "run", *_args(out, cache, "name=two", "train.micro_batch_size=32")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stillroom_torchrun("run", *_args(out, cache, "name=two", "train.micro_batch_size=32"))
     one, two = out / "classifier_digits", out / "two"
-    assert len(_losses(two)) == 40
-    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
-    assert _losses(two / "baseline") == pytest.approx(_losses(one / "baseline"), abs=1e-5)
+    assert_same_losses(two, one, abs=1e-5, steps=40)
+    assert_same_losses(two / "baseline", one / "baseline", abs=1e-5)

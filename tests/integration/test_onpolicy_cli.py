@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from conftest import stillroom
+from cli_helpers import stillroom, stillroom_torchrun
 
 NO_EVAL = ["eval.before=false", "eval.generations=0"]
 ONPOLICY = {"student_weight": 0.5, "teacher_weight": 0.25, "fixed_weight": 0.25, "max_new_tokens": 8}
@@ -106,20 +106,12 @@ def test_draft_pipeline_target_data_then_kd(recipe_factory, tiny_teacher_dir, tm
 def test_onpolicy_under_two_processes(recipe_factory, tmp_path):
     """torchrun, 2 processes (gloo): each rank generates its own student samples (rank-seeded),
     the step's token count is summed over ranks, and the run ends cleanly."""
-    import os
-    import subprocess
-    import sys
-
     recipe = recipe_factory(
         method="onpolicy", onpolicy={**ONPOLICY, "student_weight": 1.0, "teacher_weight": 0.0, "fixed_weight": 0.0},
         train={**TRAIN, "steps": 3, "micro_batch_size": 2, "grad_accum": 1, "save_every": 0},
         data=_chat_data(tmp_path), loss={"terms": [{"name": "forward_kl"}], "chunk_tokens": 64},
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "stillroom.cli.main", "run", str(recipe), "name=ddp", *NO_EVAL]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stillroom_torchrun("run", str(recipe), "name=ddp", *NO_EVAL)
     rows = _metrics(tmp_path / "runs" / "ddp")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["generate_s"] > 0 and r["loss"] == r["loss"] for r in rows)

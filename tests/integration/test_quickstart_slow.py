@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import stillroom
+from cli_helpers import stillroom
 
 pytestmark = pytest.mark.slow
 

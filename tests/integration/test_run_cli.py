@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import stillroom
+from cli_helpers import stillroom
 
 REQUIRED = ["heldout_ce", "perplexity", "bits_per_byte", "kl_teacher_student", "top1_agreement", "params", "tokens_per_s"]
 
@@ -73,12 +73,10 @@ def test_lora_student_trains_adapters_only(recipe_factory, tmp_path):
 
 
 def test_different_tokenizer_is_refused_before_step_0(recipe_factory, tmp_path):
-    from helpers import pretrain_briefly, tiny_llama, tiny_tokenizer
+    from helpers import save_tiny_teacher
 
-    other = tmp_path / "other"
-    tok = tiny_tokenizer(300, seed_text="a different corpus entirely")
-    pretrain_briefly(tiny_llama(len(tok), layers=2), tok, steps=1).save_pretrained(other)
-    tok.save_pretrained(other)
+    other = save_tiny_teacher(tmp_path / "other", layers=2, vocab_size=300, seed_text="a different corpus entirely",
+                              pretrain_steps=1)
     recipe = recipe_factory(student={"model": {"path": str(other)}})
     proc = stillroom("run", str(recipe), check=False)
     assert proc.returncode == 1

@@ -5,20 +5,10 @@
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
-import pytest
-from conftest import stillroom
+from cli_helpers import assert_same_losses, stillroom, stillroom_sigkilled
 
 NO_EVAL = ["eval.before=false", "eval.generations=0"]
-
-
-def _losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _tree(folder):
@@ -43,10 +33,7 @@ def test_store_with_k_equal_v_trains_like_the_online_teacher(recipe_factory, tmp
 
     stillroom("run", str(recipe), "name=online", *NO_EVAL)
     stillroom("run", str(recipe), "name=stored", "teacher.source=store", *NO_EVAL)
-    online = _losses(tmp_path / "runs" / "online")
-    stored = _losses(tmp_path / "runs" / "stored")
-    assert len(online) == len(stored) == 6
-    assert stored == pytest.approx(online, abs=1e-5)
+    assert_same_losses(tmp_path / "runs" / "stored", tmp_path / "runs" / "online", abs=1e-5, steps=6)
 
 
 
@@ -57,20 +44,10 @@ def test_sigkill_then_resume_writes_the_same_bytes(recipe_factory, tmp_path):
     num_shards = json.loads((full / "manifest.json").read_text())["num_shards"]
     assert num_shards >= 8
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stillroom.cli.main", "cache-teacher", str(recipe), f"teacher.store.path={killed}",
-         "--batch-size=2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / "manifest.json").exists():
-            break
-        time.sleep(0.001)
-    time.sleep(0.05)  # let it get into the middle of a later shard
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "cache-teacher finished before it could be killed; give it more data"
+    stillroom_sigkilled("cache-teacher", str(recipe), f"teacher.store.path={killed}", "--batch-size=2",
+                        when=(killed / "manifest.json").exists, timeout=240,
+                        settle_s=0.05,  # let it get into the middle of a later shard
+                        hint="give it more data")
     partial = json.loads((killed / "manifest.json").read_text())
     assert not partial["complete"] and 1 <= len(partial["shards"]) < num_shards
 

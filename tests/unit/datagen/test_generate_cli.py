@@ -8,14 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from cli_helpers import cli_env
+from helpers import load_saved, save_tiny_teacher
+from loopback import serve, teacher_app
 
 from stillroom.cli.main import main
 from stillroom.config.schema import RunConfig
@@ -26,24 +27,10 @@ from stillroom.datagen.store import GenerationStore
 REPO = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_teacher_dir(tmp_path_factory) -> Path:
     """A random 2-layer Llama and the tiny chat tokenizer, saved (fast: no pretraining; texts are random)."""
-    from helpers import tiny_llama, tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("gen-teacher") / "model"
-    tok = tiny_tokenizer()
-    tiny_llama(len(tok), layers=2, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_teacher(tmp_path_factory.mktemp("gen-teacher") / "model", layers=2, pretrain_steps=0)
 
 
 def write_recipe(tmp_path: Path, generate: dict, teacher: dict | None = None) -> Path:
@@ -328,14 +315,9 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def fake_server():
+def fake_server(loopback):
     handler = type("Handler", (FakeOpenAI,), {"seen": [], "delay_s": 0.0})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield handler, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    return handler, loopback(handler).url
 
 
 def test_remote_junk_is_counted_and_the_rest_is_kept(tmp_path, fake_server, capsys):
@@ -356,24 +338,16 @@ def test_remote_junk_is_counted_and_the_rest_is_kept(tmp_path, fake_server, caps
 
 def test_remote_serve_teacher_on_loopback_with_an_api_key_from_the_env(tmp_path, tiny_teacher_dir, monkeypatch,
                                                                         capsys):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from stillroom.teachers.server import RunningServer, TeacherService, create_app
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    model, tok = load_saved(tiny_teacher_dir)
     secret = "sk-test-5ecret-value"
     monkeypatch.setenv("GEN_TEST_KEY", secret)
-    server = RunningServer(create_app(TeacherService(model, tok, model_name="tiny", max_top_k=8), api_key=secret))
-    try:
+    with serve(teacher_app(model, tok, max_top_k=8, api_key=secret)) as server:
         recipe = write_recipe(
             tmp_path,
             {"input": {"n": 3}, "template": "{question}", "n_samples": 2, "max_new_tokens": 4, "batch_size": 3,
              "export": {"path": str(tmp_path / "t.jsonl")}},
             teacher={"source": "remote", "remote": {"url": server.url, "model": "tiny", "api_key_env": "GEN_TEST_KEY"}})
         assert main(["generate", str(recipe)]) == 0
-    finally:
-        server.stop()
     out = capsys.readouterr()
     recs = read_jsonl(tmp_path / "runs" / "gen" / "generations.jsonl")
     assert len(recs) == 6 and all(isinstance(r["text"], str) and "error" not in r for r in recs)
@@ -381,12 +355,9 @@ def test_remote_serve_teacher_on_loopback_with_an_api_key_from_the_env(tmp_path,
     assert secret not in everything
     # Without the key the server refuses (401), stated without the key.
     monkeypatch.setenv("GEN_TEST_KEY", "wrong")
-    server = RunningServer(create_app(TeacherService(model, tok, model_name="tiny", max_top_k=8), api_key=secret))
-    try:
+    with serve(teacher_app(model, tok, max_top_k=8, api_key=secret)) as server:
         assert main(["generate", str(recipe), "generate.output=" + str(tmp_path / "other.jsonl"),
                      f"teacher.remote.url={server.url}", "teacher.remote.max_retries=0"]) == 1
-    finally:
-        server.stop()
     err = capsys.readouterr().err
     assert "401" in err and secret not in err
 
@@ -403,7 +374,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_sample_exactly_once(tmp_path, fa
         {"input": {"n": n_items, "seed": 3}, "template": "{question}", "n_samples": n_samples, "batch_size": 2},
         teacher={"source": "remote", "remote": {"url": url, "model": "fake", "concurrency": 2}})
     store = tmp_path / "runs" / "gen" / "generations.jsonl"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = cli_env(PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "stillroom.cli.main", "generate", str(recipe)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

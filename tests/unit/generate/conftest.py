@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from generate_models import drop_layers, make_llama
 from transformers import LlamaForCausalLM
 
@@ -23,11 +22,3 @@ def draft64(target64) -> LlamaForCausalLM:
 def independent_draft64() -> LlamaForCausalLM:
     return make_llama(64, layers=1, seed=7)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

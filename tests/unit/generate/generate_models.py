@@ -9,17 +9,14 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
+from transformers import LlamaForCausalLM
 
 
 def make_llama(vocab: int, layers: int, seed: int, hidden: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=None, eos_token_id=None, pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    """helpers.tiny_llama as the generate tests have it: an untied head, 256 positions, pad id 0 and no
+    BOS/EOS (generation runs to max_new_tokens)."""
+    return tiny_llama(vocab, layers, hidden, seed, tie=False, max_positions=256, bos=None, eos=None, pad=0)
 
 
 def perturbed(model: LlamaForCausalLM, scale: float, seed: int) -> LlamaForCausalLM:

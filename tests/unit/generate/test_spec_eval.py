@@ -8,7 +8,8 @@ import pytest
 from generate_models import drop_layers
 from helpers import tiny_llama, tiny_tokenizer
 
-from stillroom.generate.spec_eval import encode_prompt, run_spec_eval
+from stillroom.data.prompts import prompt_ids
+from stillroom.generate.spec_eval import run_spec_eval
 from stillroom.generate.speculative import expected_block_efficiency
 
 
@@ -72,13 +73,13 @@ def test_bad_arguments(tmp_path, tok, pair):
         run_spec_eval(target, small, tok, PROMPTS, [1], max_new_tokens=2, out_dir=tmp_path)
 
 
-def test_encode_prompt_uses_the_chat_template(tok):
-    ids = encode_prompt(tok, [{"role": "user", "content": "hi"}])
+def test_prompt_ids_use_the_chat_template(tok):
+    ids = prompt_ids(tok, [{"role": "user", "content": "hi"}])
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
     tok_no_template = tiny_tokenizer(320)
     tok_no_template.chat_template = None
     with pytest.raises(ValueError, match="chat_template"):
-        encode_prompt(tok_no_template, [{"role": "user", "content": "hi"}])
+        prompt_ids(tok_no_template, [{"role": "user", "content": "hi"}])
 
 
 def test_cli_spec_eval_on_saved_models(tmp_path, tok, pair):

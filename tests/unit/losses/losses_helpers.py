@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import stillroom.losses as L
 from stillroom.teachers.signal import TeacherSignal, tail_logmass
 
 
@@ -21,6 +22,25 @@ def make_inputs(b=2, t=5, v=11, d=6, *, dtype=torch.float32, seed=0, scale=2.0):
     targets = torch.randint(0, v, (b, t), generator=g)
     targets[~mask] = -100
     return hidden, head, teacher, mask, targets
+
+
+def assert_plain_chunked_fused_agree(terms, hidden, head, teacher, mask, **kw) -> None:
+    """``terms`` give the same total, count and gradients (to ``hidden`` and to the head's weight and bias) on
+    the plain path (head(hidden) -> logits), the chunked one and the fused one (hidden -> head per chunk of 4)."""
+
+    def grads(fn):
+        h = hidden.clone().requires_grad_(True)
+        head.zero_grad()
+        total, parts, count = fn(h)
+        total.backward()
+        return total.detach(), h.grad, head.weight.grad.clone(), head.bias.grad.clone(), count
+
+    plain = grads(lambda h: L.run_logit_terms(terms, head(h), teacher, mask, **kw))
+    chunked = grads(lambda h: L.run_logit_terms(terms, head(h), teacher, mask, chunk_tokens=4, **kw))
+    fused = grads(lambda h: L.run_fused_logit_terms(terms, h, head, teacher, mask, chunk_tokens=4, **kw))
+    for other in (chunked, fused):
+        for a, b in zip(plain, other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def topk_signal(teacher_logits, k, temperature=1.0):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import stillroom.losses as L
-from losses_helpers import make_inputs
+from losses_helpers import assert_plain_chunked_fused_agree, make_inputs
 
 DIV = L.DIVERGENCES
 # TAID's target and TVD++'s reward are stop-gradient by design: finite differences of the
@@ -241,21 +241,7 @@ def test_padded_vocabulary_with_infinite_logits_gives_no_nan(name):
 def test_plain_chunked_fused_agree_forward_and_backward(name):
     hidden, head, teacher, mask, targets = make_inputs(b=3, t=7, v=17, d=8)
     terms = [L.make_logit_term(name, {}, loss_temperature=2.0, scale_by_temperature_squared=True)]
-    kw = dict(target_ids=targets, loss_temperature=2.0)
-
-    def grads(fn):
-        h = hidden.clone().requires_grad_(True)
-        head.zero_grad()
-        total, parts, count = fn(h)
-        total.backward()
-        return total.detach(), h.grad, head.weight.grad.clone(), head.bias.grad.clone(), count
-
-    plain = grads(lambda h: L.run_logit_terms(terms, head(h), teacher, mask, **kw))
-    chunked = grads(lambda h: L.run_logit_terms(terms, head(h), teacher, mask, chunk_tokens=4, **kw))
-    fused = grads(lambda h: L.run_fused_logit_terms(terms, h, head, teacher, mask, chunk_tokens=4, **kw))
-    for other in (chunked, fused):
-        for a, b in zip(plain, other):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_plain_chunked_fused_agree(terms, hidden, head, teacher, mask, target_ids=targets, loss_temperature=2.0)
 
 
 @pytest.mark.parametrize("name", DIV)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
 
 import stillroom.losses as L
 from stillroom.config.schema import LossConfig, LossTerm
 
 
 def test_fused_mix_on_tiny_llama_matches_plain_logits():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    student, teacher = LlamaForCausalLM(cfg).eval(), LlamaForCausalLM(cfg).eval()
+    config = dict(layers=2, max_positions=64, bos=1, eos=2, pad=None)  # LlamaConfig's special ids
+    student = tiny_llama(97, seed=0, **config)
+    teacher = tiny_llama(97, seed=None, **config)  # the next weights from the same seed
     ids = torch.randint(0, 97, (2, 12))
     targets = torch.roll(ids, -1, 1)
     targets[:, -1] = -100

@@ -7,19 +7,11 @@ import pytest
 import torch
 
 import stillroom.losses as L
-from losses_helpers import make_inputs
+from losses_helpers import assert_plain_chunked_fused_agree, make_inputs
 from stillroom.config.schema import LossConfig, LossTerm
 from stillroom.losses import LossMix, StudentOutput
 
 NAMES = ["ce", "forward_kl", "jsd", "tvd_pp"]
-
-
-def _grads(fn, hidden, head):
-    h = hidden.clone().requires_grad_(True)
-    head.zero_grad()
-    total, parts, count = fn(h)
-    total.backward()
-    return total.detach(), h.grad, head.weight.grad.clone(), count
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -27,14 +19,7 @@ def test_weighted_paths_agree(name):
     hidden, head, teacher, mask, targets = make_inputs(b=3, t=7, v=17, d=8)
     weight = torch.randn(3, 7)  # signed weights (REDI uses negative ones)
     terms = [L.make_logit_term(name, {})]
-    kw = dict(target_ids=targets, weight_bt=weight)
-    plain = _grads(lambda h: L.run_logit_terms(terms, head(h), teacher, mask, **kw), hidden, head)
-    chunked = _grads(lambda h: L.run_logit_terms(terms, head(h), teacher, mask, chunk_tokens=4, **kw), hidden, head)
-    fused = _grads(lambda h: L.run_fused_logit_terms(terms, h, head, teacher, mask, chunk_tokens=4, **kw),
-                   hidden, head)
-    for other in (chunked, fused):
-        for a, b in zip(plain, other):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_plain_chunked_fused_agree(terms, hidden, head, teacher, mask, target_ids=targets, weight_bt=weight)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import save_tiny_teacher, tiny_llama, tiny_tokenizer
 
 from stillroom.data.bad_word_corpus import bad_word_corpus
 from stillroom.config.schema import ConditionalConfig, DataConfig
@@ -180,18 +180,12 @@ def test_recipe_validates():
     assert cfg.conditional.drop_token_fraction == 0.01
 
 
-def _random_model_dir(folder: Path) -> Path:
-    tok = tiny_tokenizer()
-    tiny_llama(len(tok), layers=2).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def test_cli_run_on_tiny_models(tmp_path, capsys):
     from stillroom.cli.main import main
 
     base = tmp_path / "base"
-    assert main(["conditional-extend", str(_random_model_dir(tmp_path / "plain")), str(base)]) == 0
+    plain = save_tiny_teacher(tmp_path / "plain", layers=2, pretrain_steps=0)
+    assert main(["conditional-extend", str(plain), str(base)]) == 0
     data = tmp_path / "demo.jsonl"
     assert main(["conditional-demo-data", str(data), "--docs", "40"]) == 0
     recipe = {
@@ -226,7 +220,7 @@ def test_cli_run_on_tiny_models(tmp_path, capsys):
 def test_build_hooks_refuse_a_model_without_control_tokens(tmp_path, capsys):
     from stillroom.cli.main import main
 
-    plain = _random_model_dir(tmp_path / "plain")
+    plain = save_tiny_teacher(tmp_path / "plain", layers=2, pretrain_steps=0)
     data = _jsonl(tmp_path / "d.jsonl", bad_word_corpus(20))
     recipe = textwrap.dedent(f"""
         name: nocontrol

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama
 
 from pydantic import ValidationError
 
@@ -18,11 +18,6 @@ from stillroom.methods.onpolicy import OnPolicySource, choose_source, generated_
 from stillroom.teachers.signal import OnlineTeacher
 
 PAD = 1
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama
 
 from stillroom.config.schema import DataConfig, DataSource
 from stillroom.data import build_splits
@@ -19,11 +19,6 @@ RECORDS = [
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                   {"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "1 2 3"}]},
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

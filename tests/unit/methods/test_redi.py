@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 from pydantic import ValidationError
 
@@ -25,12 +26,8 @@ V = 23
 
 
 def _model(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
+    """A 2-layer random Llama with an untied head, LlamaConfig's special ids and 64 positions, in train mode."""
+    return tiny_llama(V, layers=2, seed=seed, tie=False, max_positions=64, bos=1, eos=2, pad=None).train()
 
 
 def _pair(i, prompt_len, chosen_len, rejected_len, seed):

@@ -35,13 +35,6 @@ def _write(tmp_path: Path, rows: list[dict], name: str = "sbs.jsonl") -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from helpers import tiny_tokenizer
-
-    return tiny_tokenizer()
-
-
 def _data(tok, path: Path, *, heldout_fraction=0.0, heldout_max=8, seq_len=64, on_bad_record="stop", **cfg):
     src = DataSource(path=str(path), format="prompt_completion", prompt_field="input", completion_field="label")
     data = DataConfig(sources=[src], seq_len=seq_len, heldout_fraction=heldout_fraction, heldout_max=heldout_max,

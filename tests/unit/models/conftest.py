@@ -1,11 +1,6 @@
 import pytest
 import torch
-from helpers import tiny_llama, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(320)
+from helpers import tiny_llama
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import tiny_llama
 from transformers import LlamaForCausalLM
 
 from stillroom.config.schema import LoraConfig
@@ -64,9 +65,7 @@ def test_head_and_body_reproduce_logits_plain_and_peft(llama, ids_bt):
 def test_head_with_lora_is_the_adapted_module(llama, ids_bt):
     with pytest.raises(ValueError, match="ties it to the input embeddings"):
         apply_lora(llama, LoraConfig(target_modules=["lm_head", "q_proj"]))
-    cfg = llama.config.to_dict() | {"tie_word_embeddings": False}
-    torch.manual_seed(0)
-    untied = LlamaForCausalLM(type(llama.config).from_dict(cfg)).eval()
+    untied = tiny_llama(llama.config.vocab_size, layers=llama.config.num_hidden_layers, seed=0, tie=False)
     model = apply_lora(untied, LoraConfig(r=2, alpha=4, target_modules=["lm_head", "q_proj"]))
     perturb_adapters(model, seed=2)
     head = output_head(model)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama
+from loopback import serve, teacher_app
 from stillroom.config.schema import RemoteConfig
 from stillroom.data.batch import Example, collate
 from stillroom.losses.sparse import student_bins, teacher_bins
@@ -20,22 +21,19 @@ from stillroom.datagen.remote_complete import complete_fn, generate, remote_comp
 from stillroom.teachers.http import OpenAIClient, RemoteError
 from stillroom.teachers.remote import RemoteTeacher, parse_prompt_logprobs
 from stillroom.teachers.remote_cache import RemoteCache
-from stillroom.teachers.server import RunningServer, TeacherService, create_app
 from stillroom.teachers.signal import Fingerprint
 
 KEY = "sk-remote-test-5be1d0c4"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    tok = tiny_tokenizer()
+def tiny(tok):
     return tiny_llama(len(tok), seed=5), tok
 
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    model, tok = tiny
-    with RunningServer(create_app(TeacherService(model, tok, model_name="tiny", max_top_k=16))) as srv:
+    with serve(teacher_app(*tiny, max_top_k=16)) as srv:
         yield srv
 
 
@@ -171,7 +169,7 @@ def test_fingerprint_is_checked_against_the_served_tokenizer(server, tiny):
 def test_api_key_comes_from_env_and_never_reaches_logs_or_errors(tiny, monkeypatch, caplog):
     model, tok = tiny
     vocab = len(tok)
-    with RunningServer(create_app(TeacherService(model, tok, model_name="tiny"), api_key=KEY)) as srv:
+    with serve(teacher_app(model, tok, api_key=KEY)) as srv:
         cfg = RemoteConfig(url=srv.url, model="tiny", top_k=2, api_key_env="STILLROOM_TEST_KEY")
         with pytest.raises(RemoteError, match="STILLROOM_TEST_KEY") as missing:
             RemoteTeacher(cfg, vocab_size=vocab)

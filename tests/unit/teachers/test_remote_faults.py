@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
+from loopback import free_port
 
 from stillroom.config.schema import RemoteConfig
 from stillroom.data.batch import Example, collate
@@ -34,10 +34,10 @@ def plp_for(ids):
 
 
 class Fake:
-    """Scripted server. ``script``: actions consumed one per request (then "ok");
-    ``per_prompt``: actions keyed by the prompt's first token id, consumed first."""
+    """Scripted server, started by ``serve`` (the ``loopback`` fixture). ``script``: actions consumed one per
+    request (then "ok"); ``per_prompt``: actions keyed by the prompt's first token id, consumed first."""
 
-    def __init__(self):
+    def __init__(self, serve):
         self.script: list[str] = []
         self.per_prompt: dict[int, list[str]] = {}
         self.counts: Counter = Counter()
@@ -109,22 +109,16 @@ class Fake:
                 elif action == "nologprobs":
                     self.reply(200, b'{"choices": [{"index": 0, "text": "hi"}]}')
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.server = serve(Handler)
+        self.url = self.server.url
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.stop()
 
 
 @pytest.fixture()
-def fake():
-    f = Fake()
-    yield f
-    f.close()
+def fake(loopback):
+    return Fake(loopback)
 
 
 def make_batch(firsts, n=5):
@@ -140,13 +134,6 @@ def client(fake, sleeps=None, cache=None, url=None, **kw):
     cfg = RemoteConfig(url=url or fake.url, model="m", top_k=K, **{**FAST, **kw})
     return RemoteTeacher(cfg, vocab_size=V, cache=cache,
                          sleep=(lambda s: sleeps.append(s)) if sleeps is not None else time.sleep)
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_recovers_from_every_transient_fault(fake):

@@ -7,24 +7,23 @@ import pytest
 import torch
 
 from helpers import tiny_llama, tiny_tokenizer
+from loopback import serve, teacher_app, teacher_service
 from stillroom.generate.sampling import sample_continuations
 from stillroom.models.vocab import tokenizer_hash
-from stillroom.teachers.server import LOGPROB_FLOOR, RunningServer, TeacherService, create_app
+from stillroom.teachers.server import LOGPROB_FLOOR, create_app
 
 KEY = "sk-test-server-7f3a9c"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    tok = tiny_tokenizer()
+def tiny(tok):
     return tiny_llama(len(tok), seed=3), tok
 
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    model, tok = tiny
-    svc = TeacherService(model, tok, model_name="tiny", max_top_k=8)
-    with RunningServer(create_app(svc)) as srv:
+    svc = teacher_service(*tiny, max_top_k=8)
+    with serve(create_app(svc)) as srv:
         with httpx.Client(base_url=srv.url, timeout=30) as client:
             yield svc, client
 
@@ -111,15 +110,14 @@ def test_logprob_floor_keeps_json_finite():
     model = tiny_llama(len(tok), seed=1)
     with torch.no_grad():
         model.lm_head.weight[7] = -1e4  # token 7 gets a -inf-like log-prob
-    svc = TeacherService(model, tok, model_name="m", max_top_k=4)
+    svc = teacher_service(model, tok, model_name="m", max_top_k=4)
     plp = svc.prompt_logprobs([5, 7], 2)
     assert plp[1]["7"]["logprob"] >= LOGPROB_FLOOR
 
 
 def test_api_key_is_required_when_set(tiny):
     model, tok = tiny
-    svc = TeacherService(model, tok, model_name="tiny")
-    with RunningServer(create_app(svc, api_key=KEY)) as srv, httpx.Client(base_url=srv.url) as client:
+    with serve(teacher_app(model, tok, api_key=KEY)) as srv, httpx.Client(base_url=srv.url) as client:
         assert client.get(srv.url.rsplit("/v1", 1)[0] + "/health").status_code == 200
         assert client.get("/models").status_code == 401
         assert client.get("/models", headers={"Authorization": "Bearer wrong"}).status_code == 401

@@ -5,24 +5,21 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import save_tiny_teacher
+from loopback import serve
 from stillroom.cli.main import build_parser, main
 from stillroom.cli.sections import section_from_args
 from stillroom.config.commands import ServeTeacherConfig
 from stillroom.config.schema import RemoteConfig
 from stillroom.run.serve import make_service
 from stillroom.teachers.remote import RemoteTeacher
-from stillroom.teachers.server import RunningServer, create_app
+from stillroom.teachers.server import create_app
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     """An untrained tiny teacher folder (serving needs no trained weights; fast to make)."""
-    folder = tmp_path_factory.mktemp("serve") / "model"
-    tok = tiny_tokenizer()
-    tiny_llama(len(tok), layers=2).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_teacher(tmp_path_factory.mktemp("serve") / "model", layers=2, pretrain_steps=0)
 
 
 def _config(argv: list[str]) -> ServeTeacherConfig:
@@ -45,7 +42,7 @@ def test_command_loads_the_folder_and_serves_it(teacher_dir, monkeypatch):
     service, key = make_service(cfg)
     assert service.model_name == "model" and service.max_top_k == 5 and key == "k-123"
     assert service.identity.startswith("local:")
-    with RunningServer(create_app(service, api_key=key)) as srv:
+    with serve(create_app(service, api_key=key)) as srv:
         monkeypatch.setenv("CLIENT_KEY", "k-123")
         remote = RemoteTeacher(RemoteConfig(url=srv.url, model="model", top_k=5, api_key_env="CLIENT_KEY"),
                                vocab_size=service.vocab_size)

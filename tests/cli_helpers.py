@@ -1,0 +1,102 @@
+"""The real CLI in a subprocess, and tiny recipes for it (imported by name: tests/ is on sys.path).
+
+A module of its own, not ``conftest``: ``from conftest import ...`` finds whichever conftest module pytest
+imported first, so it breaks depending on which test folders a run collects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment the CLI runs in: offline, one OpenMP thread."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def stillroom(*args: str, check: bool = True, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "stillroom.cli.main", *args], capture_output=True, text=True, timeout=timeout,
+        env=cli_env(**(env or {})),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stillroom {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def stillroom_sigkilled(*args: str, when, timeout: float = 120, settle_s: float = 0.0,
+                        hint: str = "make it longer") -> None:
+    """Run ``stillroom ARGS`` in a subprocess and SIGKILL it as soon as ``when()`` is true (polled every
+    millisecond for up to ``timeout`` seconds), ``settle_s`` later. Fails where it finished before the kill."""
+    proc = subprocess.Popen([sys.executable, "-m", "stillroom.cli.main", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if when():
+            break
+        time.sleep(0.001)
+    time.sleep(settle_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    what = "the run" if args[0] == "run" else args[0]
+    assert proc.returncode == -signal.SIGKILL, f"{what} finished before it could be killed; {hint}"
+
+
+def completed_checkpoints(run_dir: Path) -> list[Path]:
+    """The COMPLETE markers of a run's checkpoints, oldest first."""
+    return sorted((run_dir / "checkpoints").glob("step_*/COMPLETE"))
+
+
+def stillroom_torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``stillroom ARGS`` under torchrun, ``nproc`` processes on this machine; fails with the output's tails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "stillroom.cli.main", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def run_losses(run_dir: Path) -> list[float]:
+    """The training loss of every step a run logged (its metrics.jsonl)."""
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_losses(run_dir: Path, reference_dir: Path, *, abs: float, steps: int | None = None) -> None:
+    """The run in ``run_dir`` logged the losses of the one in ``reference_dir``, step for step (``steps`` of them
+    where given), to within ``abs``."""
+    got, want = run_losses(run_dir), run_losses(reference_dir)
+    if steps is not None:
+        assert len(got) == len(want) == steps
+    assert got == pytest.approx(want, abs=abs)
+
+
+def tiny_recipe(tmp_path: Path, teacher_dir: Path, **sections) -> Path:
+    """A recipe for a seconds-long run with the tiny teacher; ``sections`` update the defaults."""
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "runs"),
+        "teacher": {"model": {"path": str(teacher_dir)}, "dtype": "float32"},
+        "student": {"from_teacher": {"strategy": "every_n", "every_n": 2}},
+        "data": {"sources": [{"bundled": "pydoc", "limit": 40}], "seq_len": 32, "heldout_fraction": 0.2, "heldout_max": 8},
+        "loss": {"terms": [{"name": "forward_kl"}], "chunk_tokens": 64},
+        "train": {"steps": 6, "micro_batch_size": 4, "precision": "fp32", "warmup_steps": 2, "lr": 1e-3},
+        "eval": {"heldout_sequences": 8, "batch_size": 4, "generations": 1, "max_new_tokens": 4, "speed_tokens": 64},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
