@@ -52,6 +52,9 @@ def main() -> None:
     vocab = len(tok)
     teacher = OnlineTeacher(teacher_model, vocab_size=vocab)
     tc = TrainConfig(steps=1000, warmup_steps=0)
+    shared = Player("student", student, DistillObjective(None, LossMix(LossConfig(terms=[LossTerm(name="ce")]))))
+    shared.build_optimizer(tc)  # one AdamW for every variant, as one training run has
+    optimizer = shared.optimizer
 
     def make_step(terms: list[str], fused: bool, with_teacher: bool, precomputed=None):
         mix = LossMix(LossConfig(terms=[LossTerm(name=t) for t in terms], fused=fused, chunk_tokens=1024))
@@ -63,14 +66,13 @@ def main() -> None:
 
         src = (_Fixed() if precomputed is not None else teacher) if with_teacher else None
         player = Player("student", student, DistillObjective(forward, mix, src))
-        player.build_optimizer(tc)
 
         def step():
             student.train()
             forward_backward([batch], player, forward, device=torch.device("cpu"), precision=precision,
                              scale=1.0 / batch.num_targets)
-            player.optimizer.step()
-            player.optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
         return step
 

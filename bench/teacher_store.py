@@ -196,20 +196,22 @@ def main() -> None:
     step_batch = collate(train[: args.batch], pad)
     timing_student = copy.deepcopy(student0)
     stores = {name: StoreTeacher(StoreReader(tmp / name)) for name in ("k64_float16", "k64_int8", "k32_float16")}
+    shared = Player("student", timing_student, DistillObjective(None, LossMix(LossConfig(terms=[LossTerm(name="ce")]))))
+    shared.build_optimizer(TrainConfig(steps=1000, warmup_steps=0))  # one AdamW for every variant, as in one run
+    timing_opt = shared.optimizer
 
     def make_step(term: str | None, src):
         terms = [LossTerm(name=term or "ce")]
         mix = LossMix(LossConfig(terms=terms, fused=True, chunk_tokens=1024))
         fwd = StudentForward(timing_student, fused=True, hidden_layers=[], vocab=vocab)
         player = Player("student", timing_student, DistillObjective(fwd, mix, src))
-        player.build_optimizer(TrainConfig(steps=1000, warmup_steps=0))
 
         def step():
             timing_student.train()
             forward_backward([step_batch], player, fwd, device=CPU, precision=precision,
                              scale=1.0 / step_batch.num_targets)
-            player.optimizer.step()
-            player.optimizer.zero_grad(set_to_none=True)
+            timing_opt.step()
+            timing_opt.zero_grad(set_to_none=True)
 
         return step
 
