@@ -4,6 +4,7 @@ one function of :mod:`stillroom.run` or :mod:`stillroom.datagen`. Nothing else h
 from __future__ import annotations
 
 import argparse
+import shlex
 from importlib import resources
 from pathlib import Path
 
@@ -72,7 +73,8 @@ def cmd_cache_teacher(args) -> int:
     if args.batch_size is not None:  # kept for old command lines; the setting is teacher.store.cache_batch_size
         args.overrides = [*args.overrides, f"teacher.store.cache_batch_size={args.batch_size}"]
     cache_teacher(load(args), overwrite=args.overwrite, log=lambda s: print(s, flush=True))
-    print(f"train from it with: stillroom run {' '.join([args.recipe, *args.overrides])} teacher.source=store")
+    words = ["stillroom", "run", args.recipe, *args.overrides, "teacher.source=store"]
+    print(f"train from it with: {shlex.join(words)}")  # quoted for the shell: the line works when pasted
     return 0
 
 

@@ -10,6 +10,7 @@ commands' live in :mod:`stillroom.datagen`, ``merge`` in :mod:`stillroom.compres
 
 from stillroom.run.cache_teacher import cache_teacher
 from stillroom.run.evaluation import evaluate_run
-from stillroom.run.training import check_run, prepare_run, run
+from stillroom.run.checks import check_run
+from stillroom.run.training import prepare_run, run
 
 __all__ = ["cache_teacher", "check_run", "evaluate_run", "prepare_run", "run"]

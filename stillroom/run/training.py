@@ -24,21 +24,13 @@ from stillroom.config.load import dump_config
 from stillroom.config.schema import RunConfig
 from stillroom.domains import DOMAINS, PreparedRun
 from stillroom.methods import METHODS, Method
+from stillroom.run.checks import check_run
 from stillroom.models.precision import resolve_dtype, resolve_precision
 from stillroom.run.report import write_run_report
 from stillroom.train.distributed import init_topology, shutdown
 from stillroom.train.loop import train
 
 Log = Callable[[str], None]
-
-
-def check_run(cfg: RunConfig) -> Method:
-    """What can be checked without loading a model, beyond the config's own validators; returns the method."""
-    method = METHODS[cfg.method]
-    if method.domains is not None and cfg.domain not in method.domains:
-        raise ValueError(f"method {cfg.method!r} works in the {', '.join(method.domains)} domain(s), not in "
-                         f"domain {cfg.domain!r}")
-    return method
 
 
 def prepare_run(cfg: RunConfig, *, log: Log = print) -> tuple[PreparedRun, Method]:
