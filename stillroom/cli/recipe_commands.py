@@ -29,7 +29,8 @@ def cmd_validate(args) -> int:
     from stillroom.run import check_run
 
     cfg = load(args)
-    check_run(cfg)
+    cache = shlex.join(["stillroom", "cache-teacher", args.recipe, *args.overrides])
+    check_run(cfg, log=print, all_commands=True, cache_command=cache)  # notes: e.g. where a store will be read
     source = f", teacher source {cfg.teacher.source}" if cfg.domain == "lm" else ""
     print(f"{args.recipe}: OK ({cfg.method}, domain {cfg.domain}{source}, {len(cfg.loss.terms)} loss term(s))")
     return 0
@@ -38,14 +39,14 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from stillroom.run import run
 
-    print(f"run folder: {run(load(args), resume=args.resume)}")
+    print(f"run folder: {run(load(args), resume=args.resume, overwrite=args.overwrite)}")
     return 0
 
 
 def cmd_eval(args) -> int:
     from stillroom.run import evaluate_run
 
-    evaluate_run(load(args), student_dir=args.student)
+    evaluate_run(load(args), overrides=args.overrides, student_dir=args.student)
     return 0
 
 
@@ -88,6 +89,15 @@ def cmd_verify_store(args) -> int:
     return 0
 
 
+def _run_folder_flags(p: argparse.ArgumentParser) -> None:
+    """What a run does with a run folder that already holds a run (default: refuse it, changing nothing)."""
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the run folder from its last complete checkpoint (only train.steps, "
+                   "eval.* and other safe settings may differ from its config.resolved.yaml)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in the run folder and start again (default: refuse)")
+
+
 def register(sub) -> None:
     def recipe_command(name: str, func, help_: str, *, example: str = "train.steps=20", description: str | None = None):
         p = sub.add_parser(name, help=help_, description=description or help_)
@@ -98,12 +108,13 @@ def register(sub) -> None:
 
     recipe_command("validate", cmd_validate, "check a recipe without running it")
     p = recipe_command("run", cmd_run, "train (and evaluate) as the recipe says")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last complete checkpoint")
-    p = recipe_command("eval", cmd_eval, "evaluate a finished run's student and rewrite its report")
+    _run_folder_flags(p)
+    p = recipe_command("eval", cmd_eval, "evaluate a finished run's students with its saved config.resolved.yaml "
+                       "(plus the overrides given here) and rewrite its report", example="eval.heldout_sequences=8")
     p.add_argument("--student", help="student folder (default: <run folder>/student)")
     p = sub.add_parser("quickstart", help="distill SmolLM2-135M-Instruct into a 10-layer student, with a CE baseline")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p.add_argument("--resume", action="store_true")
+    _run_folder_flags(p)
     p.set_defaults(func=cmd_run, recipe="quickstart")  # `run` with the shipped quickstart recipe
     p = recipe_command(
         "generate", cmd_generate, "ask a teacher for completions, rationales or rewrites of a data set (resumable "

@@ -3,13 +3,17 @@
 A checkpoint is written into ``checkpoints/.tmp-step_NNNNNN-<pid>/``, fsynced,
 marked ``COMPLETE`` and renamed into place; only then is ``latest`` updated (also
 by rename). A kill at any moment leaves the last good checkpoint untouched; a
-leftover temporary folder is ignored and removed by the next save.
+leftover temporary folder is ignored and removed by the next save. Pruning keeps
+the checkpoint just written and the ``keep - 1`` newest before it, and deletes any
+with a higher step (left by another run, or by a timeline the resume abandoned),
+so ``latest`` always names a complete checkpoint of the run that is writing.
 
 Contents: one ``<name>.safetensors`` per weight set (for each player: ``<player>``,
 its model's state dict, and ``<player>.objective``, its objective's state: learned
 loss parameters and schedule buffers, e.g. TAID), and
 ``train_state.{json,safetensors}`` (per player its optimizer and scheduler; the
-sampler position, RNG states, step).
+sampler position, RNG states, step; the run id, readable from the JSON alone:
+:func:`checkpoint_run_id`).
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(root: Path, step: int, *, weights: dict[str, dict[str, torch.Tensor]], train_state: dict,
                     keep: int) -> Path:
-    """Write ``weights`` (``{file name: state dict}``) and ``train_state`` as ``step_NNNNNN`` atomically;
-    keep the ``keep`` newest complete checkpoints. Returns the checkpoint folder."""
+    """Write ``weights`` (``{file name: state dict}``) and ``train_state`` as ``step_NNNNNN`` atomically and point
+    ``latest`` at it; keep it and the ``keep - 1`` newest complete checkpoints before it (see the module
+    docstring). Returns the checkpoint folder."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -73,7 +78,10 @@ def save_checkpoint(root: Path, step: int, *, weights: dict[str, dict[str, torch
     latest_tmp.write_text(final.name)
     os.replace(latest_tmp, root / "latest")
     _fsync_dir(root)
-    for old in sorted(complete_checkpoints(root))[:-keep]:
+    others = [p for p in complete_checkpoints(root) if p.name != final.name]
+    earlier = [p for p in others if checkpoint_step(p) < step]
+    doomed = [p for p in others if checkpoint_step(p) > step] + earlier[: max(0, len(earlier) - (max(keep, 1) - 1))]
+    for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -108,7 +116,23 @@ def _load_deduplicated(path: Path) -> dict[str, torch.Tensor]:
 def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if (p / "COMPLETE").is_file())
+    found = [p for p in root.glob("step_*") if p.name[5:].isdigit() and (p / "COMPLETE").is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of checkpoint folder ``step_NNNNNN``."""
+    return int(folder.name.removeprefix("step_"))
+
+
+def checkpoint_run_id(folder: Path) -> str | None:
+    """The id of the run that wrote the checkpoint in ``folder`` (``None``: written before runs had ids)."""
+    try:
+        state = json.loads((folder / "train_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    run_id = state.get("run_id") if isinstance(state, dict) else None
+    return run_id if isinstance(run_id, str) else None
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -183,6 +183,8 @@ class TrainJob:
     log: Callable[[str], None] = field(default=print)
     unit: str = "targets"
     """What one target is, for the progress line (``tok`` for a language model, ``img`` for a classifier)."""
+    run_id: str | None = None
+    """The run's id (``run.json``); every checkpoint carries it, and a resume refuses another run's checkpoint."""
 
 
 def train(job: TrainJob) -> TrainResult:

@@ -4,8 +4,9 @@
 updates after every step; it keeps the loop itself short. Checkpoints hold, per
 player, the model's weights (``<player>.safetensors``), the objective's state
 (``<player>.objective.safetensors``), the optimizer and the schedule; and the
-sampler's position, the RNG states and the step, so a resumed run continues
-exactly where the checkpoint left it.
+sampler's position, the RNG states, the step, the training seconds so far and the
+run's id (``job.run_id`` where the orchestration set one), so a resumed run continues
+exactly where the checkpoint left it, and a checkpoint of another run is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stillroom.models.precision import autocast
-from stillroom.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from stillroom.train.checkpoint import (
+    checkpoint_run_id, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+)
 from stillroom.train.metrics import MetricsLog
 from stillroom.train.progress import Progress
 
@@ -53,13 +56,15 @@ class Session:
                                    shuffle=tc.shuffle, rank=job.topology.rank, world_size=job.topology.world_size,
                                    group_size=job.group_size)
         self.ckpt_root = job.run_dir / "checkpoints"
+        self.run_id = job.run_id
+        self.seconds_before = 0.0  # training seconds of the sessions before this one (a resumed run)
         self.start_step = self._restore() if job.resume else 0
         self.forwards = {p.name: self._wrapped(p.objective.forward) for p in job.players}
         self.autocast = autocast(tc.precision, job.device)  # one reusable context for every forward
         self.metrics = MetricsLog(job.run_dir / "metrics.jsonl", resume_step=self.start_step if job.resume else None,
                                   trackers=tc.trackers, run_name=job.run_name, enabled=job.topology.is_main)
         self.progress = Progress(total=tc.steps, start=self.start_step, enabled=job.topology.is_main, log=job.log,
-                                unit=job.unit)
+                                unit=job.unit, every=tc.log_every)
         self.step_times: list[float] = []
         self.teacher_times: list[float] = []
         self.losses: list[float] = []
@@ -84,6 +89,10 @@ class Session:
         if found is None:
             self.job.log(f"--resume: no complete checkpoint in {self.ckpt_root}; starting from step 0")
             return 0
+        theirs = checkpoint_run_id(found)
+        if self.run_id is not None and theirs is not None and theirs != self.run_id:
+            raise ValueError(f"--resume: checkpoint {found} belongs to run {theirs}, not to this run ({self.run_id}); "
+                             "start a new run name, or --overwrite to start the run folder again")
         players = self.job.players
         weights, state = load_checkpoint(found, [n for p in players for n in (p.name, f"{p.name}.objective")])
         for p in players:
@@ -93,6 +102,7 @@ class Session:
             p.scheduler.load_state_dict(state["players"][p.name]["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
+        self.seconds_before = float(state.get("train_s", 0.0))
         self.job.log(f"resumed from {found} at step {int(state['step'])}")
         return int(state["step"])
 
@@ -102,7 +112,8 @@ class Session:
     def finish_step(self, step: int, record: dict[str, Any], seconds: float) -> None:
         """Timings, the method's metrics, periodic evaluation, the metrics record, progress and checkpoint."""
         job, tc = self.job, self.job.train
-        record.update(step_s=seconds, targets_per_s=record["targets"] / seconds)
+        record.update(step_s=seconds, targets_per_s=record["targets"] / seconds,
+                      train_s=self.seconds_before + time.perf_counter() - self.t_start)
         self.step_times.append(seconds)
         self.teacher_times.append(record["teacher_s"])
         self.losses.append(record["loss"])
@@ -130,9 +141,12 @@ class Session:
             weights[f"{p.name}.objective"] = p.objective.state.state_dict()
         train_state = {
             "step": step, "sampler": self.sampler.state_dict(), "rng": rng_state(),
+            "train_s": self.seconds_before + time.perf_counter() - self.t_start,
             "players": {p.name: {"optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict()}
                         for p in players},
         }
+        if self.run_id is not None:
+            train_state["run_id"] = self.run_id
         return save_checkpoint(self.ckpt_root, step, weights=weights, train_state=train_state,
                                keep=self.job.train.keep_checkpoints)
 

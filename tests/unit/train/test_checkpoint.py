@@ -109,3 +109,33 @@ def test_schedule_warmup_then_cosine_floor():
     assert lr_factor(4, cfg) == pytest.approx(1.0)
     assert lr_factor(20, cfg) == pytest.approx(0.1)
     assert all(lr_factor(s, cfg) >= lr_factor(s + 1, cfg) for s in range(4, 20))
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    """A checkpoint with a higher step (left by another run) used to survive pruning while the one just written
+    was deleted, leaving ``latest`` pointing at a missing folder."""
+    root = tmp_path / "checkpoints"
+    _save(root, 4, 4.0)  # another run's leftover
+    written = ck.save_checkpoint(root, 3, weights={"student": {"w": torch.full((2,), 3.0)}, "student.objective": {}},
+                                 train_state={"step": 3}, keep=1)
+    assert written.is_dir() and [p.name for p in ck.complete_checkpoints(root)] == ["step_000003"]
+    assert (root / "latest").read_text() == "step_000003"
+    assert ck.latest_checkpoint(root) == written
+
+
+def test_pruning_keeps_the_newest_before_the_one_written(tmp_path):
+    root = tmp_path / "checkpoints"
+    for s in (1, 2, 3, 9):
+        _save(root, s, s)
+    ck.save_checkpoint(root, 4, weights={"student": {"w": torch.zeros(2)}, "student.objective": {}},
+                       train_state={"step": 4}, keep=3)
+    assert [p.name for p in ck.complete_checkpoints(root)] == ["step_000002", "step_000003", "step_000004"]
+    assert ck.latest_checkpoint(root).name == "step_000004"
+
+
+def test_the_run_id_is_read_from_the_json_alone(tmp_path):
+    root = tmp_path / "checkpoints"
+    folder = ck.save_checkpoint(root, 1, weights={"student": {"w": torch.zeros(2)}},
+                                train_state={"step": 1, "run_id": "r-1"}, keep=2)
+    assert ck.checkpoint_run_id(folder) == "r-1" and ck.checkpoint_step(folder) == 1
+    assert ck.checkpoint_run_id(_save(root, 2, 2.0)) is None  # written without one (an older run)
