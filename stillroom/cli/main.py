@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args) or 0
-    except ConfigError as exc:
+    except ConfigError as exc:  # a recipe, override or file the run names that cannot be used (check_run)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -42,7 +42,31 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("STILLROOM_DEBUG"):
             raise
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        fix = _store_fix(args, exc)
+        if fix:
+            print(fix, file=sys.stderr)
         return 1
+
+
+def _store_fix(args: argparse.Namespace, exc: Exception) -> str | None:
+    """The full command that goes on after ``exc`` (its ``fix``), with this command's recipe and overrides,
+    quoted for the shell: ``stillroom cache-teacher`` that repairs or replaces a teacher store
+    (:attr:`StoreError.fix`), or ``stillroom run ... --resume`` after a remote teacher stopped a run; ``None``
+    where no command helps or the command had no recipe (``verify-store``)."""
+    import shlex
+
+    fix = getattr(exc, "fix", None)
+    if not getattr(args, "recipe", None):
+        return None
+    if fix == "resume_run":  # a run stopped by its remote teacher: the same command, continued
+        words = ["stillroom", "run", args.recipe, *getattr(args, "overrides", []), "--resume"]
+        return f"to continue once the teacher answers: {shlex.join(words)}"
+    if fix not in ("resume", "overwrite"):
+        return None
+    overrides = [o for o in getattr(args, "overrides", []) if not o.startswith("teacher.source=")]
+    words = ["stillroom", "cache-teacher", args.recipe, *overrides] + (["--overwrite"] if fix == "overwrite" else [])
+    what = "finish or repair the store" if fix == "resume" else "replace the store with one for this run"
+    return f"to {what}: {shlex.join(words)}"
 
 
 if __name__ == "__main__":

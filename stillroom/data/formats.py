@@ -13,7 +13,11 @@
   whatever the template closes it with, e.g. ``<|im_end|>``). The prefix
   property (each of these renders is a token prefix of the next and of the full
   conversation) is checked; a template that breaks it is a :class:`DataError`.
-  ``add_eos`` does not apply: the template decides how turns end.
+  ``add_eos`` does not apply: the template decides how turns end. A turn's
+  ``role`` must be ``system``, ``user``, ``assistant`` or ``tool``, or a role the
+  template compares a role with (e.g. Llama 3.1's ``"ipython"``); any other
+  role (a typo, ``"wizard"``) is a bad record naming it, since many templates
+  render unknown roles silently.
 
 ``BOS`` is prepended (as a non-target) only when the tokenizer itself adds it
 to plain text (``tokenizer(text)`` starts with ``bos_token_id`` and
@@ -26,6 +30,7 @@ content at all (empty text), which the pipeline counts as ``dropped_empty``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +38,8 @@ from stillroom.config.schema import DataSource
 from stillroom.data.errors import BadRecord, DataError
 
 Format = Literal["text", "prompt_completion", "messages"]
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+"""Message roles every chat record may use (a template may name more, see :meth:`TextEncoder.chat_roles`)."""
 
 
 @dataclass
@@ -58,6 +65,7 @@ class TextEncoder:
         without = tokenizer(probe, add_special_tokens=False)["input_ids"]
         adds_bos = bos is not None and with_sp[:1] == [bos] and without[:1] != [bos]
         self.bos_prefix: list[int] = [bos] if adds_bos else []
+        self._roles: frozenset[str] | None = None
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` without special tokens."""
@@ -73,6 +81,18 @@ class TextEncoder:
 
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tok, "chat_template", None))
+
+    def chat_roles(self) -> frozenset[str]:
+        """The roles a message may have: the usual four and those the chat template compares a role with
+        (``message['role'] == 'ipython'``, ``message.role in ['user', 'system']``)."""
+        if self._roles is None:
+            template = getattr(self.tok, "chat_template", None) or ""
+            text = " ".join(template.values()) if isinstance(template, dict) else str(template)
+            named = set(re.findall(r"""role['"]?\]?\s*[!=]=\s*['"]([\w-]+)['"]""", text))
+            for group in re.findall(r"""role['"]?\]?\s+in\s+[\[(]([^\])]*)[\])]""", text):
+                named |= set(re.findall(r"""['"]([\w-]+)['"]""", group))
+            self._roles = frozenset(CHAT_ROLES) | frozenset(named)
+        return self._roles
 
 
 def infer_format(fields: dict, src: DataSource, label: str, where: str) -> Format:
@@ -122,7 +142,7 @@ def encode_record(fields: dict, fmt: Format, src: DataSource, enc: TextEncoder) 
     raise ValueError(f"unknown format {fmt!r}")
 
 
-def _check_messages(fields: dict, src: DataSource) -> list[dict]:
+def _check_messages(fields: dict, src: DataSource, roles: frozenset[str] = frozenset(CHAT_ROLES)) -> list[dict]:
     key = src.messages_field
     if key not in fields:
         raise BadRecord(f"missing field {key!r} (fields: {sorted(fields)}); set data.sources[].messages_field")
@@ -132,6 +152,11 @@ def _check_messages(fields: dict, src: DataSource) -> list[dict]:
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise BadRecord(f"{key}[{j}] must be an object with string 'role' and 'content', got {m!r:.80}")
+        if m["role"] not in roles:
+            extra = sorted(roles - set(CHAT_ROLES))
+            also = f" (and {', '.join(extra)}, which the chat template names)" if extra else ""
+            raise BadRecord(f"{key}[{j}].role is {m['role']!r}, not a chat role: use one of "
+                            f"{', '.join(CHAT_ROLES)}{also}")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(f"{key} has no assistant turn, so nothing would be learned")
     return messages
@@ -143,7 +168,7 @@ def _encode_messages(fields: dict, src: DataSource, enc: TextEncoder) -> Encoded
             "messages records need a tokenizer with a chat template (tokenizer.chat_template is empty); "
             "use a chat model's tokenizer or convert the data to prompt_completion"
         )
-    messages = _check_messages(fields, src)
+    messages = _check_messages(fields, src, enc.chat_roles())
     try:
         full = enc.render_chat(messages, add_generation_prompt=False)
     except Exception as e:  # jinja errors from the template (e.g. roles it rejects)

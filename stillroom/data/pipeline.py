@@ -60,7 +60,8 @@ Stats (``DataSplits.stats``): ``records_read`` (readable + bad records),
 ``train_sequences``, ``heldout_sequences``,
 ``train_tokens`` / ``heldout_tokens`` (all token ids), ``train_target_tokens`` /
 ``heldout_target_tokens`` (predicted targets), ``bad_record_examples`` (first
-messages), ``warnings`` and ``per_source`` (the same counts per source tag,
+messages, ``file:line: why``; :func:`bad_record_lines` shows them),
+``warnings`` and ``per_source`` (the same counts per source tag,
 plus its format; its held-out counts are before the ``heldout_max`` cap),
 and the encoder's own counters.
 """
@@ -68,6 +69,7 @@ and the encoder's own counters.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from stillroom.config.core import DataConfig
 from stillroom.data.batch import Example
@@ -106,13 +108,14 @@ class DataSplits:
 
 
 def build_splits(cfg: DataConfig, tokenizer, seed: int, encoder: RecordEncoder | None = None, *,
-                 steer_fraction: float = 0.0) -> DataSplits:
+                 steer_fraction: float = 0.0, log: Callable[[str], None] | None = None) -> DataSplits:
     """Read, encode, split and sequence every source of ``cfg`` (see the module docstring).
 
     ``tokenizer``: a Hugging Face tokenizer; ``seed`` only affects generated bundled sets
     (``instructions``, ``arithmetic``), never the held-out split; ``encoder``: what a record
     becomes (default :class:`PlainEncoder`); ``steer_fraction``: records set apart for a
-    method that steers on data. Raises :class:`DataError` for unusable data, naming the source.
+    method that steers on data; ``log``: where the skipped bad records are shown as they are read
+    (:func:`bad_record_lines`). Raises :class:`DataError` for unusable data, naming the source.
     """
     if not cfg.sources:
         raise DataError("data.sources is empty; add at least one source (path, dataset or bundled)")
@@ -167,6 +170,8 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int, encoder: RecordEncoder |
             f"no held-out sequences (heldout_fraction={cfg.heldout_fraction}, {stats['heldout_records']} records "
             "held out); evaluation has nothing to measure: raise data.heldout_fraction or add data"
         )
+    for line in bad_record_lines(stats) if log is not None else ():
+        log(line)
     differ = encoder.views_differ
     return DataSplits(train=train, heldout=heldout, stats=stats, group_size=len(encoder.roles), steer=lists["steer"],
                       plain_train=lists["plain_train"] if differ else None,
@@ -176,3 +181,17 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int, encoder: RecordEncoder |
 def _capped(keyed: list[tuple[str, Example]], cap: int) -> list[Example]:
     """The first ``cap`` examples in record-hash order (stable: blocks of one source keep their order)."""
     return [e for _, e in sorted(keyed, key=lambda ke: ke[0])[:cap]]
+
+
+def bad_record_lines(stats: dict, shown: int = 5) -> list[str]:
+    """What the console shows of the bad records ``data.on_bad_record: skip`` skipped: their count, then the
+    first ``shown`` as ``file:line: why`` (report.md lists up to 20); no lines when there were none."""
+    count, examples = stats.get("records_bad", 0), stats.get("bad_record_examples", [])[:shown]
+    if not count:
+        return []
+    lines = [f"data: {count} bad record(s) skipped (data.on_bad_record=skip); fix them or drop them from the "
+             f"source{', the first:' if examples else ''}"]
+    lines += [f"  {e}" for e in examples]
+    if count > len(examples):
+        lines.append(f"  ... and {count - len(examples)} more (report.md lists the first {min(count, 20)})")
+    return lines

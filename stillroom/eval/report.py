@@ -9,7 +9,8 @@
       "deltas": {"student_after"|"baseline": {metric: value - teacher's}},
       "summary": {...},                  # gap closed, size/speed ratios (when computable)
       "prompts": [...], "generations": {key: [text per prompt]},
-      "notes": [...], "plots": [file names], "metrics_files": {run: path}
+      "notes": [...], "plots": [file names], "metrics_files": {run: path},
+      "data": {"bad_records": {"count": int, "first": ["file:line: why", ...]}}   # when given
     }
 
 Non-finite floats (an overflowing perplexity) are written as ``null`` so the
@@ -316,6 +317,10 @@ def _markdown(report: dict, models: dict[str, dict], layout: ReportLayout = LAYO
             lines.append("| " + " | ".join(row) + " |")
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
+    bad = (report.get("data") or {}).get("bad_records") or {}
+    if bad.get("count"):
+        lines += ["", "## Bad records", "", f"{bad['count']} record(s) skipped (`data.on_bad_record: skip`); the "
+                  f"first {len(bad['first'])}:", ""] + [f"- {_cell(e)}" for e in bad["first"]]
     return "\n".join(lines) + "\n"
 
 
@@ -329,6 +334,7 @@ def write_report(
     title: str = "stillroom run",
     notes: list[str] | None = None,
     layout: str | ReportLayout | None = None,
+    data: dict | None = None,
 ) -> dict:
     """Write ``report.json``, ``report.md``, ``loss_curves.png``, ``metrics_bars.png``.
 
@@ -339,7 +345,8 @@ def write_report(
     ``generations``: ``{model key: [text per prompt]}``. ``metrics_files``:
     ``{run label: metrics.jsonl}`` for the loss curves. ``layout``: a
     :data:`LAYOUTS` name or a :class:`ReportLayout` (``None``: chosen from the
-    metrics, see :func:`resolve_layout`). Every file is written atomically
+    metrics, see :func:`resolve_layout`). ``data``: the data's report (``bad_records``: count, first
+    messages), shown in its own section. Every file is written atomically
     (temp file + rename). Returns the report dict (as in report.json).
     """
     run_dir = Path(run_dir)
@@ -369,6 +376,7 @@ def write_report(
         "notes": list(notes or []),
         "plots": plots,
         "metrics_files": {k: str(v) for k, v in metrics_files.items()},
+        **({"data": data} if data is not None else {}),
     }
     _atomic_write_text(run_dir / REPORT_MD, _markdown(report, models, chosen))
     for key in MODEL_KEYS:

@@ -4,7 +4,10 @@ Three origins, exactly one per source:
 
 * ``path``: a local Hugging Face folder (``config.json`` + ``*.safetensors`` +
   tokenizer files) or a hub id. Hub ids honour ``HF_HUB_OFFLINE`` /
-  ``TRANSFORMERS_OFFLINE``: offline, only the local HF cache is used.
+  ``TRANSFORMERS_OFFLINE``: offline, only the local HF cache is used. A path that
+  does not exist is a hub id only when it has a hub id's shape (:func:`local_reason`
+  states the rule); anything else is a missing folder, reported as such (with the
+  nearest folder that exists) instead of a hub download hint.
 * ``gguf``: a GGUF file, dequantized to fp32 by transformers and then *re-homed*
   into a plain model of the same class (no quantization config), so that it can
   be trained and ``save_pretrained`` writes an ordinary safetensors folder.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,10 +102,61 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, cache_dir: 
     return LoadedModel(model=model, tokenizer=tok, identity=identity, source=kind)
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~", ".\\", "..\\")) or os.path.isabs(path) or path.endswith(
-        (".gguf", ".safetensors", ".bin")
-    )
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+_MODEL_FILES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")
+
+
+def local_reason(path: str) -> str | None:
+    """Why a ``model.path`` that does not exist here is read as a local path; ``None`` for a hub id.
+
+    A hub id is ``name`` or ``owner/name``: letters, digits, ``-``, ``_`` and ``.``, each part starting
+    with a letter or digit, no ``..`` or ``--``, at most 96 characters. Everything else is local: a
+    path starting with ``.``, ``/`` or ``~``, an absolute path, one with ``\\`` or more than one ``/``
+    (``runs/NAME/student``), one ending in a model file's suffix; and so is an ``owner/name`` whose
+    ``owner`` is a folder here (``runs/x`` next to a ``runs/`` folder).
+    """
+    if path.startswith((".", "/", "~")) or os.path.isabs(path):
+        return "it starts with '.', '/' or '~'"
+    if "\\" in path or path.count("/") > 1:
+        return "a hub id is `name` or `owner/name`, with at most one '/'"
+    if path.lower().endswith(_MODEL_FILES):
+        return "it ends like a file name"
+    if not _HUB_ID.match(path) or ".." in path or "--" in path or len(path) > 96:
+        return "it is not a valid hub id"
+    owner, sep, _ = path.partition("/")
+    if sep and Path(owner).is_dir():
+        return f"the folder {owner}/ exists here"
+    return None
+
+
+RUN_HINT = "check the run name or the path (a run saves its student in <output_dir>/<name>/student)"
+
+
+def missing_path_message(path: str, key: str = "model.path", *, what: str = "folder", hint: str = RUN_HINT) -> str:
+    """``KEY: no such folder: PATH (resolved to ABS)``, the nearest folder that exists and ``hint``."""
+    absolute = Path(path).expanduser().resolve()
+    near = absolute.parent
+    while not near.is_dir() and near != near.parent:
+        near = near.parent
+    entries = sorted(p.name for p in near.iterdir() if p.is_dir() and not p.name.startswith("."))[:8] \
+        if near.is_dir() else []
+    holds = f" (holding: {', '.join(entries)})" if entries else " (it holds no folders)"
+    return (f"{key}: no such {what}: {path} (resolved to {absolute}); the path does not exist. The nearest "
+            f"folder that exists is {near}{holds}: {hint}")
+
+
+def model_problem(src: ModelSource, key: str = "model") -> str | None:
+    """What keeps ``src`` from loading that can be told without loading it (a missing local folder or GGUF
+    file, not exactly one origin), naming ``key``; ``None`` when nothing can be told yet."""
+    given = [k for k in ("path", "gguf", "builtin") if getattr(src, k) is not None]
+    if len(given) != 1:
+        return (f"{key}: give exactly one of `path`, `gguf`, `builtin` (got {', '.join(given) or 'none'}); "
+                f"e.g. {key}.path=./my-model or {key}.builtin=smollm2-135m-instruct")
+    if src.gguf is not None and not Path(src.gguf).expanduser().is_file():
+        return missing_path_message(src.gguf, f"{key}.gguf", what="file")
+    if src.path is not None and not Path(src.path).expanduser().exists() and local_reason(src.path):
+        return missing_path_message(src.path, f"{key}.path")
+    return None
 
 
 def _load_path(src: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, str]:
@@ -122,11 +177,8 @@ def _load_path(src: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, P
             )
         model, tok = _from_pretrained(str(local.resolve()), dtype, None, src.trust_remote_code, local_only=True)
         return model, tok, f"local:{local.resolve()}", "local"
-    if _looks_local(path):
-        raise ModelLoadError(
-            f"model path {path!r} does not exist (resolved to {local.resolve()}); check the path, "
-            "or give a hub id such as `HuggingFaceTB/SmolLM2-135M`, or `builtin: smollm2-135m-instruct`"
-        )
+    if local_reason(path):
+        raise ModelLoadError(missing_path_message(path) + f" (read as a local path: {local_reason(path)})")
     offline = hub_offline()
     try:
         model, tok = _from_pretrained(path, dtype, src.revision, src.trust_remote_code, local_only=offline)

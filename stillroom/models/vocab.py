@@ -19,10 +19,12 @@ from stillroom.models.errors import VocabularyMismatch
 from stillroom.models.lora import unwrap
 
 ALTERNATIVES = (
-    "sequence-level KD (write teacher completions with stillroom.datagen.complete, then train on them with `method: sft`), "
-    "distilling step-by-step (teacher rationales as extra training targets), "
-    "MiniPLM (the teacher selects/reweights the pre-training data), "
-    "or self-data distillation (the teacher rewrites the training data)"
+    "sequence-level KD (`stillroom generate` writes the teacher's completions as text into a training file, "
+    "`generate.export.path`; train on it with `method: sft` and `teacher.model` set to a model with the student's "
+    "tokenizer, e.g. the student itself: sft does not use the teacher), distilling step-by-step (`stillroom "
+    "generate generate_rationales` writes rationales, then `method: step_by_step` trains on them), self-data "
+    "distillation (`stillroom generate self_data_rewrite`: the teacher rewrites the training data), or MiniPLM "
+    "(`stillroom select`: the teacher selects the pre-training text); see docs/GENERATE.md"
 )
 
 

@@ -1,4 +1,5 @@
-"""The run's report: the evaluated models, their training figures and curves, and the domain's notes."""
+"""The run's report: the evaluated models, their training figures and curves, the data's bad records and the
+domain's notes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from typing import Callable
 
 from stillroom.domains import PreparedRun
 from stillroom.eval import write_report
+
+BAD_RECORDS_SHOWN = 20
+"""Bad records listed in report.md / report.json (``data.bad_records.first``); the count covers all of them."""
 
 
 def write_run_report(prep: PreparedRun, models: dict, metrics_files: dict[str, Path], *,
@@ -17,10 +21,24 @@ def write_run_report(prep: PreparedRun, models: dict, metrics_files: dict[str, P
     for v in models.values():
         v.pop("prompts", None)
     cfg = prep.cfg
+    data = data_report(getattr(prep.data, "stats", None))
     report = write_report(
         cfg.run_dir, models, generations=generations or None, prompts=prompts,
         metrics_files={k: f for k, f in metrics_files.items() if f.exists()},
-        title=f"stillroom run `{cfg.name}` ({cfg.method})", notes=prep.report_notes(), layout=cfg.domain,
+        title=f"stillroom run `{cfg.name}` ({cfg.method})", notes=prep.report_notes(), layout=cfg.domain, data=data,
     )
+    bad = (data or {}).get("bad_records", {})
+    if bad.get("count"):
+        first = f"; the first: {bad['first'][0]}" if bad["first"] else ""
+        log(f"data: {bad['count']} bad record(s) were skipped{first} (report.md, section \"Bad records\", "
+            f"lists the first {len(bad['first'])})")
     log(f"report: {cfg.run_dir / 'report.md'}")
     return report
+
+
+def data_report(stats: dict | None) -> dict | None:
+    """The report's ``data`` entry from the data pipeline's statistics (``None`` without them)."""
+    if not isinstance(stats, dict) or "records_bad" not in stats:
+        return None
+    first = list(stats.get("bad_record_examples", []))[:BAD_RECORDS_SHOWN]
+    return {"bad_records": {"count": int(stats["records_bad"]), "first": first}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,7 +22,7 @@ def store_path(cfg: RunConfig) -> Path:
 def build_teacher_source(
     cfg: RunConfig, *, teacher_model: torch.nn.Module | None, vocab_size: int, fingerprint: Fingerprint,
     hidden_layers: list[int], output_device: torch.device | str, train_examples: list[Example] | None = None,
-    attentions: bool = False,
+    attentions: bool = False, log: Callable[[str], None] = print,
 ):
     """An object with ``.signal(batch) -> TeacherSignal`` for ``cfg.teacher.source``.
 
@@ -30,18 +31,22 @@ def build_teacher_source(
     compared with the run (teacher identity, tokenizer hash, vocabulary, k, loss
     temperature, log-prob dtype, the fingerprint of ``train_examples``, hidden layers)
     here, before step 0, and a mismatch raises
-    :class:`~stillroom.teachers.store_format.StoreMismatch` naming the fields.
+    :class:`~stillroom.teachers.store_format.StoreMismatch` naming the fields. ``k`` and
+    ``logprob_dtype`` left at their defaults are read from the manifest
+    (:func:`~stillroom.teachers.store_format.recorded_settings`); ``log`` gets the line
+    ``teacher: store PATH (k=..., DTYPE, N positions)``.
     ``remote``: :class:`~stillroom.teachers.remote.RemoteTeacher` (server checked now).
     ``ensemble``: :class:`~stillroom.teachers.ensemble.EnsembleTeacher` over
     ``teacher.ensemble`` members, each built by these same rules.
     """
     common = dict(vocab_size=vocab_size, fingerprint=fingerprint, hidden_layers=hidden_layers,
-                  output_device=output_device, train_examples=train_examples, attentions=attentions)
+                  output_device=output_device, train_examples=train_examples, attentions=attentions, log=log)
     return _build(cfg, cfg.teacher, teacher_model=teacher_model, member=None, **common)
 
 
 def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | None, vocab_size: int,
-           fingerprint: Fingerprint, hidden_layers: list[int], output_device, train_examples, attentions: bool):
+           fingerprint: Fingerprint, hidden_layers: list[int], output_device, train_examples, attentions: bool,
+           log: Callable[[str], None] = print):
     source = tcfg.source
     where = "teacher" if member is None else f"teacher.ensemble.{member}"
     if source == "online":
@@ -57,21 +62,28 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
         return OnlineTeacher(teacher_model, vocab_size=vocab_size, fingerprint=fingerprint,
                              hidden_layers=hidden_layers, attentions=attentions, output_device=output_device)
     if source == "store":
-        from stillroom.teachers.store_format import data_fingerprint
+        from stillroom.config.load import ConfigError
+        from stillroom.teachers.store_format import data_fingerprint, recorded_settings
         from stillroom.teachers.store_reader import StoreReader, StoreTeacher, run_expectation
 
         if train_examples is None:
             raise ValueError("teacher.source=store needs the training examples (to check the store's data fingerprint)")
         sc = tcfg.store
         if member is not None and not sc.path:
-            raise ValueError(f"{where}.store.path is required for a store member of an ensemble")
+            raise ConfigError(f"{where}.store.path is required for a store member of an ensemble")
         reader = StoreReader(Path(sc.path).expanduser() if member is not None else store_path(cfg))
         if member is not None:  # a member store names its own teacher; everything else must match the run
             identity = (reader.manifest.get("teacher") or {}).get("identity", fingerprint.teacher)
             fingerprint = Fingerprint(identity, fingerprint.tokenizer_hash, fingerprint.vocab_size)
-        expected = run_expectation(fingerprint=fingerprint, data_fingerprint=data_fingerprint(train_examples), k=sc.k,
-                                   loss_temperature=cfg.loss.loss_temperature, logprob_dtype=sc.logprob_dtype)
+        settings, taken = recorded_settings(sc, reader.manifest, ("k", "logprob_dtype"))
+        expected = run_expectation(fingerprint=fingerprint, data_fingerprint=data_fingerprint(train_examples),
+                                   k=settings["k"], loss_temperature=cfg.loss.loss_temperature,
+                                   logprob_dtype=settings["logprob_dtype"])
         reader.check_run(expected, hidden_layers=hidden_layers)
+        read = f"; {' and '.join(f'{where}.store.{n}' for n in taken)} read from its manifest (the recipe leaves " \
+            f"{'it' if len(taken) == 1 else 'them'} at the default)" if taken else ""
+        log(f"{where}: store {reader.folder} (k={reader.k}, {reader.manifest['logprob_dtype']}, "
+            f"{reader.manifest['tokens']} positions){read}")
         return StoreTeacher(reader, fingerprint=fingerprint, hidden_layers=hidden_layers, output_device=output_device)
     if source == "remote":
         from stillroom.teachers.remote import remote_from_run
@@ -91,7 +103,7 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
         def build_member(member_cfg: TeacherConfig, index: int):
             return _build(cfg, member_cfg, teacher_model=teacher_model, member=index, vocab_size=vocab_size,
                           fingerprint=fingerprint, hidden_layers=[], output_device=output_device,
-                          train_examples=train_examples, attentions=False)
+                          train_examples=train_examples, attentions=False, log=log)
 
         return ensemble_from_run(tcfg, build_member, vocab_size=vocab_size)
     raise ValueError(f"unknown {where}.source {source!r}; valid: online, store, remote, ensemble")

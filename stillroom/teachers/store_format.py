@@ -58,7 +58,17 @@ LOGPROB_DTYPES = ("float16", "bfloat16", "float32", "int8")
 
 
 class StoreError(RuntimeError):
-    """A teacher store cannot be used; the message names the file/field and the fix."""
+    """A teacher store cannot be used; the message names the file/field and the fix.
+
+    ``fix``: what rebuilds the store, for the CLI to print as a full command: ``"resume"`` (run
+    ``stillroom cache-teacher`` again with the same recipe and overrides: it finishes or repairs the store,
+    taking k, logprob_dtype and shard_tokens from its manifest), ``"overwrite"`` (the same with
+    ``--overwrite``: the store is replaced), or ``None`` (rebuilding does not help).
+    """
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 class StoreMismatch(StoreError):
@@ -67,6 +77,34 @@ class StoreMismatch(StoreError):
 
 class StoreCorrupted(StoreError):
     """A shard is missing, truncated or fails its sha256."""
+
+
+RERUN = "rerun `stillroom cache-teacher` with the recipe and overrides that wrote it"
+"""The hint of a store to finish or repair (the CLI adds the full command where it knows the recipe)."""
+REBUILD = "rebuild it with `stillroom cache-teacher --overwrite` and the recipe and overrides of the run"
+"""The hint of a store that does not fit the run (the CLI adds the full command where it knows the recipe)."""
+RECORDED = ("k", "logprob_dtype", "shard_tokens")
+"""Settings a store records that a recipe may leave at their defaults: they are then read from the manifest."""
+
+
+def recorded_settings(store_cfg, manifest: dict | None, names: Iterable[str] = RECORDED) -> tuple[dict, list[str]]:
+    """``({name: value}, taken)``: for each of ``names`` (fields of ``teacher.store``) the recipe's value where
+    it changed it from the default, else the value ``manifest`` records; ``taken`` names the values read from
+    the manifest that differ from the recipe's.
+
+    A value equal to the default counts as left at the default (a dumped config, such as config.resolved.yaml,
+    repeats every default), so only an explicit, different value can disagree with the store.
+    """
+    values, taken = {}, []
+    for name in names:
+        mine = getattr(store_cfg, name)
+        default = type(store_cfg).model_fields[name].get_default(call_default_factory=True)
+        explicit = name in store_cfg.model_fields_set and mine != default
+        stored = (manifest or {}).get(name)
+        values[name] = mine if explicit or stored is None else stored
+        if values[name] != mine:
+            taken.append(name)
+    return values, taken
 
 
 def shard_name(index: int) -> str:
@@ -201,19 +239,21 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise StoreError(
-            f"{path} not found: {folder} is not a teacher store (write one with `stillroom cache-teacher RECIPE`, "
-            "or set teacher.store.path to a store folder)"
+            f"{path} not found: {folder} is not a teacher store (`stillroom cache-teacher` with the run's recipe "
+            "and overrides writes it there, or set teacher.store.path to a store folder)", fix="resume"
         )
     try:
         manifest = json.loads(path.read_text("utf-8"))
-    except json.JSONDecodeError as err:
-        raise StoreCorrupted(f"{path}: not valid JSON ({err}); rerun `stillroom cache-teacher RECIPE`") from err
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreCorrupted(f"{path}: not valid JSON ({err}); {REBUILD}", fix="overwrite") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise StoreError(f"{path}: format {got!r} is not {FORMAT!r}: {folder} is not a teacher store; set "
+                         "teacher.store.path to another folder")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise StoreError(
             f"{path}: format_version {manifest.get('format_version')} is not supported (this stillroom reads "
-            f"version {FORMAT_VERSION}); rebuild the store with `stillroom cache-teacher RECIPE`"
+            f"version {FORMAT_VERSION}); {REBUILD}", fix="overwrite"
         )
     return manifest
 

@@ -24,6 +24,8 @@ from stillroom.data.batch import Batch
 from stillroom.teachers.signal import Fingerprint, TeacherSignal
 from stillroom.teachers.store_format import (
     FORMAT,
+    REBUILD,
+    RERUN,
     StoreCorrupted,
     StoreError,
     StoreMismatch,
@@ -54,9 +56,9 @@ _HINTS = {
     "teacher": "the store was written by another teacher (or the same one in another teacher.dtype)",
     "data_fingerprint": "the store covers other training data (data.sources, seq_len, pack, limit, "
     "heldout_fraction or the tokenizer changed)",
-    "k": "teacher.store.k differs from the store's k",
+    "k": "teacher.store.k differs from the store's k (leave it unset to use the store's)",
     "loss_temperature": "top-k log-probs cannot be re-tempered: loss.loss_temperature must equal the store's",
-    "logprob_dtype": "teacher.store.logprob_dtype differs from the store's",
+    "logprob_dtype": "teacher.store.logprob_dtype differs from the store's (leave it unset to use the store's)",
 }
 
 
@@ -68,8 +70,8 @@ class StoreReader:
         if not m.get("complete"):
             raise StoreError(
                 f"teacher store {self.folder} is incomplete ({len(m.get('shards', []))}/{m.get('num_shards')} "
-                "shards): `stillroom cache-teacher RECIPE` was interrupted; run it again to finish (finished "
-                "shards are kept)"
+                "shards): the `stillroom cache-teacher` that wrote it was interrupted; run it again with the same "
+                "recipe and overrides to finish it (finished shards are kept)", fix="resume"
             )
         self.k = int(m["k"])
         self.vocab_size = int(m["vocab_size"])
@@ -77,17 +79,18 @@ class StoreReader:
         self.hidden_layers = [int(i) for i in m.get("hidden_layers", [])]
         self.shards = sorted(m["shards"], key=lambda e: e["index"])
         if [e["index"] for e in self.shards] != list(range(int(m["num_shards"]))):
-            raise StoreCorrupted(f"{self.folder / 'manifest.json'}: shard list is not 0..{m['num_shards'] - 1}")
+            raise StoreCorrupted(f"{self.folder / 'manifest.json'}: shard list is not 0..{m['num_shards'] - 1}; "
+                                 f"{REBUILD}", fix="overwrite")
         self.index: dict[str, tuple[int, int]] = {}
         for e in self.shards:
             path = self.folder / e["file"]
             if not path.is_file():
-                raise StoreCorrupted(f"teacher store shard {path} is missing; rerun `stillroom cache-teacher RECIPE`")
+                raise StoreCorrupted(f"teacher store shard {path} is missing; {RERUN} to rewrite it", fix="resume")
             size = path.stat().st_size
             if size != e["bytes"]:
                 raise StoreCorrupted(
                     f"teacher store shard {path} is truncated or altered: {size} bytes, manifest says {e['bytes']}; "
-                    "rerun `stillroom cache-teacher RECIPE` to rewrite it"
+                    f"{RERUN} to rewrite it", fix="resume"
                 )
             for row, uid in enumerate(e["uids"]):
                 self.index[uid] = (int(e["index"]), row)
@@ -112,8 +115,8 @@ class StoreReader:
             lines = [f"  - {d}" + (f": {_HINTS[d.split(' ')[0]]}" if d.split(" ")[0] in _HINTS else "") for d in diffs]
             raise StoreMismatch(
                 f"teacher store {self.folder} does not match this run:\n" + "\n".join(lines)
-                + "\nRebuild it with `stillroom cache-teacher RECIPE` (same recipe and overrides as the run), "
-                "or point teacher.store.path at a matching store"
+                + f"\n{REBUILD[0].upper() + REBUILD[1:]} (it replaces this store), or point teacher.store.path at a "
+                "matching store", fix="overwrite"
             )
 
     def verify(self) -> int:
@@ -123,7 +126,7 @@ class StoreReader:
             path = self.folder / e["file"]
             if sha256_file(path) != e["sha256"]:
                 raise StoreCorrupted(f"teacher store shard {path} fails its sha256 check (corrupted); "
-                                     "rerun `stillroom cache-teacher RECIPE` to rewrite it")
+                                     f"{RERUN} to rewrite it", fix="resume")
             total += e["bytes"]
         return total
 
@@ -140,14 +143,15 @@ class StoreReader:
         data = path.read_bytes()
         if len(data) != e["bytes"]:
             raise StoreCorrupted(f"teacher store shard {path} is truncated: {len(data)} of {e['bytes']} bytes; "
-                                 "rerun `stillroom cache-teacher RECIPE` to rewrite it")
+                                 f"{RERUN} to rewrite it", fix="resume")
         if sha256_bytes(data) != e["sha256"]:
             raise StoreCorrupted(f"teacher store shard {path} fails its sha256 check (corrupted); "
-                                 "rerun `stillroom cache-teacher RECIPE` to rewrite it")
+                                 f"{RERUN} to rewrite it", fix="resume")
         tensors = load(data)
         offsets = tensors["offsets"]
         if offsets.numel() != len(e["uids"]) + 1 or int(offsets[-1]) != e["tokens"]:
-            raise StoreCorrupted(f"teacher store shard {path}: offsets do not match the manifest")
+            raise StoreCorrupted(f"teacher store shard {path}: offsets do not match the manifest; {REBUILD}",
+                                 fix="overwrite")
         self._cache[index] = tensors
         self._cached_bytes += len(data)
         while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
@@ -161,8 +165,8 @@ class StoreReader:
             shard_i, row = self.index[uid]
         except KeyError:
             raise StoreMismatch(
-                f"sequence {uid!r} is not in the teacher store {self.folder}; the store covers other data: rebuild it "
-                "with `stillroom cache-teacher RECIPE`"
+                f"sequence {uid!r} is not in the teacher store {self.folder}; the store covers other data: {REBUILD}",
+                fix="overwrite"
             ) from None
         tensors = self.shard(shard_i)
         offsets = tensors["offsets"]
@@ -213,7 +217,8 @@ class StoreTeacher:
             n = ids.shape[0]
             if n != int(lengths[b]):
                 raise StoreMismatch(f"sequence {uid!r}: {n} positions in the teacher store {self.reader.folder} but "
-                                    f"{int(lengths[b])} in the batch; the store covers other data: rebuild it")
+                                    f"{int(lengths[b])} in the batch; the store covers other data: {REBUILD}",
+                                    fix="overwrite")
             ids_btk[b, :n] = ids
             lp_btk[b, :n] = lp
             tail_bt[b, :n] = tail

@@ -124,7 +124,8 @@ class StoreWriter:
                 if not overwrite:
                     raise StoreError(
                         f"{self.folder} already holds a teacher store for another run: {'; '.join(diffs)}. "
-                        "Delete it, set teacher.store.path to another folder, or pass --overwrite"
+                        "Delete it, set teacher.store.path to another folder, or pass --overwrite to replace it",
+                        fix="overwrite",
                     )
                 self.log(f"overwriting the teacher store at {self.folder} ({'; '.join(diffs)})")
                 shutil.rmtree(self.folder)
