@@ -227,6 +227,10 @@ class ServeTeacherConfig(Strict):
         "(the key itself never goes on the command line); unset: no key."
     )
     cache_dir: str | None = Field(None, description="Stillroom model cache (builtin models); unset: the user cache.")
+    log_requests: bool = Field(
+        True, description="One line per request on stderr: method, path, model, prompt tokens, top-k, max tokens, "
+        "status, milliseconds (never the API key or the prompt text)."
+    )
 
 
 class DraftDataConfig(Strict):

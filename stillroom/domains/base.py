@@ -46,7 +46,10 @@ class PreparedRun(Protocol):
         ...
 
     def evaluate(self, models: dict[str, tuple[torch.nn.Module, list]], log: Log) -> dict[str, dict]:
-        """Report metrics per named model, each measured on its held-out examples."""
+        """Report metrics per named model, each measured on its held-out examples. Speed is timed for the
+        group at once; a group without ``"teacher"`` times the teacher beside it and returns a ``"teacher"``
+        row holding that speed alone (merge it with :func:`merge_rows`), so speed ratios compare one
+        measurement."""
         ...
 
     def save_model(self, model: torch.nn.Module, folder: Path) -> None:
@@ -67,3 +70,9 @@ class Domain(Protocol):
 
     def prepare(self, cfg: "RunConfig", topology: "Topology", method: "Method", log: Log) -> PreparedRun:
         ...
+
+
+def merge_rows(rows: dict[str, dict], new: dict[str, dict]) -> dict[str, dict]:
+    """``rows`` updated per model with ``new``'s rows, key by key (a speed-only teacher row updates the teacher's
+    speed and keeps its other metrics)."""
+    return {**rows, **{name: {**rows.get(name, {}), **row} for name, row in new.items()}}

@@ -12,10 +12,11 @@ fp32 from the (upcast) logits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -259,6 +260,107 @@ def trainable_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+SPEED_WARMUP = 2
+"""Untimed forward passes of every model before the first timed one (one-time costs: allocator, kernels, caches)."""
+SPEED_ROUNDS = 5
+"""Interleaved timing rounds; a model's speed is its best round."""
+SPEED_MIN_ROUND_S = 0.02
+"""Shortest timing of one model in one round, in seconds (language models; the classifier domain asks 0.05)."""
+
+
+@dataclass
+class Timed:
+    """One model's forward pass for :func:`interleaved_rates`: ``step()`` runs it and returns once the device has
+    finished; one pass processes ``items`` (tokens, images); ``passes`` run back to back in each round."""
+
+    step: Callable[[], object]
+    items: int
+    passes: int = 1
+
+
+def interleaved_rates(timed: Mapping[str, Timed], *, rounds: int = SPEED_ROUNDS, warmup: int = SPEED_WARMUP,
+                      min_round_s: float = 0.0) -> dict[str, float]:
+    """Items per second of each named model, timed interleaved: its best of ``rounds`` rounds.
+
+    Every model first runs ``warmup`` untimed passes, all before any timing starts (a cold first model
+    must not be timed cold). Then each round times every model in turn, ``A B C A B C ...``, so a slow
+    spell of the machine falls on all of them and not on whichever was timed first: per model and round
+    at least ``passes`` passes back to back, and more until the round has lasted ``min_round_s`` seconds
+    (a timing of a few milliseconds is mostly scheduler noise). Other work on the machine only ever
+    slows a round down, so each model's fastest round is its least disturbed one (``timeit``'s rule): on
+    a shared CPU the best-of-5 ratio of two tiny models varied 1.2x between runs where the median's
+    varied 2x.
+    """
+    if rounds < 1 or warmup < 1:
+        raise ValueError(f"interleaved_rates: rounds and warmup must be >= 1 (got {rounds}, {warmup})")
+    for t in timed.values():
+        for _ in range(warmup):
+            t.step()
+    rates: dict[str, list[float]] = {name: [] for name in timed}
+    for _ in range(rounds):
+        for name, t in timed.items():
+            n, t0 = 0, time.perf_counter()
+            while n < t.passes or time.perf_counter() - t0 < min_round_s:
+                t.step()
+                n += 1
+            rates[name].append(n * t.items / max(time.perf_counter() - t0, 1e-9))
+    return {name: max(r) for name, r in rates.items()}
+
+
+def interleaved_tokens_per_s(models: Mapping[str, torch.nn.Module], seq_len: int, batch_size: int,
+                             total_tokens: int, precision: str = "bf16", *, rounds: int = SPEED_ROUNDS,
+                             warmup: int = SPEED_WARMUP, seed: int = 0,
+                             min_round_s: float = SPEED_MIN_ROUND_S) -> dict[str, float]:
+    """Forward-pass throughput (tokens/s; no grad, eval mode, modes restored) of each named model, timed
+    together by :func:`interleaved_rates`, so that ratios between them compare one measurement.
+
+    Random ids ``[batch_size, seq_len]`` (a private generator: the global RNG is untouched; the same ids
+    for models of the same vocabulary); per round at least ``ceil(total_tokens / (batch_size * seq_len))``
+    passes and ``min_round_s`` seconds.
+    """
+    if seq_len < 1 or batch_size < 1 or total_tokens < 1:
+        raise ValueError(f"forward_tokens_per_s: seq_len, batch_size, total_tokens must be >= 1 "
+                         f"(got {seq_len}, {batch_size}, {total_tokens})")
+    passes = math.ceil(total_tokens / (batch_size * seq_len))
+    timed = {}
+    with contextlib.ExitStack() as stack:
+        for name, model in models.items():
+            config = getattr(model, "config", None)
+            vocab = getattr(config, "vocab_size", None)
+            if not vocab:
+                raise ValueError(f"forward_tokens_per_s: {name}: model.config.vocab_size is needed to draw random ids")
+            max_pos = getattr(config, "max_position_embeddings", None)
+            if max_pos is not None and seq_len > max_pos:
+                raise ValueError(f"forward_tokens_per_s: {name}: seq_len={seq_len} exceeds "
+                                 f"max_position_embeddings={max_pos}")
+            device = stack.enter_context(inference_mode(model, precision))
+            ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+            ids = ids.to(device)
+            timed[name] = Timed(functools.partial(_forward_synced, model, ids, torch.ones_like(ids), device),
+                                items=batch_size * seq_len, passes=passes)
+        return interleaved_rates(timed, rounds=rounds, warmup=warmup, min_round_s=min_round_s)
+
+
+def speed_line(rates: dict[str, float], unit: str, teacher_again: bool) -> str:
+    """The log line of :func:`interleaved_rates`' default measurement: ``speed (forward tokens/s; ...): teacher
+    1,234, student_after 5,678 (4.60x the teacher)``; ``teacher_again``: the teacher was timed again here."""
+    teacher = rates.get("teacher")
+    parts = []
+    for name, rate in rates.items():
+        note = " (again, beside the students)" if name == "teacher" and teacher_again else ""
+        if name != "teacher" and teacher:
+            note = f" ({rate / teacher:.2f}x the teacher)"
+        parts.append(f"{name} {rate:,.0f}{note}")
+    return (f"speed (forward {unit}/s; {SPEED_WARMUP} warm-up passes each, then timed interleaved, best of "
+            f"{SPEED_ROUNDS} rounds): " + ", ".join(parts))
+
+
+def _forward_synced(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, device: torch.device) -> None:
+    model(input_ids=ids, attention_mask=attn)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def forward_tokens_per_s(
     model: torch.nn.Module,
     seq_len: int,
@@ -266,46 +368,12 @@ def forward_tokens_per_s(
     total_tokens: int,
     precision: str = "bf16",
     *,
-    repeats: int = 3,
+    repeats: int = SPEED_ROUNDS,
     seed: int = 0,
 ) -> float:
-    """Forward-pass throughput in tokens per second (no grad, eval mode).
-
-    Random ids ``[batch_size, seq_len]`` (from a private generator, the global RNG
-    is untouched); one warm-up pass, then ``repeats`` timings of
-    ``ceil(total_tokens / (batch_size * seq_len))`` passes; returns the median.
-    """
-    if seq_len < 1 or batch_size < 1 or total_tokens < 1 or repeats < 1:
-        raise ValueError(
-            f"forward_tokens_per_s: seq_len, batch_size, total_tokens, repeats must be >= 1 "
-            f"(got {seq_len}, {batch_size}, {total_tokens}, {repeats})"
-        )
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    if not vocab:
-        raise ValueError("forward_tokens_per_s: model.config.vocab_size is needed to draw random ids")
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise ValueError(f"forward_tokens_per_s: seq_len={seq_len} exceeds max_position_embeddings={max_pos}")
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
-    passes = math.ceil(total_tokens / (batch_size * seq_len))
-    rates = []
-    with inference_mode(model, precision) as device:
-        ids = ids.to(device)
-        attn = torch.ones_like(ids)
-
-        def sync() -> None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-        model(input_ids=ids, attention_mask=attn)
-        sync()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(passes):
-                model(input_ids=ids, attention_mask=attn)
-            sync()
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            rates.append(passes * batch_size * seq_len / elapsed)
-    return float(statistics.median(rates))
+    """One model's :func:`interleaved_tokens_per_s` (``repeats`` rounds after the warm-up); to compare
+    models, time them together with :func:`interleaved_tokens_per_s` instead."""
+    if repeats < 1:
+        raise ValueError(f"forward_tokens_per_s: repeats must be >= 1 (got {repeats})")
+    return interleaved_tokens_per_s({"model": model}, seq_len, batch_size, total_tokens, precision,
+                                    rounds=repeats, seed=seed)["model"]

@@ -84,12 +84,24 @@ def run_spec_eval(
     out_dir: Path,
     stop_at_eos: bool = False,
     warmup: bool = True,
+    target_ref: str | None = None,
+    draft_ref: str | None = None,
+    target_identity: str | None = None,
+    draft_identity: str | None = None,
+    data_source: str | None = None,
+    data_seed: int | None = None,
+    records_skipped: int = 0,
 ) -> dict:
     """Evaluate ``draft`` as a speculative drafter for ``target``; write ``report.json``,
     ``report.md`` and ``block_efficiency.png`` into ``out_dir``; return the report dict.
 
     Both models must use ``tokenizer``. Prompts are plain strings or chat message lists.
     Each prompt i is decoded with a generator seeded ``seed + i`` in every run.
+
+    The report names what it measured: ``target`` and ``draft`` (``*_ref``: the model reference
+    given, ``*_identity``: the loaded model's identity, and the parameter count), ``data``
+    (``data_source``, the number of prompts, ``data_seed`` (default ``seed``) and the
+    ``records_skipped`` as malformed) and ``settings``; a name not given is recorded as null.
     """
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -150,6 +162,10 @@ def run_spec_eval(
 
     report = {
         "kind": "spec-eval",
+        "target": {"ref": target_ref, "identity": target_identity, "params": n_target},
+        "draft": {"ref": draft_ref, "identity": draft_identity, "params": n_draft},
+        "data": {"source": data_source, "prompts": len(prompts_ids), "seed": seed if data_seed is None else data_seed,
+                 "records_skipped": records_skipped},
         "settings": {
             "prompts": len(prompts_ids),
             "gammas": list(gammas),
@@ -160,7 +176,9 @@ def run_spec_eval(
             "seed": seed,
             "stop_at_eos": stop_at_eos,
             "device": str(next(target.parameters()).device),
+            "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(),
+            "warmup": warmup,
         },
         "models": {"target_params": n_target, "draft_params": n_draft},
         "baseline": {m: {k: _finite(v) for k, v in b.items()} for m, b in baselines.items()},
@@ -182,16 +200,32 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def _model_line(role: str, info: dict, extra: str = "") -> str:
+    ref = f"`{info['ref']}`" if info.get("ref") else "a model passed in memory"
+    identity = f", identity `{info['identity']}`" if info.get("identity") else ""
+    return f"- {role}: {ref}{identity}, {info['params']:,} parameters{extra}"
+
+
 def render_markdown(report: dict) -> str:
     s, m = report["settings"], report["models"]
+    t = report.get("target", {"params": m["target_params"]})
+    d = report.get("draft", {"params": m["draft_params"]})
+    data = report.get("data", {"prompts": s["prompts"], "seed": s["seed"]})
+    source = f"`{data['source']}`" if data.get("source") else "prompts passed in memory"
+    skipped = f", {data['records_skipped']} malformed record(s) skipped" if data.get("records_skipped") else ""
+    from_file = bool(data.get("source")) and not str(data["source"]).startswith("bundled:")
+    how = "its first readable records" if from_file else f"seed {data['seed']}"
     lines = [
         "# Speculative decoding evaluation",
         "",
-        f"{s['prompts']} prompts, {s['max_new_tokens']} new tokens each, device {s['device']}, "
-        f"sampling temperature {s['sampling_temperature']}, top-p {s['top_p']}, seed {s['seed']}, "
-        f"stop at EOS: {s['stop_at_eos']}, torch threads {s.get('torch_threads')}. "
-        f"Target {m['target_params']:,} parameters, draft {m['draft_params']:,} "
-        f"({m['draft_params'] / m['target_params']:.1%}).",
+        _model_line("Target", t),
+        _model_line("Draft", d, f" ({d['params'] / t['params']:.1%} of the target)"),
+        f"- Data: {data['prompts']} prompts from {source} ({how}){skipped}",
+        f"- Settings: gamma {' '.join(map(str, s['gammas']))}; modes {', '.join(s['modes'])}; "
+        f"{s['max_new_tokens']} new tokens per prompt (stop at EOS: {s['stop_at_eos']}); sampling temperature "
+        f"{s['sampling_temperature']}, top-p {s['top_p']}, prompt i sampled with seed {s['seed']} + i; "
+        f"{s.get('dtype', 'n/a')} on {s['device']}, {s.get('torch_threads')} torch threads; "
+        f"warm-up: {s.get('warmup', 'n/a')}",
         "",
         "alpha = accepted / tested proposals; beta = mean of sum_v min(p, q) (greedy: argmax agreement) over "
         "tested contexts; tau = tokens per target call; E[tau] = (1 - alpha^(gamma+1)) / (1 - alpha); "

@@ -125,6 +125,13 @@ def spec_eval(cfg: SpecEvalConfig, *, log: Log = say) -> dict:
             seed=cfg.seed,
             out_dir=out,
             stop_at_eos=cfg.stop_at_eos,
+            target_ref=cfg.target,
+            draft_ref=cfg.draft,
+            target_identity=target.identity,
+            draft_identity=draft.identity,
+            data_source=cfg.data,
+            data_seed=cfg.seed,
+            records_skipped=counts.get("records_bad", 0),
         )
     for row in report["results"]:
         log(

@@ -190,7 +190,9 @@ class RemoteTeacher:
         except RemoteError as err:
             if self.resume_hint is None:
                 raise
-            raise RemoteError(f"{err}. {self.resume_hint}") from err
+            stopped = RemoteError(f"{err}. {self.resume_hint}")
+            stopped.fix = "resume_run"  # the CLI prints the exact `stillroom run ... --resume` line
+            raise stopped from err
 
         ids_btk = torch.arange(k, dtype=torch.long).expand(bsz, width, k).clone()
         lp_btk = torch.full((bsz, width, k), -math.log(self.vocab_size), dtype=torch.float32)
@@ -273,8 +275,7 @@ def remote_from_run(cfg: "RunConfig", *, vocab_size: int, fingerprint: Fingerpri
                           f"is {cfg.loss.loss_temperature}; top-k log-probs cannot be re-tempered: set it to 1")
     cache = remote_cache_path(cfg)
     hint = (f"The run stopped; rows answered so far are kept in {cache}. Once the server answers again, continue "
-            "with `stillroom run RECIPE ... --resume` (the same recipe and overrides): only the missing rows "
-            "are asked")
+            "with `stillroom run` and the same recipe and overrides plus --resume: only the missing rows are asked")
     teacher = RemoteTeacher(cfg.teacher.remote, vocab_size=vocab_size, fingerprint=fingerprint, cache=cache,
                             resume_hint=hint)
     try:

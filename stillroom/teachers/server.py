@@ -21,14 +21,20 @@ Endpoints (FastAPI; loopback by default):
 Errors follow OpenAI's shape: ``{"error": {"message", "type", "code"}}``.
 Model work is serialised by a lock (one forward at a time bounds memory: a
 prompt of L tokens needs ``[L, V]`` fp32 log-probs). An optional API key is
-compared in constant time and never logged.
+compared in constant time and never logged. With ``TeacherService.log_requests``
+(``stillroom serve-teacher``'s default) each request writes one line to stderr: method,
+path, model, prompt tokens, top-k and max tokens (where the request got that far),
+status and milliseconds; never the API key or the prompt text.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -98,6 +104,8 @@ class TeacherService:
     max_top_k: int = 64
     max_new_tokens_cap: int = 2048
     identity: str | None = None
+    log_requests: bool = False
+    """Write one line per HTTP request to stderr (see the module docstring)."""
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -206,6 +214,17 @@ def create_app(service: TeacherService, *, api_key: str | None = None) -> FastAP
                 return _error(401, "missing or wrong API key (send `Authorization: Bearer <key>`)")
         return await call_next(request)
 
+    if service.log_requests:  # added after _auth: the outer middleware, so refused requests are logged too
+        @app.middleware("http")
+        async def _log(request: Request, call_next):
+            t0, status = time.perf_counter(), 500
+            try:
+                response = await call_next(request)
+                status = response.status_code
+                return response
+            finally:
+                _log_request(request, status, 1000 * (time.perf_counter() - t0))
+
     def check_common(req: _Request) -> None:
         if req.stream:
             raise HTTPException(400, "streaming is not supported by this server; send stream=false")
@@ -231,7 +250,8 @@ def create_app(service: TeacherService, *, api_key: str | None = None) -> FastAP
         }]}
 
     @app.post("/v1/completions")
-    def completions(req: CompletionRequest) -> dict:
+    def completions(req: CompletionRequest, request: Request) -> dict:
+        _note(request, model=req.model or service.model_name, top_k=req.prompt_logprobs, max_tokens=req.max_tokens)
         check_common(req)
         if req.echo or req.logprobs is not None:
             raise HTTPException(400, "`echo` and `logprobs` (of generated tokens) are not supported; "
@@ -244,6 +264,7 @@ def create_app(service: TeacherService, *, api_key: str | None = None) -> FastAP
         if max_tokens > service.max_new_tokens_cap:
             raise HTTPException(400, f"max_tokens={max_tokens} exceeds {service.max_new_tokens_cap}")
         prompts = _prompts(service, req.prompt)
+        _note(request, prompt_tokens=sum(len(ids) for ids in prompts), max_tokens=max_tokens)
         choices, n_prompt, n_gen = [], 0, 0
         with service.lock:
             for p_idx, ids in enumerate(prompts):
@@ -258,16 +279,18 @@ def create_app(service: TeacherService, *, api_key: str | None = None) -> FastAP
                 "model": service.model_name, "choices": choices, "usage": usage(n_prompt, n_gen)}
 
     @app.post("/v1/chat/completions")
-    def chat(req: ChatRequest) -> dict:
-        check_common(req)
+    def chat(req: ChatRequest, request: Request) -> dict:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = 256 if max_tokens is None else max_tokens
+        _note(request, model=req.model or service.model_name, max_tokens=max_tokens)
+        check_common(req)
         if max_tokens > service.max_new_tokens_cap:
             raise HTTPException(400, f"max_tokens={max_tokens} exceeds {service.max_new_tokens_cap}")
         try:
             ids = prompt_ids(service.tokenizer, [m.model_dump() for m in req.messages], "messages")
         except ValueError as err:
             raise HTTPException(400, str(err)) from None
+        _note(request, prompt_tokens=len(ids))
         service.check_ids(ids)
         with service.lock:
             outs = service.generate(ids, req, max_tokens)
@@ -278,6 +301,30 @@ def create_app(service: TeacherService, *, api_key: str | None = None) -> FastAP
                 "usage": usage(len(ids), sum(n for _, _, n in outs))}
 
     return app
+
+
+_LOG_FIELDS = ("model", "prompt_tokens", "top_k", "max_tokens")
+
+
+def _note(request: Request, **fields: Any) -> None:
+    """Record what a handler learnt about its request for the request's log line (shared through the scope)."""
+    request.state.log = {**getattr(request.state, "log", {}), **fields}
+
+
+def _clean(value: Any, limit: int = 80) -> str:
+    """A client-given value fit for one log line: as it is when plain (``[A-Za-z0-9_./:@+-]``), else JSON-quoted
+    (no line breaks, no spaces that could pass for another field); at most ``limit`` characters of it."""
+    text = str(value)[:limit]
+    return text if re.fullmatch(r"[\w./:@+-]+", text, flags=re.ASCII) else json.dumps(text)
+
+
+def _log_request(request: Request, status: int, ms: float) -> None:
+    """``2024-05-01 12:00:00 POST /v1/completions model=tiny prompt_tokens=12 top_k=5 max_tokens=0 -> 200 in 3.1 ms``."""
+    noted = getattr(request.state, "log", {})
+    fields = "".join(f" {k}={_clean(noted[k])}" for k in _LOG_FIELDS if noted.get(k) is not None)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"{stamp} {request.method} {_clean(request.url.path)}{fields} -> {status} in {ms:.1f} ms",
+          file=sys.stderr, flush=True)
 
 
 class RunningServer:

@@ -8,7 +8,8 @@ import torch
 
 from stillroom.data import collate
 from stillroom.data.batch import Example, prompt_length
-from stillroom.eval import count_params, evaluate_lm, forward_tokens_per_s, greedy_generations, teacher_logits_from_model, trainable_params
+from stillroom.eval import count_params, evaluate_lm, greedy_generations, teacher_logits_from_model, trainable_params
+from stillroom.eval.metrics import interleaved_tokens_per_s, speed_line
 
 if TYPE_CHECKING:
     from stillroom.domains.lm.prepare import LmRun
@@ -49,7 +50,14 @@ def periodic_evaluation(lm: "LmRun", heldout: list[Example]) -> Callable[[torch.
 
 def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[Example]]], *,
                     log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Report metrics of each named model on its held-out examples (against the in-process teacher)."""
+    """Report metrics of each named model on its held-out examples (against the in-process teacher).
+
+    Speed (``tokens_per_s``) is measured for the whole group at once, after the held-out metrics: every model
+    warmed up, then timed interleaved (:func:`~stillroom.eval.metrics.interleaved_tokens_per_s`). A group
+    without the teacher (the students after training) times the teacher again beside them and returns a
+    ``teacher`` row holding that speed alone; the caller merges it into the teacher's row, so the report's
+    ``speedup_student_over_teacher`` divides two numbers of one measurement (also after ``--resume``).
+    """
     cfg = lm.cfg
     teacher_logits = teacher_logits_from_model(lm.teacher_model) if lm.teacher_model is not None else None
     out = {}
@@ -58,16 +66,32 @@ def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[E
                               precision=cfg.eval.precision, vocab_size=lm.vocab_size)
         metrics["params"] = count_params(model)
         metrics["trainable_params"] = trainable_params(model)
-        metrics["tokens_per_s"] = forward_tokens_per_s(
-            model, seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
-            total_tokens=cfg.eval.speed_tokens, precision=cfg.train.precision,
-        )
-        log(f"eval {name}: ce {metrics['heldout_ce']:.3f}, kl {metrics.get('kl_teacher_student')}, "
-            f"top1 {metrics.get('top1_agreement')}")
+        log(f"eval {name}: {eval_line(metrics)}")
         out[name] = metrics
+    timed = {name: model for name, (model, _) in models.items()}
+    again = "teacher" not in timed and lm.teacher_model is not None
+    if again:
+        timed = {"teacher": lm.teacher_model, **timed}
+        out = {"teacher": {}, **out}
+    rates = interleaved_tokens_per_s(timed, seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
+                                     total_tokens=cfg.eval.speed_tokens, precision=cfg.train.precision)
+    for name, rate in rates.items():
+        out[name]["tokens_per_s"] = rate
+    log(speed_line(rates, "tokens", again))
     if cfg.eval.generations:
         prompts = generation_prompts(lm, cfg.eval.generations)
         for name, (model, _) in models.items():
             out[name]["generations"] = greedy_generations(model, lm.tokenizer, prompts, cfg.eval.max_new_tokens)
             out[name]["prompts"] = prompts
     return out
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def eval_line(m: dict) -> str:
+    """``ce 4.7270, kl 2.0068, top1 30.0%`` (``n/a`` where there is no teacher)."""
+    top1 = m.get("top1_agreement")
+    return (f"ce {_num(m['heldout_ce'], '.4f')}, kl {_num(m.get('kl_teacher_student'), '.4f')}, "
+            f"top1 {_num(None if top1 is None else 100 * top1, '.1f')}{'' if top1 is None else '%'}")

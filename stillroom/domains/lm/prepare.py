@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from stillroom.config.schema import LossTerm, RunConfig
+from stillroom.config.schema import LossTerm, RunConfig, TeacherConfig
 from stillroom.data import DataSplits, build_splits, collate
 from stillroom.data.batch import ExampleSampler
 from stillroom.domains.lm.evaluate import evaluate_models, periodic_evaluation
@@ -82,7 +82,7 @@ class LmRun:
             teacher = build_teacher_source(
                 cfg, teacher_model=self.teacher_model, vocab_size=self.vocab_size, fingerprint=self.fingerprint,
                 hidden_layers=mix.teacher_hidden_layers, output_device=self.device, train_examples=examples,
-                attentions=mix.needs_attentions,
+                attentions=mix.needs_attentions, log=log,
             )
         fused = cfg.loss.fused and mix.needs_logits
         if mix.needs_attentions:
@@ -136,12 +136,13 @@ class LmDomain:
         teacher_model = teacher_loaded.model.to(resolve_device(cfg.teacher.device, topology, name="teacher.device"))
         teacher_model = teacher_model.eval()
         tokenizer = teacher_loaded.tokenizer
-        log(f"teacher: {teacher_loaded.identity}")
+        for line in teacher_lines(cfg, teacher_loaded.identity):
+            log(line)
 
         # the data, tokenized with the teacher's tokenizer (the student must share it)
         encoder = method.encoder(cfg) if method.encoder is not None else None
         steer = method.steer_fraction(cfg) if method.steer_fraction is not None else 0.0
-        data = build_splits(cfg.data, tokenizer, cfg.seed, encoder, steer_fraction=steer)
+        data = build_splits(cfg.data, tokenizer, cfg.seed, encoder, steer_fraction=steer, log=log)
         log(f"data: {len(data.train)} train / {len(data.heldout)} held-out sequences; {_short_stats(data.stats)}")
 
         student, student_tok, kept_layers = _student(cfg, teacher_model, tokenizer, data, log)
@@ -152,6 +153,24 @@ class LmDomain:
                                   vocab_size=vocab_size)
         return LmRun(cfg, topology, resolve_device(cfg.train.device, topology), teacher_model, student, tokenizer,
                      vocab_size, data, kept_layers, fingerprint)
+
+
+def teacher_lines(cfg: RunConfig, identity: str) -> list[str]:
+    """What the run says about its teacher when it starts: the loaded model, and with ``teacher.source=remote``
+    that training reads the server while the report's teacher row is the local model (and, where ``teacher.model``
+    is left at its default, that the report compares against that default)."""
+    t = cfg.teacher
+    if t.source != "remote":
+        return [f"teacher: {identity}"]
+    served = f" (model {t.remote.model})" if t.remote.model else ""
+    lines = [f"teacher: remote {t.remote.url}{served} for training; the report's teacher row (reference CE, KL, "
+             f"top-1, speed) uses the local model {identity} loaded from teacher.model"]
+    if t.model == TeacherConfig().model:
+        default = t.model.path or t.model.gguf or f"builtin:{t.model.builtin}"
+        lines.append(f"teacher.model is left at its default ({default}): the report compares the "
+                     "students against that model, not against the one the server serves; set teacher.model to "
+                     "the served model (a folder, hub id or GGUF file) for a like-for-like report")
+    return lines
 
 
 def _student(cfg: RunConfig, teacher_model: torch.nn.Module, tokenizer, data: DataSplits, log: Log):

@@ -7,13 +7,12 @@ The expected calibration error is torchmetrics' multiclass calibration error (to
 
 from __future__ import annotations
 
-import math
-import statistics
-import time
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
+from stillroom.eval.metrics import SPEED_ROUNDS, SPEED_WARMUP, Timed, interleaved_rates
 from stillroom.models.precision import autocast
 
 ECE_BINS = 15
@@ -69,26 +68,36 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-@torch.no_grad()
+def interleaved_images_per_s(models: Mapping[str, tuple[torch.nn.Module, torch.Tensor]], *, device: torch.device,
+                             precision: str = "fp32", rounds: int = SPEED_ROUNDS, warmup: int = SPEED_WARMUP,
+                             min_seconds: float = 0.05) -> dict[str, float]:
+    """Forward throughput (images/s; eval mode, no grad, modes restored) of each named ``(model, batch)``
+    (``batch`` ``[B, C, H, W]``), timed together by :func:`~stillroom.eval.metrics.interleaved_rates`:
+    every model warmed up, then timed in turn round after round, as many passes a round as take
+    ``min_seconds``; each model's best round."""
+    timed, modes = {}, {}
+    for name, (model, images) in models.items():
+        modes.setdefault(model, model.training)
+        model.eval()
+        x = images.to(device)
+
+        def step(model: torch.nn.Module = model, x: torch.Tensor = x) -> None:
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        timed[name] = Timed(step, items=len(x))
+    try:
+        with torch.no_grad(), autocast(precision, device):
+            return interleaved_rates(timed, rounds=rounds, warmup=warmup, min_round_s=min_seconds)
+    finally:
+        for model, was_training in modes.items():
+            model.train(was_training)
+
+
 def images_per_s(model: torch.nn.Module, images: torch.Tensor, *, device: torch.device, precision: str = "fp32",
-                 repeats: int = 5, min_seconds: float = 0.05) -> float:
-    """Forward throughput on one batch ``images`` ``[B, C, H, W]`` (eval mode, no grad): one warm-up pass,
-    then ``repeats`` timings of as many passes as take ``min_seconds`` (counted in the warm-up); the median."""
-    was_training = model.training
-    model.eval()
-    x = images.to(device)
-
-    def passes(n: int) -> float:
-        t0 = time.perf_counter()
-        with autocast(precision, device):
-            for _ in range(n):
-                model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    one = max(passes(1), passes(1), 1e-6)  # the first pass warms up
-    n = max(1, math.ceil(min_seconds / one))
-    rates = [n * len(x) / max(passes(n), 1e-9) for _ in range(repeats)]
-    model.train(was_training)
-    return statistics.median(rates)
+                 repeats: int = SPEED_ROUNDS, min_seconds: float = 0.05) -> float:
+    """One model's :func:`interleaved_images_per_s` on one batch ``images`` ``[B, C, H, W]`` (``repeats``
+    rounds after the warm-up); to compare models, time them together with that function instead."""
+    return interleaved_images_per_s({"model": (model, images)}, device=device, precision=precision, rounds=repeats,
+                                    min_seconds=min_seconds)["model"]

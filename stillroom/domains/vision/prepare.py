@@ -23,10 +23,11 @@ from stillroom.data.seeds import derive_seed
 from stillroom.domains.vision.data import ImageExample, ImageSplits, build_image_splits, collate_images
 from stillroom.domains.vision.forward import ClassifierForward, ClassifierTeacher
 from stillroom.domains.vision.metrics import (
-    ECE_BINS, classifier_metrics, confusion_matrix, images_per_s, logits_of,
+    ECE_BINS, classifier_metrics, confusion_matrix, interleaved_images_per_s, logits_of,
 )
 from stillroom.domains.vision.models import Classifier, build_classifier, load_classifier, save_classifier
 from stillroom.domains.vision.teacher import classifier_teacher
+from stillroom.eval.metrics import SPEED_ROUNDS, SPEED_WARMUP, speed_line
 from stillroom.eval.plots import plot_confusion_matrix
 from stillroom.losses import LossMix
 from stillroom.methods.base import Method, MethodContext, MethodPlan
@@ -108,8 +109,14 @@ class ClassifierRun:
 
     def evaluate(self, models: dict[str, tuple[torch.nn.Module, list]], log: Log) -> dict[str, dict]:
         """Per named model, on its held-out images: accuracy, top-1 agreement with the teacher, ECE, KL(teacher ||
-        model), CE, parameters, images/s; ``student_after`` also gets its confusion matrix (JSON and PNG)."""
-        out = {}
+        model), CE, parameters, images/s; ``student_after`` also gets its confusion matrix (JSON and PNG).
+
+        Speed is measured for the group at once, after the metrics: every model warmed up, then timed
+        interleaved (:func:`~.metrics.interleaved_images_per_s`); a group without the teacher (the students
+        after training) times the teacher again beside them and returns a ``teacher`` row holding that speed
+        alone, which the caller merges into the teacher's row: the report's speed ratio divides two numbers
+        of one measurement."""
+        out, batches = {}, {}
         for name, (model, examples) in models.items():
             model.to(self.device)  # the student before training and a loaded one start on the CPU
             images, labels = self._tensors(examples)
@@ -118,8 +125,7 @@ class ClassifierRun:
             m = classifier_metrics(logits, labels, teacher_logits)
             m["params"] = sum(p.numel() for p in model.parameters())
             m["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            batch = images[: self.cfg.classifier.eval_batch_size]
-            m["images_per_s"] = images_per_s(model, batch, device=self.device, precision=self.cfg.train.precision)
+            batches[name] = (model, images[: self.cfg.classifier.eval_batch_size])
             if name == "student_after":
                 ds = self.data.dataset
                 matrix = confusion_matrix(logits.argmax(-1), labels, ds.num_classes)
@@ -130,6 +136,14 @@ class ClassifierRun:
             log(f"eval {name}: accuracy {100 * m['accuracy']:.1f}%, agreement {100 * m['top1_agreement']:.1f}%, "
                 f"ece {m['ece']:.4f}, kl {m['kl_teacher_student']:.4f}, ce {m['heldout_ce']:.4f}")
             out[name] = m
+        again = "teacher" not in batches
+        if again:
+            batches = {"teacher": (self.teacher_model, next(iter(batches.values()))[1]), **batches}
+            out = {"teacher": {}, **out}
+        rates = interleaved_images_per_s(batches, device=self.device, precision=self.cfg.train.precision)
+        for name, rate in rates.items():
+            out[name]["images_per_s"] = rate
+        log(speed_line(rates, "images", again))
         return out
 
     def save_model(self, model: torch.nn.Module, folder: Path) -> None:
@@ -148,8 +162,9 @@ class ClassifierRun:
             f"teacher: {self.teacher_origin}",
             f"student: {self.student.describe()}, randomly initialised from seed {self.cfg.seed}",
             f"metrics on every held-out image: CE and KL(teacher‖model) in nats per image; ECE: top-1 confidence, "
-            f"{ECE_BINS} equal-width bins (torchmetrics); images/s: forward passes of {sec.eval_batch_size} images "
-            "after a warm-up",
+            f"{ECE_BINS} equal-width bins (torchmetrics); images/s: forward passes of {sec.eval_batch_size} images, "
+            f"every model warmed up ({SPEED_WARMUP} passes), then the models timed in turn, best of {SPEED_ROUNDS} "
+            "rounds; the teacher is timed again beside the students after training",
         ]
 
 

@@ -48,6 +48,23 @@ def test_run_spec_eval_writes_reports(tmp_path, tok, pair):
             assert r["matches_target_greedy"] is True
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| greedy | 3 |" in md and "E[tau]" in md
+    assert report["target"] == {"ref": None, "identity": None, "params": sum(p.numel() for p in target.parameters())}
+    assert report["data"] == {"source": None, "prompts": 2, "seed": 0, "records_skipped": 0}
+    assert "- Target: a model passed in memory" in md and "- Data: 2 prompts from prompts passed in memory" in md
+
+
+def test_report_names_models_and_data_given(tmp_path, tok, pair):
+    target, draft = pair
+    report = run_spec_eval(target, draft, tok, PROMPTS[:1], [2], max_new_tokens=2, modes=("greedy",), seed=3,
+                           out_dir=tmp_path, warmup=False, target_ref="builtin:t", draft_ref="runs/d/student",
+                           target_identity="t@1", draft_identity="d@2", data_source="bundled:instructions",
+                           records_skipped=1)
+    assert report["target"]["ref"] == "builtin:t" and report["draft"]["identity"] == "d@2"
+    assert report["data"] == {"source": "bundled:instructions", "prompts": 1, "seed": 3, "records_skipped": 1}
+    assert report["settings"]["warmup"] is False and report["settings"]["modes"] == ["greedy"]
+    md = (tmp_path / "report.md").read_text()
+    assert "- Target: `builtin:t`, identity `t@1`" in md and "- Draft: `runs/d/student`, identity `d@2`" in md
+    assert "- Data: 1 prompts from `bundled:instructions` (seed 3), 1 malformed record(s) skipped" in md
 
 
 def test_self_draft_reaches_the_upper_bound(tmp_path, tok, pair):
@@ -104,6 +121,17 @@ def test_cli_spec_eval_on_saved_models(tmp_path, tok, pair):
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["prompts"] == 2
+    # the report names what it measured: the two models, the data and the settings
+    assert report["target"]["ref"] == str(tmp_path / "target") and report["draft"]["ref"] == str(tmp_path / "draft")
+    assert report["target"]["identity"].startswith("local:") and report["draft"]["identity"].startswith("local:")
+    assert report["target"]["identity"] != report["draft"]["identity"]
+    assert report["data"] == {"source": str(data), "prompts": 2, "seed": 0, "records_skipped": 0}
+    assert report["settings"]["gammas"] == [1, 2] and report["settings"]["dtype"] == "float32"
+    assert report["settings"]["torch_threads"] == 1 and report["settings"]["max_new_tokens"] == 4
+    md = (out / "report.md").read_text()
+    assert f"- Target: `{tmp_path / 'target'}`, identity `{report['target']['identity']}`" in md
+    assert f"- Draft: `{tmp_path / 'draft'}`" in md and f"- Data: 2 prompts from `{data}` (its first readable records)" in md
+    assert "- Settings: gamma 1 2; modes greedy, sampling; 4 new tokens per prompt" in md
     assert {(r["mode"], r["gamma"]) for r in report["results"]} == {
         ("greedy", 1), ("greedy", 2), ("sampling", 1), ("sampling", 2)
     }

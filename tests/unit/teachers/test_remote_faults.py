@@ -266,7 +266,18 @@ def test_a_run_killed_by_a_dead_server_says_how_to_resume(fake, tmp_path):
         teacher.signal(make_batch([1, 2, 3]))
     msg = str(err.value)
     cache = tmp_path / "r" / "remote_cache.jsonl"
-    assert "connection failed" in msg and "stillroom run RECIPE ... --resume" in msg and str(cache) in msg
+    assert "connection failed" in msg and "--resume" in msg and str(cache) in msg
+    # the CLI turns the error into the exact command to continue, quoted for the shell
+    import argparse
+    import shlex
+
+    from stillroom.cli.main import _store_fix
+
+    args = argparse.Namespace(recipe="my recipe.yaml", overrides=["data.sources=[{path: a b.jsonl}]"])
+    line = _store_fix(args, err.value)
+    assert line is not None and line.startswith("to continue once the teacher answers: ")
+    assert shlex.split(line.split(": ", 1)[1]) == ["stillroom", "run", "my recipe.yaml",
+                                                   "data.sources=[{path: a b.jsonl}]", "--resume"]
     teacher.close()
     again = remote_from_run(cfg, vocab_size=V, fingerprint=None)
     assert len(again.cache) == 2  # the finished rows are kept: resuming asks only row 3
