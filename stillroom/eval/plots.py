@@ -156,3 +156,35 @@ def plot_confusion_matrix(path: Path, matrix, classes: list[str], title: str) ->
                 ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if m[i, j] > top / 2 else "black")
     save_png(fig, Path(path))
+
+
+def plot_reliability(path: Path, curves: dict[str, dict], eces: dict[str, float], title: str) -> None:
+    """Reliability diagrams side by side, one panel per model (``curves``: name -> bins as
+    ``stillroom.domains.vision.metrics.reliability_bins`` gives them): per confidence bin, a bar of the
+    accuracy of its images at the bin's place, the bin's mean confidence as a dot, the diagonal of perfect
+    calibration, and the bin's share of images (a purple bar at the bottom, 0..0.25 of the height);
+    ``eces[name]`` (the report's ECE) in the panel's title. Written atomically."""
+    fig = Figure(figsize=(3.6 * max(1, len(curves)), 3.9))
+    axes = fig.subplots(1, max(1, len(curves)), squeeze=False)[0]
+    for ax, (name, bins) in zip(axes, curves.items()):
+        edges = bins["edges"]
+        lefts, width = edges[:-1], edges[1] - edges[0]
+        total = max(1, sum(bins["count"]))
+        shown = [i for i, c in enumerate(bins["count"]) if c]
+        ax.bar([lefts[i] for i in shown], [bins["accuracy"][i] for i in shown], width=width, align="edge",
+               color=_COLORS.get(name, "C0"), alpha=0.75, edgecolor="black", linewidth=0.5, label="accuracy",
+               zorder=2)
+        ax.bar(lefts, [0.25 * c / total for c in bins["count"]], width=width, align="edge", color="#9e9ac8",
+               edgecolor="#54278f", linewidth=0.5, label="share of images (x0.25)", zorder=3)
+        ax.plot([bins["confidence"][i] for i in shown], [bins["accuracy"][i] for i in shown], "k.", markersize=4,
+                zorder=4)
+        ax.plot([0, 1], [0, 1], linestyle="--", color="#636363", linewidth=1, label="calibrated")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("top-1 confidence")
+        ax.set_title(f"{name}: ECE {eces.get(name, float('nan')):.4f}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy in the bin")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    save_png(fig, Path(path))

@@ -28,11 +28,11 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from stillroom.eval.layouts import _DELTA_KEYS, LAYOUTS, ReportLayout, resolve_layout  # noqa: F401 (re-exported)
 from stillroom.eval.plots import plot_loss_curves, plot_metric_bars
 
 MODEL_KEYS = ("teacher", "student_before", "student_after", "baseline")
@@ -44,78 +44,6 @@ MODEL_LABELS = {
 }
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-
-# (key, column header, formatter name), in table order; other scalar keys follow, sorted.
-_COLUMNS = (
-    ("heldout_ce", "CE (nats/tok)", "f4"),
-    ("perplexity", "perplexity", "ppl"),
-    ("bits_per_byte", "bits/byte", "f4"),
-    ("kl_teacher_student", "KL(teacher‖model)", "f4"),
-    ("top1_agreement", "top-1 agree", "pct"),
-    ("params", "params", "count"),
-    ("trainable_params", "trainable", "count"),
-    ("tokens_per_s", "fwd tokens/s", "int"),
-    ("train_seconds", "train s", "f1"),
-    ("steps", "steps", "int"),
-    ("tokens", "eval tokens", "int"),
-)
-_DELTA_KEYS = ("heldout_ce", "perplexity", "bits_per_byte")
-
-_CLASSIFIER_COLUMNS = (
-    ("accuracy", "accuracy", "pct"),
-    ("top1_agreement", "top-1 agree", "pct"),
-    ("ece", "ECE", "f4"),
-    ("kl_teacher_student", "KL(teacher‖model)", "f4"),
-    ("heldout_ce", "CE (nats/image)", "f4"),
-    ("params", "params", "count"),
-    ("trainable_params", "trainable", "count"),
-    ("images_per_s", "fwd images/s", "int"),
-    ("train_seconds", "train s", "f1"),
-    ("steps", "steps", "int"),
-    ("examples", "eval images", "int"),
-)
-
-
-@dataclass(frozen=True)
-class ReportLayout:
-    """How one domain's metrics show in report.md.
-
-    ``columns``: ``(metric key, header, format)`` in table order (formats: ``f4``, ``f1``, ``pct``, ``ppl``,
-    ``int``, ``count``; other scalar metrics follow, sorted); ``deltas``: metrics shown as model − teacher;
-    ``speed``: the forward-throughput metric (the summary's speed ratio); ``ce_unit``: what ``heldout_ce``
-    is per; ``plots``: PNG files the domain writes into the run folder before the report (embedded when
-    present); ``marker``: a metric only this domain reports (picks the layout when none is named).
-    """
-
-    columns: tuple[tuple[str, str, str | None], ...]
-    deltas: tuple[str, ...]
-    speed: str
-    ce_unit: str
-    plots: tuple[str, ...] = ()
-    marker: str | None = None
-
-
-LAYOUTS: dict[str, ReportLayout] = {
-    "lm": ReportLayout(_COLUMNS, _DELTA_KEYS, speed="tokens_per_s", ce_unit="nats/token"),
-    "classifier": ReportLayout(_CLASSIFIER_COLUMNS, ("accuracy", "ece", "heldout_ce"), speed="images_per_s",
-                               ce_unit="nats/image", plots=("confusion_matrix.png",), marker="images_per_s"),
-}
-"""Report layouts by domain name (``RunConfig.domain``)."""
-
-
-def resolve_layout(layout: "str | ReportLayout | None", models: dict[str, dict]) -> ReportLayout:
-    """``layout`` itself, the layout of that name, or (``None``) the first whose ``marker`` the models carry,
-    else ``lm``'s."""
-    if isinstance(layout, ReportLayout):
-        return layout
-    if layout is not None:
-        if layout not in LAYOUTS:
-            raise ValueError(f"write_report: unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
-        return LAYOUTS[layout]
-    for candidate in LAYOUTS.values():
-        if candidate.marker is not None and any(candidate.marker in m for m in models.values()):
-            return candidate
-    return LAYOUTS["lm"]
 
 
 def _plain(value: Any, *, finite_only: bool) -> Any:

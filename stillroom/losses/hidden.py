@@ -148,8 +148,9 @@ def hidden_mse(student_hidden: dict[int, torch.Tensor], teacher: TeacherSignal |
                projections: dict[int, torch.nn.Module] | None = None) -> tuple[torch.Tensor, int]:
     """Latent MSE (TinyBERT / ERNIE-Tiny): sum over counted tokens of sum_l mean_d (W_l h_s^l - h_t^l)^2.
 
-    ``projections[s]`` (a learned ``nn.Linear(student_width, teacher_width)``) maps student layer s
-    when the widths differ; LossMix creates and owns them (they need the optimizer).
+    ``projections[s]`` (a learned ``nn.Linear(student_width, teacher_width)``, built by
+    :func:`stillroom.models.projectors.build_projector` as kind ``linear`` without bias) maps student layer
+    s when the widths differ; LossMix creates and owns them (they need the optimizer).
     """
     return _latent("hidden_mse", student_hidden, teacher, mask, layer_map, projections, cosine=False)
 

@@ -98,8 +98,12 @@ class LossMix(torch.nn.Module):
             self.layer_maps[i] = lmap
             self._term_kwargs[i] = {k: v for k, v in p.items() if k not in H.LAYER_PARAMS}
             if spec.projects and student_hidden and teacher_hidden and student_hidden != teacher_hidden:
+                # imported here: stillroom.models' package __init__ imports the config, which imports the losses
+                from stillroom.models.projectors import build_projector
+
                 for s, _t in lmap:
-                    self.projections[f"t{i}_s{s}"] = torch.nn.Linear(student_hidden, teacher_hidden, bias=False)
+                    self.projections[f"t{i}_s{s}"] = build_projector("linear", student_hidden, teacher_hidden,
+                                                                     bias=False)
         self._logit = [i for i, s in enumerate(self.specs) if s.kind == "logit"]
         self._structural = [i for i, s in enumerate(self.specs) if s.kind != "logit"]
         # Stateless logit terms are bound once; a stateful one is re-bound per forward from its state.

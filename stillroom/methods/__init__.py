@@ -5,7 +5,8 @@
 lists with their config sections (a test keeps the two in step).
 """
 
-from stillroom.methods import conditional, ddk, onpolicy, redi, step_by_step
+from stillroom.methods import conditional, ddk, ferkd, lelp, meal_v2, onpolicy, redi, step_by_step, unfused
+from stillroom.methods import dmae, self_distill_fpt
 from stillroom.methods.base import Method, MethodContext, MethodPlan, StepCounts
 
 KD = Method("kd", domains=None)
@@ -14,7 +15,8 @@ SFT = Method("sft", ce_only=True, domains=None)
 """Cross-entropy on the data alone (the baseline's method); the teacher is not used in training."""
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    KD, SFT, onpolicy.METHOD, step_by_step.METHOD, redi.METHOD, ddk.METHOD, conditional.METHOD,
+    KD, SFT, onpolicy.METHOD, step_by_step.METHOD, redi.METHOD, ddk.METHOD, conditional.METHOD, meal_v2.METHOD,
+    unfused.METHOD, lelp.METHOD, ferkd.METHOD, dmae.METHOD, self_distill_fpt.METHOD,
 )}
 
 __all__ = ["METHODS", "Method", "MethodContext", "MethodPlan", "StepCounts"]

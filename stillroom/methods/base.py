@@ -15,6 +15,8 @@ method changes in the training loop. Every slot is optional and typed:
   weights, called *after* the loop has counted the step's target tokens ``N``
   (``counts.targets``, all micro-batches and processes), so no method recounts it;
 * ``metrics() -> dict``: per-step metrics; ``report(run_dir)``: the method's own report files.
+* ``players(student_player) -> [players]``: the players the loop steps (the student's, perhaps with another
+  objective or optimizer, and extra ones such as a discriminator).
 
 Cross-field checks of a method's settings are config validators
 (:meth:`stillroom.config.methods.MethodSection.check_run`): they fail when the recipe is
@@ -83,6 +85,9 @@ class MethodPlan:
     weight_targets: Callable[[list[Batch], StepCounts], list[torch.Tensor]] | None = None
     metrics: Callable[[], dict[str, float]] | None = None
     report: Callable[[Path], object] | None = None
+    players: Callable[[Any], list[Any]] | None = None
+    """The domain's student :class:`~stillroom.train.loop.Player` -> the players to train, in order (a method
+    that changes the student's objective or optimizer, or adds a discriminator: MEAL V2)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,9 @@ class Method:
     """The plan of one training run (``None``: the loop as it is)."""
     domains: tuple[str, ...] | None = ("lm",)
     """The domains the method works in (``None``: every domain, as ``kd`` and ``sft``)."""
+    outputs_per_class: Callable[["RunConfig"], int] | None = None
+    """How many outputs the student's head has per class of the data, grouped: the class ``c``'s outputs are
+    ``c*S .. c*S+S-1`` and its log-probability is their logsumexp (LELP's subclasses); ``None``: one per class."""
 
     def plan(self, ctx: MethodContext) -> MethodPlan:
         return MethodPlan() if self.build is None else self.build(ctx)

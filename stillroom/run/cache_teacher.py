@@ -1,4 +1,11 @@
-"""``stillroom cache-teacher``: run the teacher once over a recipe's training data into a top-k store."""
+"""``stillroom cache-teacher``: run the teacher once over a recipe's training data into a top-k store.
+
+One orchestration for every domain: find the folder, read the settings a store already there records,
+prepare the run, then write the shards the domain plans (:func:`stillroom.teachers.store_writer.write_store`:
+atomic shards, resume after a kill). ``lm``: per token position of the training sequences
+(:func:`_token_plan`); ``classifier``: per crop view of the training images
+(:func:`stillroom.domains.vision.soft_labels.image_store_plan`).
+"""
 
 from __future__ import annotations
 
@@ -8,37 +15,64 @@ from typing import Callable
 from stillroom.config.schema import RunConfig
 from stillroom.run.training import prepare_run
 
+Log = Callable[[str], None]
 
-def cache_teacher(cfg: RunConfig, *, overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Write the store ``teacher.store`` describes for the training sequences of ``cfg`` (the method's view, the
-    ones a store-fed run reads); a killed job resumes shard by shard. Returns the store folder.
 
-    Resuming or repairing a store: ``teacher.store.k``, ``logprob_dtype`` and ``shard_tokens`` left at their
-    defaults are read from the manifest of the store already in the folder (unless ``overwrite``), so rerunning
-    the command without the overrides that first wrote the store finishes it or rewrites a corrupted shard."""
+def cache_teacher(cfg: RunConfig, *, overwrite: bool = False, log: Log = print) -> Path:
+    """Write the store the recipe describes for the training data of ``cfg`` (the method's view, the ones a
+    store-fed run reads); a killed job resumes shard by shard. Returns the store folder.
+
+    Resuming or repairing a store: settings the store records (``teacher.store.k``, ``logprob_dtype``,
+    ``shard_tokens``; a classifier's ``classifier.store.k``, ``logprob_dtype``, ``views_per_image``,
+    ``shard_images``) left at their defaults are read from the manifest of the store already in the folder
+    (unless ``overwrite``), so rerunning the command without the overrides that first wrote the store
+    finishes it or rewrites a corrupted shard."""
     from stillroom.config.load import ConfigError
-    from stillroom.teachers.factory import store_path
-    from stillroom.teachers.store_format import StoreError, read_manifest, recorded_settings
-    from stillroom.teachers.store_reader import StoreReader
-    from stillroom.teachers.store_writer import make_header, model_compute, write_store
+    from stillroom.teachers.store_format import RECORDED, StoreError, read_manifest, recorded_settings
+    from stillroom.teachers.store_writer import write_store
 
-    if cfg.domain != "lm":
-        raise ConfigError(f"cache-teacher writes token-level stores for language models (domain lm), not "
-                          f"{cfg.domain!r}; a {cfg.domain} run uses its teacher online")
-    folder = store_path(cfg)
+    if cfg.domain == "lm":
+        from stillroom.teachers.factory import store_path
+
+        folder, store_cfg, recorded, prefix = store_path(cfg), cfg.teacher.store, RECORDED, "teacher.store"
+    elif cfg.domain == "classifier":
+        from stillroom.domains.vision import soft_labels
+
+        folder, store_cfg, recorded = soft_labels.store_folder(cfg), cfg.classifier.store, soft_labels.RECORDED
+        prefix = "classifier.store"
+    else:
+        raise ConfigError(f"cache-teacher writes stores for domains lm and classifier, not {cfg.domain!r}; a "
+                          f"{cfg.domain} run uses its teacher online")
     existing = None
     if not overwrite and (folder / "manifest.json").is_file():
         try:
             existing = read_manifest(folder)
         except StoreError:
             existing = None  # the writer says what is wrong with it
-    settings, taken = recorded_settings(cfg.teacher.store, existing)
+    settings, taken = recorded_settings(store_cfg, existing, recorded)
+    if taken:
+        log(f"teacher store {folder}: {', '.join(f'{prefix}.{n}={settings[n]}' for n in taken)} read from its "
+            f"manifest (the recipe leaves {'it' if len(taken) == 1 else 'them'} at the default)")
     prep, method = prepare_run(cfg, log=log)
+    if cfg.domain == "classifier":
+        header, examples, compute, lengths = soft_labels.image_store_plan(cfg, prep, settings)
+        log(f"caching the teacher into {folder}: {header.sequences} images x {header.views_per_image} views, "
+            f"{header.num_shards} shard(s), k={header.k}, {header.logprob_dtype}")
+    else:
+        header, examples, compute, lengths = _token_plan(cfg, prep, method, settings)
+        log(f"caching the teacher into {folder}: {header.sequences} sequences, {header.tokens} positions, "
+            f"{header.num_shards} shard(s), k={header.k}, {header.logprob_dtype}")
+    write_store(folder, header, examples, compute, overwrite=overwrite, log=log, lengths=lengths)
+    log(soft_labels.ImageSoftLabels(folder).summary() if cfg.domain == "classifier" else _token_summary(folder))
+    return folder
+
+
+def _token_plan(cfg: RunConfig, prep, method, settings: dict):
+    """``(header, training sequences, compute, None)`` of a language model's token store."""
+    from stillroom.teachers.store_writer import make_header, model_compute
+
     sc = cfg.teacher.store
     k, logprob_dtype, shard_tokens = settings["k"], settings["logprob_dtype"], settings["shard_tokens"]
-    if taken:
-        log(f"teacher store {folder}: {', '.join(f'teacher.store.{n}={settings[n]}' for n in taken)} read from its "
-            f"manifest (the recipe leaves {'it' if len(taken) == 1 else 'them'} at the default)")
     mix = prep.loss_mix(prep.student, method)
     # Store what the recipe's loss terms will ask for, plus any layers requested explicitly.
     layers = sorted(set(sc.hidden_layers) | set(mix.teacher_hidden_layers))
@@ -53,8 +87,10 @@ def cache_teacher(cfg: RunConfig, *, overwrite: bool = False, log: Callable[[str
     compute = model_compute(prep.teacher_model, k=k, loss_temperature=cfg.loss.loss_temperature,
                             vocab_size=prep.vocab_size, pad_id=prep.tokenizer.pad_token_id, hidden_layers=layers,
                             batch_size=sc.cache_batch_size or cfg.train.micro_batch_size)
-    log(f"caching the teacher into {folder}: {header.sequences} sequences, {header.tokens} positions, "
-        f"{header.num_shards} shard(s), k={k}, {logprob_dtype}")
-    write_store(folder, header, examples, compute, overwrite=overwrite, log=log)
-    log(StoreReader(folder).summary())
-    return folder
+    return header, examples, compute, None
+
+
+def _token_summary(folder: Path) -> str:
+    from stillroom.teachers.store_reader import StoreReader
+
+    return StoreReader(folder).summary()

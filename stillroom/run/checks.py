@@ -55,13 +55,17 @@ def check_run(cfg: RunConfig, *, log: Callable[[str], None] | None = None, all_c
         if all_commands and cfg.select.reference is not None:
             _check_model(cfg.select.reference, "select.reference", problems)
     classifier = getattr(cfg, "classifier", None)
-    if cfg.domain == "classifier" and classifier is not None and classifier.teacher.path is not None:
-        folder = Path(classifier.teacher.path).expanduser()
-        if not folder.is_dir():
+    for path, key, hint in _image_model_folders(cfg):
+        if not Path(path).expanduser().is_dir():
             from stillroom.models.load import missing_path_message
 
-            problems.append(missing_path_message(classifier.teacher.path, "classifier.teacher.path",
-                                                 hint="check the path, or leave it null to train the teacher here"))
+            problems.append(missing_path_message(path, key, hint=hint))
+    if cfg.domain == "classifier" and classifier is not None and classifier.teacher_source == "store" \
+            and _uses_teacher(cfg, method):
+        from stillroom.domains.vision.soft_labels import store_folder
+
+        _check_store_folder(store_folder(cfg), "classifier", problems, notes)
+        notes = [n.replace(_CACHE, f"`{cache_command}`") for n in notes] if cache_command else notes
     if problems:
         raise ConfigError("this run cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
     for note in notes if log is not None else ():
@@ -70,6 +74,27 @@ def check_run(cfg: RunConfig, *, log: Callable[[str], None] | None = None, all_c
 
 
 _CACHE = "`stillroom cache-teacher` with this recipe and overrides"
+_TRAIN_HERE = "check the path, or leave it null to train the teacher here"
+
+
+def _image_model_folders(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """``(path, key, hint)`` of every model folder an image run loads (teachers, a student to start from)."""
+    if cfg.domain == "classifier":
+        sec = cfg.classifier
+        teachers = [(sec.teacher, "classifier.teacher")] if not sec.teachers else \
+            [(t, f"classifier.teachers[{i}]") for i, t in enumerate(sec.teachers)]
+        found = [(t.path, f"{key}.path", _TRAIN_HERE) for t, key in teachers if t.path is not None]
+        if sec.student_path is not None:
+            found.append((sec.student_path, "classifier.student_path", "check the path (a saved classifier folder, "
+                          "e.g. runs/<name>/student), or run the recipe that writes it first"))
+        return found
+    if cfg.domain == "mae":
+        sec, first = cfg.mae, "run the recipe that writes it first (e.g. mae_pretrain_digits)"
+        return [(p, key, hint) for p, key, hint in (
+            (sec.teacher.path, "mae.teacher.path", _TRAIN_HERE),
+            (sec.teacher.init_path, "mae.teacher.init_path", f"check the path, or {first}"),
+            (sec.student_path, "mae.student_path", f"check the path, or {first}")) if p is not None]
+    return []
 
 
 def _uses_teacher(cfg: RunConfig, method: Method) -> bool:
@@ -136,9 +161,16 @@ def _check_source(cfg: RunConfig, tcfg: TeacherConfig, where: str, problems: lis
 
 def _check_store(cfg: RunConfig, tcfg: TeacherConfig, where: str, problems: list[str], notes: list[str]) -> None:
     from stillroom.teachers.factory import store_path
+
+    _check_store_folder(store_path(cfg) if where == "teacher" else Path(tcfg.store.path).expanduser(), where,
+                        problems, notes)
+
+
+def _check_store_folder(folder: Path, where: str, problems: list[str], notes: list[str]) -> None:
+    """A store ``where`` reads in ``folder``: a readable manifest if it exists (a note says what it holds), or
+    a note that ``stillroom cache-teacher`` writes it."""
     from stillroom.teachers.store_format import StoreError, read_manifest
 
-    folder = store_path(cfg) if where == "teacher" else Path(tcfg.store.path).expanduser()
     if not (folder / "manifest.json").exists():
         notes.append(f"{where}: the run will read the teacher store in {folder}, not written yet: `stillroom "
                      "cache-teacher` with this recipe and overrides writes it")

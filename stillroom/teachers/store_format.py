@@ -267,7 +267,9 @@ class SequenceSignal:
 
     ``topk_ids_tk`` ``[T, K]`` int; ``topk_logprobs_tk`` ``[T, K]`` float log-probs at
     the store temperature, sorted descending; ``tail_logmass_t`` ``[T]``;
-    ``hidden`` ``{layer: [T, H]}``.
+    ``hidden`` ``{layer: [T, H]}``; ``extra`` ``{name: [T, ...]}``: further per-position tensors a store kind
+    keeps as they are (an image store's crop boxes and flips), concatenated on the position axis into the
+    shard tensor ``name``.
     """
 
     uid: str
@@ -275,6 +277,7 @@ class SequenceSignal:
     topk_logprobs_tk: torch.Tensor
     tail_logmass_t: torch.Tensor
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -335,6 +338,11 @@ def encode_rows(rows: list[SequenceSignal], header: StoreHeader) -> dict[str, to
         if h.shape[-1] != header.hidden_size:
             raise StoreError(f"hidden layer {layer}: width {h.shape[-1]} is not hidden_size={header.hidden_size}")
         out[f"hidden.{layer}"] = h.to(torch_dtype(header.hidden_dtype)).contiguous()
+    for name in sorted(rows[0].extra):
+        if name in out or any(name not in r.extra or r.extra[name].shape[:1] != (r.length,) for r in rows):
+            raise StoreError(f"extra tensor {name!r}: every sequence needs one row per position (and a name that is "
+                             "not a top-k or hidden tensor)")
+        out[name] = torch.cat([r.extra[name] for r in rows]).contiguous()
     return out
 
 

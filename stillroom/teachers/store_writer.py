@@ -91,17 +91,19 @@ class StoreWriter:
     """Writes the shards of one store; resumes a partial store with the same header.
 
     ``examples`` are the training examples in order (they fix the shard plan and
-    must be the ones ``header`` was made from). ``overwrite=True`` deletes an
-    existing store at ``folder`` whose header differs instead of refusing.
+    must be the ones ``header`` was made from); the writer reads their ``uid`` and, unless
+    ``lengths`` gives the positions of each (an image store: its views), ``len(input_ids)``.
+    ``overwrite=True`` deletes an existing store at ``folder`` whose header differs instead of refusing.
     """
 
     def __init__(self, folder: str | Path, header: StoreHeader, examples: list[Example], *, overwrite: bool = False,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, lengths: list[int] | None = None) -> None:
         self.folder = Path(folder)
         self.header = header
         self.examples = examples
         self.log = log
-        self.plan = plan_shards([len(e.input_ids) for e in examples], header.shard_tokens)
+        self.lengths = lengths if lengths is not None else [len(e.input_ids) for e in examples]
+        self.plan = plan_shards(self.lengths, header.shard_tokens)
         if len(self.plan) != header.num_shards or len(examples) != header.sequences:
             raise StoreError("StoreWriter: the examples are not the ones the header was made from")
         self.entries: dict[int, dict] = {}
@@ -186,9 +188,9 @@ class StoreWriter:
         expected = self.shard_examples(index)
         if [r.uid for r in rows] != [e.uid for e in expected]:
             raise StoreError(f"shard {index}: rows must be the sequences {expected[0].uid}..{expected[-1].uid} in order")
-        for r, e in zip(rows, expected):
-            if r.length != len(e.input_ids):
-                raise StoreError(f"sequence {r.uid}: {r.length} positions computed but it has {len(e.input_ids)} tokens")
+        for r, i in zip(rows, self.plan[index]):
+            if r.length != self.lengths[i]:
+                raise StoreError(f"sequence {r.uid}: {r.length} positions computed but it has {self.lengths[i]}")
         tensors = encode_rows(rows, self.header)
         uids = [r.uid for r in rows]
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "index": index, "uids": uids,
@@ -235,9 +237,10 @@ class StoreWriter:
 
 
 def write_store(folder: str | Path, header: StoreHeader, examples: list[Example], compute: Compute, *,
-                overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Compute and write every pending shard, then finish; returns the manifest."""
-    writer = StoreWriter(folder, header, examples, overwrite=overwrite, log=log)
+                overwrite: bool = False, log: Callable[[str], None] = print, lengths: list[int] | None = None) -> dict:
+    """Compute and write every pending shard, then finish; returns the manifest (``lengths``: as
+    :class:`StoreWriter`'s)."""
+    writer = StoreWriter(folder, header, examples, overwrite=overwrite, log=log, lengths=lengths)
     try:
         todo = writer.pending
         for n, index in enumerate(todo):

@@ -36,6 +36,24 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bin
     return float(multiclass_calibration_error(probs, labels, num_classes=logits.shape[-1], n_bins=n_bins, norm="l1"))
 
 
+def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> dict[str, list]:
+    """The reliability diagram's data: top-1 confidences of ``logits`` ``[N, C]`` binned into ``n_bins``
+    equal-width bins of ``[0, 1]`` (the ECE's bins: ``torch.bucketize(conf, edges, right=True) - 1``), per bin
+    ``accuracy`` (fraction whose top-1 class is the label), mean ``confidence`` and ``count`` (0 and 0 in an
+    empty bin), plus the ``edges`` ``[n_bins + 1]``. ``sum_b count_b / N * |accuracy_b - confidence_b|`` is
+    the ECE, except that torchmetrics keeps confidences of exactly 1.0 in a bin of their own; here they
+    belong to the last bin, where the diagram shows them."""
+    probs = logits.float().softmax(-1)
+    confidence, pred = probs.max(-1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    index = (torch.bucketize(confidence, edges, right=True) - 1).clamp(0, n_bins - 1)
+    count = torch.bincount(index, minlength=n_bins).float()
+    mean = lambda v: torch.bincount(index, weights=v, minlength=n_bins) / count.clamp(min=1)  # noqa: E731
+    return {"edges": edges.tolist(), "accuracy": mean(correct).tolist(), "confidence": mean(confidence).tolist(),
+            "count": count.long().tolist()}
+
+
 def kl_teacher_model(teacher_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """``[N]`` KL(p_teacher || p_model) in nats; a class the teacher gives probability 0 contributes 0."""
     t_logp = F.log_softmax(teacher_logits.float(), -1)

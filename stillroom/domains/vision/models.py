@@ -1,10 +1,13 @@
-"""Image classifiers built from config in plain torch, saved as ``model.safetensors`` + ``config.json``.
+"""Image classifiers built from config, saved as ``model.safetensors`` + ``config.json``.
 
 A :class:`Classifier` maps images ``[B, C, H, W]`` to logits ``[B, num_classes]``; its layers are an
 ``nn.Sequential`` built from a :class:`~stillroom.config.domains.ClassifierArch` (an MLP or a small
 CNN). A saved folder holds the weights (safetensors, never pickle) and ``config.json``
 (``{"format", "arch", "in_shape", "num_classes", "classes", ...}``): enough to rebuild the module with
-plain torch and load the weights, with or without stillroom.
+plain torch and load the weights, with or without stillroom. The transformers kinds (``vit``, ``resnet``,
+``convnext``, ``mobilevit``) are :class:`~.hf_models.HFClassifier` objects saved as Hugging Face folders
+(:mod:`.hf_models`); :func:`build_classifier`, :func:`save_classifier` and :func:`load_classifier` take
+either.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stillroom.config.domains import ClassifierArch
+from stillroom.domains.vision.hf_models import (
+    HF_FORMAT, HF_KINDS, HFClassifier, build_hf_classifier, check_fits, load_hf_classifier, write_hf_classifier_files,
+)
 
 FORMAT = "stillroom-classifier/1"
 WEIGHTS = "model.safetensors"
@@ -77,15 +83,24 @@ def _cnn(arch: ClassifierArch, in_shape: tuple[int, int, int], num_classes: int)
     return nn.Sequential(*layers)
 
 
+AnyClassifier = Classifier | HFClassifier
+"""Images ``[B, C, H, W]`` in ``[0, 1]`` -> logits ``[B, num_classes]``; ``arch``, ``in_shape``,
+``num_classes`` and ``describe()`` alike."""
+
+
 def build_classifier(arch: ClassifierArch, in_shape: tuple[int, int, int], num_classes: int, *,
-                     seed: int) -> Classifier:
-    """A new classifier initialised from ``seed`` (the global RNG is left as it was)."""
+                     seed: int, where: str = "classifier.student") -> AnyClassifier:
+    """A new classifier initialised from ``seed`` (the global RNG is left as it was). An architecture that
+    cannot take ``in_shape`` images is refused naming the setting ``<where>.<field>``."""
+    check_fits(arch, in_shape, where)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if arch.kind in HF_KINDS:
+            return build_hf_classifier(arch, in_shape, num_classes)
         return Classifier(arch, in_shape, num_classes)
 
 
-def save_classifier(model: Classifier, folder: Path, *, extra: dict | None = None) -> None:
+def save_classifier(model: AnyClassifier, folder: Path, *, extra: dict | None = None) -> None:
     """Write ``model`` as ``folder/{model.safetensors, config.json}``: into ``<folder>.tmp``, then renamed into
     place (a reader never sees half a folder). ``extra``: more ``config.json`` fields (e.g. class names)."""
     folder = Path(folder)
@@ -99,9 +114,13 @@ def save_classifier(model: Classifier, folder: Path, *, extra: dict | None = Non
     os.replace(tmp, folder)
 
 
-def write_classifier_files(model: Classifier, folder: Path, *, extra: dict | None = None) -> None:
-    """``model.safetensors`` + ``config.json`` of ``model`` into the existing ``folder``, fsynced."""
+def write_classifier_files(model: AnyClassifier, folder: Path, *, extra: dict | None = None) -> None:
+    """``model.safetensors`` + ``config.json`` of ``model`` into the existing ``folder``, fsynced (a Hugging
+    Face folder for the transformers kinds)."""
     folder = Path(folder)
+    if isinstance(model, HFClassifier):
+        write_hf_classifier_files(model, folder, arch_fields=arch_json(model.arch), extra=extra)
+        return
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT})
     config = {"format": FORMAT, "arch": arch_json(model.arch), "in_shape": list(model.in_shape),
@@ -114,24 +133,31 @@ def write_classifier_files(model: Classifier, folder: Path, *, extra: dict | Non
 
 
 def arch_json(arch: ClassifierArch) -> dict:
-    """``arch`` as JSON without the other kind's field (``channels`` of an mlp, ``hidden`` of a cnn)."""
-    return arch.model_dump(mode="json", exclude={"channels" if arch.kind == "mlp" else "hidden"})
+    """``arch`` as JSON: its kind and the fields that kind uses, defaults filled in (so a field left at its
+    default and the same value given explicitly make one teacher cache key; mlp and cnn give the keys they
+    always gave)."""
+    return arch.own_fields()
 
 
 def read_config(folder: Path) -> dict:
-    """The ``config.json`` of a saved classifier folder (checked to be one)."""
+    """The ``config.json`` of a saved classifier folder (checked to be one): a plain-torch one (``format``
+    :data:`FORMAT`) or a Hugging Face one (its ``stillroom`` entry has ``format`` :data:`HF_FORMAT`)."""
     path = Path(folder) / CONFIG
     if not path.is_file() or not (Path(folder) / WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder} is not a saved classifier: it needs {CONFIG} and {WEIGHTS}")
     config = json.loads(path.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {config.get('format')!r} is not {FORMAT!r} (not a stillroom classifier)")
+    hf = config.get("stillroom") if isinstance(config.get("stillroom"), dict) else {}
+    if config.get("format") != FORMAT and hf.get("format") != HF_FORMAT:
+        raise ValueError(f"{path}: format {config.get('format')!r} is not {FORMAT!r} and it has no `stillroom` "
+                         f"entry of format {HF_FORMAT!r} (not a stillroom classifier)")
     return config
 
 
-def load_classifier(folder: Path) -> Classifier:
+def load_classifier(folder: Path) -> AnyClassifier:
     """The classifier :func:`save_classifier` wrote in ``folder`` (float32, CPU, eval mode)."""
     config = read_config(folder)
+    if config.get("format") != FORMAT:
+        return load_hf_classifier(Path(folder), config["stillroom"])
     model = Classifier(ClassifierArch.model_validate(config["arch"]), tuple(config["in_shape"]),
                        int(config["num_classes"]))
     model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)))

@@ -11,24 +11,28 @@ model: logits ``[B, 1, C]``, mask ``[B, 1]`` (:mod:`.forward`). The report's met
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from stillroom.config.domains import ClassifierConfig
 from stillroom.config.schema import LossTerm, RunConfig
 from stillroom.data.batch import ExampleSampler
 from stillroom.data.seeds import derive_seed
 from stillroom.domains.vision.data import ImageExample, ImageSplits, build_image_splits, collate_images
-from stillroom.domains.vision.forward import ClassifierForward, ClassifierTeacher
+from stillroom.domains.vision.ensemble import classifier_teachers
+from stillroom.domains.vision.forward import ClassifierForward
+from stillroom.domains.vision.soft_labels import ImageSoftLabels, open_store_for_run, training_inputs
 from stillroom.domains.vision.metrics import (
-    ECE_BINS, classifier_metrics, confusion_matrix, interleaved_images_per_s, logits_of,
+    ECE_BINS, classifier_metrics, confusion_matrix, expected_calibration_error, interleaved_images_per_s, logits_of,
+    reliability_bins,
 )
 from stillroom.domains.vision.models import Classifier, build_classifier, load_classifier, save_classifier
-from stillroom.domains.vision.teacher import classifier_teacher
+from stillroom.domains.vision.subclasses import GroupedOutputs, class_logits, grouped_outputs_note, load_grouped
 from stillroom.eval.metrics import SPEED_ROUNDS, SPEED_WARMUP, speed_line
-from stillroom.eval.plots import plot_confusion_matrix
+from stillroom.eval.plots import plot_confusion_matrix, plot_reliability
 from stillroom.losses import LossMix
 from stillroom.methods.base import Method, MethodContext, MethodPlan
 from stillroom.train.distributed import Topology, resolve_device
@@ -37,6 +41,8 @@ from stillroom.train.loop import DistillObjective, Player, TrainJob
 Log = Callable[[str], None]
 CONFUSION_PNG = "confusion_matrix.png"
 """The student's confusion matrix after training, in the run folder (the report embeds it)."""
+RELIABILITY_PNG = "reliability.png"
+"""Reliability diagrams of the teacher, the student after training and the baseline, in the run folder."""
 
 
 @dataclass
@@ -47,10 +53,16 @@ class ClassifierRun:
     cfg: RunConfig
     topology: Topology
     device: torch.device
-    teacher_model: Classifier
+    teacher_model: torch.nn.Module
+    """A :class:`Classifier`, or a :class:`~.ensemble.ClassifierEnsemble` of ``classifier.teachers``."""
     student: Classifier
     data: ImageSplits
     teacher_origin: str
+    teacher_notes: list[str] = field(default_factory=list)
+    """One line per ensemble member (its held-out accuracy and origin); empty with one teacher."""
+    student_origin: str = ""
+    outputs_per_class: int = 1
+    """The student's outputs per class (the method's ``outputs_per_class``; LELP: S), logsumexp'ed into classes."""
 
     def loss_mix(self, method: Method) -> LossMix:
         """``loss.terms`` (``sft``: ``ce`` alone); refused when a term needs hidden states or attentions."""
@@ -74,17 +86,32 @@ class ClassifierRun:
         plan = method.plan(MethodContext(
             cfg=cfg, run_dir=run_dir, model=model, data=self.data, tokenizer=None, teacher_model=self.teacher_model,
             vocab_size=self.data.dataset.num_classes, topology=self.topology, mix=mix, log=log))
-        teacher = ClassifierTeacher(self.teacher_model) if mix.needs_teacher else None
-        player = Player("student", model, DistillObjective(ClassifierForward(model), mix, teacher),
+        inputs = training_inputs(cfg, self.soft_label_store(log), self.teacher_model, self.data.dataset.in_shape[-2:],
+                                 plan.sampler or ExampleSampler, collate_images, mix.needs_teacher)
+        teacher = inputs.teacher  # online, or the store's soft labels; the views: training batches only
+        grouped = self.outputs_per_class > 1 and method.outputs_per_class is None  # e.g. the baseline: classes
+        forward = ClassifierForward(GroupedOutputs(model, self.outputs_per_class) if grouped else model)
+        player = Player("student", model, DistillObjective(forward, mix, teacher),
                         replace_batches=plan.replace_batches, weight_targets=plan.weight_targets)
+        players = plan.players(player) if plan.players is not None else [player]  # e.g. MEAL V2's discriminator
         evaluate = self.periodic_evaluation(heldout) if cfg.train.eval_every and self.topology.is_main else None
         job = TrainJob(
-            train=cfg.train, seed=cfg.seed, run_dir=run_dir, run_name=cfg.name, players=[player], examples=examples,
-            collate=collate_images, topology=self.topology, device=self.device,
-            sampler=plan.sampler or ExampleSampler, group_size=1, evaluate=evaluate, metrics=plan.metrics,
+            train=cfg.train, seed=cfg.seed, run_dir=run_dir, run_name=cfg.name, players=players, examples=examples,
+            collate=inputs.collate, topology=self.topology, device=self.device,
+            sampler=inputs.sampler, group_size=1, evaluate=evaluate, metrics=plan.metrics,
             resume=resume, log=log, unit="img",
         )
         return job, plan
+
+    def soft_label_store(self, log: Log) -> ImageSoftLabels | None:
+        """The run's soft-label store (``classifier.teacher_source: store``), opened and checked against the run
+        once, before step 0; ``None`` with an online teacher."""
+        if self.cfg.classifier.teacher_source != "store":
+            return None
+        if getattr(self, "_store", None) is None:
+            self._store = open_store_for_run(self.cfg, self.data.train, self.teacher_model,
+                                             self.data.dataset.num_classes, log)
+        return self._store
 
     def _tensors(self, examples: list[ImageExample]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images [N, C, H, W], labels [N])`` of ``examples``."""
@@ -94,7 +121,9 @@ class ClassifierRun:
 
     def _logits(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         device = next(model.parameters()).device
-        return logits_of(model, images, batch_size=self.cfg.classifier.eval_batch_size, device=device)
+        logits = logits_of(model, images, batch_size=self.cfg.classifier.eval_batch_size, device=device)
+        per_class, classes = self.outputs_per_class, self.data.dataset.num_classes
+        return class_logits(logits, per_class) if per_class > 1 and logits.shape[-1] == classes * per_class else logits
 
     def periodic_evaluation(self, heldout: list[ImageExample]) -> Callable[[torch.nn.Module], dict]:
         """Held-out accuracy, CE, KL to the teacher and top-1 agreement, for ``train.eval_every``."""
@@ -109,14 +138,16 @@ class ClassifierRun:
 
     def evaluate(self, models: dict[str, tuple[torch.nn.Module, list]], log: Log) -> dict[str, dict]:
         """Per named model, on its held-out images: accuracy, top-1 agreement with the teacher, ECE, KL(teacher ||
-        model), CE, parameters, images/s; ``student_after`` also gets its confusion matrix (JSON and PNG).
+        model), CE, parameters, images/s; ``student_after`` also gets its confusion matrix (JSON and PNG), and
+        a group with ``student_after`` draws the reliability diagrams of the teacher (on the student's images),
+        the student and the baseline (when in the group) into one PNG.
 
         Speed is measured for the group at once, after the metrics: every model warmed up, then timed
         interleaved (:func:`~.metrics.interleaved_images_per_s`); a group without the teacher (the students
         after training) times the teacher again beside them and returns a ``teacher`` row holding that speed
         alone, which the caller merges into the teacher's row: the report's speed ratio divides two numbers
         of one measurement."""
-        out, batches = {}, {}
+        out, batches, curves = {}, {}, {}
         for name, (model, examples) in models.items():
             model.to(self.device)  # the student before training and a loaded one start on the CPU
             images, labels = self._tensors(examples)
@@ -125,6 +156,11 @@ class ClassifierRun:
             m = classifier_metrics(logits, labels, teacher_logits)
             m["params"] = sum(p.numel() for p in model.parameters())
             m["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            if self.data.shifted:  # out of distribution: the same classes, other colours and backgrounds
+                shifted_images, shifted_labels = self._tensors(self.data.shifted)
+                shifted = classifier_metrics(self._logits(model, shifted_images), shifted_labels,
+                                             self._logits(self.teacher_model, shifted_images))
+                m.update({f"shifted_{k}": shifted[k] for k in ("accuracy", "ece", "top1_agreement")})
             batches[name] = (model, images[: self.cfg.classifier.eval_batch_size])
             if name == "student_after":
                 ds = self.data.dataset
@@ -133,9 +169,14 @@ class ClassifierRun:
                 self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
                 plot_confusion_matrix(self.cfg.run_dir / CONFUSION_PNG, matrix, ds.classes,
                                       f"student (after): {ds.name}, {len(labels)} held-out images")
+                curves["teacher"] = (teacher_logits, labels)
+            if name in ("student_after", "baseline"):
+                curves[name] = (logits, labels)
             log(f"eval {name}: accuracy {100 * m['accuracy']:.1f}%, agreement {100 * m['top1_agreement']:.1f}%, "
                 f"ece {m['ece']:.4f}, kl {m['kl_teacher_student']:.4f}, ce {m['heldout_ce']:.4f}")
             out[name] = m
+        if "student_after" in curves:
+            self._plot_reliability(curves)
         again = "teacher" not in batches
         if again:
             batches = {"teacher": (self.teacher_model, next(iter(batches.values()))[1]), **batches}
@@ -146,21 +187,32 @@ class ClassifierRun:
         log(speed_line(rates, "images", again))
         return out
 
+    def _plot_reliability(self, curves: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``curves``: name -> (logits ``[N, C]``, labels ``[N]``); one panel each, teacher first."""
+        order = [n for n in ("teacher", "student_after", "baseline") if n in curves]
+        bins = {n: reliability_bins(*curves[n], n_bins=ECE_BINS) for n in order}
+        eces = {n: expected_calibration_error(*curves[n], n_bins=ECE_BINS) for n in order}
+        plot_reliability(self.cfg.run_dir / RELIABILITY_PNG, bins, eces,
+                         f"reliability on {self.data.dataset.name}'s held-out images ({ECE_BINS} confidence bins)")
+
     def save_model(self, model: torch.nn.Module, folder: Path) -> None:
         """``model.safetensors`` + ``config.json`` (with the class names), renamed into place."""
-        save_classifier(model, folder, extra={"classes": self.data.dataset.classes})
+        per_class = self.outputs_per_class
+        grouped = per_class > 1 and model.num_classes == per_class * len(self.data.dataset.classes)
+        save_classifier(model, folder, extra={"classes": self.data.dataset.classes,
+                                              **({"outputs_per_class": self.outputs_per_class} if grouped else {})})
 
     def load_model(self, folder: Path) -> torch.nn.Module:
-        return load_classifier(folder)
+        return load_grouped(folder)
 
     def report_notes(self) -> list[str]:
-        s, sec = self.data.stats, self.cfg.classifier
+        sec = self.cfg.classifier
         return [
-            f"data: {s['dataset']}, {s['train_images']} training / {s['heldout_images']} held-out images of shape "
-            f"{s['image_shape']}, {s['classes']} classes; held out by the hash of each image's index "
-            f"(fraction {sec.heldout_fraction}, the same for every seed)",
+            *self.data.notes(),
             f"teacher: {self.teacher_origin}",
-            f"student: {self.student.describe()}, randomly initialised from seed {self.cfg.seed}",
+            *self.teacher_notes,
+            f"student: {self.student.describe()}, {self.student_origin or f'randomly initialised from seed {self.cfg.seed}'}",
+            *grouped_outputs_note(self.outputs_per_class),
             f"metrics on every held-out image: CE and KL(teacher‖model) in nats per image; ECE: top-1 confidence, "
             f"{ECE_BINS} equal-width bins (torchmetrics); images/s: forward passes of {sec.eval_batch_size} images, "
             f"every model warmed up ({SPEED_WARMUP} passes), then the models timed in turn, best of {SPEED_ROUNDS} "
@@ -175,13 +227,29 @@ class ClassifierDomain:
         """Load and split the data, load or train the teacher, build the student (see the module docstring)."""
         sec = cfg.classifier
         device = resolve_device(cfg.train.device, topology)
-        data = build_image_splits(sec.dataset, sec.heldout_fraction)
+        data = build_image_splits(sec.dataset, sec.heldout_fraction, sec, cache_dir=cfg.cache_dir, run_seed=cfg.seed)
         log(f"data: {sec.dataset}, {len(data.train)} training / {len(data.heldout)} held-out images")
-        teacher, origin = classifier_teacher(sec.teacher, data, heldout_fraction=sec.heldout_fraction, seed=cfg.seed,
-                                             cache_dir=cfg.cache_dir, device=device, topology=topology, log=log)
+        teacher, origin, notes = classifier_teachers(sec, data, seed=cfg.seed, cache_dir=cfg.cache_dir, device=device,
+                                                     topology=topology, log=log)
         log(f"teacher: {origin}")
-        ds = data.dataset
-        student = build_classifier(sec.student, ds.in_shape, ds.num_classes,
-                                   seed=derive_seed(cfg.seed, "classifier-student"))
-        log(f"student: {student.describe()}")
-        return ClassifierRun(cfg, topology, device, teacher, student, data, origin)
+        per_class = method.outputs_per_class(cfg) if method.outputs_per_class is not None else 1
+        student, student_origin = _student(sec, data, cfg.seed, per_class)
+        log(f"student: {student.describe()}{', ' + student_origin if student_origin else ''}")
+        return ClassifierRun(cfg, topology, device, teacher, student, data, origin, notes, student_origin, per_class)
+
+
+def _student(sec: ClassifierConfig, data: ImageSplits, seed: int, per_class: int = 1) -> tuple[Classifier, str]:
+    """``(student, where it comes from)``: loaded from ``classifier.student_path`` (checked against the data), or
+    built from ``classifier.student`` with weights from the run's seed (origin ``""``)."""
+    ds = data.dataset
+    if sec.student_path is None:
+        return build_classifier(sec.student, ds.in_shape, ds.num_classes * per_class,
+                                seed=derive_seed(seed, "classifier-student")), ""
+    folder = Path(sec.student_path).expanduser()
+    student = load_classifier(folder).train()
+    if tuple(student.in_shape) != tuple(ds.in_shape) or student.num_classes != ds.num_classes * per_class:
+        raise ValueError(f"classifier.student_path={folder}: that classifier takes images {student.in_shape} into "
+                         f"{student.num_classes} classes, but {ds.name!r} has images {ds.in_shape} and "
+                         f"{ds.num_classes} classes x {per_class} outputs per class; point it at a student trained "
+                         f"on {ds.name!r} by the same method")
+    return student, f"loaded from {folder} (classifier.student_path)"

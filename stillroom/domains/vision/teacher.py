@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,13 +26,14 @@ from stillroom.config.core import LossConfig, LossTerm, TrainConfig
 from stillroom.config.domains import ClassifierTeacherConfig
 from stillroom.data.batch import ExampleSampler
 from stillroom.data.seeds import derive_seed
-from stillroom.domains.vision.data import ImageSplits, collate_images
+from stillroom.domains.vision.data import ImageSplits, check_teacher_fits, collate_images
 from stillroom.domains.vision.forward import ClassifierForward
 from stillroom.domains.vision.metrics import logits_of
 from stillroom.domains.vision.models import Classifier, arch_json, build_classifier, load_classifier, \
     write_classifier_files
 from stillroom.losses import LossMix
 from stillroom.models.builtin import cache_root
+from stillroom.models.cached import build_once
 from stillroom.train.distributed import Topology
 from stillroom.train.loop import DistillObjective, Player, train, TrainJob
 
@@ -49,6 +49,8 @@ def teacher_key(tc: ClassifierTeacherConfig, data: ImageSplits, heldout_fraction
         "lr": tc.lr, "weight_decay": tc.weight_decay, "warmup_steps": tc.warmup_steps, "seed": seed,
         "dataset": data.dataset.name, "data": data.dataset.fingerprint(), "heldout_fraction": heldout_fraction,
     }
+    if tc.augment is not None and tc.augment.enabled:  # only then: teachers trained on whole images keep their key
+        payload["augment"] = tc.augment.model_dump(mode="json")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -72,19 +74,14 @@ def classifier_teacher(tc: ClassifierTeacherConfig, data: ImageSplits, *, heldou
     else:
         teacher_seed = tc.seed if tc.seed is not None else seed
         folder = cache_root(cache_dir) / "classifiers" / teacher_key(tc, data, heldout_fraction, teacher_seed)
-        if _complete(folder):
+        if not build_once(folder, complete=_complete, topology=topology,
+                          build=lambda tmp: _train_teacher(tc, data, teacher_seed, folder, tmp, device, log)):
             log(f"teacher: cached classifier {folder}")
-        elif topology.is_main:
-            _train_teacher(tc, data, teacher_seed, folder, device, log)
-        topology.barrier()
         model = load_classifier(folder)
         record = json.loads((folder / "teacher.json").read_text())
         origin = (f"{model.describe()} trained here with cross-entropy for {tc.steps} steps (seed {teacher_seed}, "
                   f"held-out accuracy {100 * record['heldout_accuracy']:.1f}%), cached in {folder}")
-    if model.in_shape != data.dataset.in_shape or model.num_classes != data.dataset.num_classes:
-        raise ValueError(f"the teacher in {folder} takes images {model.in_shape} into {model.num_classes} classes, "
-                         f"but {data.dataset.name!r} has images {data.dataset.in_shape} and "
-                         f"{data.dataset.num_classes} classes")
+    check_teacher_fits(folder, model.in_shape, model.num_classes, data.dataset)
     return model.to(device).eval(), origin
 
 
@@ -92,23 +89,25 @@ def _complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in ("model.safetensors", "config.json", "teacher.json"))
 
 
-def _train_teacher(tc: ClassifierTeacherConfig, data: ImageSplits, seed: int, folder: Path, device: torch.device,
-                   log: Log) -> None:
-    """Train the teacher through the loop in a temporary folder, then rename it to ``folder``."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(f".tmp-{folder.name}-*"):
-        if not _alive(stale.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+def _train_teacher(tc: ClassifierTeacherConfig, data: ImageSplits, seed: int, folder: Path, tmp: Path,
+                   device: torch.device, log: Log) -> None:
+    """Train the teacher through the loop into ``tmp`` (renamed to ``folder`` by :func:`build_once`)."""
     ds = data.dataset
-    model = build_classifier(tc.arch, ds.in_shape, ds.num_classes, seed=derive_seed(seed, "classifier-teacher"))
+    model = build_classifier(tc.arch, ds.in_shape, ds.num_classes, seed=derive_seed(seed, "classifier-teacher"),
+                             where="classifier.teacher.arch")
     log(f"teacher: training {model.describe()} with cross-entropy for {tc.steps} steps into {folder}")
     mix = LossMix(LossConfig(terms=[LossTerm(name="ce")]))
     player = Player("teacher", model, DistillObjective(ClassifierForward(model), mix))
+    collate, sampler = collate_images, ExampleSampler
+    if tc.augment is not None and tc.augment.enabled:  # crop views drawn as a student's are (seeded, resumable)
+        from stillroom.domains.vision.views import SampledViews, TrainingViews, ViewSettings
+
+        views = TrainingViews(SampledViews(ViewSettings.of(tc.augment), seed, tuple(ds.in_shape[1:])), collate)
+        collate, sampler = views.collate, views.track(sampler)
+        log(f"teacher: trained on crop views (scale {list(tc.augment.crop_scale)}, flip {tc.augment.flip})")
     job = TrainJob(train=teacher_train_config(tc, device), seed=seed, run_dir=tmp, run_name=f"teacher-{folder.name}",
-                   players=[player], examples=data.train, collate=collate_images, topology=Topology(), device=device,
-                   sampler=ExampleSampler, log=log, unit="img")
+                   players=[player], examples=data.train, collate=collate, topology=Topology(), device=device,
+                   sampler=sampler, log=log, unit="img")
     t0 = time.perf_counter()
     # The teacher's training must not move the global RNG: the run goes on exactly as with a cached teacher.
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
@@ -123,18 +122,5 @@ def _train_teacher(tc: ClassifierTeacherConfig, data: ImageSplits, seed: int, fo
               "train_images": len(data.train), "heldout_images": len(data.heldout), "heldout_accuracy": accuracy,
               "final_train_loss": result.final_loss, "train_seconds": round(time.perf_counter() - t0, 2)}
     (tmp / "teacher.json").write_text(json.dumps(record, indent=2) + "\n")
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another run put the same teacher there first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"teacher: trained in {record['train_seconds']} s, held-out accuracy {100 * accuracy:.1f}%")
 
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True

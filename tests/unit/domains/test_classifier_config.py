@@ -53,7 +53,7 @@ def test_section_is_strict(tmp_path):
     with pytest.raises(ConfigError, match="give `path`"):
         load_config(None, ["domain=classifier", "classifier.teacher={path: /x, steps: 10}"])
     with pytest.raises(ConfigError, match="classifier.dataset"):
-        load_config(None, ["domain=classifier", "classifier.dataset=mnist"])
+        load_config(None, ["domain=classifier", "classifier.dataset=cifar10"])
     with pytest.raises(ConfigError, match="heldout_fraction"):
         load_config(None, ["domain=classifier", "classifier.heldout_fraction=0"])
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -15,6 +14,7 @@ from stillroom.losses import LossResult
 from stillroom.train.distributed import Topology
 from stillroom.train.loop import TrainJob, train
 from stillroom.train.loop import Player
+from helpers import interrupted_copy
 
 
 @dataclass
@@ -101,11 +101,7 @@ def test_players_update_at_their_ratios(tmp_path):
 def test_resume_of_several_players_reproduces_the_uninterrupted_run(tmp_path):
     train(_job(tmp_path, "full", steps=6))
     full = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
-    for ck in (tmp_path / "resumed" / "checkpoints").glob("step_*"):
-        if int(ck.name.split("_")[1]) > 2:
-            shutil.rmtree(ck)
-    (tmp_path / "resumed" / "checkpoints" / "latest").write_text("step_000002")
+    interrupted_copy(tmp_path / "full", "resumed", at_step=2)
     train(_job(tmp_path, "resumed", steps=6, resume=True))
     resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == list(range(1, 7))

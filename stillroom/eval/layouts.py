@@ -1,0 +1,94 @@
+"""How each domain's metrics show in report.md: a :class:`ReportLayout` per domain (:data:`LAYOUTS`).
+
+:func:`resolve_layout` picks one by name, or by a metric only that domain reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# (key, column header, formatter name), in table order; other scalar keys follow, sorted.
+_COLUMNS = (
+    ("heldout_ce", "CE (nats/tok)", "f4"),
+    ("perplexity", "perplexity", "ppl"),
+    ("bits_per_byte", "bits/byte", "f4"),
+    ("kl_teacher_student", "KL(teacher‖model)", "f4"),
+    ("top1_agreement", "top-1 agree", "pct"),
+    ("params", "params", "count"),
+    ("trainable_params", "trainable", "count"),
+    ("tokens_per_s", "fwd tokens/s", "int"),
+    ("train_seconds", "train s", "f1"),
+    ("steps", "steps", "int"),
+    ("tokens", "eval tokens", "int"),
+)
+_DELTA_KEYS = ("heldout_ce", "perplexity", "bits_per_byte")
+
+_CLASSIFIER_COLUMNS = (
+    ("accuracy", "accuracy", "pct"),
+    ("top1_agreement", "top-1 agree", "pct"),
+    ("ece", "ECE", "f4"),
+    ("kl_teacher_student", "KL(teacher‖model)", "f4"),
+    ("heldout_ce", "CE (nats/image)", "f4"),
+    ("params", "params", "count"),
+    ("trainable_params", "trainable", "count"),
+    ("images_per_s", "fwd images/s", "int"),
+    ("train_seconds", "train s", "f1"),
+    ("steps", "steps", "int"),
+    ("examples", "eval images", "int"),
+)
+
+_MAE_COLUMNS = (
+    ("mae_loss", "MAE loss (held-out)", "f4"),
+    ("probe_accuracy", "linear probe", "pct"),
+    ("params", "params", "count"),
+    ("encoder_params", "encoder", "count"),
+    ("teacher_block_tokens", "teacher block-tokens/img", "int"),
+    ("images_per_s", "enc images/s", "int"),
+    ("train_seconds", "train s", "f1"),
+    ("steps", "steps", "int"),
+)
+
+
+@dataclass(frozen=True)
+class ReportLayout:
+    """How one domain's metrics show in report.md.
+
+    ``columns``: ``(metric key, header, format)`` in table order (formats: ``f4``, ``f1``, ``pct``, ``ppl``,
+    ``int``, ``count``; other scalar metrics follow, sorted); ``deltas``: metrics shown as model − teacher;
+    ``speed``: the forward-throughput metric (the summary's speed ratio); ``ce_unit``: what ``heldout_ce``
+    is per; ``plots``: PNG files the domain writes into the run folder before the report (embedded when
+    present); ``marker``: a metric only this domain reports (picks the layout when none is named).
+    """
+
+    columns: tuple[tuple[str, str, str | None], ...]
+    deltas: tuple[str, ...]
+    speed: str
+    ce_unit: str
+    plots: tuple[str, ...] = ()
+    marker: str | None = None
+
+
+LAYOUTS: dict[str, ReportLayout] = {
+    "lm": ReportLayout(_COLUMNS, _DELTA_KEYS, speed="tokens_per_s", ce_unit="nats/token"),
+    "classifier": ReportLayout(_CLASSIFIER_COLUMNS, ("accuracy", "ece", "heldout_ce"), speed="images_per_s",
+                               ce_unit="nats/image", plots=("confusion_matrix.png", "reliability.png"),
+                               marker="images_per_s"),
+    "mae": ReportLayout(_MAE_COLUMNS, ("mae_loss", "probe_accuracy"), speed="images_per_s", ce_unit="",
+                        marker="probe_accuracy"),
+}
+"""Report layouts by domain name (``RunConfig.domain``)."""
+
+
+def resolve_layout(layout: "str | ReportLayout | None", models: dict[str, dict]) -> ReportLayout:
+    """``layout`` itself, the layout of that name, or (``None``) the first whose ``marker`` the models carry,
+    else ``lm``'s."""
+    if isinstance(layout, ReportLayout):
+        return layout
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"write_report: unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+        return LAYOUTS[layout]
+    for candidate in LAYOUTS.values():
+        if candidate.marker is not None and any(candidate.marker in m for m in models.values()):
+            return candidate
+    return LAYOUTS["lm"]
