@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.repro.verdict import RULE, Part, parts_table  # noqa: E402
 
-ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "draft_tiny"]
+ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "draft_tiny"]
 TITLES = {
     "step_by_step": "Distilling step-by-step (Hsieh et al. 2023)",
     "self_data": "Self-data distillation for pruned models (Thangarasa et al. 2025)",
@@ -31,6 +31,13 @@ TITLES = {
     "miniplm": "MiniPLM difference sampling (Gu et al. 2025)",
     "ddk": "DDK, domain-guided distillation (Liu et al. 2024)",
     "conditional": "Conditional training (Korbak et al. 2023)",
+    "meal_v2": "MEAL V2, ensemble soft labels on a classifier (Shen & Savvides 2020)",
+    "ast": "AST, dataset distillation by matching smooth expert trajectories (Shen et al. 2023)",
+    "ferkd": "FerKD, region calibration of stored crop soft labels and SelfMix (Shen 2023)",
+    "lelp": "LELP, pseudo-subclasses from the teacher's embedding for few-class distillation (Loo et al. 2024)",
+    "unfused": "UNFUSED, multi-exit self-distillation on cluster pseudo-labels (Seth et al. 2023)",
+    "dmae": "DMAE, feature distillation during MAE pre-training on the visible patches (Bai et al. 2023)",
+    "self_distill_fpt": "Self-distillation for further pre-training, image variant (Lee et al. 2023)",
     "draft_tiny": "Distilled drafts for speculative decoding (DistillSpec / Drafter), tiny scale",
 }
 
@@ -43,7 +50,7 @@ with our analysis. This page is generated from `bench/results/*.json` by
 `python bench/reproductions_doc.py`; each method's numbers come from
 
 ```bash
-python bench/reproduce.py METHOD          # METHOD: step_by_step self_data redi miniplm ddk conditional
+python bench/reproduce.py METHOD          # METHOD: step_by_step self_data redi miniplm ddk conditional meal_v2 ast lelp unfused ferkd dmae self_distill_fpt
 python bench/draft_tiny.py                # the draft experiment of docs/ONPOLICY.md (issue: draft models)
 python bench/reproduce.py METHOD --from-results   # only re-decide the verdict from the stored numbers (also draft_tiny)
 ```
