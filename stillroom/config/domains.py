@@ -224,9 +224,19 @@ class ClassifierAugment(Strict):
         (0.75, 4 / 3), description="Range of the crop's width / height (sampled log-uniformly; RandomResizedCrop's "
         "`ratio`).")
     flip: bool = Field(True, description="Mirror each view left-right with probability 1/2.")
+    mix: Literal["none", "mixup", "cutmix"] = Field(
+        "none", description="Mix each training micro-batch with a seeded permutation of itself after the views "
+        "(mixup: blend; cutmix: paste a box, lambda area-corrected); one lambda per micro-batch, resumable. The online "
+        "teacher sees the mixed image; `ce` learns lam CE(y) + (1 - lam) CE(y_partner). Needs `enabled: true`; "
+        "refused with a soft-label store (its labels are of unmixed views). See stillroom.domains.vision.mixing.")
+    mix_alpha: float | None = Field(None, gt=0.0, description="lambda ~ Beta(mix_alpha, mix_alpha); null: 0.2 "
+                                    "for mixup (MixUp's ImageNet value), 1.0 for cutmix (CutMix's).")
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0, description="Probability that a micro-batch is mixed.")
 
     @model_validator(mode="after")
     def _ranges(self) -> "ClassifierAugment":
+        if self.mix != "none" and not self.enabled:
+            raise ValueError(f"classifier.augment.mix={self.mix!r} needs classifier.augment.enabled: true")
         lo, hi = self.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"crop_scale {list(self.crop_scale)} must satisfy 0 < low <= high <= 1")
@@ -347,6 +357,10 @@ class ClassifierConfig(DomainSection):
             if twins:
                 raise ValueError(f"classifier.teachers[{twins[0]}] repeats an earlier teacher (the same model); "
                                  "change its `arch`, `seed` or `path`")
+        if self.teacher_source == "store" and self.augment.mix != "none":
+            raise ValueError(f"classifier.augment.mix={self.augment.mix!r} cannot use a soft-label store: its soft "
+                             "labels are of unmixed views (a lambda-mix of them is not the teacher on the mixed "
+                             "image); set classifier.teacher_source: online or classifier.augment.mix: none")
         if self.store.views_per_image > 1 and not self.augment.enabled:
             raise ValueError(f"classifier.store.views_per_image={self.store.views_per_image} needs "
                              "classifier.augment.enabled: true (without crops every view is the whole image)")

@@ -64,6 +64,10 @@ LM_SECTIONS = ("teacher", "student", "data")
 """Core sections only the language-model domain reads; another domain's run refuses them."""
 
 
+MIXING_METHODS = ("kd", "sft", "meal_v2")
+"""Classifier methods whose losses take mixed images (the teacher sees the mixed image, ``ce`` both labels)."""
+
+
 class RunConfig(Strict):
     name: str = Field("run", description="Run folder name under `output_dir`.")
     output_dir: str = Field("runs", description="Folder of run folders (`~` is expanded).")
@@ -145,6 +149,11 @@ class RunConfig(Strict):
         own = DOMAINS[self.domain]
         if own is not None and getattr(self, own.domain) is None:
             object.__setattr__(self, own.domain, own())
+        mix = self.classifier.augment.mix if self.domain == "classifier" else "none"
+        if mix != "none" and self.method not in MIXING_METHODS:
+            raise ValueError(f"classifier.augment.mix={mix} gives each image two labels, and method {self.method!r} "
+                             f"reads one label per image; mixing works with method {', '.join(MIXING_METHODS)}: "
+                             "set classifier.augment.mix: none")
         return self
 
     @model_validator(mode="after")

@@ -27,6 +27,7 @@ import torch
 from stillroom.losses.logit import define
 from stillroom.losses.registry import BatchStats, TermSpec, all_of, non_negative, one_of, unit_interval
 from stillroom.losses.schedule import TaidSchedule
+from stillroom.losses.targets import MixedTargets, mixed_nll
 
 # ---------------------------------------------------------------- per-row math
 
@@ -191,6 +192,8 @@ def tvd_pp_rows(logp: torch.Tensor, logq: torch.Tensor, *, eps: float = 1e-5, we
 def _ce(ctx, _stats):
     if ctx.target_n is None:
         raise ValueError("loss term 'ce' needs target_ids [B, T]")
+    if isinstance(ctx.target_n, MixedTargets):  # mixed inputs: lam * CE(first) + (1 - lam) * CE(second)
+        return mixed_nll(ctx.s_logp_t1, ctx.target_n)
     return torch.nn.functional.nll_loss(ctx.s_logp_t1, ctx.target_n.long(), ignore_index=-100, reduction="none")
 
 
@@ -242,6 +245,7 @@ ce = define(TermSpec(
     doc="""Cross-entropy on hard labels: sum over counted tokens of -log q(target) (softmax at T = 1).
 
     ``target_ids`` ``[B, T]``: the token each position predicts, -100 where ignored (contributes 0).
+    Or :class:`~stillroom.losses.targets.MixedTargets` (mixed images): ``lam * CE(first) + (1 - lam) * CE(second)``.
     ``teacher`` is ignored (may be None). ``loss_temperature`` does not apply: CE is on the raw model.
     """))
 

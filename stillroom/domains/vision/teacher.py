@@ -50,7 +50,10 @@ def teacher_key(tc: ClassifierTeacherConfig, data: ImageSplits, heldout_fraction
         "dataset": data.dataset.name, "data": data.dataset.fingerprint(), "heldout_fraction": heldout_fraction,
     }
     if tc.augment is not None and tc.augment.enabled:  # only then: teachers trained on whole images keep their key
-        payload["augment"] = tc.augment.model_dump(mode="json")
+        augment = tc.augment.model_dump(mode="json")
+        if augment.get("mix", "none") == "none":  # teachers trained on unmixed crops keep their key
+            augment = {k: v for k, v in augment.items() if not k.startswith("mix")}
+        payload["augment"] = augment
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

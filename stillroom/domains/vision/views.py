@@ -32,6 +32,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from stillroom.data.seeds import derive_seed
+from stillroom.domains.vision.mixing import MixSettings, mix_for_sampler
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,15 @@ class ViewSettings:
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 4 / 3)
     flip: bool = True
+    mixing: MixSettings | None = None
+    """:class:`~.mixing.MixSettings` of ``classifier.augment.mix`` (None: no mixing; not part of :meth:`as_dict`:
+    a store refuses mixing)."""
 
     @classmethod
     def of(cls, section: Any) -> "ViewSettings":
         """From a ``classifier.augment`` config section."""
-        return cls(bool(section.enabled), tuple(section.crop_scale), tuple(section.crop_ratio), bool(section.flip))
+        return cls(bool(section.enabled), tuple(section.crop_scale), tuple(section.crop_ratio), bool(section.flip),
+                   MixSettings.of(section))
 
     def as_dict(self) -> dict:
         """The settings as a store manifest records them (JSON types)."""
@@ -185,7 +190,8 @@ class TrainingViews:
     """The collate step of training batches with views, and the sampler factory whose epoch it reads.
 
     ``collate(examples)`` stacks the images (``collate``: :func:`~.data.collate_images`), replaces
-    ``inputs`` by their views (``[B, C, H, W]``, the same size) and sets ``batch.view_ids`` ``[B]``. The
+    ``inputs`` by their views (``[B, C, H, W]``, the same size) and sets ``batch.view_ids`` ``[B]``; with
+    ``classifier.augment.mix`` it then mixes the batch (a :class:`~.mixing.MixedImageBatch`). The
     loop draws indices, then collates them, so the tracked sampler's ``epoch`` is the epoch of the batch
     being collated, after a resume too (the sampler's state is checkpointed)."""
 
@@ -210,4 +216,7 @@ class TrainingViews:
         view_ids, boxes, flips = self.source.views(batch.uids, epoch)
         batch.inputs = apply_view(batch.inputs, boxes, flips, tuple(batch.inputs.shape[-2:]))
         batch.view_ids = view_ids
-        return batch
+        mixing = getattr(getattr(self.source, "settings", None), "mixing", None)
+        if mixing is None or mixing.mix == "none":
+            return batch
+        return mix_for_sampler(mixing, self.source.seed, batch, self.sampler)

@@ -41,3 +41,12 @@ def test_a_teacher_trained_on_crops_sees_crops(tmp_path, monkeypatch):
     whole = torch.stack([e.image for e in data.train[:8]])
     assert seen and seen[0].shape == whole.shape and not torch.allclose(seen[0], whole)
     assert any("crop views" in line for line in lines) and "trained here" in origin
+
+
+def test_mixing_settings_enter_the_key_only_when_mixing(tmp_path):
+    data = build_image_splits("digits", 0.2, cache_dir=str(tmp_path), run_seed=0)
+    crops = ClassifierAugment(enabled=True, crop_scale=(0.5, 1.0))
+    same = ClassifierAugment(enabled=True, crop_scale=(0.5, 1.0), mix_prob=0.5)  # ignored: nothing is mixed
+    mixed = ClassifierAugment(enabled=True, crop_scale=(0.5, 1.0), mix="cutmix")
+    keys = [teacher_key(ClassifierTeacherConfig(steps=3, augment=a), data, 0.2, 0) for a in (crops, same, mixed)]
+    assert keys[0] == keys[1] != keys[2]
