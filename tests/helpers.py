@@ -141,3 +141,20 @@ def interrupted_copy(run_dir: Path, name: str, at_step: int) -> Path:
             shutil.rmtree(ck)
     (copy / "checkpoints" / "latest").write_text(f"step_{at_step:06d}")
     return copy
+
+
+def make_cold(model: torch.nn.Module, calls: int, seconds: float) -> list[int]:
+    """Make the first ``calls`` forward passes of ``model`` take ``seconds`` longer (a model that runs cold:
+    kernels still loading, clocks still low); returns the call counter. Speed tests use it to check that
+    timing warms every model up first."""
+    import time
+
+    seen = [0]
+
+    def slow(*_: object) -> None:
+        seen[0] += 1
+        if seen[0] <= calls:
+            time.sleep(seconds)
+
+    model.register_forward_pre_hook(slow)
+    return seen

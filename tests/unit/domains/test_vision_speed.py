@@ -5,10 +5,10 @@ it."""
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
+from helpers import make_cold
 
 from stillroom.config.load import load_config
 from stillroom.config.domains import ClassifierArch
@@ -25,19 +25,6 @@ usual load, up to 2x with two more busy processes on it. Before the change, the 
 to 57x too large in these tests."""
 """Cold passes of the teacher: more than its held-out logits (2 batches, twice: its own row and a student's) and
 the old measurement's two first passes take, so the first timed passes run cold."""
-
-
-def make_cold(model: torch.nn.Module, calls: int = COLD_CALLS, seconds: float = COLD_S) -> list[int]:
-    """Make the first ``calls`` forward passes of ``model`` take ``seconds`` longer; returns the call counter."""
-    seen = [0]
-
-    def slow(*_: object) -> None:
-        seen[0] += 1
-        if seen[0] <= calls:
-            time.sleep(seconds)
-
-    model.register_forward_pre_hook(slow)
-    return seen
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +58,7 @@ def _ratio(rows: dict) -> float:
 def test_speed_ratio_is_stable_and_a_cold_teacher_does_not_distort_it(tmp_path, parts):
     data, teacher, student = parts
     teacher = copy.deepcopy(teacher)
-    seen = make_cold(teacher)
+    seen = make_cold(teacher, COLD_CALLS, COLD_S)
     prep = _run(tmp_path, data, teacher, student)
     first, second = [], []
     cold = _report_rows(prep, first)
@@ -89,6 +76,6 @@ def test_one_group_with_a_cold_teacher(tmp_path, parts):
     teacher = copy.deepcopy(teacher)
     prep = _run(tmp_path, data, teacher, student)
     group = {"teacher": (teacher, data.heldout), "student_after": (student, data.heldout)}
-    make_cold(teacher)
+    make_cold(teacher, COLD_CALLS, COLD_S)
     ratios = [_ratio(prep.evaluate(group, lambda s: None)) for _ in range(2)]
     assert 1 / TOLERANCE < ratios[0] / ratios[1] < TOLERANCE, ratios

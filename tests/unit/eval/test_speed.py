@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import make_cold
 from helpers import tiny_llama
 
 from stillroom.config.load import load_config
@@ -19,26 +20,13 @@ from stillroom.domains.base import merge_rows
 
 VOCAB = 64
 COLD_CALLS, COLD_S = 10, 0.2
+# The held-out metrics take 4 of the teacher's passes (its own row: 2 batches, against itself) and 2 more for
+# each student in its group; 10 cold passes outlast them and a warm-up of one or two passes, so the first
+# timed passes of the old measurement ran cold.
 TOLERANCE = 2.5
 """Two measurements of the same ratio agree within this factor: within 1.2x on a shared 2-core machine at its
 usual load, up to 2x with two more busy processes on it. Before the change, the cold teacher made the ratio 18x
 to 57x too large in these tests."""
-
-
-def make_cold(model: torch.nn.Module, calls: int = COLD_CALLS, seconds: float = COLD_S) -> list[int]:
-    """Make the first ``calls`` forward passes of ``model`` take ``seconds`` longer (a model that runs cold:
-    kernels still loading, clocks still low); returns the call counter. Here the held-out metrics take 4 of
-    the teacher's passes (its own row: 2 batches, against itself) and 2 more for each student in its group;
-    10 cold passes outlast them and a warm-up of one or two passes, so the first timed passes run cold."""
-    seen = [0]
-
-    def slow(*_: object) -> None:
-        seen[0] += 1
-        if seen[0] <= calls:
-            time.sleep(seconds)
-
-    model.register_forward_pre_hook(slow)
-    return seen
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +62,7 @@ def _run_ratio(lm: LmRun, student) -> tuple[float, dict]:
 def test_speed_ratio_is_stable_and_a_cold_first_model_does_not_distort_it(models, examples_factory):
     teacher, student = models
     teacher, student = copy.deepcopy(teacher), copy.deepcopy(student)
-    seen = make_cold(teacher)
+    seen = make_cold(teacher, COLD_CALLS, COLD_S)
     lm = _lm(teacher, student, examples_factory)
     cold_ratio, first = _run_ratio(lm, student)
     assert seen[0] > COLD_CALLS  # every cold pass happened during this first evaluation
@@ -93,7 +81,7 @@ def test_one_group_with_a_cold_teacher(models, examples_factory):
     lm = _lm(teacher, student, examples_factory)
     held = lm.data.heldout
     group = {"teacher": (teacher, held), "student_after": (student, held)}
-    make_cold(teacher)
+    make_cold(teacher, COLD_CALLS, COLD_S)
     cold = evaluate_models(lm, group, log=lambda s: None)
     warm = evaluate_models(lm, group, log=lambda s: None)
     ratio = [r["student_after"]["tokens_per_s"] / r["teacher"]["tokens_per_s"] for r in (cold, warm)]
