@@ -3,7 +3,6 @@ equal to no mixing, the online teacher fed the mixed images, an exact 2 + 2 == 4
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from stillroom.losses import LossMix, StudentOutput
 from stillroom.losses.targets import MixedTargets
 from stillroom.train.distributed import Topology
 from stillroom.train.loop import DistillObjective, Player, TrainJob, train
+from cli_helpers import assert_same_losses
 from helpers import interrupted_copy
 
 CE_KL = LossConfig(terms=[LossTerm(name="ce"), LossTerm(name="forward_kl")])
@@ -139,9 +139,7 @@ def test_four_steps_equal_two_steps_then_resumed_two_with_mixing(tmp_path):
     interrupted_copy(tmp_path / "full", "resumed", at_step=2)
     resumed = _job(tmp_path, "resumed", 4, resume=True)
     train(resumed)
-    rows = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
-            for n in ("full", "resumed")]
-    assert len(rows[0]) == 4 and [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], abs=1e-7)
+    assert_same_losses(tmp_path / "resumed", tmp_path / "full", abs=1e-7, steps=4)
     for a, b in zip(full.players[0].model.state_dict().values(), resumed.players[0].model.state_dict().values()):
         assert torch.equal(a, b)
 

@@ -3,7 +3,6 @@ gradients, the optimizer groups, the config checks, and exact resume with the di
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -26,6 +25,7 @@ from stillroom.methods.meal_v2 import (
 )
 from stillroom.train.distributed import Topology
 from stillroom.train.loop import DistillObjective, Player, TrainJob, train
+from cli_helpers import assert_same_losses
 from helpers import interrupted_copy
 
 
@@ -188,9 +188,7 @@ def test_four_steps_equal_two_steps_resume_two_steps_including_d(tmp_path, mode)
     interrupted_copy(tmp_path / "full", "resumed", at_step=2)
     resumed = _job(tmp_path, "resumed", 4, mode, resume=True)
     train(resumed)
-    rows = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
-            for n in ("full", "resumed")]
-    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], abs=1e-7)
+    assert_same_losses(tmp_path / "resumed", tmp_path / "full", abs=1e-7)
     d_full = full.players[-1].objective if mode == "official" else full.players[1].model
     d_res = resumed.players[-1].objective if mode == "official" else resumed.players[1].model
     get = (lambda o: o.discriminator) if mode == "official" else (lambda m: m)  # noqa: E731
