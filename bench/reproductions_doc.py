@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.repro.verdict import RULE, Part, parts_table  # noqa: E402
 
-ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "draft_tiny"]
+ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook"]
 TITLES = {
     "step_by_step": "Distilling step-by-step (Hsieh et al. 2023)",
     "self_data": "Self-data distillation for pruned models (Thangarasa et al. 2025)",
@@ -39,6 +39,10 @@ TITLES = {
     "dmae": "DMAE, feature distillation during MAE pre-training on the visible patches (Bai et al. 2023)",
     "self_distill_fpt": "Self-distillation for further pre-training, image variant (Lee et al. 2023)",
     "draft_tiny": "Distilled drafts for speculative decoding (DistillSpec / Drafter), tiny scale",
+    "twinflow_rings": "TwinFlow, one-step generation with self-adversarial flows, no teacher (Cheng et al. 2025)",
+    "msd_rings": "MSD, multi-student one-step distillation with a router and TSM pre-training (Song et al. 2024)",
+    "dmd_rings": "DMD, DMD2 and Decoupled DMD on the rings toy (Yin et al. 2024; Liu et al. 2025)",
+    "dd2_codebook": "DD2, one-step generator from an AR teacher on the exact codebook toy (Liu et al. 2025)",
 }
 
 INTRO = f"""# Reproductions
@@ -53,6 +57,10 @@ with our analysis. This page is generated from `bench/results/*.json` by
 python bench/reproduce.py METHOD          # METHOD: step_by_step self_data redi miniplm ddk conditional meal_v2 ast lelp unfused ferkd dmae self_distill_fpt
 python bench/draft_tiny.py                # the draft experiment of docs/ONPOLICY.md (issue: draft models)
 python bench/reproduce.py METHOD --from-results   # only re-decide the verdict from the stored numbers (also draft_tiny)
+python bench/twinflow_rings.py [--from-results]   # TwinFlow on the rings toy (issue 15, spec 13.5)
+python bench/msd_rings.py                 # MSD on the rings toy (issue 15, spec 11.6)
+python bench/dmd_rings.py [--from-results]        # DMD / DMD2 / Decoupled DMD on the rings toy (issue 15, spec 10.6)
+python bench/dd2_codebook.py              # DD2 on the codebook toy (issue 15, spec 12.6)
 ```
 
 <a id="verdict-rule"></a>

@@ -15,6 +15,8 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from stillroom.config.core import Strict
+from stillroom.config.autoregressive import AutoregressiveConfig
+from stillroom.config.generative import GenerativeConfig
 from stillroom.config.mae import MaeConfig
 
 
@@ -393,4 +395,6 @@ DOMAINS: dict[str, type[DomainSection] | None] = {
     "lm": None,
     "classifier": ClassifierConfig,
     "mae": MaeConfig,
+    "generative": GenerativeConfig,
+    "autoregressive": AutoregressiveConfig,
 }

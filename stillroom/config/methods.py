@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from stillroom.config.core import Strict
+from stillroom.config.dd2 import Dd2Config
+from stillroom.config.dmd import DmdConfig
+from stillroom.config.twinflow import TwinFlowConfig
 from stillroom.config.mae import DmaeConfig, SelfDistillFptConfig
 from stillroom.config.unfused import UnfusedConfig
 from stillroom.losses import get_term
@@ -357,6 +360,10 @@ METHODS: dict[str, type[MethodSection] | None] = {
     "lelp": LelpConfig,
     "dmae": DmaeConfig,
     "self_distill_fpt": SelfDistillFptConfig,
+    "tsm": None,
+    "dmd": DmdConfig,
+    "twinflow": TwinFlowConfig,
+    "dd2": Dd2Config,
 }
 """Every training method by name: its section, or ``None`` (kd: the loss terms against the teacher; sft:
 cross-entropy on the data only, no teacher at training time). :mod:`stillroom.methods` implements each."""

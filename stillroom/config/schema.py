@@ -21,6 +21,11 @@ from pydantic import Field, field_validator, model_validator
 from stillroom.config.commands import GenerateConfig, GenerateExport, GenerateInput, SelectConfig
 from stillroom.config.dataset_distill import AstConfig
 from stillroom.config.domains import DOMAINS, ClassifierConfig, DomainSection
+from stillroom.config.autoregressive import AutoregressiveConfig
+from stillroom.config.dd2 import Dd2Config
+from stillroom.config.dmd import DmdConfig
+from stillroom.config.twinflow import TwinFlowConfig
+from stillroom.config.generative import GenerativeConfig
 from stillroom.config.mae import DmaeConfig, MaeConfig, SelfDistillFptConfig
 from stillroom.config.core import (
     DataConfig,
@@ -104,6 +109,17 @@ class RunConfig(Strict):
     self_distill_fpt: SelfDistillFptConfig | None = Field(
         None, description="Settings of method=self_distill_fpt (domain mae; self-distillation for further pre-training).")
     mae: MaeConfig | None = Field(None, description="Settings of domain=mae: MAE pre-training of a ViTMAE student.")
+    generative: GenerativeConfig | None = Field(None, description="Settings of domain=generative: a class-conditional "
+                                                "denoiser student distilled from a denoiser teacher.")
+    autoregressive: AutoregressiveConfig | None = Field(
+        None, description="Settings of domain=autoregressive: a one-step generator of codebook token sequences "
+        "distilled from an autoregressive teacher (exact-evaluation toy).")
+    dd2: Dd2Config | None = Field(None, description="Settings of method=dd2 (domain autoregressive; Distilled "
+                                  "Decoding 2).")
+    dmd: DmdConfig | None = Field(None, description="Settings of method=dmd (domain generative; DMD, DMD2 and "
+                                  "Decoupled DMD).")
+    twinflow: TwinFlowConfig | None = Field(None, description="Settings of method=twinflow (domain generative; "
+                                            "teacher-free one-step generation with self-adversarial flows).")
     classifier: ClassifierConfig | None = Field(
         None, description="Settings of domain=classifier: the data set, the classifier teacher and the student."
     )

@@ -6,8 +6,11 @@
 from stillroom.domains.base import Domain, PreparedRun
 from stillroom.domains.lm.prepare import LmDomain
 from stillroom.domains.vision import ClassifierDomain
+from stillroom.domains.autoregressive.prepare import AutoregressiveDomain
+from stillroom.domains.generative.prepare import GenerativeDomain
 from stillroom.domains.vision.mae_domain import MaeDomain
 
-DOMAINS: dict[str, Domain] = {d.name: d for d in (LmDomain(), ClassifierDomain(), MaeDomain())}
+DOMAINS: dict[str, Domain] = {d.name: d for d in (LmDomain(), ClassifierDomain(), MaeDomain(), GenerativeDomain(),
+                                                        AutoregressiveDomain())}
 
 __all__ = ["DOMAINS", "Domain", "PreparedRun"]

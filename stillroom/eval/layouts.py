@@ -48,6 +48,37 @@ _MAE_COLUMNS = (
     ("steps", "steps", "int"),
 )
 
+_GENERATIVE_COLUMNS = (
+    ("swd_data", "SWD to data", "f4"),
+    ("swd_teacher", "SWD to teacher", "f4"),
+    ("mmd_data", "MMD² to data", "f4"),
+    ("mode_precision", "mode precision", "pct"),
+    ("mode_recall", "mode recall", "pct"),
+    ("variance", "variance", "f4"),
+    ("frechet_distance", "Fréchet dist. (clf feats)", "f4"),
+    ("precision", "precision", "pct"),
+    ("recall", "recall", "pct"),
+    ("class_accuracy", "class accuracy", "pct"),
+    ("nfe", "NFE", "int"),
+    ("samples_per_s", "samples/s", "int"),
+    ("params", "params", "count"),
+    ("train_seconds", "train s", "f1"),
+    ("steps", "steps", "int"),
+)
+
+_AUTOREGRESSIVE_COLUMNS = (
+    ("joint_tv", "joint TV to teacher", "f4"),
+    ("pair_tv_12", "TV (q1,q2)", "f4"),
+    ("pair_tv_14", "TV (q1,q4)", "f4"),
+    ("tv_true", "TV to true joint", "f4"),
+    ("teacher_tv_true", "exact TV teacher-true", "f4"),
+    ("nfe", "NFE", "int"),
+    ("samples_per_s", "samples/s", "int"),
+    ("params", "params", "count"),
+    ("train_seconds", "train s", "f1"),
+    ("steps", "steps", "int"),
+)
+
 
 @dataclass(frozen=True)
 class ReportLayout:
@@ -75,6 +106,9 @@ LAYOUTS: dict[str, ReportLayout] = {
                                marker="images_per_s"),
     "mae": ReportLayout(_MAE_COLUMNS, ("mae_loss", "probe_accuracy"), speed="images_per_s", ce_unit="",
                         marker="probe_accuracy"),
+    "generative": ReportLayout(_GENERATIVE_COLUMNS, (), speed="samples_per_s", ce_unit="",
+                               plots=("samples.png",), marker="samples_per_s"),
+    "autoregressive": ReportLayout(_AUTOREGRESSIVE_COLUMNS, (), speed="samples_per_s", ce_unit="", marker="joint_tv"),
 }
 """Report layouts by domain name (``RunConfig.domain``)."""
 

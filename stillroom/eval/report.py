@@ -42,6 +42,27 @@ MODEL_LABELS = {
     "student_after": "student (after)",
     "baseline": "baseline (CE only)",
 }
+
+
+def base_model(key: str) -> str | None:
+    """The model of :data:`MODEL_KEYS` that ``key`` names, or of which it is a variant (``teacher_4step``: the
+    teacher sampled another way, a row of its own after the teacher's); ``None`` for an unknown key."""
+    if key in MODEL_KEYS:
+        return key
+    return next((k for k in MODEL_KEYS if key.startswith(f"{k}_") and len(key) > len(k) + 1), None)
+
+
+def row_keys(models: dict) -> list[str]:
+    """``models``' keys in table order: each model of :data:`MODEL_KEYS`, then its variants (sorted)."""
+    return [k for base in MODEL_KEYS for k in ([base] if base in models else [])
+            + sorted(v for v in models if v != base and base_model(v) == base)]
+
+
+def row_label(key: str) -> str:
+    base = base_model(key)
+    return MODEL_LABELS[key] if key == base else f"{MODEL_LABELS[base]} ({key[len(base) + 1:]})"
+
+
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
@@ -170,8 +191,9 @@ def _validate(models: dict, generations: dict | None, prompts: list | None) -> N
     if not models:
         raise ValueError(f"write_report: `models` is empty; give metrics for some of {MODEL_KEYS}")
     for key, metrics in models.items():
-        if key not in MODEL_KEYS:
-            raise ValueError(f"write_report: unknown model key {key!r}; expected some of {MODEL_KEYS}")
+        if base_model(key) is None:
+            raise ValueError(f"write_report: unknown model key {key!r}; expected some of {MODEL_KEYS} (or a variant "
+                             "of one, as teacher_4step)")
         if not isinstance(metrics, dict):
             raise TypeError(f"write_report: models[{key!r}] must be a dict of metrics, got {type(metrics).__name__}")
     for key, texts in (generations or {}).items():
@@ -198,13 +220,10 @@ def _markdown(report: dict, models: dict[str, dict], layout: ReportLayout = LAYO
     cols = known + [(k, k, None) for k in extra]
     lines.append("| model | " + " | ".join(_cell(h) for _, h, _ in cols) + " |")
     lines.append("|---|" + "|".join("---:" for _ in cols) + "|")
-    for key in MODEL_KEYS:
-        if key in models:
-            m = models[key]
-            lines.append(
-                f"| {MODEL_LABELS[key]} | " + " | ".join(_cell(_fmt(m.get(k), f)) for k, _, f in cols) + " |"
-            )
-    if report["deltas"]:
+    for key in row_keys(models):
+        m = models[key]
+        lines.append(f"| {row_label(key)} | " + " | ".join(_cell(_fmt(m.get(k), f)) for k, _, f in cols) + " |")
+    if report["deltas"] and layout.deltas:
         lines += ["", "## Versus the teacher", "", "Difference model − teacher (lower CE is better).", ""]
         lines.append("| model | " + " | ".join(f"Δ {k}" for k in layout.deltas) + " |")
         lines.append("|---|" + "|".join("---:" for _ in layout.deltas) + "|")
@@ -307,9 +326,8 @@ def write_report(
         **({"data": data} if data is not None else {}),
     }
     _atomic_write_text(run_dir / REPORT_MD, _markdown(report, models, chosen))
-    for key in MODEL_KEYS:
-        if key in models:
-            report[key] = models[key]
+    for key in row_keys(models):
+        report[key] = models[key]
     strict = _plain(report, finite_only=True)
     _atomic_write_text(run_dir / REPORT_JSON, json.dumps(strict, indent=2, allow_nan=False) + "\n")
     return strict
