@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.repro.verdict import RULE, Part, parts_table  # noqa: E402
 
-ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook"]
+ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook", "cfg_distill_markov"]
 TITLES = {
     "step_by_step": "Distilling step-by-step (Hsieh et al. 2023)",
     "self_data": "Self-data distillation for pruned models (Thangarasa et al. 2025)",
@@ -43,6 +43,7 @@ TITLES = {
     "msd_rings": "MSD, multi-student one-step distillation with a router and TSM pre-training (Song et al. 2024)",
     "dmd_rings": "DMD, DMD2 and Decoupled DMD on the rings toy (Yin et al. 2024; Liu et al. 2025)",
     "dd2_codebook": "DD2, one-step generator from an AR teacher on the exact codebook toy (Liu et al. 2025)",
+    "cfg_distill_markov": "Diversity-rewarded CFG distillation with weight LERP on Markov-mode sequences (Cideron et al. 2025)",
 }
 
 INTRO = f"""# Reproductions
@@ -61,6 +62,7 @@ python bench/twinflow_rings.py [--from-results]   # TwinFlow on the rings toy (i
 python bench/msd_rings.py                 # MSD on the rings toy (issue 15, spec 11.6)
 python bench/dmd_rings.py [--from-results]        # DMD / DMD2 / Decoupled DMD on the rings toy (issue 15, spec 10.6)
 python bench/dd2_codebook.py              # DD2 on the codebook toy (issue 15, spec 12.6)
+python bench/cfg_distill_markov.py        # diversity-rewarded CFG distillation on markov_modes (issue 15, spec 9.7)
 ```
 
 <a id="verdict-rule"></a>

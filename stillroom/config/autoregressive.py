@@ -13,7 +13,7 @@ This module imports :mod:`stillroom.config.core` only (``config.domains`` regist
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -45,6 +45,32 @@ class ArToyConfig(Strict):
         if self.codebook_size * (self.min_distance / 2) ** 2 * 3.2 > (2 * self.scale) ** 2:
             raise ValueError(f"autoregressive.toy: {self.codebook_size} vectors at least {self.min_distance} apart "
                              f"do not fit in [-{self.scale}, {self.scale}]^2; raise toy.scale or lower min_distance")
+        return self
+
+
+class MarkovModesConfig(Strict):
+    """``dataset: markov_modes`` (spec 9.7): ``conditions`` conditions, each a mixture of ``len(mode_weights)``
+    modes; every mode a distinct first-order Markov chain over ``vocab`` tokens (initial distribution and
+    transition rows softmax of seeded N(0, 1) logits times ``sharpness``), sequences of ``length`` tokens. The
+    teacher reads ``[condition id, y_1 .. y_L]`` (condition ids follow the vocabulary, the last id is the null
+    condition); exact likelihoods: :mod:`stillroom.domains.autoregressive.markov`."""
+
+    conditions: int = Field(5, ge=1, le=64, description="C: conditions (token ids vocab .. vocab+C-1; vocab+C is "
+                            "the null condition).")
+    mode_weights: list[float] = Field([0.4, 0.3, 0.2, 0.1], min_length=1, description="Weights of each "
+                                      "condition's modes (M = len; must sum to 1).")
+    vocab: int = Field(16, ge=2, le=256, description="V: tokens of the sequences.")
+    length: int = Field(12, ge=2, le=62, description="L: tokens per sequence (after the condition token).")
+    sharpness: float = Field(3.0, gt=0, description="Scale of the N(0, 1) logits of every chain's initial and "
+                             "transition distributions (higher: more peaked modes).")
+    null_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of training examples whose condition is "
+                                 "replaced by the null id (condition dropout, what CFG needs).")
+    seed: int = Field(0, description="Seed of the chains.")
+
+    @model_validator(mode="after")
+    def _weights_sum(self) -> "MarkovModesConfig":
+        if min(self.mode_weights) <= 0 or abs(sum(self.mode_weights) - 1) > 1e-6:
+            raise ValueError(f"autoregressive.markov.mode_weights={self.mode_weights} must be positive and sum to 1")
         return self
 
 
@@ -87,6 +113,10 @@ class ArEvalConfig(Strict):
     samples: int = Field(20000, ge=100, description="Generator samples per row (snapped to the nearest codeword).")
     seed: int = Field(0, description="Seed of the evaluation noise (every row draws from the same noise).")
     speed_batch: int = Field(1024, ge=1, description="Sequences per timed batch (samples/s).")
+    cfg_gamma: float = Field(3.0, ge=1, description="markov_modes: CFG strength of the report's `teacher_cfg` row "
+                             "(logits gamma * l(c) + (1 - gamma) * l(null)).")
+    diversity_group: int = Field(8, ge=2, description="markov_modes: samples per condition whose mean pairwise "
+                                 "1 - cos of bag-of-bigram embeddings is the diversity D (averaged over groups).")
 
 
 class AutoregressiveConfig(Strict):
@@ -95,7 +125,11 @@ class AutoregressiveConfig(Strict):
 
     domain: ClassVar[str] = "autoregressive"
 
+    dataset: Literal["codebook", "markov_modes"] = Field("codebook", description="codebook: the exact-evaluation "
+                                                         "toy of spec 12.6 (one-step generators, dd2); markov_modes: "
+                                                         "spec 9.7's conditional Markov-mode sequences (cfg_distill).")
     toy: ArToyConfig = Field(default_factory=ArToyConfig)
+    markov: MarkovModesConfig = Field(default_factory=MarkovModesConfig)
     train_sequences: int = Field(20000, ge=16, description="Training sequences drawn from the true joint (the "
                                  "teacher's data).")
     data_seed: int = Field(0, description="Seed of the training sequences.")

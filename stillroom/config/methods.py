@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from stillroom.config.core import Strict
+from stillroom.config.cfg_distill import CfgDistillConfig
 from stillroom.config.dd2 import Dd2Config
 from stillroom.config.dmd import DmdConfig
 from stillroom.config.twinflow import TwinFlowConfig
@@ -364,6 +365,7 @@ METHODS: dict[str, type[MethodSection] | None] = {
     "dmd": DmdConfig,
     "twinflow": TwinFlowConfig,
     "dd2": Dd2Config,
+    "cfg_distill": CfgDistillConfig,
 }
 """Every training method by name: its section, or ``None`` (kd: the loss terms against the teacher; sft:
 cross-entropy on the data only, no teacher at training time). :mod:`stillroom.methods` implements each."""

@@ -22,6 +22,7 @@ from stillroom.config.commands import GenerateConfig, GenerateExport, GenerateIn
 from stillroom.config.dataset_distill import AstConfig
 from stillroom.config.domains import DOMAINS, ClassifierConfig, DomainSection
 from stillroom.config.autoregressive import AutoregressiveConfig
+from stillroom.config.cfg_distill import CfgDistillConfig
 from stillroom.config.dd2 import Dd2Config
 from stillroom.config.dmd import DmdConfig
 from stillroom.config.twinflow import TwinFlowConfig
@@ -116,6 +117,8 @@ class RunConfig(Strict):
         "distilled from an autoregressive teacher (exact-evaluation toy).")
     dd2: Dd2Config | None = Field(None, description="Settings of method=dd2 (domain autoregressive; Distilled "
                                   "Decoding 2).")
+    cfg_distill: CfgDistillConfig | None = Field(None, description="Settings of method=cfg_distill (domain "
+                                                 "autoregressive, markov_modes; diversity-rewarded CFG distillation).")
     dmd: DmdConfig | None = Field(None, description="Settings of method=dmd (domain generative; DMD, DMD2 and "
                                   "Decoupled DMD).")
     twinflow: TwinFlowConfig | None = Field(None, description="Settings of method=twinflow (domain generative; "

@@ -7,7 +7,7 @@ lists with their config sections (a test keeps the two in step).
 
 from stillroom.methods import conditional, ddk, ferkd, lelp, meal_v2, onpolicy, redi, step_by_step, unfused
 from stillroom.methods import dmae, self_distill_fpt, tsm
-from stillroom.methods import dd2
+from stillroom.methods import cfg_distill, dd2
 from stillroom.methods import dmd, twinflow
 from stillroom.methods.base import Method, MethodContext, MethodPlan, StepCounts
 
@@ -20,6 +20,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     KD, SFT, onpolicy.METHOD, step_by_step.METHOD, redi.METHOD, ddk.METHOD, conditional.METHOD, meal_v2.METHOD,
     unfused.METHOD, lelp.METHOD, ferkd.METHOD, dmae.METHOD, self_distill_fpt.METHOD,
     tsm.METHOD, dmd.METHOD, twinflow.METHOD, dd2.METHOD,
+    cfg_distill.METHOD,
 )}
 
 __all__ = ["METHODS", "Method", "MethodContext", "MethodPlan", "StepCounts"]

@@ -26,13 +26,16 @@ from stillroom.domains.autoregressive.evaluate import (
     eval_noise, generator_speed, generator_tokens, independent_tokens, teacher_speed, teacher_tokens, token_metrics,
 )
 from stillroom.domains.autoregressive.nets import CondDenoiser, build_net, load_net, save_net
-from stillroom.domains.autoregressive.teacher import ar_teacher, teacher_joint
+from stillroom.domains.autoregressive import markov_eval
+from stillroom.domains.autoregressive.teacher import ar_teacher, load_teacher, teacher_joint
 from stillroom.domains.generative.toy_metrics import exact_tv
 from stillroom.methods.base import Method, MethodContext, MethodPlan
 from stillroom.train.distributed import Topology, resolve_device
 from stillroom.train.loop import TrainJob
 
 Log = Callable[[str], None]
+MARKOV_METHODS = ("cfg_distill",)
+"""The methods that train on ``dataset: markov_modes`` (the student is a copy of the conditional teacher)."""
 
 
 def autoregressive_methods() -> tuple[str, ...]:
@@ -46,6 +49,12 @@ def check_method(name: str) -> None:
     if name not in allowed:
         raise ValueError(f"method={name} does not train one-step token generators; domain: autoregressive takes "
                          f"method {', '.join(allowed)}")
+
+
+def check_markov_method(name: str) -> None:
+    if name not in MARKOV_METHODS:
+        raise ValueError(f"method={name} does not train on autoregressive.dataset: markov_modes; use method "
+                         f"{', '.join(MARKOV_METHODS)} (or dataset: codebook)")
 
 
 @dataclass
@@ -72,12 +81,18 @@ class AutoregressiveRun:
     def job(self, model: nn.Module, method: Method, *, baseline: bool, run_dir: Path, resume: bool,
             log: Log) -> tuple[TrainJob, MethodPlan]:
         """Train the generator ``model`` with ``method``'s players (the batches are training sequences; DD2 reads
-        only their size and draws its own noise and teacher samples)."""
-        check_method(method.name)
+        only their size and draws its own noise and teacher samples). markov_modes: the baseline (``sft``) continues
+        the teacher's cross-entropy from the student's start."""
         cfg = self.cfg
-        plan = method.plan(MethodContext(
-            cfg=cfg, run_dir=run_dir, model=model, data=self.data, tokenizer=None, teacher_model=self.teacher_model,
-            vocab_size=self.data.toy.vocab, topology=self.topology, mix=None, log=log))
+        markov_ce = cfg.autoregressive.dataset == "markov_modes" and method.ce_only
+        if markov_ce:
+            plan = MethodPlan(players=lambda student: [markov_eval.ce_player(model, self.data.toy.vocab)])
+        else:
+            check_method(method.name)
+            plan = method.plan(MethodContext(
+                cfg=cfg, run_dir=run_dir, model=model, data=self.data, tokenizer=None,
+                teacher_model=self.teacher_model, vocab_size=self.data.toy.vocab, topology=self.topology, mix=None,
+                log=log))
         if plan.players is None:
             raise ValueError(f"method={method.name} brings no players for domain: autoregressive")
         job = TrainJob(
@@ -91,6 +106,10 @@ class AutoregressiveRun:
         """Per named model the metrics of :mod:`.evaluate`; the teacher brings the ``teacher_independent`` row (arm A);
         a group without the teacher gets a speed-only teacher row timed beside it."""
         sec, toy, out = self.cfg.autoregressive, self.data.toy, {}
+        if sec.dataset == "markov_modes":
+            out = markov_eval.markov_report({k: m.to(self.device) for k, (m, _) in models.items()}, toy, sec)
+            log("eval: " + "; ".join(f"{k} Q {v['quality']:.3f} D {v['diversity']:.3f}" for k, v in out.items()))
+            return out
         probs, n = self.teacher_probs, sec.eval.samples
         length = toy.length
         for name, (model, _) in models.items():
@@ -116,14 +135,21 @@ class AutoregressiveRun:
         return out
 
     def save_model(self, model: nn.Module, folder: Path) -> None:
+        if self.cfg.autoregressive.dataset == "markov_modes":
+            return markov_eval.save_lm(model, folder)
         save_net(model, folder, extra={"codebook": self.data.toy.codebook_vd.tolist(),
                                        "note": "generate(eps [B, 4, 2]) -> continuous tokens; snap to the codebook"})
 
     def load_model(self, folder: Path) -> nn.Module:
+        if self.cfg.autoregressive.dataset == "markov_modes":
+            return load_teacher(folder, self.data.toy.vocab, "model folder", self.data.toy.extra_ids)
         return load_net(folder, "model folder")
 
     def report_notes(self) -> list[str]:
         sec = self.cfg.autoregressive
+        if sec.dataset == "markov_modes":
+            return [*self.data.notes(), f"teacher: {self.teacher_origin}", "student: a copy of the teacher, "
+                    "trained to sample without CFG", markov_eval.markov_notes(sec)]
         return [*self.data.notes(), f"teacher: {self.teacher_origin}",
                 f"student: one-step generator ({self.student.describe()}); its continuous tokens are snapped to the "
                 "nearest codeword",
@@ -147,5 +173,8 @@ class AutoregressiveDomain:
         teacher, origin = ar_teacher(sec.teacher, data, seed=cfg.seed, cache_dir=cfg.cache_dir, device=device,
                                      topology=topology, log=log)
         log(f"teacher: {origin}")
+        if sec.dataset == "markov_modes":
+            check_markov_method(method.name)
+            return AutoregressiveRun(cfg, topology, device, teacher, markov_eval.markov_student(teacher), data, origin)
         student = build_net(sec.generator.model_dump(), derive_seed(cfg.seed, "autoregressive-generator"))
         return AutoregressiveRun(cfg, topology, device, teacher, student.to(device).train(), data, origin)

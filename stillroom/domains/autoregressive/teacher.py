@@ -39,22 +39,29 @@ RECIPE_VERSION = 1
 TEACHER_RECORD = "teacher.json"
 
 
-def build_llama(tc: ArTeacherConfig, vocab: int, seed: int) -> nn.Module:
-    """A fresh ``LlamaForCausalLM`` with ``vocab + 1`` ids (the last is BOS), weights from ``seed``."""
+def build_llama(tc: ArTeacherConfig, vocab: int, seed: int, extra_ids: int = 1, positions: int = 16) -> nn.Module:
+    """A fresh ``LlamaForCausalLM`` with ``vocab + extra_ids`` ids (id ``vocab`` is BOS; markov_modes: the
+    conditions and the null condition), weights from ``seed``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab + 1, hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
-                         num_hidden_layers=tc.layers, num_attention_heads=tc.heads, num_key_value_heads=tc.heads,
-                         max_position_embeddings=16, bos_token_id=vocab, eos_token_id=vocab, pad_token_id=None,
+    config = LlamaConfig(vocab_size=vocab + extra_ids, hidden_size=tc.hidden_size,
+                         intermediate_size=tc.intermediate_size, num_hidden_layers=tc.layers,
+                         num_attention_heads=tc.heads, num_key_value_heads=tc.heads,
+                         max_position_embeddings=max(16, positions), bos_token_id=vocab, eos_token_id=vocab, pad_token_id=None,
                          tie_word_embeddings=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
 
 
-def codebook_logits(model: nn.Module, tokens_bn: torch.Tensor, vocab: int) -> torch.Tensor:
-    """``[B, n, V]`` next-token logits over the codebook ids: position ``i`` reads ``BOS, tokens[:, :i]``."""
-    bos_b1 = torch.full((tokens_bn.shape[0], 1), vocab, dtype=torch.long, device=tokens_bn.device)
+def codebook_logits(model: nn.Module, tokens_bn: torch.Tensor, vocab: int,
+                    cond_b: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, n, V]`` next-token logits over the codebook ids: position ``i`` reads ``BOS, tokens[:, :i]``
+    (markov_modes: the condition id ``vocab + cond`` in place of BOS)."""
+    if cond_b is None:
+        bos_b1 = torch.full((tokens_bn.shape[0], 1), vocab, dtype=torch.long, device=tokens_bn.device)
+    else:
+        bos_b1 = (cond_b.to(tokens_bn.device) + vocab)[:, None]
     inputs = torch.cat([bos_b1, tokens_bn[:, :-1]], dim=1)
     return model(input_ids=inputs).logits[..., :vocab].float()
 
@@ -82,7 +89,7 @@ class TeacherForward(nn.Module):
         self.model, self.vocab = model, vocab
 
     def forward(self, batch: SeqBatch) -> dict[str, torch.Tensor]:
-        return {"logits": codebook_logits(self.model, batch.tokens, self.vocab)}
+        return {"logits": codebook_logits(self.model, batch.tokens, self.vocab, batch.cond)}
 
 
 class TeacherCE:
@@ -106,26 +113,28 @@ class TeacherCE:
         return {}
 
 
-def load_teacher(folder: Path, vocab: int, where: str) -> nn.Module:
-    """A ``LlamaForCausalLM`` folder with ``vocab + 1`` ids, in eval mode without gradients."""
+def load_teacher(folder: Path, vocab: int, where: str, extra_ids: int = 1) -> nn.Module:
+    """A ``LlamaForCausalLM`` folder with ``vocab + extra_ids`` ids, in eval mode without gradients."""
     from transformers import AutoModelForCausalLM
 
     if not (folder / "config.json").is_file():
         raise ValueError(f"{where}: {folder} has no config.json; give a folder written by save_pretrained "
                          "(or leave autoregressive.teacher.path null to train one here)")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    if model.config.vocab_size != vocab + 1:
-        raise ValueError(f"{where}: the model in {folder} has vocab_size {model.config.vocab_size}; the codebook "
-                         f"needs {vocab + 1} (autoregressive.toy.codebook_size={vocab} ids + BOS)")
+    if model.config.vocab_size != vocab + extra_ids:
+        what = "the codebook" if extra_ids == 1 else "the markov_modes data"
+        raise ValueError(f"{where}: the model in {folder} has vocab_size {model.config.vocab_size}; {what} needs "
+                         f"{vocab + extra_ids} ({vocab} token ids + {extra_ids} BOS/condition ids)")
     return model.eval().requires_grad_(False)
 
 
 def ar_teacher(tc: ArTeacherConfig, data: ArSplits, *, seed: int, cache_dir: str | None, device: torch.device,
                topology: Topology, log: Log) -> tuple[nn.Module, str]:
     """``(teacher on device, where it comes from)`` (see the module docstring)."""
-    vocab = data.toy.vocab
+    vocab, extra = data.toy.vocab, data.toy.extra_ids
     if tc.path is not None:
-        return load_teacher(Path(tc.path), vocab, "autoregressive.teacher.path").to(device), f"loaded from {tc.path}"
+        return (load_teacher(Path(tc.path), vocab, "autoregressive.teacher.path", extra).to(device),
+                f"loaded from {tc.path}")
     teacher_seed = tc.seed if tc.seed is not None else seed
     settings = tc.model_dump(mode="json", exclude={"path", "seed"})
     payload = {"version": RECIPE_VERSION, "settings": settings, "seed": teacher_seed, "data": data.fingerprint()}
@@ -137,12 +146,13 @@ def ar_teacher(tc: ArTeacherConfig, data: ArSplits, *, seed: int, cache_dir: str
     record = json.loads((folder / TEACHER_RECORD).read_text())
     origin = (f"LlamaForCausalLM ({tc.layers} layers, hidden {tc.hidden_size}) trained here for {tc.steps} steps "
               f"(seed {teacher_seed}, final loss {record['final_train_loss']:.4f}), cached in {folder}")
-    return load_teacher(folder, vocab, "cached autoregressive teacher").to(device), origin
+    return load_teacher(folder, vocab, "cached autoregressive teacher", extra).to(device), origin
 
 
 def _train_teacher(tc: ArTeacherConfig, data: ArSplits, seed: int, tmp: Path, device: torch.device, log: Log) -> None:
     vocab = data.toy.vocab
-    model = build_llama(tc, vocab, derive_seed(seed, "autoregressive-teacher"))
+    model = build_llama(tc, vocab, derive_seed(seed, "autoregressive-teacher"), data.toy.extra_ids,
+                        data.toy.length + 1)
     log(f"teacher: training a LlamaForCausalLM for {tc.steps} steps")
     player = Player("teacher", model, TeacherCE(TeacherForward(model, vocab)))
     train_cfg = TrainConfig(steps=tc.steps, micro_batch_size=tc.batch_size, lr=tc.lr, weight_decay=0.0,

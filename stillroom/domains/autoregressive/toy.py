@@ -45,6 +45,15 @@ class CodebookToy:
         """``[n, 4]`` int64 token sequences drawn from the exact joint."""
         return sample_joint(self.probs, n, generator)
 
+    @property
+    def extra_ids(self) -> int:
+        """Ids after the ``V`` codebook ids in the teacher's vocabulary: the BOS token."""
+        return 1
+
+    def identity(self) -> list[bytes]:
+        """What the teacher cache's data fingerprint hashes."""
+        return [self.codebook_vd.numpy().tobytes(), self.probs.numpy().tobytes()]
+
     def describe(self) -> str:
         return (f"codebook toy: V = {self.vocab} vectors in R^2 (min distance "
                 f"{float(min_distance(self.codebook_vd)):.3f}), sequences of {self.length} tokens, exact joint")
