@@ -19,40 +19,29 @@ velocity is the instantaneous one, the right start for ``tt`` near ``t``; traini
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stillroom.domains.generative.conventions import Convention, sinusoidal
-from stillroom.domains.generative.denoiser import Denoiser
+from stillroom.domains.generative.denoiser import Denoiser, MlpDenoiser
 
 
 def _expand(v_b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v_b.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
-class TwinFlowDenoiser(Denoiser):
+class TwinFlowDenoiser(MlpDenoiser):
     """``[B, D]`` points: ``[x_t, sin/cos(t), class] -> Linear (+ tt_proj(sin/cos(tt))) -> SiLU -> ... -> D``."""
 
     kind = "twinflow"
 
     def __init__(self, *, dim: int, num_classes: int, convention: Convention, width: int = 128, depth: int = 4,
                  time_features: int = 32, class_features: int = 32):
-        super().__init__()
         if convention.name != "rf":
             raise ValueError(f"a twinflow network predicts rf velocities (t = 1 noise); got convention "
                              f"{convention.name!r}: train its teacher with generative.teacher.convention.name: rf")
-        self.dim, self.num_classes, self.convention = dim, num_classes, convention
-        self.width, self.depth = width, depth
-        self.time_features, self.class_features = time_features, class_features
-        self.class_table = nn.Embedding(num_classes + 1, class_features)
-        layers: list[nn.Module] = [nn.Linear(dim + time_features + class_features, width), nn.SiLU()]
-        for _ in range(depth - 1):
-            layers += [nn.Linear(width, width), nn.SiLU()]
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(width, dim)
+        super().__init__(dim=dim, num_classes=num_classes, convention=convention, width=width, depth=depth,
+                         time_features=time_features, class_features=class_features)
         self.tt_proj = nn.Linear(time_features, width, bias=False)
 
     def velocity(self, x_t: torch.Tensor, t_b: torch.Tensor, tt_b: torch.Tensor,
@@ -78,17 +67,6 @@ class TwinFlowDenoiser(Denoiser):
         t = _expand(t_b.abs(), x_t)
         return x_t - t * v, x_t + (1 - t) * v, v
 
-    def arch_json(self) -> dict:
-        return {"dim": self.dim, "width": self.width, "depth": self.depth, "time_features": self.time_features,
-                "class_features": self.class_features}
-
-    def sample_shape(self) -> tuple[int, ...]:
-        return (self.dim,)
-
-    @classmethod
-    def from_json(cls, arch: dict, num_classes: int, convention: Convention) -> "TwinFlowDenoiser":
-        return cls(num_classes=num_classes, convention=convention, **arch)
-
     @classmethod
     def from_teacher(cls, teacher: Denoiser, where: str = "generative.teacher") -> "TwinFlowDenoiser":
         """A twinflow network with ``teacher``'s (an ``mlp`` rf flow model) weights and ``tt_proj = 0``, so it
@@ -107,10 +85,3 @@ class TwinFlowDenoiser(Denoiser):
                              f"unexpected {unexpected})")
         nn.init.zeros_(model.tt_proj.weight)
         return model.to(next(teacher.parameters()).device)
-
-    def save_weights(self, folder: Path) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(folder / "model.safetensors"))
-
-    def load_weights(self, folder: Path) -> None:
-        self.load_state_dict(load_file(str(folder / "model.safetensors")))
