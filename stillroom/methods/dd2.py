@@ -266,7 +266,7 @@ def _train_gts(ctx: MethodContext, teacher: TeacherView, tmp, seed: int) -> None
     from stillroom.domains.autoregressive.data import collate_sequences
     from stillroom.domains.autoregressive.nets import build_net, save_net
     from stillroom.train.distributed import Topology
-    from stillroom.train.loop import Player, TrainJob, train
+    from stillroom.train.loop import Player, TrainJob, train_apart
 
     s, device = ctx.cfg.dd2, teacher.codebook_vd.device
     net = build_net(ctx.model.shape, seed).to(device)
@@ -278,9 +278,7 @@ def _train_gts(ctx: MethodContext, teacher: TeacherView, tmp, seed: int) -> None
     job = TrainJob(train=tc, seed=seed, run_dir=tmp / "run", run_name="dd2-gts", players=[Player("gts", net, objective)],
                    examples=ctx.data.train, collate=collate_sequences, topology=Topology(), device=device,
                    sampler=ExampleSampler, log=ctx.log, unit="tok")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        result = train(job)
+    result = train_apart(job, seed=seed)
     shutil.rmtree(tmp / "run", ignore_errors=True)
     save_net(net, tmp)
     (tmp / "gts.json").write_text(json.dumps({"steps": s.gts_steps, "final_loss": result.final_loss}) + "\n")

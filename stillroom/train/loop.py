@@ -202,6 +202,18 @@ def train(job: TrainJob) -> TrainResult:
     return run.close()
 
 
+def train_apart(job: TrainJob, seed: int | None = None) -> TrainResult:
+    """:func:`train` without moving the caller's random state (the CPU's and the job's CUDA device's): a model
+    trained on the way (a teacher built into the cache) leaves the run exactly as a cached one would. ``seed``:
+    seed the forked state first (the model's noise then does not depend on where the caller's state stood)."""
+    device = job.device
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return train(job)
+
+
 def update(player: Player, run: Session, step: int) -> dict[str, Any]:
     """One optimizer update of ``player`` on freshly drawn micro-batches; returns its metrics."""
     job, tc, topology = run.job, run.job.train, run.job.topology

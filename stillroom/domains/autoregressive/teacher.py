@@ -32,7 +32,7 @@ from stillroom.losses import LossResult
 from stillroom.models.builtin import cache_root
 from stillroom.models.cached import build_once
 from stillroom.train.distributed import Topology
-from stillroom.train.loop import Player, TrainJob, train
+from stillroom.train.loop import Player, TrainJob, train_apart
 
 Log = Callable[[str], None]
 RECIPE_VERSION = 1
@@ -162,8 +162,7 @@ def _train_teacher(tc: ArTeacherConfig, data: ArSplits, seed: int, tmp: Path, de
                    examples=data.train, collate=collate_sequences, topology=Topology(), device=device,
                    sampler=ExampleSampler, log=log, unit="tok")
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        result = train(job)
+    result = train_apart(job)
     shutil.rmtree(tmp / "run", ignore_errors=True)
     model.cpu().save_pretrained(tmp, safe_serialization=True)
     record = {"settings": tc.model_dump(mode="json"), "seed": seed, "train_sequences": len(data.train),

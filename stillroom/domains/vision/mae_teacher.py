@@ -32,7 +32,7 @@ from stillroom.domains.vision.mae import MaeForward, MaeObjective, heldout_mae_l
 from stillroom.models.builtin import cache_root
 from stillroom.models.cached import build_once
 from stillroom.train.distributed import Topology
-from stillroom.train.loop import Player, TrainJob, train
+from stillroom.train.loop import Player, TrainJob, train_apart
 
 Log = Callable[[str], None]
 RECIPE_VERSION = 1
@@ -107,8 +107,7 @@ def _train(sec: MaeConfig, data: ImageSplits, seed: int, folder: Path, tmp: Path
                    examples=data.train, collate=collate_images, topology=Topology(), device=device,
                    sampler=ExampleSampler, log=log, unit="img")
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):  # the run goes on exactly as with a cached teacher
-        result = train(job)
+    result = train_apart(job)  # the run goes on exactly as with a cached teacher
     shutil.rmtree(tmp / "training" / "checkpoints", ignore_errors=True)
     model_dir = tmp / "model"
     save_mae(model, model_dir)

@@ -35,7 +35,7 @@ from stillroom.losses import LossMix
 from stillroom.models.builtin import cache_root
 from stillroom.models.cached import build_once
 from stillroom.train.distributed import Topology
-from stillroom.train.loop import DistillObjective, Player, train, TrainJob
+from stillroom.train.loop import DistillObjective, Player, TrainJob, train_apart
 
 Log = Callable[[str], None]
 RECIPE_VERSION = 1
@@ -112,10 +112,7 @@ def _train_teacher(tc: ClassifierTeacherConfig, data: ImageSplits, seed: int, fo
                    players=[player], examples=data.train, collate=collate, topology=Topology(), device=device,
                    sampler=sampler, log=log, unit="img")
     t0 = time.perf_counter()
-    # The teacher's training must not move the global RNG: the run goes on exactly as with a cached teacher.
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        result = train(job)
+    result = train_apart(job)
     images = torch.stack([e.image for e in data.heldout])
     labels = torch.tensor([e.label for e in data.heldout])
     accuracy = float((logits_of(model, images, batch_size=512, device=device).argmax(-1) == labels).float().mean())

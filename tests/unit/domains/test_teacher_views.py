@@ -26,14 +26,14 @@ def test_a_teacher_trained_on_crops_sees_crops(tmp_path, monkeypatch):
 
     data = build_image_splits("digits", 0.2, cache_dir=str(tmp_path), run_seed=0)
     seen: list[torch.Tensor] = []
-    original = teacher_module.train
+    original = teacher_module.train_apart
 
-    def spy(job):
+    def spy(job, seed=None):
         batch = job.collate(job.examples[:8])
         seen.append(batch.inputs)
-        return original(job)
+        return original(job, seed)
 
-    monkeypatch.setattr(teacher_module, "train", spy)
+    monkeypatch.setattr(teacher_module, "train_apart", spy)
     tc = ClassifierTeacherConfig(steps=2, batch_size=8, augment=ClassifierAugment(enabled=True, crop_scale=(0.3, 0.5)))
     lines: list[str] = []
     model, origin = classifier_teacher(tc, data, heldout_fraction=0.2, seed=0, cache_dir=str(tmp_path),
