@@ -55,8 +55,7 @@ def run_config(kind: str, method: str, batch: int) -> RunConfig:
 def prepared(cfg: RunConfig) -> GenerativeRun:
     data = build_splits(cfg.generative, cache_dir=None, run_seed=0)
     tc = cfg.generative.teacher
-    arch = tc.arch.as_json(data.sample_shape[0]) if tc.arch.kind == "mlp" else {
-        **tc.arch.as_json(), "sample_shape": list(data.sample_shape)}
+    arch = tc.arch.as_json(data.sample_shape)
     teacher = build_denoiser(tc.arch.kind, arch, num_classes=data.num_classes, convention=teacher_convention(tc),
                              seed=0).eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)

@@ -49,12 +49,14 @@ class DenoiserArch(Strict):
                                 "(the image side must be divisible by 2**(levels - 1)).")
     layers_per_block: int = Field(1, ge=1, description="unet: ResNet layers per level.")
 
-    def as_json(self, dim: int | None = None) -> dict:
-        """The architecture as the denoiser kind's ``from_json`` reads it (points need their dimension)."""
+    def as_json(self, sample_shape: tuple[int, ...] | list[int]) -> dict:
+        """The architecture as the denoiser kind's ``from_json`` reads it, for samples of ``sample_shape`` (``[D]``
+        points: the MLPs take ``D``; ``[C, H, W]`` images: the UNet takes the shape)."""
         if self.kind in ("mlp", "twinflow"):
-            return {"dim": dim, "width": self.width, "depth": self.depth, "time_features": self.time_features,
-                    "class_features": self.class_features}
-        return {"channels": list(self.channels), "layers_per_block": self.layers_per_block}
+            return {"dim": sample_shape[0], "width": self.width, "depth": self.depth,
+                    "time_features": self.time_features, "class_features": self.class_features}
+        return {"channels": list(self.channels), "layers_per_block": self.layers_per_block,
+                "sample_shape": list(sample_shape)}
 
 
 class GenTeacherConfig(Strict):

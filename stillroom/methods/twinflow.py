@@ -36,16 +36,12 @@ import torch
 from torch import nn
 
 from stillroom.config.twinflow import TwinFlowConfig
+from stillroom.domains.generative.conventions import per_sample
 from stillroom.losses import LossResult
 from stillroom.methods.base import Method, MethodContext, MethodPlan
 
 GROUPS_ADV = ("e2e", "mul", "any", "adv")
 GROUPS_PLAIN = ("e2e", "mul", "any")
-
-
-def _col(v_b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``[B]`` -> ``[B, 1, ...]`` against ``like [B, ...]``."""
-    return v_b.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
 def barron_rho(pred: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, c: float = 1e-3) -> torch.Tensor:
@@ -88,7 +84,7 @@ def rectification_direction(model: nn.Module, x_hat: torch.Tensor, labels_b: tor
     ``x_hat`` re-noised with fresh noise at ``t'' ~ U(0, 1)`` (no grad)."""
     with torch.no_grad():
         t = torch.rand(x_hat.shape[0], device=x_hat.device)
-        x_t = _col(t, x_hat) * torch.randn_like(x_hat) + _col(1 - t, x_hat) * x_hat
+        x_t = per_sample(t, x_hat) * torch.randn_like(x_hat) + per_sample(1 - t, x_hat) * x_hat
         fake = model.velocity(x_t, -t, -t, labels_b)
         real = model.velocity(x_t, t, t, labels_b)
         return (fake - real).float().clamp(-1.0, 1.0)
@@ -102,8 +98,8 @@ def multi_jump(model: nn.Module, x_t: torch.Tensor, t_b: torch.Tensor, tt_b: tor
     times = [t_b * (1 - i / order) + tt_b * (i / order) for i in range(order + 1)]
     for t_c, t_n in zip(times[:-1], times[1:]):
         x_hat, z_hat, f = model.jump(x_t, t_c, t_n, labels_b)
-        x_t = _col(t_n, x_t) * z_hat + _col(1 - t_n, x_t) * x_hat
-        pred = pred + f * _col(t_c - t_n, f)
+        x_t = per_sample(t_n, x_t) * z_hat + per_sample(1 - t_n, x_t) * x_hat
+        pred = pred + f * per_sample(t_c - t_n, f)
     return pred
 
 
@@ -113,8 +109,8 @@ def rcgm_target(ema: nn.Module, f_det: torch.Tensor, v: torch.Tensor, x_t: torch
     with torch.no_grad():
         t_m = torch.maximum(t_b - delta, tt_b)
         pred = multi_jump(ema, x_t - delta * v, t_m, tt_b, labels_b, order)
-        close = _col(t_b < tt_b + delta, v).bool()
-        residual = (f_det * _col(t_b - tt_b, v) - pred) / delta - v
+        close = per_sample(t_b < tt_b + delta, v).bool()
+        residual = (f_det * per_sample(t_b - tt_b, v) - pred) / delta - v
         correction = torch.where(close, f_det - v, residual)
         return f_det - correction.clamp(-1.0, 1.0)
 
@@ -154,7 +150,7 @@ class TwinFlowForward(nn.Module):
             x[adv] = model.jump(torch.randn_like(x[adv]), ones, torch.zeros_like(ones), labels[adv])[0].to(x.dtype)
             tt[adv] = -t[adv]
         z = torch.randn_like(x)
-        x_t = _col(t, x) * z + _col(1 - t, x) * x
+        x_t = per_sample(t, x) * z + per_sample(1 - t, x) * x
         t = torch.where(adv, -t, t)
         return {"x_t": x_t, "t": t, "tt": tt, "labels": labels, "v": z - x, "adv": adv, "e2e": masks["e2e"]}
 
@@ -221,7 +217,7 @@ class TwinFlowObjective:
         e2e = out["e2e"]
         if sec.adversarial and sec.dist_match_cof > 0:
             f_e2e = f[e2e]
-            x_hat = (out["x_t"][e2e] - _col(out["t"][e2e].abs(), f_e2e) * f_e2e).detach()
+            x_hat = (out["x_t"][e2e] - per_sample(out["t"][e2e].abs(), f_e2e) * f_e2e).detach()
             dv = rectification_direction(self.forward.model, x_hat, out["labels"][e2e])
             rect = barron_rho(f_e2e, (f_e2e - dv).detach(), sec.barron_alpha, sec.barron_c).sum()
             rect = sec.dist_match_cof * rect * (b / int(e2e.sum()))  # its mean over e2e rows, as a sum over b

@@ -75,12 +75,12 @@ class Convention:
 
     def renoise(self, x0: torch.Tensor, t_b: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """``x_t`` of clean samples ``x0 [B, ...]`` at times ``t_b [B]`` with noise ``eps`` (x0's shape)."""
-        a, b = (_expand(c, x0) for c in self.coefficients(t_b))
+        a, b = (per_sample(c, x0) for c in self.coefficients(t_b))
         return a * x0 + b * eps
 
     def eps_from(self, x_t: torch.Tensor, t_b: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """The noise that takes ``x0`` to ``x_t`` at ``t_b`` (the inverse of :meth:`renoise` in ``eps``)."""
-        a, b = (_expand(c, x_t) for c in self.coefficients(t_b))
+        a, b = (per_sample(c, x_t) for c in self.coefficients(t_b))
         return (x_t - a * x0) / b
 
     def prior(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
@@ -95,7 +95,7 @@ class Convention:
         flows' ``x_t`` and ``t``."""
         if self.name == "edm":
             c_in = 1 / torch.sqrt(t_b ** 2 + self.sigma_data ** 2)
-            return x_t * _expand(c_in, x_t), torch.log(t_b) / 4
+            return x_t * per_sample(c_in, x_t), torch.log(t_b) / 4
         return x_t, t_b
 
     def x0_from_output(self, x_t: torch.Tensor, t_b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -104,10 +104,10 @@ class Convention:
             sd2 = self.sigma_data ** 2
             c_skip = sd2 / (t_b ** 2 + sd2)
             c_out = t_b * self.sigma_data / torch.sqrt(t_b ** 2 + sd2)
-            return _expand(c_skip, x_t) * x_t + _expand(c_out, x_t) * out
+            return per_sample(c_skip, x_t) * x_t + per_sample(c_out, x_t) * out
         if self.name == "rf":  # out = eps - x0, x_t = x0 + t (eps - x0)
-            return x_t - _expand(t_b, x_t) * out
-        return x_t + _expand(1 - t_b, x_t) * out  # flow_clean: out = x0 - eps, x_t = x0 - (1 - t)(x0 - eps)
+            return x_t - per_sample(t_b, x_t) * out
+        return x_t + per_sample(1 - t_b, x_t) * out  # flow_clean: out = x0 - eps, x_t = x0 - (1 - t)(x0 - eps)
 
     def output_weight(self, t_b: torch.Tensor) -> torch.Tensor:
         """``[B]`` weights w with ``w * ||x0_hat - x0||^2 = ||out - out_target||^2`` (1 / (dx0/dout)^2): EDM's
@@ -144,7 +144,7 @@ class Convention:
         return "rf (t = 1 noise, velocity eps - x0)" if self.name == "rf" else "flow_clean (t = 1 clean, velocity x0 - eps)"
 
 
-def _expand(v_b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(v_b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``[B]`` -> ``[B, 1, ...]`` broadcasting against ``like [B, ...]``."""
     return v_b.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from stillroom.domains.generative.conventions import Convention
 from stillroom.domains.generative.denoiser import Denoiser, MlpDenoiser  # noqa: F401 (re-exported)
@@ -88,9 +87,3 @@ def build_denoiser(kind: str, arch: dict, *, num_classes: int, convention: Conve
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return kinds[kind].from_json(arch, num_classes, convention)
-
-
-def frozen(model: nn.Module) -> nn.Module:
-    """``model`` in eval mode with gradients off (a teacher)."""
-    return model.eval().requires_grad_(False)
-

@@ -179,8 +179,7 @@ def build_student(cfg: RunConfig, teacher: Denoiser | None, data: GenSplits) -> 
     if s.init == "teacher":
         model = copy.deepcopy(teacher).train().requires_grad_(True)
         return model, f"a copy of the teacher ({model.describe()})"
-    arch = s.arch.as_json(data.sample_shape[0]) if s.arch.kind in ("mlp", "twinflow") else {
-        **s.arch.as_json(), "sample_shape": list(data.sample_shape)}
+    arch = s.arch.as_json(data.sample_shape)
     model = build_denoiser(s.arch.kind, arch, num_classes=data.num_classes, convention=teacher.convention,
                            seed=derive_seed(cfg.seed, "generative-student"))
     return model.train(), f"{model.describe()} built from generative.student.arch (seed {cfg.seed})"

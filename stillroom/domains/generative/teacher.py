@@ -33,7 +33,7 @@ from stillroom.domains.generative.objectives import DenoiseForward, DenoisingObj
 from stillroom.models.builtin import cache_root
 from stillroom.models.cached import build_once
 from stillroom.train.distributed import Topology
-from stillroom.train.loop import Player, TrainJob, train
+from stillroom.train.loop import Player, TrainJob, train_apart
 
 Log = Callable[[str], None]
 RECIPE_VERSION = 1
@@ -95,8 +95,7 @@ def teacher_train_config(tc: GenTeacherConfig, device: torch.device) -> TrainCon
 
 def _train_teacher(tc: GenTeacherConfig, data: GenSplits, seed: int, folder: Path, tmp: Path,
                    device: torch.device, log: Log) -> None:
-    model = build_denoiser(tc.arch.kind, tc.arch.as_json(data.sample_shape[0]) if tc.arch.kind == "mlp"
-                           else {**tc.arch.as_json(), "sample_shape": list(data.sample_shape)},
+    model = build_denoiser(tc.arch.kind, tc.arch.as_json(data.sample_shape),
                            num_classes=data.num_classes, convention=teacher_convention(tc),
                            seed=derive_seed(seed, "generative-teacher"))
     log(f"teacher: training {model.describe()} for {tc.steps} steps into {folder}")
@@ -105,10 +104,7 @@ def _train_teacher(tc: GenTeacherConfig, data: GenSplits, seed: int, folder: Pat
                    players=[player], examples=data.train, collate=collate_samples, topology=Topology(),
                    device=device, sampler=ExampleSampler, log=log, unit="smp")
     t0 = time.perf_counter()
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(derive_seed(seed, "generative-teacher-noise"))
-        result = train(job)
+    result = train_apart(job, seed=derive_seed(seed, "generative-teacher-noise"))
     shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
     write_denoiser_files(model.cpu(), tmp, extra={"trained_by": "stillroom generative teacher"})
     record = {"settings": tc.model_dump(mode="json"), "seed": seed, "dataset": data.name,

@@ -22,12 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stillroom.domains.generative.conventions import Convention, sinusoidal
+from stillroom.domains.generative.conventions import Convention, per_sample, sinusoidal
 from stillroom.domains.generative.denoiser import Denoiser, MlpDenoiser
 
-
-def _expand(v_b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v_b.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
 class TwinFlowDenoiser(MlpDenoiser):
@@ -64,7 +61,7 @@ class TwinFlowDenoiser(MlpDenoiser):
         """``(x_hat, z_hat, F)``: ``x_hat = x_t - |t| F`` (the data end), ``z_hat = x_t + (1 - |t|) F`` (the noise
         end), all ``[B, D]``; the sign of ``t_b`` picks the branch, its magnitude the noise level."""
         v = self.velocity(x_t, t_b, tt_b, labels_b)
-        t = _expand(t_b.abs(), x_t)
+        t = per_sample(t_b.abs(), x_t)
         return x_t - t * v, x_t + (1 - t) * v, v
 
     @classmethod
