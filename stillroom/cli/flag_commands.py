@@ -16,6 +16,7 @@ from stillroom.config.commands import (
     ServeTeacherConfig,
     SpecEvalConfig,
 )
+from stillroom.config.scenes import VqaDataConfig, VqaLmConfig
 
 
 # The work of each command, imported when the command runs (`stillroom --help` stays fast).
@@ -59,6 +60,18 @@ def _conditional_demo_data(cfg: ConditionalDemoDataConfig) -> None:
     from stillroom.run.conditional_setup import conditional_demo_data
 
     conditional_demo_data(cfg)
+
+
+def _vqa_data(cfg: VqaDataConfig) -> None:
+    from stillroom.domains.vl.vqa import write_vqa_data
+
+    write_vqa_data(cfg)
+
+
+def _vqa_lm(cfg: VqaLmConfig) -> None:
+    from stillroom.domains.vl.vqa_lm import write_vqa_lm
+
+    write_vqa_lm(cfg)
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,19 @@ COMMANDS = (
     FlagCommand(
         "conditional-demo-data", ConditionalDemoDataConfig, _conditional_demo_data,
         "write the synthetic BAD-word corpus as text JSONL", positional=("out",)),
+    FlagCommand(
+        "vqa-data", VqaDataConfig, _vqa_data, "write visual questions about procedural scenes (images or text)",
+        "Scenes of coloured shapes in a 2 x 2 grid with exact captions, and checkable questions (colour_of, "
+        "shape_at, count, exists, unanswerable; levels 1-3). --format images writes OUT/images/<id>.png and "
+        "OUT/records.jsonl (image, prompt, completion, family, level, caption) for the VLM and CLIP domains; "
+        "--format text writes OUT as prompt/completion JSONL with the scene as its caption, for any language "
+        "model. See docs/methods/comd.md.", ("out",)),
+    FlagCommand(
+        "vqa-lm", VqaLmConfig, _vqa_lm, "write a small random Llama + tokenizer for the text scene questions",
+        "A randomly initialised LlamaForCausalLM with a byte-level BPE tokenizer trained on the scene-question "
+        "vocabulary, saved to OUT as a plain Hugging Face folder: train it into a text-QA teacher with method: sft "
+        "on `stillroom vqa-data --format text` data, and derive students from its config. See "
+        "docs/methods/comd.md.", ("out",)),
 )
 
 

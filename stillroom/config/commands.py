@@ -180,7 +180,8 @@ class SpecEvalConfig(Strict):
     )
     data: str = Field(
         "bundled:instructions", description="Prompts: bundled:NAME or a .jsonl/.json/.parquet/.txt file (chat "
-        "messages up to the last user turn, `prompt`, or the first words of `text`)."
+        "messages up to the last user turn, `prompt`, or the first words of `text`); for a vision-language "
+        "(LLaVA) target, a VQA records.jsonl whose records give `prompt` and `image` (relative to its folder)."
     )
     prompts: int = Field(8, ge=1, description="Number of prompts (the first N readable records of `data`).")
     on_bad_record: Literal["stop", "skip"] = Field(

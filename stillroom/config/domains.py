@@ -18,6 +18,7 @@ from stillroom.config.core import Strict
 from stillroom.config.autoregressive import AutoregressiveConfig
 from stillroom.config.generative import GenerativeConfig
 from stillroom.config.mae import MaeConfig
+from stillroom.config.clip import ClipConfig, ClipTeacherKind
 
 
 class DomainSection(Strict):
@@ -175,7 +176,7 @@ def _changed(section: Strict, name: str) -> bool:
 _TRAINING = ("arch", "steps", "batch_size", "lr", "weight_decay", "warmup_steps", "seed", "augment")
 
 
-class ClassifierTeacherConfig(Strict):
+class ClassifierTeacherConfig(ClipTeacherKind):
     """The classifier teacher: a saved folder to load, or an architecture trained here (and cached)."""
 
     path: str | None = Field(
@@ -394,7 +395,5 @@ def _check_class_groups(groups: list[list[int]] | str | None, names: list[str] |
 DOMAINS: dict[str, type[DomainSection] | None] = {
     "lm": None,
     "classifier": ClassifierConfig,
-    "mae": MaeConfig,
-    "generative": GenerativeConfig,
-    "autoregressive": AutoregressiveConfig,
+    "mae": MaeConfig, "generative": GenerativeConfig, "autoregressive": AutoregressiveConfig, "clip": ClipConfig,
 }

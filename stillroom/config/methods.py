@@ -17,6 +17,11 @@ from pydantic import Field, model_validator
 from stillroom.config.core import Strict
 from stillroom.config.cfg_distill import CfgDistillConfig
 from stillroom.config.dd2 import Dd2Config
+from stillroom.config.ogen import OgenConfig
+from stillroom.config.dho import DhoConfig
+from stillroom.config.llava_mod import LlavaModConfig
+from stillroom.config.comd import ComdConfig
+from stillroom.config.specvlm import SpecVlmConfig
 from stillroom.config.dmd import DmdConfig
 from stillroom.config.twinflow import TwinFlowConfig
 from stillroom.config.mae import DmaeConfig, SelfDistillFptConfig
@@ -366,6 +371,11 @@ METHODS: dict[str, type[MethodSection] | None] = {
     "twinflow": TwinFlowConfig,
     "dd2": Dd2Config,
     "cfg_distill": CfgDistillConfig,
+    "ogen": OgenConfig,
+    "dho": DhoConfig,
+    "llava_mod": LlavaModConfig,
+    "comd": ComdConfig,
+    "specvlm": SpecVlmConfig,
 }
 """Every training method by name: its section, or ``None`` (kd: the loss terms against the teacher; sft:
 cross-entropy on the data only, no teacher at training time). :mod:`stillroom.methods` implements each."""

@@ -24,10 +24,17 @@ from stillroom.config.domains import DOMAINS, ClassifierConfig, DomainSection
 from stillroom.config.autoregressive import AutoregressiveConfig
 from stillroom.config.cfg_distill import CfgDistillConfig
 from stillroom.config.dd2 import Dd2Config
+from stillroom.config.dho import DhoConfig
+from stillroom.config.llava_mod import LlavaModConfig
+from stillroom.config.comd import ComdConfig
+from stillroom.config.specvlm import SpecVlmConfig
 from stillroom.config.dmd import DmdConfig
 from stillroom.config.twinflow import TwinFlowConfig
+from stillroom.config.vlm import VlmConfig, check_vlm_run
 from stillroom.config.generative import GenerativeConfig
 from stillroom.config.mae import DmaeConfig, MaeConfig, SelfDistillFptConfig
+from stillroom.config.clip import ClipConfig
+from stillroom.config.ogen import OgenConfig
 from stillroom.config.core import (
     DataConfig,
     DataSource,
@@ -110,6 +117,11 @@ class RunConfig(Strict):
     self_distill_fpt: SelfDistillFptConfig | None = Field(
         None, description="Settings of method=self_distill_fpt (domain mae; self-distillation for further pre-training).")
     mae: MaeConfig | None = Field(None, description="Settings of domain=mae: MAE pre-training of a ViTMAE student.")
+    ogen: OgenConfig | None = Field(None, description="Settings of method=ogen (domain clip; prompt fine-tuning of a "
+                                    "frozen CLIP with synthesised unknown features and local-mean-teacher "
+                                    "self-distillation).")
+    clip: ClipConfig | None = Field(None, description="Settings of domain=clip: a small CLIP (image tower built "
+                                    "here, MiniLM text tower) trained contrastively on image-caption pairs.")
     generative: GenerativeConfig | None = Field(None, description="Settings of domain=generative: a class-conditional "
                                                 "denoiser student distilled from a denoiser teacher.")
     autoregressive: AutoregressiveConfig | None = Field(
@@ -117,8 +129,17 @@ class RunConfig(Strict):
         "distilled from an autoregressive teacher (exact-evaluation toy).")
     dd2: Dd2Config | None = Field(None, description="Settings of method=dd2 (domain autoregressive; Distilled "
                                   "Decoding 2).")
+    dho: DhoConfig | None = Field(None, description="Settings of method=dho (classifier domain; dual-head "
+                                  "semi-supervised distillation).")
     cfg_distill: CfgDistillConfig | None = Field(None, description="Settings of method=cfg_distill (domain "
                                                  "autoregressive, markov_modes; diversity-rewarded CFG distillation).")
+    llava_mod: LlavaModConfig | None = Field(None, description="Settings of method=llava_mod (LLaVA-MoD: MoE "
+                                            "upcycling, mimic and preference distillation).")
+    comd: ComdConfig | None = Field(None, description="Settings of method=comd (CoMD: rounds of distillation, "
+                                    "assessment and augmentation on scene questions).")
+    specvlm: SpecVlmConfig | None = Field(None, description="Settings of method=specvlm (SpecVLM: a draft "
+                                          "distilled online from the target's logits and features, acceptance "
+                                          "measured during training).")
     dmd: DmdConfig | None = Field(None, description="Settings of method=dmd (domain generative; DMD, DMD2 and "
                                   "Decoupled DMD).")
     twinflow: TwinFlowConfig | None = Field(None, description="Settings of method=twinflow (domain generative; "
@@ -126,6 +147,8 @@ class RunConfig(Strict):
     classifier: ClassifierConfig | None = Field(
         None, description="Settings of domain=classifier: the data set, the classifier teacher and the student."
     )
+    vlm: VlmConfig | None = Field(None, description="A LLaVA-style vision-language teacher and student in the lm "
+                                  "domain: image records, pixel_values in every batch (stillroom.config.vlm).")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Used by `stillroom generate`.")
     select: SelectConfig = Field(default_factory=SelectConfig, description="Used by `stillroom select`.")
     ast: AstConfig = Field(default_factory=AstConfig, description="Used by `stillroom distill-data` (AST dataset "
@@ -187,6 +210,13 @@ class RunConfig(Strict):
                     f"`data` are language-model (domain: lm) sections. Set them in the `{self.domain}` section "
                     f"(e.g. {self.domain}.teacher, {self.domain}.student) and remove `{given[0]}`"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _vlm_run(self) -> "RunConfig":
+        """A ``vlm`` section: the lm domain, the teacher from ``vlm.teacher``, a student built from a config."""
+        if self.vlm is not None:
+            check_vlm_run(self)
         return self
 
     @property

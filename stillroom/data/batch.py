@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stillroom.data.images import ImageRef, stack_pixels
+
 IGNORE = -100
 
 
@@ -33,7 +35,8 @@ class Example:
     ``domain``: optional domain label; ``n_bytes``: UTF-8 bytes of the text the
     target tokens cover (for bits per byte); ``role``: which sequence of its record's
     group this is, for methods that train on several sequences per record (e.g.
-    ``predict`` / ``explain``, ``chosen`` / ``rejected``), else ``None``.
+    ``predict`` / ``explain``, ``chosen`` / ``rejected``), else ``None``; ``image``: the image of a
+    vision-language record (its file, read into ``Batch.pixel_values`` when collated), else ``None``.
     """
 
     input_ids: list[int]
@@ -43,6 +46,7 @@ class Example:
     n_bytes: int = 0
     meta: dict = field(default_factory=dict)
     role: str | None = None
+    image: ImageRef | None = None
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.target):
@@ -69,6 +73,16 @@ class Batch:
     normalisation, REDI's signed, length-normalised pair weights), after the loop has counted
     the step's target tokens ``N``; the loop divides by ``N``, so a method whose objective is
     ``sum(w * l) / N`` chooses ``w`` accordingly."""
+    pixel_values: torch.Tensor | None = None
+    """Optional ``[B, 3, H, W]`` float: each row's image, normalised for the model's vision tower (a
+    vision-language model's prompt holds its image tokens); ``None`` for text-only batches."""
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of a forward pass on this batch: ids, mask and, when set, ``pixel_values``."""
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.pixel_values is not None:
+            inputs["pixel_values"] = self.pixel_values
+        return inputs
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -89,6 +103,7 @@ class Batch:
             domains=self.domains,
             roles=self.roles,
             target_weight=None if self.target_weight is None else self.target_weight.to(device),
+            pixel_values=None if self.pixel_values is None else self.pixel_values.to(device),
         )
 
 
@@ -117,6 +132,8 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         n_bytes=torch.tensor([e.n_bytes for e in examples], dtype=torch.long),
         domains=[e.domain for e in examples],
         roles=[e.role for e in examples],
+        pixel_values=stack_pixels([e.image for e in examples], [e.uid for e in examples])
+        if any(e.image is not None for e in examples) else None,  # text-only batches never touch images
     )
 
 

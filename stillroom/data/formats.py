@@ -31,11 +31,12 @@ content at all (empty text), which the pipeline counts as ``dropped_empty``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from stillroom.config.schema import DataSource
 from stillroom.data.errors import BadRecord, DataError
+from stillroom.data.images import ImageRef
 
 Format = Literal["text", "prompt_completion", "messages"]
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -44,10 +45,14 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 @dataclass
 class Encoded:
-    """Token ids ``[n]`` and target flags ``[n]`` of one record (before truncation/packing)."""
+    """Token ids ``[n]`` and target flags ``[n]`` of one record (before truncation/packing); a vision-language
+    record's ``image`` and the record fields an encoder keeps for the report (``meta``, merged into
+    ``Example.meta``)."""
 
     input_ids: list[int]
     target: list[bool]
+    image: ImageRef | None = None
+    meta: dict = field(default_factory=dict)
 
 
 class TextEncoder:

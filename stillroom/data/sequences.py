@@ -15,6 +15,7 @@ from stillroom.data.batch import Example
 from stillroom.data.encoders import RecordEncoder, RecordViews
 from stillroom.data.errors import BadRecord, BadRecordPolicy, DataError
 from stillroom.data.formats import Encoded, Format, TextEncoder, infer_format
+from stillroom.data.images import ImageRef
 from stillroom.data.readers import describe
 from stillroom.data.records import good_records, record_key
 
@@ -113,9 +114,9 @@ class SequenceBuilder:
         return total
 
     def example(self, ids: list[int], target: list[bool], uid: str, src: DataSource, meta: dict,
-                role: str | None = None) -> Example:
+                role: str | None = None, image: ImageRef | None = None) -> Example:
         return Example(input_ids=ids, target=target, uid=uid, domain=src.domain, n_bytes=self.n_bytes(ids, target),
-                       meta=meta, role=role)
+                       meta=meta, role=role, image=image)
 
     def sequences(self, records: list[EncodedRecord], view: View, tag: str, src: DataSource, fmt: Format,
                   split: str, counts: dict) -> list[tuple[str, Example]]:
@@ -141,18 +142,18 @@ class SequenceBuilder:
                 continue
             for e, role in zip(cut, roles):
                 name = f"{tag}:{r.index}:{role}" if role is not None else f"{tag}:{r.index}"
-                meta = {"source": tag, "format": fmt, "record": r.index}
+                meta = {**e.meta, "source": tag, "format": fmt, "record": r.index}
                 out.append((r.key, self.example(e.input_ids, e.target, f"{name}:{ids_hash(e.input_ids)}", src, meta,
-                                                role)))
+                                                role, e.image)))
         return out
 
     def _truncate(self, e: Encoded, counts: dict) -> Encoded:
         seq_len = self.cfg.seq_len
         if len(e.input_ids) <= seq_len:
-            return Encoded(list(e.input_ids), list(e.target))
+            return Encoded(list(e.input_ids), list(e.target), e.image, e.meta)
         counts["truncated_sequences"] += 1
         counts["truncated_tokens"] += len(e.input_ids) - seq_len
-        return Encoded(list(e.input_ids[:seq_len]), list(e.target[:seq_len]))
+        return Encoded(list(e.input_ids[:seq_len]), list(e.target[:seq_len]), e.image, e.meta)
 
     def packed(self, records: list[EncodedRecord], view: View, tag: str, src: DataSource, split: str,
                counts: dict) -> list[tuple[str, Example]]:

@@ -9,8 +9,9 @@ from stillroom.domains.vision import ClassifierDomain
 from stillroom.domains.autoregressive.prepare import AutoregressiveDomain
 from stillroom.domains.generative.prepare import GenerativeDomain
 from stillroom.domains.vision.mae_domain import MaeDomain
+from stillroom.domains.vl.clip_domain import ClipDomain
 
 DOMAINS: dict[str, Domain] = {d.name: d for d in (LmDomain(), ClassifierDomain(), MaeDomain(), GenerativeDomain(),
-                                                        AutoregressiveDomain())}
+                                                        AutoregressiveDomain(), ClipDomain())}
 
 __all__ = ["DOMAINS", "Domain", "PreparedRun"]

@@ -83,6 +83,17 @@ _AUTOREGRESSIVE_COLUMNS = (
 )
 
 
+_CLIP_COLUMNS = (
+    ("zero_shot_mean", "zero-shot (mean)", "pct"),
+    ("recall1_mean", "recall@1 i->t (mean)", "pct"),
+    ("params", "params", "count"),
+    ("trainable_params", "trainable", "count"),
+    ("images_per_s", "img-tower images/s", "int"),
+    ("train_seconds", "train s", "f1"),
+    ("steps", "steps", "int"),
+)
+
+
 @dataclass(frozen=True)
 class ReportLayout:
     """How one domain's metrics show in report.md.
@@ -112,6 +123,8 @@ LAYOUTS: dict[str, ReportLayout] = {
     "generative": ReportLayout(_GENERATIVE_COLUMNS, (), speed="samples_per_s", ce_unit="",
                                plots=("samples.png",), marker="samples_per_s"),
     "autoregressive": ReportLayout(_AUTOREGRESSIVE_COLUMNS, (), speed="samples_per_s", ce_unit="", marker="joint_tv"),
+    "clip": ReportLayout(_CLIP_COLUMNS, ("zero_shot_mean", "recall1_mean"), speed="images_per_s", ce_unit="",
+                         plots=("reliability.png",), marker="recall1_mean"),
 }
 """Report layouts by domain name (``RunConfig.domain``)."""
 

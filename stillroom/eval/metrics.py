@@ -71,7 +71,7 @@ def row_nll(model: torch.nn.Module, batch: Batch, precision: str = "fp32", *,
     """
     with inference_mode(model, precision) as device:
         b = batch.to(device)
-        logits_btv = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+        logits_btv = model(**b.model_inputs(), use_cache=False).logits
         if vocab_size is not None:
             logits_btv = logits_btv[..., :vocab_size]
         mask_bt = b.loss_mask
@@ -96,9 +96,7 @@ def teacher_logits_from_model(teacher: torch.nn.Module) -> Callable[[Batch], tor
         was_training = teacher.training
         teacher.eval()
         try:
-            out = teacher(
-                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
-            )
+            out = teacher(**{k: v.to(device) for k, v in batch.model_inputs().items()})
         finally:
             teacher.train(was_training)
         return out.logits
@@ -192,7 +190,7 @@ def evaluate_lm(
             if n == 0:
                 continue
             b = batch.to(device)
-            logits_btv = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            logits_btv = model(**b.model_inputs()).logits
             logits_btv = _slice_vocab(logits_btv, vocab_size, "model")
             if logits_btv.shape[:2] != mask_bt.shape:
                 raise ValueError(
@@ -326,6 +324,8 @@ def interleaved_tokens_per_s(models: Mapping[str, torch.nn.Module], seq_len: int
     with contextlib.ExitStack() as stack:
         for name, model in models.items():
             config = getattr(model, "config", None)
+            if config is not None and hasattr(config, "get_text_config"):  # a VLM: its decoder's settings
+                config = config.get_text_config()
             vocab = getattr(config, "vocab_size", None)
             if not vocab:
                 raise ValueError(f"forward_tokens_per_s: {name}: model.config.vocab_size is needed to draw random ids")

@@ -59,11 +59,18 @@ def _atomic_write(path: Path, write: Any, binary: bool = False) -> None:
         raise
 
 
-def _run_all(fn: Any, prompts_ids: list[list[int]], seed: int, **kw: Any) -> tuple[SpecStats, list[list[int]]]:
+def _is_ids(prompt: Any) -> bool:
+    """A prompt given as token ids (a list of ints), not text or chat messages."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(t, int) for t in prompt)
+
+
+def _run_all(fn: Any, prompts_ids: list[list[int]], seed: int, pixels: Sequence[torch.Tensor | None] | None = None,
+             **kw: Any) -> tuple[SpecStats, list[list[int]]]:
     total, outputs = SpecStats(), []
     for i, ids in enumerate(prompts_ids):
         gen = torch.Generator().manual_seed(seed + i)  # prompt i uses the same seed in every run
-        result = fn(prompt_ids=ids, generator=gen, **kw)
+        image = {} if pixels is None or pixels[i] is None else {"pixel_values": pixels[i]}
+        result = fn(prompt_ids=ids, generator=gen, **image, **kw)
         total = total + result.stats
         outputs.append(result.tokens)
     return total, outputs
@@ -91,11 +98,14 @@ def run_spec_eval(
     data_source: str | None = None,
     data_seed: int | None = None,
     records_skipped: int = 0,
+    pixel_values: Sequence[torch.Tensor | None] | None = None,
 ) -> dict:
     """Evaluate ``draft`` as a speculative drafter for ``target``; write ``report.json``,
     ``report.md`` and ``block_efficiency.png`` into ``out_dir``; return the report dict.
 
-    Both models must use ``tokenizer``. Prompts are plain strings or chat message lists.
+    Both models must use ``tokenizer``. Prompts are plain strings, chat message lists or token ids; an image
+    prompt (a vision-language target) is its token ids, image tokens included, with its ``pixel_values[i]``
+    (``[1, 3, H, W]``, given to the first forward of target and draft).
     Each prompt i is decoded with a generator seeded ``seed + i`` in every run.
 
     The report names what it measured: ``target`` and ``draft`` (``*_ref``: the model reference
@@ -120,29 +130,33 @@ def run_spec_eval(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    prompts_ids = [prompt_ids(tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
+    prompts_ids = [list(p) if _is_ids(p) else prompt_ids(tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
+    if pixel_values is not None and len(pixel_values) != len(prompts_ids):
+        raise ValueError(f"{len(pixel_values)} pixel_values for {len(prompts_ids)} prompts; give one per prompt")
+    first_image = {} if pixel_values is None or pixel_values[0] is None else {"pixel_values": pixel_values[0]}
     eos = eos_token_ids(tokenizer, target) if stop_at_eos else None
     n_target, n_draft = _n_params(target), _n_params(draft)
     common = dict(max_new_tokens=max_new_tokens, sampling_temperature=sampling_temperature, top_p=top_p, eos_token_id=eos)
 
     if warmup:  # first calls pay one-time costs (allocator, kernels) that would bias the first timing
         short = dict(common, max_new_tokens=min(4, max_new_tokens))
-        autoregressive_generate(target, prompts_ids[0], **short)
-        speculative_generate(target, draft, prompts_ids[0], gamma=max(gammas), **short)
+        autoregressive_generate(target, prompts_ids[0], **short, **first_image)
+        speculative_generate(target, draft, prompts_ids[0], gamma=max(gammas), **short, **first_image)
 
     rows: list[dict[str, Any]] = []
     baselines: dict[str, dict[str, Any]] = {}
     for mode in modes:
         greedy = mode == "greedy"
         ar_stats, ar_out = _run_all(
-            lambda **kw: autoregressive_generate(target, **kw), prompts_ids, seed, greedy=greedy, **common
-        )
+            lambda **kw: autoregressive_generate(target, **kw), prompts_ids, seed, pixel_values, greedy=greedy,
+            **common)
         baselines[mode] = ar_stats.to_dict()
         for gamma in gammas:
             st, out = _run_all(
                 lambda **kw: speculative_generate(target, draft, gamma=gamma, **kw),
                 prompts_ids,
                 seed,
+                pixel_values,
                 greedy=greedy,
                 **common,
             )

@@ -127,10 +127,15 @@ def crop_cache(cache: Any, length: int) -> None:
 
 
 class _Decoder:
-    """One model with its KV cache over a prefix of the sequence."""
+    """One model with its KV cache over a prefix of the sequence. ``pixel_values`` (``[1, 3, H, W]``, a
+    vision-language prompt's image) go with the forward of the prompt's ``prompt_len`` tokens only: a first call
+    that also feeds proposals runs the prompt (with the image) and the proposals (whose ids may equal the image
+    token's, then read as text) as two passes on one cache, counted as one call."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, pixel_values: torch.Tensor | None = None, prompt_len: int = 0):
         self.model = model
+        self.pixel_values = pixel_values
+        self.prompt_len = prompt_len
         self.device = model_device(model)
         self.keyword = cache_keyword(model)  # `cache` (transformers >= 5.24) or `past_key_values` (5.0-5.23)
         self.cache: Any = None
@@ -139,14 +144,25 @@ class _Decoder:
 
     def logits(self, sequence: list[int], keep: int) -> torch.Tensor:
         """Feed ``sequence[self.cached:]``; return the logits ``[keep, V]`` of the last ``keep`` positions."""
-        feed = sequence[self.cached :]
-        if len(feed) < keep:
+        if len(sequence) - self.cached < keep:
             raise RuntimeError("internal error: asked for logits of positions already in the cache")
-        ids_1t = torch.tensor([feed], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids_1t, use_cache=True, logits_to_keep=keep, **{self.keyword: self.cache})
+        self.calls += 1
+        if self.pixel_values is None or self.cached > 0:
+            return self._forward(sequence, keep, {})
+        image = {"pixel_values": self.pixel_values.to(self.device)}
+        beyond = len(sequence) - self.prompt_len  # proposals fed with the prompt
+        if beyond <= 0:
+            return self._forward(sequence, keep, image)
+        head = self._forward(sequence[: self.prompt_len], 1, image)  # the prompt's last position
+        tail = self._forward(sequence, min(keep, beyond), {})
+        return torch.cat([head, tail]) if keep > beyond else tail
+
+    def _forward(self, sequence: list[int], keep: int, image: dict) -> torch.Tensor:
+        """One pass over ``sequence[self.cached:]``: the logits ``[keep, V]`` of its last ``keep`` positions."""
+        ids_1t = torch.tensor([sequence[self.cached :]], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids_1t, use_cache=True, logits_to_keep=keep, **{self.keyword: self.cache}, **image)
         self.cache = checked_cache(out, len(sequence), self.keyword, self.model)
         self.cached = len(sequence)
-        self.calls += 1
         return out.logits[0, -keep:, :]
 
     def truncate(self, length: int) -> None:
@@ -182,6 +198,7 @@ def speculative_generate(
     top_p: float = 1.0,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    pixel_values: torch.Tensor | None = None,
 ) -> SpecResult:
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (batch size 1).
 
@@ -189,7 +206,9 @@ def speculative_generate(
     away, and none after the draft proposes EOS). ``gamma=0`` with ``draft=None`` is plain
     autoregressive decoding of the target with a KV cache. The draft and the target must
     share the tokenizer; if their logit widths differ (vocabulary padding rows) both are
-    cut to the smaller width. Randomness (sampling mode) comes only from ``generator``.
+    cut to the smaller width. Randomness (sampling mode) comes only from ``generator``. ``pixel_values``
+    ``[1, 3, H, W]``: the image of a vision-language prompt (its image tokens are in ``prompt_ids``), given to
+    the target's and the draft's first forward.
     """
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0 (got {gamma})")
@@ -206,8 +225,8 @@ def speculative_generate(
 
     start = time.perf_counter()
     stats = SpecStats()
-    tgt = _Decoder(target)
-    drf = _Decoder(draft) if draft is not None and gamma > 0 else None
+    tgt = _Decoder(target, pixel_values, len(prompt_ids))
+    drf = _Decoder(draft, pixel_values, len(prompt_ids)) if draft is not None and gamma > 0 else None
     sequence = [int(t) for t in prompt_ids]
     new: list[int] = []
     width = logits_width(target) if drf is None else min(logits_width(target), logits_width(draft))
@@ -295,6 +314,7 @@ def autoregressive_generate(
     top_p: float = 1.0,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    pixel_values: torch.Tensor | None = None,
 ) -> SpecResult:
     """The baseline: one target forward per token with a KV cache (``speculative_generate`` with gamma=0,
     so timing comparisons share every line of code except the draft and the verification)."""
@@ -309,4 +329,5 @@ def autoregressive_generate(
         top_p=top_p,
         eos_token_id=eos_token_id,
         generator=generator,
+        pixel_values=pixel_values,
     )

@@ -165,7 +165,18 @@ def hidden_cosine(student_hidden: dict[int, torch.Tensor], teacher: TeacherSigna
     return _latent("hidden_cosine", student_hidden, teacher, mask, layer_map, projections, cosine=True)
 
 
-def _latent(term, student_hidden, teacher, mask, layer_map, projections, cosine):
+def hidden_smooth_l1(student_hidden: dict[int, torch.Tensor], teacher: TeacherSignal | dict, mask: torch.Tensor, *,
+                     layer_map: LayerMap | None = None, projections: dict[int, torch.nn.Module] | None = None,
+                     beta: float = 1.0) -> tuple[torch.Tensor, int]:
+    """Smooth-L1 regression of features (EAGLE / SpecVLM draft training): sum over counted tokens of
+    sum_l mean_d smooth_l1_beta(W_l h_s^l - h_t^l), where smooth_l1_beta(x) = 0.5 x^2 / beta for |x| < beta,
+    else |x| - 0.5 beta (``torch.nn.SmoothL1Loss``, whose default beta = 1 EAGLE uses); projections as in
+    :func:`hidden_mse`. Robust to the large, rare feature errors of an untrained draft where MSE is not."""
+    return _latent("hidden_smooth_l1", student_hidden, teacher, mask, layer_map, projections, cosine=False,
+                   beta=beta)
+
+
+def _latent(term, student_hidden, teacher, mask, layer_map, projections, cosine, beta=None):
     rows, count = _count(mask)
     total = torch.zeros((), dtype=torch.float32, device=mask.device)
     for s, t, hs, ht in _pairs(term, student_hidden, _teacher_states(teacher, False), layer_map, "hidden_states"):
@@ -181,6 +192,8 @@ def _latent(term, student_hidden, teacher, mask, layer_map, projections, cosine)
                              f"{b.shape[-1]}; give LossMix student_hidden/teacher_hidden so it adds a projection")
         if cosine:
             total = total + (1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)).sum()
+        elif beta is not None:
+            total = total + torch.nn.functional.smooth_l1_loss(a, b, reduction="none", beta=beta).mean(-1).sum()
         else:
             total = total + (a - b).pow(2).mean(-1).sum()
     return total, count
@@ -219,4 +232,6 @@ register(TermSpec("squarehead", "hidden", squarehead, {**_LAYERS, "eps": 7.8125e
                   all_of(_check_hidden, non_negative("eps"))))
 register(TermSpec("hidden_mse", "hidden", hidden_mse, dict(_LAYERS), _check_hidden, projects=True))
 register(TermSpec("hidden_cosine", "hidden", hidden_cosine, dict(_LAYERS), _check_hidden, projects=True))
+register(TermSpec("hidden_smooth_l1", "hidden", hidden_smooth_l1, {**_LAYERS, "beta": 1.0},
+                  all_of(_check_hidden, non_negative("beta")), projects=True))
 register(TermSpec("attention_mse", "attention", attention_mse, {"layers": "uniform"}, _check_layers))

@@ -9,6 +9,11 @@ from stillroom.methods import conditional, ddk, ferkd, lelp, meal_v2, onpolicy, 
 from stillroom.methods import dmae, self_distill_fpt, tsm
 from stillroom.methods import cfg_distill, dd2
 from stillroom.methods import dmd, twinflow
+from stillroom.methods import ogen
+from stillroom.methods import llava_mod
+from stillroom.methods import comd
+from stillroom.methods import dho
+from stillroom.methods import specvlm
 from stillroom.methods.base import Method, MethodContext, MethodPlan, StepCounts
 
 KD = Method("kd", domains=None)
@@ -21,6 +26,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     unfused.METHOD, lelp.METHOD, ferkd.METHOD, dmae.METHOD, self_distill_fpt.METHOD,
     tsm.METHOD, dmd.METHOD, twinflow.METHOD, dd2.METHOD,
     cfg_distill.METHOD,
+    ogen.METHOD,
+    llava_mod.METHOD,
+    comd.METHOD,
+    dho.METHOD,
+    specvlm.METHOD,
 )}
 
 __all__ = ["METHODS", "Method", "MethodContext", "MethodPlan", "StepCounts"]

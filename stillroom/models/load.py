@@ -201,7 +201,7 @@ def _from_pretrained(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     common = dict(revision=revision, trust_remote_code=trust_remote_code, local_files_only=local_only)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, **common)
+        model = model_class(name, common).from_pretrained(name, dtype=dtype, use_safetensors=True, **common)
     except (OSError, ValueError) as err:
         msg = str(err)
         if "safetensors" in msg.lower() and Path(name).is_dir() and any(Path(name).glob("*.bin")):
@@ -218,6 +218,19 @@ def _from_pretrained(
             "(`tokenizer.save_pretrained(folder)`)"
         ) from err
     return model, tok
+
+
+def model_class(name: str, common: dict | None = None):
+    """The auto class that loads folder/hub id ``name``: ``AutoModelForCausalLM``, or for a vision-language
+    folder (a LLaVA-style config with a ``vision_config``) ``AutoModelForImageTextToText``."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(name, **(common or {}))
+    except (OSError, ValueError):
+        return AutoModelForCausalLM  # its own loading error names the problem
+    vision = getattr(config, "vision_config", None) is not None
+    return AutoModelForImageTextToText if vision and hasattr(config, "image_token_index") else AutoModelForCausalLM
 
 
 def model_source(spec: str) -> ModelSource:

@@ -105,18 +105,26 @@ def spec_eval(cfg: SpecEvalConfig, *, log: Log = say) -> dict:
             "speculative decoding needs a draft that shares the target's vocabulary"
         )
     counts: dict = {}
-    prompts = read_prompts(cfg.data, cfg.prompts, seed=cfg.seed, on_bad_record=cfg.on_bad_record, counts=counts)
-    skipped = f", {counts['records_bad']} bad record(s) skipped" if counts.get("records_bad") else ""
-    log(f"{len(prompts)} prompts from {cfg.data}{skipped}")
+    pixels = None
+    if getattr(target.model.config, "vision_config", None) is not None:  # a VLM: VQA records with their images
+        from stillroom.domains.vl.vlm_data import image_prompts
+
+        texts, pixels = image_prompts(cfg.data, cfg.prompts, target.model, target.tokenizer, cfg.target)
+        log(f"{len(texts)} image prompts from {cfg.data}")
+    else:
+        prompts = read_prompts(cfg.data, cfg.prompts, seed=cfg.seed, on_bad_record=cfg.on_bad_record, counts=counts)
+        texts = [p.prompt for p in prompts]
+        skipped = f", {counts['records_bad']} bad record(s) skipped" if counts.get("records_bad") else ""
+        log(f"{len(prompts)} prompts from {cfg.data}{skipped}")
     runs = len(cfg.modes) * (1 + len(cfg.gamma))
     log(f"measuring: {'/'.join(cfg.modes)} x (target alone + gamma {' '.join(map(str, cfg.gamma))}) = {runs} runs "
-        f"over {len(prompts)} prompts, {cfg.max_new_tokens} new tokens each ...")
+        f"over {len(texts)} prompts, {cfg.max_new_tokens} new tokens each ...")
     with heartbeat(target.model, log):
         report = run_spec_eval(
             target.model,
             draft.model,
             target.tokenizer,
-            [p.prompt for p in prompts],
+            texts,
             cfg.gamma,
             max_new_tokens=cfg.max_new_tokens,
             modes=cfg.modes,
@@ -132,6 +140,7 @@ def spec_eval(cfg: SpecEvalConfig, *, log: Log = say) -> dict:
             data_source=cfg.data,
             data_seed=cfg.seed,
             records_skipped=counts.get("records_bad", 0),
+            pixel_values=pixels,
         )
     for row in report["results"]:
         log(

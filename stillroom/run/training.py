@@ -92,6 +92,9 @@ def _prepare(cfg: RunConfig, method: Method, log: Log) -> PreparedRun:
 
 def _log_teacher_source(cfg: RunConfig, log: Log) -> None:
     src = cfg.teacher.model
+    if cfg.vlm is not None:
+        log(f"teacher: the VLM {cfg.vlm.teacher.path or 'trained here (or cached) from vlm.teacher'}")
+        return
     if src.builtin is not None:
         from stillroom.models.builtin import builtin_folder
 

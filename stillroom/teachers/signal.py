@@ -145,8 +145,7 @@ class OnlineTeacher:
     def signal(self, batch: Batch) -> TeacherSignal:
         """Dense teacher logits for ``batch``: ``[B, T, V]`` aligned with the student's positions."""
         out = self.model(
-            input_ids=batch.input_ids.to(self.device),
-            attention_mask=batch.attention_mask.to(self.device),
+            **{k: v.to(self.device) for k, v in batch.model_inputs().items()},  # ids, mask (+ pixel_values)
             output_hidden_states=bool(self.hidden_layers),
             output_attentions=self.attentions,
             use_cache=False,

@@ -78,7 +78,15 @@ def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[E
     for name, rate in rates.items():
         out[name]["tokens_per_s"] = rate
     log(speed_line(rates, "tokens", again))
-    if cfg.eval.generations:
+    if cfg.vlm is not None:  # answers to held-out questions about images: accuracy and generations
+        from stillroom.domains.vl.vlm_eval import vlm_report
+
+        answers = vlm_report(cfg.run_dir, lm.data.heldout, {k: m for k, (m, _) in models.items()}, lm.tokenizer,
+                             questions=cfg.eval.heldout_sequences, shown=cfg.vlm.report_images,
+                             max_new_tokens=cfg.eval.max_new_tokens, log=log)
+        for name, metrics in answers.items():
+            out[name].update(metrics)
+    elif cfg.eval.generations:
         prompts = generation_prompts(lm, cfg.eval.generations)
         for name, (model, _) in models.items():
             out[name]["generations"] = greedy_generations(model, lm.tokenizer, prompts, cfg.eval.max_new_tokens)

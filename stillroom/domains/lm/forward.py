@@ -6,7 +6,7 @@ import torch
 
 from stillroom.data.batch import Batch
 from stillroom.losses import OutputHead
-from stillroom.models import decoder_body, output_head
+from stillroom.models import decoder_body, output_head, unwrap
 
 
 class StudentForward(torch.nn.Module):
@@ -24,15 +24,15 @@ class StudentForward(torch.nn.Module):
         super().__init__()
         self.model = model
         self.fused = fused
-        self.body = decoder_body(model) if fused else None  # found once, not per batch
+        self.body = body_of(model) if fused else None  # found once, not per batch
         self.head = output_head(model) if fused else None
         self.hidden_layers = hidden_layers
         self.vocab = vocab
         self.attentions = attentions
 
     def forward(self, batch: Batch) -> dict:
-        kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                      output_hidden_states=bool(self.hidden_layers), output_attentions=self.attentions)
+        kwargs = dict(**batch.model_inputs(), use_cache=False, output_hidden_states=bool(self.hidden_layers),
+                      output_attentions=self.attentions)
         if self.fused:
             out = self.body(**kwargs)
             bias = None if self.head.bias is None else self.head.bias[: self.vocab]
@@ -46,3 +46,12 @@ class StudentForward(torch.nn.Module):
             for i, a in enumerate(out.attentions):
                 result[f"att_{i}"] = a
         return result
+
+
+def body_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The module giving the last hidden state: the decoder body, or for a vision-language (LLaVA-style) model
+    its inner model (vision tower + projector + decoder; it takes ``pixel_values``, the decoder alone does not)."""
+    base = unwrap(model)
+    if getattr(base.config, "vision_config", None) is not None and hasattr(base, "model"):
+        return base.model
+    return decoder_body(model)

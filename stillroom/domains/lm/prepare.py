@@ -31,6 +31,7 @@ from stillroom.models import (
     apply_lora, check_vocab, derive_student, load_model, merge_lora, student_from_config, tokenizer_hash,
     use_eager_attention,
 )
+from stillroom.models.moe import upcycle_student
 from stillroom.models.precision import torch_dtype
 from stillroom.teachers.factory import build_teacher_source
 from stillroom.teachers.signal import Fingerprint
@@ -60,7 +61,7 @@ class LmRun:
         loss_cfg = self.cfg.loss
         if method.ce_only:
             loss_cfg = loss_cfg.model_copy(update={"terms": [LossTerm(name="ce")]})
-        s_cfg, t_cfg = getattr(model, "config", None), getattr(self.teacher_model, "config", None)
+        s_cfg, t_cfg = (_text_config(m) for m in (model, self.teacher_model))
         return LossMix(loss_cfg, student_hidden=getattr(s_cfg, "hidden_size", None),
                        teacher_hidden=getattr(t_cfg, "hidden_size", None),
                        student_layers=getattr(s_cfg, "num_hidden_layers", None),
@@ -91,9 +92,10 @@ class LmRun:
                                  attentions=mix.needs_attentions)
         player = Player("student", model, DistillObjective(forward, mix, teacher),
                         replace_batches=plan.replace_batches, weight_targets=plan.weight_targets)
+        players = plan.players(player) if plan.players is not None else [player]  # e.g. LLaVA-MoD's
         evaluate = periodic_evaluation(self, heldout) if cfg.train.eval_every and self.topology.is_main else None
         job = TrainJob(
-            train=cfg.train, seed=cfg.seed, run_dir=run_dir, run_name=cfg.name, players=[player], examples=examples,
+            train=cfg.train, seed=cfg.seed, run_dir=run_dir, run_name=cfg.name, players=players, examples=examples,
             collate=functools.partial(collate, pad_id=self.tokenizer.pad_token_id), topology=self.topology,
             device=self.device, sampler=plan.sampler or ExampleSampler, group_size=1 if baseline else
             self.data.group_size, evaluate=evaluate, metrics=plan.metrics, resume=resume, log=log, unit="tok",
@@ -111,14 +113,18 @@ class LmRun:
         self.tokenizer.save_pretrained(tmp)
         (tmp / "stillroom.json").write_text(json.dumps({"kept_layers": self.kept_layers,
                                                          "teacher": self.fingerprint.teacher}))
+        if self.cfg.vlm is not None:  # the image settings, for loading it as a VLM teacher or target
+            from stillroom.domains.vl.vlm_model import write_preprocessor
+
+            write_preprocessor(tmp, int(plain.config.vision_config.image_size))
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
 
     def load_model(self, folder: Path) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
+        from stillroom.models.load import model_class
 
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        return model_class(str(folder)).from_pretrained(folder, dtype=torch.float32)
 
     def report_notes(self) -> list[str]:
         notes = [f"student keeps teacher layers {self.kept_layers}"] if self.kept_layers is not None else []
@@ -132,8 +138,17 @@ class LmDomain:
 
     def prepare(self, cfg: RunConfig, topology: Topology, method: Method, log: Log) -> LmRun:
         """Load and check the teacher, the data and the student (see the module docstring)."""
-        teacher_loaded = load_model(cfg.teacher.model, dtype=torch_dtype(cfg.teacher.dtype), cache_dir=cfg.cache_dir)
-        teacher_model = teacher_loaded.model.to(resolve_device(cfg.teacher.device, topology, name="teacher.device"))
+        teacher_device = resolve_device(cfg.teacher.device, topology, name="teacher.device")
+        data_cfg, vlm_folder = cfg.data, None
+        if cfg.vlm is not None:  # a LLaVA-style teacher (loaded or trained here) and image records
+            from stillroom.domains.vl.vlm_teacher import load_vlm_teacher, vlm_data_config
+
+            data_cfg = vlm_data_config(cfg)
+            teacher_loaded, vlm_folder = load_vlm_teacher(cfg, data_cfg, topology, teacher_device, log)
+        else:
+            teacher_loaded = load_model(cfg.teacher.model, dtype=torch_dtype(cfg.teacher.dtype),
+                                        cache_dir=cfg.cache_dir)
+        teacher_model = teacher_loaded.model.to(teacher_device)
         teacher_model = teacher_model.eval()
         tokenizer = teacher_loaded.tokenizer
         for line in teacher_lines(cfg, teacher_loaded.identity):
@@ -141,11 +156,16 @@ class LmDomain:
 
         # the data, tokenized with the teacher's tokenizer (the student must share it)
         encoder = method.encoder(cfg) if method.encoder is not None else None
+        if cfg.vlm is not None:
+            encoder = _vlm_encoder(cfg, method, teacher_model, vlm_folder)
         steer = method.steer_fraction(cfg) if method.steer_fraction is not None else 0.0
-        data = build_splits(cfg.data, tokenizer, cfg.seed, encoder, steer_fraction=steer, log=log)
+        data = build_splits(data_cfg, tokenizer, cfg.seed, encoder, steer_fraction=steer, log=log)
         log(f"data: {len(data.train)} train / {len(data.heldout)} held-out sequences; {_short_stats(data.stats)}")
 
         student, student_tok, kept_layers = _student(cfg, teacher_model, tokenizer, data, log)
+        if cfg.llava_mod is not None:  # LLaVA-MoD's sparse student, upcycled from the dense one
+            student = upcycle_student(student, cfg.llava_mod.moe, aux_coef=cfg.llava_mod.aux_coef,
+                                      seed=cfg.seed, log=log)
         vocab_size = check_vocab(tokenizer, teacher_model, student_tok, student)
         if cfg.student.trainable == "lora":
             student = apply_lora(student, cfg.student.lora)
@@ -180,9 +200,15 @@ def _student(cfg: RunConfig, teacher_model: torch.nn.Module, tokenizer, data: Da
         loaded = load_model(cfg.student.model, dtype=dtype, cache_dir=cfg.cache_dir)
         return loaded.model, loaded.tokenizer, None
     if cfg.student.from_config is not None:
-        student = student_from_config(teacher_model, cfg.student.from_config, seed=cfg.seed).to(dtype)
+        if cfg.vlm is not None:  # nested text_config / vision_config changes
+            from stillroom.domains.vl.vlm_model import vlm_student
+
+            student = vlm_student(teacher_model, cfg.student.from_config, seed=cfg.seed).to(dtype)
+        else:
+            student = student_from_config(teacher_model, cfg.student.from_config, seed=cfg.seed).to(dtype)
         n_params = sum(x.numel() for x in student.parameters())
-        log(f"student: new {student.config.num_hidden_layers}-layer model from the teacher's config "
+        layers = student.config.get_text_config().num_hidden_layers
+        log(f"student: new {layers}-layer model from the teacher's config "
             f"({n_params / 1e6:.1f}M parameters, random init)")
         return student, tokenizer, None
     sel = cfg.student.from_teacher
@@ -195,6 +221,23 @@ def _student(cfg: RunConfig, teacher_model: torch.nn.Module, tokenizer, data: Da
     student, kept_layers = derive_student(teacher_model, sel, calibration)
     log(f"student: kept teacher layers {kept_layers}")
     return student.to(dtype), tokenizer, kept_layers
+
+
+def _text_config(model: torch.nn.Module | None):
+    """A model's decoder config (a vision-language model's ``text_config``; a text model's own), or None."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _vlm_encoder(cfg: RunConfig, method: Method, teacher_model: torch.nn.Module, folder: Path | None):
+    """The record encoder of a VLM run: image tokens in the prompt (methods with encoders of their own are
+    refused: their sequences would carry no image)."""
+    from stillroom.domains.vl.vlm_teacher import vlm_encoder
+
+    if method.encoder is not None and method.encoder(cfg) is not None:  # llava_mod's mimic stage has none
+        raise ValueError(f"method {cfg.method!r} builds its own sequences, which carry no image; a `vlm` run "
+                         "supports methods on plain records (kd, sft, specvlm, ...)")
+    return vlm_encoder(teacher_model, folder, cfg.vlm.image_field)
 
 
 def _short_stats(stats: dict) -> str:

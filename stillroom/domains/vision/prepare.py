@@ -22,8 +22,12 @@ from stillroom.config.schema import LossTerm, RunConfig
 from stillroom.data.batch import ExampleSampler
 from stillroom.data.seeds import derive_seed
 from stillroom.domains.vision.data import ImageExample, ImageSplits, build_image_splits, collate_images
+from stillroom.domains.vision.dual_head import (
+    DualHeadClassifier, dual_head_settings, load_dual_head, save_dual_head, wants_dual_head,
+)
 from stillroom.domains.vision.ensemble import classifier_teachers
 from stillroom.domains.vision.forward import ClassifierForward
+from stillroom.domains.vision.semi_supervised import semi_supervised_section, split_semi_supervised
 from stillroom.domains.vision.soft_labels import ImageSoftLabels, open_store_for_run, training_inputs
 from stillroom.domains.vision.metrics import (
     ECE_BINS, classifier_metrics, confusion_matrix, expected_calibration_error, interleaved_images_per_s, logits_of,
@@ -196,14 +200,17 @@ class ClassifierRun:
                          f"reliability on {self.data.dataset.name}'s held-out images ({ECE_BINS} confidence bins)")
 
     def save_model(self, model: torch.nn.Module, folder: Path) -> None:
-        """``model.safetensors`` + ``config.json`` (with the class names), renamed into place."""
+        """``model.safetensors`` + ``config.json`` (with the class names), renamed into place (a dual-head student:
+        its backbone of ``2C`` outputs and its mixture, :mod:`.dual_head`)."""
+        if isinstance(model, DualHeadClassifier):
+            return save_dual_head(model, folder, self.data.dataset.classes)
         per_class = self.outputs_per_class
         grouped = per_class > 1 and model.num_classes == per_class * len(self.data.dataset.classes)
         save_classifier(model, folder, extra={"classes": self.data.dataset.classes,
                                               **({"outputs_per_class": self.outputs_per_class} if grouped else {})})
 
     def load_model(self, folder: Path) -> torch.nn.Module:
-        return load_grouped(folder)
+        return load_dual_head(folder) if dual_head_settings(folder) is not None else load_grouped(folder)
 
     def report_notes(self) -> list[str]:
         sec = self.cfg.classifier
@@ -232,8 +239,13 @@ class ClassifierDomain:
         teacher, origin, notes = classifier_teachers(sec, data, seed=cfg.seed, cache_dir=cfg.cache_dir, device=device,
                                                      topology=topology, log=log)
         log(f"teacher: {origin}")
+        if semi_supervised_section(cfg) is not None:  # after the teacher: a teacher trained here saw every label
+            data = split_semi_supervised(data, semi_supervised_section(cfg), cfg.seed)
+            log(data.notes()[-1])
         per_class = method.outputs_per_class(cfg) if method.outputs_per_class is not None else 1
-        student, student_origin = _student(sec, data, cfg.seed, per_class)
+        dual = wants_dual_head(cfg)  # DHO: a CE head and a KD head, the last layer 2 x classes wide
+        student, student_origin = _student(sec, data, cfg.seed, 2 if dual else per_class)
+        student = DualHeadClassifier(student, cfg.dho.alpha, cfg.dho.beta) if dual else student
         log(f"student: {student.describe()}{', ' + student_origin if student_origin else ''}")
         return ClassifierRun(cfg, topology, device, teacher, student, data, origin, notes, student_origin, per_class)
 

@@ -69,7 +69,13 @@ def classifier_teacher(tc: ClassifierTeacherConfig, data: ImageSplits, *, heldou
                        cache_dir: str | None, device: torch.device, topology: Topology,
                        log: Log) -> tuple[Classifier, str]:
     """``(teacher in eval mode on device, where it comes from)`` as ``tc`` says (see the module docstring).
-    With several processes, process 0 trains a missing teacher while the others wait."""
+    With several processes, process 0 trains a missing teacher while the others wait. ``tc.kind: clip``: a CLIP's
+    zero-shot classifier over the data set's class names (:mod:`stillroom.domains.vl.clip_teacher`)."""
+    if tc.kind == "clip":
+        from stillroom.domains.vl.clip_teacher import zero_shot_teacher
+
+        return zero_shot_teacher(tc, data.dataset, seed=seed, cache_dir=cache_dir, device=device, topology=topology,
+                                 log=log)
     if tc.path is not None:
         folder = Path(tc.path).expanduser()
         model = load_classifier(folder)

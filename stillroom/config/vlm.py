@@ -1,0 +1,104 @@
+"""The ``vlm`` section: a small LLaVA-style vision-language model run through the language-model domain.
+
+With ``vlm`` set (domain ``lm``), the teacher is a transformers ``LlavaForConditionalGeneration``: loaded from
+``vlm.teacher.path`` or built from ``vlm.teacher.arch`` and trained here with cross-entropy, then cached. Records
+name an image (``vlm.image_field``); the record encoder puts the image tokens at the front of the prompt and every
+batch carries ``pixel_values``. ``vlm.data`` generates the procedural scene questions of
+:mod:`stillroom.domains.vl.vqa` into the cache and trains on them (then leave ``data.sources`` unset).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from stillroom.config.core import Strict
+from stillroom.config.scenes import ScenesConfig
+
+
+class VlmArch(Strict):
+    """A tiny LLaVA: a CLIP vision tower (``CLIPVisionConfig``), the two-layer GELU projector and a Llama decoder
+    (``LlamaConfig``), sharing a byte-level BPE tokenizer trained here on the records' text."""
+
+    patch_size: int = Field(8, ge=2, description="Vision patch side in pixels; image tokens per image = "
+                            "(image_size / patch_size)^2 (CLS dropped: vision_feature_select_strategy default).")
+    vision_hidden: int = Field(64, ge=8, description="Width of the vision tower.")
+    vision_layers: int = Field(2, ge=1, description="Transformer blocks of the vision tower.")
+    vision_heads: int = Field(4, ge=1, description="Attention heads of the vision tower.")
+    hidden: int = Field(96, ge=8, description="Width of the decoder (hidden_size).")
+    layers: int = Field(3, ge=1, description="Decoder layers (num_hidden_layers).")
+    heads: int = Field(4, ge=1, description="Decoder attention heads.")
+    kv_heads: int = Field(2, ge=1, description="Decoder key/value heads (grouped-query attention).")
+    mlp_ratio: int = Field(3, ge=1, description="Decoder and vision MLP width as a multiple of their hidden size.")
+    max_positions: int = Field(128, ge=16, description="Decoder max_position_embeddings: image tokens + prompt + "
+                               "answer must fit.")
+    vocab_size: int = Field(400, ge=300, description="Vocabulary of the BPE tokenizer trained here (256 bytes, "
+                            "the special tokens and merges learnt from the records' text).")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "VlmArch":
+        for width, heads, name in ((self.hidden, self.heads, "hidden/heads"),
+                                   (self.vision_hidden, self.vision_heads, "vision_hidden/vision_heads")):
+            if width % heads:
+                raise ValueError(f"vlm arch: {name} = {width}/{heads} must divide evenly")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"vlm arch: heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+        return self
+
+
+class VlmTeacherConfig(Strict):
+    """Where the VLM teacher comes from: a folder, or built from ``arch`` and trained here once (cached)."""
+
+    path: str | None = Field(None, description="A LlavaForConditionalGeneration folder with its tokenizer (null: "
+                             "build one from `arch` and train it here on the run's training records, cached in "
+                             "<cache_dir>/vlms/<key>).")
+    arch: VlmArch = Field(default_factory=VlmArch, description="Architecture of a teacher built here.")
+    steps: int = Field(300, ge=1, description="Cross-entropy steps of a teacher trained here.")
+    batch_size: int = Field(16, ge=1, description="Sequences per step of a teacher trained here.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate of a teacher trained here (AdamW, cosine).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps of a teacher trained here.")
+    seed: int | None = Field(None, description="Seed of a teacher trained here (null: the run's seed).")
+
+
+class VlmDataConfig(Strict):
+    """Scene questions generated into the cache (:func:`stillroom.domains.vl.vqa.write_vqa_folder`)."""
+
+    scenes: ScenesConfig = Field(default_factory=ScenesConfig, description="The procedural scenes.")
+    images: int = Field(400, ge=2, description="Scenes generated (the held-out split takes data.heldout_fraction "
+                        "of the records by hash).")
+    per_image: int = Field(3, ge=1, description="Questions asked about each scene.")
+    seed: int = Field(0, description="Seed of the generated folder (fixed, so every run sees the same data).")
+
+
+class VlmConfig(Strict):
+    """Settings of a vision-language run of the ``lm`` domain (see the module docstring)."""
+
+    teacher: VlmTeacherConfig = Field(default_factory=VlmTeacherConfig, description="The VLM teacher.")
+    data: VlmDataConfig | None = Field(None, description="Generate scene questions and train on them (null: read "
+                                       "`data.sources`, records with an image field).")
+    image_field: str = Field("image", description="Record field holding the image file (relative to the "
+                             "records file's folder).")
+    report_images: int = Field(8, ge=0, description="Held-out questions shown with their image and each model's "
+                               "answer in <run>/vlm_generations.html.")
+
+
+def check_vlm_run(run) -> None:
+    """Cross-field rules of a run with a ``vlm`` section (``run``: the RunConfig), checked when the recipe loads."""
+    if run.domain != "lm":
+        raise ValueError(f"the `vlm` section is set, but domain is {run.domain!r}: a VLM runs in the lm domain; "
+                         "remove `domain` or the `vlm` section")
+    if "model" in run.teacher.model_fields_set:
+        raise ValueError("teacher.model is set beside the `vlm` section: a VLM teacher comes from vlm.teacher.path "
+                         "(a LLaVA folder) or is trained here; move the path to vlm.teacher.path")
+    if run.vlm.data is not None and "sources" in run.data.model_fields_set:
+        raise ValueError("data.sources is set beside vlm.data: vlm.data generates the run's records; remove one")
+    if run.method == "onpolicy":
+        raise ValueError("method=onpolicy samples new sequences, which would carry no image; a `vlm` run trains "
+                         "on its image records (method kd, sft, specvlm, ...)")
+    if run.teacher.source != "online":
+        raise ValueError(f"teacher.source={run.teacher.source!r} with a VLM: only the online teacher reads the "
+                         "images; set teacher.source: online")
+    student = run.student
+    if student.model is None and student.from_config is None:
+        raise ValueError("a VLM student is built with student.from_config (e.g. {text_config: {num_hidden_layers: "
+                         "1}}) or loaded with student.model; layer selection (student.from_teacher) is for text "
+                         "models")
