@@ -23,15 +23,66 @@ def cli_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
+SUBPROCESS = os.environ.get("STILLROOM_TEST_SUBPROCESS") == "1"
+"""Run every :func:`stillroom` call in a subprocess (``STILLROOM_TEST_SUBPROCESS=1``); by default it runs in this
+process, which skips the ~6 s of importing torch and transformers per call (three quarters of a tiny run)."""
+
+
 def stillroom(*args: str, check: bool = True, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "stillroom.cli.main", *args], capture_output=True, text=True, timeout=timeout,
-        env=cli_env(**(env or {})),
-    )
+    """Run the real CLI (``stillroom.cli.main.main``): in this process as the test suite's default (see
+    :func:`_in_process`), in a subprocess with ``STILLROOM_TEST_SUBPROCESS=1``. ``timeout`` bounds a subprocess
+    only."""
+    if SUBPROCESS:
+        proc = subprocess.run(
+            [sys.executable, "-m", "stillroom.cli.main", *args], capture_output=True, text=True, timeout=timeout,
+            env=cli_env(**(env or {})),
+        )
+    else:
+        proc = _in_process(list(args), env or {})
     if check and proc.returncode != 0:
         raise AssertionError(f"stillroom {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _in_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``main(args)`` with the subprocess's conditions: its environment (:func:`cli_env`), one torch thread, stdout
+    and stderr captured, the exit status of ``SystemExit`` or of an escaped exception (1, traceback on stderr).
+    The environment, thread count and the torch/numpy/random generators are restored afterwards, so a call
+    leaves this process as it found it."""
+    import contextlib
+    import io
+    import random
+    import traceback
+
+    import numpy as np
+    import torch
+
+    from stillroom.cli.main import main
+
+    saved_env, threads = dict(os.environ), torch.get_num_threads()
+    rng = (torch.random.get_rng_state(), np.random.get_state(), random.getstate())
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.update(cli_env(**env))
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as exc:  # argparse errors, sys.exit in a command
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if exc.code is not None and not isinstance(exc.code, int):
+                    print(exc.code, file=sys.stderr)
+            except BaseException:  # noqa: BLE001 - a subprocess would die with the traceback on stderr
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(threads)
+        torch.random.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+    return subprocess.CompletedProcess(["stillroom", *args], code, out.getvalue(), err.getvalue())
 
 
 def stillroom_sigkilled(*args: str, when, timeout: float = 120, settle_s: float = 0.0,
