@@ -9,8 +9,11 @@ batch carries ``pixel_values``. ``vlm.data`` generates the procedural scene ques
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
+from stillroom.config.clip import ClipTeacherConfig
 from stillroom.config.core import Strict
 from stillroom.config.scenes import ScenesConfig
 
@@ -57,6 +60,30 @@ class VlmTeacherConfig(Strict):
     lr: float = Field(3e-3, gt=0, description="Peak learning rate of a teacher trained here (AdamW, cosine).")
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps of a teacher trained here.")
     seed: int | None = Field(None, description="Seed of a teacher trained here (null: the run's seed).")
+    vision: Literal["scratch", "clip"] = Field(
+        "scratch", description="Where the vision tower of a teacher trained here comes from. scratch: built from "
+        "`arch` (random init) and trained with the decoder. clip: a copy of the image tower of the CLIP `clip` "
+        "describes (LLaVA's start), whose vision config (image size, patch size: (image_size / patch_size)^2 "
+        "image tokens) and image mean/std the VLM then takes; `arch`'s vision fields are unused.")
+    clip: ClipTeacherConfig | None = Field(
+        None, description="vision clip (unused from scratch): `clip.path` a CLIPModel or VisionTextDualEncoderModel "
+        "folder, or the settings of a CLIP trained here once and cached (<cache_dir>/clips/<key>, shared with every "
+        "recipe of the same settings); its `clip.image_size` must equal the images' size. null: the default CLIP "
+        "settings.")
+    freeze_vision: bool = Field(True, description="vision clip: keep the copied tower's weights fixed (LLaVA's "
+                                "recipe); false: train it with the decoder.")
+    projector_steps: int = Field(0, ge=0, description="vision clip: steps training the projector alone (tower and "
+                                 "decoder fixed; LLaVA stage 1) before the `steps` joint steps (projector + "
+                                 "decoder, + tower when not frozen). Same batch size and lr.")
+
+    @model_validator(mode="after")
+    def _projector_stage_needs_clip(self) -> "VlmTeacherConfig":
+        # `clip` and `freeze_vision` are unused from scratch (so `vision=scratch` overrides a CLIP recipe)
+        if self.vision == "scratch" and self.projector_steps:
+            raise ValueError(f"vlm.teacher.projector_steps={self.projector_steps} but vlm.teacher.vision is "
+                             "'scratch': a projector-only stage needs a trained tower; set vision: clip or "
+                             "projector_steps: 0")
+        return self
 
 
 class VlmDataConfig(Strict):
@@ -79,6 +106,18 @@ class VlmConfig(Strict):
                              "records file's folder).")
     report_images: int = Field(8, ge=0, description="Held-out questions shown with their image and each model's "
                                "answer in <run>/vlm_generations.html.")
+
+    @model_validator(mode="after")
+    def _clip_fits_the_scenes(self) -> "VlmConfig":
+        tc = self.teacher
+        if tc.vision != "clip" or tc.path is not None or self.data is None:
+            return self
+        clip = tc.clip or ClipTeacherConfig()
+        if clip.path is None and clip.clip.image_size != self.data.scenes.image_size:
+            raise ValueError(f"vlm.teacher.clip.clip.image_size={clip.clip.image_size} differs from "
+                             f"vlm.data.scenes.image_size={self.data.scenes.image_size}: the CLIP's tower takes the "
+                             "scene images as they are; set both to the same size")
+        return self
 
 
 def check_vlm_run(run) -> None:

@@ -14,6 +14,7 @@ import copy
 import difflib
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -37,22 +38,51 @@ def build_vlm(arch: VlmArch, tokenizer, image_size: int, *, seed: int) -> torch.
     The vocabulary, BOS/EOS/pad and image token ids come from ``tokenizer``
     (:func:`stillroom.domains.vl.vlm_tokenizer.train_tokenizer`).
     """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig
 
     if image_size % arch.patch_size:
         raise ValueError(f"vlm.teacher.arch.patch_size={arch.patch_size} must divide the image size {image_size}")
     vision = CLIPVisionConfig(hidden_size=arch.vision_hidden, intermediate_size=arch.mlp_ratio * arch.vision_hidden,
                               num_hidden_layers=arch.vision_layers, num_attention_heads=arch.vision_heads,
                               image_size=image_size, patch_size=arch.patch_size)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=arch.hidden, intermediate_size=arch.mlp_ratio * arch.hidden,
-                       num_hidden_layers=arch.layers, num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
+    return _llava(vision, arch, tokenizer, seed, feature_layer=-1)
+
+
+def vlm_from_clip(arch: VlmArch, tokenizer, clip, *, seed: int) -> torch.nn.Module:
+    """A LLaVA whose vision tower is a copy of ``clip``'s image tower (LLaVA's start from a pretrained CLIP).
+
+    ``clip``: an :class:`~stillroom.domains.vl.clip_model.ImageTextModel` (``CLIPModel`` or
+    ``VisionTextDualEncoderModel``); the LLaVA's ``vision_config`` is the CLIP's (its image size and patch size,
+    so ``(image_size / patch_size)^2`` image tokens), the projector and decoder come from ``arch`` (seeded
+    random init); ``arch``'s vision fields are unused. The images must be normalised with the CLIP's mean/std
+    (:func:`write_preprocessor` with ``clip.mean_c`` / ``clip.std_c``) for the tower to see what it was trained on.
+    The projector reads the penultimate layer's patch tokens (``vision_feature_layer -2``, LLaVA's choice): the
+    last layer's patch outputs feed nothing the contrastive loss sees (only its [CLS] token is pooled).
+    """
+    from transformers import CLIPVisionConfig
+
+    vision = CLIPVisionConfig.from_dict(copy.deepcopy(clip.model.config.vision_config.to_dict()))
+    model = _llava(vision, arch, tokenizer, seed, feature_layer=-2 if vision.num_hidden_layers > 1 else -1)
+    # both image-text classes hold a CLIPVisionModel, the class of LLaVA's tower: the same parameter names
+    model.model.vision_tower.load_state_dict(clip.model.vision_model.state_dict())
+    return model.to(clip.device)
+
+
+def _llava(vision, arch: VlmArch, tokenizer, seed: int, *, feature_layer: int) -> torch.nn.Module:
+    """The LLaVA of the ``vision`` tower config and ``arch``'s decoder, seeded, float32, token ids of ``tokenizer``;
+    the projector reads the tower's hidden states of ``feature_layer``."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=arch.hidden,
+                       intermediate_size=arch.mlp_ratio * arch.hidden, num_hidden_layers=arch.layers,
+                       num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
                        max_position_embeddings=arch.max_positions, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        tie_word_embeddings=False)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    n_patches = (image_size // arch.patch_size) ** 2
+    n_patches = (vision.image_size // vision.patch_size) ** 2
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
-                         vision_feature_select_strategy="default", vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", vision_feature_layer=feature_layer,
                          image_seq_length=n_patches, projector_hidden_act="gelu")
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).float()
@@ -80,10 +110,12 @@ def image_ref(model: torch.nn.Module, path: str, folder: str | Path | None = Non
     return ImageRef(path=path, size=int(model.config.vision_config.image_size), mean=mean, std=std)
 
 
-def write_preprocessor(folder: Path, image_size: int) -> None:
-    """The image settings of a VLM saved here (read back by :func:`image_ref`; a CLIP image processor's keys)."""
-    settings = {"image_processor_type": "CLIPImageProcessor", "image_mean": list(CLIP_MEAN),
-                "image_std": list(CLIP_STD), "size": {"shortest_edge": image_size},
+def write_preprocessor(folder: Path, image_size: int, mean: Sequence[float] = CLIP_MEAN,
+                       std: Sequence[float] = CLIP_STD) -> None:
+    """The image settings of a VLM saved here (read back by :func:`image_ref`; a CLIP image processor's keys):
+    OpenAI CLIP's mean/std, or those of the CLIP whose tower the VLM starts from."""
+    settings = {"image_processor_type": "CLIPImageProcessor", "image_mean": [float(v) for v in mean],
+                "image_std": [float(v) for v in std], "size": {"shortest_edge": image_size},
                 "crop_size": {"height": image_size, "width": image_size}, "do_resize": True,
                 "do_center_crop": True, "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255}
     (folder / PREPROCESSOR_FILE).write_text(json.dumps(settings, indent=1))

@@ -8,6 +8,13 @@ records through the one loop (:func:`stillroom.train.loop.train_apart`), then ke
 ``teacher.json`` with its settings and held-out answer accuracy). ``key`` hashes the settings, the records
 file's bytes, the data settings and the seed; a later run with the same key loads the folder. The folder is
 trained under a temporary name and renamed when complete (:func:`stillroom.models.cached.build_once`).
+
+``vlm.teacher.vision: clip`` starts the vision tower from a CLIP (LLaVA's recipe): ``vlm.teacher.clip.path``, or a
+CLIP trained here once and cached (:func:`stillroom.domains.vl.clip_teacher.cached_clip`); its image tower is
+copied into the LLaVA (:func:`~stillroom.domains.vl.vlm_model.vlm_from_clip`), kept fixed with
+``freeze_vision``, and ``projector_steps`` train the projector alone first (stage 1) before the joint ``steps``
+(stage 2), as two consecutive jobs of the loop. The key then includes the CLIP's identity (its weights' hash, or
+the cache key of the CLIP trained here).
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from stillroom.data import build_splits, collate
 from stillroom.data.batch import ExampleSampler
 from stillroom.data.seeds import derive_seed
 from stillroom.domains.lm.forward import StudentForward
+from stillroom.domains.vl.clip_model import ImageTextModel
 from stillroom.domains.vl.vlm_data import VlmEncoder, generated_folder, record_texts
 from stillroom.domains.vl.vlm_eval import answer_accuracy
-from stillroom.domains.vl.vlm_model import build_vlm, image_ref, image_token_count, is_vlm, write_preprocessor
+from stillroom.domains.vl.vlm_model import (build_vlm, image_ref, image_token_count, is_vlm, vlm_from_clip,
+                                             write_preprocessor)
 from stillroom.domains.vl.vlm_tokenizer import train_tokenizer
 from stillroom.losses import LossMix
 from stillroom.models import load_model
@@ -42,7 +51,7 @@ from stillroom.train.distributed import Topology
 from stillroom.train.loop import DistillObjective, Player, TrainJob, train_apart
 
 Log = Callable[[str], None]
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 """Bumped when how a VLM teacher is trained here changes (part of the cache key)."""
 
 
@@ -93,10 +102,37 @@ def teacher_key(cfg: RunConfig, data_cfg: DataConfig, seed: int) -> str:
     files = hashlib.sha256()
     for src in data_cfg.sources:
         files.update(Path(src.path).expanduser().read_bytes() if src.path else repr(src).encode())
-    payload = {"version": RECIPE_VERSION, "teacher": cfg.vlm.teacher.model_dump(mode="json", exclude={"path"}),
+    tc = cfg.vlm.teacher
+    unused = {"path"} | ({"clip", "freeze_vision", "projector_steps"} if tc.vision == "scratch" else set())
+    payload = {"version": RECIPE_VERSION, "teacher": tc.model_dump(mode="json", exclude=unused),
                "data": data_cfg.model_dump(mode="json"), "files": files.hexdigest(), "seed": seed,
-               "image_field": cfg.vlm.image_field}
+               "image_field": cfg.vlm.image_field, "vision": vision_identity(cfg.vlm.teacher, seed)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def vision_identity(tc, seed: int) -> str | None:
+    """What the tower starts from, for the cache key: ``None`` (scratch); a CLIP folder's SHA-256 over its
+    ``config.json``, weights and ``preprocessor_config.json``; or ``clips/<key>`` of a CLIP trained here."""
+    if tc.vision == "scratch":
+        return None
+    from stillroom.domains.vl.clip_teacher import clip_key
+
+    spec = _clip_spec(tc)
+    if spec.path is None:
+        return "clips/" + clip_key(spec, spec.seed if spec.seed is not None else seed)
+    digest = hashlib.sha256()
+    folder = Path(spec.path).expanduser()
+    files = sorted(folder.glob("*.safetensors")) + [folder / "config.json", folder / "preprocessor_config.json"]
+    for file in files:
+        if file.is_file():
+            digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()
+
+
+def _clip_spec(tc):
+    from stillroom.config.clip import ClipTeacherConfig
+
+    return tc.clip or ClipTeacherConfig()
 
 
 def _complete(folder: Path) -> bool:
@@ -113,32 +149,92 @@ def _train_teacher(cfg: RunConfig, data_cfg: DataConfig, seed: int, tmp: Path, d
                          "tokenizer from; give data.sources with paths or vlm.teacher.path")
     tokenizer = train_tokenizer(texts, tc.arch.vocab_size)
     image_size = _image_size(cfg, data_cfg)
-    model = build_vlm(tc.arch, tokenizer, image_size, seed=derive_seed(seed, "vlm-teacher")).to(device)
-    write_preprocessor(tmp, image_size)
+    model, origin = _build_teacher(cfg, tokenizer, image_size, seed, tmp, device, log)
     data = build_splits(data_cfg, tokenizer, seed, vlm_encoder(model, tmp, cfg.vlm.image_field))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"teacher: training a {n_params / 1e6:.2f}M-parameter LLaVA ({tc.arch.layers}-layer decoder, "
-        f"{len(tokenizer)} tokens) with cross-entropy for {tc.steps} steps on {len(data.train)} sequences")
-    mix = LossMix(LossConfig(terms=[LossTerm(name="ce")]))
-    forward = StudentForward(model, fused=True, hidden_layers=[], vocab=len(tokenizer))
-    train_cfg = TrainConfig(steps=tc.steps, micro_batch_size=tc.batch_size, lr=tc.lr, warmup_steps=tc.warmup_steps,
-                            weight_decay=0.01, precision="fp32", device=str(device), keep_checkpoints=1, log_every=25)
-    job = TrainJob(train=train_cfg, seed=seed, run_dir=tmp, run_name=f"vlm-teacher-{tmp.name}",
-                   players=[Player("teacher", model, DistillObjective(forward, mix))], examples=data.train,
-                   collate=functools.partial(collate, pad_id=tokenizer.pad_token_id), topology=Topology(),
-                   device=device, sampler=ExampleSampler, log=log, unit="tok")
+        f"{len(tokenizer)} tokens, vision tower {origin}) with cross-entropy for "
+        f"{tc.projector_steps} projector + {tc.steps} steps on {len(data.train)} sequences")
     t0 = time.perf_counter()
-    result = train_apart(job, seed=seed)
+    if tc.projector_steps:
+        _set_trainable(model, projector_only=True, freeze_vision=True)
+        _run_stage(cfg, model, tokenizer, data, seed, tmp / "projector_stage", tc.projector_steps, device, log)
+        shutil.rmtree(tmp / "projector_stage", ignore_errors=True)
+    _set_trainable(model, projector_only=False, freeze_vision=tc.vision == "clip" and tc.freeze_vision)
+    result = _run_stage(cfg, model, tokenizer, data, seed, tmp, tc.steps, device, log)
+    model.requires_grad_(True)
     accuracy = answer_accuracy(model, tokenizer, data.heldout[:200], max_new_tokens=8) if data.heldout else {}
     shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    record = {"settings": tc.model_dump(mode="json"), "seed": seed, "train_sequences": len(data.train),
-              "heldout_sequences": len(data.heldout), "heldout_answer_accuracy": accuracy,
-              "final_train_loss": result.final_loss, "train_seconds": round(time.perf_counter() - t0, 2)}
+    record = {"settings": tc.model_dump(mode="json"), "seed": seed, "vision_tower": origin,
+              "train_sequences": len(data.train), "heldout_sequences": len(data.heldout),
+              "heldout_answer_accuracy": accuracy, "final_train_loss": result.final_loss,
+              "train_seconds": round(time.perf_counter() - t0, 2)}
     (tmp / "teacher.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"teacher: trained in {record['train_seconds']} s, held-out answer accuracy "
         f"{100 * accuracy.get('answer_accuracy', float('nan')):.1f}%")
+
+
+def _build_teacher(cfg: RunConfig, tokenizer, image_size: int, seed: int, tmp: Path, device: torch.device,
+                   log: Log) -> tuple[torch.nn.Module, str]:
+    """``(the LLaVA on device, where its tower comes from)``, and its ``preprocessor_config.json`` in ``tmp``
+    (OpenAI CLIP's mean/std from scratch, the CLIP's own when its tower is copied)."""
+    tc = cfg.vlm.teacher
+    model_seed = derive_seed(seed, "vlm-teacher")
+    if tc.vision == "scratch":
+        write_preprocessor(tmp, image_size)
+        return build_vlm(tc.arch, tokenizer, image_size, seed=model_seed).to(device), "from scratch"
+    spec = _clip_spec(tc)
+    if spec.path is None:  # refuse before the CLIP is trained
+        check_clip_size(spec.clip.image_size, image_size, cfg.vlm.data is not None)
+    clip, origin = vision_clip(cfg, seed, device, log)
+    check_clip_size(clip.image_size, image_size, cfg.vlm.data is not None)
+    write_preprocessor(tmp, image_size, clip.mean_c.flatten().tolist(), clip.std_c.flatten().tolist())
+    return vlm_from_clip(tc.arch, tokenizer, clip, seed=model_seed).to(device), f"copied from the {origin}"
+
+
+def vision_clip(cfg: RunConfig, seed: int, device: torch.device, log: Log) -> tuple[ImageTextModel, str]:
+    """The CLIP whose image tower the teacher starts from (``vlm.teacher.clip``: a folder, or trained here once)."""
+    from stillroom.domains.vl.clip_teacher import cached_clip
+
+    clip, origin = cached_clip(_clip_spec(cfg.vlm.teacher), seed=seed, cache_dir=cfg.cache_dir, device=device,
+                               topology=Topology(), log=log)
+    return clip, f"CLIP {origin}"
+
+
+def check_clip_size(clip_size: int, image_size: int, generated: bool) -> None:
+    """Refuse a CLIP whose tower takes ``clip_size``-pixel images when the records' images have ``image_size``."""
+    if clip_size != image_size:
+        where = "vlm.data.scenes.image_size" if generated else "the first record's image width"
+        raise ValueError(f"vlm.teacher.vision=clip: the CLIP's tower takes {clip_size}-pixel images but "
+                         f"{where} is {image_size}: use a CLIP of image size {image_size} (vlm.teacher.clip.path, "
+                         "or vlm.teacher.clip.clip.image_size) or images of its size, or vision: scratch")
+
+
+def _set_trainable(model: torch.nn.Module, *, projector_only: bool, freeze_vision: bool) -> None:
+    """Which parts of the LLaVA train: the projector alone (stage 1), or all but a frozen tower (stage 2)."""
+    model.requires_grad_(not projector_only)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+
+
+def _run_stage(cfg: RunConfig, model, tokenizer, data, seed: int, run_dir: Path, steps: int, device: torch.device,
+               log: Log):
+    """One cross-entropy job of the loop over the trainable parameters (:func:`_set_trainable`)."""
+    tc = cfg.vlm.teacher
+    mix = LossMix(LossConfig(terms=[LossTerm(name="ce")]))
+    forward = StudentForward(model, fused=True, hidden_layers=[], vocab=len(tokenizer))
+    train_cfg = TrainConfig(steps=steps, micro_batch_size=tc.batch_size, lr=tc.lr,
+                            warmup_steps=min(tc.warmup_steps, steps), weight_decay=0.01, precision="fp32",
+                            device=str(device), keep_checkpoints=1, log_every=25)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = TrainJob(train=train_cfg, seed=seed, run_dir=run_dir, run_name=f"vlm-teacher-{run_dir.name}",
+                   players=[Player("teacher", model, DistillObjective(forward, mix))], examples=data.train,
+                   collate=functools.partial(collate, pad_id=tokenizer.pad_token_id), topology=Topology(),
+                   device=device, sampler=ExampleSampler, log=log, unit="tok")
+    return train_apart(job, seed=seed)
 
 
 def _image_size(cfg: RunConfig, data_cfg: DataConfig) -> int:
