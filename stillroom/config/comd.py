@@ -3,7 +3,8 @@
 Rounds of (a) distillation on a pool of (instruction, teacher answer) pairs, (b) assessment: the student answers
 a probe set greedily and a judge (exact match with the teacher's answer) marks its failures, (c) augmentation:
 fresh, harder instructions of the failing families, answered by the teacher, join the pool. Instructions come
-from the procedural scene questions (:mod:`stillroom.domains.vl.vqa`, text form). ``one_shot`` is the baseline
+from the procedural scene questions (:mod:`stillroom.domains.vl.vqa`: text form, or on a VLM (a ``vlm`` run) a
+new scene rendered to an image and asked with it). ``one_shot`` is the baseline
 arm: one round on as many teacher answers, drawn uniformly over the families.
 
 This section imports :mod:`stillroom.config.core` and :mod:`stillroom.config.scenes` only (``config.methods``
@@ -88,5 +89,3 @@ class ComdConfig(Strict):
         if first < run.train.micro_batch_size:
             raise ValueError(f"the first pool holds {first} teacher answers, fewer than train.micro_batch_size="
                              f"{run.train.micro_batch_size}; raise comd.initial_per_family")
-        if getattr(run, "vlm", None) is not None:
-            raise ValueError("method=comd builds text instructions; the vlm section is not supported yet: remove it")

@@ -62,7 +62,7 @@ class LlavaModConfig(Strict):
     rejected: Literal["file", "sampled"] = Field(
         "file", description="Preference stage: where the pairs come from. file: {prompt, chosen, rejected} records "
         "(rejected_field); sampled: prompt/completion records, each row made a pair on the way, rejected = the "
-        "student's own sampled wrong answer (stillroom.methods.llava_mod_sampled; text prompts only).")
+        "student's own sampled wrong answer (stillroom.methods.llava_mod_sampled; image prompts too, in a vlm run).")
     chosen: Literal["record", "teacher"] = Field(
         "record", description="Preference stage, rejected=sampled: the chosen answer is the record's completion "
         "(teacher-written data) or the teacher's greedy answer, generated on the way.")

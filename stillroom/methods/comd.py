@@ -22,10 +22,16 @@ micro-batch) alone. A run resumed at a round boundary redoes that round's assess
 (greedy, so identically). Logged per round (``comd.jsonl``-style lines in the log and ``comd.json``): the
 student's failure rate per family, the pool size, teacher answers used (pool) and judge answers (probes). The
 report adds the exact-match accuracy of student and teacher per family and level on held-out questions.
+
+On a VLM (a ``vlm`` run; recipe ``comd_vlm``) every instruction is a new scene rendered to
+``<run>/comd_images/<round>-<kind>-<k>.png`` (pool, probe and held-out scenes), asked with its image: pool items
+encode as the data pipeline's VQA records (image tokens after BOS, the pixels read with the pipeline's settings)
+and the pool state records the image paths (:mod:`stillroom.methods.comd_pool`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -41,10 +47,13 @@ from stillroom.domains.vision.shapes import SPLITS
 from stillroom.domains.vl.vqa import QA
 from stillroom.methods.base import Method, MethodContext, MethodPlan
 from stillroom.methods.comd_pool import (
-    Answerer, Instruction, PoolItem, Wanted, accuracy_table, draw_instructions, judge_failures, uniform_wanted,
+    Answerer, Instruction, PoolImages, PoolItem, Wanted, accuracy_table, draw_instructions, judge_failures,
+    uniform_wanted,
 )
 
 REPORT = "comd.json"
+IMAGES = "comd_images"
+"""The run folder's subfolder of the scenes CoMD renders on a VLM."""
 HELDOUT_STREAM = 202
 """Extra seed entry of the held-out questions (with scenes.seed and the held-out split)."""
 
@@ -58,8 +67,9 @@ class ComdRounds:
         self.cfg, self.seed, self.student, self.teacher = cfg, seed, student, teacher
         self.answerer, self.pad_id, self.rank, self.world_size, self.log = answerer, pad_id, rank, world_size, log
         self.steps_per_round = steps if cfg.one_shot else steps // cfg.rounds
-        self.heldout = heldout_questions(cfg, seed)
-        self.exclude = frozenset(i.prompt for i in self.heldout)
+        self.images = answerer.images
+        self.heldout = heldout_questions(cfg, seed, self.images)
+        self.exclude = frozenset(i.key for i in self.heldout)
         for question in self.heldout:  # the longest prompts (level 3, full scenes) must fit: fail before step 0
             answerer.prompt_ids(question.prompt)
         self.pool: list[PoolItem] = []
@@ -80,9 +90,10 @@ class ComdRounds:
             n = self.cfg.budget if self.cfg.one_shot else self.cfg.initial_per_family * len(self.cfg.families)
             wanted = uniform_wanted(self.cfg, rng, n)
         else:
-            failed, failure_rate = self._assess(rng)
+            failed, failure_rate = self._assess(rng, r)
             wanted = self._augment(rng, failed)
-        new = self.answerer.pool_items(self.teacher, draw_instructions(self.cfg, rng, wanted, self.exclude))
+        drawn = draw_instructions(self.cfg, rng, wanted, self.exclude, self.images, tag=f"r{r + 1}-pool")
+        new = self.answerer.pool_items(self.teacher, drawn)
         self.pool += new
         self.teacher_answers += len(new)
         added: dict[str, int] = {}
@@ -97,14 +108,14 @@ class ComdRounds:
         self.log(f"comd round {r + 1} at step {step}: pool {len(self.pool)} (+{len(new)}), teacher answers "
                  f"{self.teacher_answers}, judge answers {self.judge_answers}{rates}")
 
-    def _assess(self, rng: np.random.Generator) -> tuple[list[Wanted], dict[str, float]]:
+    def _assess(self, rng: np.random.Generator, r: int) -> tuple[list[Wanted], dict[str, float]]:
         """The student's failures on fresh probes: ``(failed (family, level) list, failure rate per family)``."""
         per = self.cfg.probe_per_family
         wanted = [(f, int(rng.choice(self.cfg.levels))) for f in self.cfg.families for _ in range(per)]
-        probes = draw_instructions(self.cfg, rng, wanted, self.exclude)
-        prompts = [p.prompt for p in probes]
-        teacher = [text for _, _, text in self.answerer.answer(self.teacher, prompts)]
-        student = [text for _, _, text in self.answerer.answer(self.student, prompts)]
+        probes = draw_instructions(self.cfg, rng, wanted, self.exclude, self.images, tag=f"r{r + 1}-probe")
+        prompts, images = [p.prompt for p in probes], [p.image for p in probes]
+        teacher = [text for _, _, text in self.answerer.answer(self.teacher, prompts, images)]
+        student = [text for _, _, text in self.answerer.answer(self.student, prompts, images)]
         self.judge_answers += len(probes)
         failures = judge_failures(probes, teacher, student)
         rate = {f: float(np.mean([x for p, x in zip(probes, failures) if p.qa.family == f])) for f in self.cfg.families}
@@ -135,7 +146,8 @@ class ComdRounds:
         else:
             picks = torch.randint(len(self.pool), (total,), generator=gen)
         mine = picks[self.rank * size:(self.rank + 1) * size].tolist()
-        return collate([self.pool[i].example(f"comd-{i}") for i in mine], self.pad_id)
+        ref_of = None if self.images is None else self.images.ref_of
+        return collate([self.pool[i].example(f"comd-{i}", ref_of) for i in mine], self.pad_id)
 
     def metrics(self) -> dict[str, float]:
         return {"comd/round": float(len(self.rounds)), "comd/pool": float(len(self.pool)),
@@ -155,10 +167,10 @@ class ComdRounds:
     def evaluate(self) -> dict:
         """Exact-match accuracy of student and teacher on the held-out questions (ground truth), and the
         student's agreement with the teacher (the teacher's answers as the reference: what distillation aims at)."""
-        prompts = [i.prompt for i in self.heldout]
-        answers = {name: [t for _, _, t in self.answerer.answer(model, prompts)]
+        prompts, images = [i.prompt for i in self.heldout], [i.image for i in self.heldout]
+        answers = {name: [t for _, _, t in self.answerer.answer(model, prompts, images)]
                    for name, model in (("student", self.student), ("teacher", self.teacher))}
-        as_taught = [Instruction(i.prompt, QA(i.qa.question, t, i.qa.family, i.qa.level))
+        as_taught = [Instruction(i.prompt, QA(i.qa.question, t, i.qa.family, i.qa.level), i.image, i.text)
                      for i, t in zip(self.heldout, answers["teacher"])]
         return {"student": accuracy_table(self.heldout, answers["student"]),
                 "teacher": accuracy_table(self.heldout, answers["teacher"]),
@@ -195,13 +207,29 @@ class ComdSampler:
         self.rounds.load_state_dict(state["comd"])
 
 
-def heldout_questions(cfg: ComdConfig, run_seed: int) -> list[Instruction]:
+def heldout_questions(cfg: ComdConfig, run_seed: int, images: PoolImages | None = None) -> list[Instruction]:
     """``eval_per_level`` questions per family and level from the held-out stream of ``scenes.seed`` (the
     run's seed when null): the same set for every run seed, so arms and seeds are compared on one set."""
     seed = run_seed if cfg.scenes.seed is None else cfg.scenes.seed
     rng = np.random.default_rng([seed, SPLITS["heldout"], HELDOUT_STREAM])
     wanted = [(f, lvl) for f in cfg.families for lvl in (1, 2, 3) for _ in range(cfg.eval_per_level)]
-    return draw_instructions(cfg, rng, wanted)
+    return draw_instructions(cfg, rng, wanted, images=images, tag="heldout")
+
+
+def pool_images(ctx: MethodContext) -> PoolImages | None:
+    """A VLM run's :class:`PoolImages` (``None`` for a text run): the teacher's image tokens, and the image
+    settings of the data pipeline's first training record (so pool pixels are read exactly as the data's)."""
+    if ctx.cfg.vlm is None:
+        return None
+    template = next((ex.image for ex in ctx.data.train if ex.image is not None), None)
+    if template is None:
+        raise ValueError("method=comd in a `vlm` run needs image records in the training data (the VQA folder "
+                         "format: image, prompt, completion); the data has none")
+    from stillroom.domains.vl.vlm_model import image_token_count
+
+    config = ctx.teacher_model.config
+    image_ids = (int(config.image_token_index),) * image_token_count(config)
+    return PoolImages(ctx.run_dir / IMAGES, image_ids, lambda path: dataclasses.replace(template, path=path))
 
 
 def _count(pool: list[PoolItem]) -> dict[str, int]:
@@ -215,7 +243,8 @@ def build(ctx: MethodContext) -> MethodPlan:
     cfg: ComdConfig = ctx.cfg.comd
     if ctx.teacher_model is None:
         raise ValueError("method=comd needs the teacher model in this process (it answers the instructions)")
-    answerer = Answerer(cfg, ctx.tokenizer, add_eos=ctx.cfg.data.add_eos, seq_len=ctx.cfg.data.seq_len)
+    answerer = Answerer(cfg, ctx.tokenizer, add_eos=ctx.cfg.data.add_eos, seq_len=ctx.cfg.data.seq_len,
+                        images=pool_images(ctx))
     rounds = ComdRounds(cfg, seed=ctx.cfg.seed, steps=ctx.cfg.train.steps, student=ctx.model,
                         teacher=ctx.teacher_model, answerer=answerer, pad_id=ctx.tokenizer.pad_token_id,
                         rank=ctx.topology.rank, world_size=ctx.topology.world_size, log=ctx.log)

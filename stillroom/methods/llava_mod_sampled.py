@@ -7,7 +7,10 @@ chosen one (token ids, EOS ignored). Where the student answers right every time,
 answer as its rejected side: chosen and rejected are equal, so the pair's DPO gradient is exactly zero (its
 loss is the constant log 2), and ``llava_mod/wrong_share`` logs the share of pairs with a wrong answer.
 Sampling uses the KV-cached sampler of :mod:`stillroom.generate.sampling`, seeded from (run seed, step,
-micro-batch), so a resumed run draws the same pairs. Text prompts only (the sampler takes no images).
+micro-batch), so a resumed run draws the same pairs. Image records (a ``vlm`` run, ``Batch.pixel_values``):
+each prompt is answered alone with its image (:func:`stillroom.generate.speculative.autoregressive_generate`, the
+image given to the first forward, the same seeded generator), and both rows of a pair carry the prompt's pixels,
+so the DPO log-probs of student and reference see the image.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from stillroom.data.batch import Batch, Example, batch_prompts, collate
 from stillroom.generate.sampling import eos_token_ids, sample_continuations
+from stillroom.generate.speculative import autoregressive_generate
 
 CHOSEN, REJECTED = "chosen", "rejected"
 
@@ -49,12 +53,10 @@ class SampledPairs:
 
     def pairs(self, batch: Batch, step: int, j: int) -> tuple[Batch, int]:
         """The pair batch of one micro-batch (rows ``2i, 2i + 1``: chosen, rejected) and its count of wrong answers."""
-        if getattr(batch, "pixel_values", None) is not None:
-            raise ValueError("llava_mod.rejected=sampled samples text prompts only; for image records write the "
-                             "pairs file (stillroom.methods.llava_mod_pairs) and use llava_mod.rejected: file")
+        pixels_b3hw = getattr(batch, "pixel_values", None)
         prompts = batch_prompts(batch, 1)
-        chosen = self._chosen(batch, prompts)
-        rejected = self._rejected(prompts, chosen, step, j)
+        chosen = self._chosen(batch, prompts, pixels_b3hw)
+        rejected = self._rejected(prompts, chosen, step, j, pixels_b3hw)
         eos = set(self.eos)
         examples, wrong = [], 0
         for uid, p, c, r in zip(batch.uids, prompts, chosen, rejected):
@@ -62,16 +64,19 @@ class SampledPairs:
             for role, answer in ((CHOSEN, c), (REJECTED, r)):
                 examples.append(Example(list(p) + list(answer), [False] * len(p) + [True] * len(answer),
                                         uid=f"{uid}:{role[0]}:0", role=role))
-        return collate(examples, self.pad_id), wrong
+        paired = collate(examples, self.pad_id)
+        if pixels_b3hw is not None:  # rows 2i, 2i + 1 share prompt i's image: [2B, 3, H, W]
+            paired.pixel_values = pixels_b3hw.repeat_interleave(2, dim=0)
+        return paired, wrong
 
-    def _chosen(self, batch: Batch, prompts: list[list[int]]) -> list[list[int]]:
+    def _chosen(self, batch: Batch, prompts: list[list[int]], pixels_b3hw: torch.Tensor | None) -> list[list[int]]:
         if self.section.chosen == "teacher":
-            return sample_continuations(self.teacher, self.tokenizer, prompts, greedy=True, eos_token_id=self.eos,
-                                        max_new_tokens=self.section.max_new_tokens)
+            return self._continue(self.teacher, prompts, pixels_b3hw, greedy=True)
         lengths = batch.attention_mask.sum(dim=1).tolist()
         return [batch.input_ids[b, len(p):n].tolist() for b, (p, n) in enumerate(zip(prompts, lengths))]
 
-    def _rejected(self, prompts: list[list[int]], chosen: list[list[int]], step: int, j: int) -> list[list[int]]:
+    def _rejected(self, prompts: list[list[int]], chosen: list[list[int]], step: int, j: int,
+                  pixels_b3hw: torch.Tensor | None) -> list[list[int]]:
         eos, sec = set(self.eos), self.section
         device = next(self.student.parameters()).device
         gen = torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + step * 1009 + j) % 2 ** 31)
@@ -81,14 +86,29 @@ class SampledPairs:
             todo = [i for i, r in enumerate(rejected) if r is None]
             if not todo:
                 break
-            outs = sample_continuations(self.student, self.tokenizer, [prompts[i] for i in todo],
-                                        max_new_tokens=sec.max_new_tokens, eos_token_id=self.eos,
-                                        sampling_temperature=sec.sampling_temperature, generator=gen)
+            rows_pixels = None if pixels_b3hw is None else pixels_b3hw[todo]
+            outs = self._continue(self.student, [prompts[i] for i in todo], rows_pixels, generator=gen)
             for i, out in zip(todo, outs):
                 last[i] = out or list(chosen[i])
                 if out and _strip(out, eos) != _strip(chosen[i], eos):
                     rejected[i] = out
         return [r if r is not None else last[i] for i, r in enumerate(rejected)]
+
+    def _continue(self, model: torch.nn.Module, prompts: list[list[int]], pixels_b3hw: torch.Tensor | None,
+                  greedy: bool = False, generator: torch.Generator | None = None) -> list[list[int]]:
+        """The new tokens after each prompt: text prompts in one left-padded batch (the KV-cached sampler);
+        image prompts one at a time with their pixels ``[1, 3, H, W]`` (a LLaVA forward takes one image per
+        row's image tokens, and the batched sampler takes none)."""
+        sec = self.section
+        if pixels_b3hw is None:
+            return sample_continuations(model, self.tokenizer, prompts, max_new_tokens=sec.max_new_tokens,
+                                        greedy=greedy, eos_token_id=self.eos,
+                                        sampling_temperature=sec.sampling_temperature, generator=generator)
+        device = next(model.parameters()).device
+        return [autoregressive_generate(model, p, max_new_tokens=sec.max_new_tokens, greedy=greedy,
+                                        sampling_temperature=sec.sampling_temperature, eos_token_id=self.eos,
+                                        generator=generator, pixel_values=pixels_b3hw[b:b + 1].to(device)).tokens
+                for b, p in enumerate(prompts)]
 
     def metrics(self) -> dict[str, float]:
         return dict(self.state)

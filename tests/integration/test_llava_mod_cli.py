@@ -57,3 +57,42 @@ def test_llava_mod_mimic_then_preference(recipe_factory, tmp_path):
     assert all(r["llava_mod/pairs"] == 2 and "loss/moe_aux" in r for r in rows)
     # the logged loss is the mean pair loss (+ the small router term): DPO is -log sigma(.) > 0
     assert all(0 < r["loss/preference"] < 5 for r in rows)
+
+
+def _vlm_recipe(tmp_path, name, **sections):
+    """A tiny VLM run (a scratch LLaVA teacher trained here and cached, scene questions with images)."""
+    import yaml
+
+    arch = {"patch_size": 8, "vision_hidden": 16, "vision_layers": 1, "vision_heads": 2, "hidden": 32, "layers": 2,
+            "heads": 4, "kv_heads": 2, "mlp_ratio": 2, "max_positions": 64, "vocab_size": 300}
+    recipe = {
+        "name": name, "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
+        "method": "llava_mod", "teacher": {"dtype": "float32"},
+        "vlm": {"teacher": {"arch": arch, "steps": 6, "batch_size": 4, "vision": "scratch"}, "report_images": 0,
+                "data": {"images": 12, "per_image": 2, "scenes": {"image_size": 16}}},
+        "data": {"seq_len": 48, "heldout_fraction": 0.25, "heldout_max": 4},
+        "train": {**TRAIN, "warmup_steps": 0},
+        "eval": {"before": False, "heldout_sequences": 4, "batch_size": 4, "max_new_tokens": 3,
+                 "speed_tokens": 16, "generations": 0},
+        **sections,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_llava_mod_preference_on_image_pairs_sampled_from_the_upcycled_vlm_student(tmp_path):
+    mimic = _vlm_recipe(tmp_path, "vlm_mimic", student={"from_config": {"text_config": {"num_hidden_layers": 1}}},
+                        loss={"terms": [{"name": "forward_kl"}, {"name": "ce"}]},
+                        llava_mod={"stage": "mimic", "moe": {"upcycle": True, "experts": 2, "top_k": 1}})
+    stillroom("run", str(mimic))
+    student = tmp_path / "runs" / "vlm_mimic" / "student"
+    pref = _vlm_recipe(tmp_path, "vlm_pref", student={"model": {"path": str(student)}},
+                       loss={"terms": [{"name": "ce"}]},
+                       llava_mod={"stage": "preference", "reference": "teacher", "rejected": "sampled",
+                                  "chosen": "teacher", "tries": 2, "max_new_tokens": 3})
+    out = stillroom("run", str(pref))
+    assert "rejected answers sampled from the student" in out.stdout
+    rows = _metrics(tmp_path / "runs" / "vlm_pref")
+    assert len(rows) == 3 and all(r["llava_mod/pairs"] == 4 and "loss/moe_aux" in r for r in rows)
+    assert all(0 < r["loss/preference"] < 5 and 0 <= r["llava_mod/wrong_share"] <= 1 for r in rows)

@@ -92,13 +92,13 @@ def generate_scenes(cfg: ScenesConfig, split: str, n: int, seed: int) -> Scenes:
     rng = np.random.default_rng([seed, SPLITS[split]])
     objects = [random_objects(cfg, rng) for _ in range(n)]
     background = [int(rng.integers(len(BACKGROUNDS))) for _ in range(n)]
-    images = _render(cfg, objects, background, rng)
+    images = render(cfg, objects, background, rng)
     names = list(BACKGROUNDS)
     return Scenes(images, objects, [names[b] for b in background], [caption(o) for o in objects])
 
 
-def _render(cfg: ScenesConfig, objects: list[list[SceneObject]], background: list[int],
-            rng: np.random.Generator) -> np.ndarray:
+def render(cfg: ScenesConfig, objects: list[list[SceneObject]], background: list[int],
+           rng: np.random.Generator) -> np.ndarray:
     """``[N, 3, S, S]`` float32: each scene's background, then its objects painted by coverage, then noise.
     Objects are rendered slot by slot (the k-th object of every scene that has one) to stay vectorised."""
     size, n = cfg.image_size, len(objects)

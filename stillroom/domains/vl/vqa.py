@@ -35,9 +35,11 @@ from PIL import Image
 
 from stillroom.config.scenes import QA_FAMILIES, ScenesConfig, VqaDataConfig
 from stillroom.domains.vision.shapes import SPLITS
+from stillroom.domains.vision.shapes import BACKGROUNDS
 from stillroom.domains.vl.scenes import (
     CELLS, SceneObject, caption, colour_names, generate_scenes, random_objects, shape_names,
 )
+from stillroom.domains.vl.scenes import render as render_scenes  # [N, 3, S, S] of N object lists
 
 FAMILIES: tuple[str, ...] = QA_FAMILIES
 LEVELS = (1, 2, 3)
@@ -88,12 +90,38 @@ def instance(cfg: ScenesConfig, rng: np.random.Generator, family: str, level: in
     """A fresh scene and one question of ``family`` at exactly ``level``: ``(caption, qa)``. Harder levels draw
     fuller scenes (level 3: ``max_objects``), and scenes that cannot pose the level are drawn again (relations
     need two objects in a row or column), so CoMD's augmentor asks what it means to ask."""
+    objects, qa = _posed_scene(cfg, rng, family, level, attempts)
+    return caption(objects), qa
+
+
+def image_instance(cfg: ScenesConfig, rng: np.random.Generator, family: str, level: int,
+                   attempts: int = 50) -> tuple[np.ndarray, str, QA]:
+    """:func:`instance` with the scene rendered as :func:`generate_scenes` renders it: ``(image [3, S, S] float32
+    in [0, 1], caption, qa)``; the background and the pixels are drawn from ``rng`` after the question."""
+    objects, qa = _posed_scene(cfg, rng, family, level, attempts)
+    background = int(rng.integers(len(BACKGROUNDS)))
+    return render_scenes(cfg, [objects], [background], rng)[0], caption(objects), qa
+
+
+def save_png(image_3hw: np.ndarray, path: Path) -> Path:
+    """Write ``image_3hw`` (``[3, S, S]`` in [0, 1]) as an RGB PNG at ``path`` atomically (temporary file + rename,
+    so a file that exists is whole: a resumed run reads it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.png"
+    Image.fromarray(_to_uint8(image_3hw)).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _posed_scene(cfg: ScenesConfig, rng: np.random.Generator, family: str, level: int,
+                 attempts: int) -> tuple[list[SceneObject], QA]:
     low = min(cfg.max_objects, cfg.min_objects + level - 1)
     for _ in range(attempts):
         objects = random_objects(cfg, rng, int(rng.integers(low, cfg.max_objects + 1)))
         asked = questions(objects, cfg, rng, [family], level)
         if asked and asked[0].level == level:
-            return caption(objects), asked[0]
+            return objects, asked[0]
     raise ValueError(f"scenes with scenes.max_objects={cfg.max_objects} cannot pose {family} questions at level "
                      f"{level} ({attempts} scenes tried); raise scenes.max_objects")
 

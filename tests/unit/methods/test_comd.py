@@ -84,7 +84,7 @@ def test_second_round_augments_the_failed_families_one_level_harder(models):
     rounds = _rounds(models)
     answer = rounds.answerer.answer
 
-    def counts_wrong(model, prompts):  # the student fails the count questions only (the judge sees that)
+    def counts_wrong(model, prompts, images=None):  # the student fails the count questions only (the judge sees it)
         out = answer(teacher, prompts)
         if model is student:
             out = [(p, c, "nonsense" if "Question: how many" in q else t) for q, (p, c, t) in zip(prompts, out)]
@@ -174,3 +174,58 @@ def test_the_sampler_checkpoints_the_pool_with_the_data_position(models):
     b = ComdSampler(ExampleSampler(n=20, batch_size=4, seed=0), _rounds(models))
     b.load_state_dict(state)
     assert b.rounds.state_dict() == a.state_dict() and b.next_indices() == sampler.next_indices()
+
+
+def _greedy_with_image(model, prompt, pixels_13hw, n, eos):
+    """The plain path: ``n`` argmax steps, each a full forward over the sequence with the image (no KV cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids]), pixel_values=pixels_13hw).logits[0, -1].argmax()))
+            if ids[-1] in eos:
+                break
+    return ids[len(prompt):]
+
+
+def test_vlm_pool_items_carry_rendered_scenes_encoded_as_vqa_records_and_resume(tmp_path):
+    from vlm_helpers import tiny_vlm, write_tiny_vqa
+
+    from stillroom.data.images import load_pixels
+    from stillroom.domains.vl.vlm_teacher import vlm_encoder
+    from stillroom.methods.comd_pool import PoolImages, PoolItem
+
+    teacher, tok = tiny_vlm(write_tiny_vqa(tmp_path / "vqa", images=2, per_image=1), seed=0)
+    student, _ = tiny_vlm(tmp_path / "vqa" / "records.jsonl", seed=1)
+    encoder = vlm_encoder(teacher, None, "image")
+    images = PoolImages(tmp_path / "run" / "comd_images", tuple(encoder.image_ids), encoder.ref_of)
+    cfg = ComdConfig(**{**SMALL, "initial_per_family": 1, "eval_per_level": 1, "max_answer_tokens": 2})
+
+    def rounds():
+        return ComdRounds(cfg, seed=0, steps=4, student=student, teacher=teacher.eval(), pad_id=tok.pad_token_id,
+                          answerer=Answerer(cfg, tok, add_eos=True, seq_len=64, images=images), rank=0,
+                          world_size=1, log=lambda line: None)
+
+    first = rounds()
+    assert all(i.image is not None and i.key.startswith("Scene: ") for i in first.heldout)
+    first.ensure_round(0)
+    assert len(first.pool) == 5 and len({item.image for item in first.pool}) == 5
+    text = TextEncoder(tok, add_eos=True)
+    eos = set(tok.all_special_ids) & {tok.eos_token_id}
+    for item in first.pool:  # the pool item is the VQA record the data pipeline would encode
+        record = {"image": item.image, "prompt": item.prompt, "completion": item.answer}
+        src = DataSource(path=str(tmp_path / "r.jsonl"))
+        seq = encoder.encode(record, "prompt_completion", src, text, "k").eval
+        prompt = item.input_ids[:item.n_prompt]
+        assert prompt == seq.input_ids[:item.n_prompt] and seq.target[:item.n_prompt] == [False] * item.n_prompt
+        assert seq.image == item.example("u", encoder.ref_of).image
+        pixels = load_pixels(encoder.ref_of(item.image))[None]  # the teacher answered with the scene's image
+        assert item.input_ids[item.n_prompt:] == _greedy_with_image(teacher, prompt, pixels, 2, eos)
+    batch = first.replace_batches([_fake_batch(3)], 1)[0]
+    assert batch.pixel_values.shape == (3, 3, 16, 16)
+    state = first.state_dict()
+    assert all(p["image"].startswith(str(images.folder)) for p in state["pool"])
+    resumed = rounds()
+    resumed.load_state_dict(state)
+    again = resumed.replace_batches([_fake_batch(3)], 1)[0]
+    assert torch.equal(again.input_ids, batch.input_ids) and torch.equal(again.pixel_values, batch.pixel_values)
+    assert "image" not in PoolItem("p", "a", "count", 1, [1, 2], 1).state()  # text pools: the state as before

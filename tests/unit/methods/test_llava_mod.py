@@ -246,3 +246,48 @@ def test_wrong_answer_pairs_keep_only_sampled_answers_that_differ_and_write_atom
     assert sorted(x.name for x in path.parent.iterdir()) == ["pairs.jsonl"]  # no temporary file left
     with pytest.raises(ValueError, match="answered every prompt right"):
         write_pairs([], tmp_path / "empty.jsonl")
+
+
+def _greedy_with_image(model, prompt, pixels_13hw, n, eos):
+    """The plain path: ``n`` argmax steps, each a full forward over the sequence with the image (no KV cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids]), pixel_values=pixels_13hw).logits
+            ids.append(int(logits[0, -1].argmax()))
+            if ids[-1] in eos:
+                break
+    return ids[len(prompt):]
+
+
+def test_sampled_pairs_on_image_prompts_answer_with_the_image_and_pairs_carry_it(tmp_path):
+    from vlm_helpers import tiny_vlm, write_tiny_vqa
+
+    from stillroom.domains.vl.vlm_model import image_token_count
+    from stillroom.methods.llava_mod_sampled import SampledPairs
+    from stillroom.methods.redi import check_pairs
+
+    records = write_tiny_vqa(tmp_path / "vqa", images=2, per_image=1)
+    student, tok = tiny_vlm(records, seed=1)
+    teacher, _ = tiny_vlm(records, seed=2)
+    image = [int(student.config.image_token_index)] * image_token_count(student.config)
+    examples = [Example([tok.bos_token_id] + image + [10 + i, 11, 12, 13 + i], [False] * (len(image) + 3) + [True] * 2,
+                        uid=f"q{i}") for i in range(3)]
+    batch = collate(examples, pad_id=tok.pad_token_id)
+    batch.pixel_values = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    section = SimpleNamespace(chosen="teacher", tries=2, max_new_tokens=3, sampling_temperature=1.0)
+    pairs = SampledPairs(student, teacher, tok, section, seed=0, pad_id=tok.pad_token_id)
+    [paired] = pairs([batch], step=0)
+    assert check_pairs(paired) == 3 and paired.roles == ["chosen", "rejected"] * 3
+    torch.testing.assert_close(paired.pixel_values, batch.pixel_values.repeat_interleave(2, dim=0))
+    assert torch.equal(pairs([batch], step=0)[0].input_ids, paired.input_ids)  # seeded by (seed, step, micro-batch)
+    eos = set(pairs.eos)
+    for i, ex in enumerate(examples):  # chosen = the teacher's greedy answer with this row's image (plain path)
+        prompt = ex.input_ids[:-2]
+        want = _greedy_with_image(teacher.eval(), prompt, batch.pixel_values[i:i + 1], 3, eos)
+        n = int(paired.attention_mask[2 * i].sum())
+        assert paired.input_ids[2 * i, :n].tolist() == prompt + want
+        assert paired.input_ids[2 * i + 1, :len(prompt)].tolist() == prompt
+    with torch.no_grad():  # the DPO log-probs run on the pair batch, images included
+        logps = batch_logps(student, paired, student.config.text_config.vocab_size)
+    assert logps.shape == (6,) and torch.isfinite(logps).all()
