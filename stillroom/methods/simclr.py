@@ -35,7 +35,7 @@ from stillroom.domains.vision.data import ImageSplits, collate_images
 from stillroom.domains.vision.models import arch_json, build_classifier, load_classifier, write_classifier_files
 from stillroom.losses import LossResult
 from stillroom.models.builtin import cache_root
-from stillroom.models.cached import build_once
+from stillroom.models.cached import build_once, settings_key
 from stillroom.train.distributed import Topology
 from stillroom.train.loop import Player, TrainJob, train
 
@@ -130,7 +130,7 @@ def ssl_key(s: SimclrConfig, data: ImageSplits, seed: int) -> str:
     payload = {"version": RECIPE_VERSION, "settings": s.model_dump(mode="json", exclude={"arch", "seed"}),
                "arch": arch_json(s.arch), "seed": seed, "data": data.dataset.fingerprint(),
                "train": hashlib.sha256("\n".join(e.uid for e in data.train).encode()).hexdigest()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_key(payload)
 
 
 def ssl_teacher(s: SimclrConfig, data: ImageSplits, *, seed: int, cache_dir: str | None, device: torch.device,

@@ -9,10 +9,18 @@ dropped (the folder's name is a hash of everything that decides its contents, so
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
+
+
+def settings_key(payload: Any) -> str:
+    """The cache folder's name for ``payload`` (JSON-serialisable: every setting that decides the folder's contents):
+    16 hex digits of the SHA-256 of its key-sorted JSON."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_once(folder: Path, *, complete: Callable[[Path], bool], build: Callable[[Path], None],

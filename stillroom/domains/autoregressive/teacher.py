@@ -12,7 +12,6 @@ With ``n = 4`` positions its joint over all ``V^4`` sequences is enumerable (:fu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -30,7 +29,7 @@ from stillroom.domains.autoregressive.data import ArSplits, SeqBatch, collate_se
 from stillroom.domains.autoregressive.toy import all_sequences
 from stillroom.losses import LossResult
 from stillroom.models.builtin import cache_root
-from stillroom.models.cached import build_once
+from stillroom.models.cached import build_once, settings_key
 from stillroom.train.distributed import Topology
 from stillroom.train.loop import Player, TrainJob, train_apart
 
@@ -138,7 +137,7 @@ def ar_teacher(tc: ArTeacherConfig, data: ArSplits, *, seed: int, cache_dir: str
     teacher_seed = tc.seed if tc.seed is not None else seed
     settings = tc.model_dump(mode="json", exclude={"path", "seed"})
     payload = {"version": RECIPE_VERSION, "settings": settings, "seed": teacher_seed, "data": data.fingerprint()}
-    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    key = settings_key(payload)
     folder = cache_root(cache_dir) / "autoregressive_teachers" / key
     if not build_once(folder, complete=lambda f: (f / TEACHER_RECORD).is_file(), topology=topology,
                       build=lambda tmp: _train_teacher(tc, data, teacher_seed, tmp, device, log)):

@@ -11,7 +11,6 @@ so a run goes on exactly as with a cached teacher.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -31,7 +30,7 @@ from stillroom.domains.generative.models import (
 )
 from stillroom.domains.generative.objectives import DenoiseForward, DenoisingObjective
 from stillroom.models.builtin import cache_root
-from stillroom.models.cached import build_once
+from stillroom.models.cached import build_once, settings_key
 from stillroom.train.distributed import Topology
 from stillroom.train.loop import Player, TrainJob, train_apart
 
@@ -44,7 +43,7 @@ def teacher_key(tc: GenTeacherConfig, data: GenSplits, seed: int) -> str:
     """16 hex digits of the SHA-256 of the teacher's settings (not its sampling ones), the data and the seed."""
     settings = tc.model_dump(mode="json", exclude={"path", "sample_steps", "guidance", "seed"})
     payload = {"version": RECIPE_VERSION, "settings": settings, "seed": seed, "data": data.fingerprint()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_key(payload)
 
 
 def teacher_convention(tc: GenTeacherConfig) -> Convention:

@@ -30,7 +30,7 @@ from stillroom.domains.vision.data import ImageSplits, collate_images
 from stillroom.domains.vision.hf_models import build_vit_mae
 from stillroom.domains.vision.mae import MaeForward, MaeObjective, heldout_mae_loss, load_mae, save_mae
 from stillroom.models.builtin import cache_root
-from stillroom.models.cached import build_once
+from stillroom.models.cached import build_once, settings_key
 from stillroom.train.distributed import Topology
 from stillroom.train.loop import Player, TrainJob, train_apart
 
@@ -54,7 +54,7 @@ def teacher_key(sec: MaeConfig, data: ImageSplits, seed: int) -> str:
                "init": _weights_digest(t.init_path) if t.init_path else None, "seed": seed,
                "mask_ratio": sec.mask_ratio, "norm_pix_loss": sec.norm_pix_loss, "shift": sec.shift,
                "data": data.dataset.fingerprint(), "train": [e.uid for e in data.train]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_key(payload)
 
 
 def mae_teacher(sec: MaeConfig, data: ImageSplits, *, seed: int, cache_dir: str | None, device: torch.device,

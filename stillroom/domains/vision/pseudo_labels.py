@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from stillroom.domains.vision.data import ImageExample
 from stillroom.domains.vision.metrics import logits_of
 from stillroom.models.builtin import cache_root
+from stillroom.models.cached import settings_key
 
 VERSION = 1
 """Bumped when how pseudo-labels are made changes (part of the cache key)."""
@@ -106,7 +107,7 @@ def labels_key(encoder: torch.nn.Module, fingerprint: str, examples: list[ImageE
     payload = {"version": VERSION, "encoder": encoder_identity(encoder), "data": fingerprint,
                "uids": hashlib.sha256("\n".join(e.uid for e in examples).encode()).hexdigest(),
                "settings": s.__dict__}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_key(payload)
 
 
 def encode_images(encoder: torch.nn.Module, examples: list[ImageExample], batch_size: int = 256) -> np.ndarray:

@@ -13,7 +13,6 @@ teacher behind (its temporary folder is removed by the next run that trains it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -33,7 +32,7 @@ from stillroom.domains.vision.models import Classifier, arch_json, build_classif
     write_classifier_files
 from stillroom.losses import LossMix
 from stillroom.models.builtin import cache_root
-from stillroom.models.cached import build_once
+from stillroom.models.cached import build_once, settings_key
 from stillroom.train.distributed import Topology
 from stillroom.train.loop import DistillObjective, Player, TrainJob, train_apart
 
@@ -54,7 +53,7 @@ def teacher_key(tc: ClassifierTeacherConfig, data: ImageSplits, heldout_fraction
         if augment.get("mix", "none") == "none":  # teachers trained on unmixed crops keep their key
             augment = {k: v for k, v in augment.items() if not k.startswith("mix")}
         payload["augment"] = augment
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_key(payload)
 
 
 def teacher_train_config(tc: ClassifierTeacherConfig, device: torch.device) -> TrainConfig:

@@ -10,7 +10,6 @@ data are generated from them); the folder appears whole or not at all (:func:`~s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -29,7 +28,7 @@ from stillroom.domains.vl.clip_model import ImageTextModel, build_dual_encoder, 
 from stillroom.domains.vl.clip_train import ClipForward, ClipObjective, TextFeatureCache
 from stillroom.domains.vl.zero_shot import ZeroShotClassifier
 from stillroom.models.builtin import cache_root
-from stillroom.models.cached import build_once
+from stillroom.models.cached import build_once, settings_key
 from stillroom.train.distributed import Topology
 from stillroom.train.loop import Player, TrainJob, train_apart
 
@@ -78,7 +77,7 @@ def text_cache(model: ImageTextModel, sec: ClipConfig, data: ClipSplits) -> Text
 def clip_key(tc: ClipTeacherConfig, seed: int) -> str:
     payload = {"version": RECIPE_VERSION, "settings": tc.model_dump(mode="json", exclude={"path", "seed"}),
                "seed": seed}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_key(payload)
 
 
 def cached_clip(tc: ClipTeacherConfig, *, seed: int, cache_dir: str | None, device: torch.device,

@@ -11,7 +11,6 @@ bad record naming the file (``data.on_bad_record`` applies), so it stops the run
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Literal
@@ -22,6 +21,7 @@ from stillroom.data.encoders import RecordViews
 from stillroom.data.errors import BadRecord
 from stillroom.data.formats import Encoded, Format, TextEncoder, encode_record, string_field
 from stillroom.data.images import ImageError, ImageRef, check_image
+from stillroom.models.cached import settings_key
 
 ImageRefOf = Callable[[str], ImageRef]
 REPORT_FIELDS = ("family", "level", "prompt", "completion", "caption")
@@ -76,7 +76,7 @@ def generated_folder(cfg: VlmDataConfig, cache: Path) -> Path:
     """
     from stillroom.domains.vl.vqa import write_vqa_folder
 
-    key = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    key = settings_key(cfg.model_dump(mode="json"))
     folder = cache / "vqa" / key
     if not (folder / "records.jsonl").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ from stillroom.domains.vl.vlm_tokenizer import train_tokenizer
 from stillroom.losses import LossMix
 from stillroom.models import load_model
 from stillroom.models.builtin import cache_root
-from stillroom.models.cached import build_once
+from stillroom.models.cached import build_once, settings_key
 from stillroom.models.load import LoadedModel
 from stillroom.models.precision import torch_dtype
 from stillroom.train.distributed import Topology
@@ -107,7 +107,7 @@ def teacher_key(cfg: RunConfig, data_cfg: DataConfig, seed: int) -> str:
     payload = {"version": RECIPE_VERSION, "teacher": tc.model_dump(mode="json", exclude=unused),
                "data": data_cfg.model_dump(mode="json"), "files": files.hexdigest(), "seed": seed,
                "image_field": cfg.vlm.image_field, "vision": vision_identity(cfg.vlm.teacher, seed)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_key(payload)
 
 
 def vision_identity(tc, seed: int) -> str | None:

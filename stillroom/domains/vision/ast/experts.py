@@ -15,7 +15,6 @@ a temporary name and renamed into place when every expert is done, like the cach
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from stillroom.domains.vision.ast.losses import clip_loss_factor, flat, input_gr
 from stillroom.domains.vision.ast.realdata import RealData
 from stillroom.domains.vision.models import arch_json, build_classifier
 from stillroom.models.builtin import cache_root
+from stillroom.models.cached import settings_key
 
 Log = Callable[[str], None]
 VERSION = 1
@@ -57,7 +57,7 @@ class Trajectories:
 def expert_key(settings: AstExperts, arch: ClassifierArch, data: RealData, seed: int) -> str:
     payload = {"version": VERSION, "experts": settings.model_dump(mode="json", exclude={"seed"}), "seed": seed,
                "arch": arch_json(arch), "data": data.fingerprint, "mean": data.mean, "std": data.std}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_key(payload)
 
 
 def expert_trajectories(settings: AstExperts, arch: ClassifierArch, data: RealData, *, seed: int,
