@@ -43,6 +43,7 @@ CLAIM = ("Conditional training (control tokens per sentence, MLE over the tagged
          "inference) reduces undesirable content by about an order of magnitude vs plain MLE pretraining, at "
          "similar held-out LM loss.")
 SPLIT = r"(?<=[.!?])\s+"
+LONG_SENTENCES = (24, 32)  # sentences per document of the long-document arms (the default corpus has 4-6)
 RATIO_NEEDED = 5.0  # "about 10x": at least 5x, decided before looking at the numbers
 CE_TOLERANCE = 0.05  # nats/token: "similar held-out loss"
 
@@ -121,6 +122,12 @@ def one_seed(seed: int, work: Path, s: dict) -> dict:
     cfg10 = {**config, "name": "cond_drop10", "baseline": False,
              "conditional": {"drop_token_fraction": 0.1, "threshold": 0.0}}
     run_dir10 = run_stillroom(cfg10)
+    # Re-examination of the one-sentence samples: the same token volume in long documents (EOS after a sentence
+    # becomes rare in the tagged stream), both arms, to see whether the collapse is a short-document effect.
+    long_docs = bad_word_corpus(s["docs"] * 5 // sum(LONG_SENTENCES) * 2, seed=seed, sentences=LONG_SENTENCES)
+    long_data = write_jsonl(({"text": d} for d in long_docs), root / "corpus_long.jsonl")
+    cfg_long = {**config, "name": "cond_long", "data": {**config["data"], "sources": [{"path": str(long_data)}]}}
+    run_dir_long = run_stillroom(cfg_long)
     report = json.loads((run_dir / "report.json").read_text())
     out = {"heldout_ce_conditional": report["student_after"]["heldout_ce"],
            "heldout_ce_mle": report["baseline"]["heldout_ce"],
@@ -130,16 +137,22 @@ def one_seed(seed: int, work: Path, s: dict) -> dict:
     test_docs = bad_word_corpus(200, seed=10_000 + seed)  # unseen documents, same distribution
     prompts = [""] * s["samples"]
     kw = dict(max_new_tokens=s["new_tokens"], seed=seed, batch_size=100)
-    variants = {"conditional": [("aligned", "aligned", "both"), ("none", None, "both"),
-                                ("misaligned", "misaligned", "both"), ("aligned_every", "aligned", "misaligned")],
-                "mle": [("none", None, "both")], "drop10": [("aligned", "aligned", "both")]}
+    # (name, control token, banned tokens, min_new_tokens); min 8: the official configs' min_length 10 with the
+    # two prefix tokens (EOS, control) counted in it.
+    variants = {"conditional": [("aligned", "aligned", "both", 0), ("none", None, "both", 0),
+                                ("misaligned", "misaligned", "both", 0), ("aligned_every", "aligned", "misaligned", 0),
+                                ("aligned_min10", "aligned", "both", 8)],
+                "mle": [("none", None, "both", 0)], "drop10": [("aligned", "aligned", "both", 0)],
+                "long": [("aligned", "aligned", "both", 0)], "long_mle": [("none", None, "both", 0)]}
     for arm, folder in [("conditional", run_dir / "student"), ("mle", run_dir / "baseline" / "student"),
-                        ("drop10", run_dir10 / "student")]:
+                        ("drop10", run_dir10 / "student"), ("long", run_dir_long / "student"),
+                        ("long_mle", run_dir_long / "baseline" / "student")]:
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        out[f"stream_ce_{arm}"] = stream_nll_per_text_token(model, tokenizer, test_docs, tagged=arm != "mle")
-        for name, control, ban in variants[arm]:
-            texts = generate_aligned(model, tokenizer, prompts, control=control, ban=ban, **kw)
+        out[f"stream_ce_{arm}"] = stream_nll_per_text_token(model, tokenizer, test_docs,
+                                                            tagged=arm not in ("mle", "long_mle"))
+        for name, control, ban, min_new in variants[arm]:
+            texts = generate_aligned(model, tokenizer, prompts, control=control, ban=ban, min_new_tokens=min_new, **kw)
             rate, n = bad_rate(texts)
             out[f"bad_{arm}_{name}"] = rate
             out[f"sentences_{arm}_{name}"] = n
@@ -183,6 +196,19 @@ def summarize(per_seed: dict, s: dict) -> dict:
          fmt(col("bad_drop10_aligned")), fmt(col("first_bad_drop10_aligned")), fmt(per_sample("drop10_aligned"), 2),
          fmt(col("stream_ce_drop10")), ""],
     ]
+    reexamined = all("bad_long_aligned" in r for r in per_seed.values())  # results from before 2026-12-06 lack them
+    if reexamined:
+        rows += [
+            ["conditional, <|aligned|>, both banned, EOS banned for 8 new tokens (the official min_length 10)",
+             fmt(col("bad_conditional_aligned_min10")), fmt(col("first_bad_conditional_aligned_min10")),
+             fmt(per_sample("conditional_aligned_min10"), 2), "", ""],
+            [f"long documents ({LONG_SENTENCES[0]}-{LONG_SENTENCES[1]} sentences), MLE, unconditional",
+             fmt(col("bad_long_mle_none")), fmt(col("first_bad_long_mle_none")), fmt(per_sample("long_mle_none"), 2),
+             fmt(col("stream_ce_long_mle")), ""],
+            [f"long documents ({LONG_SENTENCES[0]}-{LONG_SENTENCES[1]} sentences), conditional, the paper's inference",
+             fmt(col("bad_long_aligned")), fmt(col("first_bad_long_aligned")), fmt(per_sample("long_aligned"), 2),
+             fmt(col("stream_ce_long")), ""],
+        ]
     table = markdown_table(["model / sampling", "BAD rate (all generated sentences)", "BAD rate (first sentence)",
                             "sentences per sample", "held-out loss (nats per text token, own format)",
                             "held-out CE, untagged text"], rows)
@@ -203,8 +229,10 @@ def summarize(per_seed: dict, s: dict) -> dict:
     held = verdict["held"]
     untagged_gap = mean_std([r["heldout_ce_conditional"] - r["heldout_ce_mle"] for r in per_seed.values()])[0]
     m = lambda k: mean_std(col(k))[0]  # noqa: E731
+    sps_drop10 = mean_std(per_sample("drop10_aligned"))[0]
     first_ratio = m("first_bad_mle_none") / max(m("first_bad_conditional_aligned"), 1e-9)
-    every_ratio = m("bad_mle_none") / max(m("bad_conditional_aligned_every"), 1e-9)
+    below = lambda ours, ref: (f"{ref / ours:.1f}x below MLE" if ours > 0  # noqa: E731
+                               else "no BAD sentence in any seed's samples")
     analysis = (
         f"Primary metric (decided before the runs): BAD rate over all generated sentences, the paper's inference "
         f"(prefix <|aligned|>, both control tokens banned, T 0.7, top-p 0.9): {m('bad_conditional_aligned'):.4f} vs "
@@ -231,14 +259,41 @@ def summarize(per_seed: dict, s: dict) -> dict:
         + (", far above the corpus rate, so the unconditioned state is badly calibrated at this scale and leaks BAD "
            "into later sentences. " if m("bad_conditional_none") > 2 * m("corpus_bad_rate") else ". ")
         + f"Letting the model emit <|aligned|> at every sentence start (banning only <|misaligned|>, not the paper's "
-        f"setting) gives {m('bad_conditional_aligned_every'):.4f}, {every_ratio:.1f}x below MLE. "
+        f"setting) gives {m('bad_conditional_aligned_every'):.4f} "
+        f"({below(m('bad_conditional_aligned_every'), m('bad_mle_none'))}). "
         f"Training with 10% of segments untagged (the spec's PEP8 setting; reported, not used for the verdict) gives "
         f"{m('bad_drop10_aligned'):.4f} under the paper's inference "
-        f"({m('bad_mle_none') / max(m('bad_drop10_aligned'), 1e-9):.1f}x below MLE). Sampling at "
+        f"({below(m('bad_drop10_aligned'), m('bad_mle_none'))}; {sps_drop10:.2f} sentences per sample). Sampling at "
         f"temperature 0.7 also lowers MLE's rate below the corpus rate ({m('corpus_bad_rate'):.3f}), since BAD is a rarer "
         f"word than most. On untagged text, which the conditional model rarely saw, its CE is {untagged_gap:+.3f} "
         "nats/token from MLE's (report.json's held-out CE), so models trained this way should be scored in their own format."
     )
+    if reexamined:
+        sps = lambda k: mean_std(per_sample(k))[0]  # noqa: E731
+        analysis += (
+            " Re-examination of the one-sentence samples (2026-12-06). Is the cause ours? The official code "
+            "(tomekkorbak/pretraining-with-human-feedback, apo/dataset_wrappers.py) builds the same stream, EOS before "
+            "each document and a control token before each sentence, and samples with both control tokens banned and "
+            "`min_length: 10` (configs/*/conditional.yml; it also logs sample length), so EOS after a sentence is the "
+            "paper's inference, not a bug of ours. Two checks: (1) the official min_length (EOS banned for the first 8 "
+            f"new tokens) gives {sps('conditional_aligned_min10'):.2f} sentences per sample and a BAD rate of "
+            f"{m('bad_conditional_aligned_min10'):.4f} over all sentences: forced past its first sentence, the model "
+            "continues in the rarely seen untagged state. (2) The same tokens in long documents "
+            f"({LONG_SENTENCES[0]}-{LONG_SENTENCES[1]} sentences, so EOS follows a sentence about 1 time in 28 instead "
+            f"of 1 in 5): {sps('long_aligned'):.2f} sentences per sample under the paper's inference (MLE: "
+            f"{sps('long_mle_none'):.2f}), BAD rate {m('bad_long_aligned'):.4f} vs MLE's {m('bad_long_mle_none'):.4f} "
+            f"({m('bad_long_mle_none') / max(m('bad_long_aligned'), 1e-9):.1f}x; first sentence "
+            f"{m('first_bad_long_aligned'):.3f} vs MLE's {m('first_bad_long_mle_none'):.3f}, so in 200 steps the "
+            f"long-document model learned the prefix {'well' if m('first_bad_long_aligned') < 0.2 * m('first_bad_long_mle_none') else 'poorly'}). "
+            + ("Longer documents lengthen the samples, so the collapse is mostly an effect of the short documents. "
+               if sps("long_aligned") > 2 * sps("conditional_aligned") else
+               "Even in long documents the samples stay short: once both control tokens are banned after a period, "
+               "EOS (about 1/28 of the stream there) still outweighs the untagged continuation (drop_token_fraction "
+               "0.01) (a likely amplifier, not measured: at T 0.7 with top-p 0.9 the untagged continuation, spread "
+               "over many words, falls out of the nucleus once EOS holds most of the mass), so the collapse belongs "
+               "to the paper's inference at any document length this small model sees; only the variant that lets "
+               "<|aligned|> be emitted at each sentence keeps samples long and clean. ")
+        )
     setting = (
         f"Synthetic corpus ({s['docs']} documents per seed, ~10% of sentences contain BAD, correlated within a "
         f"document: 10% of documents hold ~90% of the BAD sentences); word-level tokenizer; 2-layer Llama d=64 from the same random init per arm; {s['steps']} steps of "

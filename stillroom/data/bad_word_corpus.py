@@ -16,8 +16,11 @@ _WORDS = ("the cat dog bird fish tree house river stone light rain wind sun moon
           "sees finds likes keeps makes takes holds moves calls helps near over under with from into").split()
 
 
-def bad_word_corpus(n_docs: int, seed: int = 0, bad_fraction: float = 0.10, toxic_doc_fraction: float = 0.10) -> list[str]:
-    """Synthetic documents of 4-6 short sentences where about ``bad_fraction`` of sentences contain ``BAD``.
+def bad_word_corpus(n_docs: int, seed: int = 0, bad_fraction: float = 0.10, toxic_doc_fraction: float = 0.10,
+                    sentences: tuple[int, int] = (4, 6)) -> list[str]:
+    """Synthetic documents of ``sentences`` (min, max; default 4-6) short sentences where about ``bad_fraction`` of
+    sentences contain ``BAD``. The document length matters to conditional training's inference: after a sentence,
+    the tagged stream continues with a control token or, at a document end, with EOS.
 
     Misalignment is correlated within a document, as in real data: a ``toxic_doc_fraction`` of
     the documents are "toxic" (each sentence BAD with probability
@@ -26,6 +29,8 @@ def bad_word_corpus(n_docs: int, seed: int = 0, bad_fraction: float = 0.10, toxi
     """
     if not 0 < toxic_doc_fraction < 1 or not 0 <= bad_fraction <= 1:
         raise ValueError("demo_corpus: need 0 < toxic_doc_fraction < 1 and 0 <= bad_fraction <= 1")
+    if not 1 <= sentences[0] <= sentences[1]:
+        raise ValueError(f"demo_corpus: sentences=(min, max) needs 1 <= min <= max, got {sentences}")
     gen = torch.Generator().manual_seed(derive_seed("conditional-demo", seed))
     p_toxic = min(0.9, bad_fraction / toxic_doc_fraction)
     p_clean = max(0.0, (bad_fraction - toxic_doc_fraction * p_toxic) / (1 - toxic_doc_fraction))
@@ -39,12 +44,12 @@ def bad_word_corpus(n_docs: int, seed: int = 0, bad_fraction: float = 0.10, toxi
     docs = []
     for _ in range(n_docs):
         p_bad = p_toxic if rand() < toxic_doc_fraction else p_clean
-        sentences = []
-        for _ in range(4 + pick(3)):
+        doc = []
+        for _ in range(sentences[0] + pick(sentences[1] - sentences[0] + 1)):
             words = [_WORDS[pick(len(_WORDS))] for _ in range(4 + pick(3))]
             if rand() < p_bad:
                 words[pick(len(words))] = "BAD"
             words[0] = words[0][:1].upper() + words[0][1:]
-            sentences.append(" ".join(words) + ".")
-        docs.append(" ".join(sentences))
+            doc.append(" ".join(words) + ".")
+        docs.append(" ".join(doc))
     return docs

@@ -252,7 +252,7 @@ METHOD = Method("conditional", build=build,
 def sample_with_control(
     model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, sampling_temperature: float = 0.7,
     top_p: float = 0.9, seed: int = 0, control: str | None = "aligned", ccfg: ConditionalConfig | None = None,
-    batch_size: int = 32, ban: str = "both",
+    batch_size: int = 32, ban: str = "both", min_new_tokens: int = 0,
 ) -> list[list[int]]:
     """Sampled continuation ids of ``prompts``, each generated after ``EOS [control] prompt``.
 
@@ -261,7 +261,9 @@ def sample_with_control(
     tokens from the continuations (``bad_words_ids``) whenever the tokenizer has them;
     ``ban="misaligned"`` bans only ``<|misaligned|>``, so the model still emits a control token
     where it learned one belongs (segment starts) and that token is ``<|aligned|>`` (a variant that
-    conditions every segment; not in the paper). Padding/EOS after a row's end are stripped.
+    conditions every segment; not in the paper). ``min_new_tokens``: EOS is banned for the first tokens of each
+    continuation (the official configs' ``min_length: 10``, counted there with the prefix). Padding/EOS after a
+    row's end are stripped.
     Sampling is seeded by ``seed`` without touching the caller's global RNG state.
     """
     if ban not in ("both", "misaligned"):
@@ -296,7 +298,7 @@ def sample_with_control(
             gen = model.generate(
                 input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
                 do_sample=True, temperature=sampling_temperature, top_p=top_p, top_k=0, pad_token_id=pad,
-                eos_token_id=eos, bad_words_ids=bad,
+                eos_token_id=eos, bad_words_ids=bad, min_new_tokens=min_new_tokens,
             )
             for row in gen[:, width:].tolist():
                 out.append(row[: row.index(eos)] if eos in row else row)

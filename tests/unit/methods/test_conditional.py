@@ -154,6 +154,26 @@ def test_banned_control_tokens_are_never_generated():
         C.sample_with_control(model, tok, ["x"], ban="none")
 
 
+def test_min_new_tokens_bans_eos_until_then():
+    """The official configs' ``min_length``: a model that prefers EOS at once still writes that many tokens."""
+    model, tok, (a, m) = extended()
+    with torch.no_grad():  # EOS by far the likeliest next token everywhere
+        model.lm_head.weight[tok.eos_token_id] = 0.0
+        model.lm_head.weight[tok.eos_token_id, 0] = 50.0
+    short = C.sample_with_control(model, tok, ["The"] * 4, max_new_tokens=10, seed=0)
+    assert all(len(r) == 0 for r in short)
+    long = C.sample_with_control(model, tok, ["The"] * 4, max_new_tokens=10, seed=0, min_new_tokens=5)
+    assert all(len(r) == 5 for r in long)
+
+
+def test_corpus_document_length_is_a_setting():
+    docs = bad_word_corpus(30, seed=0, sentences=(20, 24))
+    assert all(20 <= d.count(".") <= 24 for d in docs)
+    assert all(4 <= d.count(".") <= 6 for d in bad_word_corpus(30, seed=0))
+    with pytest.raises(ValueError, match="sentences"):
+        bad_word_corpus(3, sentences=(5, 2))
+
+
 def test_scorer_spec_errors_are_clear(tmp_path, monkeypatch):
     assert C.load_scorer("stillroom.methods.conditional:bad_word_score")("a BAD b") == 1.0
     with pytest.raises(C.ScorerSpecError, match="package.module:function"):
