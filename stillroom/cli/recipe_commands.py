@@ -25,9 +25,24 @@ def load(args: argparse.Namespace):
     return load_config(recipe_path(args.recipe) if args.recipe else None, args.overrides)
 
 
+def stages_plan(args: argparse.Namespace):
+    """The multi-stage plan when the recipe has a top-level ``stages:`` list (docs/stages.md), else None."""
+    from stillroom.config.stages import is_stages_recipe, load_stages
+
+    path = recipe_path(args.recipe) if args.recipe else None
+    return load_stages(path, args.overrides) if is_stages_recipe(path) else None
+
+
 def cmd_validate(args) -> int:
     from stillroom.run import check_run
 
+    plan = stages_plan(args)
+    if plan is not None:
+        from stillroom.run.stages import describe, precheck
+
+        precheck(plan, print)
+        print("\n".join([f"{args.recipe}: OK ({len(plan.stages)} stages, folder {plan.root})", *describe(plan)]))
+        return 0
     cfg = load(args)
     cache = shlex.join(["stillroom", "cache-teacher", args.recipe, *args.overrides])
     check_run(cfg, log=print, all_commands=True, cache_command=cache)  # notes: e.g. where a store will be read
@@ -39,6 +54,13 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from stillroom.run import run
 
+    plan = stages_plan(args)
+    if plan is not None:
+        from stillroom.run.stages import run_stages
+
+        root = run_stages(plan, resume=args.resume, overwrite=args.overwrite, log=lambda s: print(s, flush=True))
+        print(f"stages folder: {root} (report {root / 'stages.md'})")
+        return 0
     print(f"run folder: {run(load(args), resume=args.resume, overwrite=args.overwrite)}")
     return 0
 
@@ -72,6 +94,17 @@ def cmd_select(args) -> int:
 
     result = run_select(load(args))
     print(f"selected: {result.selected}\nscores: {result.scores}\nsummary: {result.summary}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from stillroom.compress.prune import prune
+
+    cfg = load(args)
+    if args.overwrite:
+        cfg.prune.overwrite = True
+    result = prune(cfg, log=lambda s: print(s, flush=True))
+    print(f"pruned model: {result.folder} (report {result.folder / 'prune_report.md'})")
     return 0
 
 
@@ -149,6 +182,13 @@ def register(sub) -> None:
         "reference", example="select.fraction=0.3",
         description="Score every instance of the recipe's data with score = NLL_ref - NLL_teacher (per-token means), "
         "keep the top select.fraction in corpus order and write them as text JSONL, plus a scores file and a summary.")
+    p = recipe_command(
+        "prune", cmd_prune, "prune a model (default: the recipe's teacher) by depth, width and/or sparsity into a "
+        "smaller Hugging Face folder", example="prune.depth.num_layers=16",
+        description="Load prune.model (or teacher.model), draw prune.calibration batches from the data, apply "
+        "prune.depth, prune.width and prune.sparsity in that order and write prune.out (default "
+        "<output_dir>/<name>/pruned) with prune_report.json/.md. See docs/methods/pruning.md.")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (prune.overwrite)")
     p = recipe_command("cache-teacher", cmd_cache_teacher, "run the teacher once over the recipe's training data "
                        "and write a top-k store (teacher.store.*)", example="teacher.store.k=32")
     p.add_argument("--batch-size", type=int, help="sequences per teacher forward: teacher.store.cache_batch_size=N")

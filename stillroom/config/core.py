@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stillroom.config.sparsity import FixedSparsity
+from stillroom.config.quantize import QuantizeConfig
 from stillroom.losses import get_term, resolve_params
 
 
@@ -45,6 +47,23 @@ class LayerSelection(Strict):
         return self
 
 
+class CordaSettings(Strict):
+    """CorDA's calibration (student.lora.corda): the data whose input covariance C orients the decomposition of
+    every adapted weight W C = U S V^T (peft's preprocess_corda; docs/methods/corda.md)."""
+
+    sources: list[DataSource] | None = Field(
+        None, description="Calibration data (any format: text, prompt_completion, messages). corda_kpm: the "
+        "knowledge to keep (e.g. QA prompts); corda_ipm: the task data. null: the run's data.sources.",
+    )
+    samples: int = Field(256, ge=1, description="Calibration sequences (the paper's calib_loader_size is 256); "
+                         "each is one forward pass whose inputs to every adapted layer add to C.")
+    seq_len: int = Field(128, ge=2, description="Tokens per calibration sequence (records packed, no padding).")
+    seed: int = Field(0, description="Seed of the draw of calibration sequences from the packed blocks.")
+    float16_covariance: bool = Field(
+        False, description="Accumulate C in float16 (halves its memory; less stable). peft's use_float16_for_covariance.",
+    )
+
+
 class LoraConfig(Strict):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32.0, description="LoRA scaling numerator (scale = alpha / r).")
@@ -53,6 +72,14 @@ class LoraConfig(Strict):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Module names (as peft matches them) that receive adapters.",
     )
+    init: Literal["default", "corda_kpm", "corda_ipm"] = Field(
+        "default", description="Adapter initialisation. default: B = 0 (the model is unchanged). corda_kpm / "
+        "corda_ipm: CorDA (Yang et al. 2024) through peft: W C = U S V^T on the covariance C of `corda.sources`, "
+        "the adapter takes the r smallest (kpm, knowledge-preserving: C from the knowledge to keep) or largest "
+        "(ipm, instruction-previewed: C from the task data) components, the frozen residual the rest; the model's "
+        "function is unchanged at step 0.",
+    )
+    corda: CordaSettings = Field(default_factory=CordaSettings, description="CorDA's calibration (init corda_*).")
 
 
 class ModelSource(Strict):
@@ -156,6 +183,35 @@ class StudentConfig(Strict):
     )
     trainable: Literal["full", "lora"] = "full"
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    fixed_sparsity: FixedSparsity | None = Field(
+        None, description="Sparse fine-tuning: keep the loaded student's zero weights at zero in these linear "
+        "layers (masks re-applied after every step and on resume); see docs/methods/sparsity.md.",
+    )
+    quantize: QuantizeConfig | None = Field(
+        None, description="Quantization-aware training/distillation: the student's linear layers compute on a "
+        "llama.cpp block grid (q8_0, q4_0) and the saved student is exported on it; see docs/methods/qad.md.",
+    )
+
+    @model_validator(mode="after")
+    def _quantize_full(self) -> "StudentConfig":
+        if self.quantize is not None and self.trainable == "lora":
+            raise ValueError("student.quantize needs student.trainable=full: LoRA adapters merged after training "
+                             "would move the weights off the quantization grid")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_init_needs_lora(self) -> "StudentConfig":
+        if self.lora.init != "default" and self.trainable != "lora":
+            raise ValueError(f"student.lora.init={self.lora.init} initialises LoRA adapters, but "
+                             f"student.trainable={self.trainable}; set student.trainable=lora")
+        return self
+
+    @model_validator(mode="after")
+    def _sparse_full(self) -> "StudentConfig":
+        if self.fixed_sparsity is not None and self.trainable == "lora":
+            raise ValueError("student.fixed_sparsity needs student.trainable=full: merged LoRA adapters would fill "
+                             "the pruned zeros")
+        return self
 
     @model_validator(mode="after")
     def _one_origin(self) -> "StudentConfig":
@@ -285,6 +341,11 @@ class EvalConfig(Strict):
     before: bool = Field(True, description="Evaluate the student before training too.")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="Precision of held-out metrics (fp32: exact KL/CE; bf16 is faster but adds rounding noise)."
+    )
+    knowledge: str | None = Field(
+        None, description="A knowledge-injection suite (`stillroom knowledge-data` folder, or a JSONL of {kind, form, "
+        "prompt, answer}): every evaluated model answers it greedily; accuracy per kind and form in knowledge.md, "
+        "and knowledge_<form> in the report's rows (docs/methods/finetunebench.md)."
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from stillroom.config.commands import GenerateConfig, GenerateExport, GenerateInput, SelectConfig
+from stillroom.config.prune import PruneConfig
 from stillroom.config.dataset_distill import AstConfig
 from stillroom.config.domains import DOMAINS, ClassifierConfig, DomainSection
 from stillroom.config.autoregressive import AutoregressiveConfig
@@ -28,6 +29,7 @@ from stillroom.config.dho import DhoConfig
 from stillroom.config.llava_mod import LlavaModConfig
 from stillroom.config.comd import ComdConfig
 from stillroom.config.specvlm import SpecVlmConfig
+from stillroom.config.copg import CopgConfig
 from stillroom.config.dmd import DmdConfig
 from stillroom.config.twinflow import TwinFlowConfig
 from stillroom.config.vlm import VlmConfig, check_vlm_run
@@ -140,6 +142,8 @@ class RunConfig(Strict):
     specvlm: SpecVlmConfig | None = Field(None, description="Settings of method=specvlm (SpecVLM: a draft "
                                           "distilled online from the target's logits and features, acceptance "
                                           "measured during training).")
+    copg: CopgConfig | None = Field(None, description="Settings of method=copg (CoPG: contrastive policy gradient "
+                                    "on offline completions with scalar rewards).")
     dmd: DmdConfig | None = Field(None, description="Settings of method=dmd (domain generative; DMD, DMD2 and "
                                   "Decoupled DMD).")
     twinflow: TwinFlowConfig | None = Field(None, description="Settings of method=twinflow (domain generative; "
@@ -151,6 +155,7 @@ class RunConfig(Strict):
                                   "domain: image records, pixel_values in every batch (stillroom.config.vlm).")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Used by `stillroom generate`.")
     select: SelectConfig = Field(default_factory=SelectConfig, description="Used by `stillroom select`.")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="Used by `stillroom prune` (depth, width and sparsity pruning of a model into a smaller Hugging Face folder; stillroom.config.prune).")
     ast: AstConfig = Field(default_factory=AstConfig, description="Used by `stillroom distill-data` (AST dataset "
                            "distillation by trajectory matching; domain: classifier).")
     cache_dir: str | None = Field(None, description="Model cache (default: $STILLROOM_CACHE or ~/.cache/stillroom).")

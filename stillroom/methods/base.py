@@ -28,11 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from stillroom.data.batch import Batch
+from stillroom.train.counts import Sampler, StepCounts  # noqa: F401 (re-exported: the seam's types)
 
 if TYPE_CHECKING:
     from stillroom.config.schema import RunConfig
@@ -42,21 +43,6 @@ if TYPE_CHECKING:
     from stillroom.train.distributed import Topology
 
 
-class Sampler(Protocol):
-    def next_indices(self) -> list[int]: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-@dataclass(frozen=True)
-class StepCounts:
-    """What the loop counted for one optimizer step, handed to ``weight_targets``."""
-
-    step: int
-    targets: float
-    """N: target tokens of the whole step (all micro-batches, summed over processes)."""
-    all_reduce_sum: Callable[[float], float]
-    """Sums a per-process count over processes (identity with one process)."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -105,16 +106,35 @@ def angular_distances(model: nn.Module, calibration: list[torch.Tensor], n: int)
     """``d[l]`` for every block start ``l = 0 .. L-n``: mean angular distance (in [0, 1]) over all
     calibration tokens between the input of layer ``l`` and the output of layer ``l+n-1``.
 
-    ``calibration``: list of ``input_ids`` [B, T] (no padding assumed). Runs the
-    decoder body (no LM head) in eval mode without cache (restoring the training
-    flag), in the model's own dtype; the cosines are computed in float64.
+    ``calibration``: list of ``input_ids`` [B, T] (no padding assumed); the hidden states come from
+    :func:`layer_boundary_states`; the cosines are computed in float64.
+    """
+    num = len(decoder_layers(model))
+    if not 1 <= n <= num:
+        raise LayerSelectionError(f"block length n={n} must be in 1..{num}")
+    sums = torch.zeros(num - n + 1, dtype=torch.float64)
+    count = 0
+    for hs in layer_boundary_states(model, calibration):
+        for l in range(num - n + 1):  # upcast two at a time: memory stays ~ (L + 4) hidden states
+            a, b = hs[l].to(torch.float64), hs[l + n].to(torch.float64)
+            cos = nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12).clamp(-1.0, 1.0)
+            sums[l] += (torch.arccos(cos) / math.pi).sum().cpu()
+        count += hs[0].shape[0]
+    return (sums / count).tolist()
+
+
+@torch.no_grad()
+def layer_boundary_states(model: nn.Module, calibration: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Per calibration batch, ``L + 1`` hidden states ``[B*T, H]``: ``h_0`` the input of layer 0 and ``h_{i+1}``
+    the output of layer ``i`` (before the final norm).
+
+    ``calibration``: list of ``input_ids`` [B, T] (no padding assumed). Runs the decoder body (no LM head)
+    in eval mode without cache (restoring the training flag), in the model's own dtype.
     """
     layers = decoder_layers(model)
     num = len(layers)
-    if not 1 <= n <= num:
-        raise LayerSelectionError(f"block length n={n} must be in 1..{num}")
     if not calibration:
-        raise LayerSelectionError("angular_distances needs at least one calibration batch")
+        raise LayerSelectionError("layer distances need at least one calibration batch")
     captured: list[torch.Tensor | None] = [None] * (num + 1)  # h_0 = input of layer 0, h_i+1 = output of i
 
     def first_input(_mod, args, kwargs):
@@ -128,8 +148,6 @@ def angular_distances(model: nn.Module, calibration: list[torch.Tensor], n: int)
 
     handles = [layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
     handles += [layer.register_forward_hook(output_of(i)) for i, layer in enumerate(layers)]
-    sums = torch.zeros(num - n + 1, dtype=torch.float64)
-    count = 0
     try:  # the body alone: the LM head ([T, V] logits) is not needed here
         run = decoder_body(model)
     except TypeError:
@@ -143,18 +161,11 @@ def angular_distances(model: nn.Module, calibration: list[torch.Tensor], n: int)
                 raise LayerSelectionError(f"calibration batches must be non-empty input_ids [B, T]; got {tuple(ids_bt.shape)}")
             captured[:] = [None] * (num + 1)
             run(input_ids=ids_bt.to(device), use_cache=False)
-            hs = [h.detach().reshape(-1, h.shape[-1]) for h in captured]  # [B*T, H] each, model dtype
-            for l in range(num - n + 1):  # upcast two at a time: memory stays ~ (L + 4) hidden states
-                a, b = hs[l].to(torch.float64), hs[l + n].to(torch.float64)
-                cos = nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12).clamp(-1.0, 1.0)
-                sums[l] += (torch.arccos(cos) / math.pi).sum().cpu()
-            count += hs[0].shape[0]
-            del hs
+            yield [h.detach().reshape(-1, h.shape[-1]) for h in captured]  # [B*T, H] each, model dtype
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return (sums / count).tolist()
 
 
 def derive_student(

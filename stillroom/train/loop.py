@@ -41,7 +41,7 @@ import torch
 
 from stillroom.config.core import TrainConfig
 from stillroom.losses import LossMix, LossResult, StudentOutput
-from stillroom.methods.base import Sampler, StepCounts
+from stillroom.train.counts import Sampler, StepCounts
 from stillroom.models.precision import autocast as precision_autocast
 from stillroom.train.distributed import Topology
 from stillroom.train.session import Session, TrainResult
@@ -121,6 +121,9 @@ class Player:
     updates_per_step: int = 1
     replace_batches: Callable | None = None
     weight_targets: Callable | None = None
+    after_update: Callable[[], None] | None = None
+    """Called right after each ``optimizer.step()`` and once after a resume restores the checkpoint (fixed
+    sparsity masks re-zero the pruned weights: AdamW's momentum would otherwise regrow them)."""
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = field(default=None, repr=False)
 
@@ -241,6 +244,8 @@ def update(player: Player, run: Session, step: int) -> dict[str, Any]:
     if tc.clip_grad_norm is not None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(player.trainable(), tc.clip_grad_norm))
     player.optimizer.step()
+    if player.after_update is not None:  # e.g. re-apply fixed sparsity masks
+        player.after_update()
     player.scheduler.step()
     player.optimizer.zero_grad(set_to_none=True)
     per_target = {k: topology.all_reduce_sum(v) / targets for k, v in sorted(parts.items())}

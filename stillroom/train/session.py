@@ -100,6 +100,8 @@ class Session:
             p.objective.state.load_state_dict(weights[f"{p.name}.objective"])
             p.optimizer.load_state_dict(state["players"][p.name]["optimizer"])
             p.scheduler.load_state_dict(state["players"][p.name]["scheduler"])
+            if p.after_update is not None:  # e.g. fixed sparsity masks, after the optimizer state is back
+                p.after_update()
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.seconds_before = float(state.get("train_s", 0.0))

@@ -5,8 +5,12 @@ from pathlib import Path
 import pytest
 
 from stillroom.config.load import ConfigError, load_config
+from stillroom.config.stages import is_stages_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+STAGES_RECIPES = [r for r in RECIPES if is_stages_recipe(r)]
+"""Multi-stage recipes (a top-level `stages:` list): validated by tests/unit/run/test_stages_config.py."""
+RUN_RECIPES = [r for r in RECIPES if r not in STAGES_RECIPES]
 
 
 def test_defaults_load():
@@ -57,7 +61,7 @@ def test_the_shipped_recipes_are_found():
     assert [r.name for r in RECIPES] == [r.name for r in packaged]
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+@pytest.mark.parametrize("recipe", RUN_RECIPES, ids=[r.stem for r in RUN_RECIPES])
 def test_every_shipped_recipe_loads(recipe):
     """Each recipe validates, keeps what its file says, and its loss mix builds with one term per entry."""
     import yaml
@@ -78,3 +82,11 @@ def test_every_shipped_recipe_loads(recipe):
     mix = LossMix(cfg.loss)
     assert len(mix.keys) == len(mix.specs) == len(cfg.loss.terms) >= 1
     assert [s.name for s in mix.specs] == [t.name for t in cfg.loss.terms]
+
+
+def test_lora_initialisation_without_lora_is_refused_when_the_recipe_loads():
+    from stillroom.config.core import StudentConfig
+
+    with pytest.raises(ValueError, match="student.trainable=lora"):
+        StudentConfig(lora={"init": "corda_kpm"})
+    assert StudentConfig(trainable="lora", lora={"init": "corda_kpm"}).lora.init == "corda_kpm"

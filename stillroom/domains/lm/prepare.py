@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from stillroom.compress.masks import FixedMasks
 from stillroom.config.schema import LossTerm, RunConfig, TeacherConfig
 from stillroom.data import DataSplits, build_splits, collate
 from stillroom.data.batch import ExampleSampler
@@ -91,7 +92,8 @@ class LmRun:
         forward = StudentForward(model, fused=fused, hidden_layers=mix.student_hidden_layers, vocab=self.vocab_size,
                                  attentions=mix.needs_attentions)
         player = Player("student", model, DistillObjective(forward, mix, teacher),
-                        replace_batches=plan.replace_batches, weight_targets=plan.weight_targets)
+                        replace_batches=plan.replace_batches, weight_targets=plan.weight_targets,
+                        after_update=_fixed_masks(cfg, model, log))
         players = plan.players(player) if plan.players is not None else [player]  # e.g. LLaVA-MoD's
         evaluate = periodic_evaluation(self, heldout) if cfg.train.eval_every and self.topology.is_main else None
         job = TrainJob(
@@ -108,6 +110,11 @@ class LmRun:
     def save_model(self, model: torch.nn.Module, folder: Path) -> None:
         """The trained student as a plain HF folder (LoRA adapters merged) + tokenizer, renamed into place."""
         plain = merge_lora(copy.deepcopy(model)) if self.cfg.student.trainable == "lora" else model
+        quant = self.cfg.student.quantize
+        if quant is not None:  # the grid weights (or the latent ones) in plain Linear layers
+            from stillroom.compress.quant_export import export_model
+
+            plain = export_model(model, quant)
         tmp = folder.with_name(folder.name + ".tmp")
         plain.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
@@ -120,6 +127,10 @@ class LmRun:
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
+        if quant is not None and "gguf" in quant.export:  # <folder>.gguf beside it, from the latent weights
+            from stillroom.compress.quant_export import gguf_path, write_gguf
+
+            write_gguf(model, self.tokenizer, gguf_path(folder), log=print)
 
     def load_model(self, folder: Path) -> torch.nn.Module:
         from stillroom.models.load import model_class
@@ -128,6 +139,13 @@ class LmRun:
 
     def report_notes(self) -> list[str]:
         notes = [f"student keeps teacher layers {self.kept_layers}"] if self.kept_layers is not None else []
+        if self.cfg.student.fixed_sparsity is not None:  # the achieved sparsity of the trained student
+            s = FixedMasks.from_zeros(self.student, self.cfg.student.fixed_sparsity.modules).summary()
+            notes.append(f"trained student: {s['zeros']} of {s['numel']} weights zero ({s['sparsity']:.1%}) in "
+                         f"{len(s['modules'])} fixed-sparsity linear layers")
+        if self.cfg.student.quantize is not None:
+            notes.append(f"student rows measure the {self.cfg.student.quantize.format}-quantized student (the "
+                         "fake-quant forward: dequantized grid weights, as exported); the teacher is full precision")
         stats = self.data.stats
         notes.append("data: " + ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float))))
         return notes
@@ -167,8 +185,17 @@ class LmDomain:
             student = upcycle_student(student, cfg.llava_mod.moe, aux_coef=cfg.llava_mod.aux_coef,
                                       seed=cfg.seed, log=log)
         vocab_size = check_vocab(tokenizer, teacher_model, student_tok, student)
-        if cfg.student.trainable == "lora":
+        if cfg.student.trainable == "lora" and cfg.student.lora.init != "default":  # CorDA (docs/methods/corda.md)
+            from stillroom.models.corda import apply_corda, corda_calibration
+
+            student = apply_corda(student, cfg.student.lora, corda_calibration(cfg, tokenizer), log,
+                                  device=resolve_device(cfg.train.device, topology))
+        elif cfg.student.trainable == "lora":
             student = apply_lora(student, cfg.student.lora)
+        if cfg.student.quantize is not None:  # QAT / QAD on a llama.cpp grid (docs/methods/qad.md)
+            from stillroom.compress.quant_export import quant_aware_student
+
+            quant_aware_student(student, cfg.student.quantize, tokenizer, log=log)
         fingerprint = Fingerprint(teacher=teacher_loaded.identity, tokenizer_hash=tokenizer_hash(tokenizer),
                                   vocab_size=vocab_size)
         return LmRun(cfg, topology, resolve_device(cfg.train.device, topology), teacher_model, student, tokenizer,
@@ -221,6 +248,20 @@ def _student(cfg: RunConfig, teacher_model: torch.nn.Module, tokenizer, data: Da
     student, kept_layers = derive_student(teacher_model, sel, calibration)
     log(f"student: kept teacher layers {kept_layers}")
     return student.to(dtype), tokenizer, kept_layers
+
+
+def _fixed_masks(cfg: RunConfig, model: torch.nn.Module, log: Log) -> Callable[[], None] | None:
+    """``student.fixed_sparsity``: the masks of ``model``'s zero weights, re-applied after every update (the
+    player's ``after_update``); None for a dense run. A model with no zeros there is refused (nothing to keep)."""
+    fixed = cfg.student.fixed_sparsity
+    if fixed is None:
+        return None
+    masks = FixedMasks.from_zeros(model, fixed.modules)
+    if masks.mask_sparsity() == 0:
+        raise ValueError(f"student.fixed_sparsity: the student has no zero weights in {fixed.modules}; prune it "
+                         "first (stillroom prune with prune.sparsity) and load the pruned folder as student.model")
+    log(f"fixed sparsity: {masks.mask_sparsity():.1%} of the weights of {len(masks.masks)} linear layers stay zero")
+    return masks.apply
 
 
 def _text_config(model: torch.nn.Module | None):
