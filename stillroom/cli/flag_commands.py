@@ -16,7 +16,10 @@ from stillroom.config.commands import (
     ServeTeacherConfig,
     SpecEvalConfig,
 )
+from stillroom.config.knowledge import KnowledgeDataConfig
+from stillroom.config.quantize import QuantizeFolderConfig
 from stillroom.config.scenes import VqaDataConfig, VqaLmConfig
+from stillroom.config.transfer import TransferConfig
 
 
 # The work of each command, imported when the command runs (`stillroom --help` stays fast).
@@ -50,6 +53,18 @@ def _merge(cfg: MergeConfig) -> None:
     merge(cfg)
 
 
+def _transfer(cfg: TransferConfig) -> None:
+    from stillroom.compress.transfer import transfer
+
+    transfer(cfg)
+
+
+def _quantize(cfg: QuantizeFolderConfig) -> None:
+    from stillroom.compress.quant_export import quantize_folder
+
+    quantize_folder(cfg.folder, cfg.quantize_config(), cfg.out, overwrite=cfg.overwrite)
+
+
 def _conditional_extend(cfg: ConditionalExtendConfig) -> None:
     from stillroom.run.conditional_setup import conditional_extend
 
@@ -60,6 +75,12 @@ def _conditional_demo_data(cfg: ConditionalDemoDataConfig) -> None:
     from stillroom.run.conditional_setup import conditional_demo_data
 
     conditional_demo_data(cfg)
+
+
+def _knowledge_data(cfg: KnowledgeDataConfig) -> None:
+    from stillroom.datagen.knowledge import write_knowledge_suite
+
+    write_knowledge_suite(cfg)
 
 
 def _vqa_data(cfg: VqaDataConfig) -> None:
@@ -115,6 +136,21 @@ COMMANDS = (
         "flattened tensors; linear interpolation where sin W ~ 0. t=0 gives A, t=1 gives B. Writes safetensors plus "
         "A's config and tokenizer into --out (built in a temporary folder, then renamed).", ("a", "b")),
     FlagCommand(
+        "transfer", TransferConfig, _transfer,
+        "fine-tuning transfer: add a fine-tuned model's diff vector to a newer base (out = new_base + scale * diff)",
+        "Diff-vector transfer (Lin et al. 2025): OUT = NEW_BASE + SCALE * (FINE_TUNED - BASE), tensor by tensor in "
+        "float64. The three Hugging Face folders must share the architecture, parameter names and shapes and the "
+        "tokenizer (checked first, named errors); extra vocabulary rows of the fine-tuned model are zero-padded in "
+        "the bases. Writes safetensors plus the fine-tuned model's config and tokenizer and transfer.json into "
+        "--out; the result can start further fine-tuning as student.model.path. See docs/methods/transfer.md."),
+    FlagCommand(
+        "quantize", QuantizeFolderConfig, _quantize,
+        "round-to-nearest quantization of a model folder to llama.cpp Q8_0 / Q4_0 (HF folder on the grid + GGUF)",
+        "Post-training quantization, no training (the PTQ baseline of QAD): the linear layers' weights rounded to "
+        "the Q8_0 / Q4_0 block grid exactly as llama.cpp's reference quantizer does; writes --out as a plain "
+        "Hugging Face folder holding the dequantized grid weights, and <out>.gguf beside it. To recover the loss, "
+        "train with student.quantize instead (docs/methods/qad.md).", ("folder",)),
+    FlagCommand(
         "conditional-extend", ConditionalExtendConfig, _conditional_extend,
         "add conditional training's control tokens to a model (tokenizer + embeddings)",
         "Load SRC, add <|aligned|>/<|misaligned|> as special tokens, resize the embeddings (new rows = mean row) and "
@@ -122,6 +158,14 @@ COMMANDS = (
     FlagCommand(
         "conditional-demo-data", ConditionalDemoDataConfig, _conditional_demo_data,
         "write the synthetic BAD-word corpus as text JSONL", positional=("out",)),
+    FlagCommand(
+        "knowledge-data", KnowledgeDataConfig, _knowledge_data,
+        "write a knowledge-injection suite: fictional new and updated facts, asked as trained, paraphrased, implied",
+        "FineTuneBench-style (Wu et al. 2024): OUT/background.jsonl (text for pretraining a base model: world facts, "
+        "known people in every question form, the companies' old headquarters), OUT/train.jsonl and "
+        "train_augmented.jsonl (prompt/completion: new people and moved headquarters, in one or two phrasings), "
+        "OUT/eval.jsonl (items scored by eval.knowledge=OUT: trained phrasing, paraphrase, implication) and "
+        "suite.json. See docs/methods/finetunebench.md.", ("out",)),
     FlagCommand(
         "vqa-data", VqaDataConfig, _vqa_data, "write visual questions about procedural scenes (images or text)",
         "Scenes of coloured shapes in a 2 x 2 grid with exact captions, and checkable questions (colour_of, "
