@@ -130,6 +130,13 @@ def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConf
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (teacher, student, data, ...)")
         tree = loaded
+    return config_from_tree(tree, overrides, origin)
+
+
+def config_from_tree(tree: dict, overrides: list[str] = (), origin: str = "<recipe>") -> RunConfig:
+    """A recipe's parsed mapping (``tree``, changed in place by the overrides) -> validated :class:`RunConfig`;
+    errors start with ``origin``. :func:`load_config` reads a file into it; a multi-stage recipe
+    (:mod:`stillroom.config.stages`) calls it once per stage."""
     # Validate the recipe alone first so errors point at the file, then the overrides.
     try:
         defaults = RunConfig.model_validate(tree).model_dump(mode="json")
