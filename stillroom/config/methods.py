@@ -22,6 +22,7 @@ from stillroom.config.dho import DhoConfig
 from stillroom.config.llava_mod import LlavaModConfig
 from stillroom.config.comd import ComdConfig
 from stillroom.config.specvlm import SpecVlmConfig
+from stillroom.config.copg import CopgConfig
 from stillroom.config.dmd import DmdConfig
 from stillroom.config.twinflow import TwinFlowConfig
 from stillroom.config.mae import DmaeConfig, SelfDistillFptConfig
@@ -376,6 +377,7 @@ METHODS: dict[str, type[MethodSection] | None] = {
     "llava_mod": LlavaModConfig,
     "comd": ComdConfig,
     "specvlm": SpecVlmConfig,
+    "copg": CopgConfig,
 }
 """Every training method by name: its section, or ``None`` (kd: the loss terms against the teacher; sft:
 cross-entropy on the data only, no teacher at training time). :mod:`stillroom.methods` implements each."""

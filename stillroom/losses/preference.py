@@ -12,6 +12,9 @@ gradient) for the chosen ``y_w`` and the rejected ``y_l`` of ``P`` pairs. With t
   ``2P`` halves; the KL estimates come from the pairs given in one call, i.e. one micro-batch).
 
 Each returns ``(sum over pairs, P)`` so the training loop divides once by the step's pair count.
+
+:func:`copg_group` / :func:`copg_pair` (CoPG, method ``copg``) take scalar rewards instead of a
+chosen/rejected label: the squared difference of the regularised rewards ``R - beta log(pi / pi_ref)``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,42 @@ def kto_pair(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor
     kl_w, kl_l = r_w.mean().clamp(min=0), r_l.mean().clamp(min=0)
     halves = (1 - torch.sigmoid(beta * (r_w - kl_l))) + (1 - torch.sigmoid(beta * (kl_w - r_l)))
     return (halves / 2).sum(), r_w.shape[0]
+
+
+def copg_group(logp_gk: torch.Tensor, ref_logp_gk: torch.Tensor, reward_gk: torch.Tensor, *,
+               beta: float) -> tuple[torch.Tensor, int]:
+    """CoPG (Flet-Berliac et al. 2024) over ``G`` groups of ``k >= 2`` completions of one prompt each.
+
+    ``logp_gk``: the policy's summed response log-probs ``[G, k]`` (with gradient); ``ref_logp_gk``: the
+    frozen reference's (no gradient); ``reward_gk``: scalar rewards. With the regularised reward
+    ``a_i = R_i - beta (logp_i - ref_logp_i)``, one group's loss is
+    ``(1 / (k - 1)) sum_{i>j} (a_i - a_j)^2 / (2 beta)``, computed as
+    ``k / (k - 1) * sum_i (a_i - mean a)^2 / (2 beta)``
+    (the same sum: ``sum_{i>j} (a_i - a_j)^2 = k sum_i (a_i - mean a)^2``). For a pair the gradient is
+    ``-(a_y - a_y') (grad logp(y) - grad logp(y'))``: a policy gradient whose baseline is the other sample.
+    Returns ``(sum over groups, G)`` (fp32).
+    """
+    if logp_gk.dim() != 2 or logp_gk.shape[1] < 2 or not logp_gk.shape == ref_logp_gk.shape == reward_gk.shape:
+        raise ValueError(f"copg takes three [G, k >= 2] tensors (policy log-probs, reference log-probs, rewards); "
+                         f"got shapes {tuple(logp_gk.shape)}, {tuple(ref_logp_gk.shape)}, {tuple(reward_gk.shape)}")
+    if beta <= 0:
+        raise ValueError(f"copg needs beta > 0 (got {beta})")
+    k = logp_gk.shape[1]
+    regularised_gk = reward_gk.float() - beta * (logp_gk.float() - ref_logp_gk.float().detach())
+    centred_gk = regularised_gk - regularised_gk.mean(dim=1, keepdim=True)
+    per_group_g = centred_gk.pow(2).sum(dim=1) * (k / (k - 1)) / (2 * beta)
+    return per_group_g.sum(), logp_gk.shape[0]
+
+
+def copg_pair(logp_y: torch.Tensor, logp_y2: torch.Tensor, ref_logp_y: torch.Tensor, ref_logp_y2: torch.Tensor,
+              reward_y: torch.Tensor, reward_y2: torch.Tensor, beta: float) -> tuple[torch.Tensor, int]:
+    """CoPG on ``P`` pairs ``(y, y')``, each argument ``[P]``: ``(sum_p (a_y - a_y')^2 / (2 beta), P)`` with
+    ``a = R - beta (logp - ref_logp)`` (:func:`copg_group` with ``k = 2``)."""
+    shapes = {tuple(t.shape) for t in (logp_y, logp_y2, ref_logp_y, ref_logp_y2, reward_y, reward_y2)}
+    if len(shapes) != 1 or logp_y.dim() != 1:
+        raise ValueError(f"copg_pair takes six [P] tensors; got shapes {sorted(shapes)}")
+    return copg_group(torch.stack([logp_y, logp_y2], dim=1), torch.stack([ref_logp_y, ref_logp_y2], dim=1),
+                      torch.stack([reward_y, reward_y2], dim=1), beta=beta)
 
 
 PREFERENCE_LOSSES = {"sigmoid": dpo_sigmoid, "kto_pair": kto_pair}

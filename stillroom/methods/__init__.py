@@ -14,6 +14,7 @@ from stillroom.methods import llava_mod
 from stillroom.methods import comd
 from stillroom.methods import dho
 from stillroom.methods import specvlm
+from stillroom.methods import copg
 from stillroom.methods.base import Method, MethodContext, MethodPlan, StepCounts
 
 KD = Method("kd", domains=None)
@@ -31,6 +32,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     comd.METHOD,
     dho.METHOD,
     specvlm.METHOD,
+    copg.METHOD,
 )}
 
 __all__ = ["METHODS", "Method", "MethodContext", "MethodPlan", "StepCounts"]
