@@ -13,7 +13,8 @@ Beyond the config's own validators, :func:`check_run` looks at the files and set
   when the store exists (when it does not, ``stillroom cache-teacher`` writes it: a note, not an error);
 * the loss terms can be fed by the source: dense-only terms (``taid``) need the online teacher, hidden-state
   and attention terms a single teacher with those states (attention: the online teacher only);
-* the classifier domain's ``classifier.teacher.path`` exists.
+* the classifier domain's ``classifier.teacher.path`` exists;
+* ``eval.knowledge``, when set, is a readable knowledge-injection suite (scored after training too).
 
 Every problem found is reported at once in one :class:`~stillroom.config.load.ConfigError` (exit 2), each
 line naming its key.
@@ -54,6 +55,13 @@ def check_run(cfg: RunConfig, *, log: Callable[[str], None] | None = None, all_c
             _check_terms(cfg, problems)
         if all_commands and cfg.select.reference is not None:
             _check_model(cfg.select.reference, "select.reference", problems)
+        if cfg.eval.knowledge:  # read after training too: a bad suite must not cost the run
+            from stillroom.eval.knowledge import load_items
+
+            try:
+                load_items(cfg.eval.knowledge)
+            except (OSError, ValueError) as err:
+                problems.append(f"eval.knowledge: {err}")
     classifier = getattr(cfg, "classifier", None)
     for path, key, hint in _image_model_folders(cfg):
         if not Path(path).expanduser().is_dir():

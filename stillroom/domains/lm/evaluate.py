@@ -91,6 +91,13 @@ def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[E
         for name, (model, _) in models.items():
             out[name]["generations"] = greedy_generations(model, lm.tokenizer, prompts, cfg.eval.max_new_tokens)
             out[name]["prompts"] = prompts
+    if cfg.eval.knowledge:  # fictional facts: trained phrasing vs paraphrase vs implication (knowledge.md)
+        from stillroom.eval.knowledge import knowledge_report
+
+        rows = knowledge_report(cfg.run_dir, cfg.eval.knowledge, {k: m for k, (m, _) in models.items()},
+                                lm.tokenizer, log=log)
+        for name, metrics in rows.items():
+            out[name].update(metrics)
     return out
 
 
