@@ -23,9 +23,19 @@ sys.path.insert(0, str(ROOT))
 
 from bench.repro.verdict import RULE, Part, parts_table  # noqa: E402
 
-ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook", "cfg_distill_markov", "dho", "comd", "llava_mod", "specvlm", "ogen"]
+ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook", "cfg_distill_markov", "dho", "comd", "llava_mod", "specvlm", "ogen", "qad", "copg_bandit", "copg_lm", "width_vs_depth", "depth_choice", "squarehead", "transfer", "corda", "ernie_tiny", "self_data_merge", "taid", "finetunebench"]
 TITLES = {
+    "taid": "TAID, temporally adaptive interpolated distillation across teacher sizes (Shing et al. 2025)",
+    "finetunebench": "Knowledge injection by fine-tuning: trained phrasing vs paraphrase vs implication (FineTuneBench, Wu et al. 2024)",
+    "transfer": "Fine-tuning transfer, a fine-tuned diff vector added to a newer base (Lin et al. 2025)",
+    "corda": "CorDA knowledge-preserving adapter initialisation vs LoRA (Yang et al. 2024)",
+    "width_vs_depth": "Width vs depth pruning at equal parameter count, each recovered by the same KD (Minitron, Muralidharan et al. 2024)",
+    "depth_choice": "Which layers to drop: angular distance vs block influence vs the last layers (Gromov et al. 2024; self-data's sub-claim)",
+    "qad": "QAD, quantization-aware distillation vs QAT-CE vs round-to-nearest on llama.cpp Q4_0 / Q8_0 (NVIDIA Model Optimizer)",
+    "squarehead": "SquareHead, sparse fine-tuning with fixed masks: CE vs CE + KL vs CE + SquareHead at 50/70/80% (Kurtic et al. 2023)",
     "ogen": "OGEN, synthesised unknown-class features and local-mean-teacher self-distillation for CLIP prompt tuning (Zang et al. 2024)",
+    "copg_bandit": "CoPG on the 10-arm bandit: the fixed point pi_ref exp(R/beta)/Z, vs DPO (Flet-Berliac et al. 2024)",
+    "copg_lm": "CoPG on a small LM task with a graded verifiable reward, vs SFT on the best completion (Flet-Berliac et al. 2024)",
     "step_by_step": "Distilling step-by-step (Hsieh et al. 2023)",
     "self_data": "Self-data distillation for pruned models (Thangarasa et al. 2025)",
     "redi": "REDI, reinforcement distillation (Xu et al. 2025)",
@@ -49,6 +59,8 @@ TITLES = {
     "dho": "DHO, dual-head semi-supervised KD from a VLM-like teacher (Kang et al. 2025)",
     "comd": "CoMD, failure-driven rounds of augmentation vs one-shot KD on scene questions (Li et al. 2023)",
     "specvlm": "SpecVLM, online logit + feature distillation of a draft VLM for speculative decoding (Huang et al. 2025)",
+    "ernie_tiny": "ERNIE-Tiny, four-stage progressive distillation vs single-stage task distillation (Su et al. 2021)",
+    "self_data_merge": "Self-data distillation, step 3: SLERP merge of copies recovered on different tasks (Thangarasa et al. 2025)",
 }
 
 INTRO = f"""# Reproductions
@@ -60,7 +72,7 @@ with our analysis. This page is generated from `bench/results/*.json` by
 `python bench/reproductions_doc.py`; each method's numbers come from
 
 ```bash
-python bench/reproduce.py METHOD          # METHOD: step_by_step self_data redi miniplm ddk conditional meal_v2 ast lelp unfused ferkd dmae self_distill_fpt
+python bench/reproduce.py METHOD          # METHOD: step_by_step self_data redi miniplm ddk conditional meal_v2 ast lelp unfused ferkd dmae self_distill_fpt taid finetunebench
 python bench/draft_tiny.py                # the draft experiment of docs/ONPOLICY.md (issue: draft models)
 python bench/reproduce.py METHOD --from-results   # only re-decide the verdict from the stored numbers (also draft_tiny)
 python bench/twinflow_rings.py [--from-results]   # TwinFlow on the rings toy (issue 15, spec 13.5)
@@ -73,6 +85,15 @@ python bench/dho_repro.py [--from-results]        # DHO, dual-head semi-supervis
 python bench/ogen_repro.py [--from-results]       # OGEN, base vs new classes of a CLIP trained here (issue 14, spec 6.6)
 python bench/comd_repro.py [--from-results]       # CoMD rounds vs one-shot on text scene questions (issue 14, spec 14.2)
 python bench/specvlm_repro.py [--from-results]    # SpecVLM: draft acceptance length vs online training steps (issue 14, spec 15)
+python bench/ernie_tiny_repro.py [--from-results] # ERNIE-Tiny: GD -> GED -> TAD -> TSD vs direct, a stages recipe (issue 12, spec 10)
+python bench/self_data_merge_repro.py [--from-results]  # self-data's SLERP merge on the union of two tasks (issue 12, spec 9)
+python bench/squarehead_repro.py [--from-results] # SquareHead recovery of magnitude-pruned models (issue 12, spec 5, B.5)
+python bench/width_vs_depth.py [--from-results]   # width vs depth pruning; angular vs block influence vs last-N (issue 12)
+python bench/transfer_repro.py [--from-results]   # fine-tuning transfer: m_t + delta vs m_t, other init, recycling (issue 12, spec 14e)
+python bench/corda_repro.py [--from-results]      # CorDA-KPM vs LoRA: old-task loss at equal new-task loss (issue 12, spec 14f)
+python bench/copg_bandit.py                # CoPG vs DPO on the 10-arm bandit (issue 16, spec 14d)
+python bench/copg_lm.py                    # CoPG vs SFT on the best completion, graded arithmetic reward (issue 16, spec 14d)
+python bench/qad_repro.py [--from-results]        # QAD vs QAT-CE vs PTQ at Q4_0 / Q8_0 (issue 12 item 6)
 ```
 
 <a id="verdict-rule"></a>
