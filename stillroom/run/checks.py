@@ -61,7 +61,7 @@ def check_run(cfg: RunConfig, *, log: Callable[[str], None] | None = None, all_c
             try:
                 load_items(cfg.eval.knowledge)
             except (OSError, ValueError) as err:
-                problems.append(f"eval.knowledge: {err}")
+                problems.append(str(err) if str(err).startswith("eval.knowledge") else f"eval.knowledge: {err}")
     classifier = getattr(cfg, "classifier", None)
     for path, key, hint in _image_model_folders(cfg):
         if not Path(path).expanduser().is_dir():
