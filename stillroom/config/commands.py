@@ -313,9 +313,16 @@ class PreferenceDataConfig(Strict):
     id_field: str = Field("id", description="With `store`: item field matching the generations' prompt_id.")
     prompt_field: str = Field("prompt", description="With `store`: item field with the prompt text the student sees.")
     dedupe: bool = Field(True, description="Keep identical correct texts of one problem once in D_SFT.")
+    group_size: int | None = Field(
+        None, ge=2, description="With `export`: also write <out>/groups.jsonl for method copg, every problem with "
+        "exactly this many teacher samples as {id, prompt, completions, rewards} (reward 1.0 verified, else 0.0; "
+        "set copg.group_size to the same number)."
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> "PreferenceDataConfig":
         if (self.export is None) == (self.store is None) or (self.store is None) != (self.items is None):
             raise ValueError("give `export`, or `store` together with `items` (--export, or --store with --items)")
+        if self.group_size is not None and self.export is None:
+            raise ValueError("--group-size reads the verdicts of `stillroom generate`'s export: give --export")
         return self

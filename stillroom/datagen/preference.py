@@ -91,8 +91,14 @@ def preference_data_from_export(rows: Iterable[dict], *, dedupe: bool = True,
     verifier). Same selection as :func:`build_preference_data`. A teacher row with ``verified`` None
     (no verifier) is an error; ``source: original`` rows (fallbacks, not teacher samples) are skipped.
     """
-    judged: dict[str, tuple[str, list[tuple[int, str, bool]]]] = {}
     counts = {"records": 0, "error_records": 0}
+    judged = judged_from_export(rows, counts)
+    return _select(judged, counts, dedupe=dedupe, stats=stats)
+
+
+def judged_from_export(rows: Iterable[dict], counts: dict) -> dict[str, tuple[str, list[tuple[int, str, bool]]]]:
+    """``{prompt_id: (prompt, [(sample_index, text, correct), ...] sorted)}`` of an export's teacher rows."""
+    judged: dict[str, tuple[str, list[tuple[int, str, bool]]]] = {}
     for n, row in enumerate(rows):
         counts["records"] += 1
         if row.get("source", "teacher") != "teacher":
@@ -106,7 +112,21 @@ def preference_data_from_export(rows: Iterable[dict], *, dedupe: bool = True,
     for _, samples in judged.values():
         samples.sort()
     counts["problems"] = len(judged)
-    return _select(judged, counts, dedupe=dedupe, stats=stats)
+    return judged
+
+
+def copg_groups(judged: dict[str, tuple[str, list[tuple[int, str, bool]]]], k: int, counts: dict) -> list[dict]:
+    """CoPG's records ``{id, prompt, completions, rewards}`` (reward 1.0 for a verified sample, else 0.0) of every
+    problem with exactly ``k`` samples (``copg.group_size``); the others are counted as ``groups_skipped``."""
+    rows = []
+    for pid, (prompt, samples) in judged.items():
+        if len(samples) != k:
+            counts["groups_skipped"] = counts.get("groups_skipped", 0) + 1
+            continue
+        rows.append({"id": pid, "prompt": prompt, "completions": [t for _, t, _ in samples],
+                     "rewards": [1.0 if ok else 0.0 for _, _, ok in samples]})
+    counts["groups"] = len(rows)
+    return rows
 
 
 def _select(judged: dict[str, tuple[str, list[tuple[int, str, bool]]]], counts: dict, *, dedupe: bool,
@@ -158,9 +178,13 @@ def make_preference_data(cfg: PreferenceDataConfig, *, log: Callable[[str], None
     out = Path(cfg.out)
     if cfg.export is not None:
         stats: dict = {}
-        sft_rows, pref_rows = preference_data_from_export(_read_jsonl(cfg.export), dedupe=cfg.dedupe, stats=stats)
+        rows = _read_jsonl(cfg.export)
+        sft_rows, pref_rows = preference_data_from_export(rows, dedupe=cfg.dedupe, stats=stats)
         stats["sft_path"] = str(write_jsonl_atomic(out / "sft.jsonl", sft_rows))
         stats["pref_path"] = str(write_jsonl_atomic(out / "pref.jsonl", pref_rows))
+        if cfg.group_size is not None:  # CoPG's k completions per prompt with their rewards
+            groups = copg_groups(judged_from_export(rows, {"records": 0, "error_records": 0}), cfg.group_size, stats)
+            stats["groups_path"] = str(write_jsonl_atomic(out / "groups.jsonl", groups))
     else:
         stats = preference_data_from_store(cfg.store, _read_jsonl(cfg.items), cfg.verifier, out,
                                            id_field=cfg.id_field, prompt_field=cfg.prompt_field, dedupe=cfg.dedupe)

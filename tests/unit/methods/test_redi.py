@@ -311,6 +311,12 @@ def test_preference_data_from_the_generate_export(tmp_path):
     assert pref == [{"id": "a", "prompt": "Q1\n", "chosen": "2 + 3 = 5. The answer is 5.",
                      "rejected": "2 + 3 = 6. The answer is 6.", "chosen_index": 1, "rejected_index": 0}]
     assert [(r["id"], r["sample_index"]) for r in sft] == [("a", 1), ("b", 0)]
+    # CoPG's groups: problems with exactly --group-size samples, rewards from the verdicts, in sample order
+    assert main(["preference-data", "--export", str(export), "--out", str(tmp_path / "g"), "--group-size", "2"]) == 0
+    groups = [json.loads(l) for l in (tmp_path / "g" / "groups.jsonl").read_text().splitlines()]
+    assert groups == [{"id": "a", "prompt": "Q1\n", "completions": texts["a"], "rewards": [0.0, 1.0]}]
+    assert main(["preference-data", "--store", str(export), "--items", str(export), "--out", str(tmp_path / "x"),
+                 "--group-size", "2"]) == 2  # groups need the export's verdicts
     unverified = [{**r, "verified": None} for r in rows]
     with pytest.raises(ValueError, match="generate.verifier"):
         from stillroom.datagen.preference import preference_data_from_export
