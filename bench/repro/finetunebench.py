@@ -40,7 +40,7 @@ ARMS = {"A: one phrasing": "train.jsonl", "B: two phrasings": "train_augmented.j
 def settings(quick: bool) -> dict:
     if quick:
         return dict(pretrain_steps=40, steps=10, batch=4, heldout=0.2, new_people=6, known_people=8, companies=4)
-    return dict(pretrain_steps=2500, steps=200, batch=16, heldout=0.02, new_people=40, known_people=60, companies=30)
+    return dict(pretrain_steps=2500, steps=200, batch=16, heldout=0.05, new_people=40, known_people=60, companies=30)
 
 
 def word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
