@@ -220,6 +220,12 @@ def summarize(stored: dict) -> dict:
         f"{', '.join(f'({lo:+.3f}, {avg:+.3f})' for lo, avg in gaps)} (never below it, by construction of the "
         f"official update); final t "
         f"{final_t}. "
+        + ("" if all(teacher_ce[a] > teacher_ce[b] for a, b in zip(sizes, sizes[1:])) else
+           "The teachers' quality does not rise with their size here (a larger teacher has the higher test CE after "
+           f"its {s['teacher_steps']} steps), so the sweep's parts compare teachers of unequal quality, not only "
+           "size. ")
+        + f"TAID vs its linear schedule at the largest teacher: {m(biggest, 'TAID, linear t', 'test_ce') - m(biggest, 'TAID', 'test_ce'):+.3f} "
+        "nats in favour of the adaptive t. "
         + ("Every part held beyond the seed spread." if verdict["held"] else
            "Parts that did not hold beyond the seed spread are listed in the table below.")
     )
