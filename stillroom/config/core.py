@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from stillroom.config.base import Strict  # noqa: F401 (re-exported: every section's base)
+from stillroom.config.cross import CrossConfig
 
 from stillroom.config.sparsity import FixedSparsity
 from stillroom.config.quantize import QuantizeConfig
 from stillroom.losses import get_term, resolve_params
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class LayerSelection(Strict):
@@ -163,6 +162,11 @@ class TeacherConfig(Strict):
     ensemble: list["TeacherConfig"] = Field(default_factory=list, description="Members when source=ensemble.")
     ensemble_mode: Literal["average", "route"] = "average"
     route_field: str | None = Field(None, description="Record field naming the member index when ensemble_mode=route.")
+    tokenizer_mode: Literal["same", "cross"] = Field(
+        "same", description="same: the student shares the teacher's tokenizer (checked); cross: the student has "
+        "its own tokenizer, the teacher reads the same text in its tokens and positions align on the text "
+        "(docs/methods/cross_tokenizer.md).")
+    cross: CrossConfig = Field(default_factory=CrossConfig, description="Cross-tokenizer settings (tokenizer_mode=cross).")
 
 
 class StudentConfig(Strict):
@@ -178,6 +182,9 @@ class StudentConfig(Strict):
         "num_key_value_heads: 2}; it shares the teacher's tokenizer and vocabulary (a draft for speculative "
         "decoding pretrained with `method: sft` on text, then distilled).",
     )
+    tokenizer: str | None = Field(
+        None, description="A tokenizer folder for a student built with from_config when it differs from the "
+        "teacher's (teacher.tokenizer_mode=cross); the built model's vocabulary and special ids follow it.")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Master weights dtype (training math runs under `train.precision`)."
     )

@@ -3,25 +3,18 @@
 The student's linear layers compute with weights rounded to a llama.cpp block format (the forward of the
 quantized model) while the optimizer updates full-precision latent weights (straight-through estimator);
 the saved student is then exported on exactly that grid (:mod:`stillroom.compress.quant_export`).
-
-``core.StudentConfig`` imports this module, so it repeats ``core.Strict``'s settings rather than importing it
-(an import circle otherwise).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from stillroom.config.base import Strict
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FULL_PRECISION = ("embed_tokens", "lm_head")
-
-
-class Strict(BaseModel):
-    """Unknown keys are errors (``core.Strict``'s settings; see the module docstring for why it is repeated)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class QuantizeConfig(Strict):

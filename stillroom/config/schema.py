@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from stillroom.config.commands import GenerateConfig, GenerateExport, GenerateInput, SelectConfig
 from stillroom.config.prune import PruneConfig
+from stillroom.config.cross import check_cross_run
 from stillroom.config.dataset_distill import AstConfig
 from stillroom.config.domains import DOMAINS, ClassifierConfig, DomainSection
 from stillroom.config.autoregressive import AutoregressiveConfig
@@ -228,6 +229,12 @@ class RunConfig(Strict):
     def run_dir(self) -> Path:
         """The run folder: ``<output_dir>/<name>`` with ``~`` expanded (the one place it is computed)."""
         return Path(self.output_dir).expanduser() / self.name
+
+    @model_validator(mode="after")
+    def _cross_tokenizer(self) -> "RunConfig":
+        """``teacher.tokenizer_mode``: what a cross-tokenizer run needs, and ``uld`` only there."""
+        check_cross_run(self)
+        return self
 
     @property
     def method_section(self) -> MethodSection | None:

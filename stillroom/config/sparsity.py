@@ -3,9 +3,7 @@ weights to a target fraction or an N:M pattern (``prune.sparsity``, read by ``st
 fine-tuning with the zeros held fixed (``student.fixed_sparsity``).
 
 A linear layer is chosen when its ``named_modules()`` name is one of ``modules`` or ends with ``.<entry>``
-(``q_proj`` chooses ``model.layers.3.self_attn.q_proj``). This module imports pydantic only:
-:mod:`stillroom.config.core` imports it (``StudentConfig.fixed_sparsity``), so it keeps a strict base of its
-own with the same settings as ``core.Strict``.
+(``q_proj`` chooses ``model.layers.3.self_attn.q_proj``).
 """
 
 from __future__ import annotations
@@ -13,16 +11,12 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from stillroom.config.base import Strict
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 """The linear layers of a Llama-style decoder block (attention and MLP); the output head is left dense."""
-
-
-class Strict(BaseModel):
-    """Unknown keys are errors (``core.Strict``'s settings; see the module docstring for why it is repeated)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def _check_fraction(value: float, where: str) -> float:

@@ -111,10 +111,14 @@ class ReportLayout:
     ce_unit: str
     plots: tuple[str, ...] = ()
     marker: str | None = None
+    gap_metric: str = "heldout_ce"
+    """The metric of the summary's "gap to the teacher closed" (bits per byte when the teacher's tokens differ)."""
 
 
 LAYOUTS: dict[str, ReportLayout] = {
     "lm": ReportLayout(_COLUMNS, _DELTA_KEYS, speed="tokens_per_s", ce_unit="nats/token"),
+    "lm_cross": ReportLayout(_COLUMNS, ("bits_per_byte",), speed="tokens_per_s",
+                             ce_unit="nats/token (of the student's tokens)", gap_metric="bits_per_byte"),
     "classifier": ReportLayout(_CLASSIFIER_COLUMNS, ("accuracy", "ece", "heldout_ce"), speed="images_per_s",
                                ce_unit="nats/image", plots=("confusion_matrix.png", "reliability.png"),
                                marker="images_per_s"),

@@ -151,14 +151,16 @@ def _deltas(models: dict[str, dict], keys: tuple[str, ...] = _DELTA_KEYS) -> dic
     return out
 
 
-def _summary(models: dict[str, dict], speed: str = "tokens_per_s") -> dict[str, float]:
-    """Gap closed on CE, KD-vs-baseline CE (and accuracy) difference, teacher/student size and speed ratios
-    (``speed``: the throughput metric)."""
+def _summary(models: dict[str, dict], speed: str = "tokens_per_s", gap: str = "heldout_ce") -> dict[str, float]:
+    """Gap closed on ``gap`` (CE; bits per byte across tokenizers), KD-vs-baseline CE (and accuracy) difference,
+    teacher/student size and speed ratios (``speed``: the throughput metric)."""
     out: dict[str, float] = {}
-    ce = {k: _num(m, "heldout_ce") for k, m in models.items()}
-    t, b, a = ce.get("teacher"), ce.get("student_before"), ce.get("student_after")
+    closing = {k: _num(m, gap) for k, m in models.items()}
+    t, b, a = closing.get("teacher"), closing.get("student_before"), closing.get("student_after")
     if None not in (t, b, a) and abs(b - t) > 1e-12:
-        out["ce_gap_closed"] = (b - a) / (b - t)
+        out["ce_gap_closed" if gap == "heldout_ce" else f"{gap}_gap_closed"] = (b - a) / (b - t)
+    ce = {k: _num(m, "heldout_ce") for k, m in models.items()}
+    a = ce.get("student_after")
     if a is not None and ce.get("baseline") is not None:
         out["ce_after_minus_baseline"] = a - ce["baseline"]
     acc = {k: _num(m, "accuracy") for k, m in models.items()}
@@ -238,6 +240,9 @@ def _markdown(report: dict, models: dict[str, dict], layout: ReportLayout = LAYO
                 f"- CE gap to the teacher closed by training: {100 * s['ce_gap_closed']:.1f}% "
                 "((before − after) / (before − teacher))"
             )
+        if "bits_per_byte_gap_closed" in s:
+            lines.append(f"- bits-per-byte gap to the teacher closed by training: "
+                         f"{100 * s['bits_per_byte_gap_closed']:.1f}% ((before − after) / (before − teacher))")
         if "ce_after_minus_baseline" in s:
             lines.append(f"- student (after) CE − baseline CE: {s['ce_after_minus_baseline']:+.4f} {layout.ce_unit}")
         if "accuracy_after_minus_baseline" in s:
@@ -317,7 +322,7 @@ def write_report(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "models": models,
         "deltas": _deltas(models, chosen.deltas),
-        "summary": _summary(models, chosen.speed),
+        "summary": _summary(models, chosen.speed, chosen.gap_metric),
         "prompts": prompts,
         "generations": generations,
         "notes": list(notes or []),

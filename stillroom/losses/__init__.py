@@ -20,6 +20,7 @@ from stillroom.losses.terms import (
     tvd,
     tvd_pp,
 )
+from stillroom.losses.uld import uld
 from stillroom.losses.hidden import (
     attention_mse,
     hidden_cosine,
@@ -37,7 +38,7 @@ DIVERGENCES = divergences()
 
 __all__ = [
     "REGISTRY", "TermSpec", "BatchStats", "get_term", "list_terms", "resolve_params", "divergences", "DIVERGENCES",
-    "define", "ce", "soft_ce", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "taid", "tvd_pp",
+    "define", "ce", "soft_ce", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "taid", "tvd_pp", "uld",
     "make_logit_term", "run_logit_terms", "run_fused_logit_terms",
     "squarehead", "hidden_mse", "hidden_cosine", "attention_mse",
     "uniform_layer_map", "uniform_attention_map", "resolve_layer_map",

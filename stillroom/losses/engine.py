@@ -28,82 +28,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from stillroom.losses import sparse
-from stillroom.teachers.signal import TeacherSignal
-
-TeacherLike = torch.Tensor | TeacherSignal | Sequence[torch.Tensor]
-NEG_INF = float("-inf")
-
-
-def sanitize_logits(z: torch.Tensor) -> torch.Tensor:
-    """Map ``+inf``/``-inf`` logits to ``-inf``: an infinite logit marks an entry that is not
-    part of the distribution (vocabulary padding, banned token). NaN is left alone: it is a bug."""
-    return z.masked_fill(torch.isinf(z), NEG_INF)
-
-
-class TeacherRows:
-    """Flat ``[B*T, ...]`` views of a teacher, from which chunks of rows are taken.
-
-    Accepts dense logits ``[B, T, V]``, a :class:`TeacherSignal` (dense or top-k)
-    or a list of dense logits (an ensemble: the target is the average of their
-    probabilities, MEAL V2). ``None`` is allowed for teacher-free terms (``ce``).
-    """
-
-    def __init__(self, teacher: TeacherLike | None, vocab: int, loss_temperature: float):
-        self.dense: list[torch.Tensor] = []
-        self.topk: TeacherSignal | None = None
-        self._dense_flat: list[torch.Tensor] = []
-        if teacher is None:
-            return
-        if isinstance(teacher, TeacherSignal):  # its fields, read directly: the signal is data here
-            if teacher.logits_btv is not None:
-                self.dense = [teacher.logits_btv]
-            elif teacher.topk_ids_btk is not None:
-                if abs(teacher.temperature - loss_temperature) > 1e-6:
-                    raise ValueError(
-                        f"the top-k teacher log-probs were computed at temperature {teacher.temperature} but "
-                        f"loss_temperature is {loss_temperature}; a top-k signal cannot be re-tempered. "
-                        "Set loss.loss_temperature to the store's temperature or rebuild the store."
-                    )
-                self.topk = teacher
-            else:
-                raise ValueError("this teacher signal carries only hidden states; logit terms need logits or top-k")
-        elif isinstance(teacher, torch.Tensor):
-            self.dense = [teacher]
-        else:
-            self.dense = list(teacher)
-            if not self.dense or not all(isinstance(t, torch.Tensor) for t in self.dense):
-                raise ValueError("a teacher list must hold dense logits tensors [B, T, V]")
-        for t in self.dense:
-            if t.shape[-1] != vocab:
-                raise ValueError(
-                    f"teacher vocab {t.shape[-1]} != student vocab {vocab}; slice both to the shared tokenizer "
-                    "length before the loss (padding rows only)"
-                )
-        self._dense_flat = [t.reshape(-1, vocab) for t in self.dense]
-        if self.topk is not None:
-            k = self.topk.topk_ids_btk.shape[-1]
-            self._ids = self.topk.topk_ids_btk.reshape(-1, k)
-            self._lp = self.topk.topk_logprobs_btk.reshape(-1, k)
-            self._tail = self.topk.tail_logmass_bt.reshape(-1)
-
-    @property
-    def present(self) -> bool:
-        return bool(self.dense) or self.topk is not None
-
-    def take(self, rows: torch.Tensor) -> "TeacherChunk":
-        n = self._dense_flat[0].shape[0] if self._dense_flat else -1
-        if rows.numel() == n:  # every row (plain path, full mask): views, no copies
-            return TeacherChunk(dense=list(self._dense_flat))
-        if self.topk is not None:
-            return TeacherChunk(topk=(self._ids[rows], self._lp[rows], self._tail[rows]))
-        return TeacherChunk(dense=[t[rows] for t in self._dense_flat])
-
-
-@dataclass
-class TeacherChunk:
-    dense: list[torch.Tensor] | None = None
-    topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+from stillroom.losses.sparse import student_bins, teacher_bins
+from stillroom.teachers.signal import (  # noqa: F401 (TeacherLike, sanitize_logits: re-exported)
+    NEG_INF, TeacherChunk, TeacherLike, TeacherRows, sanitize_logits,
+)
 
 
 class ChunkContext:
@@ -173,17 +101,32 @@ class ChunkContext:
         n = torch.tensor(float(len(logps)), dtype=self.dtype, device="cpu").log().to(logps[0].device)
         return torch.logsumexp(torch.stack(logps), dim=0) - n
 
+    def for_term(self, term: "LogitTerm") -> "ChunkContext":
+        """The context ``term`` sees: this one, or with a cross-tokenizer teacher and a term that compares
+        token by token, both distributions on the matched tokens only (:attr:`matched`)."""
+        if self.teacher.cross is None or not term.uses_teacher or term.vocab_free:
+            return self
+        return self.matched
+
+    @cached_property
+    def matched(self) -> "ChunkContext":
+        """Student logits ``[N, M]`` at the matched student ids beside the teacher's at the same tokens: every
+        divergence then compares the two distributions renormalised over the shared tokens."""
+        cross = self.teacher.cross
+        return ChunkContext(self.raw[:, cross.matched_student], TeacherChunk(dense=[cross.matched_logits]),
+                            self.target_n, self.temperature, self.dtype, self.weight_n)
+
     @cached_property
     def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(teacher, student) log-probs on the comparison support: ``[N, V]`` or top-k ``[N, K+1]`` bins."""
         if self.teacher.topk is not None:
             ids, lp, tail = self.teacher.topk
-            q_bins = sparse.student_bins(self.s_logp, ids)
+            q_bins = student_bins(self.s_logp, ids)
             # When the k ids cover every (finite) entry the tail bin is empty by construction; a
             # stored teacher tail there is rounding noise (log(1 - sum) of ~1e-7) and would make
             # KL(p||q) infinite, so it is zeroed.
             tail = tail.to(self.dtype).masked_fill(torch.isneginf(q_bins[:, -1]), float("-inf"))
-            return sparse.teacher_bins(lp, tail, self.dtype), q_bins
+            return teacher_bins(lp, tail, self.dtype), q_bins
         if self.teacher.dense is None:
             raise ValueError("this term needs a teacher, but none was given")
         return self.t_logp, self.s_logp
@@ -207,6 +150,9 @@ class LogitTerm:
     finish: Callable[[torch.Tensor], object] | None = None
     temperature: float = 1.0
     """``loss_temperature`` the term was bound with (terms evaluated in one pass share it)."""
+    uses_teacher: bool = True
+    vocab_free: bool = False
+    """Compares ranked probabilities, not tokens (``uld``): it sees a cross-tokenizer teacher whole."""
 
 
 @dataclass
@@ -232,12 +178,22 @@ class Plan:
     def evaluate(self, ctx: ChunkContext, stats: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Weighted sum and per-term (scaled, unweighted) sums for one chunk; with per-token
         weights each row's value is multiplied by its weight before the sum."""
-        if ctx.weight_n is None:
-            parts = [t.scale * t.kernel(ctx, s).sum() for t, s in zip(self.terms, stats)]
-        else:
-            parts = [t.scale * (t.kernel(ctx, s) * ctx.weight_n).sum() for t, s in zip(self.terms, stats)]
+        parts = [t.scale * self._rows(t, ctx, s).sum() for t, s in zip(self.terms, stats)]
         total = sum(t.weight * p for t, p in zip(self.terms, parts))
         return total, parts
+
+
+    @staticmethod
+    def _rows(term: LogitTerm, ctx: ChunkContext, stats) -> torch.Tensor:
+        """``[N]`` values of ``term``, times the per-token weights; a cross-tokenizer teacher's terms count
+        only the aligned rows (the others hold placeholder targets)."""
+        values = term.kernel(ctx.for_term(term), stats)
+        if ctx.weight_n is not None:
+            values = values * ctx.weight_n
+        cross = ctx.teacher.cross
+        if cross is not None and term.uses_teacher:
+            values = values * cross.aligned_n.to(values.dtype)
+        return values
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -258,7 +214,7 @@ def _batch_stats(plan: Plan, logits_of: Callable[[torch.Tensor], torch.Tensor]) 
             ctx = plan.context(logits_of(rows), rows)
             for i, t in enumerate(plan.terms):
                 if t.prepass is not None:
-                    s = t.prepass(ctx)
+                    s = t.prepass(ctx.for_term(t))
                     sums[i] = s if sums[i] is None else sums[i] + s
     for i, t in enumerate(plan.terms):
         if t.prepass is not None:

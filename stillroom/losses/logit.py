@@ -43,7 +43,7 @@ def bind(spec: TermSpec, args: dict[str, Any], *, key: str | None = None, weight
 
     return LogitTerm(key=key or spec.name, kernel=functools.partial(spec.kernel, **args), weight=weight, scale=scale,
                      prepass=stats.prepass if stats else None, finish=stats.finish if stats else None,
-                     temperature=loss_temperature)
+                     temperature=loss_temperature, uses_teacher=spec.uses_teacher, vocab_free=spec.vocab_free)
 
 
 def kernel_args(spec: TermSpec, params: dict[str, Any], state: Any = None) -> dict[str, Any]:

@@ -58,6 +58,8 @@ class TermSpec:
     """Accepts a top-k teacher (K + 1 bin estimator); logit terms without it need dense logits."""
     uses_targets: bool = False
     """Reads the target ids (hard-label CE)."""
+    vocab_free: bool = False
+    """Compares sorted probabilities, not token by token (ULD): works across vocabularies unmatched."""
     args: dict[str, Any] | None = None
     """Logit terms: keyword arguments of the kernel (and of the public function) with defaults;
     None: the same as ``params``. Differs only for a term with ``state``, whose state supplies

@@ -204,11 +204,12 @@ def derive_student(
     return student, keep
 
 
-def student_from_config(teacher: torch.nn.Module, changes: dict, *, seed: int = 0) -> torch.nn.Module:
+def student_from_config(teacher: torch.nn.Module, changes: dict, *, seed: int = 0, tokenizer=None) -> torch.nn.Module:
     """A randomly initialised model of the teacher's class, from the teacher's config with ``changes``.
 
     The vocabulary size, special token ids and tokenizer stay the teacher's (required for
-    distillation and speculative decoding); ``changes`` may not alter ``vocab_size``. Unknown
+    distillation and speculative decoding); ``changes`` may not alter ``vocab_size``. With
+    ``tokenizer`` (a cross-tokenizer student) they follow that tokenizer instead. Unknown
     config keys are refused, naming the valid ones nearest in spelling. ``layer_types`` (a
     per-layer list in recent configs) is resized to the new depth.
     """
@@ -224,6 +225,10 @@ def student_from_config(teacher: torch.nn.Module, changes: dict, *, seed: int = 
             raise ValueError(f"student.from_config.{key}: not a field of the teacher's {type(cfg).__name__}"
                              + (f"; did you mean {', '.join(near)}?" if near else ""))
         setattr(cfg, key, value)
+    if tokenizer is not None:
+        cfg.vocab_size = len(tokenizer)
+        cfg.bos_token_id, cfg.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        cfg.pad_token_id = tokenizer.pad_token_id
     if getattr(cfg, "layer_types", None) is not None and len(cfg.layer_types) != cfg.num_hidden_layers:
         cfg.layer_types = [cfg.layer_types[0]] * cfg.num_hidden_layers
     if hasattr(cfg, "head_dim") and "head_dim" not in changes and ("hidden_size" in changes or "num_attention_heads" in changes):

@@ -25,7 +25,7 @@ def write_run_report(prep: PreparedRun, models: dict, metrics_files: dict[str, P
     report = write_report(
         cfg.run_dir, models, generations=generations or None, prompts=prompts,
         metrics_files={k: f for k, f in metrics_files.items() if f.exists()},
-        title=f"stillroom run `{cfg.name}` ({cfg.method})", notes=prep.report_notes(), layout=cfg.domain, data=data,
+        title=f"stillroom run `{cfg.name}` ({cfg.method})", notes=prep.report_notes(), layout=_layout(cfg), data=data,
     )
     bad = (data or {}).get("bad_records", {})
     if bad.get("count"):
@@ -42,3 +42,9 @@ def data_report(stats: dict | None) -> dict | None:
         return None
     first = list(stats.get("bad_record_examples", []))[:BAD_RECORDS_SHOWN]
     return {"bad_records": {"count": int(stats["records_bad"]), "first": first}}
+
+
+def _layout(cfg) -> str:
+    """The report layout: the domain's, or ``lm_cross`` when the teacher reads other tokens (bits per byte
+    compare the models; CE per token does not)."""
+    return "lm_cross" if cfg.domain == "lm" and cfg.teacher.tokenizer_mode == "cross" else cfg.domain

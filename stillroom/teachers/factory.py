@@ -22,7 +22,7 @@ def store_path(cfg: RunConfig) -> Path:
 def build_teacher_source(
     cfg: RunConfig, *, teacher_model: torch.nn.Module | None, vocab_size: int, fingerprint: Fingerprint,
     hidden_layers: list[int], output_device: torch.device | str, train_examples: list[Example] | None = None,
-    attentions: bool = False, log: Callable[[str], None] = print,
+    attentions: bool = False, log: Callable[[str], None] = print, cross=None,
 ):
     """An object with ``.signal(batch) -> TeacherSignal`` for ``cfg.teacher.source``.
 
@@ -38,7 +38,11 @@ def build_teacher_source(
     ``remote``: :class:`~stillroom.teachers.remote.RemoteTeacher` (server checked now).
     ``ensemble``: :class:`~stillroom.teachers.ensemble.EnsembleTeacher` over
     ``teacher.ensemble`` members, each built by these same rules.
+    ``cross`` (a :class:`~stillroom.teachers.cross_align.CrossVocab`, ``teacher.tokenizer_mode: cross``): the
+    online teacher reads the student's text in its own tokens (:class:`~stillroom.teachers.cross.CrossTeacher`).
     """
+    if cross is not None:
+        return _cross_teacher(cfg, teacher_model, cross, output_device)
     common = dict(vocab_size=vocab_size, fingerprint=fingerprint, hidden_layers=hidden_layers,
                   output_device=output_device, train_examples=train_examples, attentions=attentions, log=log)
     return _build(cfg, cfg.teacher, teacher_model=teacher_model, member=None, **common)
@@ -119,3 +123,15 @@ def _load_member(cfg: RunConfig, tcfg: TeacherConfig, where: str, run_fingerprin
         raise ValueError(f"{where}: this teacher's tokenizer differs from the run's; ensemble members must share it")
     model = loaded.model.to(tcfg.device).eval()
     return model, Fingerprint(loaded.identity, run_fingerprint.tokenizer_hash, run_fingerprint.vocab_size)
+
+
+def _cross_teacher(cfg: RunConfig, teacher_model: torch.nn.Module | None, cross, output_device):
+    """The online teacher of a cross-tokenizer run; ``uld`` terms decide which ranked supports it computes."""
+    from stillroom.teachers.cross import CrossTeacher
+
+    if cfg.teacher.source != "online" or teacher_model is None:
+        raise ValueError(f"teacher.tokenizer_mode=cross needs teacher.source=online (got {cfg.teacher.source!r})")
+    supports = {t.params.get("support", "all") for t in cfg.loss.terms if t.name == "uld"}
+    return CrossTeacher(teacher_model, cross, temperature=cfg.loss.loss_temperature, supports=supports,
+                        rank_k=cfg.teacher.cross.rank_k, chunk_rows=cfg.teacher.cross.chunk_rows,
+                        output_device=output_device)

@@ -28,7 +28,7 @@ student's device). The store, remote and ensemble sources live in their own modu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -55,6 +55,29 @@ class Fingerprint:
 
 
 @dataclass
+class CrossTargets:
+    """A teacher with another tokenizer, at the student's positions (``teacher.tokenizer_mode: cross``).
+
+    Built by :class:`~stillroom.teachers.cross.CrossTeacher` from the teacher's logits at the
+    aligned positions (:mod:`stillroom.teachers.cross_align`); the teacher's full ``[V_t]``
+    distribution is reduced to what the loss terms compare, so a 256k-vocabulary teacher never
+    hands the loss more than student-sized rows.
+    """
+
+    aligned_bt: torch.Tensor
+    """``[B, T]`` bool: student positions with a teacher distribution (same text read before them)."""
+    matched_student: torch.Tensor
+    """``[M]`` long: the student ids with a teacher token of the same spelling."""
+    matched_logits_btm: torch.Tensor
+    """``[B, T, M]``: the teacher's raw logits at those tokens (0 where not aligned); divergence terms
+    compare the two distributions renormalised over these ``M`` tokens."""
+    ranked: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Support (``all``, ``unmatched``) -> (``[B, T, K]`` teacher probabilities at ``temperature``, sorted
+    descending; ``[B, T]`` the mass beyond them), for the ``uld`` term."""
+    temperature: float = 1.0
+
+
+@dataclass
 class TeacherSignal:
     logits_btv: torch.Tensor | None = None
     topk_ids_btk: torch.Tensor | None = None
@@ -65,6 +88,8 @@ class TeacherSignal:
     hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
     attentions: dict[int, torch.Tensor] = field(default_factory=dict)
     fingerprint: Fingerprint | None = None
+    cross: CrossTargets | None = None
+    """Set by a cross-tokenizer teacher (then ``logits_btv`` and the top-k fields are None)."""
 
     @property
     def is_dense(self) -> bool:
@@ -75,7 +100,7 @@ class TeacherSignal:
         return self.topk_ids_btk is not None
 
     def __post_init__(self) -> None:
-        if self.logits_btv is None and self.topk_ids_btk is None and not self.hidden_states:
+        if self.logits_btv is None and self.topk_ids_btk is None and not self.hidden_states and self.cross is None:
             raise ValueError("TeacherSignal needs dense logits, a top-k signal or hidden states")
         if self.topk_ids_btk is not None:
             if self.topk_logprobs_btk is None or self.tail_logmass_bt is None:
@@ -158,3 +183,117 @@ class OnlineTeacher:
         if self.attentions:
             attentions = {i: a.to(self.output_device) for i, a in enumerate(out.attentions)}
         return TeacherSignal(logits_btv=logits_btv, hidden_states=hidden, attentions=attentions, fingerprint=self.fingerprint)
+
+
+# ---------------------------------------------------------------- flat rows for the loss engine
+# A loss call flattens its teacher once (:class:`TeacherRows`) and takes chunks of rows from it; these
+# views live beside the signal they read so that the step reads through no extra module.
+
+TeacherLike = torch.Tensor | TeacherSignal | Sequence[torch.Tensor]
+NEG_INF = float("-inf")
+
+
+def sanitize_logits(z: torch.Tensor) -> torch.Tensor:
+    """Map ``+inf``/``-inf`` logits to ``-inf``: an infinite logit marks an entry that is not
+    part of the distribution (vocabulary padding, banned token). NaN is left alone: it is a bug."""
+    return z.masked_fill(torch.isinf(z), NEG_INF)
+
+
+class TeacherRows:
+    """Flat ``[B*T, ...]`` views of a teacher, from which chunks of rows are taken.
+
+    Accepts dense logits ``[B, T, V]``, a :class:`TeacherSignal` (dense or top-k)
+    or a list of dense logits (an ensemble: the target is the average of their
+    probabilities, MEAL V2). ``None`` is allowed for teacher-free terms (``ce``).
+    """
+
+    def __init__(self, teacher: TeacherLike | None, vocab: int, loss_temperature: float):
+        self.dense: list[torch.Tensor] = []
+        self.topk: TeacherSignal | None = None
+        self.cross: CrossRows | None = None
+        self._dense_flat: list[torch.Tensor] = []
+        if teacher is None:
+            return
+        if isinstance(teacher, TeacherSignal):  # its fields, read directly: the signal is data here
+            if teacher.cross is not None:  # another vocabulary: compared on matched ids or ranked (CrossRows)
+                self.cross = CrossRows(teacher.cross)
+                return
+            if teacher.logits_btv is not None:
+                self.dense = [teacher.logits_btv]
+            elif teacher.topk_ids_btk is not None:
+                if abs(teacher.temperature - loss_temperature) > 1e-6:
+                    raise ValueError(
+                        f"the top-k teacher log-probs were computed at temperature {teacher.temperature} but "
+                        f"loss_temperature is {loss_temperature}; a top-k signal cannot be re-tempered. "
+                        "Set loss.loss_temperature to the store's temperature or rebuild the store."
+                    )
+                self.topk = teacher
+            else:
+                raise ValueError("this teacher signal carries only hidden states; logit terms need logits or top-k")
+        elif isinstance(teacher, torch.Tensor):
+            self.dense = [teacher]
+        else:
+            self.dense = list(teacher)
+            if not self.dense or not all(isinstance(t, torch.Tensor) for t in self.dense):
+                raise ValueError("a teacher list must hold dense logits tensors [B, T, V]")
+        for t in self.dense:
+            if t.shape[-1] != vocab:
+                raise ValueError(
+                    f"teacher vocab {t.shape[-1]} != student vocab {vocab}; slice both to the shared tokenizer "
+                    "length before the loss (padding rows only)"
+                )
+        self._dense_flat = [t.reshape(-1, vocab) for t in self.dense]
+        if self.topk is not None:
+            k = self.topk.topk_ids_btk.shape[-1]
+            self._ids = self.topk.topk_ids_btk.reshape(-1, k)
+            self._lp = self.topk.topk_logprobs_btk.reshape(-1, k)
+            self._tail = self.topk.tail_logmass_bt.reshape(-1)
+
+    @property
+    def present(self) -> bool:
+        return bool(self.dense) or self.topk is not None or self.cross is not None
+
+    def take(self, rows: torch.Tensor) -> "TeacherChunk":
+        if self.cross is not None:
+            return TeacherChunk(cross=self.cross.take(rows))
+        n = self._dense_flat[0].shape[0] if self._dense_flat else -1
+        if rows.numel() == n:  # every row (plain path, full mask): views, no copies
+            return TeacherChunk(dense=list(self._dense_flat))
+        if self.topk is not None:
+            return TeacherChunk(topk=(self._ids[rows], self._lp[rows], self._tail[rows]))
+        return TeacherChunk(dense=[t[rows] for t in self._dense_flat])
+
+
+@dataclass
+class TeacherChunk:
+    dense: list[torch.Tensor] | None = None
+    topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    cross: "CrossChunk | None" = None
+
+
+@dataclass
+class CrossChunk:
+    """A cross-tokenizer teacher on ``N`` rows: ``aligned_n`` ``[N]`` bool (rows with a teacher distribution),
+    ``matched_logits`` ``[N, M]`` at the ``matched_student`` ``[M]`` ids, ``ranked`` support ->
+    (``[N, K]`` sorted probabilities, ``[N]`` tail mass)."""
+
+    aligned_n: torch.Tensor
+    matched_student: torch.Tensor
+    matched_logits: torch.Tensor
+    ranked: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    temperature: float
+
+
+class CrossRows:
+    """Flat views of :class:`~stillroom.teachers.signal.CrossTargets`."""
+
+    def __init__(self, targets: CrossTargets) -> None:
+        self.targets = targets
+        self._aligned = targets.aligned_bt.reshape(-1)
+        self._matched = targets.matched_logits_btm.flatten(0, 1)
+        self._ranked = {s: (p.flatten(0, 1), t.reshape(-1)) for s, (p, t) in targets.ranked.items()}
+
+    def take(self, rows: torch.Tensor) -> CrossChunk:
+        ranked = {s: (p[rows], t[rows]) for s, (p, t) in self._ranked.items()}
+        return CrossChunk(self._aligned[rows], self.targets.matched_student, self._matched[rows], ranked,
+                          self.targets.temperature)

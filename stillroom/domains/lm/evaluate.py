@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -18,13 +18,39 @@ TEXT_PROMPT_TOKENS = 24
 """Plain-text held-out sequences have no prompt: their first this-many tokens prompt the report's generations."""
 
 
-def heldout_batches(lm: "LmRun", examples: list[Example]) -> list:
-    """The first ``eval.heldout_sequences`` of ``examples`` in batches of ``eval.batch_size``."""
+def heldout_batches(lm: "LmRun", examples: list[Example], pad_id: int | None = None) -> list:
+    """The first ``eval.heldout_sequences`` of ``examples`` in batches of ``eval.batch_size`` (padded with
+    ``pad_id``, by default the student tokenizer's)."""
     rows = examples[: lm.cfg.eval.heldout_sequences]
     if not rows:
         raise ValueError("no held-out sequences: raise data.heldout_fraction or add data")
     bs = lm.cfg.eval.batch_size
-    return [collate(rows[i : i + bs], lm.tokenizer.pad_token_id) for i in range(0, len(rows), bs)]
+    pad = lm.tokenizer.pad_token_id if pad_id is None else pad_id
+    return [collate(rows[i : i + bs], pad) for i in range(0, len(rows), bs)]
+
+
+def teacher_logits_fn(lm: "LmRun"):
+    """The teacher's logits beside a student's for KL and agreement; None without a teacher or when the
+    teacher's vocabulary differs (``tokenizer_mode: cross``: bits per byte compare them instead)."""
+    if lm.teacher_model is None or lm.cross is not None:
+        return None
+    return teacher_logits_from_model(lm.teacher_model)
+
+
+def _measured(lm: "LmRun", model: torch.nn.Module, examples: list[Example]) -> tuple[list, int]:
+    """``(held-out batches, vocabulary)`` of ``model``: a cross-tokenizer teacher reads the held-out text in its
+    own tokens."""
+    if lm.cross is not None and model is lm.teacher_model:
+        from stillroom.domains.lm.cross import teacher_examples
+
+        pad = lm.cross.t.pad_id if lm.cross.t.pad_id is not None else (lm.cross.t.eos_id or 0)
+        return heldout_batches(lm, teacher_examples(lm.cross, examples), pad), lm.cross.teacher_vocab
+    return heldout_batches(lm, examples), lm.vocab_size
+
+
+def _tokenizer_of(lm: "LmRun", model: torch.nn.Module) -> Any:
+    """The tokenizer ``model`` reads: the student's, or a cross-tokenizer teacher's own."""
+    return lm.teacher_tokenizer if lm.cross is not None and model is lm.teacher_model else lm.tokenizer
 
 
 def generation_prompts(lm: "LmRun", n: int) -> list[str]:
@@ -39,7 +65,7 @@ def generation_prompts(lm: "LmRun", n: int) -> list[str]:
 def periodic_evaluation(lm: "LmRun", heldout: list[Example]) -> Callable[[torch.nn.Module], dict]:
     """Held-out CE, KL to the teacher and top-1 agreement, for ``train.eval_every`` (process 0 only)."""
     batches = heldout_batches(lm, heldout)
-    teacher_fn = teacher_logits_from_model(lm.teacher_model) if lm.teacher_model is not None else None
+    teacher_fn = teacher_logits_fn(lm)
 
     def evaluate(model: torch.nn.Module) -> dict:
         m = evaluate_lm(model, batches, teacher_fn, precision=lm.cfg.eval.precision, vocab_size=lm.vocab_size)
@@ -59,11 +85,12 @@ def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[E
     ``speedup_student_over_teacher`` divides two numbers of one measurement (also after ``--resume``).
     """
     cfg = lm.cfg
-    teacher_logits = teacher_logits_from_model(lm.teacher_model) if lm.teacher_model is not None else None
+    teacher_logits = teacher_logits_fn(lm)
     out = {}
     for name, (model, examples) in models.items():
-        metrics = evaluate_lm(model, heldout_batches(lm, examples), teacher_logits,
-                              precision=cfg.eval.precision, vocab_size=lm.vocab_size)
+        batches, vocab = _measured(lm, model, examples)
+        metrics = evaluate_lm(model, batches, teacher_logits,
+                              precision=cfg.eval.precision, vocab_size=vocab)
         metrics["params"] = count_params(model)
         metrics["trainable_params"] = trainable_params(model)
         log(f"eval {name}: {eval_line(metrics)}")
@@ -89,7 +116,8 @@ def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[E
     elif cfg.eval.generations:
         prompts = generation_prompts(lm, cfg.eval.generations)
         for name, (model, _) in models.items():
-            out[name]["generations"] = greedy_generations(model, lm.tokenizer, prompts, cfg.eval.max_new_tokens)
+            out[name]["generations"] = greedy_generations(model, _tokenizer_of(lm, model), prompts,
+                                                          cfg.eval.max_new_tokens)
             out[name]["prompts"] = prompts
     if cfg.eval.knowledge:  # fictional facts: trained phrasing vs paraphrase vs implication (knowledge.md)
         from stillroom.eval.knowledge import knowledge_report

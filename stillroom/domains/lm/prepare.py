@@ -16,7 +16,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -36,6 +36,9 @@ from stillroom.models.moe import upcycle_student
 from stillroom.models.precision import torch_dtype
 from stillroom.teachers.factory import build_teacher_source
 from stillroom.teachers.signal import Fingerprint
+
+if TYPE_CHECKING:
+    from stillroom.teachers.cross_align import CrossVocab
 from stillroom.train.distributed import Topology, resolve_device
 from stillroom.train.loop import DistillObjective, Player, TrainJob
 
@@ -56,6 +59,10 @@ class LmRun:
     data: DataSplits
     kept_layers: list[int] | None
     fingerprint: Fingerprint
+    cross: "CrossVocab | None" = None
+    """The two vocabularies and the aligner when the teacher's tokenizer differs (``tokenizer_mode: cross``)."""
+    teacher_tokenizer: Any = None
+    """The teacher's own tokenizer (``tokenizer`` is the student's, which tokenized the data)."""
 
     def loss_mix(self, model: torch.nn.Module, method: Method) -> LossMix:
         """The loss terms of ``method`` (``sft``: cross-entropy alone) sized for ``model`` and the teacher."""
@@ -84,7 +91,7 @@ class LmRun:
             teacher = build_teacher_source(
                 cfg, teacher_model=self.teacher_model, vocab_size=self.vocab_size, fingerprint=self.fingerprint,
                 hidden_layers=mix.teacher_hidden_layers, output_device=self.device, train_examples=examples,
-                attentions=mix.needs_attentions, log=log,
+                attentions=mix.needs_attentions, log=log, cross=self.cross,
             )
         fused = cfg.loss.fused and mix.needs_logits
         if mix.needs_attentions:
@@ -139,6 +146,11 @@ class LmRun:
 
     def report_notes(self) -> list[str]:
         notes = [f"student keeps teacher layers {self.kept_layers}"] if self.kept_layers is not None else []
+        if self.cross is not None:
+            from stillroom.domains.lm.cross import NO_SHARED_VOCAB
+
+            notes.append(f"cross-tokenizer: {self.cross.matched_student.numel()} of {self.vocab_size} student tokens "
+                         f"spell a teacher token; {NO_SHARED_VOCAB}")
         if self.cfg.student.fixed_sparsity is not None:  # the achieved sparsity of the trained student
             s = FixedMasks.from_zeros(self.student, self.cfg.student.fixed_sparsity.modules).summary()
             notes.append(f"trained student: {s['zeros']} of {s['numel']} weights zero ({s['sparsity']:.1%}) in "
@@ -171,6 +183,12 @@ class LmDomain:
         tokenizer = teacher_loaded.tokenizer
         for line in teacher_lines(cfg, teacher_loaded.identity):
             log(line)
+        cross_student = None
+        if cfg.teacher.tokenizer_mode == "cross":  # the student's tokenizer reads the data (domains/lm/cross.py)
+            from stillroom.domains.lm.cross import cross_student as build, load_student_tokenizer
+
+            cross_student = build(cfg, teacher_model, load_student_tokenizer(cfg), log)
+            tokenizer = cross_student[1]
 
         # the data, tokenized with the teacher's tokenizer (the student must share it)
         encoder = method.encoder(cfg) if method.encoder is not None else None
@@ -180,11 +198,21 @@ class LmDomain:
         data = build_splits(data_cfg, tokenizer, cfg.seed, encoder, steer_fraction=steer, log=log)
         log(f"data: {len(data.train)} train / {len(data.heldout)} held-out sequences; {_short_stats(data.stats)}")
 
-        student, student_tok, kept_layers = _student(cfg, teacher_model, tokenizer, data, log)
+        if cross_student is not None:
+            (student, student_tok), kept_layers = cross_student, None
+        else:
+            student, student_tok, kept_layers = _student(cfg, teacher_model, tokenizer, data, log)
         if cfg.llava_mod is not None:  # LLaVA-MoD's sparse student, upcycled from the dense one
             student = upcycle_student(student, cfg.llava_mod.moe, aux_coef=cfg.llava_mod.aux_coef,
                                       seed=cfg.seed, log=log)
-        vocab_size = check_vocab(tokenizer, teacher_model, student_tok, student)
+        cross = None
+        if cross_student is not None:
+            from stillroom.domains.lm.cross import setup_cross
+
+            vocab_size, cross = setup_cross(teacher_loaded.tokenizer, teacher_model, student_tok, student,
+                                            data.train + data.heldout, log)
+        else:
+            vocab_size = check_vocab(tokenizer, teacher_model, student_tok, student)
         if cfg.student.trainable == "lora" and cfg.student.lora.init != "default":  # CorDA (docs/methods/corda.md)
             from stillroom.models.corda import apply_corda, corda_calibration
 
@@ -199,7 +227,7 @@ class LmDomain:
         fingerprint = Fingerprint(teacher=teacher_loaded.identity, tokenizer_hash=tokenizer_hash(tokenizer),
                                   vocab_size=vocab_size)
         return LmRun(cfg, topology, resolve_device(cfg.train.device, topology), teacher_model, student, tokenizer,
-                     vocab_size, data, kept_layers, fingerprint)
+                     vocab_size, data, kept_layers, fingerprint, cross, teacher_loaded.tokenizer)
 
 
 def teacher_lines(cfg: RunConfig, identity: str) -> list[str]:

@@ -1,0 +1,60 @@
+"""Settings and run checks of cross-tokenizer distillation (``teacher.tokenizer_mode: cross``).
+
+See ``docs/methods/cross_tokenizer.md``: the teacher reads the student's text in its own
+tokens, positions align where both have read the same text, and the loss compares the
+distributions on their same-spelling tokens (any divergence term) and by rank (``uld``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from stillroom.config.base import Strict
+
+if TYPE_CHECKING:
+    from stillroom.config.schema import RunConfig
+
+CROSS_SOURCES = ("online",)
+"""Teacher sources that read another tokenizer's text today (the others keep the shared-tokenizer contract)."""
+
+
+class CrossConfig(Strict):
+    rank_k: int | None = Field(
+        None, ge=1, description="ULD: rank at most this many teacher probabilities per position (null: "
+        "min(V_s, V_t) over the support, which makes ULD exact; smaller saves memory and makes the tail bin "
+        "a lower bound).")
+    chunk_rows: int = Field(
+        256, ge=1, description="Aligned positions projected through the teacher's output head at a time: bounds "
+        "the teacher's logits to chunk_rows x V_t (a 256k vocabulary at 256 rows: 256 MiB in fp32).")
+
+
+def check_cross_run(cfg: "RunConfig") -> None:
+    """What a cross-tokenizer run needs, checked when the recipe loads (errors name the key and the fix)."""
+    from stillroom.losses.registry import get_term
+
+    cross = cfg.teacher.tokenizer_mode == "cross"
+    uld = [t for t in cfg.loss.terms if t.name == "uld"]
+    if not cross:
+        if uld:
+            raise ValueError("loss.terms has 'uld', which compares a teacher with another tokenizer; set "
+                             "teacher.tokenizer_mode: cross (or use a divergence such as forward_kl)")
+        return
+    if cfg.domain != "lm" or cfg.vlm is not None:
+        raise ValueError("teacher.tokenizer_mode=cross distills causal language models (domain: lm, no vlm section)")
+    if cfg.teacher.source not in CROSS_SOURCES:
+        raise ValueError(f"teacher.tokenizer_mode=cross works with teacher.source: online in this version; "
+                         f"{cfg.teacher.source!r} keeps the shared-tokenizer contract (its stored or served "
+                         "positions are the teacher's). Run the teacher in process (source: online)")
+    s = cfg.student
+    if s.model is None and not (s.from_config is not None and s.tokenizer):
+        raise ValueError("teacher.tokenizer_mode=cross needs the student's own tokenizer: set student.model (a "
+                         "folder with its tokenizer), or student.from_config together with student.tokenizer "
+                         "(a tokenizer folder); student.from_teacher would share the teacher's tokenizer")
+    for term in cfg.loss.terms:
+        spec = get_term(term.name)
+        if spec.kind != "logit":
+            raise ValueError(f"loss.terms: {term.name!r} compares hidden states or attentions position by position; "
+                             "with teacher.tokenizer_mode=cross the positions differ. Use logit terms (a divergence "
+                             "on the matched tokens, uld)")

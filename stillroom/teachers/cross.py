@@ -1,0 +1,129 @@
+"""An in-process teacher with another tokenizer than the student's (``teacher.tokenizer_mode: cross``).
+
+For each student batch the teacher reads the same text in its own tokens
+(:meth:`~stillroom.teachers.cross_align.CrossVocab.align`), runs its decoder body once, and
+projects only the hidden states of the *aligned* positions through its output head, a
+chunk of rows at a time. Each chunk's ``[n, V_t]`` logits are reduced at once to what the
+loss compares (:class:`~stillroom.teachers.signal.CrossTargets`): the logits of the matched
+tokens ``[n, M]`` and, for ``uld`` terms, the ``K`` largest probabilities with the tail mass.
+So a 256k-vocabulary teacher never holds more than ``rows_per_chunk x V_t`` logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stillroom.data.batch import Batch
+from stillroom.models import decoder_body, output_head
+from stillroom.teachers.cross_align import CrossVocab, RowAlignment
+from stillroom.teachers.signal import CrossTargets, Fingerprint, TeacherSignal
+
+
+class CrossTeacher:
+    """``signal(batch) -> TeacherSignal`` with :class:`CrossTargets` in the student's positions.
+
+    ``supports``: the ``uld`` supports the loss uses (``all``, ``unmatched``); ``rank_k``: at most this many
+    ranked probabilities per row (None: ``min(V_s, V_t)`` over the support, exact); ``chunk_rows``:
+    aligned rows projected through the head at a time.
+    """
+
+    def __init__(self, model: torch.nn.Module, vocab: CrossVocab, *, temperature: float, supports: set[str],
+                 rank_k: int | None = None, chunk_rows: int = 256, fingerprint: Fingerprint | None = None,
+                 output_device: torch.device | str = "cpu") -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.vocab = vocab
+        self.temperature = temperature
+        self.supports = set(supports)
+        self.chunk_rows = chunk_rows
+        self.fingerprint = fingerprint
+        self.output_device = torch.device(output_device)
+        self.device = next(model.parameters()).device
+        self.body = decoder_body(model)
+        self.head = output_head(model)
+        self.matched_teacher = vocab.matched_teacher.to(self.device)
+        self.matched_student = vocab.matched_student.to(self.output_device)
+        m = vocab.matched_teacher.numel()
+        self.rank_k = {
+            "all": min(vocab.student_vocab, vocab.teacher_vocab),
+            "unmatched": min(vocab.student_vocab - m, vocab.teacher_vocab - m),
+        }
+        if rank_k is not None:
+            self.rank_k = {s: min(k, rank_k) for s, k in self.rank_k.items()}
+        self.aligned_rows = 0
+        self.target_rows = 0
+        """Running counts for ``aligned_fraction``: student target positions seen, and those aligned."""
+
+    def alignments(self, batch: Batch) -> list[RowAlignment]:
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        return [self.vocab.align(batch.input_ids[b, :n].tolist(), uid)
+                for b, (n, uid) in enumerate(zip(lengths, batch.uids))]
+
+    @torch.no_grad()
+    def signal(self, batch: Batch) -> TeacherSignal:
+        rows = self.alignments(batch)
+        ids, mask = self._teacher_batch(rows)
+        hidden = self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, Tt, H]
+        b_idx = torch.tensor([b for b, r in enumerate(rows) for _ in r.teacher_pos], dtype=torch.long)
+        s_idx = torch.tensor([i for r in rows for i in r.student_pos], dtype=torch.long)
+        t_idx = torch.tensor([j for r in rows for j in r.teacher_pos], dtype=torch.long)
+        picked = hidden[b_idx.to(hidden.device), t_idx.to(hidden.device)]  # [N, H]
+        matched, ranked = self._reduce(picked)
+        bsz, width = batch.input_ids.shape
+        out = self.output_device
+        flat = b_idx * width + s_idx
+        aligned = torch.zeros(bsz * width, dtype=torch.bool)
+        aligned[flat] = True
+        targets = batch.loss_mask.reshape(-1).cpu()
+        self.target_rows += int(targets.sum())
+        self.aligned_rows += int((aligned & targets).sum())
+        flat = flat.to(out)
+        cross = CrossTargets(
+            aligned_bt=aligned.reshape(bsz, width).to(out),
+            matched_student=self.matched_student,
+            matched_logits_btm=_scatter(matched, flat, bsz, width),
+            ranked={s: (_scatter(p, flat, bsz, width), _scatter(t, flat, bsz, width)) for s, (p, t) in ranked.items()},
+            temperature=self.temperature,
+        )
+        return TeacherSignal(cross=cross, fingerprint=self.fingerprint)
+
+    def _teacher_batch(self, rows: list[RowAlignment]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded teacher ids and attention mask ``[B, T_t]`` on the teacher's device."""
+        pad = self.vocab.t.pad_id if self.vocab.t.pad_id is not None else (self.vocab.t.eos_id or 0)
+        width = max(1, max(len(r.teacher_ids) for r in rows))
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : len(r.teacher_ids)] = torch.tensor(r.teacher_ids, dtype=torch.long)
+            mask[b, : len(r.teacher_ids)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _reduce(self, hidden_nh: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Matched logits ``[N, M]`` and ranked probabilities per support, ``chunk_rows`` rows at a time."""
+        matched, ranked = [], {s: ([], []) for s in self.supports}
+        for lo in range(0, hidden_nh.shape[0], self.chunk_rows):
+            logits = self.head(hidden_nh[lo: lo + self.chunk_rows])[:, : self.vocab.teacher_vocab].float()  # [n, V_t]
+            matched.append(logits[:, self.matched_teacher].to(self.output_device))
+            if self.supports:
+                probs = torch.softmax(logits / self.temperature, dim=-1)
+                for support in self.supports:
+                    p = probs.index_fill(1, self.matched_teacher, 0.0) if support == "unmatched" else probs
+                    top = torch.topk(p, self.rank_k[support], dim=-1).values
+                    tail = (p.sum(-1) - top.sum(-1)).clamp_min(0.0)
+                    ranked[support][0].append(top.to(self.output_device))
+                    ranked[support][1].append(tail.to(self.output_device))
+        m = self.matched_teacher.numel()
+        cat = (lambda xs, *shape: torch.cat(xs) if xs else torch.zeros(0, *shape, device=self.output_device))
+        return cat(matched, m), {s: (cat(p, self.rank_k[s]), cat(t)) for s, (p, t) in ranked.items()}
+
+    def aligned_fraction(self) -> float | None:
+        """Share of the student's target positions that had a teacher distribution so far (None before any)."""
+        return self.aligned_rows / self.target_rows if self.target_rows else None
+
+
+def _scatter(values_n: torch.Tensor, flat_n: torch.Tensor, bsz: int, width: int) -> torch.Tensor:
+    """``[B, T, ...]`` zeros with ``values_n`` ``[N, ...]`` at the flat positions ``flat_n`` ``[N]``."""
+    out = values_n.new_zeros((bsz * width, *values_n.shape[1:]))
+    out[flat_n] = values_n
+    return out.reshape(bsz, width, *values_n.shape[1:])

@@ -1,0 +1,202 @@
+"""Aligning a student sequence with the teacher's tokens of the same text.
+
+The teacher reads exactly the student's text: each student sequence (after truncation
+and packing, or a sample the student generated) is spelled into bytes with the student's
+:class:`~stillroom.teachers.token_bytes.TokenBytes`, cut at special tokens into text
+segments, and each segment is tokenized by the teacher. Special tokens carry over by
+content string (``<|im_end|>`` on both sides) or by role (the student's EOS becomes the
+teacher's EOS). A BOS takes no room in the text; each side keeps its own BOS habit.
+
+**Aligned positions.** Student position ``i`` has read the text up to the end of token
+``i``; teacher position ``j`` up to the end of its token ``j``. Where the two ends are the
+same point of the text (a *common boundary*), both models condition on the same text and
+predict what comes next: the pair ``(i, j)`` is aligned, and the teacher's distribution at
+``j`` is the distillation target of the student's at ``i``. Inside a teacher token that
+spans several student tokens there is no teacher distribution for the student's partial
+word; those positions learn from the cross-entropy alone (their share is reported as
+``aligned_fraction``).
+
+**Matched vocabulary.** A student token and a teacher token *match* when they spell the
+same bytes (special tokens: the same content). :class:`CrossVocab` holds the map
+``student id -> teacher id`` (``-1`` unmatched), used to compare the two distributions on
+their shared tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stillroom.teachers.token_bytes import CrossTokenizerError, TokenBytes, first_difference, token_bytes, \
+    valid_utf8_span
+
+
+@dataclass
+class RowAlignment:
+    """One sequence in the teacher's tokens: ``teacher_ids`` ``[m]`` and the aligned pairs (student position,
+    teacher position), both positions whose logits predict the next token from the same text."""
+
+    teacher_ids: list[int]
+    student_pos: list[int]
+    teacher_pos: list[int]
+    student_end: list[int]
+    """Per student token: the text unit where it ends (units: bytes, one per special token, none for BOS)."""
+    teacher_end: list[int]
+    """Per teacher token: the same."""
+
+
+class CrossVocab:
+    """The two tokenizers of a cross run: their byte tables, the matched vocabulary and the aligner."""
+
+    def __init__(self, student_tok, teacher_tok, *, student_vocab: int, teacher_vocab: int) -> None:
+        self.student_tok = student_tok
+        self.teacher_tok = teacher_tok
+        self.s = token_bytes(student_tok)
+        self.t = token_bytes(teacher_tok)
+        self.student_vocab = student_vocab
+        self.teacher_vocab = teacher_vocab
+        self.student_to_teacher = self._match()
+        matched = (self.student_to_teacher >= 0).nonzero().squeeze(1)
+        self.matched_student = matched
+        """``[M]`` student ids that have a teacher counterpart, ascending."""
+        self.matched_teacher = self.student_to_teacher[matched]
+        """``[M]`` their teacher ids (same order)."""
+        self._special_map = self._map_specials()
+
+    # ------------------------------------------------------------------ vocabulary
+    def _match(self) -> torch.Tensor:
+        """``[V_s]`` long: the teacher id spelling the same bytes (specials: the same content), else -1."""
+        by_bytes: dict[bytes, int] = {}
+        for j, b in enumerate(self.t.spelled[: self.teacher_vocab]):
+            if b is not None and b not in by_bytes:
+                by_bytes[b] = j
+        by_special = {name: j for j, name in self.t.special.items() if j < self.teacher_vocab}
+        out = torch.full((self.student_vocab,), -1, dtype=torch.long)
+        for i in range(min(self.student_vocab, self.s.size)):
+            b = self.s.spelled[i]
+            j = by_bytes.get(b) if b is not None else by_special.get(self.s.special.get(i, ""))
+            if j is not None:
+                out[i] = j
+        return out
+
+    @property
+    def matched_fraction(self) -> float:
+        """Share of the student's vocabulary with a teacher counterpart."""
+        return float(self.matched_student.numel()) / max(1, self.student_vocab)
+
+    def _map_specials(self) -> dict[int, int | None]:
+        """Student special id -> teacher id (None: dropped, a BOS the teacher does not use)."""
+        by_name = {name: j for j, name in self.t.special.items()}
+        out: dict[int, int | None] = {}
+        for i, name in self.s.special.items():
+            if name in by_name:
+                out[i] = by_name[name]
+            elif i == self.s.bos_id:
+                out[i] = self.t.bos_id
+            elif i == self.s.eos_id and self.t.eos_id is not None:
+                out[i] = self.t.eos_id
+            else:
+                out[i] = -1  # refused when it occurs in a sequence (see _special)
+        return out
+
+    def _special(self, sid: int, uid: str, pos: int) -> int | None:
+        tid = self._special_map.get(sid, -1)
+        if tid == -1:
+            raise CrossTokenizerError(
+                f"sequence {uid}: student token {pos} is the special token {self.s.special.get(sid)!r}, which the "
+                f"teacher's tokenizer has no counterpart for (teacher specials: {sorted(self.t.special.values())[:8]}); "
+                "add it to the teacher's tokenizer or keep it out of the data (e.g. another chat template)")
+        return tid
+
+    # ------------------------------------------------------------------ alignment
+    def align(self, student_ids: list[int], uid: str) -> RowAlignment:
+        """The teacher's tokens of ``student_ids``'s text and the aligned position pairs.
+
+        Text is measured in units: one per byte, one per special token other than BOS, zero for a BOS.
+        Raises :class:`CrossTokenizerError` naming ``uid`` and the first divergent character when the
+        teacher's tokens do not spell the student's text.
+        """
+        s_end: list[int] = []  # unit offset at the end of each student token
+        t_ids: list[int] = []
+        t_end: list[int] = []
+        unit = 0
+        if self.t.adds_bos and self.t.bos_id is not None and not (student_ids and student_ids[0] == self.s.bos_id
+                                                                     and self.s.bos_id is not None):
+            t_ids.append(self.t.bos_id)
+            t_end.append(0)
+        run: list[int] = []  # student positions of the current text segment
+        for pos, sid in enumerate(student_ids):
+            if sid in self.s.special:
+                unit = self._flush(student_ids, run, unit, s_end, t_ids, t_end, uid)
+                run = []
+                tid = self._special(sid, uid, pos)
+                width = 0 if sid == self.s.bos_id else 1
+                unit += width
+                s_end.append(unit)
+                if tid is not None:
+                    t_ids.append(tid)
+                    t_end.append(unit)
+            else:
+                run.append(pos)
+        self._flush(student_ids, run, unit, s_end, t_ids, t_end, uid)
+        return self._pairs(s_end, t_ids, t_end)
+
+    def _flush(self, ids, run, unit, s_end, t_ids, t_end, uid) -> int:
+        """Tokenize one text segment (student positions ``run``) with the teacher; returns the unit after it."""
+        if not run:
+            return unit
+        pieces = [self.s.spelled[ids[p]] or b"" for p in run]
+        if self.s.prefix_space and not s_end and pieces and pieces[0].startswith(b" "):
+            pieces[0] = pieces[0][1:]  # the student's own prefix space is not text
+        data = b"".join(pieces)
+        try:
+            lo, hi = valid_utf8_span(data)
+        except UnicodeDecodeError as err:
+            raise CrossTokenizerError(f"sequence {uid}: the student's tokens spell bytes that are not UTF-8 text "
+                                      f"(byte {err.start} of a segment); such text cannot be re-tokenized") from None
+        text = data[lo:hi].decode("utf-8")
+        teacher = list(self.teacher_tok(text, add_special_tokens=False)["input_ids"])
+        spelled = self.t.text_bytes(teacher)
+        if self.t.prefix_space and spelled.startswith(b" ") and not text.startswith(" "):
+            spelled = spelled[1:]
+            first_trim = 1
+        else:
+            first_trim = 0
+        if spelled != data[lo:hi]:
+            at = first_difference(spelled, data[lo:hi])
+            char = len(data[lo:lo + at].decode("utf-8", errors="ignore"))
+            raise CrossTokenizerError(
+                f"sequence {uid}: the teacher's tokens do not spell the student's text; they diverge at character "
+                f"{char} of a text segment ({text[max(0, char - 10):char + 10]!r}: teacher "
+                f"{spelled[at:at + 8]!r} vs student {data[lo + at:lo + at + 8]!r}). The teacher's tokenizer rewrites "
+                "this text (a normaliser); use tokenizer_mode=same with a shared tokenizer, or clean the text")
+        offset = unit
+        for p, b in zip(run, pieces):
+            offset += len(b)
+            s_end.append(offset)
+        offset = unit + lo
+        for k, tid in enumerate(teacher):
+            width = len(self.t.spelled[tid] or b"") - (first_trim if k == 0 else 0)
+            offset += width
+            t_ids.append(tid)
+            t_end.append(offset)
+        return unit + len(data)
+
+    @staticmethod
+    def _pairs(s_end: list[int], t_ids: list[int], t_end: list[int]) -> RowAlignment:
+        last_teacher_at: dict[int, int] = {}
+        for j, e in enumerate(t_end[:-1]):  # the last teacher token predicts nothing inside the sequence
+            last_teacher_at[e] = j
+        s_pos, t_pos = [], []
+        for i, e in enumerate(s_end[:-1]):
+            j = last_teacher_at.get(e)
+            if j is not None and t_end[j + 1] > e:  # the teacher's next token starts here (not a 0-width BOS)
+                s_pos.append(i)
+                t_pos.append(j)
+        return RowAlignment(t_ids, s_pos, t_pos, s_end, t_end)
+
+
+def cross_vocab(student_tok, teacher_tok, *, student_vocab: int, teacher_vocab: int) -> CrossVocab:
+    """The :class:`CrossVocab` of a run (checks both tokenizers' spelling first)."""
+    return CrossVocab(student_tok, teacher_tok, student_vocab=student_vocab, teacher_vocab=teacher_vocab)
