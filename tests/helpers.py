@@ -158,3 +158,32 @@ def make_cold(model: torch.nn.Module, calls: int, seconds: float) -> list[int]:
 
     model.register_forward_pre_hook(slow)
     return seen
+
+
+@lru_cache(maxsize=4)
+def _plain_bpe_json(vocab_size: int, metaspace: bool) -> str:
+    from pydoc_data.topics import topics
+    from tokenizers import decoders
+
+    text = [v for _, v in sorted(topics.items())][:60]
+    tok = Tokenizer(models.BPE())
+    if metaspace:  # SentencePiece style: "▁" for spaces, a prefix space, byte fallback off
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    from stillroom.teachers.token_bytes import PROBE
+
+    alphabet = sorted(set(PROBE.replace(" ", "▁") + "".join(text))) if metaspace else pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"], show_progress=False,
+                                  initial_alphabet=alphabet)
+    tok.train_from_iterator(text, trainer=trainer)
+    return tok.to_str()
+
+
+def other_tokenizer(vocab_size: int = 400, *, metaspace: bool = False) -> PreTrainedTokenizerFast:
+    """A tokenizer unlike :func:`tiny_tokenizer`'s (cross-tokenizer tests): byte-level BPE (or SentencePiece-style
+    ``metaspace``) on the same prose, no normaliser, its own specials ``<pad>`` and ``<eos>``, no chat template."""
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_plain_bpe_json(vocab_size, metaspace)),
+                                   eos_token="<eos>", pad_token="<pad>")

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stillroom.teachers.token_bytes import CrossTokenizerError, TokenBytes, first_difference, token_bytes, \
-    valid_utf8_span
+from stillroom.teachers.token_bytes import CrossTokenizerError, first_difference, token_bytes, utf8_runs
 
 
 @dataclass
@@ -150,38 +149,33 @@ class CrossVocab:
         if self.s.prefix_space and not s_end and pieces and pieces[0].startswith(b" "):
             pieces[0] = pieces[0][1:]  # the student's own prefix space is not text
         data = b"".join(pieces)
-        try:
-            lo, hi = valid_utf8_span(data)
-        except UnicodeDecodeError as err:
-            raise CrossTokenizerError(f"sequence {uid}: the student's tokens spell bytes that are not UTF-8 text "
-                                      f"(byte {err.start} of a segment); such text cannot be re-tokenized") from None
-        text = data[lo:hi].decode("utf-8")
+        for lo, hi in utf8_runs(data):
+            self._teacher_tokens(data[lo:hi], unit + lo, t_ids, t_end, uid)
+        offset = unit
+        for b in pieces:
+            offset += len(b)
+            s_end.append(offset)
+        return unit + len(data)
+
+    def _teacher_tokens(self, data: bytes, start: int, t_ids: list[int], t_end: list[int], uid: str) -> None:
+        """Append the teacher's tokens of the text ``data`` (whole UTF-8) and their end units from ``start``."""
+        text = data.decode("utf-8")
         teacher = list(self.teacher_tok(text, add_special_tokens=False)["input_ids"])
         spelled = self.t.text_bytes(teacher)
-        if self.t.prefix_space and spelled.startswith(b" ") and not text.startswith(" "):
-            spelled = spelled[1:]
-            first_trim = 1
-        else:
-            first_trim = 0
-        if spelled != data[lo:hi]:
-            at = first_difference(spelled, data[lo:hi])
-            char = len(data[lo:lo + at].decode("utf-8", errors="ignore"))
+        trim = 1 if self.t.prefix_space and spelled.startswith(b" ") and not text.startswith(" ") else 0
+        if spelled[trim:] != data:
+            at = first_difference(spelled[trim:], data)
+            char = len(data[:at].decode("utf-8", errors="ignore"))
             raise CrossTokenizerError(
                 f"sequence {uid}: the teacher's tokens do not spell the student's text; they diverge at character "
                 f"{char} of a text segment ({text[max(0, char - 10):char + 10]!r}: teacher "
-                f"{spelled[at:at + 8]!r} vs student {data[lo + at:lo + at + 8]!r}). The teacher's tokenizer rewrites "
-                "this text (a normaliser); use tokenizer_mode=same with a shared tokenizer, or clean the text")
-        offset = unit
-        for p, b in zip(run, pieces):
-            offset += len(b)
-            s_end.append(offset)
-        offset = unit + lo
+                f"{spelled[trim + at:trim + at + 8]!r} vs student {data[at:at + 8]!r}). The teacher's tokenizer "
+                "rewrites this text (a normaliser); use tokenizer_mode=same with a shared tokenizer, or clean the text")
+        offset = start
         for k, tid in enumerate(teacher):
-            width = len(self.t.spelled[tid] or b"") - (first_trim if k == 0 else 0)
-            offset += width
+            offset += len(self.t.spelled[tid] or b"") - (trim if k == 0 else 0)
             t_ids.append(tid)
             t_end.append(offset)
-        return unit + len(data)
 
     @staticmethod
     def _pairs(s_end: list[int], t_ids: list[int], t_end: list[int]) -> RowAlignment:

@@ -147,11 +147,14 @@ def check_spelling(tok, table: TokenBytes, probe: str = PROBE) -> bool:
         return False
     if got == b" " + want:
         return True
+    if got.startswith(b" ") and not want.startswith(b" "):
+        got = got[1:]
     at = first_difference(got, want)
     raise CrossTokenizerError(
         f"tokenizer {getattr(tok, 'name_or_path', '') or type(tok).__name__}: its tokens do not spell the text back "
-        f"(byte {at} of a probe: {got[at:at + 12]!r} instead of {want[at:at + 12]!r}); its normaliser changes text, "
-        "so positions cannot be aligned across tokenizers. Use a tokenizer without a normaliser for cross mode")
+        f"(byte {at} of the probe {probe!r}: {got[at:at + 12]!r} instead of {want[at:at + 12]!r}): a normaliser "
+        "rewrites text or characters fall outside its vocabulary (no byte fallback), so positions cannot be aligned "
+        "across tokenizers. Use a tokenizer that spells any text exactly (byte-level BPE, or byte fallback)")
 
 
 def first_difference(a: bytes, b: bytes) -> int:
@@ -163,20 +166,37 @@ def first_difference(a: bytes, b: bytes) -> int:
     return n
 
 
-def valid_utf8_span(data: bytes) -> tuple[int, int]:
-    """``(lo, hi)``: the largest slice ``data[lo:hi]`` that is whole UTF-8, dropping at most 3 bytes at each end.
+def utf8_runs(data: bytes) -> list[tuple[int, int]]:
+    """``[(lo, hi)]``: the maximal slices of ``data`` that are whole UTF-8 text, in order.
 
-    A packed or truncated block may start or end inside a multi-byte character that a byte-level
-    tokenizer split; those stray bytes are no text either tokenizer can share.
+    Bytes outside them are no text either tokenizer can share: a packed or truncated block that starts or
+    ends inside a multi-byte character a byte-level tokenizer split, or a sample the student generated
+    that strays into invalid byte sequences.
     """
-    lo = 0
-    while lo < min(3, len(data)) and (data[lo] & 0xC0) == 0x80:
-        lo += 1
-    for hi in range(len(data), max(lo, len(data) - 4), -1):
-        try:
-            data[lo:hi].decode("utf-8")
-            return lo, hi
-        except UnicodeDecodeError:
+    runs, lo, i, n = [], 0, 0, len(data)
+    while i < n:
+        width = _char_width(data, i)
+        if width:
+            i += width
             continue
-    data[lo:].decode("utf-8")  # raises: the bytes are not UTF-8 at all
-    return lo, len(data)
+        if i > lo:
+            runs.append((lo, i))
+        i += 1
+        lo = i
+    if n > lo:
+        runs.append((lo, n))
+    return runs
+
+
+def _char_width(data: bytes, i: int) -> int:
+    """Bytes of the valid UTF-8 character starting at ``data[i]``, 0 when none starts there."""
+    lead = data[i]
+    width = 1 if lead < 0x80 else 2 if 0xC2 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else \
+        4 if 0xF0 <= lead < 0xF5 else 0
+    if not width or i + width > len(data):
+        return 0
+    try:
+        data[i:i + width].decode("utf-8")
+    except UnicodeDecodeError:
+        return 0
+    return width

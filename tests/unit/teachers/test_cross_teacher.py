@@ -1,0 +1,74 @@
+"""CrossTeacher: the teacher's distributions at the student's positions, equal to a full forward on its own
+tokens; chunked head projection equals one pass; the run checks of a cross-tokenizer recipe."""
+
+import pytest
+import torch
+from helpers import other_tokenizer, tiny_llama, tiny_tokenizer
+
+from stillroom.data.batch import Example, collate
+from stillroom.teachers.cross import CrossTeacher
+from stillroom.teachers.cross_align import cross_vocab
+
+TEXTS = ["The quick brown fox, déjà vu.", "def f(x):\n    return x * 2", "Attribute references"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    student, teacher_tok = other_tokenizer(400), tiny_tokenizer()
+    vocab = cross_vocab(student, teacher_tok, student_vocab=len(student), teacher_vocab=len(teacher_tok))
+    teacher = tiny_llama(len(teacher_tok), layers=2, seed=3)
+    rows = [student(t)["input_ids"] + [student.eos_token_id] for t in TEXTS]
+    batch = collate([Example(ids, [False] + [True] * (len(ids) - 1), f"u{i}") for i, ids in enumerate(rows)],
+                    student.pad_token_id)
+    return vocab, teacher, batch
+
+
+def test_targets_equal_the_full_forward_at_aligned_positions(setup):
+    vocab, teacher, batch = setup
+    ct = CrossTeacher(teacher, vocab, temperature=2.0, supports={"all", "unmatched"}, chunk_rows=5)
+    cross = ct.signal(batch).cross
+    matched_t = vocab.matched_teacher
+    for b, row in enumerate(ct.alignments(batch)):
+        with torch.no_grad():
+            full = teacher(torch.tensor([row.teacher_ids])).logits[0]  # [m, V_t]
+        assert cross.aligned_bt[b].nonzero().squeeze(1).tolist() == row.student_pos
+        for i, j in zip(row.student_pos, row.teacher_pos):
+            assert torch.allclose(cross.matched_logits_btm[b, i], full[j, matched_t], atol=1e-5)
+            probs = torch.softmax(full[j] / 2.0, -1)
+            top, tail = cross.ranked["all"][0][b, i], cross.ranked["all"][1][b, i]
+            assert torch.allclose(top, probs.topk(top.numel()).values, atol=1e-6)
+            assert tail.item() == pytest.approx(1 - top.sum().item(), abs=1e-5)
+    assert cross.ranked["all"][0].shape[-1] == min(len(vocab.student_tok), len(vocab.teacher_tok))
+    assert 0.5 < ct.aligned_fraction() <= 1.0
+
+
+def test_chunk_size_changes_nothing(setup):
+    vocab, teacher, batch = setup
+    one = CrossTeacher(teacher, vocab, temperature=1.0, supports={"unmatched"}, chunk_rows=1).signal(batch).cross
+    many = CrossTeacher(teacher, vocab, temperature=1.0, supports={"unmatched"}, chunk_rows=4096).signal(batch).cross
+    assert torch.equal(one.aligned_bt, many.aligned_bt)
+    assert torch.allclose(one.matched_logits_btm, many.matched_logits_btm, atol=1e-6)
+    assert torch.allclose(one.ranked["unmatched"][0], many.ranked["unmatched"][0], atol=1e-7)
+
+
+def _recipe(**changes):
+    from stillroom.config.schema import RunConfig
+
+    base = {"teacher": {"tokenizer_mode": "cross"},
+            "student": {"from_config": {"num_hidden_layers": 1}, "tokenizer": "some/folder"},
+            "loss": {"terms": [{"name": "ce"}, {"name": "forward_kl"}, {"name": "uld", "params": {"support": "all"}}]}}
+    for key, value in changes.items():
+        base[key] = {**base.get(key, {}), **value}
+    return RunConfig.model_validate(base)
+
+
+def test_cross_recipes_are_checked_when_loaded():
+    assert _recipe().teacher.tokenizer_mode == "cross"
+    with pytest.raises(ValueError, match="teacher.source: online"):
+        _recipe(teacher={"source": "store"})
+    with pytest.raises(ValueError, match="student's own tokenizer"):
+        _recipe(student={"from_config": None, "tokenizer": None, "from_teacher": {"strategy": "every_n", "every_n": 2}})
+    with pytest.raises(ValueError, match="positions differ"):
+        _recipe(loss={"terms": [{"name": "hidden_mse"}]})
+    with pytest.raises(ValueError, match="set teacher.tokenizer_mode: cross"):
+        _recipe(teacher={"tokenizer_mode": "same"})
