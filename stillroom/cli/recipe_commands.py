@@ -72,6 +72,15 @@ def cmd_distill_data(args) -> int:
     return 0
 
 
+def cmd_codsa_data(args) -> int:
+    from stillroom.datagen.codsa import codsa_data
+
+    folder = codsa_data(load(args), log=lambda s: print(s, flush=True))
+    words = ["stillroom", "run", args.recipe, *args.overrides, "codsa.add_to_training=true"]
+    print(f"transfer set: {folder}\ntrain on it with: {shlex.join(words)}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from stillroom.run import evaluate_run
 
@@ -163,6 +172,12 @@ def register(sub) -> None:
                        "train fresh networks on them and on a random real subset of the same size; report and image "
                        "grids in the run folder. See docs/methods/ast.md.")
     _run_folder_flags(p)
+    recipe_command("codsa-data", cmd_codsa_data, "CoDSA: synthesise images per class where the data is thin (codsa.*, "
+                   "domain: classifier), labelled by the teacher, as a transfer set", example="codsa.policy=uniform",
+                   description="Fit a per-class generator (PCA + Gaussian mixture) on the recipe's real training "
+                   "images, split codsa.volume synthetic images over the classes by codsa.policy, label them with "
+                   "the teacher and write codsa.out (transfer_set.safetensors + manifest.json); `stillroom run` "
+                   "with codsa.add_to_training=true trains on real + synthetic. See docs/methods/codsa.md.")
     p = recipe_command("eval", cmd_eval, "evaluate a finished run's students with its saved config.resolved.yaml "
                        "(plus the overrides given here) and rewrite its report", example="eval.heldout_sequences=8")
     p.add_argument("--student", help="student folder (default: <run folder>/student)")

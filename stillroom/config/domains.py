@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from stillroom.config.core import Strict
 from stillroom.config.autoregressive import AutoregressiveConfig
@@ -289,9 +289,8 @@ class ClassifierConfig(DomainSection):
         "falls below this fraction (the same split for every seed, the teacher's training included). digits only: "
         "mnist and shapes have held-out images of their own.",
     )
-    train_images_per_class: int | None = Field(
-        None, ge=1, description="Keep only the first N training images of each class (in data-set order, the "
-        "same for every seed), e.g. a quick MNIST subset; null: all.")
+    train_images_per_class: PositiveInt | dict[int, PositiveInt] | None = Field(None, description="Keep the first N "
+        "training images of each class (data order, any seed), or {class: N}: of those (minority) classes; null: all.")
     heldout_images_per_class: int | None = Field(
         None, ge=1, description="Keep only the first N held-out images of each class; null: all.")
     shapes: ShapesConfig = Field(default_factory=ShapesConfig, description="Settings of `dataset: shapes`.")

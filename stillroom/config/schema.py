@@ -34,6 +34,7 @@ from stillroom.config.copg import CopgConfig
 from stillroom.config.dmd import DmdConfig
 from stillroom.config.twinflow import TwinFlowConfig
 from stillroom.config.vlm import VlmConfig, check_vlm_run
+from stillroom.config.codsa import CodsaConfig, check_codsa_run
 from stillroom.config.generative import GenerativeConfig
 from stillroom.config.mae import DmaeConfig, MaeConfig, SelfDistillFptConfig
 from stillroom.config.clip import ClipConfig
@@ -159,6 +160,9 @@ class RunConfig(Strict):
     prune: PruneConfig = Field(default_factory=PruneConfig, description="Used by `stillroom prune` (depth, width and sparsity pruning of a model into a smaller Hugging Face folder; stillroom.config.prune).")
     ast: AstConfig = Field(default_factory=AstConfig, description="Used by `stillroom distill-data` (AST dataset "
                            "distillation by trajectory matching; domain: classifier).")
+    codsa: CodsaConfig = Field(default_factory=CodsaConfig, description="Used by `stillroom codsa-data` (CoDSA: "
+                               "per-class synthesis allocated to thin classes, labelled by the teacher) and by a "
+                               "classifier run with codsa.add_to_training.")
     cache_dir: str | None = Field(None, description="Model cache (default: $STILLROOM_CACHE or ~/.cache/stillroom).")
 
     @field_validator("method")
@@ -229,6 +233,12 @@ class RunConfig(Strict):
     def run_dir(self) -> Path:
         """The run folder: ``<output_dir>/<name>`` with ``~`` expanded (the one place it is computed)."""
         return Path(self.output_dir).expanduser() / self.name
+
+    @model_validator(mode="after")
+    def _codsa_run(self) -> "RunConfig":
+        """Training on a CoDSA transfer set: the classifier domain with an online teacher."""
+        check_codsa_run(self)
+        return self
 
     @model_validator(mode="after")
     def _cross_tokenizer(self) -> "RunConfig":

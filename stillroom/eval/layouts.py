@@ -35,6 +35,8 @@ _CLASSIFIER_COLUMNS = (
     ("train_seconds", "train s", "f1"),
     ("steps", "steps", "int"),
     ("examples", "eval images", "int"),
+    ("balanced_accuracy", "balanced acc", "pct"),
+    ("minority_accuracy", "minority acc", "pct"),
 )
 
 _MAE_COLUMNS = (

@@ -123,6 +123,8 @@ class ImageSplits:
                  f"shape {s['image_shape']}, {s['classes']} classes; {how}"]
         if s.get("per_class_caps"):
             train_cap, held_cap = (c if c is not None else "all" for c in s["per_class_caps"])
+            if isinstance(train_cap, dict):  # an imbalanced split: only the named (minority) classes capped
+                train_cap = "all (" + ", ".join(f"class {k}: {v}" for k, v in train_cap.items()) + ")"
             lines.append(f"data: the first {train_cap} training / {held_cap} held-out images of each class kept")
         if s.get("flipped_labels"):
             lines.append(f"data: label noise: {s['flipped_labels']} of {s['train_images']} training labels flipped "
@@ -167,6 +169,8 @@ def build_image_splits(name: str, heldout_fraction: float, sec: ClassifierConfig
              "classes": ds.num_classes, "image_shape": list(ds.in_shape),
              "split": split, "heldout_fraction": heldout_fraction if split == "hash" else None,
              "per_class_caps": [sec.train_images_per_class, sec.heldout_images_per_class] if capped else None,
+             "minority_classes": sorted(sec.train_images_per_class) if isinstance(sec.train_images_per_class, dict)
+             else None,
              "flipped_labels": flipped, "shifted_images": len(shifted),
              "class_groups": None if sec.class_groups is None else
              describe_groups(sec.class_groups, fine_classes, ds.classes)}

@@ -198,12 +198,20 @@ def load_dataset(name: str, sec: ClassifierConfig | None = None, *, cache_dir: s
     return DATASETS[name](sec or ClassifierConfig(dataset=name), cache_dir, run_seed)
 
 
-def first_per_class(labels: torch.Tensor, indices: torch.Tensor, per_class: int | None) -> torch.Tensor:
-    """The first ``per_class`` of ``indices`` ``[M]`` of each class (by ``labels`` ``[N]``), in their order."""
+def first_per_class(labels: torch.Tensor, indices: torch.Tensor, per_class: int | dict[int, int] | None
+                    ) -> torch.Tensor:
+    """The first ``per_class`` of ``indices`` ``[M]`` of each class (by ``labels`` ``[N]``), in their order; a dict
+    ``{class: N}`` caps only the classes it names (``classifier.train_images_per_class``)."""
     if per_class is None:
         return indices
-    rank = torch.zeros(len(indices), dtype=torch.long)
+    caps = per_class if isinstance(per_class, dict) else {}
+    unknown = sorted(set(caps) - set(labels.unique().tolist()))
+    if unknown:
+        raise ValueError(f"classifier.train_images_per_class names classes {unknown}, but the data set's classes are "
+                         f"0..{int(labels.max())}: cap classes it has")
+    rank, cap = torch.zeros(len(indices), dtype=torch.long), torch.full((len(indices),), len(indices) + 1)
     for c in labels[indices].unique():
         rows = (labels[indices] == c).nonzero().squeeze(1)
         rank[rows] = torch.arange(len(rows))
-    return indices[rank < per_class]
+        cap[rows] = caps.get(int(c), len(indices) + 1) if isinstance(per_class, dict) else per_class
+    return indices[rank < cap]

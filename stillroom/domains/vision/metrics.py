@@ -62,10 +62,27 @@ def kl_teacher_model(teacher_logits: torch.Tensor, logits: torch.Tensor) -> torc
     return torch.where(t_p > 0, t_p * (t_logp - s_logp), torch.zeros_like(t_p)).sum(-1)
 
 
+def class_accuracies(pred: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     minority: list[int] | None = None) -> dict[str, float | list]:
+    """``per_class_accuracy`` ``[num_classes]`` (recall of each class; ``None`` for a class with no image),
+    ``balanced_accuracy`` (their mean over the classes present: each class weighs the same, however rare), and
+    with ``minority`` classes ``minority_accuracy`` (the mean over those present)."""
+    per_class = [float((pred[labels == c] == c).float().mean()) if (labels == c).any() else None
+                 for c in range(num_classes)]
+    present = [a for a in per_class if a is not None]
+    out: dict[str, float | list] = {"per_class_accuracy": per_class,
+                                    "balanced_accuracy": sum(present) / len(present) if present else float("nan")}
+    if minority:
+        rare = [per_class[c] for c in minority if c < num_classes and per_class[c] is not None]
+        out["minority_accuracy"] = sum(rare) / len(rare) if rare else float("nan")
+    return out
+
+
 def classifier_metrics(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
-                       ) -> dict[str, float | int]:
+                       minority: list[int] | None = None) -> dict[str, float | int]:
     """``accuracy``, ``heldout_ce`` (nats per image), ``ece``, ``examples``; with the teacher's logits also
-    ``top1_agreement`` (same top-1 class) and ``kl_teacher_student`` (mean KL(teacher || model))."""
+    ``top1_agreement`` (same top-1 class) and ``kl_teacher_student`` (mean KL(teacher || model)); and
+    :func:`class_accuracies`' ``per_class_accuracy``, ``balanced_accuracy`` (and ``minority_accuracy``)."""
     logits = logits.float()
     pred = logits.argmax(-1)
     out: dict[str, float | int] = {
@@ -73,6 +90,7 @@ def classifier_metrics(logits: torch.Tensor, labels: torch.Tensor, teacher_logit
         "heldout_ce": float(F.cross_entropy(logits, labels)),
         "ece": expected_calibration_error(logits, labels),
         "examples": int(labels.numel()),
+        **class_accuracies(pred, labels, logits.shape[-1], minority),
     }
     if teacher_logits is not None:
         out["top1_agreement"] = float((pred == teacher_logits.argmax(-1)).float().mean())

@@ -22,6 +22,7 @@ from stillroom.config.schema import LossTerm, RunConfig
 from stillroom.data.batch import ExampleSampler
 from stillroom.data.seeds import derive_seed
 from stillroom.domains.vision.data import ImageExample, ImageSplits, build_image_splits, collate_images
+from stillroom.domains.vision.codsa_set import with_transfer_set
 from stillroom.domains.vision.dual_head import (
     DualHeadClassifier, dual_head_settings, load_dual_head, save_dual_head, wants_dual_head,
 )
@@ -157,7 +158,7 @@ class ClassifierRun:
             images, labels = self._tensors(examples)
             logits = self._logits(model, images)
             teacher_logits = logits if model is self.teacher_model else self._logits(self.teacher_model, images)
-            m = classifier_metrics(logits, labels, teacher_logits)
+            m = classifier_metrics(logits, labels, teacher_logits, self.data.stats.get("minority_classes"))
             m["params"] = sum(p.numel() for p in model.parameters())
             m["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             if self.data.shifted:  # out of distribution: the same classes, other colours and backgrounds
@@ -242,6 +243,8 @@ class ClassifierDomain:
         if semi_supervised_section(cfg) is not None:  # after the teacher: a teacher trained here saw every label
             data = split_semi_supervised(data, semi_supervised_section(cfg), cfg.seed)
             log(data.notes()[-1])
+        if cfg.codsa.add_to_training:  # after the teacher: it labelled the synthetic images, it never trains on them
+            data = with_transfer_set(data, cfg, teacher, log)
         per_class = method.outputs_per_class(cfg) if method.outputs_per_class is not None else 1
         dual = wants_dual_head(cfg)  # DHO: a CE head and a KD head, the last layer 2 x classes wide
         student, student_origin = _student(sec, data, cfg.seed, 2 if dual else per_class)
