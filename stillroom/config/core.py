@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from stillroom.config.base import Strict  # noqa: F401 (re-exported: every section's base)
-from stillroom.config.cross import CrossConfig
+from stillroom.config.cross import CrossConfig, NewTokenizer
 
 from stillroom.config.sparsity import FixedSparsity
 from stillroom.config.quantize import QuantizeConfig
@@ -185,6 +185,9 @@ class StudentConfig(Strict):
     tokenizer: str | None = Field(
         None, description="A tokenizer folder for a student built with from_config when it differs from the "
         "teacher's (teacher.tokenizer_mode=cross); the built model's vocabulary and special ids follow it.")
+    new_tokenizer: NewTokenizer | None = Field(
+        None, description="... or train a byte-level BPE for it on the run's training text, e.g. {vocab_size: 8192} "
+        "(saved in <run_dir>/student_tokenizer; teacher.tokenizer_mode=cross).")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Master weights dtype (training math runs under `train.precision`)."
     )

@@ -30,12 +30,23 @@ class CrossConfig(Strict):
         "the teacher's logits to chunk_rows x V_t (a 256k vocabulary at 256 rows: 256 MiB in fp32).")
 
 
+class NewTokenizer(Strict):
+    """A byte-level BPE trained for the student on the run's training text (stillroom/models/new_tokenizer.py)."""
+
+    vocab_size: int = Field(8192, ge=300, description="Tokens in the new vocabulary (256 byte tokens, the teacher's "
+                            "special tokens, then merges).")
+    min_frequency: int = Field(2, ge=1, description="A merge must occur at least this often in the training text.")
+
+
 def check_cross_run(cfg: "RunConfig") -> None:
     """What a cross-tokenizer run needs, checked when the recipe loads (errors name the key and the fix)."""
     from stillroom.losses.registry import get_term
 
     cross = cfg.teacher.tokenizer_mode == "cross"
     uld = [t for t in cfg.loss.terms if t.name == "uld"]
+    if not cross and (cfg.student.tokenizer or cfg.student.new_tokenizer is not None):
+        raise ValueError("student.tokenizer / student.new_tokenizer give the student its own tokenizer; set "
+                         "teacher.tokenizer_mode: cross to distill across tokenizers")
     if not cross:
         if uld:
             raise ValueError("loss.terms has 'uld', which compares a teacher with another tokenizer; set "
@@ -48,10 +59,13 @@ def check_cross_run(cfg: "RunConfig") -> None:
                          f"{cfg.teacher.source!r} keeps the shared-tokenizer contract (its stored or served "
                          "positions are the teacher's). Run the teacher in process (source: online)")
     s = cfg.student
-    if s.model is None and not (s.from_config is not None and s.tokenizer):
+    if s.tokenizer and s.new_tokenizer is not None:
+        raise ValueError("set one of student.tokenizer (a tokenizer folder) and student.new_tokenizer (train one)")
+    if s.model is None and not (s.from_config is not None and (s.tokenizer or s.new_tokenizer is not None)):
         raise ValueError("teacher.tokenizer_mode=cross needs the student's own tokenizer: set student.model (a "
                          "folder with its tokenizer), or student.from_config together with student.tokenizer "
-                         "(a tokenizer folder); student.from_teacher would share the teacher's tokenizer")
+                         "(a tokenizer folder) or student.new_tokenizer (a BPE trained on the run's text); "
+                         "student.from_teacher would share the teacher's tokenizer")
     for term in cfg.loss.terms:
         spec = get_term(term.name)
         if spec.kind != "logit":

@@ -92,6 +92,7 @@ def check_vocab(
             f"teacher and student tokenizers differ (teacher {len(teacher_tok)} tokens, hash {th[:12]}; "
             f"student {len(student_tok)} tokens, hash {sh[:12]}; {diff}). Logit distillation needs a shared "
             "tokenizer: give the student the teacher's tokenizer (e.g. derive it with `student.from_teacher`), "
+            "distill across tokenizers with `teacher.tokenizer_mode: cross` (docs/methods/cross_tokenizer.md), "
             f"or distill at the data level instead: {ALTERNATIVES}."
         )
     tw, sw = logit_width(teacher_model), logit_width(student_model)

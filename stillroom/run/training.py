@@ -85,7 +85,7 @@ def _prepare(cfg: RunConfig, method: Method, log: Log) -> PreparedRun:
     if prep.teacher_model is not None:  # the teacher is never trained: the report shows 0 trainable parameters
         prep.teacher_model.requires_grad_(False)
     vocab = getattr(prep, "vocab_size", None)
-    if vocab is not None and cfg.domain == "lm":
+    if vocab is not None and cfg.domain == "lm" and cfg.teacher.tokenizer_mode == "same":
         log(f"vocabulary: teacher and student share {vocab} tokens")
     return prep
 

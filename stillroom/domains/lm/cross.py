@@ -27,10 +27,15 @@ NO_SHARED_VOCAB = ("KL and top-1 agreement to the teacher are not shown: the tea
                    "compare bits per byte, which does not depend on the tokenizer")
 
 
-def load_student_tokenizer(cfg: RunConfig):
-    """``student.tokenizer`` (a folder), else the tokenizer saved with ``student.model``."""
+def load_student_tokenizer(cfg: RunConfig, teacher_tok, log: Log):
+    """``student.tokenizer`` (a folder), ``student.new_tokenizer`` (trained on the run's text), else the tokenizer
+    saved with ``student.model``."""
     from transformers import AutoTokenizer
 
+    if cfg.student.new_tokenizer is not None:
+        from stillroom.models.new_tokenizer import new_student_tokenizer
+
+        return new_student_tokenizer(cfg, teacher_tok, log)
     path = cfg.student.tokenizer or (cfg.student.model.path if cfg.student.model is not None else None)
     if path is None:  # a GGUF or builtin student: its loader knows the tokenizer
         return None

@@ -187,7 +187,7 @@ class LmDomain:
         if cfg.teacher.tokenizer_mode == "cross":  # the student's tokenizer reads the data (domains/lm/cross.py)
             from stillroom.domains.lm.cross import cross_student as build, load_student_tokenizer
 
-            cross_student = build(cfg, teacher_model, load_student_tokenizer(cfg), log)
+            cross_student = build(cfg, teacher_model, load_student_tokenizer(cfg, tokenizer, log), log)
             tokenizer = cross_student[1]
 
         # the data, tokenized with the teacher's tokenizer (the student must share it)
