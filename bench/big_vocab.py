@@ -10,7 +10,7 @@ backward, AdamW step) of stillroom's own pieces (:class:`~stillroom.teachers.sig
 
 * ``same, naive``: teacher and student share the 256k vocabulary; student logits materialised (``loss.fused:
   false``) and the loss in one chunk of every token;
-* ``same, fused``: the same with ``loss.fused: true`` (student logits computed ``chunk_tokens`` rows at a time);
+* ``same, fused``: the same with ``loss.fused: true``, ``chunk_tokens: 128`` (student logits 128 rows at a time);
 * ``cross, fused``: the student has its own 8k-class byte-level BPE (``teacher.tokenizer_mode: cross``): the
   teacher's logits exist only ``teacher.cross.chunk_rows`` aligned rows at a time and are reduced at once to
   the matched tokens and ranked probabilities (loss: CE + forward KL on matched tokens + ULD on the rest).
@@ -107,7 +107,7 @@ def run_one(variant: str, batch: int, seq: int, vocab: int, threads: int) -> dic
     else:
         terms = [{"name": "ce"}, {"name": "forward_kl"}]
         source = OnlineTeacher(teacher, vocab_size=vocab)
-    mix = LossMix(LossConfig(terms=terms, fused=fused, chunk_tokens=512 if fused else batch * seq))
+    mix = LossMix(LossConfig(terms=terms, fused=fused, chunk_tokens=128 if fused else batch * seq))
     forward = StudentForward(student, fused=fused, hidden_layers=[], vocab=len(student_tok))
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
 
