@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from stillroom.eval.metrics import _model_device
+from stillroom.files import write_atomic
 
 REQUIRED = ("kind", "form", "prompt", "answer")
 INJECTED = ("new", "update")
@@ -128,8 +129,8 @@ def knowledge_report(run_dir: Path, path: str, models: dict[str, torch.nn.Module
     results = {name: knowledge_accuracy(model, tokenizer, items) for name, model in models.items()}
     run_dir.mkdir(parents=True, exist_ok=True)
     results = {**_earlier(run_dir / "knowledge.json", str(path)), **results}  # the run evaluates before and after
-    _write_atomic(run_dir / "knowledge.json", json.dumps({"suite": str(path), "models": results}, indent=2))
-    _write_atomic(run_dir / "knowledge.md", knowledge_markdown(results, str(path)))
+    write_atomic(run_dir / "knowledge.json", json.dumps({"suite": str(path), "models": results}, indent=2))
+    write_atomic(run_dir / "knowledge.md", knowledge_markdown(results, str(path)))
     rows = {name: row_metrics(results[name]) for name in models}
     for name, row in rows.items():
         log(f"knowledge {name}: " + ", ".join(f"{k.removeprefix('knowledge_')} {100 * v:.1f}%" for k, v in row.items()))
@@ -159,7 +160,3 @@ def knowledge_markdown(results: dict[str, dict], suite: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +45,7 @@ from stillroom.data.seeds import derive_seed
 from stillroom.domains.vision.shapes import SPLITS
 from stillroom.domains.vl.vqa import QA
 from stillroom.methods.base import Method, MethodContext, MethodPlan
+from stillroom.files import write_atomic
 from stillroom.methods.comd_pool import (
     Answerer, Instruction, PoolImages, PoolItem, Wanted, accuracy_table, draw_instructions, judge_failures,
     uniform_wanted,
@@ -181,9 +181,7 @@ class ComdRounds:
         result = {"arm": "one_shot" if self.cfg.one_shot else "rounds", "budget": self.cfg.budget,
                   "teacher_answers": self.teacher_answers, "judge_answers": self.judge_answers,
                   "pool_by_family": _count(self.pool), "rounds": self.rounds, "heldout": self.evaluate()}
-        tmp = run_dir / f".{REPORT}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, run_dir / REPORT)
+        write_atomic(run_dir / REPORT, json.dumps(result, indent=2) + "\n")
         s = result["heldout"]["student"]
         self.log(f"comd: held-out exact match {s['overall']:.3f} (hard, level 3: {s['hard']:.3f}); {run_dir / REPORT}")
         return result

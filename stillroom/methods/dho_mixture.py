@@ -11,7 +11,6 @@ so the saved student predicts with it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from stillroom.config.dho import DhoConfig
 from stillroom.domains.vision.data import ImageExample
 from stillroom.domains.vision.dual_head import DualHeadClassifier, mixture_log_probs
 from stillroom.domains.vision.metrics import expected_calibration_error
+from stillroom.files import write_atomic
 
 REPORT_JSON = "dho.json"
 
@@ -106,9 +106,7 @@ def write_report(ctx: Any, run_dir: Path, search: dict | None, cosines: list[flo
         report["heldout"] = heldout_heads(model, data.heldout, ctx.cfg.classifier.eval_batch_size,
                                           (settings.alpha, settings.beta))
     run_dir = Path(run_dir)
-    tmp = run_dir / f".tmp-{os.getpid()}-{REPORT_JSON}"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, run_dir / REPORT_JSON)
+    write_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
     if "heldout" in report:
         h = report["heldout"]
         ctx.log(f"dho: held-out accuracy CE head {100 * h['ce_head']['accuracy']:.1f}%, KD head "

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from stillroom.methods.base import Method, MethodContext, MethodPlan
 from stillroom.models.builtin import cache_root
 from stillroom.teachers.signal import TeacherSignal
 from stillroom.train.loop import DistillObjective, Player
+from stillroom.files import write_atomic
 
 REPORT_JSON = "lelp.json"
 
@@ -151,9 +151,7 @@ def subclass_report(ctx: MethodContext, basis: SubclassBasis) -> dict:
 
 def _write_report(ctx: MethodContext, basis: SubclassBasis, run_dir: Path) -> None:
     report = subclass_report(ctx, basis)
-    tmp = run_dir / f".tmp-{os.getpid()}-{REPORT_JSON}"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, run_dir / REPORT_JSON)
+    write_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
     ctx.log(f"lelp: subclass NMI with the fine labels: teacher {report['nmi_teacher_subclass_fine_label']:.3f}, "
             f"student {report['nmi_student_subclass_fine_label']:.3f} ({run_dir / REPORT_JSON})")
 

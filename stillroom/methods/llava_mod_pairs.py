@@ -12,13 +12,13 @@ reads (temporary file + rename).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from stillroom.generate.sampling import eos_token_ids, sample_continuations
+from stillroom.files import write_atomic
 
 
 def normalise(text: str) -> str:
@@ -63,7 +63,5 @@ def write_pairs(pairs: list[dict], path: Path) -> Path:
         raise ValueError(f"no preference pairs to write to {path}: the student answered every prompt right "
                          "(raise tries or the sampling temperature, or use more prompts)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(p) + "\n" for p in pairs))
     return path

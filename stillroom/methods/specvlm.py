@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from stillroom.data.batch import Batch
 from stillroom.generate.sampling import eos_token_ids
 from stillroom.generate.speculative import SpecStats, speculative_generate
 from stillroom.methods.base import Method, MethodContext, MethodPlan
+from stillroom.files import write_atomic
 
 CURVE_KEYS = ("spec_alpha", "spec_accept_len", "spec_accepted_per_round")
 
@@ -95,13 +95,6 @@ def read_points(metrics_file: Path) -> list[dict]:
             if "spec_accept_len" in row:
                 by_step[int(row["step"])] = {"step": int(row["step"]), **{k: row[k] for k in CURVE_KEYS}}
     return [by_step[k] for k in sorted(by_step)]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def plot_curve(points: list[dict], path: Path, gamma: int) -> None:

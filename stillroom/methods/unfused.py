@@ -24,7 +24,6 @@ classifier (its own class head untouched by this stage); fine-tune it on labels 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from stillroom.models.projectors import build_projector
 from stillroom.models.taps import FeatureTap, resolve_tap
 from stillroom.train.distributed import resolve_device
 from stillroom.train.loop import Player
+from stillroom.files import write_atomic
 
 REPORT = "unfused.json"
 
@@ -190,9 +190,7 @@ def _players(student: Player, ctx: MethodContext) -> list[Player]:
 def _write_report(run_dir: Path, labels: PseudoLabels, origin: str, s: UnfusedConfig) -> None:
     record = {"teacher": origin, "pseudo_labels": str(labels.folder), "clusters": s.clusters,
               "diagnostics": labels.diagnostics, "settings": s.model_dump(mode="json")}
-    tmp = run_dir / f".{REPORT}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, run_dir / REPORT)
+    write_atomic(run_dir / REPORT, json.dumps(record, indent=2) + "\n")
 
 
 def _build(ctx: MethodContext) -> MethodPlan:

@@ -28,6 +28,7 @@ import yaml
 
 from stillroom.config.load import ConfigError
 from stillroom.train.checkpoint import checkpoint_run_id, checkpoint_step, latest_checkpoint
+from stillroom.files import write_atomic  # noqa: F401 (re-exported: the run folder's writer)
 
 RUN_JSON = "run.json"
 CONFIG = "config.resolved.yaml"
@@ -82,15 +83,6 @@ def write_run_json(run_dir: Path, data: dict) -> None:
     """``run.json``, atomically (temporary file, fsync, rename)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / RUN_JSON, json.dumps(data, indent=2, default=_plain) + "\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _plain(value: Any) -> Any:

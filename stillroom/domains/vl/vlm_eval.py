@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from stillroom.data.batch import Example, prompt_length
 from stillroom.data.images import load_pixels
 from stillroom.generate.sampling import eos_token_ids
 from stillroom.generate.speculative import autoregressive_generate
+from stillroom.files import write_atomic
 
 
 def prompt_and_pixels(example: Example, text_prompt_tokens: int = 24) -> tuple[list[int], torch.Tensor | None]:
@@ -100,10 +99,7 @@ def write_generations_html(path: Path, examples: list[Example], answers: dict[st
     page = ("<!doctype html><meta charset='utf-8'><title>VLM generations</title><style>td,th{border:1px solid #ccc;"
             "padding:4px;font-family:sans-serif}img{image-rendering:pixelated}</style><table><tr><th>image</th>"
             f"<th>question</th><th>expected</th>{head}</tr>{''.join(rows)}</table>\n")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(page)
-    os.replace(tmp, path)
+    write_atomic(path, page)
 
 
 def vlm_report(run_dir: Path, heldout: list[Example], models: dict[str, torch.nn.Module], tokenizer, *,

@@ -40,6 +40,7 @@ from stillroom.domains.vl.scenes import (
     CELLS, SceneObject, caption, colour_names, generate_scenes, random_objects, shape_names,
 )
 from stillroom.domains.vl.scenes import render as render_scenes  # [N, 3, S, S] of N object lists
+from stillroom.files import write_atomic
 
 FAMILIES: tuple[str, ...] = QA_FAMILIES
 LEVELS = (1, 2, 3)
@@ -194,9 +195,7 @@ def write_text_qa(cfg: ScenesConfig, path: Path, n_scenes: int, split: str, seed
         for j, qa in enumerate(_image_questions(objs, cfg, rng, per_image)):
             lines.append({"id": f"{split}-{i:06d}-{j}", **text_record(text, qa), "caption": text})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in lines))
     return path
 
 

@@ -1,0 +1,21 @@
+"""Writing files so that a reader never sees half of one: the one atomic text writer.
+
+It imports nothing of stillroom, so every layer (evaluation, methods, the run folder) can use it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder, flushed to disk, then
+    renamed into place: an interrupted write leaves the old file (or none), never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
