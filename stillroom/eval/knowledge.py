@@ -21,6 +21,7 @@ import torch
 
 from stillroom.eval.metrics import _model_device
 from stillroom.files import write_atomic
+from stillroom.generate.sampling import left_pad
 
 REQUIRED = ("kind", "form", "prompt", "answer")
 INJECTED = ("new", "update")
@@ -78,13 +79,9 @@ def batched_greedy(model: torch.nn.Module, tokenizer, prompts: list[str], max_ne
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i : i + batch_size]]
-            width = max(len(e) for e in enc)
-            ids = torch.full((len(enc), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, e in enumerate(enc):
-                ids[j, width - len(e):] = torch.tensor(e, dtype=torch.long)
-                mask[j, width - len(e):] = 1
+            ids, mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"]
+                                  for p in prompts[i : i + batch_size]], pad)
+            width = ids.shape[1]
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
             out += [tokenizer.decode(row, skip_special_tokens=True) for row in gen[:, width:].tolist()]

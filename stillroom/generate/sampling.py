@@ -126,6 +126,18 @@ class eval_mode:
             m.train(mode)
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)``, both ``[B, W]`` long: the id lists right-aligned (padded on the left with ``pad``), so every
+    row's next token is generated at the same column; ``mask`` is 1 on real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+        mask[b, width - len(row):] = 1
+    return ids, mask
+
+
 def _resolve_pad(tokenizer: Any, pad_token_id: int | None, stops: frozenset[int]) -> int:
     if pad_token_id is not None:
         return int(pad_token_id)
@@ -178,12 +190,9 @@ def sample_continuations(
     pad = _resolve_pad(tokenizer, pad_token_id, stops)
     device = model_device(model)
 
-    batch, width = len(prompt_ids), max(len(p) for p in prompt_ids)
-    input_ids_bt = torch.full((batch, width), pad, dtype=torch.long)
-    attention_bt = torch.zeros((batch, width), dtype=torch.long)
-    for b, prompt in enumerate(prompt_ids):
-        input_ids_bt[b, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention_bt[b, width - len(prompt) :] = 1
+    batch = len(prompt_ids)
+    input_ids_bt, attention_bt = left_pad(prompt_ids, pad)
+    width = input_ids_bt.shape[1]
     input_ids_bt, attention_bt = input_ids_bt.to(device), attention_bt.to(device)
     positions_bt = (attention_bt.cumsum(-1) - 1).clamp(min=0)
 

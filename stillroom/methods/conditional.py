@@ -50,6 +50,7 @@ from stillroom.data.seeds import derive_seed
 from stillroom.datagen.verifiers import import_callable
 from stillroom.methods.base import Method, MethodContext, MethodPlan
 from stillroom.models.control_tokens import add_special_tokens
+from stillroom.generate.sampling import left_pad
 
 _SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -288,13 +289,9 @@ def sample_with_control(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
-            enc = [prefix + tokenizer(x, add_special_tokens=False)["input_ids"] for x in prompts[i : i + batch_size]]
-            width = max(len(e) for e in enc)
-            ids = torch.full((len(enc), width), pad, dtype=torch.long)
-            att = torch.zeros_like(ids)
-            for j, e in enumerate(enc):
-                ids[j, width - len(e):] = torch.tensor(e)
-                att[j, width - len(e):] = 1
+            ids, att = left_pad([prefix + tokenizer(x, add_special_tokens=False)["input_ids"]
+                                 for x in prompts[i : i + batch_size]], pad)
+            width = ids.shape[1]
             gen = model.generate(
                 input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
                 do_sample=True, temperature=sampling_temperature, top_p=top_p, top_k=0, pad_token_id=pad,
