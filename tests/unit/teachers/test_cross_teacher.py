@@ -1,6 +1,8 @@
 """CrossTeacher: the teacher's distributions at the student's positions, equal to a full forward on its own
 tokens; chunked head projection equals one pass; the run checks of a cross-tokenizer recipe."""
 
+import copy
+
 import pytest
 import torch
 from helpers import other_tokenizer, tiny_llama, tiny_tokenizer
@@ -72,3 +74,15 @@ def test_cross_recipes_are_checked_when_loaded():
         _recipe(loss={"terms": [{"name": "hidden_mse"}]})
     with pytest.raises(ValueError, match="set teacher.tokenizer_mode: cross"):
         _recipe(teacher={"tokenizer_mode": "same"})
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_targets_match_the_cpu_ones(setup):
+    vocab, teacher, batch = setup
+    cpu = CrossTeacher(teacher, vocab, temperature=1.0, supports={"all"}).signal(batch).cross
+    on_gpu = CrossTeacher(copy.deepcopy(teacher).cuda(), vocab, temperature=1.0, supports={"all"},
+                          output_device="cuda").signal(batch.to("cuda")).cross
+    assert on_gpu.matched_logits_btm.device.type == "cuda" and on_gpu.aligned_bt.device.type == "cuda"
+    assert torch.equal(on_gpu.aligned_bt.cpu(), cpu.aligned_bt)
+    assert torch.allclose(on_gpu.matched_logits_btm.cpu(), cpu.matched_logits_btm, atol=1e-4)
+    assert torch.allclose(on_gpu.ranked["all"][0].cpu(), cpu.ranked["all"][0], atol=1e-5)
