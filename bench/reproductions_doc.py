@@ -23,8 +23,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.repro.verdict import RULE, Part, parts_table  # noqa: E402
 
-ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook", "cfg_distill_markov", "dho", "comd", "llava_mod", "specvlm", "ogen", "qad", "copg_bandit", "copg_lm", "width_vs_depth", "depth_choice", "squarehead", "transfer", "corda", "ernie_tiny", "self_data_merge", "taid", "finetunebench"]
+ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook", "cfg_distill_markov", "dho", "comd", "llava_mod", "specvlm", "ogen", "qad", "copg_bandit", "copg_lm", "width_vs_depth", "depth_choice", "squarehead", "transfer", "corda", "ernie_tiny", "self_data_merge", "taid", "finetunebench", "codsa", "dparallel", "mend", "cross_tokenizer"]
 TITLES = {
+    "mend": "MEND, demonstrations distilled into vectors for a frozen LLM vs full ICL vs none (Li et al. 2024)",
+    "cross_tokenizer": "Cross-tokenizer distillation, SmolLM2-135M into a student with its own 8k BPE: hybrid (GOLD) vs ULD vs CE",
+    "dparallel": "dParallel, certainty-forcing self-distillation of a masked-diffusion LM: steps at equal accuracy (Chen et al. 2026)",
+    "codsa": "CoDSA, conditional synthesis allocated to minority classes vs uniform augmentation at equal volume (Tian & Shen 2025)",
     "taid": "TAID, temporally adaptive interpolated distillation across teacher sizes (Shing et al. 2025)",
     "finetunebench": "Knowledge injection by fine-tuning: trained phrasing vs paraphrase vs implication (FineTuneBench, Wu et al. 2024)",
     "transfer": "Fine-tuning transfer, a fine-tuned diff vector added to a newer base (Lin et al. 2025)",
@@ -72,7 +76,7 @@ with our analysis. This page is generated from `bench/results/*.json` by
 `python bench/reproductions_doc.py`; each method's numbers come from
 
 ```bash
-python bench/reproduce.py METHOD          # METHOD: step_by_step self_data redi miniplm ddk conditional meal_v2 ast lelp unfused ferkd dmae self_distill_fpt taid finetunebench
+python bench/reproduce.py METHOD          # METHOD: step_by_step self_data redi miniplm ddk conditional meal_v2 ast lelp unfused ferkd dmae self_distill_fpt taid finetunebench codsa dparallel mend cross_tokenizer
 python bench/draft_tiny.py                # the draft experiment of docs/ONPOLICY.md (issue: draft models)
 python bench/reproduce.py METHOD --from-results   # only re-decide the verdict from the stored numbers (also draft_tiny)
 python bench/twinflow_rings.py [--from-results]   # TwinFlow on the rings toy (issue 15, spec 13.5)
