@@ -17,6 +17,7 @@ from stillroom.config.commands import (
     SpecEvalConfig,
 )
 from stillroom.config.knowledge import KnowledgeDataConfig
+from stillroom.config.mend import MendTasksConfig
 from stillroom.config.quantize import QuantizeFolderConfig
 from stillroom.config.scenes import VqaDataConfig, VqaLmConfig
 from stillroom.config.transfer import TransferConfig
@@ -81,6 +82,12 @@ def _knowledge_data(cfg: KnowledgeDataConfig) -> None:
     from stillroom.datagen.knowledge import write_knowledge_suite
 
     write_knowledge_suite(cfg)
+
+
+def _mend_data(cfg: MendTasksConfig) -> None:
+    from stillroom.datagen.mend_tasks import write_mend_tasks
+
+    write_mend_tasks(cfg)
 
 
 def _vqa_data(cfg: VqaDataConfig) -> None:
@@ -166,6 +173,13 @@ COMMANDS = (
         "train_augmented.jsonl (prompt/completion: new people and moved headquarters, in one or two phrasings), "
         "OUT/eval.jsonl (items scored by eval.knowledge=OUT: trained phrasing, paraphrase, implication) and "
         "suite.json. See docs/methods/finetunebench.md.", ("out",)),
+    FlagCommand(
+        "mend-data", MendTasksConfig, _mend_data,
+        "MEND: write synthetic key->value tasks and a random tiny LLM for its in-context-learning check",
+        "Random key -> value mapping tasks (a key-value pair is one token): --out/train.jsonl (meta-training "
+        "records: demonstrations + a query), test.jsonl (unseen tasks), pretrain.jsonl (stage 1 text), icl.jsonl "
+        "(text to pretrain the frozen LLM for in-context look-up) and llm_init/ (a random tiny Llama with the "
+        "task tokenizer). Then `stillroom run mend`. See docs/methods/mend.md."),
     FlagCommand(
         "vqa-data", VqaDataConfig, _vqa_data, "write visual questions about procedural scenes (images or text)",
         "Scenes of coloured shapes in a 2 x 2 grid with exact captions, and checkable questions (colour_of, "

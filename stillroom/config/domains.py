@@ -16,6 +16,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from stillroom.config.core import Strict
 from stillroom.config.autoregressive import AutoregressiveConfig
+from stillroom.config.masked_diffusion import MaskedDiffusionConfig
 from stillroom.config.generative import GenerativeConfig
 from stillroom.config.mae import MaeConfig
 from stillroom.config.clip import ClipConfig, ClipTeacherKind
@@ -392,7 +393,7 @@ def _check_class_groups(groups: list[list[int]] | str | None, names: list[str] |
 
 
 DOMAINS: dict[str, type[DomainSection] | None] = {
-    "lm": None,
-    "classifier": ClassifierConfig,
+    "lm": None, "classifier": ClassifierConfig,
     "mae": MaeConfig, "generative": GenerativeConfig, "autoregressive": AutoregressiveConfig, "clip": ClipConfig,
+    "masked_diffusion": MaskedDiffusionConfig,
 }

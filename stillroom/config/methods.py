@@ -23,6 +23,8 @@ from stillroom.config.llava_mod import LlavaModConfig
 from stillroom.config.comd import ComdConfig
 from stillroom.config.specvlm import SpecVlmConfig
 from stillroom.config.copg import CopgConfig
+from stillroom.config.masked_diffusion import DParallelConfig
+from stillroom.config.mend import MendConfig
 from stillroom.config.dmd import DmdConfig
 from stillroom.config.twinflow import TwinFlowConfig
 from stillroom.config.mae import DmaeConfig, SelfDistillFptConfig
@@ -378,6 +380,8 @@ METHODS: dict[str, type[MethodSection] | None] = {
     "comd": ComdConfig,
     "specvlm": SpecVlmConfig,
     "copg": CopgConfig,
+    "dparallel": DParallelConfig,
+    "mend": MendConfig,
 }
 """Every training method by name: its section, or ``None`` (kd: the loss terms against the teacher; sft:
 cross-entropy on the data only, no teacher at training time). :mod:`stillroom.methods` implements each."""

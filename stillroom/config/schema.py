@@ -31,6 +31,8 @@ from stillroom.config.llava_mod import LlavaModConfig
 from stillroom.config.comd import ComdConfig
 from stillroom.config.specvlm import SpecVlmConfig
 from stillroom.config.copg import CopgConfig
+from stillroom.config.masked_diffusion import DParallelConfig, MaskedDiffusionConfig
+from stillroom.config.mend import MendConfig
 from stillroom.config.dmd import DmdConfig
 from stillroom.config.twinflow import TwinFlowConfig
 from stillroom.config.vlm import VlmConfig, check_vlm_run
@@ -131,6 +133,11 @@ class RunConfig(Strict):
     autoregressive: AutoregressiveConfig | None = Field(
         None, description="Settings of domain=autoregressive: a one-step generator of codebook token sequences "
         "distilled from an autoregressive teacher (exact-evaluation toy).")
+    masked_diffusion: MaskedDiffusionConfig | None = Field(
+        None, description="Settings of domain=masked_diffusion: a small masked-diffusion LM on a deterministic toy "
+        "task, its base model trained here once, decoded semi-autoregressively (accuracy vs decoding steps).")
+    dparallel: DParallelConfig | None = Field(None, description="Settings of method=dparallel (domain "
+                                              "masked_diffusion; certainty-forcing self-distillation).")
     dd2: Dd2Config | None = Field(None, description="Settings of method=dd2 (domain autoregressive; Distilled "
                                   "Decoding 2).")
     dho: DhoConfig | None = Field(None, description="Settings of method=dho (classifier domain; dual-head "
@@ -146,6 +153,8 @@ class RunConfig(Strict):
                                           "measured during training).")
     copg: CopgConfig | None = Field(None, description="Settings of method=copg (CoPG: contrastive policy gradient "
                                     "on offline completions with scalar rewards).")
+    mend: MendConfig | None = Field(None, description="Settings of method=mend (MEND: a distiller of "
+                                    "demonstrations into vectors for a frozen LLM, trained by KD inside that LLM).")
     dmd: DmdConfig | None = Field(None, description="Settings of method=dmd (domain generative; DMD, DMD2 and "
                                   "Decoupled DMD).")
     twinflow: TwinFlowConfig | None = Field(None, description="Settings of method=twinflow (domain generative; "
@@ -229,11 +238,6 @@ class RunConfig(Strict):
             check_vlm_run(self)
         return self
 
-    @property
-    def run_dir(self) -> Path:
-        """The run folder: ``<output_dir>/<name>`` with ``~`` expanded (the one place it is computed)."""
-        return Path(self.output_dir).expanduser() / self.name
-
     @model_validator(mode="after")
     def _codsa_run(self) -> "RunConfig":
         """Training on a CoDSA transfer set: the classifier domain with an online teacher."""
@@ -245,6 +249,11 @@ class RunConfig(Strict):
         """``teacher.tokenizer_mode``: what a cross-tokenizer run needs, and ``uld`` only there."""
         check_cross_run(self)
         return self
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder: ``<output_dir>/<name>`` with ``~`` expanded (the one place it is computed)."""
+        return Path(self.output_dir).expanduser() / self.name
 
     @property
     def method_section(self) -> MethodSection | None:

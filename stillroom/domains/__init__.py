@@ -10,8 +10,10 @@ from stillroom.domains.autoregressive.prepare import AutoregressiveDomain
 from stillroom.domains.generative.prepare import GenerativeDomain
 from stillroom.domains.vision.mae_domain import MaeDomain
 from stillroom.domains.vl.clip_domain import ClipDomain
+from stillroom.domains.masked_diffusion.prepare import MaskedDiffusionDomain
 
 DOMAINS: dict[str, Domain] = {d.name: d for d in (LmDomain(), ClassifierDomain(), MaeDomain(), GenerativeDomain(),
-                                                        AutoregressiveDomain(), ClipDomain())}
+                                                        AutoregressiveDomain(), ClipDomain(),
+                                                        MaskedDiffusionDomain())}
 
 __all__ = ["DOMAINS", "Domain", "PreparedRun"]

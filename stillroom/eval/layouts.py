@@ -85,6 +85,19 @@ _AUTOREGRESSIVE_COLUMNS = (
 )
 
 
+_MASKED_DIFFUSION_COLUMNS = (
+    ("accuracy", "accuracy (1 tok/step)", "pct"),
+    ("exact_match", "exact (1 tok/step)", "pct"),
+    ("threshold_accuracy", "accuracy (threshold)", "pct"),
+    ("threshold_exact_match", "exact (threshold)", "pct"),
+    ("tokens_per_step", "tokens/step (threshold)", "f4"),
+    ("decode_steps", "decode steps (threshold)", "f1"),
+    ("params", "params", "count"),
+    ("train_seconds", "train s", "f1"),
+    ("steps", "steps", "int"),
+)
+
+
 _CLIP_COLUMNS = (
     ("zero_shot_mean", "zero-shot (mean)", "pct"),
     ("recall1_mean", "recall@1 i->t (mean)", "pct"),
@@ -129,6 +142,8 @@ LAYOUTS: dict[str, ReportLayout] = {
     "generative": ReportLayout(_GENERATIVE_COLUMNS, (), speed="samples_per_s", ce_unit="",
                                plots=("samples.png",), marker="samples_per_s"),
     "autoregressive": ReportLayout(_AUTOREGRESSIVE_COLUMNS, (), speed="samples_per_s", ce_unit="", marker="joint_tv"),
+    "masked_diffusion": ReportLayout(_MASKED_DIFFUSION_COLUMNS, (), speed="tokens_per_step", ce_unit="",
+                                     marker="decode_steps"),
     "clip": ReportLayout(_CLIP_COLUMNS, ("zero_shot_mean", "recall1_mean"), speed="images_per_s", ce_unit="",
                          plots=("reliability.png",), marker="recall1_mean"),
 }

@@ -15,6 +15,8 @@ from stillroom.methods import comd
 from stillroom.methods import dho
 from stillroom.methods import specvlm
 from stillroom.methods import copg
+from stillroom.methods import dparallel
+from stillroom.methods import mend
 from stillroom.methods.base import Method, MethodContext, MethodPlan, StepCounts
 
 KD = Method("kd", domains=None)
@@ -33,6 +35,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     dho.METHOD,
     specvlm.METHOD,
     copg.METHOD,
+    dparallel.METHOD,
+    mend.METHOD,
 )}
 
 __all__ = ["METHODS", "Method", "MethodContext", "MethodPlan", "StepCounts"]
