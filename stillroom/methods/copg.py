@@ -52,7 +52,7 @@ from stillroom.data.formats import Format, TextEncoder, encode_record
 from stillroom.losses import LossResult
 from stillroom.losses.preference import copg_group
 from stillroom.methods.base import Method, MethodContext, MethodPlan, StepCounts
-from stillroom.methods.llava_mod import PolicyLogps, batch_logps
+from stillroom.methods.llava_mod import PolicyLogps, reference_logps
 from stillroom.train.loop import Player
 
 REWARD = "copg_reward"
@@ -152,11 +152,9 @@ class CopgObjective:
     step_scale: GroupStepScale
     last: dict[str, float] = field(default_factory=dict)
 
-    @torch.no_grad()
     def signal(self, batch: Batch) -> torch.Tensor:
-        """``[B]`` reference log-probs (the reference in eval mode, on its own device)."""
-        device = next(self.reference.parameters()).device
-        return batch_logps(self.reference, batch.to(device), self.vocab).float()
+        """``[B]`` reference log-probs (:func:`~stillroom.methods.llava_mod.reference_logps`)."""
+        return reference_logps(self.reference, batch, self.vocab)
 
     def loss(self, outputs: dict, batch: Batch, signal: torch.Tensor) -> LossResult:
         groups = check_groups(batch, self.group_size)

@@ -121,6 +121,14 @@ def batch_logps(model: torch.nn.Module, batch: Any, vocab: int) -> torch.Tensor:
     return sequence_logps(logits_btv, batch.target_ids, batch.loss_mask)
 
 
+@torch.no_grad()
+def reference_logps(reference: torch.nn.Module, batch: Any, vocab: int) -> torch.Tensor:
+    """``[B]`` fp32 summed log-probs of the targets under a frozen ``reference`` (in eval mode), run on its own
+    device: the ``signal`` of every objective against a reference policy (LLaVA-MoD's pairs, CoPG's groups)."""
+    device = next(reference.parameters()).device
+    return batch_logps(reference, batch.to(device), vocab).float()
+
+
 class PairStepScale:
     """``weight_targets``: records ``N / P`` for the step (``P`` pairs of all micro-batches and processes) and
     leaves the targets' weights at 1."""
@@ -148,11 +156,9 @@ class PreferenceObjective:
     step_scale: PairStepScale
     last: dict[str, float] = field(default_factory=dict)
 
-    @torch.no_grad()
     def signal(self, batch: Any) -> torch.Tensor:
-        """``[B]`` reference log-probs (the reference in eval mode, on its own device)."""
-        device = next(self.reference.parameters()).device
-        return batch_logps(self.reference, batch.to(device), self.vocab).float()
+        """``[B]`` reference log-probs (:func:`reference_logps`)."""
+        return reference_logps(self.reference, batch, self.vocab)
 
     def loss(self, outputs: dict, batch: Any, signal: torch.Tensor) -> LossResult:
         check_pairs(batch)
