@@ -64,12 +64,7 @@ class TextEncoder:
         self.eos_id = tokenizer.eos_token_id
         if add_eos and self.eos_id is None:
             raise DataError("the tokenizer has no eos_token; give it one or set data.add_eos=false")
-        bos = tokenizer.bos_token_id
-        probe = "a"
-        with_sp = tokenizer(probe)["input_ids"]
-        without = tokenizer(probe, add_special_tokens=False)["input_ids"]
-        adds_bos = bos is not None and with_sp[:1] == [bos] and without[:1] != [bos]
-        self.bos_prefix: list[int] = [bos] if adds_bos else []
+        self.bos_prefix: list[int] = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
         self._roles: frozenset[str] | None = None
 
     def encode(self, text: str) -> list[int]:
@@ -98,6 +93,15 @@ class TextEncoder:
                 named |= set(re.findall(r"""['"]([\w-]+)['"]""", group))
             self._roles = frozenset(CHAT_ROLES) | frozenset(named)
         return self._roles
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` prepends its BOS to plain text by itself (``tokenizer(text)`` starts with
+    ``bos_token_id`` and ``tokenizer(text, add_special_tokens=False)`` does not)."""
+    bos = tokenizer.bos_token_id
+    with_sp = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos is not None and with_sp[:1] == [bos] and without[:1] != [bos]
 
 
 def infer_format(fields: dict, src: DataSource, label: str, where: str) -> Format:

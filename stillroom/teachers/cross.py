@@ -51,9 +51,6 @@ class CrossTeacher:
         }
         if rank_k is not None:
             self.rank_k = {s: min(k, rank_k) for s, k in self.rank_k.items()}
-        self.aligned_rows = 0
-        self.target_rows = 0
-        """Running counts for ``aligned_fraction``: student target positions seen, and those aligned."""
 
     def alignments(self, batch: Batch) -> list[RowAlignment]:
         lengths = batch.attention_mask.sum(dim=1).tolist()
@@ -75,9 +72,6 @@ class CrossTeacher:
         flat = b_idx * width + s_idx
         aligned = torch.zeros(bsz * width, dtype=torch.bool)
         aligned[flat] = True
-        targets = batch.loss_mask.reshape(-1).cpu()
-        self.target_rows += int(targets.sum())
-        self.aligned_rows += int((aligned & targets).sum())
         flat = flat.to(out)
         cross = CrossTargets(
             aligned_bt=aligned.reshape(bsz, width).to(out),
@@ -90,7 +84,7 @@ class CrossTeacher:
 
     def _teacher_batch(self, rows: list[RowAlignment]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded teacher ids and attention mask ``[B, T_t]`` on the teacher's device."""
-        pad = self.vocab.t.pad_id if self.vocab.t.pad_id is not None else (self.vocab.t.eos_id or 0)
+        pad = self.vocab.t.fill_id
         width = max(1, max(len(r.teacher_ids) for r in rows))
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -116,10 +110,6 @@ class CrossTeacher:
         m = self.matched_teacher.numel()
         cat = (lambda xs, *shape: torch.cat(xs) if xs else torch.zeros(0, *shape, device=self.output_device))
         return cat(matched, m), {s: (cat(p, self.rank_k[s]), cat(t)) for s, (p, t) in ranked.items()}
-
-    def aligned_fraction(self) -> float | None:
-        """Share of the student's target positions that had a teacher distribution so far (None before any)."""
-        return self.aligned_rows / self.target_rows if self.target_rows else None
 
 
 def _scatter(values_n: torch.Tensor, flat_n: torch.Tensor, bsz: int, width: int) -> torch.Tensor:

@@ -13,8 +13,8 @@ same point of the text (a *common boundary*), both models condition on the same 
 predict what comes next: the pair ``(i, j)`` is aligned, and the teacher's distribution at
 ``j`` is the distillation target of the student's at ``i``. Inside a teacher token that
 spans several student tokens there is no teacher distribution for the student's partial
-word; those positions learn from the cross-entropy alone (their share is reported as
-``aligned_fraction``).
+word; those positions learn from the cross-entropy alone (the run logs the share of target
+positions that align, before step 0).
 
 **Matched vocabulary.** A student token and a teacher token *match* when they spell the
 same bytes (special tokens: the same content). :class:`CrossVocab` holds the map

@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from stillroom.data.formats import adds_bos
+
 PROBE = "Cross-tokenizer check: héllo wörld,  2+2=4\n\tdone. ☃ 日本"
 """Text every tokenizer of a cross run must spell back exactly (ASCII, accents, digits, runs of
 spaces, newlines, tabs, symbols outside the BMP-common range, CJK)."""
@@ -100,9 +102,14 @@ class TokenBytes:
     eos_id: int | None
     pad_id: int | None
     adds_bos: bool
-    """The tokenizer prepends its BOS to plain text (as :class:`stillroom.data.formats.TextEncoder` detects)."""
+    """The tokenizer prepends its BOS to plain text (:func:`stillroom.data.formats.adds_bos`)."""
     prefix_space: bool
     """The tokenizer spells a leading space that is not in the text (SentencePiece's ``▁Hello``)."""
+
+    @property
+    def fill_id(self) -> int:
+        """The id that pads a batch of this tokenizer's sequences: its pad token, else its EOS, else 0."""
+        return self.pad_id if self.pad_id is not None else (self.eos_id or 0)
 
     @property
     def size(self) -> int:
@@ -126,11 +133,8 @@ def token_bytes(tok) -> TokenBytes:
             spelled.append(None)
         else:
             spelled.append(_spell(piece, scheme))
-    bos = tok.bos_token_id
-    with_sp = tok("a")["input_ids"]
-    without = tok("a", add_special_tokens=False)["input_ids"]
-    adds_bos = bos is not None and with_sp[:1] == [bos] and without[:1] != [bos]
-    table = TokenBytes(spelled, special, bos, tok.eos_token_id, tok.pad_token_id, adds_bos, prefix_space=False)
+    table = TokenBytes(spelled, special, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, adds_bos(tok),
+                       prefix_space=False)
     table.prefix_space = check_spelling(tok, table)
     return table
 

@@ -43,8 +43,7 @@ def _measured(lm: "LmRun", model: torch.nn.Module, examples: list[Example]) -> t
     if lm.cross is not None and model is lm.teacher_model:
         from stillroom.domains.lm.cross import teacher_examples
 
-        pad = lm.cross.t.pad_id if lm.cross.t.pad_id is not None else (lm.cross.t.eos_id or 0)
-        return heldout_batches(lm, teacher_examples(lm.cross, examples), pad), lm.cross.teacher_vocab
+        return heldout_batches(lm, teacher_examples(lm.cross, examples), lm.cross.t.fill_id), lm.cross.teacher_vocab
     return heldout_batches(lm, examples), lm.vocab_size
 
 
