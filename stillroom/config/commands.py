@@ -232,6 +232,11 @@ class ServeTeacherConfig(Strict):
         True, description="One line per request on stderr: method, path, model, prompt tokens, top-k, max tokens, "
         "status, milliseconds (never the API key or the prompt text)."
     )
+    allow_reload: bool = Field(
+        False, description="Answer POST /v1/load_weights {path}: load a Hugging Face folder (safetensors, same "
+        "architecture and vocabulary) as the served model, so an on-policy run (onpolicy.rollout=server) can sync "
+        "its student; off: that request gets 403."
+    )
 
 
 class DraftDataConfig(Strict):

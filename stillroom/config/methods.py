@@ -25,6 +25,7 @@ from stillroom.config.specvlm import SpecVlmConfig
 from stillroom.config.copg import CopgConfig
 from stillroom.config.masked_diffusion import DParallelConfig
 from stillroom.config.mend import MendConfig
+from stillroom.config.rollout import RolloutServerConfig
 from stillroom.config.dmd import DmdConfig
 from stillroom.config.twinflow import TwinFlowConfig
 from stillroom.config.mae import DmaeConfig, SelfDistillFptConfig
@@ -99,6 +100,13 @@ class OnPolicyConfig(MethodSection):
         16, ge=1, description="Plain-text examples have no prompt: their first this-many tokens are used as one."
     )
     stop_at_eos: bool = Field(True, description="End a continuation at the tokenizer's/model's EOS (kept as a target).")
+    rollout: Literal["local", "server"] = Field(
+        "local", description="Where student continuations are sampled: local (in this process) or server (an "
+        "OpenAI-compatible server set in onpolicy.server, kept in sync with the student's weights)."
+    )
+    server: RolloutServerConfig = Field(
+        default_factory=RolloutServerConfig, description="The rollout server (onpolicy.rollout=server)."
+    )
 
     @model_validator(mode="after")
     def _some_weight(self) -> "OnPolicyConfig":
@@ -114,6 +122,8 @@ class OnPolicyConfig(MethodSection):
             raise ValueError("method=onpolicy generates new sequences every step, which a precomputed teacher store "
                              "cannot score; use teacher.source=online (or remote), or set onpolicy.student_weight=0 "
                              "and onpolicy.teacher_weight=0")
+        if self.rollout == "server":
+            self.server.check_run(run)
 
 
 class StepByStepConfig(MethodSection):

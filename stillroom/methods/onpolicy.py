@@ -30,6 +30,10 @@ regenerates exactly the sequences the uninterrupted run generated from step ``s`
 Generation runs with the KV cache, all prompts of a micro-batch in one left-padded
 batch (:func:`stillroom.generate.sample_continuations`), with the model in eval mode.
 
+With ``onpolicy.rollout: server`` the student's continuations come from an OpenAI-compatible server instead
+(:class:`stillroom.methods.rollout_server.ServerRollout`: per-row seeds derived the same way, the student's
+weights synced to the server by folder reload); teacher-generated micro-batches stay in process.
+
 Bookkeeping: the loop times this as ``generate_s`` in ``metrics.jsonl``; each
 micro-batch's source, token counts and seconds go to ``<run>/onpolicy.jsonl``; a
 summary line is logged about every 30 s.
@@ -41,7 +45,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,6 +54,9 @@ from stillroom.data.batch import Batch, Example, batch_prompts, collate
 from stillroom.data.seeds import derive_seed
 from stillroom.generate.sampling import eos_token_ids, sample_continuations
 from stillroom.methods.base import Method, MethodContext, MethodPlan
+
+if TYPE_CHECKING:
+    from stillroom.methods.rollout_server import ServerRollout
 
 SOURCES = ("fixed", "student", "teacher")
 LOG_EVERY_S = 30.0
@@ -118,6 +125,7 @@ class OnPolicySource:
         rank: int = 0,
         log_path: Path | None = None,
         log: Callable[[str], None] | None = None,
+        server: ServerRollout | None = None,
     ) -> None:
         if cfg.teacher_weight > 0 and teacher_model is None:
             raise ValueError("onpolicy.teacher_weight > 0 needs the teacher model loaded in this process")
@@ -131,6 +139,8 @@ class OnPolicySource:
         self.rank = int(rank)
         self.eos = eos_token_ids(tokenizer, student, teacher_model) if cfg.stop_at_eos else None
         self.log_path = log_path
+        self.server = server
+        """Samples the student's continuations when set (onpolicy.rollout=server)."""
         self.log = log
         self._log_started = False
         self._last_log = time.perf_counter()
@@ -148,12 +158,16 @@ class OnPolicySource:
             i = budgets.index(min(budgets))
             raise ValueError(f"onpolicy: the prompt of {batch.uids[i]} fills data.seq_len={self.seq_len}; "
                              "nothing can be generated (raise data.seq_len or shorten the prompts)")
-        gen = torch.Generator().manual_seed(derive_seed("onpolicy-sample", self.seed, step, micro_index, self.rank))
-        conts = sample_continuations(
-            model, self.tokenizer, prompts, max_new_tokens=max(budgets),
-            sampling_temperature=self.cfg.sampling_temperature, top_p=self.cfg.top_p,
-            eos_token_id=self.eos, pad_token_id=self.pad_id, generator=gen,
-        )
+        if source == "student" and self.server is not None:
+            conts = self.server.sample(prompts, budgets, step=step, micro_index=micro_index, stop_ids=self.eos,
+                                       sampling_temperature=self.cfg.sampling_temperature, top_p=self.cfg.top_p)
+        else:
+            gen = torch.Generator().manual_seed(derive_seed("onpolicy-sample", self.seed, step, micro_index, self.rank))
+            conts = sample_continuations(
+                model, self.tokenizer, prompts, max_new_tokens=max(budgets),
+                sampling_temperature=self.cfg.sampling_temperature, top_p=self.cfg.top_p,
+                eos_token_id=self.eos, pad_token_id=self.pad_id, generator=gen,
+            )
         conts = [c[:n] for c, n in zip(conts, budgets)]
         n_bytes = [len(self.tokenizer.decode(c, skip_special_tokens=True).encode("utf-8")) for c in conts]
         uids = [f"{u}|{source}@{step}.{micro_index}" for u in batch.uids]
@@ -177,6 +191,8 @@ class OnPolicySource:
                 self.stats[f"generate_s/{source}"] += dt
                 rec.update(target_tokens=new.num_targets, generate_s=round(dt, 4),
                            prompt_tokens=int(new.attention_mask.sum()) - new.num_targets)
+                if source == "student" and self.server is not None:
+                    rec["weights"] = (self.server.weights or "")[:12]  # the student weights the server sampled with
             records.append(rec)
         self._write(records, step)
         self._maybe_log(step)
@@ -220,10 +236,22 @@ def build(ctx: MethodContext) -> MethodPlan:
             f"max_new_tokens={oc.max_new_tokens}")
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     main = ctx.topology.is_main
+    server = None
+    if oc.rollout == "server":
+        from stillroom.methods.rollout_server import ServerRollout  # httpx: the serve extra
+
+        if ctx.topology.world_size > 1:
+            raise ValueError("onpolicy.rollout=server runs in one process (every process would sync the server's "
+                             "weights); run without torchrun or use onpolicy.rollout=local")
+        where = oc.server.weights_dir
+        weights_dir = Path(where).expanduser() if where else ctx.run_dir / "rollout_weights"
+        server = ServerRollout(oc.server, student=ctx.model, tokenizer=ctx.tokenizer, weights_dir=weights_dir,
+                               lora=cfg.student.trainable == "lora", seed=cfg.seed, log=ctx.log)
+        server.check()
     source = OnPolicySource(
         oc, seed=cfg.seed, student=ctx.model, teacher_model=ctx.teacher_model, tokenizer=ctx.tokenizer,
         pad_id=ctx.tokenizer.pad_token_id, seq_len=cfg.data.seq_len, rank=ctx.topology.rank,
-        log_path=ctx.run_dir / "onpolicy.jsonl" if main else None, log=ctx.log if main else None,
+        log_path=ctx.run_dir / "onpolicy.jsonl" if main else None, log=ctx.log if main else None, server=server,
     )
     return MethodPlan(replace_batches=source)
 

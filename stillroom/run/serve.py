@@ -46,7 +46,7 @@ def make_service(cfg: ServeTeacherConfig, *, log: Log = say):
     loaded = load_model(model_source(cfg.model), dtype=weights_dtype(cfg.dtype, cfg.device), cache_dir=cfg.cache_dir)
     model = loaded.model.to(cfg.device)
     service = TeacherService(model, loaded.tokenizer, model_name=served_name(cfg), max_top_k=cfg.max_top_k,
-                             identity=loaded.identity, log_requests=cfg.log_requests)
+                             identity=loaded.identity, log_requests=cfg.log_requests, allow_reload=cfg.allow_reload)
     log(f"  loaded in {time.perf_counter() - t0:.1f} s")
     return service, api_key
 
@@ -58,5 +58,6 @@ def serve_teacher(cfg: ServeTeacherConfig, *, log: Log = say) -> None:
     service, api_key = make_service(cfg, log=log)
     log(f"serving {service.model_name} ({service.identity}) at http://{cfg.host}:{cfg.port}/v1 "
         f"(prompt log-probs up to top-{service.max_top_k}{', API key required' if api_key else ''}; "
-        f"{'one line per request on stderr' if cfg.log_requests else 'requests not logged'})")
+        f"{'one line per request on stderr' if cfg.log_requests else 'requests not logged'}"
+        f"{'; POST /v1/load_weights allowed' if cfg.allow_reload else ''})")
     server.serve(service, cfg.host, cfg.port, api_key=api_key)

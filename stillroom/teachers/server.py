@@ -14,7 +14,10 @@ Endpoints (FastAPI; loopback by default):
   distribution that predicted this token) plus the actual token (so k or k + 1
   entries). Log-probs are raw (temperature 1), clamped below at -9999 like vLLM
   (JSON has no -inf); ``rank`` is 1-based (1 + number of strictly larger log-probs).
-  ``max_tokens`` may be 0 (log-probs only).
+  ``max_tokens`` may be 0 (log-probs only). vLLM's extras ``stop_token_ids``, ``ignore_eos`` and
+  ``return_token_ids`` (each choice then carries ``token_ids``, ending with the stop token) are honoured.
+* ``POST /v1/load_weights``: serve the weights of a folder (:mod:`stillroom.teachers.reload`; 403 unless
+  started with ``--allow-reload``); ``/v1/models`` ``weights`` and ``system_fingerprint`` name them.
 * ``POST /v1/chat/completions``: the tokenizer's chat template, then sampling
   (``temperature`` 0 = greedy; ``seed`` makes it reproducible).
 
@@ -51,6 +54,7 @@ from starlette.exceptions import HTTPException
 from stillroom.generate.sampling import sample_continuations
 from stillroom.data.prompts import prompt_ids
 from stillroom.generate.sampling import eos_token_ids
+from stillroom.teachers.reload import add_reload_route
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,9 @@ class _Request(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stop_token_ids: list[int] | None = None  # vLLM's extras: more end tokens, none at all, ids in the answer
+    ignore_eos: bool = False
+    return_token_ids: bool = False
 
 
 class CompletionRequest(_Request):
@@ -106,6 +113,10 @@ class TeacherService:
     identity: str | None = None
     log_requests: bool = False
     """Write one line per HTTP request to stderr (see the module docstring)."""
+    allow_reload: bool = False
+    """Answer ``POST /v1/load_weights`` (:mod:`stillroom.teachers.reload`); otherwise it answers 403."""
+    weights: str | None = None
+    """Digest of the weights loaded through ``/v1/load_weights`` (None: the ones the server started with)."""
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -153,26 +164,27 @@ class TeacherService:
             out.append(entry)
         return out
 
-    def generate(self, ids: list[int], req: _Request, max_tokens: int) -> list[tuple[str, str, int]]:
-        """``n`` continuations of one prompt: ``[(text, finish_reason, n_tokens)]``."""
+    def generate(self, ids: list[int], req: _Request, max_tokens: int) -> list[tuple[str, str, list[int]]]:
+        """``n`` continuations of one prompt: ``[(text, finish_reason, token ids)]`` (ids end with the stop token)."""
         if max_tokens == 0:
-            return [("", "length", 0)] * req.n
+            return [("", "length", [])] * req.n
+        ends = set() if req.ignore_eos else {*self.eos, *(req.stop_token_ids or [])}
         gen = torch.Generator(device="cpu")
         gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:6], "big"))
         new = sample_continuations(
             self.model, self.tokenizer, [ids] * req.n, max_new_tokens=max_tokens,
             sampling_temperature=req.temperature if req.temperature > 0 else 1.0, top_p=req.top_p,
-            greedy=req.temperature == 0, eos_token_id=self.eos or None, generator=gen,
+            greedy=req.temperature == 0, eos_token_id=sorted(ends) or None, generator=gen,
         )
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         out = []
         for toks in new:
-            reason = "stop" if toks and toks[-1] in self.eos else "length"
+            reason = "stop" if toks and toks[-1] in ends else "length"
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
             for s in stops:
                 if s and s in text:
                     text, reason = text[: text.index(s)], "stop"
-            out.append((text, reason, len(toks)))
+            out.append((text, reason, toks))
         return out
 
 
@@ -247,6 +259,7 @@ def create_app(service: TeacherService, *, api_key: str | None = None) -> FastAP
             "id": service.model_name, "object": "model", "created": 0, "owned_by": "stillroom",
             "vocab_size": service.vocab_size, "tokenizer_hash": tokenizer_hash(service.tokenizer),
             "identity": service.identity, "max_top_k": service.max_top_k,
+            "weights": service.weights, "reload": service.allow_reload,
         }]}
 
     @app.post("/v1/completions")
@@ -270,13 +283,15 @@ def create_app(service: TeacherService, *, api_key: str | None = None) -> FastAP
             for p_idx, ids in enumerate(prompts):
                 n_prompt += len(ids)
                 plp = service.prompt_logprobs(ids, k) if k is not None else None
-                for s_idx, (text, reason, n_tok) in enumerate(service.generate(ids, req, max_tokens)):
-                    n_gen += n_tok
+                for s_idx, (text, reason, toks) in enumerate(service.generate(ids, req, max_tokens)):
+                    n_gen += len(toks)
                     choices.append({"index": p_idx * req.n + s_idx, "text": text, "logprobs": None,
                                      "finish_reason": reason, "prompt_logprobs": plp,
-                                     "prompt_token_ids": ids if k is not None else None})
+                                     "prompt_token_ids": ids if k is not None or req.return_token_ids else None,
+                                     **({"token_ids": toks} if req.return_token_ids else {})})
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": service.model_name, "choices": choices, "usage": usage(n_prompt, n_gen)}
+                "model": service.model_name, "choices": choices, "usage": usage(n_prompt, n_gen),
+                "system_fingerprint": service.weights}
 
     @app.post("/v1/chat/completions")
     def chat(req: ChatRequest, request: Request) -> dict:
@@ -298,8 +313,9 @@ def create_app(service: TeacherService, *, api_key: str | None = None) -> FastAP
                    for i, (text, reason, _) in enumerate(outs)]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": service.model_name, "choices": choices,
-                "usage": usage(len(ids), sum(n for _, _, n in outs))}
+                "usage": usage(len(ids), sum(len(t) for _, _, t in outs))}
 
+    add_reload_route(app, service)
     return app
 
 
