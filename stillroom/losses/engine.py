@@ -12,7 +12,10 @@ for gradcheck), and return ``(weighted sum, per-term sums)``.
 * fused: the same Function, but the input is the last hidden state
   ``[B, T, D]`` and the output head; the chunk's logits are computed, used and
   dropped, so ``[B, T, V]`` never exists. Gradients for the hidden state
-  ``[B, T, D]`` and the head weight ``[V, D]`` are accumulated chunk by chunk.
+  ``[B, T, D]`` and the head weight ``[V, D]`` are accumulated chunk by chunk
+  from each chunk's logit gradient (two matmuls in the head's matmul dtype, the
+  one bf16 autocast would use in the plain path), so backward never recomputes
+  the head.
 
 The backward pass of both Functions only scales the stored gradients by the
 incoming scalar gradient: valid because the result is a sum (linear in each
@@ -230,43 +233,78 @@ def plain_loss(plan: Plan, logits_flat: torch.Tensor) -> tuple[torch.Tensor, lis
     return plan.evaluate(plan.context(logits_flat if every else logits_flat[rows], rows), stats)
 
 
+class _Head:
+    """The output head of the fused path, cast once to the dtype its matmuls run in.
+
+    ``matmul_dtype`` is what autocast would use for the head in the plain path (bf16 when the
+    student's forward ran under bf16 autocast, whose last hidden state is still fp32): the chunk's
+    logits ``[n, V]`` and both gradient matmuls run in it, so the fused path costs what the
+    plain path's head costs; ``None`` keeps the weight's own dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, matmul_dtype: torch.dtype | None):
+        self.dtype = matmul_dtype or weight.dtype
+        self.weight = weight.detach().to(self.dtype)  # [V, D]; a view when no cast is needed
+        self.bias = None if bias is None else bias.detach().to(self.dtype)
+
+    def logits(self, x_nd: torch.Tensor) -> torch.Tensor:
+        """``[n, D] -> [n, V]`` in the matmul dtype (no graph)."""
+        return F.linear(x_nd.to(self.dtype), self.weight, self.bias)
+
+    def backward(self, grad_nv: torch.Tensor, x_nd: torch.Tensor, need: list[bool]):
+        """Gradients of one chunk from the gradient of its logits ``[n, V]``:
+        ``(d x [n, D] or None, d weight [V, D] or None, d bias [V] or None)``."""
+        g = grad_nv.to(self.dtype)
+        gx = g @ self.weight if need[0] else None
+        gw = g.t() @ x_nd.to(self.dtype) if need[1] else None
+        gb = grad_nv.sum(0) if need[2] else None
+        return gx, gw, gb
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Inputs: ``x`` = logits ``[BT, V]`` (weight None) or hidden ``[BT, D]`` with head ``weight``
-    ``[V, D]`` and optional ``bias`` ``[V]``. Outputs: scalar total, ``[n_terms]`` parts (no grad)."""
+    ``[V, D]``, optional ``bias`` ``[V]`` and the head's ``matmul_dtype``. Outputs: scalar total,
+    ``[n_terms]`` parts (no grad).
+
+    Per chunk, autograd runs only from the chunk's logits ``z [n, V]`` (a leaf) through the loss
+    kernels; on the fused path the head's gradients are then two matmuls (:meth:`_Head.backward`),
+    done here in the forward, so the backward never recomputes the head.
+    """
 
     @staticmethod
-    def forward(ctx, plan: Plan, need_grad: bool, x, weight, bias):
+    def forward(ctx, plan: Plan, need_grad: bool, x, weight, bias, matmul_dtype):
         fused = weight is not None
         need = [need_grad and t is not None and t.requires_grad for t in (x, weight, bias)]
-        leaf_w = weight.detach().requires_grad_(need[1]) if fused else None
-        leaf_b = bias.detach().requires_grad_(need[2]) if bias is not None else None
+        head = _Head(weight, bias, matmul_dtype) if fused else None
         grad_x = torch.zeros_like(x) if need[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
+        every = plan.rows.numel() == x.shape[0]
 
-        def logits_of(rows, leaf_x=None):
-            xr = x[rows] if leaf_x is None else leaf_x
-            # A bf16 hidden state (autocast forward) meets the fp32 head outside autocast: cast the
-            # chunk, as autocast would cast the weight when it is on.
-            return F.linear(xr.to(leaf_w.dtype), leaf_w, leaf_b) if fused else xr
+        def rows_of(rows):  # all rows in one chunk: no gather copy
+            return x if every and rows.numel() == x.shape[0] else x[rows]
+
+        def logits_of(rows):
+            return head.logits(rows_of(rows)) if fused else rows_of(rows)
 
         stats = _batch_stats(plan, lambda rows: logits_of(rows).detach())
         # fp64 running sums on the input's device (chunk results live there).
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         parts = torch.zeros(len(plan.terms), dtype=torch.float64, device=x.device)
         for rows in plan.chunks():
+            x_rows = rows_of(rows).detach()
             with torch.enable_grad():
-                leaf_x = x[rows].detach().requires_grad_(need[0])
-                chunk_total, chunk_parts = plan.evaluate(plan.context(logits_of(rows, leaf_x), rows), stats)
-            wrt = [t for t, n in zip((leaf_x, leaf_w, leaf_b), need) if n]
-            if wrt and chunk_total.requires_grad:
-                grads = iter(torch.autograd.grad(chunk_total, wrt))
+                z = (head.logits(x_rows) if fused else x_rows).requires_grad_(any(need))
+                chunk_total, chunk_parts = plan.evaluate(plan.context(z, rows), stats)
+            if any(need) and chunk_total.requires_grad:
+                (grad_z,) = torch.autograd.grad(chunk_total, z)
+                gx, gw, gb = head.backward(grad_z, x_rows, need) if fused else (grad_z, None, None)
                 if need[0]:
-                    grad_x.index_copy_(0, rows, next(grads).to(grad_x.dtype))
+                    grad_x.index_copy_(0, rows, gx.to(grad_x.dtype))
                 if need[1]:
-                    grad_w += next(grads)
+                    grad_w += gw
                 if need[2]:
-                    grad_b += next(grads)
+                    grad_b += gb
             total += chunk_total.detach().double()
             parts += torch.stack([p.detach().double() for p in chunk_parts])
         ctx.save_for_backward(*(g if g is not None else x.new_empty(0) for g in (grad_x, grad_w, grad_b)))
@@ -283,14 +321,15 @@ class _ChunkedLoss(torch.autograd.Function):
         out = []
         for g, has, dt in zip(saved, ctx.has, ctx.dtypes):
             out.append((g * grad_total.to(g.dtype)).to(dt) if has else None)
-        return (None, None, *out)
+        return (None, None, *out, None)
 
 
 def chunked_loss(plan: Plan, x: torch.Tensor, weight: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                 bias: torch.Tensor | None = None,
+                 matmul_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Chunked (``weight is None``: ``x`` = logits ``[BT, V]``) or fused (``x`` = hidden ``[BT, D]``)."""
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    total, parts = _ChunkedLoss.apply(plan, need_grad, x, weight, bias)
+    total, parts = _ChunkedLoss.apply(plan, need_grad, x, weight, bias, matmul_dtype)
     return total, list(parts.unbind(0))
 
 
@@ -320,13 +359,17 @@ def run_fused_logit_terms(terms: list[LogitTerm], hidden_btd: torch.Tensor, head
                           loss_temperature: float | None = None, chunk_tokens: int = 1024,
                           weight_bt: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], int]:
     """Like :func:`run_logit_terms` but from the last hidden state ``[B, T, D]`` and the output head:
-    logits are computed ``chunk_tokens`` rows at a time and never materialised as ``[B, T, V]``."""
+    logits are computed ``chunk_tokens`` rows at a time and never materialised as ``[B, T, V]``.
+
+    ``head``: anything with ``weight [V, D]`` and ``bias``; its optional ``matmul_dtype`` (set by the
+    student's forward under bf16 autocast, :class:`stillroom.losses.OutputHead`) is the dtype of the
+    head's matmuls, as autocast would choose in the plain path."""
     plan = _plan(terms, hidden_btd, head.weight.shape[0], teacher, mask, target_ids, loss_temperature, chunk_tokens,
                  weight_bt)
     flat = hidden_btd.reshape(-1, hidden_btd.shape[-1])
     if plan.rows.numel() == 0:
         return _empty(plan, flat.sum() * 0.0 + head.weight.sum() * 0.0)
-    total, parts = chunked_loss(plan, flat, head.weight, head.bias)
+    total, parts = chunked_loss(plan, flat, head.weight, head.bias, getattr(head, "matmul_dtype", None))
     return total, parts, int(plan.rows.numel())
 
 

@@ -37,6 +37,9 @@ class OutputHead:
     """``[V, D]``."""
     bias: torch.Tensor | None = None
     """``[V]`` or ``None``."""
+    matmul_dtype: torch.dtype | None = None
+    """The dtype of the head's matmuls in the fused loss: the autocast dtype when the student's forward ran
+    under autocast (the plain path's head would run in it too), else ``None`` (the weight's dtype)."""
 
 
 @dataclass

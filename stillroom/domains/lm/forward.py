@@ -36,7 +36,8 @@ class StudentForward(torch.nn.Module):
         if self.fused:
             out = self.body(**kwargs)
             bias = None if self.head.bias is None else self.head.bias[: self.vocab]
-            result = {"hidden": out.last_hidden_state, "head": OutputHead(self.head.weight[: self.vocab], bias)}
+            hidden = out.last_hidden_state
+            result = {"hidden": hidden, "head": OutputHead(self.head.weight[: self.vocab], bias, autocast_dtype(hidden))}
         else:
             out = self.model(**kwargs)
             result = {"logits": out.logits[..., : self.vocab]}
@@ -46,6 +47,12 @@ class StudentForward(torch.nn.Module):
             for i, a in enumerate(out.attentions):
                 result[f"att_{i}"] = a
         return result
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on ``x``'s device here, or ``None`` when autocast is off."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def body_of(model: torch.nn.Module) -> torch.nn.Module:

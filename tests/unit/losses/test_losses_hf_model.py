@@ -34,3 +34,43 @@ def test_fused_mix_on_tiny_llama_matches_plain_logits():
     torch.testing.assert_close(fused.total, plain.total, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(student.lm_head.weight.grad, g_plain, rtol=1e-4, atol=1e-6)
     assert fused.parts.keys() == plain.parts.keys() == {"forward_kl", "ce"}
+
+
+def test_fused_under_bf16_autocast_matches_the_plain_path_and_runs_the_head_in_bf16():
+    """The plain path's head runs in bf16 under autocast; the fused path must do the same (same values, same
+    gradients) rather than an fp32 head matmul, which costs several times more on bf16 hardware."""
+    from stillroom.data.batch import Batch
+    from stillroom.domains.lm.forward import StudentForward
+
+    student = tiny_llama(97, seed=0, layers=2, max_positions=64, bos=1, eos=2, pad=None)
+    teacher_logits = torch.randn(2, 12, 97)
+    ids = torch.randint(0, 97, (2, 12))
+    targets = torch.roll(ids, -1, 1)
+    targets[:, -1] = -100
+    batch = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), target_ids=targets, uids=["a", "b"],
+                  n_bytes=torch.zeros(2, dtype=torch.long))
+    mix = L.LossMix(LossConfig(terms=[LossTerm(name="forward_kl"), LossTerm(name="ce")], chunk_tokens=7))
+    results, grads = {}, {}
+    for fused in (False, True):
+        forward = StudentForward(student, fused=fused, hidden_layers=[], vocab=97)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(batch)
+        if fused:
+            assert out["hidden"].dtype == torch.float32 and out["head"].matmul_dtype == torch.bfloat16
+        else:
+            assert out["logits"].dtype == torch.bfloat16
+        res = mix(L.StudentOutput(logits_btv=out.get("logits"), hidden_btd=out.get("hidden"), head=out.get("head")),
+                  teacher_logits, targets, batch.loss_mask)
+        res.total.backward()
+        results[fused] = res.total.detach()
+        grads[fused] = {n: p.grad.clone() for n, p in student.named_parameters()}
+        student.zero_grad()
+    torch.testing.assert_close(results[True], results[False], rtol=1e-5, atol=1e-4)
+    for name, g in grads[False].items():
+        # The head's (tied) weight gradient: the plain path rounds the whole [V, D] product to bf16 once, the
+        # fused path adds per-chunk bf16 products in fp32; they agree to bf16 rounding. Everything below the
+        # head sees the same bf16 hidden-state gradient.
+        tol = 2.0 ** -7 * float(g.abs().max()) if name == "model.embed_tokens.weight" else 1e-6
+        torch.testing.assert_close(grads[True][name], g, rtol=0, atol=tol, msg=name)
+    # Without autocast the head keeps the weight's dtype.
+    assert StudentForward(student, fused=True, hidden_layers=[], vocab=97)(batch)["head"].matmul_dtype is None
