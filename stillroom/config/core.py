@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from stillroom.config.base import Strict  # noqa: F401 (re-exported: every section's base)
 from stillroom.config.cross import CrossConfig, NewTokenizer
+from stillroom.config.harness import LmEvalConfig
 
 from stillroom.config.sparsity import FixedSparsity
 from stillroom.config.quantize import QuantizeConfig
@@ -269,7 +270,17 @@ class DataConfig(Strict):
     sources: list[DataSource] = Field(default_factory=lambda: [DataSource(bundled="pydoc")])
     seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
     pack: bool = Field(
-        True, description="Text: concatenate documents and cut into seq_len blocks. Chat/prompt records are never packed."
+        True, description="Text: concatenate documents and cut into seq_len blocks. Chat/prompt records are packed "
+        "only with attention: within_documents."
+    )
+    attention: Literal["across_documents", "within_documents"] = Field(
+        "across_documents",
+        description="What a packed document attends to (with pack: true). across_documents: the documents before "
+        "it in its block too, positions running on, the first token of a document learned from the last of the one "
+        "before (plain EOS-separated packing; chat/prompt records are not packed). within_documents: only itself "
+        "(block-diagonal causal mask, positions restart at 0, no target across a boundary), and whole chat/prompt "
+        "records are packed too (best-fit decreasing, never split), which cuts their padding. Recommended for new "
+        "runs; not for image records, cross-tokenizer, remote or ensemble teachers (refused before step 0).",
     )
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Deterministic held-out split (hash of the record).")
     heldout_max: int = Field(40, ge=1, description="At most this many held-out sequences.")
@@ -340,6 +351,11 @@ class TrainConfig(Strict):
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="Extra metric sinks besides metrics.jsonl (must be installed)."
     )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward pass instead of keeping "
+        "them (Hugging Face gradient checkpointing, non-reentrant): less memory, about one more forward of "
+        "compute per step, the same gradients. Refused for models without gradient-checkpointing support.",
+    )
 
 
 class EvalConfig(Strict):
@@ -356,6 +372,10 @@ class EvalConfig(Strict):
         None, description="A knowledge-injection suite (`stillroom knowledge-data` folder, or a JSONL of {kind, form, "
         "prompt, answer}): every evaluated model answers it greedily; accuracy per kind and form in knowledge.md, "
         "and knowledge_<form> in the report's rows (docs/methods/finetunebench.md)."
+    )
+    lm_eval: LmEvalConfig | None = Field(
+        None, description="lm-evaluation-harness tasks scored on every evaluated model (needs the extra: pip install "
+        "'stillroom[harness]'); each task's metrics as lm_eval_<task>_<metric> in the report (docs/evaluation.md)."
     )
 
 

@@ -36,7 +36,10 @@ class Example:
     target tokens cover (for bits per byte); ``role``: which sequence of its record's
     group this is, for methods that train on several sequences per record (e.g.
     ``predict`` / ``explain``, ``chosen`` / ``rejected``), else ``None``; ``image``: the image of a
-    vision-language record (its file, read into ``Batch.pixel_values`` when collated), else ``None``.
+    vision-language record (its file, read into ``Batch.pixel_values`` when collated), else ``None``;
+    ``doc_lens``: for a block packed with ``data.attention: within_documents``, the lengths of its documents
+    in order (they sum to ``len(input_ids)``; each attends only to itself and restarts its positions at 0, and
+    a later document's first token is never a target, as position 0 of an unpacked sequence), else ``None``.
     """
 
     input_ids: list[int]
@@ -47,10 +50,27 @@ class Example:
     meta: dict = field(default_factory=dict)
     role: str | None = None
     image: ImageRef | None = None
+    doc_lens: list[int] | None = None
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.target):
             raise ValueError(f"example {self.uid}: {len(self.input_ids)} ids but {len(self.target)} target flags")
+        if self.doc_lens is not None:
+            if min(self.doc_lens, default=0) < 1 or sum(self.doc_lens) != len(self.input_ids):
+                raise ValueError(f"example {self.uid}: doc_lens {self.doc_lens} must be positive and sum to its "
+                                 f"{len(self.input_ids)} tokens")
+            if any(self.target[s] for s in doc_starts(self.doc_lens)[1:]):  # flag 0 is never learned
+                raise ValueError(f"example {self.uid}: a packed document's first token is a target; it would be "
+                                 "learned from the document before it (clear its target flag)")
+
+
+def doc_starts(doc_lens: list[int]) -> list[int]:
+    """The token offsets where the documents of lengths ``doc_lens`` begin (``[0, l0, l0 + l1, ...]``)."""
+    starts, at = [], 0
+    for n in doc_lens:
+        starts.append(at)
+        at += n
+    return starts
 
 
 @dataclass
@@ -76,10 +96,28 @@ class Batch:
     pixel_values: torch.Tensor | None = None
     """Optional ``[B, 3, H, W]`` float: each row's image, normalised for the model's vision tower (a
     vision-language model's prompt holds its image tokens); ``None`` for text-only batches."""
+    position_ids: torch.Tensor | None = None
+    """Optional ``[B, T]`` long, set when a row holds packed documents (:attr:`Example.doc_lens`): each
+    document's positions restart at 0, and so do the padding tail's (a run of its own, so no query row of the
+    attention mask is empty). ``None``: positions ``0..T-1`` and one sequence per row, as without packing.
+    ``attention_mask`` stays the ``[B, T]`` padding mask for every other reader."""
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        """The keyword arguments of a forward pass on this batch: ids, mask and, when set, ``pixel_values``."""
+    def model_inputs(self, varlen: bool = False) -> dict[str, torch.Tensor]:
+        """The keyword arguments of a forward pass on this batch: ids, mask and, when set, ``pixel_values``.
+
+        A batch of packed documents (``position_ids`` set) gives its ``position_ids`` and, in place of the
+        padding mask, the additive block-diagonal causal mask ``[B, 1, T, T]`` of :func:`document_mask`
+        (Hugging Face models take a 4D mask as it is, for eager and sdpa attention alike; a boolean one is
+        misread by eager attention). ``varlen=True`` (flash-attention models) gives ``position_ids`` and no
+        mask: flash-attention finds the documents where the positions restart.
+        """
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids
+            if varlen:
+                del inputs["attention_mask"]
+            else:
+                inputs["attention_mask"] = document_mask(self.position_ids)
         if self.pixel_values is not None:
             inputs["pixel_values"] = self.pixel_values
         return inputs
@@ -104,11 +142,25 @@ class Batch:
             roles=self.roles,
             target_weight=None if self.target_weight is None else self.target_weight.to(device),
             pixel_values=None if self.pixel_values is None else self.pixel_values.to(device),
+            position_ids=None if self.position_ids is None else self.position_ids.to(device),
         )
 
 
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, T, T]`` float32 additive attention mask (0: attend, the float32 minimum: not) from ``[B, T]``
+    packed positions: query ``t`` sees key ``s <= t`` of its own document, a document being a run of positions
+    that starts at 0. Float32 (not bool) because eager attention adds the mask to its scores."""
+    doc_bt = (position_ids == 0).cumsum(dim=-1)
+    t = position_ids.shape[-1]
+    causal_tt = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    allowed_btt = (doc_bt[:, :, None] == doc_bt[:, None, :]) & causal_tt
+    mask = torch.zeros(allowed_btt.shape, dtype=torch.float32, device=position_ids.device)
+    return mask.masked_fill_(~allowed_btt, torch.finfo(torch.float32).min)[:, None]
+
+
 def collate(examples: list[Example], pad_id: int) -> Batch:
-    """Right-pad ``examples`` and build shifted targets (the only causal shift)."""
+    """Right-pad ``examples`` and build shifted targets (the only causal shift); with packed documents in any
+    row (:attr:`Example.doc_lens`), also ``position_ids`` (:attr:`Batch.position_ids`)."""
     if not examples:
         raise ValueError("collate: empty list of examples")
     width = max(len(e.input_ids) for e in examples)
@@ -124,9 +176,11 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         if n > 1:
             learn_next = torch.tensor(ex.target[1:], dtype=torch.bool)
             targets[i, : n - 1] = torch.where(learn_next, ids[1:], torch.full_like(ids[1:], IGNORE))
+    packed = any(e.doc_lens is not None for e in examples)
     return Batch(
         input_ids=input_ids,
         attention_mask=attention,
+        position_ids=packed_positions(examples, width) if packed else None,
         target_ids=targets,
         uids=[e.uid for e in examples],
         n_bytes=torch.tensor([e.n_bytes for e in examples], dtype=torch.long),
@@ -135,6 +189,18 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         pixel_values=stack_pixels([e.image for e in examples], [e.uid for e in examples])
         if any(e.image is not None for e in examples) else None,  # text-only batches never touch images
     )
+
+
+def packed_positions(examples: list[Example], width: int) -> torch.Tensor:
+    """``[B, width]`` positions restarting at 0 at every document (a row without ``doc_lens``: one document)
+    and at the padding tail."""
+    pos = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        at = 0
+        for n in (ex.doc_lens or [len(ex.input_ids)]) + [width - len(ex.input_ids)]:
+            pos[i, at : at + n] = torch.arange(n)
+            at += n
+    return pos
 
 
 def prompt_length(target: list[bool], n_tokens: int, text_prompt_tokens: int) -> int:

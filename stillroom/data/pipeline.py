@@ -20,9 +20,16 @@ encoder (:mod:`stillroom.data.encoders`). In order:
    source (train: in source order; held-out: in hash order) are concatenated
    (each already ends with EOS when ``add_eos``) and cut into ``seq_len``-token
    blocks; the last partial block is dropped and its tokens counted
-   (``packed_tail_tokens_dropped``). Packed documents attend to the ones before
-   them in the block (plain packing, EOS-separated). Everything else (text with
-   ``pack=False``, prompt/completion and chat records, which are never packed)
+   (``packed_tail_tokens_dropped``). With ``attention=across_documents`` packed
+   documents attend to the ones before them in the block (plain packing,
+   EOS-separated). With ``attention=within_documents`` each attends only to
+   itself (``Example.doc_lens``; :mod:`stillroom.data.packing`), its first token
+   is not a target (``boundary_targets_excluded``), and prompt/completion and chat
+   records are cut as below and then packed whole into blocks of at most
+   ``seq_len`` tokens (``packed_records``; padding to ``seq_len`` before and after
+   in ``padding_tokens_unpacked`` / ``padding_tokens_packed`` and the fractions
+   ``padding_fraction_unpacked`` / ``padding_fraction_packed``). Everything else
+   (text with ``pack=False``, prompt/completion and chat records when not packed)
    gives one sequence per record (a group of sequences for grouped encoders,
    laid out consecutively), truncated to the first ``seq_len`` tokens
    (counted in ``truncated_sequences`` / ``truncated_tokens``; an encoder with
@@ -55,7 +62,8 @@ Stats (``DataSplits.stats``): ``records_read`` (readable + bad records),
 ``records_skipped`` (records that gave no sequence: bad + ``dropped_empty`` +
 ``dropped_no_targets``), ``dropped_empty`` (records with no text),
 ``dropped_no_targets``, ``truncated_sequences``, ``truncated_tokens``,
-``packed_tail_tokens_dropped``, ``heldout_records``,
+``packed_tail_tokens_dropped``, ``boundary_targets_excluded``, ``packed_records``,
+``padding_tokens_unpacked``, ``padding_tokens_packed`` (step 4), ``heldout_records``,
 ``heldout_sequences_over_cap``, ``steer_records``, ``dropped_too_long``,
 ``train_sequences``, ``heldout_sequences``,
 ``train_tokens`` / ``heldout_tokens`` (all token ids), ``train_target_tokens`` /
@@ -159,6 +167,11 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int, encoder: RecordEncoder |
     stats["heldout_sequences"] = len(heldout)
     stats["train_tokens"], stats["train_target_tokens"] = token_counts(train)
     stats["heldout_tokens"], stats["heldout_target_tokens"] = token_counts(heldout)
+    if stats["packed_records"]:  # padding to seq_len of the packed records, one per row vs packed in blocks
+        tokens = stats["packed_records"] * cfg.seq_len - stats["padding_tokens_unpacked"]
+        for when in ("unpacked", "packed"):
+            pad = stats[f"padding_tokens_{when}"]
+            stats[f"padding_fraction_{when}"] = round(pad / (pad + tokens), 4)
     if not train:
         raise DataError(
             f"no training sequences: {stats['records_read']} records read, {stats['heldout_records']} held out, "

@@ -16,6 +16,7 @@ from stillroom.data.encoders import RecordEncoder, RecordViews
 from stillroom.data.errors import BadRecord, BadRecordPolicy, DataError
 from stillroom.data.formats import Encoded, Format, TextEncoder, infer_format
 from stillroom.data.images import ImageRef
+from stillroom.data.packing import fit_blocks
 from stillroom.data.readers import describe
 from stillroom.data.records import good_records, record_key
 
@@ -29,6 +30,10 @@ COUNTS = (
     "truncated_sequences",
     "truncated_tokens",
     "packed_tail_tokens_dropped",
+    "boundary_targets_excluded",
+    "packed_records",
+    "padding_tokens_unpacked",
+    "padding_tokens_packed",
     "heldout_records",
     "heldout_sequences_over_cap",
     "steer_records",
@@ -114,15 +119,19 @@ class SequenceBuilder:
         return total
 
     def example(self, ids: list[int], target: list[bool], uid: str, src: DataSource, meta: dict,
-                role: str | None = None, image: ImageRef | None = None) -> Example:
+                role: str | None = None, image: ImageRef | None = None, doc_lens: list[int] | None = None) -> Example:
         return Example(input_ids=ids, target=target, uid=uid, domain=src.domain, n_bytes=self.n_bytes(ids, target),
-                       meta=meta, role=role, image=image)
+                       meta=meta, role=role, image=image, doc_lens=doc_lens)
 
     def sequences(self, records: list[EncodedRecord], view: View, tag: str, src: DataSource, fmt: Format,
                   split: str, counts: dict) -> list[tuple[str, Example]]:
-        """``(record key, example)`` of ``view`` of ``records``: packed blocks for packable text, else per record."""
-        if fmt == "text" and self.cfg.pack and self.encoder.packs_text and len(self.encoder.roles) == 1:
+        """``(record key, example)`` of ``view`` of ``records``: packed blocks for packable text (and, with
+        ``data.attention: within_documents``, for whole packable records of other formats), else per record."""
+        packs = self.cfg.pack and self.encoder.packs_text and len(self.encoder.roles) == 1
+        if fmt == "text" and packs:
             return self.packed(records, view, tag, src, split, counts)
+        if packs and self.cfg.attention == "within_documents":
+            return self.packed_records(self.per_record(records, view, tag, src, fmt, counts), tag, fmt, split, counts)
         return self.per_record(records, view, tag, src, fmt, counts)
 
     def per_record(self, records: list[EncodedRecord], view: View, tag: str, src: DataSource, fmt: Format,
@@ -157,7 +166,12 @@ class SequenceBuilder:
 
     def packed(self, records: list[EncodedRecord], view: View, tag: str, src: DataSource, split: str,
                counts: dict) -> list[tuple[str, Example]]:
-        """``view`` of ``records`` concatenated in order and cut into ``seq_len`` blocks (the partial tail dropped)."""
+        """``view`` of ``records`` concatenated in order and cut into ``seq_len`` blocks (the partial tail dropped).
+
+        With ``data.attention: within_documents`` each block also records its documents' lengths (a document
+        cut at a block edge continues as a new document of the next block) and a document's first token is
+        not a target (counted in ``boundary_targets_excluded``): nothing is learned across a boundary."""
+        within = self.cfg.attention == "within_documents"
         seq_len = self.cfg.seq_len
         ids: list[int] = []
         target: list[bool] = []
@@ -177,9 +191,49 @@ class SequenceBuilder:
                 k += 1
             first = starts[k][1]
             block_ids, block_target = ids[lo : lo + seq_len], target[lo : lo + seq_len]
+            doc_lens = None
+            if within:
+                cuts, j = [0], k + 1
+                while j < len(starts) and starts[j][0] < lo + seq_len:
+                    cuts.append(starts[j][0] - lo)
+                    j += 1
+                cuts.append(seq_len)
+                doc_lens = [hi - at for at, hi in zip(cuts, cuts[1:])]
+                for at in cuts[1:-1]:
+                    counts["boundary_targets_excluded"] += block_target[at]
+                    block_target[at] = False
             uid = f"{tag}:pack-{split}{b}:{ids_hash(block_ids)}"
             meta = {"source": tag, "format": "text", "packed": True, "first_record": first.index}
-            out.append((first.key, self.example(block_ids, block_target, uid, src, meta)))
+            out.append((first.key, self.example(block_ids, block_target, uid, src, meta, doc_lens=doc_lens)))
+        return out
+
+    def packed_records(self, keyed: list[tuple[str, Example]], tag: str, fmt: Format, split: str,
+                       counts: dict) -> list[tuple[str, Example]]:
+        """Whole per-record sequences ``keyed`` (already cut to ``seq_len``) packed into blocks of at most
+        ``seq_len`` tokens by :func:`~stillroom.data.packing.fit_blocks`, each a document of its block with its
+        own target flags (a later document's first flag cleared, counted in ``boundary_targets_excluded``).
+        ``padding_tokens_unpacked`` / ``_packed`` count the padding to ``seq_len`` of the sequences before and
+        of the blocks after. Keyed by the block's first record (its place in the held-out order)."""
+        seq_len = self.cfg.seq_len
+        examples = [e for _, e in keyed]
+        counts["packed_records"] += len(examples)
+        counts["padding_tokens_unpacked"] += sum(seq_len - len(e.input_ids) for e in examples)
+        out = []
+        for b, members in enumerate(fit_blocks([len(e.input_ids) for e in examples], seq_len)):
+            ids: list[int] = []
+            target: list[bool] = []
+            for i in members:
+                e = examples[i]
+                counts["boundary_targets_excluded"] += bool(ids) and e.target[0]
+                target.extend([False] + e.target[1:])  # flag 0 is never learned (collate), nor across a boundary
+                ids.extend(e.input_ids)
+            counts["padding_tokens_packed"] += seq_len - len(ids)
+            records = [examples[i].meta["record"] for i in members]
+            meta = {"source": tag, "format": fmt, "packed": True, "records": records}
+            out.append((keyed[members[0]][0], Example(
+                input_ids=ids, target=target, uid=f"{tag}:pack-{split}{b}:{ids_hash(ids)}",
+                domain=examples[members[0]].domain, n_bytes=sum(examples[i].n_bytes for i in members), meta=meta,
+                doc_lens=[len(examples[i].input_ids) for i in members])))
         return out
 
 

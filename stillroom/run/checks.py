@@ -15,6 +15,8 @@ Beyond the config's own validators, :func:`check_run` looks at the files and set
   and attention terms a single teacher with those states (attention: the online teacher only);
 * the classifier domain's ``classifier.teacher.path`` exists;
 * ``eval.knowledge``, when set, is a readable knowledge-injection suite (scored after training too).
+* ``eval.lm_eval``, when set: not a vlm run, lm-evaluation-harness installed, ``include_path`` a folder, every
+  task known.
 
 Every problem found is reported at once in one :class:`~stillroom.config.load.ConfigError` (exit 2), each
 line naming its key.
@@ -62,6 +64,11 @@ def check_run(cfg: RunConfig, *, log: Callable[[str], None] | None = None, all_c
                 load_items(cfg.eval.knowledge)
             except (OSError, ValueError) as err:
                 problems.append(str(err) if str(err).startswith("eval.knowledge") else f"eval.knowledge: {err}")
+        if cfg.eval.lm_eval is not None:  # the extra installed, the task names known, before any model loads
+            from stillroom.eval.harness import check_lm_eval
+
+            problems += check_lm_eval(cfg.eval.lm_eval) if cfg.vlm is None else [
+                "eval.lm_eval: the harness scores text-only models; a vlm run's models read images: remove eval.lm_eval"]
     classifier = getattr(cfg, "classifier", None)
     for path, key, hint in _image_model_folders(cfg):
         if not Path(path).expanduser().is_dir():

@@ -67,7 +67,7 @@ def evaluate_run(cfg: RunConfig, *, overrides: list[str] = (), student_dir: str 
     for key, figures in _training_rows(cfg.run_dir, files[cfg.method], files["baseline"]).items():
         if key in results and not (key == "student_after" and student_dir):
             results[key].update(figures)
-    write_run_report(prep, results, files, log=log)
+    write_run_report(prep, results, files, cards=student_dir is None, log=log)  # another folder: not this run's
     return cfg.run_dir
 
 

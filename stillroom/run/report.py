@@ -13,9 +13,10 @@ BAD_RECORDS_SHOWN = 20
 """Bad records listed in report.md / report.json (``data.bad_records.first``); the count covers all of them."""
 
 
-def write_run_report(prep: PreparedRun, models: dict, metrics_files: dict[str, Path], *,
+def write_run_report(prep: PreparedRun, models: dict, metrics_files: dict[str, Path], *, cards: bool = True,
                      log: Callable[[str], None] = print) -> dict:
-    """``report.json`` / ``report.md`` / plots in the run folder from ``models`` (name -> metrics)."""
+    """``report.json`` / ``report.md`` / plots in the run folder from ``models`` (name -> metrics); ``cards``: an
+    lm run's saved students (``student/``, ``baseline/student/``) get a model card with the report's table."""
     generations = {k: v.pop("generations") for k, v in models.items() if "generations" in v}
     prompts = next((v.pop("prompts") for v in models.values() if "prompts" in v), None)
     for v in models.values():
@@ -33,6 +34,13 @@ def write_run_report(prep: PreparedRun, models: dict, metrics_files: dict[str, P
         log(f"data: {bad['count']} bad record(s) were skipped{first} (report.md, section \"Bad records\", "
             f"lists the first {len(bad['first'])})")
     log(f"report: {cfg.run_dir / 'report.md'}")
+    if cards and cfg.domain == "lm":
+        from stillroom.eval.model_card import write_model_cards
+
+        folders = {"student_after": cfg.run_dir / "student", "baseline": cfg.run_dir / "baseline" / "student"}
+        report_md = (cfg.run_dir / "report.md").read_text(encoding="utf-8")
+        for card in write_model_cards(cfg, report_md, {k: f for k, f in folders.items() if k in models}):
+            log(f"model card: {card}")
     return report
 
 

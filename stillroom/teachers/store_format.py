@@ -130,16 +130,21 @@ def storage_dtypes(logprob_dtype: str) -> tuple[str, str]:
 
 
 def data_fingerprint(examples: Iterable[Example]) -> str:
-    """sha256 (hex) over the ordered examples' uids and token ids.
+    """sha256 (hex) over the ordered examples' uids, token ids and packed document lengths.
 
     Two runs share it exactly when they train on the same token sequences in the
-    same order with the same identities (what a store's rows are keyed by).
+    same order with the same identities (what a store's rows are keyed by) and the
+    same attention: blocks packed with ``data.attention: within_documents`` hash
+    their ``doc_lens`` too, so a store of the same blocks scored with attention
+    across documents is refused (examples without ``doc_lens`` hash as before).
     """
     h = hashlib.sha256()
     for ex in examples:
         h.update(ex.uid.encode("utf-8"))
         h.update(b"\x00")
         h.update(",".join(map(str, ex.input_ids)).encode("ascii"))
+        if ex.doc_lens is not None:
+            h.update(("|docs:" + ",".join(map(str, ex.doc_lens))).encode("ascii"))
         h.update(b"\n")
     return h.hexdigest()
 

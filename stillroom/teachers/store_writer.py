@@ -279,8 +279,7 @@ def model_compute(model: torch.nn.Module, *, k: int, loss_temperature: float, vo
         for lo in range(0, len(examples), batch_size):
             chunk = examples[lo : lo + batch_size]
             batch = collate(chunk, pad_id)
-            out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                        output_hidden_states=bool(layers), use_cache=False)
+            out = model(**batch.to(device).model_inputs(), output_hidden_states=bool(layers), use_cache=False)
             logits = out.logits[..., :vocab_size]
             for b, ex in enumerate(chunk):
                 n = len(ex.input_ids)

@@ -125,6 +125,12 @@ def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[E
                                 lm.tokenizer, log=log)
         for name, metrics in rows.items():
             out[name].update(metrics)
+    if cfg.eval.lm_eval is not None:  # lm-evaluation-harness tasks on the in-memory models
+        from stillroom.eval.harness import lm_eval_rows
+
+        rows = lm_eval_rows(cfg.eval.lm_eval, {k: (m, _tokenizer_of(lm, m)) for k, (m, _) in models.items()}, log=log)
+        for name, metrics in rows.items():
+            out[name].update(metrics)
     return out
 
 

@@ -24,12 +24,13 @@ from stillroom.compress.masks import FixedMasks
 from stillroom.config.schema import LossTerm, RunConfig, TeacherConfig
 from stillroom.data import DataSplits, build_splits, collate
 from stillroom.data.batch import ExampleSampler
+from stillroom.data.packing import check_document_attention, refuse_within_documents
 from stillroom.domains.lm.evaluate import evaluate_models, periodic_evaluation
 from stillroom.domains.lm.forward import StudentForward
 from stillroom.losses import LossMix
 from stillroom.methods.base import Method, MethodContext, MethodPlan
 from stillroom.models import (
-    apply_lora, check_vocab, derive_student, load_model, merge_lora, student_from_config, tokenizer_hash,
+    apply_lora, check_vocab, derive_student, load_model, merge_lora, student_from_config, tokenizer_hash, unwrap,
     use_eager_attention,
 )
 from stillroom.models.moe import upcycle_student
@@ -96,6 +97,8 @@ class LmRun:
         fused = cfg.loss.fused and mix.needs_logits
         if mix.needs_attentions:
             use_eager_attention(model)
+        if cfg.train.activation_checkpointing:
+            _activation_checkpointing(model)
         forward = StudentForward(model, fused=fused, hidden_layers=mix.student_hidden_layers, vocab=self.vocab_size,
                                  attentions=mix.needs_attentions)
         player = Player("student", model, DistillObjective(forward, mix, teacher),
@@ -168,6 +171,7 @@ class LmDomain:
 
     def prepare(self, cfg: RunConfig, topology: Topology, method: Method, log: Log) -> LmRun:
         """Load and check the teacher, the data and the student (see the module docstring)."""
+        refuse_within_documents(cfg)
         teacher_device = resolve_device(cfg.teacher.device, topology, name="teacher.device")
         data_cfg, vlm_folder = cfg.data, None
         if cfg.vlm is not None:  # a LLaVA-style teacher (loaded or trained here) and image records
@@ -224,6 +228,9 @@ class LmDomain:
             from stillroom.compress.quant_export import quant_aware_student
 
             quant_aware_student(student, cfg.student.quantize, tokenizer, log=log)
+        if data_cfg.pack and data_cfg.attention == "within_documents":  # the models honour the document mask
+            check_document_attention(student, "student")
+            check_document_attention(teacher_model, "teacher")
         fingerprint = Fingerprint(teacher=teacher_loaded.identity, tokenizer_hash=tokenizer_hash(tokenizer),
                                   vocab_size=vocab_size)
         return LmRun(cfg, topology, resolve_device(cfg.train.device, topology), teacher_model, student, tokenizer,
@@ -290,6 +297,17 @@ def _fixed_masks(cfg: RunConfig, model: torch.nn.Module, log: Log) -> Callable[[
                          "first (stillroom prune with prune.sparsity) and load the pruned folder as student.model")
     log(f"fixed sparsity: {masks.mask_sparsity():.1%} of the weights of {len(masks.masks)} linear layers stay zero")
     return masks.apply
+
+
+def _activation_checkpointing(model: torch.nn.Module) -> None:
+    """``train.activation_checkpointing``: Hugging Face activation (gradient) checkpointing of every decoder layer
+    of ``model``, non-reentrant (frozen inputs, LoRA and autocast need nothing more; transformers 5 names it
+    ``activation_checkpointing_enable``, the old ``gradient_checkpointing_enable`` warns), or a named error for a
+    model without it."""
+    if not getattr(unwrap(model), "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.activation_checkpointing: {type(unwrap(model)).__name__} does not support "
+                         "gradient checkpointing; set train.activation_checkpointing=false")
+    unwrap(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _text_config(model: torch.nn.Module | None):
