@@ -342,6 +342,16 @@ class TrainConfig(Strict):
         "CPUs with AVX512-BF16/AMX), else fp32. On a CPU without them (e.g. AVX2 only) bf16 is ~10x SLOWER.",
     )
     device: str = "cpu"
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="How several processes (torchrun / accelerate launch) share the student. ddp: each holds "
+        "the whole model, gradients are averaged (DistributedDataParallel). fsdp: FSDP2 (fully_shard) shards the "
+        "weights, gradients and optimizer state of every decoder layer and of the rest of the model across the "
+        "processes; checkpoints stay full safetensors files (docs/distributed.md). Both are no-ops for one process.",
+    )
+    shard_teacher: bool = Field(
+        False, description="With parallel=fsdp: shard the online teacher's weights across the processes too (each "
+        "layer gathered for its forward, no gradients). Needs teacher.source=online on the student's device type.",
+    )
     eval_every: int = Field(0, ge=0, description="Held-out evaluation every n steps (0: only at the end).")
     save_every: int = Field(0, ge=0, description="Checkpoint every n steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1)
@@ -356,6 +366,12 @@ class TrainConfig(Strict):
         "them (Hugging Face gradient checkpointing, non-reentrant): less memory, about one more forward of "
         "compute per step, the same gradients. Refused for models without gradient-checkpointing support.",
     )
+
+    @model_validator(mode="after")
+    def _shard_teacher_needs_fsdp(self) -> "TrainConfig":
+        if self.shard_teacher and self.parallel != "fsdp":
+            raise ValueError("train.shard_teacher shards the teacher with FSDP2; set train.parallel=fsdp too")
+        return self
 
 
 class EvalConfig(Strict):

@@ -9,11 +9,14 @@ talk over NCCL and process ``LOCAL_RANK`` uses GPU ``cuda:<LOCAL_RANK>`` of its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 
 def _cpu() -> torch.device:
@@ -141,6 +144,22 @@ def resolve_device(setting: str, topology: Topology, *, name: str = "train.devic
             return topology.device
         return _cuda_device(topology.local_rank, setting)
     return dev
+
+
+@contextlib.contextmanager
+def no_sync(forward: torch.nn.Module) -> Iterator[None]:
+    """Keep the gradients of the backward passes inside local, accumulated but not reduced over the processes
+    (the non-final micro-batches of gradient accumulation): DDP's ``no_sync``, or FSDP2's
+    ``set_requires_gradient_sync(False)`` (``train.parallel: fsdp``, :mod:`stillroom.train.fsdp`)."""
+    if not isinstance(forward, FSDPModule):
+        with forward.no_sync():
+            yield
+        return
+    forward.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        forward.set_requires_gradient_sync(True)
 
 
 def shutdown(topology: Topology) -> None:

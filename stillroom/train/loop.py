@@ -43,7 +43,7 @@ from stillroom.config.core import TrainConfig
 from stillroom.losses import LossMix, LossResult, StudentOutput
 from stillroom.train.counts import Sampler, StepCounts
 from stillroom.models.precision import autocast as precision_autocast
-from stillroom.train.distributed import Topology
+from stillroom.train.distributed import Topology, no_sync
 from stillroom.train.session import Session, TrainResult
 
 
@@ -275,7 +275,7 @@ def forward_backward(micro: list, player: Player, forward: torch.nn.Module, *, d
         signal = player.objective.signal(batch)
         if signal is not None:  # a player without a teacher spends no teacher time
             teacher_s += time.perf_counter() - t_teacher
-        sync = forward.no_sync() if ddp and j < len(micro) - 1 else contextlib.nullcontext()
+        sync = no_sync(forward) if ddp and j < len(micro) - 1 else contextlib.nullcontext()
         with sync:
             with autocast:
                 outputs = forward(batch)

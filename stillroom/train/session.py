@@ -7,10 +7,15 @@ player, the model's weights (``<player>.safetensors``), the objective's state
 sampler's position, the RNG states, the step, the training seconds so far and the
 run's id (``job.run_id`` where the orchestration set one), so a resumed run continues
 exactly where the checkpoint left it, and a checkpoint of another run is refused.
+
+Several processes share the student through DDP (``train.parallel: ddp``) or FSDP2 (``fsdp``:
+:mod:`stillroom.train.fsdp`, sharded before the optimizers are built; checkpoints gathered whole,
+so their format is the same; every weight gathered again when training ends).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -20,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stillroom.models.precision import autocast
+from stillroom.train import fsdp
 from stillroom.train.checkpoint import (
     checkpoint_run_id, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
@@ -43,7 +49,7 @@ class TrainResult:
 
 
 class Session:
-    """Optimizers, DDP wrappers and the sampler of ``job``, and the bookkeeping after each step."""
+    """Optimizers, DDP wrappers or FSDP shards and the sampler of ``job``, and the bookkeeping after each step."""
 
     def __init__(self, job: "TrainJob") -> None:
         self.job = job
@@ -51,6 +57,10 @@ class Session:
         for player in job.players:
             player.model.to(job.device)
             player.objective.state.to(job.device)
+        self.sharded: list[torch.nn.Module] = []  # the FSDP roots (train.parallel=fsdp with several processes)
+        if tc.parallel == "fsdp" and job.topology.enabled:
+            self.sharded = fsdp.sharded_roots(job.players, tc, job.device, job.topology.world_size)
+        for player in job.players:
             player.build_optimizer(tc)
         self.sampler = job.sampler(n=len(job.examples), batch_size=tc.micro_batch_size, seed=job.seed,
                                    shuffle=tc.shuffle, rank=job.topology.rank, world_size=job.topology.world_size,
@@ -79,7 +89,7 @@ class Session:
         return cls(job)
 
     def _wrapped(self, forward: torch.nn.Module) -> torch.nn.Module:
-        if not self.job.topology.enabled:
+        if not self.job.topology.enabled or self.sharded:  # one process, or sharded in place
             return forward
         device_ids = [self.job.device.index] if self.job.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
@@ -95,10 +105,10 @@ class Session:
                              "start a new run name, or --overwrite to start the run folder again")
         players = self.job.players
         weights, state = load_checkpoint(found, [n for p in players for n in (p.name, f"{p.name}.objective")])
-        for p in players:
-            p.model.load_state_dict(weights[p.name])
+        for p in players:  # whole tensors, cut to this process's shards under FSDP
+            fsdp.load_model_state(p.model, weights[p.name])
             p.objective.state.load_state_dict(weights[f"{p.name}.objective"])
-            p.optimizer.load_state_dict(state["players"][p.name]["optimizer"])
+            p.optimizer.load_state_dict(fsdp.shard_optimizer_state(state["players"][p.name]["optimizer"], p.optimizer))
             p.scheduler.load_state_dict(state["players"][p.name]["scheduler"])
             if p.after_update is not None:  # e.g. fixed sparsity masks, after the optimizer state is back
                 p.after_update()
@@ -122,8 +132,12 @@ class Session:
         self.total_targets += record["targets"]
         if job.metrics is not None:
             record.update(job.metrics())
-        if job.evaluate is not None and tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
-            record.update({f"eval/{k}": v for k, v in job.evaluate(job.players[0].model).items()})
+        if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
+            with contextlib.ExitStack() as whole:  # evaluation (process 0's) calls the model itself: every
+                for root in self.sharded:  # process gathers every weight, whichever evaluates
+                    whole.enter_context(fsdp.gathered(root))
+                if job.evaluate is not None:
+                    record.update({f"eval/{k}": v for k, v in job.evaluate(job.players[0].model).items()})
             job.players[0].model.train()
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
             self.metrics.log(record)
@@ -131,30 +145,39 @@ class Session:
         self.progress.update(step + 1, record["loss"], record["targets_per_s"],
                              record["generate_s"] / seconds if generating else None)
         if (tc.save_every and (step + 1) % tc.save_every == 0) or step + 1 == tc.steps:
-            if job.topology.is_main:
-                self.last_ckpt = self._save(step + 1)
+            if job.topology.is_main or self.sharded:  # sharded: every process takes part in gathering
+                self._save(step + 1)
             job.topology.barrier()
 
-    def _save(self, step: int) -> Path:
-        players = self.job.players
+    def _save(self, step: int) -> None:
+        """Write checkpoint ``step`` from process 0; under FSDP every process calls it (the whole weights and
+        optimizer state are gathered to process 0 first, :func:`stillroom.train.fsdp.gather_full`)."""
+        players, main = self.job.players, self.job.topology.is_main
         weights = {}
         for p in players:
-            weights[p.name] = p.model.state_dict()
+            weights[p.name] = p.model.state_dict(keep_vars=True)  # the parameters themselves: tied ones stay one
             weights[f"{p.name}.objective"] = p.objective.state.state_dict()
+        optimizers = {p.name: p.optimizer.state_dict() for p in players}
+        if self.sharded:
+            weights, optimizers = fsdp.gather_full((weights, optimizers), keep=main)
+        if not main:
+            return
         train_state = {
             "step": step, "sampler": self.sampler.state_dict(), "rng": rng_state(),
             "train_s": self.seconds_before + time.perf_counter() - self.t_start,
-            "players": {p.name: {"optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict()}
+            "players": {p.name: {"optimizer": optimizers[p.name], "scheduler": p.scheduler.state_dict()}
                         for p in players},
         }
         if self.run_id is not None:
             train_state["run_id"] = self.run_id
-        return save_checkpoint(self.ckpt_root, step, weights=weights, train_state=train_state,
-                               keep=self.job.train.keep_checkpoints)
+        self.last_ckpt = save_checkpoint(self.ckpt_root, step, weights=weights, train_state=train_state,
+                                         keep=self.job.train.keep_checkpoints)
 
     def close(self) -> TrainResult:
         self.progress.close()
         self.metrics.close()
+        for root in self.sharded:  # process 0 alone evaluates and saves the trained models next
+            fsdp.gather_for_good(root)
         for player in self.job.players:
             player.model.eval()
         return TrainResult(
