@@ -59,6 +59,26 @@ class Topology:
     def all_reduce_max(self, value: float) -> float:
         return self._reduce(value, dist.ReduceOp.MAX)
 
+    def average_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Average the gradients of ``params`` over the processes, in one flat all-reduce.
+
+        For trainable parameters outside the DDP-wrapped forward module (a loss term's learned projection):
+        DDP averages only its own module's gradients, so without this each process would train its own copy.
+        A parameter without a gradient here counts as a zero gradient (every process then holds one)."""
+        if not self.enabled or not params:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params]).to(self.device)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world_size
+        offset = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
     def barrier(self) -> None:
         if not self.enabled:
             return

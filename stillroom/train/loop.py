@@ -236,6 +236,8 @@ def update(player: Player, run: Session, step: int) -> dict[str, Any]:
         micro, player, run.forwards[player.name], device=job.device, autocast=run.autocast,
         scale=topology.world_size / targets, ddp=topology.enabled,
     )
+    # The objective's own learned parameters (e.g. hidden_mse projections) live outside the DDP module.
+    topology.average_grads([p for p in player.objective.state.parameters() if p.requires_grad])
     loss = topology.all_reduce_sum(loss_sum) / targets
     if not math.isfinite(loss):
         player.optimizer.zero_grad(set_to_none=True)

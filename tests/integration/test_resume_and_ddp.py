@@ -33,3 +33,18 @@ def test_two_processes_match_one(recipe_factory, tmp_path):
     stillroom("run", str(recipe), "name=one", *NO_EVAL)
     stillroom_torchrun("run", str(recipe), "name=two", "train.micro_batch_size=2", *NO_EVAL)
     assert_same_losses(tmp_path / "runs" / "two", tmp_path / "runs" / "one", abs=1e-5, steps=6)
+
+
+@pytest.mark.multiproc
+def test_two_processes_match_one_with_a_learned_loss_projection(recipe_factory, tmp_path):
+    """hidden_mse between a narrower student and the teacher learns a projection that lives in the loss, outside
+    the DDP-wrapped forward module: its gradients must be averaged over the processes too, or each process trains
+    its own copy and the two-process run leaves the one-process one after the first step."""
+    recipe = recipe_factory(
+        train={**FAST_TRAIN, "steps": 4, "save_every": 0, "micro_batch_size": 4},
+        student={"from_config": {"num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32}},
+        loss={"terms": [{"name": "forward_kl"}, {"name": "hidden_mse", "weight": 1.0}],
+              "chunk_tokens": 64})
+    stillroom("run", str(recipe), "name=one", *NO_EVAL)
+    stillroom_torchrun("run", str(recipe), "name=two", "train.micro_batch_size=2", *NO_EVAL)
+    assert_same_losses(tmp_path / "runs" / "two", tmp_path / "runs" / "one", abs=1e-5, steps=4)
