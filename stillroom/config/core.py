@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from stillroom.config.base import Strict  # noqa: F401 (re-exported: every section's base)
 from stillroom.config.cross import CrossConfig, NewTokenizer
 from stillroom.config.harness import LmEvalConfig
-
+from stillroom.config.kernels import COMPILE, LOSS_KERNEL, LossKernel
 from stillroom.config.sparsity import FixedSparsity
 from stillroom.config.quantize import QuantizeConfig
 from stillroom.losses import get_term, resolve_params
@@ -280,7 +280,8 @@ class DataConfig(Strict):
         "before (plain EOS-separated packing; chat/prompt records are not packed). within_documents: only itself "
         "(block-diagonal causal mask, positions restart at 0, no target across a boundary), and whole chat/prompt "
         "records are packed too (best-fit decreasing, never split), which cuts their padding. Recommended for new "
-        "runs; not for image records, cross-tokenizer, remote or ensemble teachers (refused before step 0).",
+        "runs; not for image records, cross-tokenizer or remote teachers, nor ensembles with a remote member "
+        "(refused before step 0).",
     )
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Deterministic held-out split (hash of the record).")
     heldout_max: int = Field(40, ge=1, description="At most this many held-out sequences.")
@@ -310,6 +311,7 @@ class LossConfig(Strict):
         description="Compute student logits chunk by chunk from the last hidden state and the output head "
         "(never materialising [B, T, V]). Off: the plain path.",
     )
+    kernel: LossKernel = LOSS_KERNEL
 
     @model_validator(mode="after")
     def _registered_terms(self) -> "LossConfig":
@@ -366,6 +368,7 @@ class TrainConfig(Strict):
         "them (Hugging Face gradient checkpointing, non-reentrant): less memory, about one more forward of "
         "compute per step, the same gradients. Refused for models without gradient-checkpointing support.",
     )
+    compile: bool = COMPILE
 
     @model_validator(mode="after")
     def _shard_teacher_needs_fsdp(self) -> "TrainConfig":

@@ -131,6 +131,21 @@ class Batch:
     def num_targets(self) -> int:
         return int(self.loss_mask.sum())
 
+    def select(self, rows: list[int]) -> "Batch":
+        """The sub-batch of ``rows`` (same width ``T``), every per-row field carried (positions, images, weights)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx.to(t.device)]
+
+        def pick(values: list) -> list:
+            return [values[i] for i in rows] if values else []
+
+        return Batch(input_ids=take(self.input_ids), attention_mask=take(self.attention_mask),
+                     target_ids=take(self.target_ids), uids=pick(self.uids), n_bytes=take(self.n_bytes),
+                     domains=pick(self.domains), roles=pick(self.roles), target_weight=take(self.target_weight),
+                     pixel_values=take(self.pixel_values), position_ids=take(self.position_ids))
+
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(
             input_ids=self.input_ids.to(device),

@@ -20,6 +20,7 @@ import bisect
 import torch
 
 from stillroom.data.batch import Example, collate
+from stillroom.models.attention import model_inputs_for
 
 
 def fit_blocks(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -57,22 +58,22 @@ def refuse_within_documents(cfg) -> None:
         why = "image records (vlm) are never packed: each sequence has its own image"
     elif cfg.teacher.tokenizer_mode == "cross":
         why = "a cross-tokenizer teacher re-tokenizes whole rows and would read across the documents"
-    elif cfg.teacher.source == "remote":
+    elif cfg.teacher.source == "remote" or any(m.source == "remote" for m in cfg.teacher.ensemble):
         why = "a remote teacher scores whole rows with plain causal attention"
-    elif cfg.teacher.source == "ensemble":
-        why = "the ensemble teacher's row selection does not carry the packed positions yet"
     if why is not None:
         raise ValueError(f"data.attention=within_documents: {why}; set data.attention=across_documents "
                          "(or data.pack=false)")
 
 
-def check_document_attention(model: torch.nn.Module, label: str, *, varlen: bool = False) -> None:
+def check_document_attention(model: torch.nn.Module, label: str) -> None:
     """Fail unless ``model`` (a causal LM) gives a packed pair of documents the logits of each alone.
 
     Two short random documents are run packed (``[1, 11]``: positions restarting, the block mask of
     :meth:`Batch.model_inputs`), alone, and concatenated plainly (attending across). The packed logits must
     sit at most a tenth as far from the lone ones as the plain concatenation's do: rounding (bf16 included)
-    stays far below that, a model that ignores the mask or the positions does not. ``label`` names the model
+    stays far below that, a model that ignores the mask or the positions does not. The packed inputs are the
+    training step's (:func:`~stillroom.models.attention.model_inputs_for`): a flash-attention model is probed
+    on its varlen inputs. ``label`` names the model
     in the error (``student``, ``teacher``). Runs in eval mode (no dropout) and restores the model's mode.
     """
     vocab = int(model.get_output_embeddings().weight.shape[0])
@@ -84,7 +85,7 @@ def check_document_attention(model: torch.nn.Module, label: str, *, varlen: bool
     model.eval()
     with torch.no_grad():
         run = lambda **inputs: model(**inputs, use_cache=False).logits[0, 5:].float()  # noqa: E731 (doc 2)
-        within = run(**collate([packed], 0).to(device).model_inputs(varlen=varlen))
+        within = run(**model_inputs_for(model, collate([packed], 0), device))
         across = run(input_ids=torch.tensor([packed.input_ids], device=device))
         alone = model(input_ids=torch.tensor([docs[1]], device=device), use_cache=False).logits[0].float()
     model.train(training)

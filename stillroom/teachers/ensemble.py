@@ -70,16 +70,6 @@ def log_probs(signal: TeacherSignal, vocab_size: int) -> torch.Tensor:
     raise ValueError("an ensemble member returned only hidden states; ensembles need logits or top-k")
 
 
-def select_rows(batch: Batch, rows: list[int]) -> Batch:
-    """The sub-batch of ``rows`` (same width ``T``)."""
-    idx = torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device)
-    return Batch(
-        input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx], target_ids=batch.target_ids[idx],
-        uids=[batch.uids[i] for i in rows], n_bytes=batch.n_bytes[idx.to(batch.n_bytes.device)],
-        domains=[batch.domains[i] for i in rows] if batch.domains else [],
-    )
-
-
 class EnsembleTeacher:
     """See the module docstring. ``vocab_size``: the shared vocabulary (needed for top-k members;
     taken from member fingerprints or ``vocab_size`` attributes when not given)."""
@@ -174,7 +164,7 @@ class EnsembleTeacher:
         groups: dict[int, list[int]] = {}
         for b in range(bsz):
             groups.setdefault(self.member_of(batch, b), []).append(b)
-        parts = [(rows, self.members[m].signal(select_rows(batch, rows))) for m, rows in sorted(groups.items())]
+        parts = [(rows, self.members[m].signal(batch.select(rows))) for m, rows in sorted(groups.items())]
         sigs = [s for _, s in parts]
         all_dense = all(s.is_dense for s in sigs)
         k_temps = {(s.topk_ids_btk.shape[-1], s.temperature) for s in sigs if s.is_topk}

@@ -139,12 +139,36 @@ def test_fit_blocks_is_best_fit_decreasing_within_capacity():
 @pytest.mark.parametrize("teacher,vlm,why", [
     ({"tokenizer_mode": "cross", "source": "online"}, None, "cross-tokenizer"),
     ({"tokenizer_mode": "same", "source": "remote"}, None, "remote teacher"),
-    ({"tokenizer_mode": "same", "source": "ensemble"}, None, "ensemble"),
+    ({"tokenizer_mode": "same", "source": "ensemble", "ensemble": [SimpleNamespace(source="online"),
+                                                                     SimpleNamespace(source="remote")]},
+     None, "remote teacher"),
     ({"tokenizer_mode": "same", "source": "online"}, object(), "image records"),
 ])
 def test_within_documents_refuses_what_cannot_keep_documents_apart(teacher, vlm, why):
-    cfg = SimpleNamespace(data=DataConfig(attention="within_documents"), teacher=SimpleNamespace(**teacher), vlm=vlm)
+    cfg = SimpleNamespace(data=DataConfig(attention="within_documents"),
+                          teacher=SimpleNamespace(**{"ensemble": [], **teacher}), vlm=vlm)
     with pytest.raises(ValueError, match=f"data.attention=within_documents: .*{why}.*data.attention=across_documents"):
         refuse_within_documents(cfg)
     cfg.data = DataConfig()  # across documents (the default): nothing to refuse
     refuse_within_documents(cfg)
+
+
+def test_an_ensemble_of_in_process_teachers_may_read_packed_documents():
+    cfg = SimpleNamespace(data=DataConfig(attention="within_documents"), vlm=None,
+                          teacher=SimpleNamespace(tokenizer_mode="same", source="ensemble",
+                                                  ensemble=[SimpleNamespace(source="online"), SimpleNamespace(source="store")]))
+    refuse_within_documents(cfg)
+
+
+def test_batch_select_carries_every_row_field_so_routed_members_see_the_packed_documents():
+    examples = [Example([5, 6, 7, 8, 9], [False, True, False, True, True], "a", doc_lens=[2, 3]),
+                Example([1, 2, 3], [False, True, True], "b"), Example([4, 4, 4, 4], [False, False, True, True], "c",
+                                                                       doc_lens=[1, 3])]
+    batch = collate(examples, pad_id=0)
+    batch.target_weight = torch.rand(batch.input_ids.shape)
+    sub = batch.select([2, 0])
+    assert sub.uids == ["c", "a"]
+    for name in ("input_ids", "attention_mask", "target_ids", "n_bytes", "target_weight", "position_ids"):
+        assert torch.equal(getattr(sub, name), getattr(batch, name)[[2, 0]]), name
+    full, part = batch.model_inputs(), sub.model_inputs()
+    assert torch.equal(part["attention_mask"], full["attention_mask"][[2, 0]])  # the block mask of those rows
