@@ -304,7 +304,8 @@ class LossConfig(Strict):
         False, description="Multiply divergence terms by T^2 (Hinton's convention). Off by default."
     )
     chunk_tokens: int = Field(
-        1024, ge=1, description="Tokens per chunk: losses never hold more than [chunk_tokens, V] in fp32."
+        256, ge=1, description="Tokens per chunk: losses hold a few [chunk_tokens, V] fp32 temporaries at a time (a KD "
+        "step at 4 x 256 tokens, 49k vocabulary: peak 1.2 GiB at 256 against 2.1 at 1024; docs/BENCHMARKS.md)."
     )
     fused: bool = Field(
         True,

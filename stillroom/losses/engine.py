@@ -124,7 +124,7 @@ class ChunkContext:
         """(teacher, student) log-probs on the comparison support: ``[N, V]`` or top-k ``[N, K+1]`` bins."""
         if self.teacher.topk is not None:
             ids, lp, tail = self.teacher.topk
-            q_bins = student_bins(self.s_logp, ids)
+            q_bins = student_bins(self.s_logp, ids, all_finite=not self.any_excluded)
             # When the k ids cover every (finite) entry the tail bin is empty by construction; a
             # stored teacher tail there is rounding noise (log(1 - sum) of ~1e-7) and would make
             # KL(p||q) infinite, so it is zeroed.
@@ -251,14 +251,19 @@ class _Head:
         """``[n, D] -> [n, V]`` in the matmul dtype (no graph)."""
         return F.linear(x_nd.to(self.dtype), self.weight, self.bias)
 
-    def backward(self, grad_nv: torch.Tensor, x_nd: torch.Tensor, need: list[bool]):
-        """Gradients of one chunk from the gradient of its logits ``[n, V]``:
-        ``(d x [n, D] or None, d weight [V, D] or None, d bias [V] or None)``."""
+    def backward(self, grad_nv: torch.Tensor, x_nd: torch.Tensor, need: list[bool], grad_w: torch.Tensor | None):
+        """Gradients of one chunk from the gradient of its logits ``[n, V]``: ``(d x [n, D] or None, d bias [V]
+        or None)``; ``d weight`` is added into ``grad_w`` (fp32 ``[V, D]``): in place when the matmul runs in
+        fp32 (no ``[V, D]`` temporary per chunk), else through one product in the matmul dtype."""
         g = grad_nv.to(self.dtype)
         gx = g @ self.weight if need[0] else None
-        gw = g.t() @ x_nd.to(self.dtype) if need[1] else None
+        if need[1]:
+            if self.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), x_nd.to(self.dtype))
+            else:
+                grad_w += g.t() @ x_nd.to(self.dtype)
         gb = grad_nv.sum(0) if need[2] else None
-        return gx, gw, gb
+        return gx, gb
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -298,11 +303,9 @@ class _ChunkedLoss(torch.autograd.Function):
                 chunk_total, chunk_parts = plan.evaluate(plan.context(z, rows), stats)
             if any(need) and chunk_total.requires_grad:
                 (grad_z,) = torch.autograd.grad(chunk_total, z)
-                gx, gw, gb = head.backward(grad_z, x_rows, need) if fused else (grad_z, None, None)
+                gx, gb = head.backward(grad_z, x_rows, need, grad_w) if fused else (grad_z, None)
                 if need[0]:
                     grad_x.index_copy_(0, rows, gx.to(grad_x.dtype))
-                if need[1]:
-                    grad_w += gw
                 if need[2]:
                     grad_b += gb
             total += chunk_total.detach().double()
@@ -356,7 +359,7 @@ def run_logit_terms(terms: list[LogitTerm], student_logits: torch.Tensor, teache
 
 def run_fused_logit_terms(terms: list[LogitTerm], hidden_btd: torch.Tensor, head: torch.nn.Linear,
                           teacher: TeacherLike | None, mask: torch.Tensor, *, target_ids: torch.Tensor | None = None,
-                          loss_temperature: float | None = None, chunk_tokens: int = 1024,
+                          loss_temperature: float | None = None, chunk_tokens: int = 256,
                           weight_bt: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], int]:
     """Like :func:`run_logit_terms` but from the last hidden state ``[B, T, D]`` and the output head:
     logits are computed ``chunk_tokens`` rows at a time and never materialised as ``[B, T, V]``.

@@ -26,20 +26,24 @@ import torch
 NEG_INF = float("-inf")
 
 
-def student_bins(s_logp_nv: torch.Tensor, ids_nk: torch.Tensor) -> torch.Tensor:
+def student_bins(s_logp_nv: torch.Tensor, ids_nk: torch.Tensor, *, all_finite: bool = False) -> torch.Tensor:
     """``[N, K+1]`` student log-probs on the teacher's bins (k ids, then the tail).
 
-    ``s_logp_nv``: ``[N, V]`` normalised student log-probabilities.
+    ``s_logp_nv``: ``[N, V]`` normalised student log-probabilities. ``all_finite``: the caller knows every entry
+    is finite (no padded vocabulary or banned token): with K < V every row then keeps a token outside the k ids,
+    and the tail is one logsumexp over one ``[N, V]`` copy, without the checks for rows with nothing left.
     """
     ids = ids_nk.long()
     logq_k = s_logp_nv.gather(-1, ids)
-    in_topk = torch.zeros_like(s_logp_nv, dtype=torch.bool).scatter_(-1, ids, True)
-    rest = s_logp_nv.masked_fill(in_topk, NEG_INF)
-    has_rest = torch.isfinite(rest).any(-1)
-    # Rows with nothing left would give logsumexp(-inf...) whose gradient is NaN: feed zeros there
-    # and select -inf afterwards (the discarded branch then has a finite, zeroed gradient).
-    rest = rest.masked_fill(~has_rest.unsqueeze(-1), 0.0)
-    tail = torch.where(has_rest, torch.logsumexp(rest, dim=-1), torch.full_like(logq_k[:, 0], NEG_INF))
+    rest = s_logp_nv.scatter(-1, ids, NEG_INF)  # the student outside the k ids
+    if all_finite and ids.shape[-1] < s_logp_nv.shape[-1]:
+        tail = torch.logsumexp(rest, dim=-1)
+    else:
+        has_rest = torch.isfinite(rest).any(-1)
+        # Rows with nothing left would give logsumexp(-inf...) whose gradient is NaN: feed zeros there
+        # and select -inf afterwards (the discarded branch then has a finite, zeroed gradient).
+        rest = rest.masked_fill(~has_rest.unsqueeze(-1), 0.0)
+        tail = torch.where(has_rest, torch.logsumexp(rest, dim=-1), torch.full_like(logq_k[:, 0], NEG_INF))
     return torch.cat([logq_k, tail.unsqueeze(-1)], dim=-1)
 
 

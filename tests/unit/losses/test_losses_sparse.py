@@ -65,6 +65,22 @@ def test_student_tail_bin_is_exact_and_gradient_finite():
     assert torch.isfinite(logits.grad).all()
 
 
+def test_all_finite_tail_fast_path_equals_the_checked_path_with_gradients():
+    logits = torch.randn(6, 11, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(11)[:4] for _ in range(6)])
+    results = []
+    for fast in (False, True):
+        leaf = logits.clone().requires_grad_(True)
+        bins = student_bins(torch.log_softmax(leaf, -1), ids, all_finite=fast)
+        (bins * torch.linspace(0.1, 1.0, 5, dtype=torch.float64)).sum().backward()
+        results.append((bins.detach(), leaf.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=1e-12)
+    # k = V leaves nothing outside: the fast path is not taken, the tail is -inf.
+    assert torch.isneginf(student_bins(torch.log_softmax(logits, -1), torch.arange(11).repeat(6, 1),
+                                       all_finite=True)[:, -1]).all()
+
+
 def test_top_k_with_padded_student_vocab():
     _, _, teacher, mask, _ = make_inputs(b=2, t=3, v=12)
     student = torch.randn(2, 3, 12)
