@@ -6,7 +6,7 @@ Batch: 4 x 256 tokens of bundled prose, AdamW step included, in the precision
 Variants are timed interleaved (A B C A B C ...) in one process so that machine
 noise hits all of them alike; the table reports medians and ratios to CE.
 
-    python bench/step_cost.py [--reps 8] [--batch 4] [--seq 256] [--out docs/bench/step_cost.json]
+    python bench/step_cost.py [--reps 8] [--batch 4] [--seq 256] [--device cuda] [--out docs/bench/step_cost.json]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from stillroom.models import derive_student, load_model
 from stillroom.teachers.signal import OnlineTeacher
 from stillroom.domains.lm.forward import StudentForward
 from stillroom.train.loop import DistillObjective, forward_backward, Player
-from stillroom.models.precision import resolve_precision
+from stillroom.models.precision import autocast as precision_autocast, resolve_precision
 
 
 def main() -> None:
@@ -37,20 +37,23 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--out", default=None, help="also write the measurements as JSON here")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the models and the batch live (CUDA steps are "
+                    "timed to a synchronize)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    precision = resolve_precision(args.precision, "cpu")
+    device = torch.device(args.device)
+    precision = resolve_precision(args.precision, device.type)
     teacher_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     teacher_loaded = load_model(ModelSource(builtin="smollm2-135m-instruct"), dtype=torch.float32)
     tok = teacher_loaded.tokenizer
     splits = build_splits(DataConfig(sources=[DataSource(bundled="pydoc")], seq_len=args.seq), tok, 0)
-    batch = collate(splits.train[: args.batch], tok.pad_token_id)
+    batch = collate(splits.train[: args.batch], tok.pad_token_id).to(device)
     student, kept = derive_student(teacher_loaded.model, LayerSelection(strategy="every_n", every_n=3))
-    student = student.float()
-    teacher_model = teacher_loaded.model.to(teacher_dtype).eval()
+    student = student.float().to(device)
+    teacher_model = teacher_loaded.model.to(device, teacher_dtype).eval()
     vocab = len(tok)
-    teacher = OnlineTeacher(teacher_model, vocab_size=vocab)
+    teacher = OnlineTeacher(teacher_model, vocab_size=vocab, output_device=device)
     tc = TrainConfig(steps=1000, warmup_steps=0)
     shared = Player("student", student, DistillObjective(None, LossMix(LossConfig(terms=[LossTerm(name="ce")]))))
     shared.build_optimizer(tc)  # one AdamW for every variant, as one training run has
@@ -69,8 +72,9 @@ def main() -> None:
 
         def step():
             student.train()
-            forward_backward([batch], player, forward, device=torch.device("cpu"), precision=precision,
+            forward_backward([batch], player, forward, device=device, precision=precision,
                              scale=1.0 / batch.num_targets)
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)  # as the loop does (train.clip_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -78,6 +82,18 @@ def main() -> None:
 
     def teacher_forward():
         teacher.signal(batch)
+
+    # The floor: a plain PyTorch CE step with no framework (HF's own loss from labels, clip, AdamW).
+    labels = torch.where(batch.attention_mask.bool(), batch.input_ids, torch.full_like(batch.input_ids, -100))
+
+    def plain_ce():
+        student.train()
+        with precision_autocast(precision, device):
+            loss = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     from stillroom.teachers.signal import TeacherSignal, tail_logmass
 
@@ -90,7 +106,9 @@ def main() -> None:
         del dense, lp
 
     variants = {
+        "plain PyTorch CE step (no framework)": plain_ce,
         "ce (student only)": make_step(["ce"], fused=True, with_teacher=False),
+        "ce (student only), plain": make_step(["ce"], fused=False, with_teacher=False),
         "teacher forward only": teacher_forward,
         "kd forward_kl, online teacher, fused": make_step(["forward_kl"], fused=True, with_teacher=True),
         "kd forward_kl, online teacher, plain": make_step(["forward_kl"], fused=False, with_teacher=True),
@@ -98,16 +116,19 @@ def main() -> None:
         "kd forward_kl, top-64 signal already in memory, fused": make_step(["forward_kl"], fused=True, with_teacher=True, precomputed=topk_signal),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in variants.values():  # warm-up
         fn()
     for _ in range(args.reps):
         for name, fn in variants.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["ce (student only)"]
-    print(f"teacher SmolLM2-135M-Instruct (30 layers), student layers {kept}, batch {args.batch}x{args.seq}, {precision}, "
+    print(f"teacher SmolLM2-135M-Instruct (30 layers), student layers {kept}, batch {args.batch}x{args.seq}, {precision} on {device}, "
           f"{torch.get_num_threads()} threads, {args.reps} interleaved reps\n")
     print("| step | median s | min s | max s | ratio to CE step |")
     print("|---|---|---|---|---|")

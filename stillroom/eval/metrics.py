@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from stillroom.data.batch import Batch
 from stillroom.losses.terms import forward_kl_rows
+from stillroom.models.attention import model_inputs_for
 from stillroom.models.precision import autocast
 
 PRECISIONS = ("bf16", "fp32")
@@ -71,7 +72,7 @@ def row_nll(model: torch.nn.Module, batch: Batch, precision: str = "fp32", *,
     """
     with inference_mode(model, precision) as device:
         b = batch.to(device)
-        logits_btv = model(**b.model_inputs(), use_cache=False).logits
+        logits_btv = model(**model_inputs_for(model, b), use_cache=False).logits
         if vocab_size is not None:
             logits_btv = logits_btv[..., :vocab_size]
         mask_bt = b.loss_mask
@@ -96,7 +97,7 @@ def teacher_logits_from_model(teacher: torch.nn.Module) -> Callable[[Batch], tor
         was_training = teacher.training
         teacher.eval()
         try:
-            out = teacher(**{k: v.to(device) for k, v in batch.model_inputs().items()})
+            out = teacher(**model_inputs_for(teacher, batch, device))
         finally:
             teacher.train(was_training)
         return out.logits
@@ -190,7 +191,7 @@ def evaluate_lm(
             if n == 0:
                 continue
             b = batch.to(device)
-            logits_btv = model(**b.model_inputs()).logits
+            logits_btv = model(**model_inputs_for(model, b)).logits
             logits_btv = _slice_vocab(logits_btv, vocab_size, "model")
             if logits_btv.shape[:2] != mask_bt.shape:
                 raise ValueError(

@@ -73,7 +73,9 @@ class ChunkContext:
 
     @cached_property
     def any_excluded(self) -> bool:
-        return bool(self.excluded.any())
+        """Whether :attr:`excluded` holds any entry, decided from one fp32 sum per tensor: the mask itself
+        (``isinf`` goes through an ``abs`` copy of ``[N, V]``) is built only when it does."""
+        return not all(all_finite(t) for t in [self.raw, *(self.teacher.dense or [])])
 
     @cached_property
     def s_logp(self) -> torch.Tensor:
@@ -170,10 +172,16 @@ class Plan:
     weight_flat: torch.Tensor | None = None  # [B*T] per-token weights of the rows (None = 1)
 
     def chunks(self):
-        for i in range(0, self.rows.numel(), self.chunk):
-            yield self.rows[i : i + self.chunk]
+        """The counted rows, ``chunk`` at a time: a ``slice`` of the flat axis when the counted rows are
+        consecutive (every position counted, the common case for text: indexing gives views, no gathers),
+        else an ``[n]`` tensor of row indices."""
+        n = self.rows.numel()
+        first = int(self.rows[0]) if n else 0
+        consecutive = n > 0 and int(self.rows[-1]) - first + 1 == n  # rows are sorted and distinct
+        for i in range(0, n, self.chunk):
+            yield slice(first + i, first + min(i + self.chunk, n)) if consecutive else self.rows[i : i + self.chunk]
 
-    def context(self, z: torch.Tensor, rows: torch.Tensor) -> ChunkContext:
+    def context(self, z: torch.Tensor, rows: torch.Tensor | slice) -> ChunkContext:
         target = self.target_flat[rows] if self.target_flat is not None else None
         weight = self.weight_flat[rows].to(self.dtype) if self.weight_flat is not None else None
         return ChunkContext(z, self.teacher.take(rows), target, self.loss_temperature, self.dtype, weight)
@@ -197,6 +205,11 @@ class Plan:
         if cross is not None and term.uses_teacher:
             values = values * cross.aligned_n.to(values.dtype)
         return values
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No ``inf`` or NaN in ``x``: its fp32 sum is finite (one read, no copy). Logits never sum past fp32's range."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float32)))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -284,20 +297,15 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_x = torch.zeros_like(x) if need[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
-        every = plan.rows.numel() == x.shape[0]
-
-        def rows_of(rows):  # all rows in one chunk: no gather copy
-            return x if every and rows.numel() == x.shape[0] else x[rows]
-
         def logits_of(rows):
-            return head.logits(rows_of(rows)) if fused else rows_of(rows)
+            return head.logits(x[rows]) if fused else x[rows]
 
         stats = _batch_stats(plan, lambda rows: logits_of(rows).detach())
         # fp64 running sums on the input's device (chunk results live there).
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         parts = torch.zeros(len(plan.terms), dtype=torch.float64, device=x.device)
         for rows in plan.chunks():
-            x_rows = rows_of(rows).detach()
+            x_rows = x[rows].detach()  # a view for a slice of rows
             with torch.enable_grad():
                 z = (head.logits(x_rows) if fused else x_rows).requires_grad_(any(need))
                 chunk_total, chunk_parts = plan.evaluate(plan.context(z, rows), stats)
@@ -305,7 +313,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 (grad_z,) = torch.autograd.grad(chunk_total, z)
                 gx, gb = head.backward(grad_z, x_rows, need, grad_w) if fused else (grad_z, None)
                 if need[0]:
-                    grad_x.index_copy_(0, rows, gx.to(grad_x.dtype))
+                    grad_x[rows] = gx.to(grad_x.dtype)
                 if need[2]:
                     grad_b += gb
             total += chunk_total.detach().double()

@@ -21,6 +21,7 @@ import torch
 
 from stillroom.losses import hidden as H
 from stillroom.losses.engine import run_fused_logit_terms, run_logit_terms
+from stillroom.losses.liger import LigerLoss
 from stillroom.losses.logit import bind, kernel_args
 from stillroom.losses.registry import get_term, resolve_params
 from stillroom.teachers.signal import TeacherSignal
@@ -83,6 +84,8 @@ class LossMix(torch.nn.Module):
         self.scale_by_temperature_squared = cfg.scale_by_temperature_squared
         self.chunk_tokens = cfg.chunk_tokens
         self.fused = cfg.fused
+        # loss.kernel=liger: the logit terms in one Liger call (terms, CUDA and the package checked here, before step 0)
+        self.liger = LigerLoss.from_config(cfg) if cfg.kernel == "liger" else None
         self.states = torch.nn.ModuleDict()  # term key -> per-run state (TermSpec.state)
         self.projections = torch.nn.ModuleDict()  # f"t{i}_s{s}" -> Linear(student_hidden, teacher_hidden)
         self.layer_maps: dict[int, H.LayerMap] = {}
@@ -145,7 +148,11 @@ class LossMix(torch.nn.Module):
         count = int(mask_bt.sum())
         parts: dict[str, float] = {}
         total = torch.zeros((), dtype=torch.float32, device=mask_bt.device)
-        if self.needs_logits:
+        if self.liger is not None:
+            lt, lparts = self.liger(student, teacher, target_ids_bt, mask_bt, weight_bt)
+            total = total + lt
+            parts.update(lparts)
+        elif self.needs_logits:
             terms = [self._bound[i] if i in self._bound else self._bind(i) for i in self._logit]
             common = dict(target_ids=target_ids_bt, chunk_tokens=self.chunk_tokens, weight_bt=weight_bt)
             if self.fused and student.hidden_btd is not None and student.head is not None:

@@ -169,8 +169,10 @@ class OnlineTeacher:
     @torch.no_grad()
     def signal(self, batch: Batch) -> TeacherSignal:
         """Dense teacher logits for ``batch``: ``[B, T, V]`` aligned with the student's positions."""
+        from stillroom.models.attention import model_inputs_for  # stillroom.models imports the losses, which import this
+
         out = self.model(
-            **{k: v.to(self.device) for k, v in batch.model_inputs().items()},  # ids, mask (+ pixel_values)
+            **model_inputs_for(self.model, batch, self.device),  # ids, mask (+ pixel_values; flash: varlen)
             output_hidden_states=bool(self.hidden_layers),
             output_attentions=self.attentions,
             use_cache=False,
@@ -253,11 +255,12 @@ class TeacherRows:
     def present(self) -> bool:
         return bool(self.dense) or self.topk is not None or self.cross is not None
 
-    def take(self, rows: torch.Tensor) -> "TeacherChunk":
+    def take(self, rows: torch.Tensor | slice) -> "TeacherChunk":
+        """The teacher on ``rows`` of the flat ``[B*T]`` axis: a slice (views) or an index tensor."""
         if self.cross is not None:
             return TeacherChunk(cross=self.cross.take(rows))
         n = self._dense_flat[0].shape[0] if self._dense_flat else -1
-        if rows.numel() == n:  # every row (plain path, full mask): views, no copies
+        if isinstance(rows, torch.Tensor) and rows.numel() == n:  # every row (plain path, full mask): views
             return TeacherChunk(dense=list(self._dense_flat))
         if self.topk is not None:
             return TeacherChunk(topk=(self._ids[rows], self._lp[rows], self._tail[rows]))
@@ -293,7 +296,7 @@ class CrossRows:
         self._matched = targets.matched_logits_btm.flatten(0, 1)
         self._ranked = {s: (p.flatten(0, 1), t.reshape(-1)) for s, (p, t) in targets.ranked.items()}
 
-    def take(self, rows: torch.Tensor) -> CrossChunk:
+    def take(self, rows: torch.Tensor | slice) -> CrossChunk:
         ranked = {s: (p[rows], t[rows]) for s, (p, t) in self._ranked.items()}
         return CrossChunk(self._aligned[rows], self.targets.matched_student, self._matched[rows], ranked,
                           self.targets.temperature)

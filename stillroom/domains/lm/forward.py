@@ -7,6 +7,7 @@ import torch
 from stillroom.data.batch import Batch
 from stillroom.losses import OutputHead
 from stillroom.models import decoder_body, output_head, unwrap
+from stillroom.models.attention import model_inputs_for
 
 
 class StudentForward(torch.nn.Module):
@@ -31,8 +32,8 @@ class StudentForward(torch.nn.Module):
         self.attentions = attentions
 
     def forward(self, batch: Batch) -> dict:
-        kwargs = dict(**batch.model_inputs(), use_cache=False, output_hidden_states=bool(self.hidden_layers),
-                      output_attentions=self.attentions)
+        kwargs = dict(**model_inputs_for(self.model, batch), use_cache=False,
+                      output_hidden_states=bool(self.hidden_layers), output_attentions=self.attentions)
         if self.fused:
             out = self.body(**kwargs)
             bias = None if self.head.bias is None else self.head.bias[: self.vocab]

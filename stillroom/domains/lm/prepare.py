@@ -28,6 +28,7 @@ from stillroom.data.packing import check_document_attention, refuse_within_docum
 from stillroom.domains.lm.evaluate import evaluate_models, periodic_evaluation
 from stillroom.domains.lm.forward import StudentForward
 from stillroom.losses import LossMix
+from stillroom.losses.liger import liger_teacher
 from stillroom.methods.base import Method, MethodContext, MethodPlan
 from stillroom.models import (
     apply_lora, check_vocab, derive_student, load_model, merge_lora, student_from_config, tokenizer_hash, unwrap,
@@ -41,6 +42,7 @@ from stillroom.teachers.signal import Fingerprint
 if TYPE_CHECKING:
     from stillroom.teachers.cross_align import CrossVocab
 from stillroom.train.distributed import Topology, resolve_device
+from stillroom.train.compile import compile_forward
 from stillroom.train.loop import DistillObjective, Player, TrainJob
 
 Log = Callable[[str], None]
@@ -69,7 +71,7 @@ class LmRun:
         """The loss terms of ``method`` (``sft``: cross-entropy alone) sized for ``model`` and the teacher."""
         loss_cfg = self.cfg.loss
         if method.ce_only:
-            loss_cfg = loss_cfg.model_copy(update={"terms": [LossTerm(name="ce")]})
+            loss_cfg = loss_cfg.model_copy(update={"terms": [LossTerm(name="ce")], "kernel": "stillroom"})
         s_cfg, t_cfg = (_text_config(m) for m in (model, self.teacher_model))
         return LossMix(loss_cfg, student_hidden=getattr(s_cfg, "hidden_size", None),
                        teacher_hidden=getattr(t_cfg, "hidden_size", None),
@@ -94,6 +96,8 @@ class LmRun:
                 hidden_layers=mix.teacher_hidden_layers, output_device=self.device, train_examples=examples,
                 attentions=mix.needs_attentions, log=log, cross=self.cross,
             )
+        if mix.liger is not None:  # loss.kernel=liger: the teacher's hidden state and head, not its logits
+            teacher = liger_teacher(cfg, teacher)
         fused = cfg.loss.fused and mix.needs_logits
         if mix.needs_attentions:
             use_eager_attention(model)
@@ -101,6 +105,8 @@ class LmRun:
             _activation_checkpointing(model)
         forward = StudentForward(model, fused=fused, hidden_layers=mix.student_hidden_layers, vocab=self.vocab_size,
                                  attentions=mix.needs_attentions)
+        if cfg.train.compile:
+            compile_forward(forward)
         player = Player("student", model, DistillObjective(forward, mix, teacher),
                         replace_batches=plan.replace_batches, weight_targets=plan.weight_targets,
                         after_update=_fixed_masks(cfg, model, log))

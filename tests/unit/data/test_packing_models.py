@@ -136,7 +136,7 @@ def test_flash_attention_finds_the_documents_from_the_positions_alone():
     pytest.importorskip("flash_attn")
     model = tiny_llama(V, layers=2, max_positions=64, seed=0).to("cuda", torch.bfloat16)
     model.set_attn_implementation("flash_attention_2")
-    check_document_attention(model, "student", varlen=True)
+    check_document_attention(model, "student")
     docs = _docs()
     batch = collate(_packed(docs)[:1], pad_id=0).to("cuda")  # one full row: flash varlen needs no padding mask
     logits = model(**batch.model_inputs(varlen=True), use_cache=False).logits.float()
