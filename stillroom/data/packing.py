@@ -19,8 +19,7 @@ import bisect
 
 import torch
 
-from stillroom.data.batch import Example, collate
-from stillroom.models.attention import model_inputs_for
+from stillroom.data.batch import Example, collate, model_inputs_for
 
 
 def fit_blocks(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -72,7 +71,7 @@ def check_document_attention(model: torch.nn.Module, label: str) -> None:
     :meth:`Batch.model_inputs`), alone, and concatenated plainly (attending across). The packed logits must
     sit at most a tenth as far from the lone ones as the plain concatenation's do: rounding (bf16 included)
     stays far below that, a model that ignores the mask or the positions does not. The packed inputs are the
-    training step's (:func:`~stillroom.models.attention.model_inputs_for`): a flash-attention model is probed
+    training step's (:func:`~stillroom.data.batch.model_inputs_for`): a flash-attention model is probed
     on its varlen inputs. ``label`` names the model
     in the error (``student``, ``teacher``). Runs in eval mode (no dropout) and restores the model's mode.
     """

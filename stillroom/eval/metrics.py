@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from stillroom.data.batch import Batch
+from stillroom.data.batch import Batch, model_inputs_for
 from stillroom.losses.terms import forward_kl_rows
-from stillroom.models.attention import model_inputs_for
 from stillroom.models.precision import autocast
 
 PRECISIONS = ("bf16", "fp32")

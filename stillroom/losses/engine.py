@@ -1,25 +1,20 @@
 """How logit-level terms are evaluated: plain, chunked and fused paths.
 
-All three paths evaluate the same per-row kernels (:class:`LogitTerm`) on the
-counted rows only (``mask``), in fp32 (fp64 when the student logits are fp64,
-for gradcheck), and return ``(weighted sum, per-term sums)``.
+All three paths evaluate the same per-row kernels (:class:`LogitTerm`) on the counted rows only (``mask``), in
+fp32 (fp64 when the student logits are fp64, for gradcheck), and return ``(weighted sum, per-term sums)``.
 
 * plain: one pass over all counted rows with ordinary autograd (the reference).
-* chunked: ``chunk_tokens`` rows at a time inside a custom autograd Function.
-  Each chunk's gradient is computed immediately (Liger-style) and only the
-  gradient buffer of the *input* survives the chunk, so at most one chunk of
-  ``[chunk_tokens, V]`` fp32 temporaries is alive, forward and backward.
-* fused: the same Function, but the input is the last hidden state
-  ``[B, T, D]`` and the output head; the chunk's logits are computed, used and
-  dropped, so ``[B, T, V]`` never exists. Gradients for the hidden state
-  ``[B, T, D]`` and the head weight ``[V, D]`` are accumulated chunk by chunk
-  from each chunk's logit gradient (two matmuls in the head's matmul dtype, the
-  one bf16 autocast would use in the plain path), so backward never recomputes
-  the head.
+* chunked: ``chunk_tokens`` rows at a time inside a custom autograd Function. Each chunk's gradient is computed
+  immediately (Liger-style) and only the gradient buffer of the *input* survives the chunk, so at most one
+  chunk of ``[chunk_tokens, V]`` fp32 temporaries is alive, forward and backward.
+* fused: the same Function, but the input is the last hidden state ``[B, T, D]`` and the output head; the
+  chunk's logits are computed, used and dropped, so ``[B, T, V]`` never exists. Gradients for the hidden state
+  ``[B, T, D]`` and the head weight ``[V, D]`` are accumulated chunk by chunk from each chunk's logit gradient
+  (two matmuls in the head's matmul dtype, the one bf16 autocast would use in the plain path), so backward
+  never recomputes the head.
 
-The backward pass of both Functions only scales the stored gradients by the
-incoming scalar gradient: valid because the result is a sum (linear in each
-chunk's contribution).
+The backward pass of both Functions only scales the stored gradients by the incoming scalar gradient: valid
+because the result is a sum (linear in each chunk's contribution).
 """
 
 from __future__ import annotations
@@ -247,13 +242,9 @@ def plain_loss(plan: Plan, logits_flat: torch.Tensor) -> tuple[torch.Tensor, lis
 
 
 class _Head:
-    """The output head of the fused path, cast once to the dtype its matmuls run in.
-
-    ``matmul_dtype`` is what autocast would use for the head in the plain path (bf16 when the
-    student's forward ran under bf16 autocast, whose last hidden state is still fp32): the chunk's
-    logits ``[n, V]`` and both gradient matmuls run in it, so the fused path costs what the
-    plain path's head costs; ``None`` keeps the weight's own dtype.
-    """
+    """The output head of the fused path, cast once to the dtype its matmuls run in: ``matmul_dtype``, what
+    autocast would use for the head in the plain path (bf16 under bf16 autocast, whose last hidden state is still
+    fp32), so the fused path's head costs what the plain path's does; ``None`` keeps the weight's own dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, matmul_dtype: torch.dtype | None):
         self.dtype = matmul_dtype or weight.dtype
@@ -280,13 +271,10 @@ class _Head:
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """Inputs: ``x`` = logits ``[BT, V]`` (weight None) or hidden ``[BT, D]`` with head ``weight``
-    ``[V, D]``, optional ``bias`` ``[V]`` and the head's ``matmul_dtype``. Outputs: scalar total,
-    ``[n_terms]`` parts (no grad).
-
-    Per chunk, autograd runs only from the chunk's logits ``z [n, V]`` (a leaf) through the loss
-    kernels; on the fused path the head's gradients are then two matmuls (:meth:`_Head.backward`),
-    done here in the forward, so the backward never recomputes the head.
+    """Inputs: ``x`` = logits ``[BT, V]`` (weight None) or hidden ``[BT, D]`` with head ``weight`` ``[V, D]``,
+    optional ``bias`` ``[V]`` and the head's ``matmul_dtype``. Outputs: scalar total, ``[n_terms]`` parts (no
+    grad). Per chunk, autograd runs only from the chunk's logits ``z [n, V]`` (a leaf) through the kernels; the
+    fused head's gradients are then two matmuls (:meth:`_Head.backward`), so backward never recomputes the head.
     """
 
     @staticmethod

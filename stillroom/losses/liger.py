@@ -14,7 +14,7 @@ counted rows are handed over, each with a valid label, so Liger's ``N`` is exact
 
 Supported: one divergence (``forward_kl``, ``reverse_kl``, ``jsd``) and optionally ``ce``, over a dense online
 teacher with the same tokenizer, no per-token weights, on the fused path. Anything else is refused before step 0
-(:func:`plan_liger`, :func:`liger_teacher`), as is a machine without CUDA or without the package.
+(:func:`plan_liger`; the teacher source: :func:`stillroom.domains.lm.liger_teacher.liger_teacher`), as is a machine without CUDA or without the package.
 """
 
 from __future__ import annotations
@@ -111,38 +111,6 @@ class TeacherHidden:
     """``[V]`` or ``None``."""
 
 
-class LigerTeacher:
-    """A teacher source for ``loss.kernel: liger``: the online teacher's body and head (no ``[B, T, V]`` logits)."""
-
-    def __init__(self, model: torch.nn.Module, vocab_size: int, output_device: torch.device | str):
-        from stillroom.models import decoder_body, output_head  # stillroom.models imports the config -> losses
-
-        self.model, self.body, head = model, decoder_body(model), output_head(model)
-        self.weight = head.weight[:vocab_size].detach().to(output_device)
-        self.bias = None if head.bias is None else head.bias[:vocab_size].detach().to(output_device)
-        self.device = next(model.parameters()).device
-        self.output_device = torch.device(output_device)
-
-    @torch.no_grad()
-    def signal(self, batch) -> TeacherHidden:
-        from stillroom.models.attention import model_inputs_for
-
-        out = self.body(**model_inputs_for(self.model, batch, self.device), use_cache=False)
-        return TeacherHidden(out.last_hidden_state.to(self.output_device), self.weight, self.bias)
-
-
-def liger_teacher(cfg, source) -> LigerTeacher:
-    """The Liger teacher source in place of the run's online teacher ``source`` (``cfg``: the run config), or
-    ``ValueError`` naming the setting when the teacher is not a dense online one with the student's tokenizer."""
-    from stillroom.teachers.signal import OnlineTeacher
-
-    if cfg.teacher.source != "online" or cfg.teacher.tokenizer_mode != "same" or not isinstance(source, OnlineTeacher):
-        raise ValueError(f"loss.kernel=liger needs a dense online teacher with the student's tokenizer (got "
-                         f"teacher.source={cfg.teacher.source}, teacher.tokenizer_mode={cfg.teacher.tokenizer_mode}); "
-                         "use loss.kernel=stillroom with store, remote, ensemble or cross-tokenizer teachers")
-    return LigerTeacher(source.model, source.vocab_size, source.output_device)
-
-
 class LigerLoss:
     """The mix's logit terms as one Liger call: ``(student, teacher, targets, mask) -> (total sum, parts)``.
 
@@ -169,7 +137,7 @@ class LigerLoss:
                              "use loss.kernel=stillroom with this method")
         if not isinstance(teacher, TeacherHidden) or student.hidden_btd is None or student.head is None:
             raise ValueError("loss.kernel=liger needs the student's hidden state and head (loss.fused=true) and the "
-                             "teacher's (stillroom.losses.liger.LigerTeacher as the teacher source)")
+                             "teacher's (stillroom.domains.lm.liger_teacher.LigerTeacher as the teacher source)")
         head = student.head
         dtype = getattr(head, "matmul_dtype", None) or head.weight.dtype
         rows = mask_bt.reshape(-1).nonzero().squeeze(1)

@@ -169,7 +169,7 @@ class OnlineTeacher:
     @torch.no_grad()
     def signal(self, batch: Batch) -> TeacherSignal:
         """Dense teacher logits for ``batch``: ``[B, T, V]`` aligned with the student's positions."""
-        from stillroom.models.attention import model_inputs_for  # stillroom.models imports the losses, which import this
+        from stillroom.data.batch import model_inputs_for  # the losses import this module; they need no batch code
 
         out = self.model(
             **model_inputs_for(self.model, batch, self.device),  # ids, mask (+ pixel_values; flash: varlen)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from stillroom.data.batch import Batch
+from stillroom.data.batch import Batch, model_inputs_for
 from stillroom.losses import OutputHead
 from stillroom.models import decoder_body, output_head, unwrap
-from stillroom.models.attention import model_inputs_for
 
 
 class StudentForward(torch.nn.Module):

@@ -18,7 +18,8 @@ from helpers import tiny_llama
 
 from stillroom.config.schema import LossConfig, LossTerm
 from stillroom.losses import LossMix, OutputHead, StudentOutput
-from stillroom.losses.liger import LigerLoss, TeacherHidden, liger_teacher, plan_liger
+from stillroom.domains.lm.liger_teacher import liger_teacher
+from stillroom.losses.liger import LigerLoss, TeacherHidden, plan_liger
 
 V, D_S, D_T = 37, 8, 12
 
@@ -150,7 +151,7 @@ def test_token_weights_and_other_teachers_are_refused():
 def test_liger_kernel_equals_our_fused_path_on_cuda():
     pytest.importorskip("liger_kernel", reason="needs the extra: pip install 'stillroom[gpu]'")
     from stillroom.domains.lm.forward import StudentForward
-    from stillroom.losses.liger import LigerTeacher
+    from stillroom.domains.lm.liger_teacher import LigerTeacher
     from stillroom.teachers.signal import OnlineTeacher
 
     vocab = 97

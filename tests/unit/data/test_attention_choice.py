@@ -1,4 +1,4 @@
-"""The one decision of packed inputs (stillroom.models.attention): varlen for flash-attention models only, with
+"""The one decision of packed inputs (stillroom.data.batch): varlen for flash-attention models only, with
 document offsets over the flattened rows; on CUDA with flash_attn, packed rows give each document its lone logits."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from helpers import tiny_llama
 
 from stillroom.data.batch import Example, collate
 from stillroom.domains.lm.forward import StudentForward
-from stillroom.models.attention import model_inputs_for, uses_varlen
+from stillroom.data.batch import model_inputs_for, uses_varlen
 
 V = 61
 
