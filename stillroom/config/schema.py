@@ -103,6 +103,13 @@ class RunConfig(Strict):
     baseline: bool = Field(
         False, description="Also train the same student with plain cross-entropy on the same tokens, for the report."
     )
+    baseline_wall_time: bool = Field(
+        False, description="With baseline: true, also train a second CE baseline from the same initial student for "
+        "as many steps as fit in the method's training seconds: floor(the run's summed step seconds / the CE "
+        "baseline's seconds per step), at least train.steps; its LR schedule spans its own steps. Saved in "
+        "baseline_wall/, the step count and both times recorded in run.json (--resume and `stillroom eval` reuse "
+        "them), and shown in the report as its own row beside the equal-steps baseline."
+    )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -198,6 +205,14 @@ class RunConfig(Strict):
             if getattr(self, own.method) is None:
                 object.__setattr__(self, own.method, own())
             getattr(self, own.method).check_run(self)
+        return self
+
+    @model_validator(mode="after")
+    def _wall_baseline(self) -> "RunConfig":
+        if self.baseline_wall_time and not self.baseline:
+            raise ValueError("baseline_wall_time: true needs baseline: true (the equal-wall-time baseline's CE step "
+                             "time is measured on the equal-steps baseline); set baseline: true, or drop "
+                             "baseline_wall_time")
         return self
 
     @model_validator(mode="after")

@@ -58,10 +58,22 @@ def row_keys(models: dict) -> list[str]:
             + sorted(v for v in models if v != base and base_model(v) == base)]
 
 
-def row_label(key: str) -> str:
+VARIANT_LABELS = {"baseline_wall": "baseline (CE, equal wall time, {steps} steps)"}
+"""Rows that are variants of a model with a label of their own (``{steps}``: the row's ``steps``)."""
+
+
+def row_label(key: str, metrics: dict | None = None) -> str:
+    """``key``'s label in report.md; a variant's is its model's with the variant's name, or its own
+    (:data:`VARIANT_LABELS`)."""
     base = base_model(key)
+    if key in VARIANT_LABELS:
+        return VARIANT_LABELS[key].format(steps=_fmt((metrics or {}).get("steps"), "int"))
     return MODEL_LABELS[key] if key == base else f"{MODEL_LABELS[base]} ({key[len(base) + 1:]})"
 
+
+COMPARED = ("heldout_ce", "kl_teacher_student", "top1_agreement")
+"""The metrics of the student-versus-baseline lines when the report has both CE baselines (equal steps and equal
+wall time): lower CE and KL, higher agreement are better."""
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -166,6 +178,12 @@ def _summary(models: dict[str, dict], speed: str = "tokens_per_s", gap: str = "h
     acc = {k: _num(m, "accuracy") for k, m in models.items()}
     if acc.get("student_after") is not None and acc.get("baseline") is not None:
         out["accuracy_after_minus_baseline"] = acc["student_after"] - acc["baseline"]
+    if "baseline_wall" in models and "student_after" in models:  # both comparisons: equal steps, equal wall time
+        for base in ("baseline", "baseline_wall"):
+            for metric in COMPARED:
+                a, b = _num(models["student_after"], metric), _num(models.get(base, {}), metric)
+                if a is not None and b is not None:
+                    out[f"{metric}_after_minus_{base}"] = a - b
     if "teacher" in models and "student_after" in models:
         tp, sp = _num(models["teacher"], "params"), _num(models["student_after"], "params")
         if tp and sp:
@@ -199,8 +217,9 @@ def _validate(models: dict, generations: dict | None, prompts: list | None) -> N
         if not isinstance(metrics, dict):
             raise TypeError(f"write_report: models[{key!r}] must be a dict of metrics, got {type(metrics).__name__}")
     for key, texts in (generations or {}).items():
-        if key not in MODEL_KEYS:
-            raise ValueError(f"write_report: unknown generations key {key!r}; expected some of {MODEL_KEYS}")
+        if base_model(key) is None:
+            raise ValueError(f"write_report: unknown generations key {key!r}; expected some of {MODEL_KEYS} (or a "
+                             "variant of one)")
         if prompts is not None and len(texts) != len(prompts):
             raise ValueError(
                 f"write_report: generations[{key!r}] has {len(texts)} texts for {len(prompts)} prompts"
@@ -224,7 +243,7 @@ def _markdown(report: dict, models: dict[str, dict], layout: ReportLayout = LAYO
     lines.append("|---|" + "|".join("---:" for _ in cols) + "|")
     for key in row_keys(models):
         m = models[key]
-        lines.append(f"| {row_label(key)} | " + " | ".join(_cell(_fmt(m.get(k), f)) for k, _, f in cols) + " |")
+        lines.append(f"| {row_label(key, m)} | " + " | ".join(_cell(_fmt(m.get(k), f)) for k, _, f in cols) + " |")
     if report["deltas"] and layout.deltas:
         lines += ["", "## Versus the teacher", "", "Difference model − teacher (lower CE is better).", ""]
         lines.append("| model | " + " | ".join(f"Δ {k}" for k in layout.deltas) + " |")
@@ -245,6 +264,12 @@ def _markdown(report: dict, models: dict[str, dict], layout: ReportLayout = LAYO
                          f"{100 * s['bits_per_byte_gap_closed']:.1f}% ((before − after) / (before − teacher))")
         if "ce_after_minus_baseline" in s:
             lines.append(f"- student (after) CE − baseline CE: {s['ce_after_minus_baseline']:+.4f} {layout.ce_unit}")
+        for base, what in (("baseline", "equal steps"), ("baseline_wall", "equal wall time")):
+            diffs = [(m, s[f"{m}_after_minus_{base}"]) for m in COMPARED if f"{m}_after_minus_{base}" in s]
+            if diffs and "baseline_wall" in models:
+                steps = _fmt(models[base].get("steps"), "int")
+                lines.append(f"- student (after) − CE baseline at {what} ({steps} steps): " + ", ".join(
+                    f"{m} {100 * d:+.1f} points" if m == "top1_agreement" else f"{m} {d:+.4f}" for m, d in diffs))
         if "accuracy_after_minus_baseline" in s:
             lines.append(f"- student (after) accuracy − baseline accuracy: "
                          f"{100 * s['accuracy_after_minus_baseline']:+.1f} points")
@@ -256,11 +281,11 @@ def _markdown(report: dict, models: dict[str, dict], layout: ReportLayout = LAYO
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     gens = report["generations"]
     if gens:
-        keys = [k for k in MODEL_KEYS if k in gens]
+        keys = row_keys(gens)
         n = max(len(gens[k]) for k in keys)
         prompts = report["prompts"] or [f"prompt {i}" for i in range(n)]
         lines += ["", "## Greedy generations", ""]
-        lines.append("| prompt | " + " | ".join(MODEL_LABELS[k] for k in keys) + " |")
+        lines.append("| prompt | " + " | ".join(row_label(k, models.get(k)) for k in keys) + " |")
         lines.append("|---|" + "|".join("---" for _ in keys) + "|")
         for i in range(n):
             row = [_cell(_prompt_text(prompts[i]))] + [

@@ -17,6 +17,7 @@ import yaml
 from stillroom.config.load import ConfigError, dump_config, load_config
 from stillroom.config.schema import RunConfig
 from stillroom.run import folder as rf
+from stillroom.run import wall_baseline as wb
 from stillroom.run.report import write_run_report
 from stillroom.run.training import prepare_run, resolve_auto, timed
 
@@ -61,18 +62,24 @@ def evaluate_run(cfg: RunConfig, *, overrides: list[str] = (), student_dir: str 
     baseline_dir = cfg.run_dir / "baseline" / "student"
     if student_dir is None and (baseline_dir / "config.json").is_file():
         models["baseline"] = (prep.load_model(baseline_dir), prep.data.baseline_heldout)
+    wall_dir = cfg.run_dir / wb.FOLDER / "student"  # the equal-wall-time baseline, as trained (run.json's steps)
+    if student_dir is None and (wall_dir / "config.json").is_file():
+        models[wb.ROW] = (prep.load_model(wall_dir), prep.data.baseline_heldout)
     log(f"evaluating {', '.join(models)}")
     results = prep.evaluate(models, log)
-    files = {cfg.method: cfg.run_dir / "metrics.jsonl", "baseline": cfg.run_dir / "baseline" / "metrics.jsonl"}
-    for key, figures in _training_rows(cfg.run_dir, files[cfg.method], files["baseline"]).items():
+    files = {cfg.method: cfg.run_dir / "metrics.jsonl", "baseline": cfg.run_dir / "baseline" / "metrics.jsonl",
+             wb.ROW: cfg.run_dir / wb.FOLDER / "metrics.jsonl"}
+    trained = {"student_after": files[cfg.method], "baseline": files["baseline"], wb.ROW: files[wb.ROW]}
+    for key, figures in _training_rows(cfg.run_dir, trained).items():
         if key in results and not (key == "student_after" and student_dir):
             results[key].update(figures)
     write_run_report(prep, results, files, cards=student_dir is None, log=log)  # another folder: not this run's
     return cfg.run_dir
 
 
-def _training_rows(run_dir: Path, metrics: Path, baseline_metrics: Path) -> dict[str, dict]:
-    """The training figures of the trained models: from the old report.json, else from their metrics.jsonl."""
+def _training_rows(run_dir: Path, metrics_files: dict[str, Path]) -> dict[str, dict]:
+    """The training figures of the trained models (``{row: its metrics.jsonl}``): from the old report.json, else
+    from their metrics.jsonl."""
     old = {}
     if (run_dir / "report.json").is_file():
         try:
@@ -80,7 +87,7 @@ def _training_rows(run_dir: Path, metrics: Path, baseline_metrics: Path) -> dict
         except json.JSONDecodeError:
             old = {}
     rows = {}
-    for key, file in (("student_after", metrics), ("baseline", baseline_metrics)):
+    for key, file in metrics_files.items():
         kept = {k: v for k, v in (old.get(key) or {}).items() if k in KEPT_FROM_TRAINING}
         rows[key] = kept if "steps" in kept else {**rf.training_figures(file), **kept}
     return rows

@@ -200,10 +200,12 @@ class ResumeState:
     """A run folder written before run ids existed (no ``run.json``)."""
 
 
-def check_resume(run_dir: Path, resolved_yaml: str, *, steps: int, baseline: bool) -> ResumeState | None:
+def check_resume(run_dir: Path, resolved_yaml: str, *, steps: int, baseline: bool,
+                 wall_steps: int | None = None) -> ResumeState | None:
     """Compare the resumed config with the saved ``config.resolved.yaml`` and the checkpoints with ``run.json``;
     raise :class:`ConfigError` (nothing changed) if the run cannot be resumed. ``None``: nothing to resume (a
-    folder without a run), so the run starts anew."""
+    folder without a run), so the run starts anew. ``wall_steps``: with ``baseline_wall_time``, the steps
+    recorded for the equal-wall-time baseline (``baseline_wall/``; 0: not decided yet, so not finished)."""
     saved_path = run_dir / CONFIG
     if not saved_path.is_file():
         found = run_files(run_dir)
@@ -227,9 +229,10 @@ def check_resume(run_dir: Path, resolved_yaml: str, *, steps: int, baseline: boo
     run_id = info.get("run_id")
     state = ResumeState(run_id=run_id, step=0, changes=changes, legacy=run_id is None,
                         eval_changed=any(c.key.startswith("eval.") for c in changes))
-    folders = [run_dir] + ([run_dir / "baseline"] if baseline else [])
+    folders = [(run_dir, steps)] + ([(run_dir / "baseline", steps)] if baseline else [])
+    folders += [(run_dir / "baseline_wall", wall_steps)] if wall_steps is not None else []
     at = []
-    for folder in folders:
+    for folder, _ in folders:
         found = latest_checkpoint(folder / "checkpoints")
         if found is None:
             at.append(0)
@@ -242,10 +245,11 @@ def check_resume(run_dir: Path, resolved_yaml: str, *, steps: int, baseline: boo
                 f"or --overwrite to start {run_dir} again")
         at.append(checkpoint_step(found))
     state.step = at[0]
-    if max(at) > steps:
-        raise ConfigError(f"--resume: {run_dir} is at step {max(at)}, past train.steps={steps}; nothing was "
-                          f"changed. train.steps can only be raised on --resume (e.g. train.steps={max(at)} or more)")
-    state.finished = all(s == steps for s in at) and (run_dir / "report.json").is_file()
+    if max(at[:2]) > steps:
+        raise ConfigError(f"--resume: {run_dir} is at step {max(at[:2])}, past train.steps={steps}; nothing was "
+                          f"changed. train.steps can only be raised on --resume (e.g. train.steps={max(at[:2])} or more)")
+    state.finished = (all(s == want for s, (_, want) in zip(at, folders)) and wall_steps != 0
+                      and (run_dir / "report.json").is_file())
     return state
 
 

@@ -8,6 +8,7 @@ from typing import Callable
 
 from stillroom.domains import PreparedRun
 from stillroom.eval import write_report
+from stillroom.run.wall_baseline import note as wall_note
 
 BAD_RECORDS_SHOWN = 20
 """Bad records listed in report.md / report.json (``data.bad_records.first``); the count covers all of them."""
@@ -26,7 +27,8 @@ def write_run_report(prep: PreparedRun, models: dict, metrics_files: dict[str, P
     report = write_report(
         cfg.run_dir, models, generations=generations or None, prompts=prompts,
         metrics_files={k: f for k, f in metrics_files.items() if f.exists()},
-        title=f"stillroom run `{cfg.name}` ({cfg.method})", notes=prep.report_notes(), layout=_layout(cfg), data=data,
+        title=f"stillroom run `{cfg.name}` ({cfg.method})", notes=prep.report_notes() + wall_note(cfg.run_dir),
+        layout=_layout(cfg), data=data,
     )
     bad = (data or {}).get("bad_records", {})
     if bad.get("count"):

@@ -11,7 +11,9 @@
    ``run.json`` / the saved report instead);
 4. the method's training job runs (:func:`stillroom.train.loop.train`);
 5. with ``baseline: true``, a copy of the initial student trains with cross-entropy
-   alone on the plain view of the same data, in the same order;
+   alone on the plain view of the same data, in the same order; with ``baseline_wall_time: true``, another
+   copy then trains with CE for as many steps as fit in the method's training seconds
+   (:mod:`stillroom.run.wall_baseline`: decided once, recorded in ``run.json``);
 6. the students are saved and evaluated, and the report is written (training figures of the whole run, from
    ``metrics.jsonl``), with the method's own report files.
 
@@ -35,6 +37,7 @@ from stillroom.domains.base import merge_rows
 from stillroom.methods import METHODS, Method
 from stillroom.models.precision import resolve_dtype, resolve_precision
 from stillroom.run import folder as rf
+from stillroom.run import wall_baseline as wb
 from stillroom.run.checks import check_run
 from stillroom.run.report import write_run_report
 from stillroom.train.distributed import init_topology, shutdown
@@ -116,7 +119,9 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log: L
     method = check_run(cfg, log=log)  # files and settings, before any model loads
     resolve_auto(cfg)
     resolved = dump_config(cfg)
-    state = rf.check_resume(run_dir, resolved, steps=cfg.train.steps, baseline=cfg.baseline) if resume else None
+    wall_steps = (wb.recorded(run_dir, cfg.train.steps) or {}).get("steps", 0) if cfg.baseline_wall_time else None
+    state = rf.check_resume(run_dir, resolved, steps=cfg.train.steps, baseline=cfg.baseline,
+                            wall_steps=wall_steps) if resume else None
     if resume and state is None:
         log(f"--resume: {run_dir} holds no run yet; starting a new one")
     if not resume and not overwrite:
@@ -160,6 +165,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log: L
         base_job.run_id = run_id
         log(f"baseline: {cfg.train.steps} steps with cross-entropy alone")
         trained["baseline"] = _train(base_job, log, "baseline (ce)")
+    if cfg.baseline_wall_time:
+        wall_model = _train_wall_baseline(prep, initial_state, trained, run_id, resume, log)
 
     if main:
         log("saving the students")
@@ -168,11 +175,16 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log: L
         if cfg.baseline:
             prep.save_model(baseline_model, run_dir / "baseline" / "student")
             after["baseline"] = (baseline_model, prep.data.baseline_heldout)
+        if cfg.baseline_wall_time:
+            prep.save_model(wall_model, run_dir / wb.FOLDER / "student")
+            after[wb.ROW] = (wall_model, prep.data.baseline_heldout)
         log(f"evaluating after training: {', '.join(after)}")
         results = prep.evaluate(after, log)
-        metrics_files = {cfg.method: run_dir / "metrics.jsonl", "baseline": run_dir / "baseline" / "metrics.jsonl"}
+        files = {"student_after": run_dir / "metrics.jsonl", "baseline": run_dir / "baseline" / "metrics.jsonl",
+                 wb.ROW: run_dir / wb.FOLDER / "metrics.jsonl"}
         for key, result in trained.items():
-            results[key].update(_figures(result, metrics_files["baseline" if key == "baseline" else cfg.method]))
+            results[key].update(_figures(result, files[key]))
+        metrics_files = {cfg.method: files["student_after"], "baseline": files["baseline"], wb.ROW: files[wb.ROW]}
         models = merge_rows(models, results)  # the teacher's row gains its speed timed beside the students
         log("writing the report")
         write_run_report(prep, models, metrics_files, log=log)
@@ -180,6 +192,25 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log: L
             plan.report(run_dir)
     shutdown(prep.topology)
     return run_dir
+
+
+def _train_wall_baseline(prep: PreparedRun, initial_state: dict, trained: dict, run_id: str, resume: bool,
+                         log: Log) -> torch.nn.Module:
+    """The CE baseline at equal wall time: the initial student trained with CE for the steps decided (or
+    recorded) by :func:`stillroom.run.wall_baseline.decide` (process 0 decides; every process reads run.json)."""
+    cfg, run_dir = prep.cfg, prep.cfg.run_dir
+    if prep.topology.is_main:
+        wb.decide(run_dir, cfg.train.steps, log)
+    prep.topology.barrier()
+    steps = wb.recorded(run_dir, cfg.train.steps)["steps"]
+    model = copy.deepcopy(prep.student)
+    model.load_state_dict(initial_state)
+    job, _ = prep.job(model, METHODS["sft"], baseline=True, run_dir=run_dir / wb.FOLDER, resume=resume, log=log)
+    job.train = cfg.train.model_copy(update={"steps": steps})  # its LR schedule spans its own steps
+    job.run_id = run_id
+    log(f"baseline at equal wall time: {steps} steps with cross-entropy alone")
+    trained[wb.ROW] = _train(job, log, "baseline (ce, equal wall time)")
+    return model
 
 
 def _log_resume(state: rf.ResumeState, run_dir: Path, cfg: RunConfig, log: Log) -> None:
