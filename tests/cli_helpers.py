@@ -108,6 +108,18 @@ def completed_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step_*/COMPLETE"))
 
 
+def interrupted_copy(run_dir: Path, copy_dir: Path, *, after_step: int, final_step: int) -> None:
+    """``copy_dir``: the finished run ``run_dir`` as a kill right after ``after_step``'s checkpoint would leave it
+    (the final checkpoint, the saved student and the later metrics lines gone), ready for ``--resume``."""
+    import shutil
+
+    shutil.copytree(run_dir, copy_dir)
+    shutil.rmtree(copy_dir / "checkpoints" / f"step_{final_step:06d}")
+    shutil.rmtree(copy_dir / "student", ignore_errors=True)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (copy_dir / "metrics.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] <= after_step))
+
+
 def stillroom_torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``stillroom ARGS`` under torchrun, ``nproc`` processes on this machine; fails with the output's tails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),

@@ -1,10 +1,9 @@
 """method=onpolicy through the real CLI: chat data, a student/teacher/fixed mix, TAID, exact resume."""
 
 import json
-import shutil
 
 import pytest
-from cli_helpers import stillroom, stillroom_torchrun
+from cli_helpers import interrupted_copy, stillroom, stillroom_torchrun
 
 NO_EVAL = ["eval.before=false", "eval.generations=0"]
 ONPOLICY = {"student_weight": 0.5, "teacher_weight": 0.25, "fixed_weight": 0.25, "max_new_tokens": 8}
@@ -55,10 +54,7 @@ def test_onpolicy_resume_matches_uninterrupted_with_taid(recipe_factory, tmp_pat
 
     # Interrupt after step 3: the same folder without the final checkpoint, then --resume.
     resumed_dir = tmp_path / "runs" / "resumed"
-    shutil.copytree(full_dir, resumed_dir)
-    shutil.rmtree(resumed_dir / "checkpoints" / "step_000006")
-    shutil.rmtree(resumed_dir / "student", ignore_errors=True)
-    (resumed_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:3]))
+    interrupted_copy(full_dir, resumed_dir, after_step=3, final_step=6)
     out = stillroom("run", str(recipe), "name=resumed", *NO_EVAL, "--resume")
     assert "resumed from" in out.stdout
     resumed = _metrics(resumed_dir)

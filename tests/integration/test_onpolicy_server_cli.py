@@ -3,10 +3,9 @@ syncs the student to the server and samples there, resumes to the same samples, 
 server started without --allow-reload."""
 
 import json
-import shutil
 
 import pytest
-from cli_helpers import stillroom
+from cli_helpers import interrupted_copy, stillroom
 from helpers import load_saved
 from loopback import serve, teacher_app, teacher_service
 
@@ -46,10 +45,7 @@ def test_server_rollouts_train_and_resume_to_the_same_samples(recipe_factory, tm
 
         # Interrupted after step 3: the checkpoint of step 3, then --resume syncs that student and goes on.
         resumed_dir = tmp_path / "runs" / "resumed"
-        shutil.copytree(full_dir, resumed_dir)
-        shutil.rmtree(resumed_dir / "checkpoints" / "step_000006")
-        shutil.rmtree(resumed_dir / "student", ignore_errors=True)
-        (resumed_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:3]))
+        interrupted_copy(full_dir, resumed_dir, after_step=3, final_step=6)
         out = stillroom("run", str(recipe), "name=resumed", *NO_EVAL, "--resume")
         assert "resumed from" in out.stdout
     resumed = _lines(resumed_dir / "metrics.jsonl")
