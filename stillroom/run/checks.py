@@ -24,6 +24,7 @@ line naming its key.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -69,6 +70,9 @@ def check_run(cfg: RunConfig, *, log: Callable[[str], None] | None = None, all_c
 
             problems += check_lm_eval(cfg.eval.lm_eval) if cfg.vlm is None else [
                 "eval.lm_eval: the harness scores text-only models; a vlm run's models read images: remove eval.lm_eval"]
+    if cfg.train.parallel == "fsdp" and cfg.baseline and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problems.append("baseline: true with train.parallel=fsdp under several processes: the baseline would train a "
+                        "copy of an already sharded student; set baseline: false, or run the baseline as a run of its own")
     classifier = getattr(cfg, "classifier", None)
     for path, key, hint in _image_model_folders(cfg):
         if not Path(path).expanduser().is_dir():

@@ -4,6 +4,7 @@ FSDP2 hook handles it removes still exist); and the refusals before step 0."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -116,3 +117,16 @@ def test_refusals_before_any_sharding(case, match):
     train = TrainConfig(parallel="fsdp", shard_teacher=case == "store teacher")
     with pytest.raises(ValueError, match=match):
         fsdp.sharded_roots(players, train, torch.device("cpu"), world_size=2)
+
+
+def test_a_baseline_beside_a_sharded_student_is_refused_before_any_model_loads(monkeypatch):
+    import stillroom
+    from stillroom.config.load import ConfigError, load_config
+    from stillroom.run.checks import check_run
+
+    cfg = load_config(Path(stillroom.__file__).parent / "recipes" / "quickstart.yaml", ["train.parallel=fsdp"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="baseline: true with train.parallel=fsdp under several processes"):
+        check_run(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: FSDP is a no-op, the baseline trains as usual
+    check_run(cfg)
