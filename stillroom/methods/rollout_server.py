@@ -87,7 +87,7 @@ class ServerRollout:
         log: Callable[[str], None] = print,
     ) -> None:
         self.cfg = cfg
-        self.client = OpenAIClient(cfg.client_config())
+        self.client = OpenAIClient(cfg.client_config(), key="onpolicy.server")
         self.student, self.tokenizer, self.lora = student, tokenizer, lora
         self.weights_dir = Path(weights_dir).resolve()
         self.seed, self.rank, self.log = int(seed), int(rank), log

@@ -92,12 +92,14 @@ class OpenAIClient:
     retried like any broken connection (a server restarting mid-run).
     """
 
-    def __init__(self, cfg: RemoteConfig, *, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, cfg: RemoteConfig, *, sleep: Callable[[float], None] = time.sleep,
+                 key: str = "teacher.remote") -> None:
+        self.key = key  # the config section the settings came from: every message names its keys
         if not cfg.url:
-            raise RemoteError("teacher.remote.url is not set; e.g. teacher.remote.url=http://127.0.0.1:8000/v1")
+            raise RemoteError(f"{key}.url is not set; e.g. {key}.url=http://127.0.0.1:8000/v1")
         parts = urlsplit(cfg.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise RemoteError(f"teacher.remote.url must be an http(s) URL such as http://127.0.0.1:8000/v1 "
+            raise RemoteError(f"{key}.url must be an http(s) URL such as http://127.0.0.1:8000/v1 "
                               f"(got scheme {parts.scheme!r})")
         self.cfg = cfg
         self._key = self._read_key(cfg.api_key_env)
@@ -120,13 +122,12 @@ class OpenAIClient:
         self.requests_sent = 0
         """HTTP requests made so far (every attempt counts)."""
 
-    @staticmethod
-    def _read_key(env: str | None) -> str | None:
+    def _read_key(self, env: str | None) -> str | None:
         if env is None:
             return None
         key = os.environ.get(env)
         if not key:
-            raise RemoteError(f"teacher.remote.api_key_env names the environment variable {env!r}, which is not set "
+            raise RemoteError(f"{self.key}.api_key_env names the environment variable {env!r}, which is not set "
                               "or empty; export it before running (the key itself never goes in a recipe)")
         return key
 
@@ -165,9 +166,9 @@ class OpenAIClient:
                     problem = f"HTTP {r.status_code}: {server_message(r)}"
                     wait_at_least = retry_after(r.headers)
                 else:
-                    hint = {401: " (check the API key in the environment variable teacher.remote.api_key_env)",
+                    hint = {401: f" (check the API key in the environment variable {self.key}.api_key_env)",
                             403: " (the API key lacks access)",
-                            404: " (check teacher.remote.url, which should end in /v1, and teacher.remote.model)"}
+                            404: f" (check {self.key}.url, which should end in /v1, and {self.key}.model)"}
                     raise RemoteError(self.redact(f"{where}: HTTP {r.status_code}: {server_message(r)}"
                                                   f"{hint.get(r.status_code, '')}"))
             if attempt == self.cfg.max_retries:
@@ -184,7 +185,7 @@ class OpenAIClient:
         if not self._loopback:
             start += " --host 0.0.0.0"
         return (f"{where}: connection refused: nothing is listening at {self.shown_base}. Start the teacher server "
-                f"first (e.g. `{start}`, or vLLM/SGLang on that port) or fix teacher.remote.url")
+                f"first (e.g. `{start}`, or vLLM/SGLang on that port) or fix {self.key}.url")
 
     def delay(self, attempt: int, wait_at_least: float | None = None) -> float:
         """Delay before retry ``attempt + 1``: ``backoff_s * 2**attempt`` capped at ``max_backoff_s``, drawn in
@@ -223,7 +224,7 @@ class OpenAIClient:
     # ------------------------------------------------------------------ server check
 
     def check_server(self, tokenizer_hash: str | None = None) -> dict | None:
-        """Ask ``/models``; check ``teacher.remote.model`` is served and (if both sides know it) the tokenizer.
+        """Ask ``/models``; check ``<key>.model`` is served and (if both sides know it) the tokenizer.
 
         Returns the model's entry, or None when the server has no ``/models`` listing. On success
         :attr:`server_checked` becomes true. Until then a refused connection fails at once.
@@ -243,7 +244,7 @@ class OpenAIClient:
         if self.cfg.model is not None and entry is None:
             names = [m.get("id") for m in data if isinstance(m, dict)]
             raise RemoteError(f"{self.shown_base}: model {self.cfg.model!r} is not served (served: {names}); "
-                              "fix teacher.remote.model")
+                              f"fix {self.key}.model")
         entry = entry or (data[0] if data and isinstance(data[0], dict) else {})
         theirs = entry.get("tokenizer_hash")
         if tokenizer_hash is not None and theirs and theirs != tokenizer_hash:

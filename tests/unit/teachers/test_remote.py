@@ -206,6 +206,17 @@ def test_config_errors_are_clear():
         RemoteTeacher(RemoteConfig(url="http://127.0.0.1:9/v1", top_k=20), vocab_size=10)
 
 
+def test_client_messages_name_the_section_its_settings_came_from(monkeypatch):
+    """The same client serves on-policy rollouts (onpolicy.server): its errors name those keys, not the teacher's."""
+    from stillroom.teachers.http import OpenAIClient
+
+    with pytest.raises(RemoteError, match=r"^onpolicy\.server\.url is not set; e\.g\. onpolicy\.server\.url="):
+        OpenAIClient(RemoteConfig(), key="onpolicy.server")
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with pytest.raises(RemoteError, match=r"^onpolicy\.server\.api_key_env names the environment variable"):
+        OpenAIClient(RemoteConfig(url="http://127.0.0.1:9/v1", api_key_env="NO_SUCH_KEY_VAR"), key="onpolicy.server")
+
+
 def entry(pairs):
     return {str(t): {"logprob": lp, "rank": r, "decoded_token": "x"} for t, lp, r in pairs}
 
