@@ -18,13 +18,10 @@ import time
 
 import torch
 
-from stillroom.config.schema import (
-    DataConfig, DataSource, LayerSelection, LossConfig, LossTerm, ModelSource, TrainConfig,
-)
-from stillroom.data import build_splits, collate
+from smollm2_setup import smollm2_setup
+from stillroom.config.schema import LossConfig, LossTerm, TrainConfig
 from stillroom.domains.lm.forward import StudentForward
 from stillroom.losses import LossMix
-from stillroom.models import derive_student, load_model
 from stillroom.teachers.signal import OnlineTeacher
 from stillroom.train.loop import DistillObjective, Player, forward_backward
 
@@ -41,14 +38,10 @@ def main() -> None:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    loaded = load_model(ModelSource(builtin="smollm2-135m-instruct"), dtype=torch.float32)
-    tok = loaded.tokenizer
-    splits = build_splits(DataConfig(sources=[DataSource(bundled="pydoc")], seq_len=args.seq), tok, 0)
-    batch = collate(splits.train[: args.batch], tok.pad_token_id).to(device)
-    student, kept = derive_student(loaded.model, LayerSelection(strategy="every_n", every_n=3))
-    student = student.float().to(device)
-    vocab = len(tok)
-    teacher = OnlineTeacher(loaded.model.to(device).eval(), vocab_size=vocab, output_device=device)
+    setup = smollm2_setup(args.batch, args.seq, device)
+    batch, student, kept = setup.batch, setup.student, setup.kept
+    vocab = len(setup.tokenizer)
+    teacher = OnlineTeacher(setup.teacher.to(device).eval(), vocab_size=vocab, output_device=device)
     shared = Player("student", student, DistillObjective(None, LossMix(LossConfig(terms=[LossTerm(name="ce")]))))
     shared.build_optimizer(TrainConfig(steps=1000, warmup_steps=0))
     optimizer = shared.optimizer

@@ -47,22 +47,17 @@ def prepare(work: Path, batch_size: int, seq: int) -> None:
     """Teacher and student as HF folders, the token batch, and a top-k store of the teacher on it."""
     from safetensors.torch import save_file
 
-    from stillroom.config.schema import DataConfig, DataSource, LayerSelection, ModelSource
-    from stillroom.data import build_splits, collate
-    from stillroom.models import derive_student, load_model
+    from smollm2_setup import smollm2_setup
     from stillroom.teachers.store_writer import make_header, model_compute, write_store
 
     if (work / "ready").exists():
         return
     torch.manual_seed(0)
-    loaded = load_model(ModelSource(builtin="smollm2-135m-instruct"), dtype=torch.float32)
-    tok = loaded.tokenizer
-    student, kept = derive_student(loaded.model, LayerSelection(strategy="every_n", every_n=3))
-    for name, model in (("teacher", loaded.model), ("student", student.float())):
+    setup = smollm2_setup(batch_size, seq)
+    tok, examples, batch, kept = setup.tokenizer, setup.examples, setup.batch, setup.kept
+    for name, model in (("teacher", setup.teacher), ("student", setup.student)):
         model.save_pretrained(work / name)
         tok.save_pretrained(work / name)
-    examples = build_splits(DataConfig(sources=[DataSource(bundled="pydoc")], seq_len=seq), tok, 0).train[:batch_size]
-    batch = collate(examples, tok.pad_token_id)
     # HF convention: unshifted labels, -100 where nothing is learned (the model shifts them itself).
     learn = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     learn[:, 1:] = batch.target_ids[:, :-1] != -100
@@ -73,7 +68,7 @@ def prepare(work: Path, batch_size: int, seq: int) -> None:
     header = make_header(examples, teacher_identity="builtin:smollm2-135m-instruct", tokenizer_hash="bench",
                          vocab_size=len(tok), k=STORE_K, loss_temperature=1.0, logprob_dtype="float16")
     write_store(work / "store", header, examples,
-                model_compute(loaded.model.eval(), k=STORE_K, loss_temperature=1.0, vocab_size=len(tok),
+                model_compute(setup.teacher.eval(), k=STORE_K, loss_temperature=1.0, vocab_size=len(tok),
                               pad_id=tok.pad_token_id), log=lambda _: None)
     (work / "ready").write_text("ok")
 

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from stillroom.config.schema import DataConfig, DataSource, LayerSelection, LossConfig, LossTerm, ModelSource, TrainConfig
-from stillroom.data import build_splits, collate
+from smollm2_setup import smollm2_setup
+from stillroom.config.schema import LossConfig, LossTerm, TrainConfig
 from stillroom.losses import LossMix
-from stillroom.models import derive_student, load_model
 from stillroom.teachers.signal import OnlineTeacher
 from stillroom.domains.lm.forward import StudentForward
 from stillroom.train.loop import DistillObjective, forward_backward, Player
@@ -45,14 +44,10 @@ def main() -> None:
     precision = resolve_precision(args.precision, device.type)
     teacher_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
-    teacher_loaded = load_model(ModelSource(builtin="smollm2-135m-instruct"), dtype=torch.float32)
-    tok = teacher_loaded.tokenizer
-    splits = build_splits(DataConfig(sources=[DataSource(bundled="pydoc")], seq_len=args.seq), tok, 0)
-    batch = collate(splits.train[: args.batch], tok.pad_token_id).to(device)
-    student, kept = derive_student(teacher_loaded.model, LayerSelection(strategy="every_n", every_n=3))
-    student = student.float().to(device)
-    teacher_model = teacher_loaded.model.to(device, teacher_dtype).eval()
-    vocab = len(tok)
+    setup = smollm2_setup(args.batch, args.seq, device)
+    batch, student, kept = setup.batch, setup.student, setup.kept
+    teacher_model = setup.teacher.to(device, teacher_dtype).eval()
+    vocab = len(setup.tokenizer)
     teacher = OnlineTeacher(teacher_model, vocab_size=vocab, output_device=device)
     tc = TrainConfig(steps=1000, warmup_steps=0)
     shared = Player("student", student, DistillObjective(None, LossMix(LossConfig(terms=[LossTerm(name="ce")]))))
