@@ -13,6 +13,10 @@ fp32 (fp64 when the student logits are fp64, for gradcheck), and return ``(weigh
   (two matmuls in the head's matmul dtype, the one bf16 autocast would use in the plain path), so backward
   never recomputes the head.
 
+In the chunked and fused paths the common terms (CE, forward and reverse KL, JSD, soft CE, and any divergence
+on a top-k teacher's bins) skip autograd: :mod:`stillroom.losses.closed_form` writes each chunk's logit gradient
+in closed form into buffers reused by every chunk; the kernels above stay the reference and the fallback.
+
 The backward pass of both Functions only scales the stored gradients by the incoming scalar gradient: valid
 because the result is a sum (linear in each chunk's contribution).
 """
@@ -21,11 +25,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from stillroom.losses import closed_form
+from stillroom.losses.closed_form import Head, HeadGrad, all_finite  # noqa: F401 (all_finite: re-exported)
 from stillroom.losses.sparse import student_bins, teacher_bins
 from stillroom.teachers.signal import (  # noqa: F401 (TeacherLike, sanitize_logits: re-exported)
     NEG_INF, TeacherChunk, TeacherLike, TeacherRows, sanitize_logits,
@@ -153,6 +158,12 @@ class LogitTerm:
     uses_teacher: bool = True
     vocab_free: bool = False
     """Compares ranked probabilities, not tokens (``uld``): it sees a cross-tokenizer teacher whole."""
+    closed_form: Callable | None = None
+    """``closed_form(chunk, coef_n) -> [N]``: the values, and ``coef_n * d value / d logits`` written into
+    ``chunk.grad`` (:mod:`stillroom.losses.closed_form`); None: the autograd kernel only."""
+    on_bins: bool = False
+    """With a top-k teacher the kernel reads only ``ctx.pair`` (the K + 1 bins), so the closed-form chunk can
+    spread its bin gradient onto the vocabulary."""
 
 
 @dataclass
@@ -166,15 +177,24 @@ class Plan:
     dtype: torch.dtype
     weight_flat: torch.Tensor | None = None  # [B*T] per-token weights of the rows (None = 1)
 
-    def chunks(self):
-        """The counted rows, ``chunk`` at a time: a ``slice`` of the flat axis when the counted rows are
-        consecutive (every position counted, the common case for text: indexing gives views, no gathers),
-        else an ``[n]`` tensor of row indices."""
+    def chunks(self, spans: bool = False):
+        """The counted rows, ``chunk`` at a time, as ``(rows, keep=None)``: a ``slice`` of the flat axis when they
+        are consecutive (views, no gathers), else an ``[n]`` index tensor. ``spans``: if they fill 90% of their
+        range (text: all but each sequence's last), slices of the range, ``keep`` ``[n]`` bool marking them."""
         n = self.rows.numel()
         first = int(self.rows[0]) if n else 0
-        consecutive = n > 0 and int(self.rows[-1]) - first + 1 == n  # rows are sorted and distinct
+        span = int(self.rows[-1]) - first + 1 if n else 0  # rows are sorted and distinct
+        if span == n or (spans and 10 * n >= 9 * span):
+            keep = None
+            if span != n:
+                keep = torch.zeros(span, dtype=torch.bool, device=self.rows.device)
+                keep[self.rows - first] = True
+            for i in range(0, span, self.chunk):
+                j = min(i + self.chunk, span)
+                yield slice(first + i, first + j), None if keep is None else keep[i:j]
+            return
         for i in range(0, n, self.chunk):
-            yield slice(first + i, first + min(i + self.chunk, n)) if consecutive else self.rows[i : i + self.chunk]
+            yield self.rows[i : i + self.chunk], None
 
     def context(self, z: torch.Tensor, rows: torch.Tensor | slice) -> ChunkContext:
         target = self.target_flat[rows] if self.target_flat is not None else None
@@ -188,7 +208,6 @@ class Plan:
         total = sum(t.weight * p for t, p in zip(self.terms, parts))
         return total, parts
 
-
     @staticmethod
     def _rows(term: LogitTerm, ctx: ChunkContext, stats) -> torch.Tensor:
         """``[N]`` values of ``term``, times the per-token weights; a cross-tokenizer teacher's terms count
@@ -200,11 +219,6 @@ class Plan:
         if cross is not None and term.uses_teacher:
             values = values * cross.aligned_n.to(values.dtype)
         return values
-
-
-def all_finite(x: torch.Tensor) -> bool:
-    """No ``inf`` or NaN in ``x``: its fp32 sum is finite (one read, no copy). Logits never sum past fp32's range."""
-    return bool(torch.isfinite(x.sum(dtype=torch.float32)))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -221,7 +235,7 @@ def _batch_stats(plan: Plan, logits_of: Callable[[torch.Tensor], torch.Tensor]) 
         return stats
     sums: list = [None] * len(plan.terms)
     with torch.no_grad():
-        for rows in plan.chunks():
+        for rows, _ in plan.chunks():
             ctx = plan.context(logits_of(rows), rows)
             for i, t in enumerate(plan.terms):
                 if t.prepass is not None:
@@ -241,86 +255,66 @@ def plain_loss(plan: Plan, logits_flat: torch.Tensor) -> tuple[torch.Tensor, lis
     return plan.evaluate(plan.context(logits_flat if every else logits_flat[rows], rows), stats)
 
 
-class _Head:
-    """The output head of the fused path, cast once to the dtype its matmuls run in: ``matmul_dtype``, what
-    autocast would use for the head in the plain path (bf16 under bf16 autocast, whose last hidden state is still
-    fp32), so the fused path's head costs what the plain path's does; ``None`` keeps the weight's own dtype."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, matmul_dtype: torch.dtype | None):
-        self.dtype = matmul_dtype or weight.dtype
-        self.weight = weight.detach().to(self.dtype)  # [V, D]; a view when no cast is needed
-        self.bias = None if bias is None else bias.detach().to(self.dtype)
-
-    def logits(self, x_nd: torch.Tensor) -> torch.Tensor:
-        """``[n, D] -> [n, V]`` in the matmul dtype (no graph)."""
-        return F.linear(x_nd.to(self.dtype), self.weight, self.bias)
-
-    def backward(self, grad_nv: torch.Tensor, x_nd: torch.Tensor, need: list[bool], grad_w: torch.Tensor | None):
-        """Gradients of one chunk from the gradient of its logits ``[n, V]``: ``(d x [n, D] or None, d bias [V]
-        or None)``; ``d weight`` is added into ``grad_w`` (fp32 ``[V, D]``): in place when the matmul runs in
-        fp32 (no ``[V, D]`` temporary per chunk), else through one product in the matmul dtype."""
-        g = grad_nv.to(self.dtype)
-        gx = g @ self.weight if need[0] else None
-        if need[1]:
-            if self.dtype == grad_w.dtype:
-                grad_w.addmm_(g.t(), x_nd.to(self.dtype))
-            else:
-                grad_w += g.t() @ x_nd.to(self.dtype)
-        gb = grad_nv.sum(0) if need[2] else None
-        return gx, gb
-
-
 class _ChunkedLoss(torch.autograd.Function):
     """Inputs: ``x`` = logits ``[BT, V]`` (weight None) or hidden ``[BT, D]`` with head ``weight`` ``[V, D]``,
-    optional ``bias`` ``[V]`` and the head's ``matmul_dtype``. Outputs: scalar total, ``[n_terms]`` parts (no
-    grad). Per chunk, autograd runs only from the chunk's logits ``z [n, V]`` (a leaf) through the kernels; the
-    fused head's gradients are then two matmuls (:meth:`_Head.backward`), so backward never recomputes the head.
-    """
+    optional ``bias`` ``[V]``, the head's ``matmul_dtype``. Outputs: scalar total, ``[n_terms]`` parts (no grad).
+    A chunk's logit gradient ``[n, V]`` comes from the closed forms or from autograd through the kernels; the
+    fused head's gradients are then two matmuls (:meth:`Head.backward`): backward never recomputes the head."""
 
     @staticmethod
     def forward(ctx, plan: Plan, need_grad: bool, x, weight, bias, matmul_dtype):
         fused = weight is not None
         need = [need_grad and t is not None and t.requires_grad for t in (x, weight, bias)]
-        head = _Head(weight, bias, matmul_dtype) if fused else None
+        head = Head(weight, bias, matmul_dtype) if fused else None
         grad_x = torch.zeros_like(x) if need[0] else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+        grad_w = HeadGrad(head.dtype) if need[1] else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
-        def logits_of(rows):
-            return head.logits(x[rows]) if fused else x[rows]
-
-        stats = _batch_stats(plan, lambda rows: logits_of(rows).detach())
+        stats = _batch_stats(plan, lambda rows: (head.logits(x[rows]) if fused else x[rows]).detach())
+        vocab = weight.shape[0] if fused else x.shape[1]
+        ws = closed_form.Workspace.for_call(plan.chunk, vocab, x.device) if closed_form.usable(plan) else None
         # fp64 running sums on the input's device (chunk results live there).
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         parts = torch.zeros(len(plan.terms), dtype=torch.float64, device=x.device)
-        for rows in plan.chunks():
-            x_rows = x[rows].detach()  # a view for a slice of rows
-            with torch.enable_grad():
-                z = (head.logits(x_rows) if fused else x_rows).requires_grad_(any(need))
-                chunk_total, chunk_parts = plan.evaluate(plan.context(z, rows), stats)
-            if any(need) and chunk_total.requires_grad:
-                (grad_z,) = torch.autograd.grad(chunk_total, z)
-                gx, gb = head.backward(grad_z, x_rows, need, grad_w) if fused else (grad_z, None)
+        for rows, keep in plan.chunks(spans=ws is not None and plan.teacher.topk is None):
+            out = closed_form.run_chunk(plan, ws, head, x, rows, keep, stats) if ws is not None else None
+            if out is None:
+                rows = rows if keep is None else torch.arange(rows.start, rows.stop, device=x.device)[keep]
+                out = _autograd_chunk(plan, head, x, rows, any(need), stats)
+            chunk_total, chunk_parts, grad_z = out
+            if any(need) and grad_z is not None:
+                x_rows = x[rows].detach()
+                gx, gb = head.backward(grad_z, x_rows, need, grad_w, ws) if fused else (grad_z, None)
                 if need[0]:
                     grad_x[rows] = gx.to(grad_x.dtype)
                 if need[2]:
                     grad_b += gb
             total += chunk_total.detach().double()
             parts += torch.stack([p.detach().double() for p in chunk_parts])
-        ctx.save_for_backward(*(g if g is not None else x.new_empty(0) for g in (grad_x, grad_w, grad_b)))
-        ctx.has = [g is not None for g in (grad_x, grad_w, grad_b)]
+        ctx.save_for_backward(*(g if g is not None else x.new_empty(0) for g in (grad_x, weight, grad_b)))
+        ctx.has, ctx.head_grad = [grad_x is not None, grad_w is not None, grad_b is not None], grad_w
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias)]
-        out_dtype = plan.dtype
-        parts_out = parts.to(out_dtype)
+        parts_out = parts.to(plan.dtype)
         ctx.mark_non_differentiable(parts_out)
-        return total.to(out_dtype), parts_out
+        return total.to(plan.dtype), parts_out
 
     @staticmethod
     def backward(ctx, grad_total, _grad_parts):
-        saved = ctx.saved_tensors
-        out = []
-        for g, has, dt in zip(saved, ctx.has, ctx.dtypes):
-            out.append((g * grad_total.to(g.dtype)).to(dt) if has else None)
-        return (None, None, *out, None)
+        grad_x, weight, grad_b = ctx.saved_tensors
+        scaled = [grad_x * grad_total.to(grad_x.dtype), ctx.head_grad and ctx.head_grad.scaled(grad_total, weight),
+                  grad_b * grad_total.to(grad_b.dtype)]
+        return (None, None, *(g.to(dt) if has else None for g, has, dt in zip(scaled, ctx.has, ctx.dtypes)), None)
+
+
+def _autograd_chunk(plan: Plan, head, x: torch.Tensor, rows: slice | torch.Tensor, want_grad: bool, stats: list):
+    """One chunk through the kernels with autograd from its logits (a leaf): ``(total, parts, grad or None)``."""
+    x_rows = x[rows].detach()  # a view for a slice of rows
+    with torch.enable_grad():
+        z = (head.logits(x_rows) if head is not None else x_rows).requires_grad_(want_grad)
+        chunk_total, chunk_parts = plan.evaluate(plan.context(z, rows), stats)
+    grad_z = None
+    if want_grad and chunk_total.requires_grad:
+        (grad_z,) = torch.autograd.grad(chunk_total, z)
+    return chunk_total, chunk_parts, grad_z
 
 
 def chunked_loss(plan: Plan, x: torch.Tensor, weight: torch.Tensor | None = None,

@@ -41,9 +41,11 @@ def bind(spec: TermSpec, args: dict[str, Any], *, key: str | None = None, weight
     scale = loss_temperature**2 if (spec.divergence and scale_by_temperature_squared) else 1.0
     stats = spec.batch_stats(args) if spec.batch_stats is not None else None
 
+    closed = functools.partial(spec.closed_form, **args) if spec.closed_form is not None else None
     return LogitTerm(key=key or spec.name, kernel=functools.partial(spec.kernel, **args), weight=weight, scale=scale,
                      prepass=stats.prepass if stats else None, finish=stats.finish if stats else None,
-                     temperature=loss_temperature, uses_teacher=spec.uses_teacher, vocab_free=spec.vocab_free)
+                     temperature=loss_temperature, uses_teacher=spec.uses_teacher, vocab_free=spec.vocab_free,
+                     closed_form=closed, on_bins=spec.sparse_ok and spec.uses_teacher)
 
 
 def kernel_args(spec: TermSpec, params: dict[str, Any], state: Any = None) -> dict[str, Any]:

@@ -55,7 +55,8 @@ class TermSpec:
     divergence: bool = False
     uses_teacher: bool = True
     sparse_ok: bool = False
-    """Accepts a top-k teacher (K + 1 bin estimator); logit terms without it need dense logits."""
+    """Accepts a top-k teacher (K + 1 bin estimator); logit terms without it need dense logits. A term with a
+    teacher and this flag reads only ``ctx.pair`` then (the closed-form chunk hands its kernel the bins)."""
     uses_targets: bool = False
     """Reads the target ids (hard-label CE)."""
     vocab_free: bool = False
@@ -69,6 +70,9 @@ class TermSpec:
     with the mix) with ``kernel_args() -> dict``, ``update(per_target, step, total_steps)`` (fed the
     term's own loss per token after each optimizer step) and ``log_state() -> dict``."""
     batch_stats: Callable[[dict[str, Any]], BatchStats | None] | None = None
+    closed_form: Callable | None = None
+    """Logit terms: ``closed_form(chunk, coef_n, **args) -> [N]``, the values with ``coef_n * d value / d logits``
+    written into ``chunk.grad`` (:mod:`stillroom.losses.closed_form`; a single dense teacher or none), or None."""
     """Logit terms: given the kernel arguments, the batch statistics the kernel needs (or None)."""
     projects: bool = False
     """Hidden terms: learned ``nn.Linear(student_width, teacher_width)`` per mapped layer when the

@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from stillroom.losses import closed_form
 from stillroom.losses.logit import define
 from stillroom.losses.registry import BatchStats, TermSpec, all_of, non_negative, one_of, unit_interval
 from stillroom.losses.schedule import TaidSchedule
@@ -242,6 +243,7 @@ def _taid_state(p) -> TaidSchedule:
 
 ce = define(TermSpec(
     "ce", "logit", _ce, uses_teacher=False, sparse_ok=True, uses_targets=True,
+    closed_form=closed_form.ce,
     doc="""Cross-entropy on hard labels: sum over counted tokens of -log q(target) (softmax at T = 1).
 
     ``target_ids`` ``[B, T]``: the token each position predicts, -100 where ignored (contributes 0).
@@ -251,6 +253,7 @@ ce = define(TermSpec(
 
 soft_ce = define(TermSpec(
     "soft_ce", "logit", _soft_ce, sparse_ok=True,
+    closed_form=closed_form.soft_ce,
     doc="""Soft cross-entropy -sum_v p(v) log q(v) = H(p) + KL(p||q) (not zero at p = q: it is a CE).
 
     With a list of teachers, p is the average of their probabilities (MEAL V2, Shen & Savvides 2020).
@@ -258,14 +261,17 @@ soft_ce = define(TermSpec(
 
 forward_kl = define(TermSpec(
     "forward_kl", "logit", _divergence(forward_kl_rows), divergence=True, sparse_ok=True,
+    closed_form=closed_form.forward_kl,
     doc="""Forward KL(p || q) = sum_v p (log p - log q), p teacher, q student (Hinton et al. 2015)."""))
 
 reverse_kl = define(TermSpec(
     "reverse_kl", "logit", _divergence(reverse_kl_rows), divergence=True, sparse_ok=True,
+    closed_form=closed_form.reverse_kl,
     doc="""Reverse KL(q || p) = sum_v q (log q - log p), mode-seeking (MiniLLM, Gu et al. 2024)."""))
 
 jsd = define(TermSpec(
     "jsd", "logit", _divergence(jsd_rows), {"beta": 0.5}, unit_interval("beta"), divergence=True, sparse_ok=True,
+    closed_form=closed_form.jsd,
     doc="""Generalised JSD (GKD, Agarwal et al. 2024): beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q.
 
     log m by logsumexp. beta = 0 is exactly KL(p||q), beta = 1 exactly KL(q||p) (TRL). Default beta 0.5.

@@ -35,9 +35,11 @@ class StudentForward(torch.nn.Module):
                       output_hidden_states=bool(self.hidden_layers), output_attentions=self.attentions)
         if self.fused:
             out = self.body(**kwargs)
-            bias = None if self.head.bias is None else self.head.bias[: self.vocab]
+            weight, bias = self.head.weight, self.head.bias
+            if weight.shape[0] != self.vocab:  # a slice only when needed: its backward is a zeroed [V, D] copy
+                weight, bias = weight[: self.vocab], None if bias is None else bias[: self.vocab]
             hidden = out.last_hidden_state
-            result = {"hidden": hidden, "head": OutputHead(self.head.weight[: self.vocab], bias, autocast_dtype(hidden))}
+            result = {"hidden": hidden, "head": OutputHead(weight, bias, autocast_dtype(hidden))}
         else:
             out = self.model(**kwargs)
             result = {"logits": out.logits[..., : self.vocab]}

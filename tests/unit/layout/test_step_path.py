@@ -1,7 +1,8 @@
 """A newcomer can follow one optimizer step through at most 8 files, in one direction.
 
 One knowledge-distillation step of a one-process language-model run (online teacher, forward
-KL, the fused path: the defaults) is traced with ``sys.setprofile``: every stillroom file whose
+KL, the fused path: the defaults; forward KL runs in its closed form, so the kernels of ``losses/terms.py``
+are not called) is traced with ``sys.setprofile``: every stillroom file whose
 code runs is recorded, in the order it first runs. There must be at most 8, and reading them
 must go one way: the imports among them form no circle, so a reader starting at the loop only
 ever goes down. (At run time the engine hands the term kernels a context whose shared
@@ -141,4 +142,4 @@ def test_one_step_reads_through_at_most_eight_files_in_one_direction(tmp_path, t
     assert _has_circle(edges) is None, (_has_circle(edges), sorted(edges))
     # the step's path in reading order, as docs/DESIGN.md draws it
     assert files == ["train/loop.py", "data/batch.py", "train/distributed.py", "teachers/signal.py",
-                     "domains/lm/forward.py", "losses/mix.py", "losses/engine.py", "losses/terms.py"], files
+                     "domains/lm/forward.py", "losses/mix.py", "losses/engine.py", "losses/closed_form.py"], files

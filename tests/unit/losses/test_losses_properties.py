@@ -44,7 +44,10 @@ def test_properties(name, problem):
     vc, _ = fn(s2, teacher, mask, loss_temperature=temperature, chunk_tokens=chunk)
     gc = torch.autograd.grad(vc, s2)[0] if vc.requires_grad else torch.zeros_like(s2)
     torch.testing.assert_close(vc, v, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gc, g, rtol=1e-4, atol=1e-6)
+    # The chunked path's closed forms round differently from autograd through the kernels (e.g. reverse KL's
+    # q (d - KL)): ~1e-6 at these logit scales, and a row whose value rounds to 0 on one side is clamped there
+    # (no gradient) but not on the other; the gradient there is itself ~1e-5. A wrong formula is off by ~1e-1.
+    torch.testing.assert_close(gc, g, rtol=1e-4, atol=3e-5)
     # Equal inputs: zero.
     same, _ = fn(teacher.clone(), teacher, mask, loss_temperature=temperature)
     assert abs(same.item()) <= 1e-5 * max(n, 1)

@@ -1,0 +1,368 @@
+"""The fast chunk of the chunked and fused paths: the common terms' values and gradients in closed form, on
+buffers reused by every chunk of a call, and the output head's matmuls.
+
+Why: on a CPU, each fresh ``[rows, V]`` fp32 temporary larger than glibc's mmap threshold (32 MiB at most: a
+``[256, 49152]`` chunk is 48 MiB) is new memory from the kernel, and its page faults cost several times the op
+itself (measured on a 2-core Xeon: an fp32 subtraction of ``[256, 49152]`` takes 12.4 ms into a new tensor,
+2.7 ms into an existing one). Autograd through the per-row math of :mod:`stillroom.losses.terms` allocates a
+dozen such temporaries per chunk, forward and backward. Here every ``[n, V]`` quantity lives in a named buffer
+of a :class:`Workspace` allocated once per call, and each term writes its gradient with respect to the student's
+logits straight into one buffer (``grad``):
+
+* ``ce``: value ``-log q1(y)``, gradient ``q1 - onehot(y)`` (``q1``: the student's softmax at temperature 1);
+* ``forward_kl``: ``sum p (log p - log q)``, gradient ``(q - p) / T``; ``soft_ce``: ``-sum p log q``, the same;
+* ``reverse_kl``: ``sum q (log q - log p)``, gradient ``q * (log q - log p - value) / T``;
+* ``jsd``: ``beta KL(p||m) + (1 - beta) KL(q||m)``, gradient ``(1 - beta) q * (d - KL(q||m)) / T`` with
+  ``d = log q - log m`` (the terms through ``m`` cancel);
+* a top-k teacher (any divergence on the K + 1 bins): the term's own kernel on the ``[N, K+1]`` bins with
+  autograd (small), its bin gradient ``h`` spread onto the vocabulary in closed form:
+  ``dF/ds_j = h_j - q_j H`` for a top-k id, ``q_j (h_tail / q_tail - H)`` for the rest, ``H = sum_b h_b``.
+
+Divergences are clamped at 0 like the kernels, and a row whose raw value rounds below 0 gets no gradient (the
+clamp's). A chunk with a non-finite logit goes back to the autograd kernels (:class:`Fallback`), which handle
+padded vocabularies and banned tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import torch
+
+from stillroom.losses.sparse import teacher_bins
+
+
+class Fallback(Exception):
+    """This chunk needs the autograd kernels (an edge case the closed forms do not cover)."""
+
+
+class Workspace:
+    """Named ``[rows, V]`` buffers, allocated on first use and reused by every chunk of a call and by the next
+    call of the same shape (:meth:`for_call`): a fresh buffer's first touch costs its page faults again."""
+
+    _last: "Workspace | None" = None
+
+    def __init__(self, rows: int, cols: int, device: torch.device):
+        self.rows, self.cols, self.device = rows, cols, device
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    @classmethod
+    def for_call(cls, rows: int, cols: int, device: torch.device) -> "Workspace":
+        """The workspace of the previous call when its shape and device match, else a new one that replaces it
+        (one workspace is kept per process: its buffers are at most the loss's own peak, ~8 ``[rows, V]``)."""
+        last = cls._last
+        if last is None or (last.rows, last.cols, last.device) != (rows, cols, device):
+            cls._last = last = cls(rows, cols, device)
+        return last
+
+    def get(self, name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The first ``n`` rows of buffer ``name`` (contents undefined)."""
+        buf = self._buffers.get((name, dtype))
+        if buf is None:
+            buf = self._buffers[(name, dtype)] = torch.empty(self.rows, self.cols, dtype=dtype, device=self.device)
+        return buf[:n]
+
+
+def log_softmax_into(x: torch.Tensor, probs: torch.Tensor) -> None:
+    """In place: ``x`` ``[n, V]`` logits become log-probabilities, ``probs`` (a buffer) the probabilities."""
+    m = x.amax(-1, keepdim=True)
+    x.sub_(m)
+    torch.exp(x, out=probs)
+    s = probs.sum(-1, keepdim=True)
+    x.sub_(s.log())
+    probs.div_(s)
+
+
+class Head:
+    """The output head of the fused path, cast once to the dtype its matmuls run in: ``matmul_dtype``, what
+    autocast would use for the head in the plain path (bf16 under bf16 autocast, whose last hidden state is still
+    fp32), so the fused path's head costs what the plain path's does; ``None`` keeps the weight's own dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, matmul_dtype: torch.dtype | None):
+        self.dtype = matmul_dtype or weight.dtype
+        self.weight = weight.detach().to(self.dtype)  # [V, D]; a view when no cast is needed
+        self.bias = None if bias is None else bias.detach().to(self.dtype)
+
+    def logits(self, x_nd: torch.Tensor) -> torch.Tensor:
+        """``[n, D] -> [n, V]`` in the matmul dtype (no graph)."""
+        return torch.nn.functional.linear(x_nd.to(self.dtype), self.weight, self.bias)
+
+    def logits_into(self, x_nd: torch.Tensor, z_nv: torch.Tensor, ws: Workspace) -> None:
+        """The chunk's logits into the fp32 buffer ``z_nv`` ``[n, V]`` (through a buffer of the matmul dtype)."""
+        out = z_nv if self.dtype == z_nv.dtype else ws.get("z_matmul", x_nd.shape[0], self.dtype)
+        torch.mm(x_nd.to(self.dtype), self.weight.t(), out=out)
+        if self.bias is not None:
+            out.add_(self.bias)
+        if out is not z_nv:
+            z_nv.copy_(out)
+
+    def backward(self, grad_nv: torch.Tensor, x_nd: torch.Tensor, need: list[bool], grad_w: "HeadGrad | None",
+                 ws: Workspace | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Gradients of one chunk from the gradient of its logits ``[n, V]``: ``(d x [n, D] or None, d bias [V]
+        or None)``; ``d weight`` is added into ``grad_w``."""
+        if grad_nv.dtype == self.dtype:
+            g = grad_nv
+        elif ws is not None:
+            g = ws.get("grad_matmul", grad_nv.shape[0], self.dtype).copy_(grad_nv)
+        else:
+            g = grad_nv.to(self.dtype)
+        gx = g @ self.weight if need[0] else None
+        if need[1]:
+            grad_w.add(g, x_nd.to(self.dtype))
+        gb = grad_nv.sum(0) if need[2] else None
+        return gx, gb
+
+
+class HeadGrad:
+    """The head weight's gradient ``[V, D]``, summed over chunks by ``addmm_`` into a buffer of the matmul dtype.
+    A bf16 buffer is added into the fp32 sum every ``flush_every`` chunks, so a bf16 running sum is rounded at
+    most that many times (the plain path's autocast rounds its single product once)."""
+
+    def __init__(self, dtype: torch.dtype, flush_every: int = 4):
+        self.dtype, self.flush_every = dtype, flush_every
+        self.part: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
+        self.pending = 0
+
+    def add(self, g_nv: torch.Tensor, x_nd: torch.Tensor) -> None:
+        if self.dtype != torch.float32 and self.pending == self.flush_every:
+            self._flush()
+        if self.part is None:
+            self.part = torch.mm(g_nv.t(), x_nd)
+        elif self.pending == 0:
+            torch.mm(g_nv.t(), x_nd, out=self.part)
+        else:
+            self.part.addmm_(g_nv.t(), x_nd)
+        self.pending += 1
+
+    def _flush(self) -> None:
+        self.total = self.part.float() if self.total is None else self.total.add_(self.part)
+        self.pending = 0
+
+    def scaled(self, factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``factor`` times the sum, as a new fp32 tensor (the sum itself is kept: backward may run again)."""
+        if self.part is None:
+            return torch.zeros_like(like, dtype=torch.float32)
+        if self.part.dtype == torch.float32:
+            return self.part * factor
+        out = torch.empty_like(self.part, dtype=torch.float32).copy_(self.part)
+        if self.total is not None:
+            out.add_(self.total)
+        return out.mul_(factor)
+
+
+class ClosedChunk:
+    """One chunk of ``n`` rows for the closed forms: the student's raw fp32 logits ``z`` ``[n, V]`` (a workspace
+    buffer, overwritten), the teacher's rows, the targets ``[n]``, ``loss_temperature`` ``T``; shared quantities
+    computed once into workspace buffers; ``grad`` ``[n, V]`` fp32 collects d(weighted sum)/dz."""
+
+    def __init__(self, ws: Workspace, z_nv: torch.Tensor, teacher, target_n: torch.Tensor | None, temperature: float):
+        self.ws, self.z, self.teacher, self.target_n, self.T = ws, z_nv, teacher, target_n, temperature
+        self.n = z_nv.shape[0]
+        self.grad = ws.get("grad", self.n).zero_()
+
+    def buffer(self, name: str) -> torch.Tensor:
+        return self.ws.get(name, self.n)
+
+    @cached_property
+    def student(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log q, q)`` ``[n, V]`` at ``T`` (at T = 1 computed in place in ``z``)."""
+        logq = self.z if self.T == 1.0 else torch.div(self.z, self.T, out=self.buffer("logq"))
+        q = self.buffer("q")
+        log_softmax_into(logq, q)
+        return logq, q
+
+    @cached_property
+    def student_t1(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log q1, q1)`` at temperature 1 (hard-label CE)."""
+        if self.T == 1.0:
+            return self.student
+        logq1, q1 = self.buffer("logq1").copy_(self.z), self.buffer("q1")
+        log_softmax_into(logq1, q1)
+        return logq1, q1
+
+    @cached_property
+    def teacher_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log p, p)`` ``[n, V]`` of the (single) dense teacher at ``T``."""
+        logp = self.buffer("logp").copy_(self.teacher.dense[0])
+        if not all_finite(logp):  # checked in fp32: a bf16 tensor's fp32 sum converts it on the way
+            raise Fallback("a non-finite teacher logit")
+        if self.T != 1.0:
+            logp.div_(self.T)
+        p = self.buffer("p")
+        log_softmax_into(logp, p)
+        return logp, p
+
+
+def _clamped(raw_n: torch.Tensor, coef_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A divergence's clamped values and its coefficient without the rows the clamp cuts off."""
+    keep = raw_n >= 0
+    return raw_n.clamp_min(0.0), coef_n * keep
+
+
+# ---------------------------------------------------------------- the terms (value [n]; coef * d value / dz into c.grad)
+
+def ce(c: ClosedChunk, coef_n: torch.Tensor) -> torch.Tensor:
+    """Hard-label CE at temperature 1; target -100 counts 0."""
+    if c.target_n is None:
+        raise ValueError("loss term 'ce' needs target_ids [B, T]")
+    if not isinstance(c.target_n, torch.Tensor):
+        raise Fallback("mixed targets")
+    logq1, q1 = c.student_t1
+    target = c.target_n.long()
+    valid = target != -100
+    safe = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    k = (coef_n * valid).to(q1.dtype)
+    c.grad.addcmul_(q1, k.unsqueeze(1))
+    c.grad.scatter_add_(1, safe, -k.unsqueeze(1))
+    return torch.where(valid, -logq1.gather(1, safe).squeeze(1), torch.zeros_like(k))
+
+
+def forward_kl(c: ClosedChunk, coef_n: torch.Tensor) -> torch.Tensor:
+    logq, q = c.student
+    logp, p = c.teacher_dense
+    tmp = c.buffer("tmp0")
+    torch.sub(logp, logq, out=tmp).mul_(p)
+    value, k = _clamped(tmp.sum(-1), coef_n / c.T)
+    c.grad.addcmul_(torch.sub(q, p, out=tmp), k.unsqueeze(1))
+    return value
+
+
+def soft_ce(c: ClosedChunk, coef_n: torch.Tensor) -> torch.Tensor:
+    logq, q = c.student
+    logp, p = c.teacher_dense
+    tmp = c.buffer("tmp0")
+    value = -torch.mul(p, logq, out=tmp).sum(-1)
+    c.grad.addcmul_(torch.sub(q, p, out=tmp), (coef_n / c.T).unsqueeze(1))
+    return value
+
+
+def reverse_kl(c: ClosedChunk, coef_n: torch.Tensor) -> torch.Tensor:
+    logq, q = c.student
+    logp, _ = c.teacher_dense
+    d, tmp = c.buffer("tmp0"), c.buffer("tmp1")
+    torch.sub(logq, logp, out=d)
+    raw = torch.mul(d, q, out=tmp).sum(-1)
+    value, k = _clamped(raw, coef_n / c.T)
+    d.sub_(raw.unsqueeze(1)).mul_(q)
+    c.grad.addcmul_(d, k.unsqueeze(1))
+    return value
+
+
+def jsd(c: ClosedChunk, coef_n: torch.Tensor, *, beta: float) -> torch.Tensor:
+    if beta == 0.0:
+        return forward_kl(c, coef_n)
+    if beta == 1.0:
+        return reverse_kl(c, coef_n)
+    logq, q = c.student
+    logp, p = c.teacher_dense
+    a, b, logm = c.buffer("tmp0"), c.buffer("tmp1"), c.buffer("tmp2")
+    torch.logaddexp(torch.add(logp, math.log(beta), out=a), torch.add(logq, math.log1p(-beta), out=b), out=logm)
+    kl_pm = torch.sub(logp, logm, out=a).mul_(p).sum(-1)
+    d = torch.sub(logq, logm, out=a)
+    kl_qm = torch.mul(d, q, out=b).sum(-1)
+    value, k = _clamped(beta * kl_pm + (1.0 - beta) * kl_qm, coef_n * ((1.0 - beta) / c.T))
+    d.sub_(kl_qm.unsqueeze(1)).mul_(q)
+    c.grad.addcmul_(d, k.unsqueeze(1))
+    return value
+
+
+class _Bins:
+    """What a divergence kernel reads for a top-k teacher: ``pair`` = (teacher, student) ``[n, K+1]`` bins."""
+
+    def __init__(self, teacher, pair):
+        self.teacher, self.pair = teacher, pair
+
+
+def on_bins(c: ClosedChunk, coef_n: torch.Tensor, kernel, stats) -> torch.Tensor:
+    """A divergence against a top-k teacher: ``kernel`` on the K + 1 bins by autograd, spread onto ``[n, V]``."""
+    ids_nk, lp_nk, tail_n = c.teacher.topk
+    logq, q = c.student
+    ids = ids_nk.long()
+    k = ids.shape[1]
+    rest = c.buffer("tmp0").copy_(q).scatter_(1, ids, 0.0)
+    q_tail = rest.sum(-1)  # a sum of the small entries: no 1 - sum cancellation
+    if k < q.shape[1] and bool((q_tail <= 0).any()):
+        raise Fallback("a student tail mass below fp32's range")
+    q_ids = q.gather(1, ids)
+    logq_bins = torch.cat([logq.gather(1, ids), q_tail.log().unsqueeze(1)], 1).requires_grad_(True)
+    tail = tail_n.to(q.dtype).masked_fill(q_tail <= 0, float("-inf"))  # k = V: the tail bin is empty
+    with torch.enable_grad():
+        values = kernel(_Bins(c.teacher, (teacher_bins(lp_nk, tail, q.dtype), logq_bins)), stats)
+        (h,) = torch.autograd.grad((values * coef_n).sum(), logq_bins)
+    h = h / c.T
+    total_h = h.sum(-1)
+    r = torch.where(q_tail > 0, h[:, k] / q_tail.clamp_min(torch.finfo(q.dtype).tiny), torch.zeros_like(total_h))
+    c.grad.addcmul_(q, (r - total_h).unsqueeze(1))
+    c.grad.scatter_add_(1, ids, h[:, :k] - q_ids * r.unsqueeze(1))
+    return values.detach()
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No ``inf`` or NaN in ``x``: its fp32 sum is finite (one read, no copy). Logits never sum past fp32's range."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float32)))
+
+
+def run_chunk(plan, ws: Workspace, head: Head | None, x: torch.Tensor, rows: slice | torch.Tensor,
+              keep: torch.Tensor | None, stats: list):
+    """One chunk through the closed forms: ``(total, parts, d total / d logits [n, V])``, or None when the chunk
+    needs the autograd kernels (a non-finite logit, or a case the closed forms leave out)."""
+    x_rows = x[rows].detach()
+    z = ws.get("z", x_rows.shape[0])
+    if head is not None:
+        head.logits_into(x_rows, z, ws)
+    else:
+        z.copy_(x_rows)
+    if not all_finite(z):
+        return None
+    teacher = plan.teacher.take(rows)
+    weight_n = plan.weight_flat[rows].float() if plan.weight_flat is not None else torch.ones_like(z[:, 0])
+    if keep is not None:
+        weight_n = weight_n * keep
+    target = plan.target_flat[rows] if plan.target_flat is not None else None
+    chunk = ClosedChunk(ws, z, teacher, target, plan.loss_temperature)
+    try:
+        total, parts = evaluate(plan.terms, chunk, weight_n, stats)
+    except Fallback:
+        return None
+    return total, parts, chunk.grad
+
+
+def usable(plan) -> bool:
+    """Whether every term of ``plan`` has a closed form here (else the call runs the autograd kernels): fp32
+    math, at most one dense teacher or a top-k one, no cross-tokenizer teacher, no batch statistics, plain
+    target ids."""
+    teacher = plan.teacher
+    if plan.dtype != torch.float32 or teacher.cross is not None or len(teacher.dense) > 1:
+        return False
+    if any(t.prepass is not None for t in plan.terms):
+        return False
+    if plan.target_flat is not None and not isinstance(plan.target_flat, torch.Tensor):
+        return False
+    for t in plan.terms:
+        if t.uses_teacher and not teacher.present:
+            return False
+        if t.uses_teacher and teacher.topk is not None:
+            if not t.on_bins:
+                return False
+        elif t.closed_form is None:
+            return False
+    return True
+
+
+def evaluate(terms, c: ClosedChunk, weight_n: torch.Tensor, stats: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Weighted sum and per-term (scaled, unweighted) sums of one chunk, as ``Plan.evaluate`` gives them;
+    ``weight_n`` ``[n]`` is each row's token weight (0 for a row that does not count). The gradient of the
+    weighted sum with respect to the raw logits is left in ``c.grad``."""
+    parts = []
+    for term, s in zip(terms, stats):
+        coef = weight_n * (term.weight * term.scale)
+        if term.uses_teacher and c.teacher.topk is not None:
+            values = on_bins(c, coef, term.kernel, s)
+        else:
+            values = term.closed_form(c, coef)
+        values = torch.where(weight_n != 0, values * weight_n, torch.zeros_like(values))
+        parts.append(term.scale * values.sum())
+    total = sum(t.weight * p for t, p in zip(terms, parts))
+    return total, parts

@@ -1,0 +1,161 @@
+"""The closed-form chunk (stillroom.losses.closed_form) against the plain autograd path: values and gradients.
+
+Every term with a closed form, alone and mixed, at temperature 1 and 2, with per-token weights, with counted rows
+that are consecutive, that fill 90% of their range (slices with a keep mask) and that are sparse (gathers), from
+logits (chunked path) and from the last hidden state (fused path); a top-k teacher through the bins; and the
+fallback to the autograd kernels for a chunk with a non-finite logit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stillroom.losses as L
+from stillroom.config.schema import LossConfig, LossTerm
+from stillroom.losses import closed_form
+from stillroom.teachers.signal import TeacherSignal, tail_logmass
+
+B, T, V, D = 3, 7, 40, 12
+MIXES = {
+    "ce": [LossTerm(name="ce")],
+    "forward_kl": [LossTerm(name="forward_kl")],
+    "reverse_kl": [LossTerm(name="reverse_kl")],
+    "soft_ce": [LossTerm(name="soft_ce")],
+    "jsd": [LossTerm(name="jsd", params={"beta": 0.3})],
+    "jsd_ends": [LossTerm(name="jsd", params={"beta": 0.0}), LossTerm(name="jsd", params={"beta": 1.0}, weight=0.5)],
+    "fkl+ce": [LossTerm(name="forward_kl", weight=0.7), LossTerm(name="ce", weight=0.3)],
+}
+
+
+def _mask(kind: str) -> torch.Tensor:
+    if kind == "all":
+        return torch.ones(B, T, dtype=torch.bool)
+    if kind == "but_last":  # text: every position but each sequence's last -> spans with a keep mask
+        m = torch.ones(B, T, dtype=torch.bool)
+        m[:, -1] = False
+        return m
+    g = torch.Generator().manual_seed(3)
+    return torch.rand(B, T, generator=g) < 0.5  # sparse -> gathered rows
+
+
+class Count:
+    """Counts chunks the closed forms handled (not None) and those they handed back."""
+
+    def __init__(self, monkeypatch):
+        self.closed = self.back = 0
+        real = closed_form.run_chunk
+
+        def run(*a, **k):
+            out = real(*a, **k)
+            if out is None:
+                self.back += 1
+            else:
+                self.closed += 1
+            return out
+
+        monkeypatch.setattr(closed_form, "run_chunk", run)
+
+
+def _run(terms, logits, teacher, targets, mask, *, chunk, temperature=1.0, weights=None, t2=False):
+    leaf = logits.clone().requires_grad_(True)
+    mix = L.LossMix(LossConfig(terms=terms, chunk_tokens=4, loss_temperature=temperature,
+                               scale_by_temperature_squared=t2))
+    mix.chunk_tokens = chunk
+    res = mix(L.StudentOutput(logits_btv=leaf), teacher, targets, mask, weight_bt=weights)
+    res.total.backward()
+    return res.total.detach(), leaf.grad, {k: float(v) for k, v in res.parts.items()}
+
+
+@pytest.mark.parametrize("mix_name", sorted(MIXES))
+@pytest.mark.parametrize("mask_kind", ["all", "but_last", "sparse"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_closed_chunks_match_the_plain_path(mix_name, mask_kind, temperature, monkeypatch):
+    torch.manual_seed(0)
+    logits, t_logits = torch.randn(B, T, V) * 3, torch.randn(B, T, V) * 3
+    targets = torch.randint(0, V, (B, T))
+    targets[0, 2] = -100
+    mask = _mask(mask_kind)
+    weights = torch.rand(B, T) + 0.5
+    plain = _run(MIXES[mix_name], logits, t_logits, targets, mask, chunk=None, temperature=temperature,
+                 weights=weights, t2=True)
+    count = Count(monkeypatch)
+    closed = _run(MIXES[mix_name], logits, t_logits, targets, mask, chunk=4, temperature=temperature,
+                  weights=weights, t2=True)
+    assert count.closed > 0 and count.back == 0
+    torch.testing.assert_close(closed[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(closed[1], plain[1], rtol=1e-4, atol=1e-6)
+    assert closed[2] == pytest.approx(plain[2], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "soft_ce"])
+@pytest.mark.parametrize("k", [5, V])
+def test_top_k_teacher_bins_spread_onto_the_vocabulary_match_the_plain_path(name, k, monkeypatch):
+    """A top-k teacher: the term's own kernel on the K + 1 bins, its bin gradient spread in closed form; k = V
+    (an empty tail bin) included."""
+    torch.manual_seed(1)
+    logits = torch.randn(B, T, V) * 2
+    lp = torch.log_softmax(torch.randn(B, T, V) * 2, -1)
+    top_lp, top_ids = lp.topk(k, -1)
+    teacher = TeacherSignal(topk_ids_btk=top_ids, topk_logprobs_btk=top_lp, tail_logmass_bt=tail_logmass(top_lp))
+    targets = torch.randint(0, V, (B, T))
+    terms = [LossTerm(name=name), LossTerm(name="ce", weight=0.5)]
+    plain = _run(terms, logits, teacher, targets, _mask("but_last"), chunk=None)
+    count = Count(monkeypatch)
+    closed = _run(terms, logits, teacher, targets, _mask("but_last"), chunk=4)
+    assert count.closed > 0 and count.back == 0
+    torch.testing.assert_close(closed[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(closed[1], plain[1], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_closed_path_matches_plain_logits_for_head_weight_hidden_and_bias():
+    torch.manual_seed(2)
+    hidden = torch.randn(B, T, D)
+    head = torch.nn.Linear(D, V, bias=True)
+    t_logits = torch.randn(B, T, V) * 2
+    targets = torch.randint(0, V, (B, T))
+    mask = _mask("but_last")
+    cfg = LossConfig(terms=MIXES["fkl+ce"], chunk_tokens=4)
+    grads = []
+    for fused in (False, True):
+        head.zero_grad()
+        h = hidden.clone().requires_grad_(True)
+        mix = L.LossMix(cfg)
+        out = L.StudentOutput(hidden_btd=h, head=head) if fused else L.StudentOutput(logits_btv=head(h))
+        if not fused:
+            mix.chunk_tokens = None
+        res = mix(out, t_logits, targets, mask)
+        res.total.backward()
+        grads.append((res.total.detach(), h.grad, head.weight.grad.clone(), head.bias.grad.clone()))
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_chunk_with_an_infinite_logit_goes_back_to_the_autograd_kernels(monkeypatch):
+    """A banned token (-inf in the student's and the teacher's logits) is excluded from both distributions by
+    the kernels; the closed forms hand such a chunk back, and the result equals the plain path's."""
+    torch.manual_seed(4)
+    logits, t_logits = torch.randn(B, T, V), torch.randn(B, T, V)
+    logits[0, 1, 7] = t_logits[0, 1, 7] = float("-inf")
+    targets = torch.randint(0, V, (B, T))
+    terms = MIXES["fkl+ce"]
+    plain = _run(terms, logits, t_logits, targets, _mask("all"), chunk=None)
+    count = Count(monkeypatch)
+    closed = _run(terms, logits, t_logits, targets, _mask("all"), chunk=4)
+    assert count.back == 1 and count.closed > 0
+    torch.testing.assert_close(closed[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(closed[1], plain[1], rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(closed[1]).all()
+
+
+def test_head_grad_flushes_bf16_partial_sums_into_fp32():
+    """bf16 chunk products are summed in bf16 at most ``flush_every`` times before joining the fp32 total: the
+    result stays within a few bf16 roundings of the fp32 product."""
+    torch.manual_seed(5)
+    g, x = torch.randn(64, 50), torch.randn(64, 9)
+    acc = closed_form.HeadGrad(torch.bfloat16, flush_every=3)
+    for i in range(0, 64, 8):
+        acc.add(g[i : i + 8].bfloat16(), x[i : i + 8].bfloat16())
+    got, want = acc.scaled(torch.tensor(2.0), torch.empty(50, 9)), 2 * g.t() @ x
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0.03, atol=0.1)
