@@ -18,7 +18,7 @@ PyTorch CE step, and peak RSS.
 The peer lives in its own environment, never in stillroom's dependencies::
 
     python -m venv .venv-peers && .venv-peers/bin/pip install torch==2.13.0 trl==1.16.0
-    python bench/peers.py --peer-python .venv-peers/bin/python [--reps 3] [--batch 4] [--seq 256]
+    python bench/peers.py --peer-python .venv-peers/bin/python [--reps 3] [--batch 4] [--seq 256] [--vocab 256000]
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ STORE_K = 64
 
 # ---------------------------------------------------------------- preparation (stillroom's environment)
 
-def prepare(work: Path, batch_size: int, seq: int) -> None:
-    """Teacher and student as HF folders, the token batch, and a top-k store of the teacher on it."""
+def prepare(work: Path, batch_size: int, seq: int, vocab: int | None = None) -> None:
+    """Teacher and student as HF folders, the token batch, and a top-k store of the teacher on it. ``vocab``:
+    both models' embeddings and (tied) heads resized to that many rows first (new rows drawn around the mean
+    embedding, transformers' default), to measure a large vocabulary on the same bodies and tokens."""
     from safetensors.torch import save_file
 
     from smollm2_setup import smollm2_setup
@@ -55,6 +57,10 @@ def prepare(work: Path, batch_size: int, seq: int) -> None:
     torch.manual_seed(0)
     setup = smollm2_setup(batch_size, seq)
     tok, examples, batch, kept = setup.tokenizer, setup.examples, setup.batch, setup.kept
+    if vocab:
+        for model in (setup.teacher, setup.student):
+            model.resize_token_embeddings(vocab)
+    vocab = vocab or len(tok)
     for name, model in (("teacher", setup.teacher), ("student", setup.student)):
         model.save_pretrained(work / name)
         tok.save_pretrained(work / name)
@@ -64,11 +70,11 @@ def prepare(work: Path, batch_size: int, seq: int) -> None:
     labels = torch.where(learn, batch.input_ids, torch.full_like(batch.input_ids, -100))
     save_file({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels,
                "target_ids": batch.target_ids}, str(work / "batch.safetensors"))
-    (work / "batch.json").write_text(json.dumps({"uids": batch.uids, "kept_layers": kept, "vocab": len(tok)}))
+    (work / "batch.json").write_text(json.dumps({"uids": batch.uids, "kept_layers": kept, "vocab": vocab}))
     header = make_header(examples, teacher_identity="builtin:smollm2-135m-instruct", tokenizer_hash="bench",
-                         vocab_size=len(tok), k=STORE_K, loss_temperature=1.0, logprob_dtype="float16")
+                         vocab_size=vocab, k=STORE_K, loss_temperature=1.0, logprob_dtype="float16")
     write_store(work / "store", header, examples,
-                model_compute(setup.teacher.eval(), k=STORE_K, loss_temperature=1.0, vocab_size=len(tok),
+                model_compute(setup.teacher.eval(), k=STORE_K, loss_temperature=1.0, vocab_size=vocab,
                               pad_id=tok.pad_token_id), log=lambda _: None)
     (work / "ready").write_text("ok")
 
@@ -277,16 +283,17 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated configurations (default: all)")
     ap.add_argument("--out", default=None, help="also write the measurements as JSON here")
     ap.add_argument("--chunk-tokens", type=int, default=None, help="loss.chunk_tokens of our rows (default: the config's)")
+    ap.add_argument("--vocab", type=int, default=None, help="resize both models' vocabularies to this (e.g. 256000)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:  # --work is then the prepared folder itself
         worker(args.worker, Path(args.work), args.precision, args.reps, args.chunk_tokens)
         return
-    work = Path(args.work) / f"{args.batch}x{args.seq}"
+    work = Path(args.work) / (f"{args.batch}x{args.seq}" + (f"_v{args.vocab}" if args.vocab else ""))
     from stillroom.models.precision import resolve_precision
     precision = resolve_precision(args.precision, "cpu")
     work.mkdir(parents=True, exist_ok=True)
-    prepare(work, args.batch, args.seq)
+    prepare(work, args.batch, args.seq, args.vocab)
     configs = args.only.split(",") if args.only else PLAIN + OURS + PEER
     if not Path(args.peer_python).exists():
         print(f"no peer environment at {args.peer_python}: TRL rows skipped (see the module docstring)")

@@ -304,8 +304,9 @@ class LossConfig(Strict):
         False, description="Multiply divergence terms by T^2 (Hinton's convention). Off by default."
     )
     chunk_tokens: int = Field(
-        256, ge=1, description="Tokens per chunk: losses hold a few [chunk_tokens, V] fp32 temporaries at a time (a KD "
-        "step at 4 x 256 tokens, 49k vocabulary: peak 1.2 GiB at 256 against 2.1 at 1024; docs/BENCHMARKS.md)."
+        256, ge=1, description="Tokens per chunk, at most: losses hold a few [chunk, V] fp32 buffers at a time, and a "
+        "chunk has fewer rows (a multiple of 16) where one buffer would pass 64 MiB (64 rows at a 256k vocabulary). A "
+        "KD step at 4 x 256 tokens, 49k vocabulary: peak 1.2 GiB at 256 against 2.1 at 1024; docs/BENCHMARKS.md."
     )
     fused: bool = Field(
         True,

@@ -383,8 +383,16 @@ def _plan(terms: list[LogitTerm], x: torch.Tensor, vocab: int, teacher: TeacherL
     rows = counted_rows(mask)
     return Plan(terms, rows, TeacherRows(teacher, vocab, temperature),
                 target_ids.reshape(-1) if target_ids is not None else None, temperature,
-                chunk_tokens or max(rows.numel(), 1), compute_dtype(x),
+                chunk_rows(chunk_tokens, vocab) if chunk_tokens else max(rows.numel(), 1), compute_dtype(x),
                 weight_bt.reshape(-1) if weight_bt is not None else None)
+
+
+CHUNK_BYTES = 64 << 20  # per [rows, V] fp32 buffer: 256 rows at V = 49,152, 64 at V = 256,000
+
+
+def chunk_rows(chunk_tokens: int, vocab: int) -> int:
+    """Rows per chunk: ``chunk_tokens``, fewer (a multiple of 16, at least 16) past :data:`CHUNK_BYTES`."""
+    return min(chunk_tokens, max(16, CHUNK_BYTES // (4 * vocab) // 16 * 16))
 
 
 def _empty(plan: Plan, zero: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], int]:

@@ -159,3 +159,15 @@ def test_head_grad_flushes_bf16_partial_sums_into_fp32():
     got, want = acc.scaled(torch.tensor(2.0), torch.empty(50, 9)), 2 * g.t() @ x
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0.03, atol=0.1)
+
+
+def test_chunk_rows_shrink_with_the_vocabulary_so_one_buffer_stays_under_the_budget():
+    from stillroom.losses.engine import CHUNK_BYTES, chunk_rows
+
+    assert chunk_rows(256, 49_152) == 256  # SmolLM2: the default is untouched
+    assert chunk_rows(256, 256_000) == 64  # Gemma-class: 64 rows of 1 MB
+    assert chunk_rows(7, 100) == 7
+    for vocab in (32_000, 151_936, 256_000, 10**7):
+        rows = chunk_rows(4096, vocab)
+        assert rows % 16 == 0 and rows >= 16
+        assert rows == 16 or rows * vocab * 4 <= CHUNK_BYTES
