@@ -171,3 +171,41 @@ def test_chunk_rows_shrink_with_the_vocabulary_so_one_buffer_stays_under_the_bud
         rows = chunk_rows(4096, vocab)
         assert rows % 16 == 0 and rows >= 16
         assert rows == 16 or rows * vocab * 4 <= CHUNK_BYTES
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("teacher_kind", ["dense", "top-k"])
+def test_closed_forms_on_cuda_match_the_plain_path_and_stay_on_the_device(teacher_kind, monkeypatch):
+    """On CUDA the workspace, the closed forms and the bins live on the logits' device; the fused closed path
+    equals the plain path there (fp32, then under bf16 autocast where the head's matmuls run in bf16)."""
+    dev = torch.device("cuda")
+    torch.manual_seed(6)
+    hidden = torch.randn(B, T, D, device=dev)
+    head = torch.nn.Linear(D, V, bias=False).to(dev)
+    lp = torch.log_softmax(torch.randn(B, T, V, device=dev) * 2, -1)
+    top_lp, top_ids = lp.topk(5, -1)
+    teacher = lp if teacher_kind == "dense" else TeacherSignal(
+        topk_ids_btk=top_ids, topk_logprobs_btk=top_lp, tail_logmass_bt=tail_logmass(top_lp))
+    targets = torch.randint(0, V, (B, T), device=dev)
+    mask = _mask("but_last").to(dev)
+    for autocast in (False, True):
+        grads = []
+        count = Count(monkeypatch)
+        for fused in (False, True):
+            head.zero_grad()
+            h = hidden.clone().requires_grad_(True)
+            mix = L.LossMix(LossConfig(terms=MIXES["fkl+ce"], chunk_tokens=4))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                out = L.StudentOutput(hidden_btd=h, head=L.OutputHead(head.weight, None, torch.bfloat16 if autocast
+                                                                        else None)) if fused else \
+                    L.StudentOutput(logits_btv=head(h))
+                if not fused:
+                    mix.chunk_tokens = None
+                res = mix(out, teacher, targets, mask)
+            res.total.backward()
+            grads.append((res.total.detach().float(), h.grad, head.weight.grad.clone()))
+        assert count.closed > 0 and count.back == 0
+        tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-6)
+        for a, b in zip(grads[1], grads[0]):
+            assert a.device.type == "cuda"
+            torch.testing.assert_close(a, b, **tol)
