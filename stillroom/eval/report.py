@@ -151,8 +151,8 @@ def _deltas(models: dict[str, dict], keys: tuple[str, ...] = _DELTA_KEYS) -> dic
     if "teacher" not in models:
         return {}
     out = {}
-    for key in ("student_before", "student_after", "baseline"):
-        if key not in models:
+    for key in row_keys(models):  # the students and baselines with their variants (the equal-wall-time baseline)
+        if base_model(key) not in ("student_before", "student_after", "baseline"):
             continue
         d = {}
         for metric in keys:
@@ -250,7 +250,7 @@ def _markdown(report: dict, models: dict[str, dict], layout: ReportLayout = LAYO
         lines.append("|---|" + "|".join("---:" for _ in layout.deltas) + "|")
         for key, d in report["deltas"].items():
             vals = [f"{d[k]:+.4f}" if k in d else "—" for k in layout.deltas]
-            lines.append(f"| {MODEL_LABELS[key]} | " + " | ".join(vals) + " |")
+            lines.append(f"| {row_label(key, models.get(key))} | " + " | ".join(vals) + " |")
     s = report["summary"]
     if s:
         lines.append("")

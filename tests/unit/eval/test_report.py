@@ -146,3 +146,12 @@ def test_smoothing_is_centered_without_lag():
     assert _smooth([1.0, 2.0, 3.0, 4.0, 5.0], 3) == [1.5, 2.0, 3.0, 4.0, 4.5]
     line = [float(i) for i in range(50)]
     assert _smooth(line, 5)[2:-2] == line[2:-2]  # a straight line is left unchanged: no lag
+
+
+def test_the_equal_wall_time_baseline_has_its_row_versus_the_teacher(tmp_path, models):
+    models = {**models, "baseline_wall": _metrics(2.6, 0.5, 0.66, 30_000_000, 4000.0, train_seconds=61.0, steps=280)}
+    rep = write_report(tmp_path / "run", models, title="wall")
+    assert rep["deltas"]["baseline_wall"]["heldout_ce"] == pytest.approx(0.6)
+    md = (tmp_path / "run" / "report.md").read_text()
+    versus = md[md.index("## Versus the teacher"):]
+    assert "| baseline (CE, equal wall time, 280 steps) | +0.6000" in versus
