@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +70,10 @@ def row_label(key: str, metrics: dict | None = None) -> str:
     if key in VARIANT_LABELS:
         return VARIANT_LABELS[key].format(steps=_fmt((metrics or {}).get("steps"), "int"))
     return MODEL_LABELS[key] if key == base else f"{MODEL_LABELS[base]} ({key[len(base) + 1:]})"
+
+
+HARNESS_FRACTION = re.compile(r"^lm_eval_.+_(acc|acc_norm|exact_match|mc1|mc2)(_[^_]+)?$")
+"""lm-evaluation-harness columns (``lm_eval_<task>_<metric>[_<filter>]``) whose metric is a fraction: shown in %."""
 
 
 COMPARED = ("heldout_ce", "kl_teacher_student", "top1_agreement")
@@ -238,7 +243,7 @@ def _markdown(report: dict, models: dict[str, dict], layout: ReportLayout = LAYO
             if k not in known_keys and (v is None or isinstance(v, (int, float, str, bool)))
         }
     )
-    cols = known + [(k, k, None) for k in extra]
+    cols = known + [(k, k, "pct" if HARNESS_FRACTION.search(k) else None) for k in extra]
     lines.append("| model | " + " | ".join(_cell(h) for _, h, _ in cols) + " |")
     lines.append("|---|" + "|".join("---:" for _ in cols) + "|")
     for key in row_keys(models):

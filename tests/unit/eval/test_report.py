@@ -155,3 +155,15 @@ def test_the_equal_wall_time_baseline_has_its_row_versus_the_teacher(tmp_path, m
     md = (tmp_path / "run" / "report.md").read_text()
     versus = md[md.index("## Versus the teacher"):]
     assert "| baseline (CE, equal wall time, 280 steps) | +0.6000" in versus
+
+
+def test_harness_fractions_show_as_percentages_and_other_harness_numbers_as_they_are(tmp_path, models):
+    extra = {"lm_eval_toy_mc_acc": 0.5, "lm_eval_toy_mc_acc_norm": 0.25, "lm_eval_gsm_exact_match_strict-match": 0.1,
+             "lm_eval_wiki_word_perplexity": 31.7}
+    models = {k: {**m, **extra} for k, m in models.items()}
+    write_report(tmp_path / "run", models, title="harness")
+    md = (tmp_path / "run" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| student (after) |"))
+    for cell in ("50.0%", "25.0%", "10.0%", "31.7"):
+        assert f"| {cell} |" in row + " |", (cell, row)
+    assert "3170.0%" not in row
