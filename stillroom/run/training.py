@@ -184,7 +184,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log: L
                  wb.ROW: run_dir / wb.FOLDER / "metrics.jsonl"}
         for key, result in trained.items():
             results[key].update(_figures(result, files[key]))
-        metrics_files = {cfg.method: files["student_after"], "baseline": files["baseline"], wb.ROW: files[wb.ROW]}
+        metrics_files = {cfg.method if key == "student_after" else key: f for key, f in files.items()}  # curve labels
         models = merge_rows(models, results)  # the teacher's row gains its speed timed beside the students
         log("writing the report")
         write_run_report(prep, models, metrics_files, log=log)
