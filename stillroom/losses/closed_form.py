@@ -157,10 +157,11 @@ class ClosedChunk:
     buffer, overwritten), the teacher's rows, the targets ``[n]``, ``loss_temperature`` ``T``; shared quantities
     computed once into workspace buffers; ``grad`` ``[n, V]`` fp32 collects d(weighted sum)/dz."""
 
-    def __init__(self, ws: Workspace, z_nv: torch.Tensor, teacher, target_n: torch.Tensor | None, temperature: float):
+    def __init__(self, ws: Workspace, z_nv: torch.Tensor, teacher, target_n: torch.Tensor | None, temperature: float,
+                 want_grad: bool = True):
         self.ws, self.z, self.teacher, self.target_n, self.T = ws, z_nv, teacher, target_n, temperature
         self.n = z_nv.shape[0]
-        self.grad = ws.get("grad", self.n).zero_()
+        self.grad = ws.get("grad", self.n).zero_() if want_grad else None  # None: values only (evaluation)
 
     def buffer(self, name: str) -> torch.Tensor:
         return self.ws.get(name, self.n)
@@ -214,8 +215,9 @@ def ce(c: ClosedChunk, coef_n: torch.Tensor) -> torch.Tensor:
     valid = target != -100
     safe = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
     k = (coef_n * valid).to(q1.dtype)
-    c.grad.addcmul_(q1, k.unsqueeze(1))
-    c.grad.scatter_add_(1, safe, -k.unsqueeze(1))
+    if c.grad is not None:
+        c.grad.addcmul_(q1, k.unsqueeze(1))
+        c.grad.scatter_add_(1, safe, -k.unsqueeze(1))
     return torch.where(valid, -logq1.gather(1, safe).squeeze(1), torch.zeros_like(k))
 
 
@@ -225,7 +227,8 @@ def forward_kl(c: ClosedChunk, coef_n: torch.Tensor) -> torch.Tensor:
     tmp = c.buffer("tmp0")
     torch.sub(logp, logq, out=tmp).mul_(p)
     value, k = _clamped(tmp.sum(-1), coef_n / c.T)
-    c.grad.addcmul_(torch.sub(q, p, out=tmp), k.unsqueeze(1))
+    if c.grad is not None:
+        c.grad.addcmul_(torch.sub(q, p, out=tmp), k.unsqueeze(1))
     return value
 
 
@@ -234,7 +237,8 @@ def soft_ce(c: ClosedChunk, coef_n: torch.Tensor) -> torch.Tensor:
     logp, p = c.teacher_dense
     tmp = c.buffer("tmp0")
     value = -torch.mul(p, logq, out=tmp).sum(-1)
-    c.grad.addcmul_(torch.sub(q, p, out=tmp), (coef_n / c.T).unsqueeze(1))
+    if c.grad is not None:
+        c.grad.addcmul_(torch.sub(q, p, out=tmp), (coef_n / c.T).unsqueeze(1))
     return value
 
 
@@ -245,8 +249,8 @@ def reverse_kl(c: ClosedChunk, coef_n: torch.Tensor) -> torch.Tensor:
     torch.sub(logq, logp, out=d)
     raw = torch.mul(d, q, out=tmp).sum(-1)
     value, k = _clamped(raw, coef_n / c.T)
-    d.sub_(raw.unsqueeze(1)).mul_(q)
-    c.grad.addcmul_(d, k.unsqueeze(1))
+    if c.grad is not None:
+        c.grad.addcmul_(d.sub_(raw.unsqueeze(1)).mul_(q), k.unsqueeze(1))
     return value
 
 
@@ -265,8 +269,8 @@ def jsd(c: ClosedChunk, coef_n: torch.Tensor, *, beta: float) -> torch.Tensor:
     d = torch.sub(logq, logm, out=a)
     kl_qm = torch.mul(d, q, out=b).sum(-1)
     value, k = _clamped(beta * kl_pm + (1.0 - beta) * kl_qm, coef_n * ((1.0 - beta) / c.T))
-    d.sub_(kl_qm.unsqueeze(1)).mul_(q)
-    c.grad.addcmul_(d, k.unsqueeze(1))
+    if c.grad is not None:
+        c.grad.addcmul_(d.sub_(kl_qm.unsqueeze(1)).mul_(q), k.unsqueeze(1))
     return value
 
 
@@ -292,6 +296,8 @@ def on_bins(c: ClosedChunk, coef_n: torch.Tensor, kernel, stats) -> torch.Tensor
     tail = tail_n.to(q.dtype).masked_fill(q_tail <= 0, float("-inf"))  # k = V: the tail bin is empty
     with torch.enable_grad():
         values = kernel(_Bins(c.teacher, (teacher_bins(lp_nk, tail, q.dtype), logq_bins)), stats)
+        if c.grad is None:
+            return values.detach()
         (h,) = torch.autograd.grad((values * coef_n).sum(), logq_bins)
     h = h / c.T
     total_h = h.sum(-1)
@@ -307,7 +313,7 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 def run_chunk(plan, ws: Workspace, head: Head | None, x: torch.Tensor, rows: slice | torch.Tensor,
-              keep: torch.Tensor | None, stats: list):
+              keep: torch.Tensor | None, stats: list, want_grad: bool = True):
     """One chunk through the closed forms: ``(total, parts, d total / d logits [n, V])``, or None when the chunk
     needs the autograd kernels (a non-finite logit, or a case the closed forms leave out)."""
     x_rows = x[rows].detach()
@@ -323,7 +329,7 @@ def run_chunk(plan, ws: Workspace, head: Head | None, x: torch.Tensor, rows: sli
     if keep is not None:
         weight_n = weight_n * keep
     target = plan.target_flat[rows] if plan.target_flat is not None else None
-    chunk = ClosedChunk(ws, z, teacher, target, plan.loss_temperature)
+    chunk = ClosedChunk(ws, z, teacher, target, plan.loss_temperature, want_grad)
     try:
         total, parts = evaluate(plan.terms, chunk, weight_n, stats)
     except Fallback:

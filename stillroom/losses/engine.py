@@ -276,7 +276,7 @@ class _ChunkedLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         parts = torch.zeros(len(plan.terms), dtype=torch.float64, device=x.device)
         for rows, keep in plan.chunks(spans=ws is not None and plan.teacher.topk is None):
-            out = closed_form.run_chunk(plan, ws, head, x, rows, keep, stats) if ws is not None else None
+            out = closed_form.run_chunk(plan, ws, head, x, rows, keep, stats, any(need)) if ws is not None else None
             if out is None:
                 rows = rows if keep is None else torch.arange(rows.start, rows.stop, device=x.device)[keep]
                 out = _autograd_chunk(plan, head, x, rows, any(need), stats)

@@ -209,3 +209,26 @@ def test_closed_forms_on_cuda_match_the_plain_path_and_stay_on_the_device(teache
         for a, b in zip(grads[1], grads[0]):
             assert a.device.type == "cuda"
             torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("teacher_kind", ["dense", "top-k"])
+def test_without_grad_the_closed_forms_give_the_values_alone(teacher_kind, monkeypatch):
+    """Evaluation (no_grad): the same values as the plain path, and no gradient buffer is written."""
+    torch.manual_seed(7)
+    logits = torch.randn(B, T, V) * 2
+    lp = torch.log_softmax(torch.randn(B, T, V) * 2, -1)
+    top_lp, top_ids = lp.topk(5, -1)
+    teacher = lp if teacher_kind == "dense" else TeacherSignal(
+        topk_ids_btk=top_ids, topk_logprobs_btk=top_lp, tail_logmass_bt=tail_logmass(top_lp))
+    targets = torch.randint(0, V, (B, T))
+    totals = []
+    count = Count(monkeypatch)
+    closed_form.Workspace._last = None  # a fresh workspace: a written gradient would leave its buffer behind
+    for chunk in (None, 4):
+        mix = L.LossMix(LossConfig(terms=MIXES["fkl+ce"], chunk_tokens=4))
+        mix.chunk_tokens = chunk
+        with torch.no_grad():
+            totals.append(mix(L.StudentOutput(logits_btv=logits), teacher, targets, _mask("but_last")).total)
+    assert count.closed > 0 and count.back == 0
+    assert ("grad", torch.float32) not in closed_form.Workspace._last._buffers
+    torch.testing.assert_close(totals[1], totals[0], rtol=1e-5, atol=1e-5)
