@@ -55,6 +55,14 @@ class Workspace:
             cls._last = last = cls(rows, cols, device)
         return last
 
+    def shaped(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Buffer ``name`` of exactly ``shape`` (contents undefined), e.g. the head cast to its matmul dtype: used
+        only inside one call's forward, so the next call may overwrite it."""
+        buf = self._buffers.get((name, dtype))
+        if buf is None or tuple(buf.shape) != shape:
+            buf = self._buffers[(name, dtype)] = torch.empty(shape, dtype=dtype, device=self.device)
+        return buf
+
     def get(self, name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The first ``n`` rows of buffer ``name`` (contents undefined)."""
         buf = self._buffers.get((name, dtype))
@@ -78,9 +86,13 @@ class Head:
     autocast would use for the head in the plain path (bf16 under bf16 autocast, whose last hidden state is still
     fp32), so the fused path's head costs what the plain path's does; ``None`` keeps the weight's own dtype."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, matmul_dtype: torch.dtype | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, matmul_dtype: torch.dtype | None,
+                 ws: "Workspace | None" = None):
         self.dtype = matmul_dtype or weight.dtype
-        self.weight = weight.detach().to(self.dtype)  # [V, D]; a view when no cast is needed
+        if ws is not None and weight.dtype != self.dtype:  # the cast into a buffer kept for the next call
+            self.weight = ws.shaped("head", tuple(weight.shape), self.dtype).copy_(weight.detach())
+        else:
+            self.weight = weight.detach().to(self.dtype)  # [V, D]; a view when no cast is needed
         self.bias = None if bias is None else bias.detach().to(self.dtype)
 
     def logits(self, x_nd: torch.Tensor) -> torch.Tensor:

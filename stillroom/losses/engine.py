@@ -265,13 +265,13 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, plan: Plan, need_grad: bool, x, weight, bias, matmul_dtype):
         fused = weight is not None
         need = [need_grad and t is not None and t.requires_grad for t in (x, weight, bias)]
-        head = Head(weight, bias, matmul_dtype) if fused else None
+        vocab = weight.shape[0] if fused else x.shape[1]
+        ws = closed_form.Workspace.for_call(plan.chunk, vocab, x.device) if closed_form.usable(plan) else None
+        head = Head(weight, bias, matmul_dtype, ws) if fused else None
         grad_x = torch.zeros_like(x) if need[0] else None
         grad_w = HeadGrad(head.dtype) if need[1] else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
         stats = _batch_stats(plan, lambda rows: (head.logits(x[rows]) if fused else x[rows]).detach())
-        vocab = weight.shape[0] if fused else x.shape[1]
-        ws = closed_form.Workspace.for_call(plan.chunk, vocab, x.device) if closed_form.usable(plan) else None
         # fp64 running sums on the input's device (chunk results live there).
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         parts = torch.zeros(len(plan.terms), dtype=torch.float64, device=x.device)
