@@ -105,10 +105,11 @@ class StoreConfig(Strict):
         "(null: <output_dir>/<name>/teacher_store).",
     )
     k: int = Field(64, ge=1, description="Top-k token log-probabilities kept per position.")
-    logprob_dtype: Literal["float16", "bfloat16", "int8", "float32"] = Field(
+    logprob_dtype: Literal["float16", "bfloat16", "int8", "int4", "float32"] = Field(
         "float16",
         description="Storage type of the top-k log-probabilities: float16/bfloat16 (2 bytes), int8 (8-bit codes "
-        "on each position's own [min, max] range, error <= range/510 nats; see docs/STORE.md) or float32 "
+        "on each position's own [min, max] range, error <= range/510 nats, plus 4 bytes of float16 max and step "
+        "per position; see docs/STORE.md), int4 (4-bit codes, two per byte, error <= range/30 nats) or float32 "
         "(exact; for parity checks).",
     )
     hidden_layers: list[int] = Field(default_factory=list, description="Teacher layers whose hidden states are stored.")

@@ -19,8 +19,9 @@ tensor                     shape              dtype
 ``topk_ids``               ``[N, K]``         smallest of uint8 / int16 / uint16 / int32 holding V
 ``topk_logprobs``          ``[N, K]``         float16 / bfloat16 / float32 (16/32-bit modes)
 ``topk_logprob_codes``     ``[N, K]``         uint8 (int8 mode): ``lp = max - code * step``
-``logprob_max``            ``[N]``            float32 (int8 mode)
-``logprob_step``           ``[N]``            float32 (int8 mode)
+``topk_logprob_nibbles``   ``[N, ceil(K/2)]`` uint8 (int4 mode): two 4-bit codes per byte
+``logprob_max``            ``[N]``            ``scale_dtype`` (int8/int4): float16, or float32 in older stores
+``logprob_step``           ``[N]``            ``scale_dtype`` (int8/int4)
 ``tail_logmass``           ``[N]``            float16 (float32 in float32 mode)
 ``hidden.<layer>``         ``[N, H]``         bfloat16 (float32 in float32 mode)
 =========================  =================  ==========================================
@@ -49,12 +50,14 @@ import torch
 from stillroom.data.batch import Example
 from stillroom.models.builtin import sha256_file  # noqa: F401 (used by the store writer and reader)
 from stillroom.models.precision import torch_dtype
+from stillroom.teachers.store_codes import LEVELS, SCALE_DTYPES, decode_quantized, encode_logprobs
+from stillroom.teachers.store_codes import dequantize_int8, quantize_int8  # noqa: F401 (public names)
 
 FORMAT = "stillroom-teacher-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
-LOGPROB_DTYPES = ("float16", "bfloat16", "float32", "int8")
+LOGPROB_DTYPES = ("float16", "bfloat16", "float32", "int8", "int4")
 
 
 class StoreError(RuntimeError):
@@ -189,6 +192,10 @@ class StoreHeader:
     id_dtype: str = ""
     tail_dtype: str = ""
     hidden_dtype: str = ""
+    scale_dtype: str = ""
+    """Dtype of the per-position ``logprob_max`` / ``logprob_step`` of the int8 and int4 modes: float16
+    (default) or float32 (what stores written before the field existed hold; a manifest without the field
+    is read as that). Empty for the unquantised modes."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.k > self.vocab_size:
@@ -197,12 +204,27 @@ class StoreHeader:
         self.id_dtype = self.id_dtype or id_dtype_for(self.vocab_size)
         self.tail_dtype = self.tail_dtype or tail
         self.hidden_dtype = self.hidden_dtype or hidden
+        if self.logprob_dtype in LEVELS:
+            self.scale_dtype = self.scale_dtype or "float16"
+            if self.scale_dtype not in SCALE_DTYPES:
+                raise StoreError(f"scale_dtype {self.scale_dtype!r}; valid: {', '.join(SCALE_DTYPES)}")
+        elif self.scale_dtype:
+            raise StoreError(f"scale_dtype {self.scale_dtype!r} is only for logprob_dtype int8 or int4, "
+                             f"not {self.logprob_dtype!r}")
         self.hidden_layers = sorted(set(int(i) for i in self.hidden_layers))
         if self.hidden_layers and self.hidden_size is None:
             raise StoreError("a store with hidden_layers needs hidden_size")
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def legacy_fields(manifest: dict) -> dict:
+    """``manifest`` with the fields that stores written before they existed imply filled in
+    (``scale_dtype``: float32 for int8, empty otherwise)."""
+    if manifest.get("format") != FORMAT or "scale_dtype" in manifest:
+        return manifest
+    return {**manifest, "scale_dtype": "float32" if manifest.get("logprob_dtype") == "int8" else ""}
 
 
 def header_differences(stored: dict, wanted: dict, fields: Iterable[str]) -> list[str]:
@@ -289,26 +311,6 @@ class SequenceSignal:
         return int(self.topk_ids_tk.shape[0])
 
 
-def quantize_int8(lp_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """8-bit codes of log-probs per row on the row's own range ``[min, max]``.
-
-    Returns ``codes [N, K] uint8``, ``max [N]`` and ``step [N]`` (fp32) with
-    ``lp ~ max - code * step``, ``step = (max - min) / 255``; the rounding error is
-    at most ``step / 2`` per value (0 for the row maximum, exactly representable).
-    """
-    lp = lp_nk.float()
-    hi = lp.max(-1).values
-    lo = lp.min(-1).values
-    step = (hi - lo) / 255.0
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    codes = ((hi.unsqueeze(-1) - lp) / safe.unsqueeze(-1)).round().clamp(0, 255).to(torch.uint8)
-    return codes, hi, step
-
-
-def dequantize_int8(codes_nk: torch.Tensor, hi_n: torch.Tensor, step_n: torch.Tensor) -> torch.Tensor:
-    return hi_n.float().unsqueeze(-1) - codes_nk.float() * step_n.float().unsqueeze(-1)
-
-
 def encode_rows(rows: list[SequenceSignal], header: StoreHeader) -> dict[str, torch.Tensor]:
     """The shard tensors for ``rows`` (concatenated on the token axis)."""
     if not rows:
@@ -332,9 +334,8 @@ def encode_rows(rows: list[SequenceSignal], header: StoreHeader) -> dict[str, to
     lp = torch.cat([r.topk_logprobs_tk.reshape(-1, k) for r in rows]).float()
     tail = torch.cat([r.tail_logmass_t.reshape(-1) for r in rows]).float()
     out = {"offsets": lengths.cumsum(0), "topk_ids": ids.to(torch_dtype(header.id_dtype)).contiguous()}
-    if header.logprob_dtype == "int8":
-        codes, hi, step = quantize_int8(lp)
-        out.update(topk_logprob_codes=codes.contiguous(), logprob_max=hi.contiguous(), logprob_step=step.contiguous())
+    if header.logprob_dtype in LEVELS:
+        out.update(encode_logprobs(lp, header.logprob_dtype, header.scale_dtype))
     else:
         out["topk_logprobs"] = lp.to(torch_dtype(header.logprob_dtype)).contiguous()
     out["tail_logmass"] = tail.to(torch_dtype(header.tail_dtype)).contiguous()
@@ -356,13 +357,12 @@ def decode_logprobs(tensors: dict[str, torch.Tensor], lo: int, hi: int) -> tuple
 
     The K + 1 bins are renormalised to sum to one (``logsumexp`` over the k
     log-probs and the tail subtracted from each), which removes the drift that
-    16-bit rounding or 8-bit quantisation adds to the total.
+    16-bit rounding or 8/4-bit quantisation adds to the total.
     """
     if "topk_logprobs" in tensors:
         lp = tensors["topk_logprobs"][lo:hi].float()
     else:
-        lp = dequantize_int8(tensors["topk_logprob_codes"][lo:hi], tensors["logprob_max"][lo:hi],
-                             tensors["logprob_step"][lo:hi])
+        lp = decode_quantized(tensors, lo, hi)
     tail = tensors["tail_logmass"][lo:hi].float()
     total = torch.logsumexp(torch.cat([lp, tail.unsqueeze(-1)], dim=-1), dim=-1)
     return lp - total.unsqueeze(-1), tail - total

@@ -42,6 +42,7 @@ from stillroom.teachers.store_format import (
     StoreHeader,
     encode_rows,
     header_differences,
+    legacy_fields,
     parse_identity,
     sha256_bytes,
     sha256_file,
@@ -118,11 +119,18 @@ class StoreWriter:
                 old = json.loads(manifest_path.read_text("utf-8"))
             except json.JSONDecodeError:
                 old = {}
+            old = legacy_fields(old)
+            own_scale = self.header.scale_dtype
+            if old.get("scale_dtype") == "float32" and old.get("logprob_dtype") == self.header.logprob_dtype:
+                # A store written with float32 scales (before float16 became the default) is resumed or
+                # repaired with float32 scales, so that its shards stay consistent and byte-stable.
+                self.header.scale_dtype = "float32"
             wanted = self.header.as_dict()
             diffs = header_differences(old, wanted, list(wanted)) if old.get("format") == FORMAT else ["format"]
             if old.get("format_version") != FORMAT_VERSION:
                 diffs.append(f"format_version (store {old.get('format_version')!r}, run {FORMAT_VERSION})")
             if diffs:
+                self.header.scale_dtype = own_scale  # a replaced store is written with this run's scales
                 if not overwrite:
                     raise StoreError(
                         f"{self.folder} already holds a teacher store for another run: {'; '.join(diffs)}. "
