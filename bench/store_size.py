@@ -28,7 +28,6 @@ same settings (a rerun with other settings refuses, naming them, unless ``--fres
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -39,23 +38,19 @@ from pathlib import Path
 
 import torch
 
-from stillroom.config.schema import DataConfig, DataSource, LayerSelection, LossConfig, LossTerm, ModelSource, TrainConfig
+from stillroom.config.schema import DataConfig, DataSource, LayerSelection, ModelSource
 from stillroom.data import build_splits, collate
-from stillroom.domains.lm.forward import StudentForward
-from stillroom.losses import LossMix
 from stillroom.models import derive_student, load_model, tokenizer_hash
 from stillroom.models.precision import resolve_precision
 from stillroom.teachers.signal import OnlineTeacher
-from stillroom.teachers.store_format import SequenceSignal
 from stillroom.teachers.store_reader import StoreReader, StoreTeacher
 from stillroom.teachers.store_writer import make_header, model_compute, write_store
-from stillroom.train.loop import DistillObjective, Player, forward_backward
 
 sys_path = Path(__file__).resolve().parent
 import sys  # noqa: E402
 
 sys.path.insert(0, str(sys_path))
-from teacher_store import heldout_kl, sliced  # noqa: E402  (dense held-out KL and top-k slicing, shared)
+from teacher_store import heldout_kl, sliced, train_kd  # noqa: E402  (shared with bench/teacher_store.py)
 
 CPU = torch.device("cpu")
 DEFAULT_VARIANTS = ("online,k16/int8,k32/int8,k8/int8,k24/int8,k16/int8@1,k16/float16,k32/float16,k24/float16,"
@@ -98,21 +93,7 @@ def machine() -> dict:
 
 def train_variant(student0, batches, source, vocab: int, args) -> tuple[torch.nn.Module, float]:
     """``--steps`` forward-KL steps from a copy of ``student0`` on ``batches`` (one per step); (student, seconds)."""
-    student = copy.deepcopy(student0)
-    tc = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, schedule="cosine")
-    mix = LossMix(LossConfig(terms=[LossTerm(name="forward_kl")], fused=True, chunk_tokens=1024))
-    fwd = StudentForward(student, fused=True, hidden_layers=[], vocab=vocab)
-    player = Player("student", student, DistillObjective(fwd, mix, source))
-    player.build_optimizer(tc)
-    t0 = time.perf_counter()
-    student.train()
-    for b in batches:
-        forward_backward([b], player, fwd, device=CPU, precision=args.precision, scale=1.0 / b.num_targets)
-        torch.nn.utils.clip_grad_norm_(list(student.parameters()), 1.0)
-        player.optimizer.step()
-        player.scheduler.step()
-        player.optimizer.zero_grad(set_to_none=True)
-    return student, time.perf_counter() - t0
+    return train_kd(student0, batches, source, vocab, lr=args.lr, warmup=args.warmup, precision=args.precision)
 
 
 def batch_order(n_train: int, steps: int, batch: int, seed: int) -> list[list[int]]:

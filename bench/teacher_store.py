@@ -59,6 +59,27 @@ def sliced(rows64: dict[str, SequenceSignal], k: int):
     return compute
 
 
+def train_kd(student0, batches, source, vocab: int, *, lr: float, warmup: int,
+             precision: str) -> tuple[torch.nn.Module, float]:
+    """Forward-KL steps (fused loss, clip 1.0, AdamW, cosine schedule) from a copy of ``student0``, one per batch of
+    ``batches``, with the teacher ``source`` (online or a store); ``(student, training seconds)``."""
+    student = copy.deepcopy(student0)
+    tc = TrainConfig(steps=len(batches), lr=lr, warmup_steps=warmup, schedule="cosine")
+    mix = LossMix(LossConfig(terms=[LossTerm(name="forward_kl")], fused=True, chunk_tokens=1024))
+    fwd = StudentForward(student, fused=True, hidden_layers=[], vocab=vocab)
+    player = Player("student", student, DistillObjective(fwd, mix, source))
+    player.build_optimizer(tc)
+    t0 = time.perf_counter()
+    student.train()
+    for b in batches:
+        forward_backward([b], player, fwd, device=CPU, precision=precision, scale=1.0 / b.num_targets)
+        torch.nn.utils.clip_grad_norm_(list(student.parameters()), 1.0)
+        player.optimizer.step()
+        player.scheduler.step()
+        player.optimizer.zero_grad(set_to_none=True)
+    return student, time.perf_counter() - t0
+
+
 def heldout_kl(student, teacher_logits: list[torch.Tensor], batches, vocab: int) -> float:
     """Dense KL(teacher || student) per counted held-out token (fp32, T = 1)."""
     total, count = 0.0, 0
@@ -257,21 +278,7 @@ def main() -> None:
     trained_online = None
     for name, src in sources.items():
         torch.manual_seed(0)
-        student = copy.deepcopy(student0)
-        tc = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=2, schedule="cosine")
-        mix = LossMix(LossConfig(terms=[LossTerm(name="forward_kl")], fused=True, chunk_tokens=1024))
-        fwd = StudentForward(student, fused=True, hidden_layers=[], vocab=vocab)
-        player = Player("student", student, DistillObjective(fwd, mix, src))
-        player.build_optimizer(tc)
-        t0 = time.perf_counter()
-        student.train()
-        for b in batches:
-            forward_backward([b], player, fwd, device=CPU, precision=precision, scale=1.0 / b.num_targets)
-            torch.nn.utils.clip_grad_norm_(list(student.parameters()), 1.0)
-            player.optimizer.step()
-            player.scheduler.step()
-            player.optimizer.zero_grad(set_to_none=True)
-        secs = time.perf_counter() - t0
+        student, secs = train_kd(student0, batches, src, vocab, lr=args.lr, warmup=2, precision=precision)
         train_res[name] = {"heldout_kl": heldout_kl(student, held_teacher, held_batches, vocab), "train_s": secs}
         if name == "online":
             trained_online = student
