@@ -261,7 +261,7 @@ class ClassifierStoreConfig(Strict):
         1, ge=1, description="Views stored per training image (crop box, flip, the teacher's top-k soft label); "
         "training uses view (epoch + a per-image offset) mod this number. Above 1 needs classifier.augment.enabled "
         "(FKD stores several crops per image, e.g. 8).")
-    logprob_dtype: Literal["float16", "bfloat16", "int8", "float32"] = Field(
+    logprob_dtype: Literal["float16", "bfloat16", "int8", "int4", "float32"] = Field(
         "float16", description="Storage type of the top-k log-probabilities (as teacher.store.logprob_dtype).")
     shard_images: int = Field(4096, ge=1, description="Training images per shard file.")
     cache_batch_size: int | None = Field(

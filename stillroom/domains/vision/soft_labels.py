@@ -35,7 +35,8 @@ from stillroom.teachers.store_writer import plan_shards, topk_signal
 
 Log = Callable[[str], None]
 KIND = "images"
-LOGPROB_TENSORS = ("topk_logprobs", "topk_logprob_codes", "logprob_max", "logprob_step", "tail_logmass")
+LOGPROB_TENSORS = ("topk_logprobs", "topk_logprob_codes", "topk_logprob_nibbles", "logprob_max", "logprob_step",
+                   "tail_logmass")
 """The shard tensors :func:`~stillroom.teachers.store_format.decode_logprobs` reads (per quantisation)."""
 RECORDED = ("k", "logprob_dtype", "views_per_image", "shard_images")
 """``classifier.store`` settings read from the manifest where the recipe leaves them at their defaults."""
