@@ -64,11 +64,8 @@ class Workspace:
         return buf
 
     def get(self, name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The first ``n`` rows of buffer ``name`` (contents undefined)."""
-        buf = self._buffers.get((name, dtype))
-        if buf is None:
-            buf = self._buffers[(name, dtype)] = torch.empty(self.rows, self.cols, dtype=dtype, device=self.device)
-        return buf[:n]
+        """The first ``n`` rows of the ``[rows, V]`` buffer ``name`` (contents undefined)."""
+        return self.shaped(name, (self.rows, self.cols), dtype)[:n]
 
 
 def log_softmax_into(x: torch.Tensor, probs: torch.Tensor) -> None:
@@ -305,9 +302,9 @@ def on_bins(c: ClosedChunk, coef_n: torch.Tensor, kernel, stats) -> torch.Tensor
         raise Fallback("a student tail mass below fp32's range")
     q_ids = q.gather(1, ids)
     logq_bins = torch.cat([logq.gather(1, ids), q_tail.log().unsqueeze(1)], 1).requires_grad_(True)
-    tail = tail_n.to(q.dtype).masked_fill(q_tail <= 0, float("-inf"))  # k = V: the tail bin is empty
+    p_bins = teacher_bins(lp_nk, tail_n, q.dtype, empty_tail_n=q_tail <= 0)  # k = V: the tail bin is empty
     with torch.enable_grad():
-        values = kernel(_Bins(c.teacher, (teacher_bins(lp_nk, tail, q.dtype), logq_bins)), stats)
+        values = kernel(_Bins(c.teacher, (p_bins, logq_bins)), stats)
         if c.grad is None:
             return values.detach()
         (h,) = torch.autograd.grad((values * coef_n).sum(), logq_bins)

@@ -127,11 +127,7 @@ class ChunkContext:
         if self.teacher.topk is not None:
             ids, lp, tail = self.teacher.topk
             q_bins = student_bins(self.s_logp, ids, all_finite=not self.any_excluded)
-            # When the k ids cover every (finite) entry the tail bin is empty by construction; a
-            # stored teacher tail there is rounding noise (log(1 - sum) of ~1e-7) and would make
-            # KL(p||q) infinite, so it is zeroed.
-            tail = tail.to(self.dtype).masked_fill(torch.isneginf(q_bins[:, -1]), float("-inf"))
-            return teacher_bins(lp, tail, self.dtype), q_bins
+            return teacher_bins(lp, tail, self.dtype, empty_tail_n=torch.isneginf(q_bins[:, -1])), q_bins
         if self.teacher.dense is None:
             raise ValueError("this term needs a teacher, but none was given")
         return self.t_logp, self.s_logp

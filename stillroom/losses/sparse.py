@@ -47,6 +47,14 @@ def student_bins(s_logp_nv: torch.Tensor, ids_nk: torch.Tensor, *, all_finite: b
     return torch.cat([logq_k, tail.unsqueeze(-1)], dim=-1)
 
 
-def teacher_bins(topk_logprobs_nk: torch.Tensor, tail_logmass_n: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[N, K+1]`` teacher log-probs: the stored top-k log-probs, then the tail log-mass."""
-    return torch.cat([topk_logprobs_nk.to(dtype), tail_logmass_n.to(dtype).unsqueeze(-1)], dim=-1)
+def teacher_bins(topk_logprobs_nk: torch.Tensor, tail_logmass_n: torch.Tensor, dtype: torch.dtype,
+                 empty_tail_n: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N, K+1]`` teacher log-probs: the stored top-k log-probs, then the tail log-mass.
+
+    ``empty_tail_n`` ``[N]`` bool: rows where the student has nothing outside the k ids (the k ids cover every
+    finite entry). Their tail bin is empty by construction; a stored teacher tail there is rounding noise
+    (log(1 - sum) of ~1e-7) and would make KL(p||q) infinite, so it is set to -inf (probability 0)."""
+    tail = tail_logmass_n.to(dtype)
+    if empty_tail_n is not None:
+        tail = tail.masked_fill(empty_tail_n, NEG_INF)
+    return torch.cat([topk_logprobs_nk.to(dtype), tail.unsqueeze(-1)], dim=-1)
