@@ -35,11 +35,11 @@ import torch
 from stillroom.config.methods import FerKDConfig
 from stillroom.domains.vision.data import ImageBatch
 from stillroom.domains.vision.selfmix import draw_mix, mix_targets, paste_boxes
-from stillroom.domains.vision.soft_labels import LOGPROB_TENSORS, ImageSoftLabels, store_folder
+from stillroom.domains.vision.soft_labels import ImageSoftLabels, store_folder
 from stillroom.domains.vision.views import apply_view
 from stillroom.methods.base import Method, MethodContext, MethodPlan, StepCounts
 from stillroom.teachers.signal import TeacherSignal
-from stillroom.teachers.store_format import decode_logprobs, write_json_atomic
+from stillroom.teachers.store_format import LOGPROB_TENSORS, decode_logprobs, write_json_atomic
 from stillroom.train.loop import DistillObjective, Player
 
 KEEP, CALIBRATE, DISCARD = 0, 1, 2

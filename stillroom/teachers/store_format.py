@@ -352,6 +352,12 @@ def encode_rows(rows: list[SequenceSignal], header: StoreHeader) -> dict[str, to
     return out
 
 
+LOGPROB_TENSORS = ("topk_logprobs", "topk_logprob_codes", "topk_logprob_nibbles", "logprob_max", "logprob_step",
+                   "tail_logmass")
+"""The shard tensors :func:`decode_logprobs` may read (which of them a shard holds depends on ``logprob_dtype``;
+the int4 mode also reads the width of ``topk_ids``)."""
+
+
 def decode_logprobs(tensors: dict[str, torch.Tensor], lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``(topk_logprobs [n, K], tail_logmass [n])`` of token rows ``lo:hi``, renormalised.
 

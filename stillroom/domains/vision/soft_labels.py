@@ -27,17 +27,14 @@ import torch
 from stillroom.domains.vision.views import ViewSettings, apply_view, epoch_view_index, sample_views
 from stillroom.teachers.signal import TeacherSignal
 from stillroom.teachers.store_format import (
-    REBUILD, SequenceSignal, StoreError, StoreHeader, StoreMismatch, decode_logprobs, header_differences,
-    parse_identity,
+    LOGPROB_TENSORS, REBUILD, SequenceSignal, StoreError, StoreHeader, StoreMismatch, decode_logprobs,
+    header_differences, parse_identity,
 )
 from stillroom.teachers.store_reader import StoreReader
 from stillroom.teachers.store_writer import plan_shards, topk_signal
 
 Log = Callable[[str], None]
 KIND = "images"
-LOGPROB_TENSORS = ("topk_logprobs", "topk_logprob_codes", "topk_logprob_nibbles", "logprob_max", "logprob_step",
-                   "tail_logmass")
-"""The shard tensors :func:`~stillroom.teachers.store_format.decode_logprobs` reads (per quantisation)."""
 RECORDED = ("k", "logprob_dtype", "views_per_image", "shard_images")
 """``classifier.store`` settings read from the manifest where the recipe leaves them at their defaults."""
 RUN_FIELDS = ("kind", "teacher", "vocab_size", "image_shape", "data_fingerprint", "k", "loss_temperature",
