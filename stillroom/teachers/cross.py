@@ -53,9 +53,7 @@ class CrossTeacher:
             self.rank_k = {s: min(k, rank_k) for s, k in self.rank_k.items()}
 
     def alignments(self, batch: Batch) -> list[RowAlignment]:
-        lengths = batch.attention_mask.sum(dim=1).tolist()
-        return [self.vocab.align(batch.input_ids[b, :n].tolist(), uid)
-                for b, (n, uid) in enumerate(zip(lengths, batch.uids))]
+        return self.vocab.align_batch(batch)
 
     @torch.no_grad()
     def signal(self, batch: Batch) -> TeacherSignal:

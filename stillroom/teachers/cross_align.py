@@ -61,6 +61,9 @@ class CrossVocab:
         """``[M]`` student ids that have a teacher counterpart, ascending."""
         self.matched_teacher = self.student_to_teacher[matched]
         """``[M]`` their teacher ids (same order)."""
+        self.teacher_to_matched = torch.full((teacher_vocab,), -1, dtype=torch.long)
+        """``[V_t]`` long: the column of :attr:`matched_student` a teacher id counts for, else -1."""
+        self.teacher_to_matched[self.matched_teacher] = torch.arange(matched.numel())
         self._special_map = self._map_specials()
 
     # ------------------------------------------------------------------ vocabulary
@@ -109,6 +112,11 @@ class CrossVocab:
         return tid
 
     # ------------------------------------------------------------------ alignment
+    def align_batch(self, batch) -> list[RowAlignment]:
+        """:meth:`align` of every row of a student :class:`~stillroom.data.batch.Batch` (right-padded)."""
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        return [self.align(batch.input_ids[b, :n].tolist(), uid) for b, (n, uid) in enumerate(zip(lengths, batch.uids))]
+
     def align(self, student_ids: list[int], uid: str) -> RowAlignment:
         """The teacher's tokens of ``student_ids``'s text and the aligned position pairs.
 
