@@ -42,7 +42,8 @@ def build_teacher_source(
     online teacher reads the student's text in its own tokens (:class:`~stillroom.teachers.cross.CrossTeacher`).
     """
     if cross is not None:
-        return _cross_teacher(cfg, teacher_model, cross, output_device)
+        return _cross_teacher(cfg, teacher_model, cross, output_device, fingerprint=fingerprint,
+                              train_examples=train_examples, log=log)
     common = dict(vocab_size=vocab_size, fingerprint=fingerprint, hidden_layers=hidden_layers,
                   output_device=output_device, train_examples=train_examples, attentions=attentions, log=log)
     return _build(cfg, cfg.teacher, teacher_model=teacher_model, member=None, **common)
@@ -125,13 +126,34 @@ def _load_member(cfg: RunConfig, tcfg: TeacherConfig, where: str, run_fingerprin
     return model, Fingerprint(loaded.identity, run_fingerprint.tokenizer_hash, run_fingerprint.vocab_size)
 
 
-def _cross_teacher(cfg: RunConfig, teacher_model: torch.nn.Module | None, cross, output_device):
-    """The online teacher of a cross-tokenizer run; ``uld`` terms decide which ranked supports it computes."""
+def _cross_teacher(cfg: RunConfig, teacher_model: torch.nn.Module | None, cross, output_device, **common):
+    """The teacher of a cross-tokenizer run (``teacher.source``); ``uld`` terms decide which ranked supports it
+    computes. Online: the whole distribution at each aligned position; store and remote: the teacher's top k
+    at its own positions, turned into the same targets (:func:`~stillroom.teachers.cross_topk.cross_from_topk`)."""
+    supports = {t.params.get("support", "all") for t in cfg.loss.terms if t.name == "uld"}
+    source = cfg.teacher.source
+    if source == "online":
+        return _cross_online(cfg, teacher_model, cross, output_device, supports)
+    if source == "remote":
+        return _cross_remote(cfg, cross, output_device, supports, **common)
+    if source == "store":
+        return _cross_store(cfg, cross, output_device, supports, **common)
+    raise ValueError(f"teacher.tokenizer_mode=cross does not support teacher.source={source!r}")
+
+
+def _cross_online(cfg: RunConfig, teacher_model: torch.nn.Module | None, cross, output_device, supports):
     from stillroom.teachers.cross import CrossTeacher
 
-    if cfg.teacher.source != "online" or teacher_model is None:
-        raise ValueError(f"teacher.tokenizer_mode=cross needs teacher.source=online (got {cfg.teacher.source!r})")
-    supports = {t.params.get("support", "all") for t in cfg.loss.terms if t.name == "uld"}
+    if teacher_model is None:
+        raise ValueError("teacher.tokenizer_mode=cross with teacher.source=online needs the teacher model loaded")
     return CrossTeacher(teacher_model, cross, temperature=cfg.loss.loss_temperature, supports=supports,
                         rank_k=cfg.teacher.cross.rank_k, chunk_rows=cfg.teacher.cross.chunk_rows,
                         output_device=output_device)
+
+
+def _cross_remote(cfg: RunConfig, cross, output_device, supports, **common):
+    raise NotImplementedError("cross-tokenizer remote teacher: being built")
+
+
+def _cross_store(cfg: RunConfig, cross, output_device, supports, **common):
+    raise NotImplementedError("cross-tokenizer store teacher: being built")
