@@ -16,8 +16,10 @@ from stillroom.config.base import Strict
 if TYPE_CHECKING:
     from stillroom.config.schema import RunConfig
 
-CROSS_SOURCES = ("online",)
-"""Teacher sources that read another tokenizer's text today (the others keep the shared-tokenizer contract)."""
+CROSS_SOURCES = ("online", "store", "remote", "ensemble")
+"""Teacher sources that read another tokenizer's text (every one)."""
+TOPK_SOURCES = ("store", "remote")
+"""Sources that give the teacher's top k log-probabilities at temperature 1 (not its whole distribution)."""
 
 
 class CrossConfig(Strict):
@@ -55,9 +57,14 @@ def check_cross_run(cfg: "RunConfig") -> None:
     if cfg.domain != "lm" or cfg.vlm is not None:
         raise ValueError("teacher.tokenizer_mode=cross distills causal language models (domain: lm, no vlm section)")
     if cfg.teacher.source not in CROSS_SOURCES:
-        raise ValueError(f"teacher.tokenizer_mode=cross works with teacher.source: online in this version; "
-                         f"{cfg.teacher.source!r} keeps the shared-tokenizer contract (its stored or served "
-                         "positions are the teacher's). Run the teacher in process (source: online)")
+        raise ValueError(f"teacher.tokenizer_mode=cross works with teacher.source in {CROSS_SOURCES}, "
+                         f"not {cfg.teacher.source!r}")
+    sources = [m.source for m in cfg.teacher.ensemble] if cfg.teacher.source == "ensemble" else [cfg.teacher.source]
+    if uld and cfg.loss.loss_temperature != 1.0 and any(s in TOPK_SOURCES for s in sources):
+        raise ValueError(f"loss.terms has 'uld' and loss.loss_temperature is {cfg.loss.loss_temperature}, but a "
+                         "store or remote cross-tokenizer teacher gives its top-k log-probabilities at temperature "
+                         "1, whose ranked probabilities cannot be re-tempered; set loss.loss_temperature: 1 or use "
+                         "teacher.source: online")
     s = cfg.student
     if s.tokenizer and s.new_tokenizer is not None:
         raise ValueError("set one of student.tokenizer (a tokenizer folder) and student.new_tokenizer (train one)")

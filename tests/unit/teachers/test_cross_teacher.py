@@ -67,8 +67,10 @@ def _recipe(**changes):
 
 def test_cross_recipes_are_checked_when_loaded():
     assert _recipe().teacher.tokenizer_mode == "cross"
-    with pytest.raises(ValueError, match="teacher.source: online"):
-        _recipe(teacher={"source": "store"})
+    assert _recipe(teacher={"source": "store"}, loss={"loss_temperature": 1.0}).teacher.source == "store"
+    with pytest.raises(ValueError, match="loss.loss_temperature: 1"):  # ranked top-k at T=1 cannot be re-tempered
+        _recipe(teacher={"source": "remote"}, loss={"loss_temperature": 2.0})
+    assert _recipe(teacher={"source": "online"}, loss={"loss_temperature": 2.0}).loss.loss_temperature == 2.0
     with pytest.raises(ValueError, match="student's own tokenizer"):
         _recipe(student={"from_config": None, "tokenizer": None, "from_teacher": {"strategy": "every_n", "every_n": 2}})
     with pytest.raises(ValueError, match="positions differ"):
