@@ -60,6 +60,13 @@ def check_cross_run(cfg: "RunConfig") -> None:
         raise ValueError(f"teacher.tokenizer_mode=cross works with teacher.source in {CROSS_SOURCES}, "
                          f"not {cfg.teacher.source!r}")
     sources = [m.source for m in cfg.teacher.ensemble] if cfg.teacher.source == "ensemble" else [cfg.teacher.source]
+    if uld and cfg.teacher.source == "ensemble" and cfg.teacher.ensemble_mode == "average":
+        raise ValueError("loss.terms has 'uld', which compares ranked probabilities; an averaged cross-tokenizer "
+                         "ensemble has no ranks to give (the ranks of a mixture are not the mixture of ranks). Use "
+                         "teacher.ensemble_mode: route, or a divergence on the matched tokens (forward_kl, ...)")
+    if cfg.teacher.source == "ensemble" and "ensemble" in sources:
+        raise ValueError("teacher.ensemble: a cross-tokenizer ensemble's members are online, store or remote "
+                         "teachers, not ensembles")
     if uld and cfg.loss.loss_temperature != 1.0 and any(s in TOPK_SOURCES for s in sources):
         raise ValueError(f"loss.terms has 'uld' and loss.loss_temperature is {cfg.loss.loss_temperature}, but a "
                          "store or remote cross-tokenizer teacher gives its top-k log-probabilities at temperature "

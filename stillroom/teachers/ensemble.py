@@ -39,7 +39,7 @@ from typing import Literal, Protocol
 import torch
 
 from stillroom.data.batch import Batch
-from stillroom.teachers.signal import Fingerprint, TeacherSignal
+from stillroom.teachers.signal import CrossTargets, Fingerprint, TeacherSignal
 
 
 class SignalSource(Protocol):
@@ -131,13 +131,23 @@ class EnsembleTeacher:
     def _average(self, batch: Batch) -> TeacherSignal:
         acc = None
         vocab = self.vocab_size
+        crosses = []
         for member, w in zip(self.members, self.weights):
             if w == 0:
                 continue
             sig = member.signal(batch)
+            if sig.cross is not None:
+                crosses.append((sig.cross, w))
+                continue
             vocab = vocab or self._vocab([sig])
             term = log_probs(sig, vocab) + math.log(w)
             acc = term if acc is None else torch.logaddexp(acc, term.to(acc.device))
+        if crosses:
+            if acc is not None:
+                raise ValueError("an ensemble mixes members with the student's tokenizer and members with another "
+                                 "one; in a cross-tokenizer run every member reads the student's text in the "
+                                 "teacher's tokens")
+            return TeacherSignal(cross=average_cross(crosses), fingerprint=self.fingerprint)
         assert acc is not None
         return TeacherSignal(logits_btv=acc, fingerprint=self.fingerprint)
 
@@ -166,6 +176,9 @@ class EnsembleTeacher:
             groups.setdefault(self.member_of(batch, b), []).append(b)
         parts = [(rows, self.members[m].signal(batch.select(rows))) for m, rows in sorted(groups.items())]
         sigs = [s for _, s in parts]
+        if any(s.cross is not None for s in sigs):
+            return TeacherSignal(cross=route_cross([(rows, s.cross) for rows, s in parts], bsz),
+                                 fingerprint=self.fingerprint)
         all_dense = all(s.is_dense for s in sigs)
         k_temps = {(s.topk_ids_btk.shape[-1], s.temperature) for s in sigs if s.is_topk}
         all_topk = all(s.is_topk for s in sigs) and len(k_temps) == 1
@@ -193,6 +206,53 @@ class EnsembleTeacher:
         vocab = self._vocab(sigs)
         return TeacherSignal(logits_btv=assemble(lambda s: log_probs(s, vocab)), hidden_states=hidden,
                              fingerprint=self.fingerprint)
+
+
+def average_cross(members: list[tuple[CrossTargets, float]]) -> CrossTargets:
+    """The weighted mixture of cross-tokenizer teachers of one teacher tokenizer (so one matched vocabulary),
+    at temperature 1 like every ensemble: matched "logits" ``log sum_m w_m softmax(matched_m)`` ``[B, T, M]``;
+    a position is aligned where every member aligns it. Ranked probabilities (``uld``) do not mix (the ranks of a
+    mixture are not the mixture of ranks): refused in the config, and here."""
+    first = members[0][0]
+    if any(c.ranked for c, _ in members):
+        raise ValueError("loss term 'uld' compares ranked probabilities, which an averaged ensemble cannot give; "
+                         "use teacher.ensemble_mode: route, or a divergence on the matched tokens")
+    if any(not torch.equal(c.matched_student.cpu(), first.matched_student.cpu()) for c, _ in members[1:]):
+        raise ValueError("ensemble members match different student tokens: every member of a cross-tokenizer "
+                         "ensemble must share one teacher tokenizer")
+    aligned, acc = first.aligned_bt, None
+    for cross, w in members:
+        aligned = aligned & cross.aligned_bt.to(aligned.device)
+        term = torch.log_softmax(cross.matched_logits_btm.float(), dim=-1).to(first.matched_logits_btm.device)
+        term = term + math.log(w)
+        acc = term if acc is None else torch.logaddexp(acc, term)
+    return CrossTargets(aligned_bt=aligned, matched_student=first.matched_student, matched_logits_btm=acc,
+                        temperature=1.0)
+
+
+def route_cross(parts: list[tuple[list[int], CrossTargets]], bsz: int) -> CrossTargets:
+    """Rows ``parts[i][0]`` of the batch from member answer ``parts[i][1]`` (computed on those rows only)."""
+    first = parts[0][1]
+    if len({(c.temperature, tuple(sorted(c.ranked))) for _, c in parts}) > 1:
+        raise ValueError("routed cross-tokenizer members answered with different temperatures or ranked supports")
+
+    def assemble(get) -> torch.Tensor:
+        values = [get(c) for _, c in parts]
+        width = max(v.shape[-1] for v in values)
+        out = None
+        for (rows, _), v in zip(parts, values):
+            if v.dim() == 3 and v.shape[-1] < width:  # ranked K differs (a top-k member): its lower ranks are 0
+                v = torch.nn.functional.pad(v, (0, width - v.shape[-1]))
+            if out is None:
+                out = v.new_zeros((bsz, *v.shape[1:]))
+            out[torch.tensor(rows, device=out.device)] = v.to(out.device, out.dtype)
+        return out
+
+    ranked = {s: (assemble(lambda c, s=s: c.ranked[s][0]), assemble(lambda c, s=s: c.ranked[s][1]))
+              for s in first.ranked}
+    return CrossTargets(aligned_bt=assemble(lambda c: c.aligned_bt), matched_student=first.matched_student,
+                        matched_logits_btm=assemble(lambda c: c.matched_logits_btm), ranked=ranked,
+                        temperature=first.temperature)
 
 
 def ensemble_from_run(teacher_cfg, build_member, *, vocab_size: int | None = None) -> EnsembleTeacher:

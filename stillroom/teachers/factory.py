@@ -138,7 +138,31 @@ def _cross_teacher(cfg: RunConfig, teacher_model: torch.nn.Module | None, cross,
         return _cross_remote(cfg, cross, output_device, supports, **common)
     if source == "store":
         return _cross_store(cfg, cross, output_device, supports, **common)
+    if source == "ensemble":
+        from stillroom.teachers.ensemble import ensemble_from_run
+
+        def build_member(member_cfg: TeacherConfig, index: int):
+            member_run = cfg.model_copy(update={"teacher": member_cfg, "name": f"{cfg.name}/member{index}"})
+            model = teacher_model
+            if member_cfg.source == "online" and member_cfg.model != cfg.teacher.model:
+                model = _cross_member_model(cfg, member_cfg, cross, f"teacher.ensemble.{index}")
+            return _cross_teacher(member_run, model, cross, output_device, **common)
+
+        return ensemble_from_run(cfg.teacher, build_member, vocab_size=cross.student_vocab)
     raise ValueError(f"teacher.tokenizer_mode=cross does not support teacher.source={source!r}")
+
+
+def _cross_member_model(cfg: RunConfig, tcfg: TeacherConfig, cross, where: str) -> torch.nn.Module:
+    """An online member of a cross-tokenizer ensemble other than the run's teacher: it must read text with the
+    run teacher's tokenizer (one matched vocabulary for the whole ensemble)."""
+    from stillroom.models import load_model, tokenizer_hash
+    from stillroom.models.precision import weights_dtype
+
+    loaded = load_model(tcfg.model, dtype=weights_dtype(tcfg.dtype, tcfg.device), cache_dir=cfg.cache_dir)
+    if tokenizer_hash(loaded.tokenizer) != tokenizer_hash(cross.teacher_tok):
+        raise ValueError(f"{where}: this teacher's tokenizer differs from the run teacher's (teacher.model); the "
+                         "members of a cross-tokenizer ensemble share one teacher tokenizer")
+    return loaded.model.to(tcfg.device).eval()
 
 
 def _cross_online(cfg: RunConfig, teacher_model: torch.nn.Module | None, cross, output_device, supports):
