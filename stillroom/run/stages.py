@@ -223,7 +223,33 @@ def stages_markdown(record: dict, plan: StagesPlan) -> str:
         seconds = "-" if entry.get("seconds") is None else f"{entry['seconds']:.1f}"
         lines.append(f"| {stage.name} | {stage.kind} | {entry['status']} | {', '.join(entry['uses']) or '-'} | "
                      f"{seconds} | " + "".join(f"{c} | " for c in cells) + f"`{entry['output']}` |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _models_table(record, plan)) + "\n"
+
+
+MODEL_COLUMNS = ("heldout_ce", "bits_per_byte", "kl_teacher_student", "top1_agreement", "tokens_per_s", "params")
+MODEL_ROWS = (("student_after", "student"), ("baseline", "baseline (CE only)"),
+              ("baseline_wall", "baseline (CE only, equal wall time)"))
+
+
+def _models_table(record: dict, plan: StagesPlan) -> list[str]:
+    """Every model of the finished run stages side by side (each stage's report.json), the teacher first: e.g.
+    the same model pruned two ways, each recovered by KD and by CE alone."""
+    rows, teacher = [], None
+    for stage in plan.stages:
+        entry = record["stages"].get(stage.name)
+        if stage.kind != "run" or entry is None or entry["status"] != "complete":
+            continue
+        models = _read_json(stage.folder / "report.json").get("models", {})
+        teacher = teacher or models.get("teacher")
+        rows += [(f"{stage.name}: {label}", models[key]) for key, label in MODEL_ROWS if models.get(key)]
+    if not rows:
+        return []
+    rows = ([("teacher", teacher)] if teacher else []) + rows
+    columns = [c for c in MODEL_COLUMNS if any(r.get(c) is not None for _, r in rows)]
+    out = ["", "## Models", "", "Held-out numbers from each run stage's report (`<stage>/report.json`).", "",
+           "| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    out += [f"| {name} | " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for name, r in rows]
+    return out
 
 
 def _cell(value) -> str:

@@ -62,6 +62,10 @@ def test_stages_validate_run_stop_and_resume(tmp_path, tiny_teacher_dir):
     assert record["stages"]["task"]["numbers"]["heldout_ce"] > 0
     report = (root / "stages.md").read_text()
     assert "| distill | run | complete | - |" in report and "| merged | merge | complete | distill, task |" in report
+    models = report.split("## Models", 1)[1]  # every run stage's models side by side, the teacher first
+    ce = json.loads((root / "task" / "report.json").read_text())["models"]["student_after"]["heldout_ce"]
+    assert models.index("| teacher |") < models.index("| distill: student |") < models.index("| task: student |")
+    assert f"| task: student | {ce:.4g} |" in models
 
     from transformers import AutoModelForCausalLM
 
