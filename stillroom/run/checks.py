@@ -214,7 +214,8 @@ def _check_terms(cfg: RunConfig, problems: list[str]) -> None:
         key = f"loss.terms[{i}] ({term.name})"
         if not spec.uses_teacher:
             continue
-        if "dense_teacher" in spec.needs and source in ("store", "remote"):
+        # (a cross-tokenizer store or remote teacher hands CrossTargets, which every logit term reads)
+        if "dense_teacher" in spec.needs and source in ("store", "remote") and cfg.teacher.tokenizer_mode != "cross":
             problems.append(f"{key} needs the teacher's dense logits, but teacher.source={source} gives top-k "
                             "log-probabilities; use teacher.source=online or another term")
         elif spec.kind == "hidden" and source in ("remote", "ensemble"):

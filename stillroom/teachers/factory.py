@@ -176,8 +176,17 @@ def _cross_online(cfg: RunConfig, teacher_model: torch.nn.Module | None, cross, 
 
 
 def _cross_remote(cfg: RunConfig, cross, output_device, supports, **common):
-    raise NotImplementedError("cross-tokenizer remote teacher: being built")
+    """:class:`~stillroom.teachers.remote_cross.RemoteCrossTeacher`: the teacher's tokens of each row go to the
+    server, its top-k at teacher positions become the targets; the server is checked now."""
+    from stillroom.teachers.remote_cross import remote_cross_from_run
+
+    return remote_cross_from_run(cfg, cross, supports=supports, output_device=output_device,
+                                 fingerprint=common.get("fingerprint"))
 
 
 def _cross_store(cfg: RunConfig, cross, output_device, supports, **common):
-    raise NotImplementedError("cross-tokenizer store teacher: being built")
+    """:class:`~stillroom.teachers.store_cross.CrossStoreTeacher`: the teacher's top-k at its own positions,
+    written by ``stillroom cache-teacher`` of the same recipe; the manifest is checked against the run now."""
+    from stillroom.teachers.store_cross import cross_store_teacher
+
+    return cross_store_teacher(cfg, store_path(cfg), cross, output_device, supports, **common)

@@ -7,7 +7,9 @@ one request per row. :meth:`RemoteTeacher.store_compute` writes a precomputed st
 from the same answers. The HTTP side (URL and key checks, retries, concurrency) is
 :class:`stillroom.teachers.http.OpenAIClient`; the resume cache is
 :class:`stillroom.teachers.remote_cache.RemoteCache`; black-box text generation for
-``stillroom generate`` is :mod:`stillroom.datagen.remote_complete`.
+``stillroom generate`` is :mod:`stillroom.datagen.remote_complete`. A teacher with another
+tokenizer than the student's (``teacher.tokenizer_mode: cross``) sends the teacher's tokens
+of the same text through :meth:`RemoteTeacher.fetch` (:mod:`stillroom.teachers.remote_cross`).
 
 Alignment: the server's ``prompt_logprobs[j]`` (``j >= 1``) is the distribution
 that predicted prompt token ``j`` from tokens ``< j``; the student's position
@@ -43,19 +45,26 @@ from stillroom.teachers.store_format import SequenceSignal
 if TYPE_CHECKING:
     from stillroom.config.schema import RunConfig
 
-__all__ = ["RemoteCache", "RemoteError", "RemoteTeacher", "parse_prompt_logprobs", "remote_cache_path",
-           "remote_from_run"]
+__all__ = ["STUDENT_VOCAB", "RemoteCache", "RemoteError", "RemoteTeacher", "parse_prompt_logprobs", "real_ids",
+           "remote_cache_path", "remote_from_run", "run_remote"]
 
 
 # ----------------------------------------------------------------------------- parsing
 
 
-def parse_prompt_logprobs(entries: Any, n_tokens: int, k: int, vocab_size: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+STUDENT_VOCAB = ("the student's vocabulary", "the server's tokenizer differs from the student's")
+"""How an id outside the vocabulary is explained: (whose vocabulary, what is wrong and the fix). A cross-tokenizer
+run checks against the teacher's (:mod:`stillroom.teachers.remote_cross`)."""
+
+
+def parse_prompt_logprobs(entries: Any, n_tokens: int, k: int, vocab_size: int, where: str,
+                          vocabulary: tuple[str, str] = STUDENT_VOCAB) -> tuple[np.ndarray, np.ndarray]:
     """vLLM ``prompt_logprobs`` of one prompt -> ``(ids [n-1, k] int32, logprobs [n-1, k] float32)``.
 
     Row ``t`` is entry ``t + 1`` (see the module docstring), its k most likely
     tokens by decreasing log-prob (ties broken by ``rank``). Entry values may be
-    ``{"logprob": x, ...}`` dicts or bare numbers. ``where`` prefixes errors.
+    ``{"logprob": x, ...}`` dicts or bare numbers. ``where`` prefixes errors; ids must lie in
+    ``[0, vocab_size)`` of ``vocabulary`` (:data:`STUDENT_VOCAB`: its name, and the fix when they do not).
     """
     if not isinstance(entries, list):
         raise RemoteError(f"{where}: the response has no `prompt_logprobs` list; this server does not offer prompt "
@@ -79,8 +88,8 @@ def parse_prompt_logprobs(entries: Any, n_tokens: int, k: int, vocab_size: int, 
             except (TypeError, ValueError, KeyError) as err:
                 raise RemoteError(f"{where}: prompt_logprobs[{j}][{key!r}] cannot be read ({err!r})") from None
             if not 0 <= tid < vocab_size:
-                raise RemoteError(f"{where}: token id {tid} at prompt_logprobs[{j}] is outside the student's "
-                                  f"vocabulary [0, {vocab_size}); the server's tokenizer differs from the student's")
+                raise RemoteError(f"{where}: token id {tid} at prompt_logprobs[{j}] is outside {vocabulary[0]} "
+                                  f"[0, {vocab_size}); {vocabulary[1]}")
             if math.isnan(lp) or lp > 1e-3:
                 raise RemoteError(f"{where}: prompt_logprobs[{j}][{key!r}] = {lp} is not a log-probability")
             items.append((-lp, rank, tid))
@@ -103,12 +112,15 @@ class RemoteTeacher:
     cache). ``client``: an :class:`OpenAIClient` to share; by default one is made from ``cfg`` with
     ``sleep`` (injectable for tests). ``resume_hint`` is appended to a request failure in
     :meth:`signal`, so whoever runs it learns how to go on (a run says ``stillroom run ... --resume``).
+    ``vocabulary``: whose vocabulary ``vocab_size`` is, for errors (:data:`STUDENT_VOCAB`).
     """
 
     def __init__(self, cfg: RemoteConfig, *, vocab_size: int, fingerprint: Fingerprint | None = None,
                  cache: RemoteCache | str | os.PathLike | None = None, client: OpenAIClient | None = None,
-                 sleep: Callable[[float], None] = time.sleep, resume_hint: str | None = None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, resume_hint: str | None = None,
+                 vocabulary: tuple[str, str] = STUDENT_VOCAB) -> None:
         self.cfg, self.vocab_size, self.fingerprint, self.resume_hint = cfg, vocab_size, fingerprint, resume_hint
+        self.vocabulary = vocabulary
         self._owns_client = client is None
         self.client = client if client is not None else OpenAIClient(cfg, sleep=sleep)
         self._checked = False
@@ -153,31 +165,21 @@ class RemoteTeacher:
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise RemoteError(f"{where}: the response has no `choices` list: {str(body)[:160]!r}")
         entries = choices[0].get("prompt_logprobs", body.get("prompt_logprobs"))
-        return parse_prompt_logprobs(entries, len(ids), self.cfg.top_k, self.vocab_size, where)
+        return parse_prompt_logprobs(entries, len(ids), self.cfg.top_k, self.vocab_size, where, self.vocabulary)
 
-    def signal(self, batch: Batch) -> TeacherSignal:
-        """Top-k teacher signal for ``batch`` aligned with the student's positions (``[B, T, K]``).
+    def fetch(self, uids: Sequence[str], rows: Sequence[list[int]]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Each row's top-k ``(ids [L-1, K] int32, logprobs [L-1, K] float32)`` (None for a row of < 2 tokens).
 
-        Rows must be right-padded (``attention_mask`` = ones then zeros). Cached rows are not asked again;
-        fetched rows are cached as they arrive, so rows finished before a failure survive it.
+        ``rows[b]``: token ids sent as they are (the student's, or a cross-tokenizer teacher's); ``uids[b]`` with
+        their digest keys the cache. Cached rows are not asked again; fetched rows are cached as they arrive, so
+        rows finished before a failure survive it (the failure then carries ``resume_hint``).
         """
-        if self.fingerprint is not None and not self.checked:
-            self.check_server()
-        bsz, width = batch.input_ids.shape
-        k = self.cfg.top_k
-        rows: list[tuple[np.ndarray, np.ndarray] | None] = [None] * bsz
-        keys: list[tuple[str, str]] = []
+        keys = [(uid, ids_digest(ids)) for uid, ids in zip(uids, rows)]
+        out = [self.cache.get(uid, ids) if self.cache is not None else None for uid, ids in zip(uids, rows)]
         todo: dict[tuple[str, str], list[int]] = {}
-        for b in range(bsz):
-            n = int(batch.attention_mask[b].sum())
-            if not bool(batch.attention_mask[b, :n].all()):
-                raise ValueError(f"row {b} (uid {batch.uids[b]}) is not right-padded; the remote teacher needs "
-                                 "attention_mask = ones then zeros")
-            ids = batch.input_ids[b, :n].tolist()
-            keys.append((batch.uids[b], ids_digest(ids)))
-            rows[b] = self.cache.get(batch.uids[b], ids) if self.cache is not None else None
-            if rows[b] is None and n > 1:
-                todo.setdefault(keys[b], ids)
+        for key, ids, got in zip(keys, rows, out):
+            if got is None and len(ids) > 1:
+                todo.setdefault(key, list(ids))
         fetched: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
         def keep(key: tuple[str, str], result: tuple[np.ndarray, np.ndarray]) -> None:
@@ -193,12 +195,23 @@ class RemoteTeacher:
             stopped = RemoteError(f"{err}. {self.resume_hint}")
             stopped.fix = "resume_run"  # the CLI prints the exact `stillroom run ... --resume` line
             raise stopped from err
+        return [got if got is not None else fetched.get(key) for key, got in zip(keys, out)]
 
+    def signal(self, batch: Batch) -> TeacherSignal:
+        """Top-k teacher signal for ``batch`` aligned with the student's positions (``[B, T, K]``).
+
+        Rows must be right-padded (``attention_mask`` = ones then zeros). Cached rows are not asked again;
+        fetched rows are cached as they arrive, so rows finished before a failure survive it.
+        """
+        if self.fingerprint is not None and not self.checked:
+            self.check_server()
+        bsz, width = batch.input_ids.shape
+        k = self.cfg.top_k
+        rows = self.fetch(batch.uids, real_ids(batch))
         ids_btk = torch.arange(k, dtype=torch.long).expand(bsz, width, k).clone()
         lp_btk = torch.full((bsz, width, k), -math.log(self.vocab_size), dtype=torch.float32)
         known_bt = torch.zeros((bsz, width), dtype=torch.bool)
-        for b in range(bsz):
-            row = rows[b] if rows[b] is not None else fetched.get(keys[b])
+        for b, row in enumerate(rows):
             if row is None:
                 continue
             n = row[0].shape[0]
@@ -256,6 +269,18 @@ class RemoteTeacher:
             self.cache.close()
 
 
+def real_ids(batch: Batch) -> list[list[int]]:
+    """Each row's real token ids (``attention_mask`` ones); rows must be right-padded (ones then zeros)."""
+    out = []
+    for b in range(batch.input_ids.shape[0]):
+        n = int(batch.attention_mask[b].sum())
+        if not bool(batch.attention_mask[b, :n].all()):
+            raise ValueError(f"row {b} (uid {batch.uids[b]}) is not right-padded; the remote teacher needs "
+                             "attention_mask = ones then zeros")
+        out.append(batch.input_ids[b, :n].tolist())
+    return out
+
+
 def remote_cache_path(cfg: "RunConfig") -> Path:
     """``teacher.remote.cache`` (``~`` expanded), or ``<run folder>/remote_cache.jsonl`` when it is null."""
     if cfg.teacher.remote.cache:
@@ -273,14 +298,21 @@ def remote_from_run(cfg: "RunConfig", *, vocab_size: int, fingerprint: Fingerpri
     if abs(cfg.loss.loss_temperature - 1.0) > 1e-9:
         raise RemoteError(f"teacher.source=remote gives prompt log-probs at temperature 1, but loss.loss_temperature "
                           f"is {cfg.loss.loss_temperature}; top-k log-probs cannot be re-tempered: set it to 1")
-    cache = remote_cache_path(cfg)
-    hint = (f"The run stopped; rows answered so far are kept in {cache}. Once the server answers again, continue "
-            "with `stillroom run` and the same recipe and overrides plus --resume: only the missing rows are asked")
-    teacher = RemoteTeacher(cfg.teacher.remote, vocab_size=vocab_size, fingerprint=fingerprint, cache=cache,
-                            resume_hint=hint)
+    teacher = run_remote(cfg, vocab_size=vocab_size, fingerprint=fingerprint)
     try:
         teacher.check_server()
     except BaseException:
         teacher.close()
         raise
     return teacher
+
+
+def run_remote(cfg: "RunConfig", *, vocab_size: int, fingerprint: Fingerprint | None,
+               vocabulary: tuple[str, str] = STUDENT_VOCAB) -> RemoteTeacher:
+    """A run's :class:`RemoteTeacher` on ``cfg.teacher.remote``, cached in :func:`remote_cache_path`, whose request
+    failures say how to resume; the server is not asked yet (:func:`remote_from_run` checks it)."""
+    cache = remote_cache_path(cfg)
+    hint = (f"The run stopped; rows answered so far are kept in {cache}. Once the server answers again, continue "
+            "with `stillroom run` and the same recipe and overrides plus --resume: only the missing rows are asked")
+    return RemoteTeacher(cfg.teacher.remote, vocab_size=vocab_size, fingerprint=fingerprint, cache=cache,
+                         resume_hint=hint, vocabulary=vocabulary)
