@@ -3,7 +3,8 @@
 One orchestration for every domain: find the folder, read the settings a store already there records,
 prepare the run, then write the shards the domain plans (:func:`stillroom.teachers.store_writer.write_store`:
 atomic shards, resume after a kill). ``lm``: per token position of the training sequences
-(:func:`_token_plan`); ``classifier``: per crop view of the training images
+(:func:`_token_plan`; with ``teacher.tokenizer_mode: cross`` per teacher position of the student's sequences in
+the teacher's tokens, :func:`_cross_token_plan`); ``classifier``: per crop view of the training images
 (:func:`stillroom.domains.vision.soft_labels.image_store_plan`).
 """
 
@@ -73,6 +74,8 @@ def _token_plan(cfg: RunConfig, prep, method, settings: dict):
 
     sc = cfg.teacher.store
     k, logprob_dtype, shard_tokens = settings["k"], settings["logprob_dtype"], settings["shard_tokens"]
+    if prep.cross is not None:
+        return _cross_token_plan(cfg, prep, k, logprob_dtype, shard_tokens)
     mix = prep.loss_mix(prep.student, method)
     # Store what the recipe's loss terms will ask for, plus any layers requested explicitly.
     layers = sorted(set(sc.hidden_layers) | set(mix.teacher_hidden_layers))
@@ -86,6 +89,28 @@ def _token_plan(cfg: RunConfig, prep, method, settings: dict):
     )
     compute = model_compute(prep.teacher_model, k=k, loss_temperature=cfg.loss.loss_temperature,
                             vocab_size=prep.vocab_size, pad_id=prep.tokenizer.pad_token_id, hidden_layers=layers,
+                            batch_size=sc.cache_batch_size or cfg.train.micro_batch_size)
+    return header, examples, compute, None
+
+
+def _cross_token_plan(cfg: RunConfig, prep, k: int, logprob_dtype: str, shard_tokens: int):
+    """``(header, teacher sequences, compute, None)`` of a cross-tokenizer store (``teacher.tokenizer_mode:
+    cross``): the student's training sequences in the teacher's tokens (same uids), the teacher's top k at each
+    of its positions at temperature 1, ids of its vocabulary (:mod:`stillroom.teachers.store_cross`)."""
+    from stillroom.config.load import ConfigError
+    from stillroom.teachers.store_cross import STORE_TEMPERATURE, cross_store_examples, cross_store_fields
+    from stillroom.teachers.store_writer import make_header, model_compute
+
+    sc = cfg.teacher.store
+    if sc.hidden_layers:
+        raise ConfigError(f"teacher.store.hidden_layers={sc.hidden_layers}: a cross-tokenizer store keeps no hidden "
+                          "states (the teacher's positions are not the student's); remove the setting")
+    fields = cross_store_fields(prep.cross, prep.fingerprint)
+    examples = cross_store_examples(prep.cross, prep.data.train)
+    header = make_header(examples, teacher_identity=prep.fingerprint.teacher, k=k, logprob_dtype=logprob_dtype,
+                         loss_temperature=STORE_TEMPERATURE, shard_tokens=shard_tokens, **fields)
+    compute = model_compute(prep.teacher_model, k=k, loss_temperature=STORE_TEMPERATURE,
+                            vocab_size=prep.cross.teacher_vocab, pad_id=prep.cross.t.fill_id,
                             batch_size=sc.cache_batch_size or cfg.train.micro_batch_size)
     return header, examples, compute, None
 

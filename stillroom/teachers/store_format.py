@@ -196,6 +196,11 @@ class StoreHeader:
     """Dtype of the per-position ``logprob_max`` / ``logprob_step`` of the int8 and int4 modes: float16
     (default) or float32 (what stores written before the field existed hold; a manifest without the field
     is read as that). Empty for the unquantised modes."""
+    tokenizer_mode: str = "same"
+    """``cross``: the teacher's top-k at its own positions of the student's text (``teacher.tokenizer_mode:
+    cross``); ``tokenizer_hash`` and ``vocab_size`` are then the teacher's. A manifest without it: ``same``."""
+    student_tokenizer_hash: str = ""
+    """``cross`` stores: the hash of the student's tokenizer, whose sequences the teacher read (else empty)."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.k > self.vocab_size:
@@ -211,6 +216,8 @@ class StoreHeader:
         elif self.scale_dtype:
             raise StoreError(f"scale_dtype {self.scale_dtype!r} is only for logprob_dtype int8 or int4, "
                              f"not {self.logprob_dtype!r}")
+        if self.tokenizer_mode not in ("same", "cross"):
+            raise StoreError(f"tokenizer_mode {self.tokenizer_mode!r}; valid: same, cross")
         self.hidden_layers = sorted(set(int(i) for i in self.hidden_layers))
         if self.hidden_layers and self.hidden_size is None:
             raise StoreError("a store with hidden_layers needs hidden_size")
@@ -221,10 +228,13 @@ class StoreHeader:
 
 def legacy_fields(manifest: dict) -> dict:
     """``manifest`` with the fields that stores written before they existed imply filled in
-    (``scale_dtype``: float32 for int8, empty otherwise)."""
-    if manifest.get("format") != FORMAT or "scale_dtype" in manifest:
+    (``scale_dtype``: float32 for int8, empty otherwise; ``tokenizer_mode``: same; no student tokenizer)."""
+    if manifest.get("format") != FORMAT:
         return manifest
-    return {**manifest, "scale_dtype": "float32" if manifest.get("logprob_dtype") == "int8" else ""}
+    implied = {"tokenizer_mode": "same", "student_tokenizer_hash": ""}
+    if "scale_dtype" not in manifest:
+        implied["scale_dtype"] = "float32" if manifest.get("logprob_dtype") == "int8" else ""
+    return {**implied, **manifest}
 
 
 def header_differences(stored: dict, wanted: dict, fields: Iterable[str]) -> list[str]:

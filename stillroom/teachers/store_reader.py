@@ -31,26 +31,34 @@ from stillroom.teachers.store_format import (
     StoreMismatch,
     decode_logprobs,
     header_differences,
+    legacy_fields,
     read_manifest,
     sha256_bytes,
     sha256_file,
 )
 
 # Fields a run must agree on with the store (in the order they are reported).
-RUN_FIELDS = ("tokenizer_hash", "vocab_size", "teacher", "data_fingerprint", "k", "loss_temperature", "logprob_dtype")
+RUN_FIELDS = ("tokenizer_mode", "tokenizer_hash", "student_tokenizer_hash", "vocab_size", "teacher",
+              "data_fingerprint", "k", "loss_temperature", "logprob_dtype")
 
 
 def run_expectation(*, fingerprint: Fingerprint, data_fingerprint: str, k: int, loss_temperature: float,
-                    logprob_dtype: str) -> dict:
-    """What a run expects of its store (compared field by field with the manifest)."""
+                    logprob_dtype: str, tokenizer_mode: str = "same", student_tokenizer_hash: str = "") -> dict:
+    """What a run expects of its store (compared field by field with the manifest). A ``cross`` run passes the
+    teacher's tokenizer hash and vocabulary in ``fingerprint`` and the student's hash separately."""
     from stillroom.teachers.store_format import parse_identity
 
     return {"teacher": parse_identity(fingerprint.teacher), "tokenizer_hash": fingerprint.tokenizer_hash,
             "vocab_size": fingerprint.vocab_size, "data_fingerprint": data_fingerprint, "k": int(k),
-            "loss_temperature": float(loss_temperature), "logprob_dtype": logprob_dtype}
+            "loss_temperature": float(loss_temperature), "logprob_dtype": logprob_dtype,
+            "tokenizer_mode": tokenizer_mode, "student_tokenizer_hash": student_tokenizer_hash}
 
 
 _HINTS = {
+    "tokenizer_mode": "a cross store holds the teacher's top-k at its own positions of the student's text, a same "
+    "store at the shared tokens: write the store with the run's teacher.tokenizer_mode",
+    "student_tokenizer_hash": "the teacher read sequences of another student tokenizer (student.tokenizer or "
+    "student.new_tokenizer changed)",
     "tokenizer_hash": "the store was written with another tokenizer",
     "vocab_size": "the store was written for another vocabulary",
     "teacher": "the store was written by another teacher (or the same one in another teacher.dtype)",
@@ -101,7 +109,7 @@ class StoreReader:
     # ------------------------------------------------------------------ checks
     def check_run(self, expected: dict, *, hidden_layers: list[int] | None = None) -> None:
         """Raise :class:`StoreMismatch` naming every field where the store and the run differ."""
-        stored = dict(self.manifest)
+        stored = dict(legacy_fields(self.manifest))  # a field a manifest predates: its implied value
         wanted = dict(expected)
         # The teacher is compared by its identity string (name, revision and weight hash together).
         stored["teacher"] = self.manifest.get("teacher", {}).get("identity")
@@ -185,7 +193,9 @@ class StoreReader:
         return (f"teacher store {self.folder}: {m['sequences']} sequences, {m['tokens']} positions, "
                 f"{m['num_shards']} shard(s), {m['store_bytes'] / 2**20:.1f} MiB ({bpt:.1f} bytes/position); "
                 f"k={m['k']} of V={m['vocab_size']}, {m['logprob_dtype']} log-probs at T={m['loss_temperature']}, "
-                f"hidden layers {m['hidden_layers'] or 'none'}; teacher {m['teacher']['identity']}")
+                f"hidden layers {m['hidden_layers'] or 'none'}; teacher {m['teacher']['identity']}"
+                + ("; teacher positions of the student's text (tokenizer_mode cross)"
+                   if m.get("tokenizer_mode") == "cross" else ""))
 
 
 class StoreTeacher:

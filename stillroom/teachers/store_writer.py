@@ -72,9 +72,11 @@ def plan_shards(lengths: list[int], shard_tokens: int) -> list[list[int]]:
 def make_header(
     examples: list[Example], *, teacher_identity: str, tokenizer_hash: str, vocab_size: int, k: int,
     loss_temperature: float, logprob_dtype: str, hidden_layers: list[int] | None = None,
-    hidden_size: int | None = None, shard_tokens: int = 262144,
+    hidden_size: int | None = None, shard_tokens: int = 262144, tokenizer_mode: str = "same",
+    student_tokenizer_hash: str = "",
 ) -> StoreHeader:
-    """The header of a store of ``examples`` (the training split, in order)."""
+    """The header of a store of ``examples`` (the training split, in order; a ``cross`` store: the student's
+    sequences in the teacher's tokens, :func:`stillroom.teachers.store_cross.cross_store_examples`)."""
     from stillroom.teachers.store_format import data_fingerprint
 
     lengths = [len(e.input_ids) for e in examples]
@@ -85,6 +87,7 @@ def make_header(
         hidden_size=hidden_size if hidden_layers else None, shard_tokens=int(shard_tokens),
         sequences=len(examples), tokens=sum(lengths), target_tokens=sum(sum(e.target[1:]) for e in examples),
         text_bytes=sum(e.n_bytes for e in examples), num_shards=len(plan_shards(lengths, shard_tokens)),
+        tokenizer_mode=tokenizer_mode, student_tokenizer_hash=student_tokenizer_hash,
     )
 
 
