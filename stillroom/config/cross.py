@@ -7,7 +7,7 @@ distributions on their same-spelling tokens (any divergence term) and by rank (`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -30,6 +30,19 @@ class CrossConfig(Strict):
     chunk_rows: int = Field(
         256, ge=1, description="Aligned positions projected through the teacher's output head at a time: bounds "
         "the teacher's logits to chunk_rows x V_t (a 256k vocabulary at 256 rows: 256 MiB in fp32).")
+    vocab_map: Literal["exact", "min_edit_distance"] = Field(
+        "exact", description="Which student token each teacher token's probability counts for. exact: the "
+        "student token spelling the same bytes (teacher tokens without one are the 'unmatched' mass, for uld). "
+        "min_edit_distance (FuseLLM's MinED): every teacher token counts for the student token spelled closest "
+        "to it (Levenshtein on bytes; identical first, then the longest common prefix, then the lowest id; "
+        "special tokens by content or role) and the probabilities are summed per student token, so the "
+        "matched distribution covers the whole teacher mass and uld support: unmatched is refused. Needs "
+        "rapidfuzz (pip install 'stillroom[cross]'); the map is cached under the run's cache_dir.")
+    chat_template: Literal["student", "own"] = Field(
+        "student", description="Chat (messages) records. student: the teacher reads the student's rendering "
+        "(right when the templates agree, e.g. with student.new_tokenizer). own: each side renders the messages "
+        "with its own chat template and positions align inside the message contents only (chat records are "
+        "one sequence each in a cross run; docs/methods/cross_tokenizer.md).")
 
 
 class NewTokenizer(Strict):
@@ -72,6 +85,12 @@ def check_cross_run(cfg: "RunConfig") -> None:
                          "store or remote cross-tokenizer teacher gives its top-k log-probabilities at temperature "
                          "1, whose ranked probabilities cannot be re-tempered; set loss.loss_temperature: 1 or use "
                          "teacher.source: online")
+    if cfg.teacher.cross.vocab_map == "min_edit_distance" and any(
+            t.params.get("support", "all") == "unmatched" for t in uld):
+        raise ValueError("loss.terms has 'uld' with support: unmatched, but teacher.cross.vocab_map: "
+                         "min_edit_distance maps every teacher token to a student token, so the unmatched "
+                         "teacher mass is (nearly) empty; use uld with support: all, drop it (the divergence on "
+                         "the matched tokens then sees the whole teacher distribution), or vocab_map: exact")
     s = cfg.student
     if s.tokenizer and s.new_tokenizer is not None:
         raise ValueError("set one of student.tokenizer (a tokenizer folder) and student.new_tokenizer (train one)")

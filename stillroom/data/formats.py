@@ -200,7 +200,7 @@ def _encode_messages(fields: dict, src: DataSource, enc: TextEncoder) -> Encoded
             )
         for t in range(len(before), len(through)):
             target[t] = True
-    return Encoded(full, target)
+    return Encoded(full, target, meta={"messages": messages})  # a cross teacher may render them its own way
 
 
 def _render_head(enc: TextEncoder, head: list[dict]) -> list[int]:

@@ -42,12 +42,14 @@ class CrossTeacher:
         self.device = next(model.parameters()).device
         self.body = decoder_body(model)
         self.head = output_head(model)
-        self.matched_teacher = vocab.matched_teacher.to(self.device)
+        self.matched_teacher = vocab.matched_teacher.to(self.device) if vocab.one_to_one else None
+        self.columns = vocab.teacher_to_matched.to(self.device)  # [V_t]
+        self.mapped_teacher = vocab.mapped_teacher.to(self.device)  # [M_t]
         self.matched_student = vocab.matched_student.to(self.output_device)
-        m = vocab.matched_teacher.numel()
+        m = vocab.matched_student.numel()
         self.rank_k = {
             "all": min(vocab.student_vocab, vocab.teacher_vocab),
-            "unmatched": min(vocab.student_vocab - m, vocab.teacher_vocab - m),
+            "unmatched": min(vocab.student_vocab - m, vocab.teacher_vocab - self.mapped_teacher.numel()),
         }
         if rank_k is not None:
             self.rank_k = {s: min(k, rank_k) for s, k in self.rank_k.items()}
@@ -96,18 +98,33 @@ class CrossTeacher:
         matched, ranked = [], {s: ([], []) for s in self.supports}
         for lo in range(0, hidden_nh.shape[0], self.chunk_rows):
             logits = self.head(hidden_nh[lo: lo + self.chunk_rows])[:, : self.vocab.teacher_vocab].float()  # [n, V_t]
-            matched.append(logits[:, self.matched_teacher].to(self.output_device))
+            matched.append(self._matched(logits).to(self.output_device))
             if self.supports:
                 probs = torch.softmax(logits / self.temperature, dim=-1)
                 for support in self.supports:
-                    p = probs.index_fill(1, self.matched_teacher, 0.0) if support == "unmatched" else probs
+                    p = probs.index_fill(1, self.mapped_teacher, 0.0) if support == "unmatched" else probs
                     top = torch.topk(p, self.rank_k[support], dim=-1).values
                     tail = (p.sum(-1) - top.sum(-1)).clamp_min(0.0)
                     ranked[support][0].append(top.to(self.output_device))
                     ranked[support][1].append(tail.to(self.output_device))
-        m = self.matched_teacher.numel()
+        m = self.matched_student.numel()
         cat = (lambda xs, *shape: torch.cat(xs) if xs else torch.zeros(0, *shape, device=self.output_device))
         return cat(matched, m), {s: (cat(p, self.rank_k[s]), cat(t)) for s, (p, t) in ranked.items()}
+
+    def _matched(self, logits_nv: torch.Tensor) -> torch.Tensor:
+        """``[n, M]`` matched logits. One-to-one (exact map): a gather. Many-to-one (min_edit_distance): per
+        column ``T * logsumexp(z_j / T)`` over its teacher tokens ``j``, so that the loss's
+        ``softmax(matched / T)`` is exactly the teacher's tempered distribution summed per column (renormalised
+        over the columns). Per-column maxima keep it exact where a column's logits are far below the row's."""
+        if self.matched_teacher is not None:
+            return logits_nv[:, self.matched_teacher]
+        n, m, t = logits_nv.shape[0], self.matched_student.numel(), self.temperature
+        z = logits_nv[:, self.mapped_teacher] / t  # [n, M_t]
+        col = self.columns[self.mapped_teacher].unsqueeze(0).expand(n, -1)  # [n, M_t]
+        top = z.new_full((n, m), float("-inf")).scatter_reduce(1, col, z, "amax", include_self=True)
+        safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        mass = z.new_zeros((n, m)).scatter_add_(1, col, (z - safe.gather(1, col)).exp())
+        return (mass.log() + safe) * t
 
 
 def _scatter(values_n: torch.Tensor, flat_n: torch.Tensor, bsz: int, width: int) -> torch.Tensor:

@@ -16,10 +16,13 @@ spans several student tokens there is no teacher distribution for the student's 
 word; those positions learn from the cross-entropy alone (the run logs the share of target
 positions that align, before step 0).
 
-**Matched vocabulary.** A student token and a teacher token *match* when they spell the
-same bytes (special tokens: the same content). :class:`CrossVocab` holds the map
-``student id -> teacher id`` (``-1`` unmatched), used to compare the two distributions on
-their shared tokens.
+**Matched vocabulary** (``teacher.cross.vocab_map``). ``exact``: a student token and a teacher
+token *match* when they spell the same bytes (special tokens: the same content); one teacher
+token per column. ``min_edit_distance`` (FuseLLM's MinED, :mod:`stillroom.teachers.min_edit`):
+*every* teacher token counts for the student token spelled closest to it, so several teacher
+tokens may share one column and the teacher's probabilities are summed per column. Either way
+:class:`CrossVocab` holds ``teacher id -> column`` (``-1``: no column) and the student id of each
+column, used to compare the two distributions on the student's tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from stillroom.teachers.token_bytes import CrossTokenizerError, first_difference, token_bytes, utf8_runs
+
+VOCAB_MAPS = ("exact", "min_edit_distance")
+"""``teacher.cross.vocab_map`` values (see the module docstring)."""
 
 
 @dataclass
@@ -43,28 +49,91 @@ class RowAlignment:
     """Per student token: the text unit where it ends (units: bytes, one per special token, none for BOS)."""
     teacher_end: list[int]
     """Per teacher token: the same."""
+    teacher_target: list[bool] | None = None
+    """A chat record in the teacher's own rendering (:mod:`~stillroom.teachers.cross_chat`): its own targets."""
 
 
 class CrossVocab:
     """The two tokenizers of a cross run: their byte tables, the matched vocabulary and the aligner."""
 
-    def __init__(self, student_tok, teacher_tok, *, student_vocab: int, teacher_vocab: int) -> None:
+    def __init__(self, student_tok, teacher_tok, *, student_vocab: int, teacher_vocab: int,
+                 vocab_map: str = "exact", cache_dir: str | None = None) -> None:
+        if vocab_map not in VOCAB_MAPS:
+            raise ValueError(f"teacher.cross.vocab_map must be one of {VOCAB_MAPS}, not {vocab_map!r}")
         self.student_tok = student_tok
         self.teacher_tok = teacher_tok
         self.s = token_bytes(student_tok)
         self.t = token_bytes(teacher_tok)
         self.student_vocab = student_vocab
         self.teacher_vocab = teacher_vocab
-        self.student_to_teacher = self._match()
-        matched = (self.student_to_teacher >= 0).nonzero().squeeze(1)
-        self.matched_student = matched
-        """``[M]`` student ids that have a teacher counterpart, ascending."""
-        self.matched_teacher = self.student_to_teacher[matched]
-        """``[M]`` their teacher ids (same order)."""
-        self.teacher_to_matched = torch.full((teacher_vocab,), -1, dtype=torch.long)
-        """``[V_t]`` long: the column of :attr:`matched_student` a teacher id counts for, else -1."""
-        self.teacher_to_matched[self.matched_teacher] = torch.arange(matched.numel())
+        self.vocab_map = vocab_map
         self._special_map = self._map_specials()
+        self.chat_rows: dict[str, tuple[tuple[int, ...], RowAlignment]] = {}
+        """uid -> (student ids, alignment) of chat records each side renders with its own template
+        (``teacher.cross.chat_template: own``), used by :meth:`align` for exactly those ids."""
+        self.student_to_teacher = self._match()
+        """``[V_s]`` long: the teacher id spelling the same bytes (specials: the same content), else -1 (both maps)."""
+        self.distance: torch.Tensor | None = None
+        """``[V_t]`` long, min_edit_distance only: each teacher token's edit distance to its column's student
+        token (0: the same spelling; -1: a special token or no column)."""
+        if vocab_map == "exact":
+            matched = (self.student_to_teacher >= 0).nonzero().squeeze(1)
+            self.matched_student = matched
+            """``[M]`` student ids that receive teacher mass (a column each), ascending."""
+            self.matched_teacher: torch.Tensor | None = self.student_to_teacher[matched]
+            """``[M]`` exact map only (one teacher token per column): the teacher id of each column; None for
+            a many-to-one map (use :attr:`teacher_to_matched`)."""
+            self.teacher_to_matched = torch.full((teacher_vocab,), -1, dtype=torch.long)
+            """``[V_t]`` long: the column of :attr:`matched_student` a teacher id counts for, else -1 (several
+            teacher ids may share a column under min_edit_distance)."""
+            self.teacher_to_matched[self.matched_teacher] = torch.arange(matched.numel())
+        else:
+            student_of_teacher = self._min_edit(cache_dir)
+            mapped = student_of_teacher >= 0
+            self.matched_student = torch.unique(student_of_teacher[mapped])  # sorted
+            self.matched_teacher = None
+            self.teacher_to_matched = torch.full((teacher_vocab,), -1, dtype=torch.long)
+            self.teacher_to_matched[mapped] = torch.searchsorted(self.matched_student, student_of_teacher[mapped])
+        cols = self.teacher_to_matched[self.teacher_to_matched >= 0]
+        self.column_size = torch.bincount(cols, minlength=self.matched_student.numel())
+        """``[M]`` long: how many teacher ids count for each column (1 everywhere under the exact map)."""
+
+    @property
+    def one_to_one(self) -> bool:
+        """Each column holds exactly one teacher token (the exact map): a gather reads the matched logits."""
+        return self.matched_teacher is not None
+
+    @property
+    def mapped_teacher(self) -> torch.Tensor:
+        """``[M_t]`` long: the teacher ids that have a column, ascending (the rest is ``uld``'s unmatched support)."""
+        return (self.teacher_to_matched >= 0).nonzero().squeeze(1)
+
+    def _min_edit(self, cache_dir: str | None) -> torch.Tensor:
+        """``[V_t]`` long: each teacher token's student id under MinED (specials: by content or role), else -1."""
+        from stillroom.teachers.min_edit import min_edit_map
+
+        def table(tb, vocab: int) -> list[bytes | None]:
+            return [None if (i in tb.special or i >= tb.size) else tb.spelled[i] for i in range(vocab)]
+
+        student_of_teacher, self.distance = min_edit_map(table(self.t, self.teacher_vocab),
+                                                         table(self.s, self.student_vocab), cache_dir=cache_dir)
+        for i, j in sorted(self._special_map.items(), reverse=True):  # the lowest student id wins
+            if j is not None and 0 <= j < self.teacher_vocab and i < self.student_vocab:
+                student_of_teacher[j] = i
+                self.distance[j] = -1
+        return student_of_teacher
+
+    def describe(self) -> str:
+        """One log line: how the vocabularies map (the run logs it before step 0)."""
+        m = self.matched_student.numel()
+        if self.one_to_one:
+            return f"{m} student tokens ({self.matched_fraction:.1%}) spell a teacher token"
+        d = self.distance[self.distance >= 0]
+        near = d[d > 0]
+        mean = float(near.double().mean()) if near.numel() else 0.0
+        return (f"min_edit_distance map: {self.mapped_teacher.numel()}/{self.teacher_vocab} teacher tokens count for "
+                f"{m} student tokens ({self.matched_fraction:.1%}); {d.numel() - near.numel()} by identical spelling, "
+                f"{near.numel()} by nearest spelling (mean edit distance {mean:.2f} bytes)")
 
     # ------------------------------------------------------------------ vocabulary
     def _match(self) -> torch.Tensor:
@@ -84,7 +153,7 @@ class CrossVocab:
 
     @property
     def matched_fraction(self) -> float:
-        """Share of the student's vocabulary with a teacher counterpart."""
+        """Share of the student's vocabulary that receives teacher mass (has a column)."""
         return float(self.matched_student.numel()) / max(1, self.student_vocab)
 
     def _map_specials(self) -> dict[int, int | None]:
@@ -122,8 +191,12 @@ class CrossVocab:
 
         Text is measured in units: one per byte, one per special token other than BOS, zero for a BOS.
         Raises :class:`CrossTokenizerError` naming ``uid`` and the first divergent character when the
-        teacher's tokens do not spell the student's text.
+        teacher's tokens do not spell the student's text. A chat record registered in :attr:`chat_rows` with
+        these ids takes its own-template alignment instead.
         """
+        chat = self.chat_rows.get(uid)
+        if chat is not None and chat[0] == tuple(student_ids):
+            return chat[1]
         s_end: list[int] = []  # unit offset at the end of each student token
         t_ids: list[int] = []
         t_end: list[int] = []
@@ -199,6 +272,9 @@ class CrossVocab:
         return RowAlignment(t_ids, s_pos, t_pos, s_end, t_end)
 
 
-def cross_vocab(student_tok, teacher_tok, *, student_vocab: int, teacher_vocab: int) -> CrossVocab:
-    """The :class:`CrossVocab` of a run (checks both tokenizers' spelling first)."""
-    return CrossVocab(student_tok, teacher_tok, student_vocab=student_vocab, teacher_vocab=teacher_vocab)
+def cross_vocab(student_tok, teacher_tok, *, student_vocab: int, teacher_vocab: int, vocab_map: str = "exact",
+                cache_dir: str | None = None) -> CrossVocab:
+    """The :class:`CrossVocab` of a run (checks both tokenizers' spelling first). ``vocab_map``:
+    ``teacher.cross.vocab_map``; ``cache_dir``: where a min_edit_distance map is cached."""
+    return CrossVocab(student_tok, teacher_tok, student_vocab=student_vocab, teacher_vocab=teacher_vocab,
+                      vocab_map=vocab_map, cache_dir=cache_dir)

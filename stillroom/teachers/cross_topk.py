@@ -13,7 +13,11 @@ the top k. So
 
 * matched logits ``[M]``: ``log p`` at matched top-k tokens (summed when several teacher tokens count for
   one student token), ``log(r * tail / n_rest)`` at the other ``n_rest`` matched tokens (``-inf`` when
-  nothing is left: those tokens are then left out of both distributions, as in the dense path);
+  nothing is left: those tokens are then left out of both distributions, as in the dense path). Under a
+  many-to-one map (``teacher.cross.vocab_map: min_edit_distance``) ``n_rest`` counts the mapped *teacher*
+  tokens outside the top k, and each column adds ``r * tail / n_rest`` per such token it holds (one-to-one:
+  the same rule). The loss tempers a summed column as ``(sum p)^(1/T)``, where the online teacher gives
+  ``sum p^(1/T)``: the two agree at ``loss_temperature: 1``;
 * ranked probabilities for ``uld``: the largest of the k probabilities on the support, sorted, and the tail
   bin: the rest of the support's mass (``all``: ``1 - sum``, exact; ``unmatched``: the unmatched top-k
   beyond the ranks plus ``(1 - r) * tail``).
@@ -89,10 +93,13 @@ def _reduce(vocab: CrossVocab, ids_nk: torch.Tensor, lp_nk: torch.Tensor, m: int
     share = torch.where(top_mass > 0, p_matched.sum(-1) / top_mass.clamp_min(1e-300), torch.ones_like(top_mass))
     probs = torch.zeros(n, m, dtype=torch.float64)
     probs.scatter_add_(1, col.clamp_min(0), p_matched)
-    covered = torch.zeros(n, m, dtype=torch.long).scatter_add_(1, col.clamp_min(0), is_matched.long()) > 0
-    n_rest = (~covered).sum(-1)
-    fill = torch.where(n_rest > 0, share * tail / n_rest.clamp_min(1), torch.zeros_like(tail))  # [N]
-    probs = torch.where(covered, probs, fill.unsqueeze(-1))
+    # the matched share of the tail, spread evenly over the mapped teacher tokens outside the top k, summed per
+    # column (one-to-one: the columns no top-k token covers, an equal part each)
+    in_top = torch.zeros(n, m, dtype=torch.long).scatter_add_(1, col.clamp_min(0), is_matched.long())
+    rest_nm = (vocab.column_size.unsqueeze(0) - in_top).clamp_min(0)  # [N, M] tail tokens per column
+    n_rest = rest_nm.sum(-1)
+    fill = torch.where(n_rest > 0, share * tail / n_rest.clamp_min(1), torch.zeros_like(tail))  # [N] per token
+    probs = probs + rest_nm.double() * fill.unsqueeze(-1)
     matched = probs.log().float()  # 0 -> -inf: left out of both distributions
     ranked = {}
     for support in supports:
@@ -109,4 +116,4 @@ def _support_size(vocab: CrossVocab, support: str) -> int:
     m = vocab.matched_student.numel()
     if support == "all":
         return min(vocab.student_vocab, vocab.teacher_vocab)
-    return min(vocab.student_vocab - m, vocab.teacher_vocab - m)
+    return min(vocab.student_vocab - m, vocab.teacher_vocab - vocab.mapped_teacher.numel())

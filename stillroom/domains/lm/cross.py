@@ -61,24 +61,54 @@ def cross_student(cfg: RunConfig, teacher_model: torch.nn.Module, tokenizer, log
 
 
 def setup_cross(teacher_tok, teacher_model: torch.nn.Module, student_tok, student: torch.nn.Module,
-                examples: list[Example], log: Log) -> tuple[int, CrossVocab]:
+                examples: list[Example], log: Log, *, chat_template: str = "student", vocab_map: str = "exact",
+                cache_dir=None) -> tuple[int, CrossVocab]:
     """``(student vocabulary, CrossVocab)`` after aligning every sequence of ``examples`` (raises on the first
-    one whose text the teacher's tokenizer does not spell back)."""
+    one whose text the teacher's tokenizer does not spell back). ``chat_template: own``: chat records are
+    rendered by each side's own template (:mod:`stillroom.teachers.cross_chat`). ``vocab_map``:
+    ``teacher.cross.vocab_map``; ``cache_dir``: where a min_edit_distance map is cached."""
     from stillroom.models import logit_width
 
     s_vocab = min(len(student_tok), logit_width(student))
     t_vocab = min(len(teacher_tok), logit_width(teacher_model))
-    vocab = cross_vocab(student_tok, teacher_tok, student_vocab=s_vocab, teacher_vocab=t_vocab)
+    vocab = cross_vocab(student_tok, teacher_tok, student_vocab=s_vocab, teacher_vocab=t_vocab, vocab_map=vocab_map,
+                        cache_dir=cache_dir)
+    if chat_template == "own":
+        chats = own_chat_alignments(vocab, examples)
+        log(f"cross-tokenizer: {chats} chat sequences rendered by each side's own chat template; their positions "
+            "align inside message contents")
     targets = aligned = 0
     for ex in examples:
         row = vocab.align(ex.input_ids, ex.uid)
         learned = {i for i in range(len(ex.input_ids) - 1) if ex.target[i + 1]}
         targets += len(learned)
         aligned += len(learned & set(row.student_pos))
-    log(f"cross-tokenizer: student {s_vocab} tokens, teacher {t_vocab}; {vocab.matched_student.numel()} student "
-        f"tokens ({vocab.matched_fraction:.1%}) spell a teacher token; {aligned}/{targets} target positions "
-        f"({aligned / max(targets, 1):.1%}) align with a teacher position")
+    log(f"cross-tokenizer: student {s_vocab} tokens, teacher {t_vocab}; {vocab.describe()}; {aligned}/{targets} "
+        f"target positions ({aligned / max(targets, 1):.1%}) align with a teacher position")
     return s_vocab, vocab
+
+
+def own_chat_alignments(vocab: CrossVocab, examples: list[Example]) -> int:
+    """Register with ``vocab`` the own-template alignment of every chat example (its ``meta["messages"]``);
+    returns how many. The teacher's targets are its own assistant turns, from the data format's encoder."""
+    from stillroom.config.core import DataSource
+    from stillroom.data.formats import TextEncoder, encode_record
+    from stillroom.teachers.cross_chat import chat_alignment
+
+    src, enc = DataSource(bundled="instructions"), TextEncoder(vocab.teacher_tok, add_eos=False)
+    count = 0
+    for ex in examples:
+        messages = ex.meta.get("messages")
+        if messages is None:
+            continue
+        own = encode_record({src.messages_field: messages}, "messages", src, enc)
+        row = chat_alignment(vocab.student_tok, vocab.teacher_tok, ex.input_ids, messages, own.target, ex.uid)
+        if own.input_ids[: len(row.teacher_ids)] != row.teacher_ids:
+            raise ValueError(f"sequence {ex.uid}: the teacher's chat rendering tokenizes differently with and "
+                             "without offsets; use a fast tokenizer for the teacher")
+        vocab.chat_rows[ex.uid] = (tuple(ex.input_ids), row)
+        count += 1
+    return count
 
 
 def teacher_examples(vocab: CrossVocab, examples: list[Example]) -> list[Example]:
@@ -87,10 +117,13 @@ def teacher_examples(vocab: CrossVocab, examples: list[Example]) -> list[Example
     out = []
     for ex in examples:
         row = vocab.align(ex.input_ids, ex.uid)
-        first = next((i for i in range(1, len(ex.input_ids)) if ex.target[i]), None)
-        start = row.student_end[first - 1] if first is not None else float("inf")
-        ends = row.teacher_end
-        target = [j > 0 and ends[j - 1] >= start for j in range(len(row.teacher_ids))]
+        if row.teacher_target is not None:  # its own chat rendering: its own assistant turns
+            target = [j > 0 and flag for j, flag in enumerate(row.teacher_target)]
+        else:
+            first = next((i for i in range(1, len(ex.input_ids)) if ex.target[i]), None)
+            start = row.student_end[first - 1] if first is not None else float("inf")
+            ends = row.teacher_end
+            target = [j > 0 and ends[j - 1] >= start for j in range(len(row.teacher_ids))]
         n_bytes = sum(len(vocab.t.spelled[t] or b"") for t, flag in zip(row.teacher_ids, target) if flag)
         out.append(Example(row.teacher_ids, target, ex.uid, ex.domain, n_bytes, dict(ex.meta), ex.role, ex.image))
     return out

@@ -218,9 +218,13 @@ class LmDomain:
         cross = None
         if cross_student is not None:
             from stillroom.domains.lm.cross import setup_cross
+            from stillroom.models.builtin import cache_root
 
             vocab_size, cross = setup_cross(teacher_loaded.tokenizer, teacher_model, student_tok, student,
-                                            data.train + data.heldout, log)
+                                            data.train + data.heldout, log,
+                                            chat_template=cfg.teacher.cross.chat_template,
+                                            vocab_map=cfg.teacher.cross.vocab_map,
+                                            cache_dir=cache_root(cfg.cache_dir) / "cross_vocab")
         else:
             vocab_size = check_vocab(tokenizer, teacher_model, student_tok, student)
         if cfg.student.trainable == "lora" and cfg.student.lora.init != "default":  # CorDA (docs/methods/corda.md)
@@ -251,8 +255,13 @@ def teacher_lines(cfg: RunConfig, identity: str) -> list[str]:
     if t.source != "remote":
         return [f"teacher: {identity}"]
     served = f" (model {t.remote.model})" if t.remote.model else ""
-    lines = [f"teacher: remote {t.remote.url}{served} for training; the report's teacher row (reference CE, KL, "
-             f"top-1, speed) uses the local model {identity} loaded from teacher.model"]
+    if t.tokenizer_mode == "cross":
+        lines = [f"teacher: remote {t.remote.url}{served} for training, sent the student's text in the tokens of "
+                 f"the local {identity} (teacher.model), which must be the served model's tokenizer; the report's "
+                 "teacher row (bits per byte, speed) uses that local model"]
+    else:
+        lines = [f"teacher: remote {t.remote.url}{served} for training; the report's teacher row (reference CE, "
+                 f"KL, top-1, speed) uses the local model {identity} loaded from teacher.model"]
     if t.model == TeacherConfig().model:
         default = t.model.path or t.model.gguf or f"builtin:{t.model.builtin}"
         lines.append(f"teacher.model is left at its default ({default}): the report compares the "
