@@ -187,3 +187,39 @@ def other_tokenizer(vocab_size: int = 400, *, metaspace: bool = False) -> PreTra
     ``metaspace``) on the same prose, no normaliser, its own specials ``<pad>`` and ``<eos>``, no chat template."""
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_plain_bpe_json(vocab_size, metaspace)),
                                    eos_token="<eos>", pad_token="<pad>")
+
+
+CROSS_TEXTS = ("The quick brown fox, déjà vu.", "def f(x):\n    return x * 2", "Attribute references")
+
+
+def student_batch(student_tok, texts=CROSS_TEXTS):
+    """A right-padded batch of ``texts`` in ``student_tok``'s tokens, each ending in EOS, every token after the
+    first a target; uids ``u0, u1, ...``, domains ``"0"``/``"1"`` alternating (for routed ensembles)."""
+    from stillroom.data.batch import Example, collate
+
+    rows = [student_tok(t)["input_ids"] + [student_tok.eos_token_id] for t in texts]
+    return collate([Example(ids, [False] + [True] * (len(ids) - 1), f"u{i}", domain=str(i % 2))
+                    for i, ids in enumerate(rows)], student_tok.pad_token_id)
+
+
+def cross_setup(texts=CROSS_TEXTS, *, student_vocab: int = 400, teacher_vocab: int = 320, **vocab_kw):
+    """``(CrossVocab, batch)``: a student tokenizer unlike the tiny teacher's (:func:`other_tokenizer`), the two
+    matched (``vocab_kw``: e.g. ``vocab_map``), and a student batch of ``texts`` (:func:`student_batch`)."""
+    from stillroom.teachers.cross_align import cross_vocab
+
+    student, teacher_tok = other_tokenizer(student_vocab), tiny_tokenizer(teacher_vocab)
+    vocab = cross_vocab(student, teacher_tok, student_vocab=len(student), teacher_vocab=len(teacher_tok), **vocab_kw)
+    return vocab, student_batch(student, texts)
+
+
+def cross_recipe(**changes):
+    """A cross-tokenizer RunConfig (student from config with its own tokenizer folder; ce + forward_kl + uld)
+    with sections updated by ``changes``; validation errors surface as ValueError."""
+    from stillroom.config.schema import RunConfig
+
+    base = {"teacher": {"tokenizer_mode": "cross"},
+            "student": {"from_config": {"num_hidden_layers": 1}, "tokenizer": "some/folder"},
+            "loss": {"terms": [{"name": "ce"}, {"name": "forward_kl"}, {"name": "uld", "params": {"support": "all"}}]}}
+    for key, value in changes.items():
+        base[key] = {**base.get(key, {}), **value}
+    return RunConfig.model_validate(base)

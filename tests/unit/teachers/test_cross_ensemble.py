@@ -4,25 +4,17 @@ average (refused)."""
 
 import pytest
 import torch
-from helpers import other_tokenizer, tiny_llama, tiny_tokenizer
+from helpers import cross_recipe, cross_setup, tiny_llama
 
-from stillroom.data.batch import Example, collate
 from stillroom.teachers.cross import CrossTeacher
-from stillroom.teachers.cross_align import cross_vocab
 from stillroom.teachers.ensemble import EnsembleTeacher
-
-TEXTS = ["The quick brown fox, déjà vu.", "def f(x):\n    return x * 2", "Attribute references"]
 
 
 @pytest.fixture(scope="module")
 def setup():
-    student, teacher_tok = other_tokenizer(400), tiny_tokenizer()
-    vocab = cross_vocab(student, teacher_tok, student_vocab=len(student), teacher_vocab=len(teacher_tok))
-    rows = [student(t)["input_ids"] + [student.eos_token_id] for t in TEXTS]
-    batch = collate([Example(ids, [False] + [True] * (len(ids) - 1), f"u{i}", domain=str(i % 2))
-                     for i, ids in enumerate(rows)], student.pad_token_id)
-    members = [CrossTeacher(tiny_llama(len(teacher_tok), layers=2, seed=s), vocab, temperature=1.0, supports=set())
-               for s in (3, 4)]
+    vocab, batch = cross_setup()
+    members = [CrossTeacher(tiny_llama(vocab.teacher_vocab, layers=2, seed=s), vocab, temperature=1.0,
+                            supports=set()) for s in (3, 4)]
     return vocab, members, batch
 
 
@@ -56,12 +48,7 @@ def test_ranked_probabilities_do_not_average(setup):
 
 
 def test_recipes_refuse_ranked_terms_on_an_averaged_ensemble():
-    from stillroom.config.schema import RunConfig
-
-    base = {"teacher": {"tokenizer_mode": "cross", "source": "ensemble", "ensemble": [{"source": "online"}] * 2},
-            "student": {"from_config": {"num_hidden_layers": 1}, "tokenizer": "some/folder"},
-            "loss": {"terms": [{"name": "uld", "params": {"support": "all"}}]}}
+    ensemble = {"source": "ensemble", "ensemble": [{"source": "online"}] * 2}
     with pytest.raises(ValueError, match="ensemble_mode: route"):
-        RunConfig.model_validate(base)
-    routed = RunConfig.model_validate({**base, "teacher": {**base["teacher"], "ensemble_mode": "route"}})
-    assert routed.teacher.ensemble_mode == "route"
+        cross_recipe(teacher=ensemble)
+    assert cross_recipe(teacher={**ensemble, "ensemble_mode": "route"}).teacher.ensemble_mode == "route"

@@ -5,24 +5,15 @@ import copy
 
 import pytest
 import torch
-from helpers import other_tokenizer, tiny_llama, tiny_tokenizer
+from helpers import cross_recipe, cross_setup, tiny_llama
 
-from stillroom.data.batch import Example, collate
 from stillroom.teachers.cross import CrossTeacher
-from stillroom.teachers.cross_align import cross_vocab
-
-TEXTS = ["The quick brown fox, déjà vu.", "def f(x):\n    return x * 2", "Attribute references"]
 
 
 @pytest.fixture(scope="module")
 def setup():
-    student, teacher_tok = other_tokenizer(400), tiny_tokenizer()
-    vocab = cross_vocab(student, teacher_tok, student_vocab=len(student), teacher_vocab=len(teacher_tok))
-    teacher = tiny_llama(len(teacher_tok), layers=2, seed=3)
-    rows = [student(t)["input_ids"] + [student.eos_token_id] for t in TEXTS]
-    batch = collate([Example(ids, [False] + [True] * (len(ids) - 1), f"u{i}") for i, ids in enumerate(rows)],
-                    student.pad_token_id)
-    return vocab, teacher, batch
+    vocab, batch = cross_setup()
+    return vocab, tiny_llama(vocab.teacher_vocab, layers=2, seed=3), batch
 
 
 def test_targets_equal_the_full_forward_at_aligned_positions(setup):
@@ -54,29 +45,18 @@ def test_chunk_size_changes_nothing(setup):
     assert torch.allclose(one.ranked["unmatched"][0], many.ranked["unmatched"][0], atol=1e-7)
 
 
-def _recipe(**changes):
-    from stillroom.config.schema import RunConfig
-
-    base = {"teacher": {"tokenizer_mode": "cross"},
-            "student": {"from_config": {"num_hidden_layers": 1}, "tokenizer": "some/folder"},
-            "loss": {"terms": [{"name": "ce"}, {"name": "forward_kl"}, {"name": "uld", "params": {"support": "all"}}]}}
-    for key, value in changes.items():
-        base[key] = {**base.get(key, {}), **value}
-    return RunConfig.model_validate(base)
-
-
 def test_cross_recipes_are_checked_when_loaded():
-    assert _recipe().teacher.tokenizer_mode == "cross"
-    assert _recipe(teacher={"source": "store"}, loss={"loss_temperature": 1.0}).teacher.source == "store"
+    assert cross_recipe().teacher.tokenizer_mode == "cross"
+    assert cross_recipe(teacher={"source": "store"}, loss={"loss_temperature": 1.0}).teacher.source == "store"
     with pytest.raises(ValueError, match="loss.loss_temperature: 1"):  # ranked top-k at T=1 cannot be re-tempered
-        _recipe(teacher={"source": "remote"}, loss={"loss_temperature": 2.0})
-    assert _recipe(teacher={"source": "online"}, loss={"loss_temperature": 2.0}).loss.loss_temperature == 2.0
+        cross_recipe(teacher={"source": "remote"}, loss={"loss_temperature": 2.0})
+    assert cross_recipe(teacher={"source": "online"}, loss={"loss_temperature": 2.0}).loss.loss_temperature == 2.0
     with pytest.raises(ValueError, match="student's own tokenizer"):
-        _recipe(student={"from_config": None, "tokenizer": None, "from_teacher": {"strategy": "every_n", "every_n": 2}})
+        cross_recipe(student={"from_config": None, "tokenizer": None, "from_teacher": {"strategy": "every_n", "every_n": 2}})
     with pytest.raises(ValueError, match="positions differ"):
-        _recipe(loss={"terms": [{"name": "hidden_mse"}]})
+        cross_recipe(loss={"terms": [{"name": "hidden_mse"}]})
     with pytest.raises(ValueError, match="set teacher.tokenizer_mode: cross"):
-        _recipe(teacher={"tokenizer_mode": "same"})
+        cross_recipe(teacher={"tokenizer_mode": "same"})
 
 
 @pytest.mark.gpu

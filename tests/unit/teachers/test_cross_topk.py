@@ -3,27 +3,17 @@ vocabulary; with a small k the matched tokens outside the top k share the tail a
 
 import pytest
 import torch
-from helpers import other_tokenizer, tiny_llama, tiny_tokenizer
+from helpers import cross_setup, tiny_llama
 
-from stillroom.data.batch import Example, collate
 from stillroom.losses import forward_kl, reverse_kl, uld
 from stillroom.teachers.cross import CrossTeacher
-from stillroom.teachers.cross_align import cross_vocab
 from stillroom.teachers.cross_topk import cross_from_topk
 from stillroom.teachers.signal import TeacherSignal
 
-TEXTS = ["The quick brown fox, déjà vu.", "def f(x):\n    return x * 2", "Attribute references"]
-
-
 @pytest.fixture(scope="module")
 def setup():
-    student, teacher_tok = other_tokenizer(400), tiny_tokenizer()
-    vocab = cross_vocab(student, teacher_tok, student_vocab=len(student), teacher_vocab=len(teacher_tok))
-    teacher = tiny_llama(len(teacher_tok), layers=2, seed=3)
-    rows = [student(t)["input_ids"] + [student.eos_token_id] for t in TEXTS]
-    batch = collate([Example(ids, [False] + [True] * (len(ids) - 1), f"u{i}") for i, ids in enumerate(rows)],
-                    student.pad_token_id)
-    return vocab, teacher, batch
+    vocab, batch = cross_setup()
+    return vocab, tiny_llama(vocab.teacher_vocab, layers=2, seed=3), batch
 
 
 def _topk(vocab, teacher, batch, k):

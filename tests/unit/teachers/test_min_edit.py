@@ -7,11 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import other_tokenizer, tiny_llama, tiny_tokenizer
+from helpers import cross_recipe, other_tokenizer, student_batch, tiny_llama, tiny_tokenizer
 
 pytest.importorskip("rapidfuzz", reason="the optional extra stillroom[cross]")
 
-from stillroom.data.batch import Example, collate  # noqa: E402
 from stillroom.losses import forward_kl, uld  # noqa: E402
 from stillroom.teachers import min_edit  # noqa: E402
 from stillroom.teachers.cross import CrossTeacher  # noqa: E402
@@ -20,7 +19,6 @@ from stillroom.teachers.cross_topk import cross_from_topk  # noqa: E402
 from stillroom.teachers.min_edit import edit_distance, min_edit_map  # noqa: E402
 from stillroom.teachers.signal import TeacherSignal  # noqa: E402
 
-TEXTS = ["The quick brown fox, déjà vu.", "def f(x):\n    return x * 2", "Attribute references"]
 
 # student: 0 "a", 1 "b", 2 special, 3 "the", 4 " th", 5 "" (spells nothing), 6 "ab"
 STUDENT = [b"a", b"b", None, b"the", b" th", b"", b"ab"]
@@ -106,9 +104,7 @@ def setup():
     vocab = cross_vocab(student, teacher_tok, vocab_map="min_edit_distance", **kw)
     exact = cross_vocab(student, teacher_tok, **kw)
     teacher = tiny_llama(len(teacher_tok), layers=2, seed=3)
-    rows = [student(t)["input_ids"] + [student.eos_token_id] for t in TEXTS]
-    batch = collate([Example(ids, [False] + [True] * (len(ids) - 1), f"u{i}") for i, ids in enumerate(rows)],
-                    student.pad_token_id)
+    batch = student_batch(student)
     return vocab, exact, teacher, batch
 
 
@@ -203,26 +199,15 @@ def test_small_topk_spreads_the_tail_per_teacher_token_by_hand():
     assert p[0, 0].tolist() == pytest.approx([0.2]) and rest[0, 0].item() == pytest.approx(0.3 * 2 / 7, rel=1e-6)
 
 
-def _recipe(**changes):
-    from stillroom.config.schema import RunConfig
-
-    base = {"teacher": {"tokenizer_mode": "cross"},
-            "student": {"from_config": {"num_hidden_layers": 1}, "tokenizer": "some/folder"},
-            "loss": {"terms": [{"name": "ce"}, {"name": "forward_kl"}, {"name": "uld", "params": {"support": "all"}}]}}
-    for key, value in changes.items():
-        base[key] = {**base.get(key, {}), **value}
-    return RunConfig.model_validate(base)
-
-
 def test_config_defaults_to_exact_and_refuses_uld_unmatched_with_min_edit():
-    assert _recipe().teacher.cross.vocab_map == "exact"
-    assert _recipe(teacher={"cross": {"vocab_map": "min_edit_distance"}}).teacher.cross.vocab_map == "min_edit_distance"
+    assert cross_recipe().teacher.cross.vocab_map == "exact"
+    assert cross_recipe(teacher={"cross": {"vocab_map": "min_edit_distance"}}).teacher.cross.vocab_map == "min_edit_distance"
     unmatched = {"terms": [{"name": "ce"}, {"name": "uld", "params": {"support": "unmatched"}}]}
-    assert _recipe(loss=unmatched).teacher.cross.vocab_map == "exact"
+    assert cross_recipe(loss=unmatched).teacher.cross.vocab_map == "exact"
     with pytest.raises(ValueError, match="support: unmatched.*min_edit_distance"):
-        _recipe(teacher={"cross": {"vocab_map": "min_edit_distance"}}, loss=unmatched)
+        cross_recipe(teacher={"cross": {"vocab_map": "min_edit_distance"}}, loss=unmatched)
     with pytest.raises(ValueError, match="vocab_map"):
-        _recipe(teacher={"cross": {"vocab_map": "nearest"}})
+        cross_recipe(teacher={"cross": {"vocab_map": "nearest"}})
 
 
 @pytest.mark.gpu

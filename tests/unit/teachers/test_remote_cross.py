@@ -10,15 +10,13 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
-from helpers import other_tokenizer, tiny_llama, tiny_tokenizer
+from helpers import cross_setup, tiny_llama
 from loopback import serve, teacher_app
 
 from stillroom.config.schema import RemoteConfig
-from stillroom.data.batch import Example, collate
 from stillroom.losses import forward_kl, uld
 from stillroom.models.vocab import tokenizer_hash
 from stillroom.teachers.cross import CrossTeacher
-from stillroom.teachers.cross_align import cross_vocab
 from stillroom.teachers.cross_topk import cross_from_topk
 from stillroom.teachers.http import RemoteError
 from stillroom.teachers.remote import RemoteTeacher
@@ -32,13 +30,8 @@ SUPPORTS = {"all", "unmatched"}
 
 @pytest.fixture(scope="module")
 def setup():
-    student, teacher_tok = other_tokenizer(400), tiny_tokenizer()
-    vocab = cross_vocab(student, teacher_tok, student_vocab=len(student), teacher_vocab=len(teacher_tok))
-    teacher = tiny_llama(len(teacher_tok), layers=2, seed=3)
-    rows = [student(t)["input_ids"] + [student.eos_token_id] for t in TEXTS]
-    batch = collate([Example(ids, [False] + [True] * (len(ids) - 1), f"u{i}") for i, ids in enumerate(rows)],
-                    student.pad_token_id)
-    return vocab, teacher, teacher_tok, batch
+    vocab, batch = cross_setup(TEXTS)
+    return vocab, tiny_llama(vocab.teacher_vocab, layers=2, seed=3), vocab.teacher_tok, batch
 
 
 @pytest.fixture(scope="module")
