@@ -223,3 +223,11 @@ def cross_recipe(**changes):
     for key, value in changes.items():
         base[key] = {**base.get(key, {}), **value}
     return RunConfig.model_validate(base)
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``folder`` (to compare stores and run folders byte for byte)."""
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

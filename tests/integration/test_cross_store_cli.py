@@ -2,12 +2,11 @@
 trains like the online cross teacher (k = V_t, float32), a killed `cache-teacher` resumes to the same bytes, and a
 store of the other tokenizer mode is refused before step 0 naming the field."""
 
-import hashlib
 import json
 
 import pytest
 from cli_helpers import assert_same_losses, stillroom, stillroom_sigkilled
-from helpers import other_tokenizer
+from helpers import file_hashes, other_tokenizer
 
 NO_EVAL = ["eval.generations=1", "eval.speed_tokens=16", "eval.heldout_sequences=8"]
 STUDENT = {"from_config": {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
@@ -33,11 +32,6 @@ def _keep(recipe, name):
     kept = recipe.with_name(name)
     kept.write_text(recipe.read_text())
     return kept
-
-
-def _tree(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_a_store_with_k_equal_v_trains_like_the_online_cross_teacher(cross_recipe, tmp_path, tiny_teacher_dir):
@@ -82,7 +76,7 @@ def test_a_killed_cache_teacher_resumes_to_the_same_bytes(cross_recipe, tmp_path
     out = stillroom("cache-teacher", str(recipe), f"teacher.store.path={killed}", "--batch-size=2")
     assert f"resuming teacher store {killed}: {len(partial['shards'])}/{num_shards}" in out.stdout
     assert out.stdout.count("this run)") == num_shards - len(partial["shards"])
-    assert _tree(killed) == _tree(full)
+    assert file_hashes(killed) == file_hashes(full)
 
 
 def _refused(out, run_dir, field):

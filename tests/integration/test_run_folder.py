@@ -2,7 +2,6 @@
 run again, a refused --resume changes nothing, `stillroom eval` uses the run's saved config, and the start-up
 phases carry timestamps."""
 
-import hashlib
 import json
 import re
 import shutil
@@ -10,14 +9,9 @@ import statistics
 
 import pytest
 from cli_helpers import stillroom
+from helpers import file_hashes
 
 QUICK = ["eval.generations=0", "eval.speed_tokens=32"]
-
-
-def _tree(folder):
-    """``{relative path: sha256}`` of every file under ``folder``."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _metrics(run_dir):
@@ -42,12 +36,12 @@ def test_a_used_run_name_is_refused_and_overwrite_starts_it_again(recipe_factory
     stillroom("run", str(recipe), "name=x", *QUICK)
     (run_dir / "teacher_store").mkdir()  # what cache-teacher wrote for this run: kept by --overwrite
     (run_dir / "teacher_store" / "manifest.json").write_text("{}")
-    old = _tree(run_dir)
+    old = file_hashes(run_dir)
 
     proc = stillroom("run", str(recipe), "name=x", "train.steps=3", *QUICK, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert str(run_dir) in proc.stderr and "--resume" in proc.stderr and "--overwrite" in proc.stderr
-    assert _tree(run_dir) == old  # nothing touched
+    assert file_hashes(run_dir) == old  # nothing touched
     old_id = json.loads((run_dir / "run.json").read_text())["run_id"]
 
     # A run with fewer steps used to keep the old step 4, delete its own step 3 and point `latest` at nothing.
@@ -69,7 +63,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(recipe_factory, tmp_path):
     stillroom("run", str(recipe), "name=b", "eval.before=false", *QUICK)
     shutil.rmtree(a / "checkpoints" / "step_000004")
     shutil.copytree(b / "checkpoints" / "step_000004", a / "checkpoints" / "step_000004")  # another run's
-    before = _tree(a)
+    before = file_hashes(a)
 
     proc = stillroom("run", str(recipe), "name=a", "train.steps=6", "--resume", "eval.before=false", *QUICK,
                      check=False)
@@ -77,7 +71,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(recipe_factory, tmp_path):
     ids = [json.loads((d / "run.json").read_text())["run_id"] for d in (a, b)]
     assert ids[0] != ids[1] and ids[0] in proc.stderr and ids[1] in proc.stderr
     assert "step_000004" in proc.stderr
-    assert _tree(a) == before
+    assert file_hashes(a) == before
 
 
 def test_resume_of_a_finished_run_changes_nothing_and_raised_steps_continue_it(recipe_factory, tmp_path):
@@ -87,12 +81,12 @@ def test_resume_of_a_finished_run_changes_nothing_and_raised_steps_continue_it(r
     run_dir = tmp_path / "runs" / "x"
     stillroom("run", str(recipe), "name=x")
     first = _report(run_dir)
-    done = _tree(run_dir)
+    done = file_hashes(run_dir)
 
     out = stillroom("run", str(recipe), "name=x", "--resume")
     assert "finished" in out.stdout and "train.steps" in out.stdout
     assert "eval " not in out.stdout
-    assert _tree(run_dir) == done  # report, metrics, students, checkpoints: as they were
+    assert file_hashes(run_dir) == done  # report, metrics, students, checkpoints: as they were
 
     out = stillroom("run", str(recipe), "name=x", "--resume", "train.steps=7")
     assert "resumed from" in out.stdout and "at step 4" in out.stdout
@@ -115,7 +109,7 @@ def test_a_refused_resume_fails_before_loading_and_changes_nothing(recipe_factor
     recipe = recipe_factory(train={"steps": 4, "save_every": 2})
     run_dir = tmp_path / "runs" / "x"
     stillroom("run", str(recipe), "name=x", "eval.before=false", *QUICK)
-    before = _tree(run_dir)
+    before = file_hashes(run_dir)
 
     proc = stillroom("run", str(recipe), "name=x", "--resume", "data.sources.0.limit=20",
                      "train.micro_batch_size=2", "train.steps=6", check=False)
@@ -125,7 +119,7 @@ def test_a_refused_resume_fails_before_loading_and_changes_nothing(recipe_factor
     assert "train.steps 4 -> 6" in err  # a safe change, listed as such
     assert str(run_dir / "config.resolved.yaml") in err and "name=" in err
     assert "teacher:" not in proc.stdout and "eval " not in proc.stdout  # nothing loaded, nothing evaluated
-    assert _tree(run_dir) == before
+    assert file_hashes(run_dir) == before
 
 
 def test_eval_uses_the_saved_config_and_keeps_the_training_figures(recipe_factory, tmp_path):

@@ -3,17 +3,12 @@
 (Refusal of a mismatching store before step 0 is tested in-process: tests/unit/teachers/test_store_factory.py.)
 """
 
-import hashlib
 import json
 
 from cli_helpers import assert_same_losses, stillroom, stillroom_sigkilled
+from helpers import file_hashes
 
 NO_EVAL = ["eval.before=false", "eval.generations=0"]
-
-
-def _tree(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_store_with_k_equal_v_trains_like_the_online_teacher(recipe_factory, tmp_path, tiny_teacher_dir):
@@ -36,7 +31,6 @@ def test_store_with_k_equal_v_trains_like_the_online_teacher(recipe_factory, tmp
     assert_same_losses(tmp_path / "runs" / "stored", tmp_path / "runs" / "online", abs=1e-5, steps=6)
 
 
-
 def test_sigkill_then_resume_writes_the_same_bytes(recipe_factory, tmp_path):
     recipe = recipe_factory(teacher={"store": {"k": 8, "logprob_dtype": "int8", "shard_tokens": 1024}})
     full, killed = tmp_path / "store_full", tmp_path / "store_killed"
@@ -54,4 +48,4 @@ def test_sigkill_then_resume_writes_the_same_bytes(recipe_factory, tmp_path):
     out = stillroom("cache-teacher", str(recipe), f"teacher.store.path={killed}", "--batch-size=2")
     assert f"resuming teacher store {killed}: {len(partial['shards'])}/{num_shards}" in out.stdout
     assert out.stdout.count("this run)") == num_shards - len(partial["shards"])
-    assert _tree(killed) == _tree(full)
+    assert file_hashes(killed) == file_hashes(full)

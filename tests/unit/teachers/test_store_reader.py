@@ -1,9 +1,9 @@
 """Teacher store reader/writer behaviour: run checks, corruption, resume, StoreTeacher batches."""
 
-import hashlib
 import json
 
 import pytest
+from helpers import file_hashes
 import torch
 from test_store_fixtures import V, FakeTeacher, examples, header
 
@@ -31,10 +31,6 @@ def _expect(exs, **over):
     base.update(over)
     return run_expectation(**base)
 
-
-def _tree(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------------ run checks
@@ -145,7 +141,7 @@ def test_resume_skips_done_shards_and_gives_identical_bytes(tmp_path):
 
     write_store(tmp_path / "part", h, exs, counting, **QUIET)
     assert len(calls) == h.num_shards - 3
-    assert _tree(tmp_path / "part") == _tree(tmp_path / "full")
+    assert file_hashes(tmp_path / "part") == file_hashes(tmp_path / "full")
 
 
 def test_resume_recomputes_a_damaged_finished_shard(tmp_path):
@@ -153,11 +149,11 @@ def test_resume_recomputes_a_damaged_finished_shard(tmp_path):
     h = header(exs)
     fake = FakeTeacher()
     write_store(tmp_path / "s", h, exs, fake.compute(16), **QUIET)
-    before = _tree(tmp_path / "s")
+    before = file_hashes(tmp_path / "s")
     (tmp_path / "s" / "shards" / "shard-00001.safetensors").write_bytes(b"garbage")
     calls = []
     write_store(tmp_path / "s", h, exs, lambda e: calls.append(1) or fake.compute(16)(e), **QUIET)
-    assert len(calls) == 1 and _tree(tmp_path / "s") == before
+    assert len(calls) == 1 and file_hashes(tmp_path / "s") == before
 
 
 def test_writer_refuses_a_store_of_another_run_unless_overwrite(tmp_path):
