@@ -308,14 +308,20 @@ def interleaved_rates(timed: Mapping[str, Timed], *, rounds: int = SPEED_ROUNDS,
 def interleaved_tokens_per_s(models: Mapping[str, torch.nn.Module], seq_len: int, batch_size: int,
                              total_tokens: int, precision: str = "bf16", *, rounds: int = SPEED_ROUNDS,
                              warmup: int = SPEED_WARMUP, seed: int = 0,
-                             min_round_s: float = SPEED_MIN_ROUND_S) -> dict[str, float]:
+                             min_round_s: float = SPEED_MIN_ROUND_S,
+                             inputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Forward-pass throughput (tokens/s; no grad, eval mode, modes restored) of each named model, timed
     together by :func:`interleaved_rates`, so that ratios between them compare one measurement.
 
     Random ids ``[batch_size, seq_len]`` (a private generator: the global RNG is untouched; the same ids
     for models of the same vocabulary); per round at least ``ceil(total_tokens / (batch_size * seq_len))``
-    passes and ``min_round_s`` seconds.
+    passes and ``min_round_s`` seconds. ``inputs``: one real batch's forward arguments instead (a
+    vision-language model's held-out questions: ids with their image tokens, mask and ``pixel_values``, since
+    random ids would time the decoder without the image it reads); tokens per pass are its mask's sum.
     """
+    if inputs is not None:
+        return _rates_on(models, inputs, total_tokens, precision, rounds=rounds, warmup=warmup,
+                         min_round_s=min_round_s)
     if seq_len < 1 or batch_size < 1 or total_tokens < 1:
         raise ValueError(f"forward_tokens_per_s: seq_len, batch_size, total_tokens must be >= 1 "
                          f"(got {seq_len}, {batch_size}, {total_tokens})")
@@ -339,6 +345,29 @@ def interleaved_tokens_per_s(models: Mapping[str, torch.nn.Module], seq_len: int
             timed[name] = Timed(functools.partial(_forward_synced, model, ids, torch.ones_like(ids), device),
                                 items=batch_size * seq_len, passes=passes)
         return interleaved_rates(timed, rounds=rounds, warmup=warmup, min_round_s=min_round_s)
+
+
+def _rates_on(models: Mapping[str, torch.nn.Module], inputs: Mapping[str, torch.Tensor], total_tokens: int,
+              precision: str, **timing) -> dict[str, float]:
+    """:func:`interleaved_tokens_per_s` on one given batch of forward arguments (every model reads the same)."""
+    tokens = int(inputs["attention_mask"].sum())
+    if tokens < 1:
+        raise ValueError("forward_tokens_per_s: the timing batch has no tokens")
+    passes = math.ceil(total_tokens / tokens)
+    timed = {}
+    with contextlib.ExitStack() as stack:
+        for name, model in models.items():
+            device = stack.enter_context(inference_mode(model, precision))
+            on_device = {k: v.to(device) for k, v in inputs.items()}
+            timed[name] = Timed(functools.partial(_forward_inputs_synced, model, on_device, device), items=tokens,
+                                passes=passes)
+        return interleaved_rates(timed, **timing)
+
+
+def _forward_inputs_synced(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device) -> None:
+    model(**inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def speed_line(rates: dict[str, float], unit: str, teacher_again: bool) -> str:

@@ -99,8 +99,13 @@ def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[E
     if again:
         timed = {"teacher": lm.teacher_model, **timed}
         out = {"teacher": {}, **out}
+    inputs = None
+    if cfg.vlm is not None:  # a VLM reads images: timed on held-out image questions, not random text ids
+        rows = lm.data.heldout[: cfg.train.micro_batch_size]
+        inputs = collate(rows, lm.tokenizer.pad_token_id).model_inputs() if rows else None
     rates = interleaved_tokens_per_s(timed, seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
-                                     total_tokens=cfg.eval.speed_tokens, precision=cfg.train.precision)
+                                     total_tokens=cfg.eval.speed_tokens, precision=cfg.train.precision,
+                                     inputs=inputs)
     for name, rate in rates.items():
         out[name]["tokens_per_s"] = rate
     log(speed_line(rates, "tokens", again))

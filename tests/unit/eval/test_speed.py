@@ -120,3 +120,29 @@ def test_interleaved_rates_take_the_best_round_not_a_slow_one():
 
     rate = interleaved_rates({"m": Timed(step, items=1)}, rounds=3, warmup=2)["m"]
     assert 50 < rate < 110
+
+
+def test_a_given_batch_is_what_every_model_reads():
+    """A VLM is timed on real held-out inputs (ids with image tokens and pixel values), not random text ids."""
+    from stillroom.eval.metrics import interleaved_tokens_per_s
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.seen = tiny_llama(VOCAB), []
+
+        def forward(self, **inputs):
+            self.seen.append({k: v.clone() for k, v in inputs.items()})
+            return self.inner(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 4, 4)}
+    a, b = Recorder(), Recorder()
+    rates = interleaved_tokens_per_s({"a": a, "b": b}, seq_len=8, batch_size=2, total_tokens=26, precision="fp32",
+                                     rounds=1, warmup=1, min_round_s=0.0, inputs=inputs)
+    assert set(rates) == {"a", "b"} and all(r > 0 for r in rates.values())
+    assert len(a.seen) == 1 + 2  # a warm-up, then ceil(26 / 13 real tokens) timed passes
+    assert all(torch.equal(s["pixel_values"], inputs["pixel_values"]) and torch.equal(s["input_ids"], ids)
+               for s in a.seen + b.seen)
