@@ -71,6 +71,9 @@ class MethodPlan:
     weight_targets: Callable[[list[Batch], StepCounts], list[torch.Tensor]] | None = None
     metrics: Callable[[], dict[str, float]] | None = None
     report: Callable[[Path], object] | None = None
+    report_rows: Callable[[], dict[str, dict]] | None = None
+    """Extra report columns per model row (``{"student_after": {"ogen_hm": 0.61}}``), merged before the run's
+    report is written: what the method trains that the domain's own evaluation does not see."""
     players: Callable[[Any], list[Any]] | None = None
     """The domain's student :class:`~stillroom.train.loop.Player` -> the players to train, in order (a method
     that changes the student's objective or optimizer, or adds a discriminator: MEAL V2)."""

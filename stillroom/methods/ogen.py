@@ -183,7 +183,14 @@ def _build(ctx: MethodContext) -> MethodPlan:
         ctx.log(f"ogen: final base {100 * final['base']:.1f}%, new {100 * final['new']:.1f}%, H "
                 f"{100 * final['hm']:.1f}% (ogen.json)")
 
-    return MethodPlan(sampler=lambda **kw: ShotSampler(d.shot_indices, **kw), report=report,
+    def report_rows() -> dict[str, dict]:
+        """The trained prompt head's base / new / harmonic-mean accuracy beside the zero-shot start: the run's own
+        rows measure the frozen CLIP, which the head does not change."""
+        final = base_new_accuracy(head, d)
+        return {"student_before": {f"ogen_{k}": v for k, v in start.items()},
+                "student_after": {f"ogen_{k}": v for k, v in final.items()}}
+
+    return MethodPlan(sampler=lambda **kw: ShotSampler(d.shot_indices, **kw), report=report, report_rows=report_rows,
                       players=lambda student: [Player("prompt", head, objective)])
 
 

@@ -186,6 +186,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log: L
             results[key].update(_figures(result, files[key]))
         metrics_files = {cfg.method if key == "student_after" else key: f for key, f in files.items()}  # curve labels
         models = merge_rows(models, results)  # the teacher's row gains its speed timed beside the students
+        if plan.report_rows is not None:  # what the method trained that the domain's evaluation does not see
+            models = merge_rows(models, plan.report_rows())
         log("writing the report")
         write_run_report(prep, models, metrics_files, log=log)
         if plan.report is not None:  # the method's own report files (e.g. DDK's domain curves)

@@ -21,3 +21,7 @@ def test_ogen_recipe_on_a_clip_model_folder(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "ogen_digits" / "metrics.jsonl").read_text().splitlines()]
     assert all("loss/sd" in m and "loss/ce" in m for m in metrics) and metrics[-1]["window"] == 1
     assert (tmp_path / "ogen_digits" / "ogen_head.safetensors").is_file()
+    models = json.loads((tmp_path / "ogen_digits" / "report.json").read_text())["models"]
+    assert models["student_after"]["ogen_hm"] == record["final"]["hm"]  # the trained head, in the report
+    assert models["student_before"]["ogen_new"] == record["zero_shot"]["new"]
+    assert "ogen_hm" in (tmp_path / "ogen_digits" / "report.md").read_text()
