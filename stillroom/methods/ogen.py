@@ -159,6 +159,9 @@ class ShotSampler:
 
 def _build(ctx: MethodContext) -> MethodPlan:
     cfg, s = ctx.cfg, ctx.cfg.ogen
+    if ctx.topology.world_size > 1:
+        raise ValueError("method=ogen trains its prompt head in one process (its local-mean teacher and feature "
+                         "synthesis are not averaged across processes); run it without torchrun")
     d = ogen_data(ctx.model, ctx.data, s, cfg.clip.templates, seed=cfg.seed, log=ctx.log)
     head = PromptHead(d.text_cd, float(ctx.model.logit_scale.detach()), s.image_adapter).to(ctx.model.device)
     batch = min(cfg.train.micro_batch_size, len(d.shot_indices))

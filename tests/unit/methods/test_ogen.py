@@ -124,3 +124,13 @@ def test_ogen_trains_through_the_loop_and_resumes_exactly(tmp_path):
     train(resumed_job)
     assert torch.equal(resumed.residual.detach(), whole.residual.detach())
     assert torch.equal(resumed_objective.state.teacher.snapshots, whole_objective.state.teacher.snapshots)
+
+
+def test_ogen_refuses_several_processes_before_any_work():
+    import pytest
+
+    from stillroom.methods.ogen import METHOD
+
+    ctx = SimpleNamespace(cfg=SimpleNamespace(ogen=OgenConfig()), topology=SimpleNamespace(world_size=2))
+    with pytest.raises(ValueError, match="without torchrun"):
+        METHOD.build(ctx)
