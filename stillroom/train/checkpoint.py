@@ -42,14 +42,24 @@ def _fsync_dir(path: Path) -> None:
 
 
 def rng_state() -> dict:
+    """The CPU generator, Python's ``random`` and, where CUDA is in use, every visible GPU's generator (noise
+    drawn on the device, as the generative domain's, resumes exactly only with it)."""
     py = random.getstate()
-    return {"torch": torch.get_rng_state(), "python": [py[0], list(py[1]), py[2]]}
+    state = {"torch": torch.get_rng_state(), "python": [py[0], list(py[1]), py[2]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`'s generators; GPU states only onto as many visible GPUs as were saved (a run
+    resumed on another machine shape restarts their streams: it cannot be exact there anyway)."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def save_checkpoint(root: Path, step: int, *, weights: dict[str, dict[str, torch.Tensor]], train_state: dict,

@@ -59,6 +59,17 @@ def test_rng_state_restores_exactly():
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
 
 
+@pytest.mark.gpu
+def test_cuda_rng_state_restores_exactly_through_a_checkpoint(tmp_path):
+    """Noise drawn on the GPU (the generative domain's) resumes exactly: the GPU generators are checkpointed."""
+    torch.cuda.init()
+    torch.cuda.manual_seed_all(3)
+    save_state({"rng": ck.rng_state()}, tmp_path, "train_state")
+    a = torch.randn(5, device="cuda")
+    ck.set_rng_state(load_state(tmp_path, "train_state")["rng"])
+    assert torch.equal(torch.randn(5, device="cuda"), a)
+
+
 def _save(root, step, value):
     return ck.save_checkpoint(
         root, step, weights={"student": {"w": torch.full((2,), float(value))}, "student.objective": {}},
