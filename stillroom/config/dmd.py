@@ -90,6 +90,9 @@ class DmdConfig(Strict):
     def check_run(self, run: "RunConfig") -> None:
         if run.domain != "generative":
             raise ValueError(f"method=dmd distils generative teachers; set domain: generative (got {run.domain!r})")
+        if run.generative.student.fractions is not None:
+            raise ValueError("dmd trains the generator at evenly spaced noise fractions of generative.student.steps; "
+                             "generative.student.fractions would sample the report at others: leave it null")
         tc = run.generative.teacher
         guided = self.real_guidance != 1.0 or self.ca_weight > 0
         if guided and tc.path is None and tc.cond_dropout == 0:

@@ -140,6 +140,10 @@ class GenStudentConfig(Strict):
     steps: int = Field(1, ge=1, description="Model evaluations per sample (1: one-step generation).")
     stochastic: bool = Field(False, description="Few-step sampling re-noises with fresh noise between steps "
                              "(DMD2's backward simulation) instead of the deterministic ODE step.")
+    fractions: list[float] | None = Field(None, description="The noise fractions the student's sampler visits, one "
+                                          "per step: descending, the first 1.0 (pure noise), each in (0, 1] (e.g. a "
+                                          "released 2-NFE schedule [1.0, 0.6]); null: evenly spaced, 1, 1 - 1/steps, "
+                                          "..., 1/steps. Used by the report's sampler and saved with the student.")
     route: RouteConfig | None = Field(None, description="A routed student: one member per group of classes (MSD); "
                                       "null: one denoiser for every class.")
 
@@ -194,6 +198,11 @@ class GenerativeConfig(Strict):
             if not images and arch.kind == "unet":
                 raise ValueError(f"generative.{where}.kind=unet takes images; dataset {self.dataset} is 2-D points: "
                                  f"set generative.{where}.kind: mlp")
+        fr = self.student.fractions
+        if fr is not None and (len(fr) != self.student.steps or fr[0] != 1.0 or any(not 0 < u <= 1 for u in fr)
+                               or any(b >= a for a, b in zip(fr, fr[1:]))):
+            raise ValueError(f"generative.student.fractions={fr}: give {self.student.steps} noise fraction(s) (one "
+                             "per student.steps), strictly descending from 1.0, each in (0, 1]")
         if self.student.route is not None:
             self.student.route.partition(self.num_classes)
             if self.student.route.member_paths is not None and self.student.path is not None:

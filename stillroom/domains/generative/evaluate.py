@@ -39,12 +39,13 @@ PLOT = "samples.png"
 
 
 def sampler_settings(sec: GenerativeConfig, row: str) -> dict:
-    """``{"steps", "guidance", "stochastic"}`` of report row ``row``."""
+    """``{"steps", "guidance", "stochastic"}`` (and the student's ``fractions``) of report row ``row``."""
     if row == "teacher":
         return {"steps": sec.teacher.sample_steps, "guidance": sec.teacher.guidance, "stochastic": False}
     if row.startswith("teacher_") and row.endswith("step"):
         return {"steps": int(row[len("teacher_"):-len("step")]), "guidance": sec.teacher.guidance, "stochastic": False}
-    return {"steps": sec.student.steps, "guidance": 1.0, "stochastic": sec.student.stochastic}
+    return {"steps": sec.student.steps, "guidance": 1.0, "stochastic": sec.student.stochastic,
+            "fractions": sec.student.fractions}
 
 
 def draw(model: Denoiser, sec: GenerativeConfig, row: str, classes: int) -> tuple[torch.Tensor, torch.Tensor]:

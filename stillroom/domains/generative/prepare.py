@@ -138,8 +138,9 @@ class GenerativeRun:
         return self.feature_classifier
 
     def save_model(self, model: nn.Module, folder: Path) -> None:
-        save_denoiser(model, folder, extra={"sample_steps": self.cfg.generative.student.steps,
-                                            "stochastic": self.cfg.generative.student.stochastic})
+        student = self.cfg.generative.student
+        save_denoiser(model, folder, extra={"sample_steps": student.steps, "stochastic": student.stochastic,
+                                            "sample_fractions": student.fractions})
 
     def load_model(self, folder: Path) -> nn.Module:
         return load_denoiser(folder, "model folder")

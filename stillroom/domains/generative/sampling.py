@@ -58,8 +58,10 @@ def generate(model: Denoiser, noise: torch.Tensor, labels_b: torch.Tensor, *, st
 
 @torch.no_grad()
 def sample(model: Denoiser, labels_b: torch.Tensor, *, steps: int, guidance: float = 1.0, stochastic: bool = False,
-           generator: torch.Generator | None = None, batch_size: int = 4096) -> torch.Tensor:
-    """``[B, ...]`` samples for ``labels_b`` in eval mode, ``batch_size`` at a time (noise from ``generator``)."""
+           generator: torch.Generator | None = None, batch_size: int = 4096,
+           fractions: list[float] | None = None) -> torch.Tensor:
+    """``[B, ...]`` samples for ``labels_b`` in eval mode, ``batch_size`` at a time (noise from ``generator``;
+    ``fractions``: as :func:`generate`'s)."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -68,6 +70,6 @@ def sample(model: Denoiser, labels_b: torch.Tensor, *, steps: int, guidance: flo
         labels = labels_b[i:i + batch_size].to(device)
         noise = model.convention.prior((len(labels), *model.sample_shape()), generator=generator).to(device)
         out.append(generate(model, noise, labels, steps=steps, guidance=guidance, stochastic=stochastic,
-                            generator=generator).float().cpu())
+                            generator=generator, fractions=fractions).float().cpu())
     model.train(was)
     return torch.cat(out) if out else torch.empty(0, *model.sample_shape())

@@ -120,3 +120,29 @@ def test_edm_sampler_matches_diffusers_edm_euler_scheduler():
             out = model.raw(x_in, torch.full((4,), float(t), dtype=torch.float64), labels)
             x = sched.step(out, t, x).prev_sample
     assert torch.allclose(ours.detach(), x, atol=1e-5)  # diffusers keeps its sigmas in float32
+
+
+def test_a_student_schedule_of_noise_fractions_is_what_the_report_samples():
+    """generative.student.fractions (e.g. a released 2-NFE schedule) reaches the report's sampler; bad ones are
+    refused when the recipe loads, and dmd (trained at evenly spaced fractions) refuses any."""
+    from stillroom.config.schema import RunConfig
+    from stillroom.domains.generative.evaluate import sampler_settings
+
+    cfg = RunConfig.model_validate({"domain": "generative", "method": "sft",
+                                    "generative": {"student": {"steps": 2, "fractions": [1.0, 0.6]}}})
+    settings = sampler_settings(cfg.generative, "student_after")
+    assert settings["fractions"] == [1.0, 0.6] and "fractions" not in sampler_settings(cfg.generative, "teacher")
+    model, labels = tiny(Convention("rf")), torch.arange(6) % 3
+    got = sample(model, labels, generator=torch.Generator().manual_seed(1), **settings)
+    z = model.convention.prior((6, 2), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = generate(model.eval(), z, labels, steps=2, fractions=[1.0, 0.6])
+        even = generate(model, z, labels, steps=2)
+    assert torch.allclose(got, want) and not torch.allclose(got, even)
+    for bad in ([1.0], [0.9, 0.5], [1.0, 1.0], [1.0, 0.0]):
+        with pytest.raises(ValueError, match="generative.student.fractions"):
+            RunConfig.model_validate({"domain": "generative", "method": "sft",
+                                      "generative": {"student": {"steps": 2, "fractions": bad}}})
+    with pytest.raises(ValueError, match="dmd trains the generator at evenly spaced"):
+        RunConfig.model_validate({"domain": "generative", "method": "dmd",
+                                  "generative": {"student": {"steps": 2, "fractions": [1.0, 0.6]}}})
