@@ -319,52 +319,40 @@ def interleaved_tokens_per_s(models: Mapping[str, torch.nn.Module], seq_len: int
     vision-language model's held-out questions: ids with their image tokens, mask and ``pixel_values``, since
     random ids would time the decoder without the image it reads); tokens per pass are its mask's sum.
     """
-    if inputs is not None:
-        return _rates_on(models, inputs, total_tokens, precision, rounds=rounds, warmup=warmup,
-                         min_round_s=min_round_s)
     if seq_len < 1 or batch_size < 1 or total_tokens < 1:
         raise ValueError(f"forward_tokens_per_s: seq_len, batch_size, total_tokens must be >= 1 "
                          f"(got {seq_len}, {batch_size}, {total_tokens})")
-    passes = math.ceil(total_tokens / (batch_size * seq_len))
     timed = {}
     with contextlib.ExitStack() as stack:
         for name, model in models.items():
-            config = getattr(model, "config", None)
-            if config is not None and hasattr(config, "get_text_config"):  # a VLM: its decoder's settings
-                config = config.get_text_config()
-            vocab = getattr(config, "vocab_size", None)
-            if not vocab:
-                raise ValueError(f"forward_tokens_per_s: {name}: model.config.vocab_size is needed to draw random ids")
-            max_pos = getattr(config, "max_position_embeddings", None)
-            if max_pos is not None and seq_len > max_pos:
-                raise ValueError(f"forward_tokens_per_s: {name}: seq_len={seq_len} exceeds "
-                                 f"max_position_embeddings={max_pos}")
             device = stack.enter_context(inference_mode(model, precision))
-            ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
-            ids = ids.to(device)
-            timed[name] = Timed(functools.partial(_forward_synced, model, ids, torch.ones_like(ids), device),
-                                items=batch_size * seq_len, passes=passes)
+            batch = dict(inputs) if inputs is not None else _random_ids(name, model, batch_size, seq_len, seed)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            tokens = int(batch["attention_mask"].sum())
+            if tokens < 1:
+                raise ValueError(f"forward_tokens_per_s: {name}: the timing batch has no tokens")
+            timed[name] = Timed(functools.partial(_forward_synced, model, batch, device), items=tokens,
+                                passes=math.ceil(total_tokens / tokens))
         return interleaved_rates(timed, rounds=rounds, warmup=warmup, min_round_s=min_round_s)
 
 
-def _rates_on(models: Mapping[str, torch.nn.Module], inputs: Mapping[str, torch.Tensor], total_tokens: int,
-              precision: str, **timing) -> dict[str, float]:
-    """:func:`interleaved_tokens_per_s` on one given batch of forward arguments (every model reads the same)."""
-    tokens = int(inputs["attention_mask"].sum())
-    if tokens < 1:
-        raise ValueError("forward_tokens_per_s: the timing batch has no tokens")
-    passes = math.ceil(total_tokens / tokens)
-    timed = {}
-    with contextlib.ExitStack() as stack:
-        for name, model in models.items():
-            device = stack.enter_context(inference_mode(model, precision))
-            on_device = {k: v.to(device) for k, v in inputs.items()}
-            timed[name] = Timed(functools.partial(_forward_inputs_synced, model, on_device, device), items=tokens,
-                                passes=passes)
-        return interleaved_rates(timed, **timing)
+def _random_ids(name: str, model: torch.nn.Module, batch_size: int, seq_len: int, seed: int) -> dict:
+    """Random ids ``[batch_size, seq_len]`` in ``model``'s vocabulary (a private generator) and a full mask."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):  # a VLM: its decoder's settings
+        config = config.get_text_config()
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        raise ValueError(f"forward_tokens_per_s: {name}: model.config.vocab_size is needed to draw random ids")
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(f"forward_tokens_per_s: {name}: seq_len={seq_len} exceeds "
+                         f"max_position_embeddings={max_pos}")
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _forward_inputs_synced(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device) -> None:
+def _forward_synced(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device) -> None:
     model(**inputs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -382,12 +370,6 @@ def speed_line(rates: dict[str, float], unit: str, teacher_again: bool) -> str:
         parts.append(f"{name} {rate:,.0f}{note}")
     return (f"speed (forward {unit}/s; {SPEED_WARMUP} warm-up passes each, then timed interleaved, best of "
             f"{SPEED_ROUNDS} rounds): " + ", ".join(parts))
-
-
-def _forward_synced(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, device: torch.device) -> None:
-    model(input_ids=ids, attention_mask=attn)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def forward_tokens_per_s(
