@@ -26,7 +26,7 @@ import torch
 from stillroom.config.schema import RunConfig
 from stillroom.domains.generative.data import build_splits
 from stillroom.domains.generative.models import build_denoiser
-from stillroom.domains.generative.prepare import GenerativeRun, generative_methods
+from stillroom.domains.generative.prepare import GenerativeRun, build_student, generative_methods
 from stillroom.domains.generative.sampling import sample
 from stillroom.domains.generative.teacher import teacher_convention
 from stillroom.methods import METHODS
@@ -41,12 +41,16 @@ SETTINGS = {
 }
 CONVENTION = {"twinflow": "rf"}
 """Methods whose teacher must be of another convention than the default edm."""
+STUDENT = {"twinflow": {"init": "teacher", "arch": {"kind": "twinflow"}}}
+"""Methods whose student is not a plain copy of the teacher (as their shipped recipes set it)."""
 
 
 def run_config(kind: str, method: str, batch: int) -> RunConfig:
     sec = copy.deepcopy(SETTINGS[kind])
     if method in CONVENTION:
         sec["teacher"]["convention"] = {"name": CONVENTION[method]}
+    if method in STUDENT:
+        sec["student"] = STUDENT[method]
     return RunConfig(domain="generative", method=method, generative=sec,
                      train={"steps": 1, "micro_batch_size": batch, "precision": "fp32", "save_every": 10 ** 9,
                             "log_every": 10 ** 9, "keep_checkpoints": 1})
@@ -58,8 +62,8 @@ def prepared(cfg: RunConfig) -> GenerativeRun:
     arch = tc.arch.as_json(data.sample_shape)
     teacher = build_denoiser(tc.arch.kind, arch, num_classes=data.num_classes, convention=teacher_convention(tc),
                              seed=0).eval().requires_grad_(False)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    return GenerativeRun(cfg, Topology(), torch.device("cpu"), teacher, student, data, "fresh", "copy")
+    student, origin = build_student(cfg, teacher, data)  # as a run builds it (TwinFlow: its twinflow network)
+    return GenerativeRun(cfg, Topology(), torch.device("cpu"), teacher, student, data, "fresh", origin)
 
 
 def best_of(fn, reps: int) -> float:
