@@ -13,6 +13,10 @@ One training step updates each player (:mod:`stillroom.train.loop`) in order,
      accumulation, and 1 or 2 processes, give the same gradient);
   4. stop on a non-finite loss; clip; step; schedule.
 Then the step is logged, evaluated and checkpointed (:mod:`stillroom.train.session`).
+Under several processes each step first re-seeds the global generator from (seed, step, rank):
+noise a method draws (a generator's prior samples, on-policy sampling) then differs between
+processes, as in one process with the whole batch, and a resumed run draws what an
+uninterrupted one would (one process keeps one stream, checkpointed with the run).
 The loop knows ``(sum, count)`` and parameter groups, not tokens or models.
 
 Players are the parameter groups a step updates, each with its optimizer, loss and update
@@ -40,6 +44,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from stillroom.config.core import TrainConfig
+from stillroom.data.seeds import derive_seed
 from stillroom.losses import LossMix, LossResult, StudentOutput
 from stillroom.train.counts import Sampler, StepCounts
 from stillroom.models.precision import autocast as precision_autocast
@@ -199,6 +204,8 @@ def train(job: TrainJob) -> TrainResult:
     run = Session.start(job)  # optimizers, DDP wrappers, sampler; restored from the last checkpoint on resume
     for step in range(run.start_step, tc.steps):
         t0 = time.perf_counter()
+        if job.topology.world_size > 1:  # noise a method draws (DMD's, on-policy's) differs by process, and resumes
+            torch.manual_seed(derive_seed(job.seed, "process-step", step, job.topology.rank))
         record: dict[str, Any] = {"step": step + 1}
         for k, player in enumerate(job.players):
             for _ in range(player.updates_per_step):

@@ -4,7 +4,8 @@ critic is checkpointed, and a run stopped and resumed logs the uninterrupted run
 
 import json
 
-from cli_helpers import assert_same_losses, stillroom
+import pytest
+from cli_helpers import assert_same_losses, stillroom, stillroom_torchrun
 from safetensors import safe_open
 
 TINY = ["generative.train_points=256", "generative.heldout_points=64", "generative.teacher.steps=20",
@@ -41,3 +42,21 @@ def test_decoupled_dmd_trains_both_players_and_resumes_exactly(tmp_path):
     assert_same_losses(tmp_path / "part", tmp_path / "full", abs=1e-6, steps=6)
     critic = [json.loads(line)["critic/loss"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert critic == [r["critic/loss"] for r in rows]
+
+
+@pytest.mark.multiproc
+def test_two_processes_train_generator_and_critic_and_resume_exactly(tmp_path):
+    """Under torchrun both players train (DDP), and a 2-process run stopped and resumed logs the uninterrupted one's
+    losses: every step re-seeds each process's noise from (seed, step, rank)."""
+    cache = tmp_path / "cache"
+
+    def run(name, steps, *more):
+        return stillroom_torchrun("run", "decoupled_dmd_rings", f"output_dir={tmp_path}", f"cache_dir={cache}", *TINY,
+                                  f"name={name}", f"train.steps={steps}", "train.micro_batch_size=8", *more)
+
+    run("full", 4)
+    run("part", 2)
+    run("part", 4, "--resume")
+    assert_same_losses(tmp_path / "part", tmp_path / "full", abs=1e-6, steps=4)
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all("critic/loss" in r for r in rows)

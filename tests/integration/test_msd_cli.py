@@ -5,7 +5,7 @@ student; a bad partition and a folder routed differently are refused before trai
 import json
 
 import pytest
-from cli_helpers import assert_same_losses, stillroom
+from cli_helpers import assert_same_losses, stillroom, stillroom_torchrun
 
 TINY = ["generative.train_points=512", "generative.heldout_points=128", "generative.teacher.steps=30",
         "generative.teacher.batch_size=64", "generative.teacher.arch.width=32", "generative.teacher.arch.depth=2",
@@ -63,3 +63,13 @@ def test_bad_partition_and_a_differently_routed_folder_are_refused(tsm_run, cach
                       "generative.student.route={members: 2}", "name=other", check=False)
     assert other.returncode != 0 and "the folder routes the groups [[0], [1], [2], [3]]" in other.stderr
     assert "training:" not in other.stdout
+
+
+@pytest.mark.multiproc
+def test_a_routed_student_trains_under_two_processes_with_idle_members(tmp_path, cache):
+    """2 samples per process over 4 routed members: a member with no sample on a process still joins DDP's gradient
+    reduction (it used to stop the run: 'Expected to have finished reduction')."""
+    stillroom_torchrun("run", "msd_tsm_rings", f"output_dir={tmp_path}", f"cache_dir={cache}", *TINY, *SMALL,
+                       "train.steps=3", "train.micro_batch_size=2")
+    rows = [json.loads(line) for line in (tmp_path / "msd_tsm_rings" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)

@@ -90,20 +90,26 @@ class RoutedDenoiser(Denoiser):
         """``x0_hat`` (``x_t``'s shape) with each sample predicted by the member its label routes to."""
         route_b = self.route(labels_b)
         pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+        idle = []
         for k, member in enumerate(self.members):
             idx = (route_b == k).nonzero().squeeze(1)
             if idx.numel():
                 pieces.append((idx, member(x_t.index_select(0, idx), t_b.index_select(0, idx),
                                            labels_b.index_select(0, idx))))
+            else:
+                idle.append(member)
         idx = (route_b == -1).nonzero().squeeze(1)
         if idx.numel():
             x, t, labels = x_t.index_select(0, idx), t_b.index_select(0, idx), labels_b.index_select(0, idx)
             pieces.append((idx, torch.stack([m(x, t, labels) for m in self.members]).mean(dim=0)))
+            idle = []
         if not pieces:  # an empty batch
             return x_t.clone()
         out = x_t.new_zeros(x_t.shape, dtype=pieces[0][1].dtype)
         for idx, y in pieces:
             out = out.index_copy(0, idx, y)
+        if idle and torch.is_grad_enabled():  # a member without a sample in this process's batch joins the graph
+            out = out + 0.0 * sum(p.sum() for m in idle for p in m.parameters())  # with a zero (DDP reduces it)
         return out
 
     def member_params(self) -> list[int]:
