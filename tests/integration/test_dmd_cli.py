@@ -60,3 +60,16 @@ def test_two_processes_train_generator_and_critic_and_resume_exactly(tmp_path):
     assert_same_losses(tmp_path / "part", tmp_path / "full", abs=1e-6, steps=4)
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all("critic/loss" in r for r in rows)
+
+
+def test_the_image_recipe_trains_a_one_step_digits_generator(tmp_path):
+    """dmd_digits, shortened: the UNet teacher trained into the cache, the one-step generator and its critic, and
+    the image report (Fréchet distance, class accuracy, recall) for the teacher rows and the student."""
+    stillroom("run", "dmd_digits", f"output_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}",
+              "generative.teacher.steps=10", "generative.teacher.batch_size=32", "generative.eval.samples_per_class=10",
+              "generative.eval.feature_classifier_steps=20", "generative.eval.teacher_steps=[1]",
+              "generative.teacher.sample_steps=4", "train.steps=2", "train.micro_batch_size=8", "dmd.critic_updates=1")
+    models = json.loads((tmp_path / "dmd_digits" / "report.json").read_text())["models"]
+    assert models["student_after"]["nfe"] == 1 and models["teacher"]["nfe"] == 8
+    assert all(models[k]["frechet_distance"] > 0 for k in ("teacher", "teacher_1step", "student_after"))
+    assert (tmp_path / "dmd_digits" / "samples.png").is_file()
