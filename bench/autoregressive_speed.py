@@ -14,10 +14,8 @@ reference step.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -29,24 +27,12 @@ from stillroom.config.load import load_config  # noqa: E402
 from stillroom.domains.autoregressive.prepare import AutoregressiveDomain  # noqa: E402
 from stillroom.methods import METHODS  # noqa: E402
 from stillroom.train.distributed import Topology  # noqa: E402
-from stillroom.train.loop import train  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generative_speed import per_1000_updates  # noqa: E402  (one timing rule for both benches)
 
 RECIPES = {"dd2_codebook": ["dd2"], "cfg_distill_markov": ["cfg_distill", "sft"]}
 """Recipe -> the methods timed on its prepared run (``sft``: the recipe's CE baseline)."""
-
-
-def cost(prep, method: str, steps: int) -> float:
-    """Seconds per 1000 loop steps of ``method`` on ``prep``'s student (after 3 warm-up steps)."""
-    seconds = []
-    for n in (3, 3 + steps):
-        with tempfile.TemporaryDirectory() as tmp:
-            job, _ = prep.job(copy.deepcopy(prep.student), METHODS[method], baseline=method == "sft",
-                              run_dir=Path(tmp), resume=False, log=lambda _: None)
-            job.train = job.train.model_copy(update={"steps": n})
-            t0 = time.perf_counter()
-            train(job)
-            seconds.append(time.perf_counter() - t0)
-    return 1000 * (seconds[1] - seconds[0]) / steps
 
 
 def main() -> None:
@@ -63,7 +49,8 @@ def main() -> None:
                                        "train.save_every=1000000000", "train.log_every=1000000000"])
             prep = AutoregressiveDomain().prepare(cfg, Topology(), METHODS[methods[0]], log=lambda _: None)
             for method in methods:
-                print(f"| {recipe} | {method} | {cost(prep, method, args.steps):.1f} |", flush=True)
+                cost = per_1000_updates(prep, method, args.steps, baseline=method == "sft")
+                print(f"| {recipe} | {method} | {cost:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

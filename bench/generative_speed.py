@@ -90,21 +90,24 @@ def sampling_rows(kind: str, batch: int, reps: int) -> list[tuple[str, float]]:
     return rows
 
 
-def training_cost(kind: str, method: str, steps: int, batch: int) -> float:
-    """Seconds per 1000 loop steps of ``method`` (after 3 warm-up steps)."""
-    cfg = run_config(kind, method, batch)
-    prep = prepared(cfg)
+def per_1000_updates(prep, method: str, steps: int, *, baseline: bool = False) -> float:
+    """Seconds per 1000 loop steps of ``method`` on a copy of ``prep``'s student: a run of 3 + ``steps`` steps
+    minus one of 3 (so the setup and the first, slower steps cancel), each job built as a run builds it."""
     seconds = []
     for n in (3, 3 + steps):
-        cfg.train.steps = n
         with tempfile.TemporaryDirectory() as tmp:
-            model = copy.deepcopy(prep.student)
-            job, _ = prep.job(model, METHODS[method], baseline=False, run_dir=Path(tmp), resume=False,
-                              log=lambda _: None)
+            job, _ = prep.job(copy.deepcopy(prep.student), METHODS[method], baseline=baseline, run_dir=Path(tmp),
+                              resume=False, log=lambda _: None)
+            job.train = job.train.model_copy(update={"steps": n})
             t0 = time.perf_counter()
             train(job)
             seconds.append(time.perf_counter() - t0)
     return 1000 * (seconds[1] - seconds[0]) / steps
+
+
+def training_cost(kind: str, method: str, steps: int, batch: int) -> float:
+    """Seconds per 1000 loop steps of ``method`` (after 3 warm-up steps)."""
+    return per_1000_updates(prepared(run_config(kind, method, batch)), method, steps)
 
 
 def main() -> None:

@@ -163,3 +163,25 @@ def tiny_recipe(tmp_path: Path, teacher_dir: Path, **sections) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def assert_store_resumes_exactly(recipe: Path, full: Path, killed: Path) -> None:
+    """``stillroom cache-teacher`` of ``recipe`` into ``full``, then into ``killed`` SIGKILLed in the middle and run
+    again: it resumes shard by shard (naming how many shards were done) to the very same bytes as ``full``."""
+    import json
+
+    from helpers import file_hashes
+
+    stillroom("cache-teacher", str(recipe), f"teacher.store.path={full}", "--batch-size=2")
+    num_shards = json.loads((full / "manifest.json").read_text())["num_shards"]
+    assert num_shards >= 8
+    stillroom_sigkilled("cache-teacher", str(recipe), f"teacher.store.path={killed}", "--batch-size=2",
+                        when=(killed / "manifest.json").exists, timeout=240,
+                        settle_s=0.05,  # let it get into the middle of a later shard
+                        hint="give it more data")
+    partial = json.loads((killed / "manifest.json").read_text())
+    assert not partial["complete"] and 1 <= len(partial["shards"]) < num_shards
+    out = stillroom("cache-teacher", str(recipe), f"teacher.store.path={killed}", "--batch-size=2")
+    assert f"resuming teacher store {killed}: {len(partial['shards'])}/{num_shards}" in out.stdout
+    assert out.stdout.count("this run)") == num_shards - len(partial["shards"])
+    assert file_hashes(killed) == file_hashes(full)

@@ -5,8 +5,8 @@ store of the other tokenizer mode is refused before step 0 naming the field."""
 import json
 
 import pytest
-from cli_helpers import assert_same_losses, stillroom, stillroom_sigkilled
-from helpers import file_hashes, other_tokenizer
+from cli_helpers import assert_same_losses, assert_store_resumes_exactly, stillroom
+from helpers import other_tokenizer
 
 NO_EVAL = ["eval.generations=1", "eval.speed_tokens=16", "eval.heldout_sequences=8"]
 STUDENT = {"from_config": {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
@@ -62,22 +62,8 @@ def test_a_store_with_k_equal_v_trains_like_the_online_cross_teacher(cross_recip
 
 
 def test_a_killed_cache_teacher_resumes_to_the_same_bytes(cross_recipe, tmp_path):
-    full, killed = tmp_path / "store_full", tmp_path / "store_killed"
     recipe = cross_recipe(k=8, logprob_dtype="int8", shard_tokens=1024)
-    stillroom("cache-teacher", str(recipe), f"teacher.store.path={full}", "--batch-size=2")
-    num_shards = json.loads((full / "manifest.json").read_text())["num_shards"]
-    assert num_shards >= 8
-
-    stillroom_sigkilled("cache-teacher", str(recipe), f"teacher.store.path={killed}", "--batch-size=2",
-                        when=(killed / "manifest.json").exists, timeout=240, settle_s=0.05, hint="give it more data")
-    partial = json.loads((killed / "manifest.json").read_text())
-    assert not partial["complete"] and 1 <= len(partial["shards"]) < num_shards
-
-    out = stillroom("cache-teacher", str(recipe), f"teacher.store.path={killed}", "--batch-size=2")
-    assert f"resuming teacher store {killed}: {len(partial['shards'])}/{num_shards}" in out.stdout
-    assert out.stdout.count("this run)") == num_shards - len(partial["shards"])
-    assert file_hashes(killed) == file_hashes(full)
-
+    assert_store_resumes_exactly(recipe, tmp_path / "store_full", tmp_path / "store_killed")
 
 def _refused(out, run_dir, field):
     assert out.returncode != 0

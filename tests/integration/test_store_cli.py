@@ -5,8 +5,7 @@
 
 import json
 
-from cli_helpers import assert_same_losses, stillroom, stillroom_sigkilled
-from helpers import file_hashes
+from cli_helpers import assert_same_losses, assert_store_resumes_exactly, stillroom
 
 NO_EVAL = ["eval.before=false", "eval.generations=0"]
 
@@ -33,19 +32,5 @@ def test_store_with_k_equal_v_trains_like_the_online_teacher(recipe_factory, tmp
 
 def test_sigkill_then_resume_writes_the_same_bytes(recipe_factory, tmp_path):
     recipe = recipe_factory(teacher={"store": {"k": 8, "logprob_dtype": "int8", "shard_tokens": 1024}})
-    full, killed = tmp_path / "store_full", tmp_path / "store_killed"
-    stillroom("cache-teacher", str(recipe), f"teacher.store.path={full}", "--batch-size=2")
-    num_shards = json.loads((full / "manifest.json").read_text())["num_shards"]
-    assert num_shards >= 8
+    assert_store_resumes_exactly(recipe, tmp_path / "store_full", tmp_path / "store_killed")
 
-    stillroom_sigkilled("cache-teacher", str(recipe), f"teacher.store.path={killed}", "--batch-size=2",
-                        when=(killed / "manifest.json").exists, timeout=240,
-                        settle_s=0.05,  # let it get into the middle of a later shard
-                        hint="give it more data")
-    partial = json.loads((killed / "manifest.json").read_text())
-    assert not partial["complete"] and 1 <= len(partial["shards"]) < num_shards
-
-    out = stillroom("cache-teacher", str(recipe), f"teacher.store.path={killed}", "--batch-size=2")
-    assert f"resuming teacher store {killed}: {len(partial['shards'])}/{num_shards}" in out.stdout
-    assert out.stdout.count("this run)") == num_shards - len(partial["shards"])
-    assert file_hashes(killed) == file_hashes(full)
