@@ -37,7 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("same, naive", "same, fused", "cross, fused")
+VARIANTS = ("same, naive", "same, fused", "cross, fused", "same, held-out eval")
+"""The last one is no training step: the report's held-out evaluation (``evaluate_lm``: the student's and the
+teacher's full logits of one batch, CE, KL and agreement), to see whether evaluation peaks above training."""
 
 
 def _status(key: str) -> int:
@@ -122,6 +124,14 @@ def run_one(variant: str, batch: int, seq: int, vocab: int, threads: int) -> dic
         opt.zero_grad(set_to_none=False)
         return time.perf_counter() - t0
 
+    if variant == "same, held-out eval":
+        from stillroom.eval.metrics import evaluate_lm, teacher_logits_from_model
+
+        def step() -> float:  # noqa: F811 (the evaluation instead of a training step)
+            t0 = time.perf_counter()
+            evaluate_lm(student, [data], teacher_logits_from_model(teacher), precision="bf16", vocab_size=vocab)
+            return time.perf_counter() - t0
+
     step()  # warm-up: optimizer state and gradient buffers exist from here on, as in a training loop
     base = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -139,12 +149,15 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=256_000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--variants", default="|".join(VARIANTS), help="a |-separated subset of: " + " | ".join(VARIANTS))
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.batch, args.seq, args.vocab, args.threads)))
         return 0
     results = []
-    for variant in VARIANTS:
+    for variant in [v.strip() for v in args.variants.split("|") if v.strip()]:
+        if variant not in VARIANTS:
+            raise SystemExit(f"--variants: unknown {variant!r}; valid: {', '.join(VARIANTS)}")
         proc = subprocess.run([sys.executable, __file__, "--one", variant, "--batch", str(args.batch), "--seq",
                                str(args.seq), "--vocab", str(args.vocab), "--threads", str(args.threads)],
                               capture_output=True, text=True)
