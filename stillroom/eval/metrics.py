@@ -22,12 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from stillroom.data.batch import Batch, model_inputs_for
-from stillroom.losses.terms import forward_kl_rows
+from stillroom.eval.target_rows import TargetRows, slice_vocab, token_sums
 from stillroom.models.precision import autocast
 
 PRECISIONS = ("bf16", "fp32")
-_ROW_CHUNK = 1024
-"""Target rows per fp32 chunk when computing log-softmaxes (bounds peak memory)."""
 
 
 def _check_precision(precision: str) -> None:
@@ -101,46 +99,25 @@ def teacher_logits_from_model(teacher: torch.nn.Module) -> Callable[[Batch], tor
             teacher.train(was_training)
         return out.logits
 
+    fn.teacher = teacher  # evaluate_lm takes its target rows from the hidden states (TargetRows)
     return fn
 
 
-def _slice_vocab(logits_btv: torch.Tensor, vocab_size: int | None, who: str) -> torch.Tensor:
-    if vocab_size is None:
-        return logits_btv
-    if logits_btv.shape[-1] < vocab_size:
-        raise ValueError(
-            f"{who} logits have {logits_btv.shape[-1]} columns but vocab_size={vocab_size}; "
-            "vocab_size must not exceed the model's output width"
-        )
-    return logits_btv[..., :vocab_size]
-
-
-def _token_sums(
-    logits_nv: torch.Tensor, targets_n: torch.Tensor, teacher_nv: torch.Tensor | None
-) -> tuple[float, float, int]:
-    """Sums over N target rows: (CE nats, KL(teacher || model) nats, top-1 matches).
-
-    ``logits_nv``/``teacher_nv``: ``[N, V]`` any float dtype (upcast to fp32 in
-    chunks of ``_ROW_CHUNK`` rows); ``targets_n``: ``[N]`` int. KL and matches are
-    0 when ``teacher_nv`` is None.
-    """
-    ce_sum = 0.0
-    kl_sum = 0.0
-    agree = 0
-    for start in range(0, logits_nv.shape[0], _ROW_CHUNK):
-        s_logp = F.log_softmax(logits_nv[start : start + _ROW_CHUNK].float(), dim=-1)
-        tgt = targets_n[start : start + _ROW_CHUNK]
-        ce_sum += float(F.nll_loss(s_logp, tgt, reduction="sum"))
-        if teacher_nv is not None:
-            t_logits = teacher_nv[start : start + _ROW_CHUNK].float()
-            t_logp = F.log_softmax(t_logits, dim=-1)
-            # KL(p_t || p_s) by the loss library's forward KL (the training loss's math). An entry
-            # whose fp32 teacher probability is 0 (-inf logit, or exp underflow) contributes exactly
-            # 0, whatever the model gives it (-inf included): marked -inf, which forward_kl_rows skips.
-            t_logp = t_logp.masked_fill(t_logp.exp() == 0, float("-inf"))
-            kl_sum += float(forward_kl_rows(t_logp, s_logp).sum())
-            agree += int((t_logits.argmax(-1) == s_logp.argmax(-1)).sum())
-    return ce_sum, kl_sum, agree
+def _teacher_rows(teacher_logits_fn: Callable, batch: Batch, mask_bt: torch.Tensor, vocab_size: int | None,
+                  device: torch.device, i: int):
+    """The teacher's target rows: :class:`TargetRows` of an in-process teacher (on its own device, in eval mode),
+    else the target rows of ``teacher_logits_fn(batch)``'s whole logits."""
+    teacher = getattr(teacher_logits_fn, "teacher", None)
+    if teacher is None:
+        return slice_vocab(teacher_logits_fn(batch), vocab_size, "teacher").to(device)[mask_bt]
+    t_device = _model_device(teacher)
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        return TargetRows(teacher, model_inputs_for(teacher, batch, t_device), mask_bt.to(t_device), vocab_size,
+                          f"batch {i}: teacher")
+    finally:
+        teacher.train(was_training)
 
 
 def evaluate_lm(
@@ -190,15 +167,10 @@ def evaluate_lm(
             if n == 0:
                 continue
             b = batch.to(device)
-            logits_btv = model(**model_inputs_for(model, b)).logits
-            logits_btv = _slice_vocab(logits_btv, vocab_size, "model")
-            if logits_btv.shape[:2] != mask_bt.shape:
-                raise ValueError(
-                    f"batch {i}: model logits {tuple(logits_btv.shape)} do not match batch shape {tuple(mask_bt.shape)}"
-                )
             mask_bt = b.loss_mask
+            rows = TargetRows(model, model_inputs_for(model, b), mask_bt, vocab_size, f"batch {i}: model")
             targets_n = b.target_ids[mask_bt]
-            v = logits_btv.shape[-1]
+            v = rows.width
             if int(targets_n.max()) >= v or int(targets_n.min()) < 0:
                 raise ValueError(
                     f"batch {i}: target ids range [{int(targets_n.min())}, {int(targets_n.max())}] "
@@ -206,17 +178,8 @@ def evaluate_lm(
                 )
             teacher_nv = None
             if teacher_logits_fn is not None:
-                t_btv = _slice_vocab(teacher_logits_fn(b), vocab_size, "teacher").to(device)
-                if t_btv.shape != logits_btv.shape:
-                    raise ValueError(
-                        f"batch {i}: teacher logits {tuple(t_btv.shape)} vs model logits {tuple(logits_btv.shape)}; "
-                        "pass vocab_size=<shared vocabulary size> when the widths differ only by padding"
-                    )
-                teacher_nv = t_btv[mask_bt]
-                del t_btv
-            logits_nv = logits_btv[mask_bt]
-            del logits_btv
-            c, k, a = _token_sums(logits_nv, targets_n, teacher_nv)
+                teacher_nv = _teacher_rows(teacher_logits_fn, b, mask_bt, vocab_size, device, i)
+            c, k, a = token_sums(rows, targets_n, teacher_nv)
             ce_sum += c
             kl_sum += k
             agree += a

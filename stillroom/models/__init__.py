@@ -14,7 +14,9 @@ from stillroom.models.derive import angular_distances, decoder_layers, derive_st
 from stillroom.models.errors import LayerSelectionError, ModelLoadError, VocabularyMismatch
 from stillroom.models.gguf import load_gguf, rehome
 from stillroom.models.load import LoadedModel, load_model, model_source, weight_hash
-from stillroom.models.lora import apply_lora, decoder_body, merge_lora, output_head, unwrap, use_eager_attention
+from stillroom.models.lora import (
+    apply_lora, body_of, decoder_body, merge_lora, output_head, unwrap, use_eager_attention,
+)
 from stillroom.models.vocab import check_vocab, logit_width, tokenizer_hash
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "angular_distances",
     "apply_lora",
     "check_vocab",
+    "body_of",
     "decoder_body",
     "decoder_layers",
     "derive_student",

@@ -66,6 +66,15 @@ def decoder_body(model: nn.Module) -> nn.Module:
     return body
 
 
+def body_of(model: nn.Module) -> nn.Module:
+    """The module giving the last hidden state: the decoder body, or for a vision-language (LLaVA-style) model
+    its inner model (vision tower + projector + decoder; it takes ``pixel_values``, the decoder alone does not)."""
+    base = unwrap(model)
+    if getattr(base.config, "vision_config", None) is not None and hasattr(base, "model"):
+        return base.model
+    return decoder_body(model)
+
+
 def output_head(model: nn.Module) -> nn.Module:
     """The LM head ([..., H] -> [..., V]): an ``nn.Linear``, or peft's LoRA layer around it.
 

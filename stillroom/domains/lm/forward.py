@@ -6,7 +6,7 @@ import torch
 
 from stillroom.data.batch import Batch, model_inputs_for
 from stillroom.losses import OutputHead
-from stillroom.models import decoder_body, output_head, unwrap
+from stillroom.models import body_of, output_head
 
 
 class StudentForward(torch.nn.Module):
@@ -55,12 +55,3 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs matmuls in on ``x``'s device here, or ``None`` when autocast is off."""
     kind = x.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-
-
-def body_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The module giving the last hidden state: the decoder body, or for a vision-language (LLaVA-style) model
-    its inner model (vision tower + projector + decoder; it takes ``pixel_values``, the decoder alone does not)."""
-    base = unwrap(model)
-    if getattr(base.config, "vision_config", None) is not None and hasattr(base, "model"):
-        return base.model
-    return decoder_body(model)

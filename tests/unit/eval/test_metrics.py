@@ -201,7 +201,7 @@ def _kl_reference_f64(logits, teacher):
 
 
 def test_eval_kl_is_the_loss_library_kl_and_matches_a_float64_reference():
-    from stillroom.eval.metrics import _ROW_CHUNK, _token_sums
+    from stillroom.eval.target_rows import ROW_CHUNK as _ROW_CHUNK, token_sums as _token_sums
 
     g = torch.Generator().manual_seed(0)
     n, v = _ROW_CHUNK + 37, 50  # two chunks
@@ -226,3 +226,25 @@ def test_eval_kl_is_the_loss_library_kl_and_matches_a_float64_reference():
     s2[:, 3] = float("-inf")
     _, kl2, _ = _token_sums(s2, torch.zeros(2, dtype=torch.long), t2)
     assert math.isfinite(kl2) and kl2 == pytest.approx(2 * math.log(3.0), rel=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_target_rows_from_hidden_states_equal_the_whole_logits(llama_factory, examples_factory, monkeypatch,
+                                                                precision):
+    """Held-out metrics from the target rows' hidden states through the head, a chunk of rows at a time (no
+    [B, T, V] logits), equal those from the models' whole logits (an opaque teacher function, and the fallback
+    forced), in fp32 and under bf16 autocast; chunking by bytes changes nothing."""
+    import stillroom.eval.target_rows as tr
+
+    student, teacher = llama_factory(5, vocab_size=72), llama_factory(6, vocab_size=72)
+    batches = [collate(examples_factory(3, seed=s), pad_id=0) for s in (5, 6)]
+    fast = evaluate_lm(student, batches, teacher_logits_from_model(teacher), precision=precision, vocab_size=64)
+
+    def opaque(b):  # no .teacher attribute: its whole logits
+        return teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+
+    monkeypatch.setattr(tr, "output_head", lambda model: (_ for _ in ()).throw(TypeError("no plain head")))
+    monkeypatch.setattr(tr, "CHUNK_BYTES", 4 * 64 * 3)  # 3 rows per chunk
+    plain = evaluate_lm(student, batches, opaque, precision=precision, vocab_size=64)
+    for key in ("heldout_ce", "kl_teacher_student", "top1_agreement", "tokens"):
+        assert fast[key] == pytest.approx(plain[key], rel=1e-6, abs=1e-7), key
