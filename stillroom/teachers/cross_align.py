@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stillroom.teachers.signal import real_ids
 from stillroom.teachers.token_bytes import CrossTokenizerError, first_difference, token_bytes, utf8_runs
 
 VOCAB_MAPS = ("exact", "min_edit_distance")
@@ -183,8 +184,7 @@ class CrossVocab:
     # ------------------------------------------------------------------ alignment
     def align_batch(self, batch) -> list[RowAlignment]:
         """:meth:`align` of every row of a student :class:`~stillroom.data.batch.Batch` (right-padded)."""
-        lengths = batch.attention_mask.sum(dim=1).tolist()
-        return [self.align(batch.input_ids[b, :n].tolist(), uid) for b, (n, uid) in enumerate(zip(lengths, batch.uids))]
+        return [self.align(ids, uid) for ids, uid in zip(real_ids(batch), batch.uids)]
 
     def align(self, student_ids: list[int], uid: str) -> RowAlignment:
         """The teacher's tokens of ``student_ids``'s text and the aligned position pairs.

@@ -68,7 +68,7 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
                              hidden_layers=hidden_layers, attentions=attentions, output_device=output_device)
     if source == "store":
         from stillroom.config.load import ConfigError
-        from stillroom.teachers.store_format import data_fingerprint, recorded_settings
+        from stillroom.teachers.store_format import data_fingerprint, recorded_settings, taken_note
         from stillroom.teachers.store_reader import StoreReader, StoreTeacher, run_expectation
 
         if train_examples is None:
@@ -85,10 +85,8 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
                                    k=settings["k"], loss_temperature=cfg.loss.loss_temperature,
                                    logprob_dtype=settings["logprob_dtype"])
         reader.check_run(expected, hidden_layers=hidden_layers)
-        read = f"; {' and '.join(f'{where}.store.{n}' for n in taken)} read from its manifest (the recipe leaves " \
-            f"{'it' if len(taken) == 1 else 'them'} at the default)" if taken else ""
         log(f"{where}: store {reader.folder} (k={reader.k}, {reader.manifest['logprob_dtype']}, "
-            f"{reader.manifest['tokens']} positions){read}")
+            f"{reader.manifest['tokens']} positions){taken_note(f'{where}.store', taken)}")
         return StoreTeacher(reader, fingerprint=fingerprint, hidden_layers=hidden_layers, output_device=output_device)
     if source == "remote":
         from stillroom.teachers.remote import remote_from_run

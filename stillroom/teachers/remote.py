@@ -39,13 +39,13 @@ from stillroom.config.schema import RemoteConfig
 from stillroom.data.batch import Batch, Example
 from stillroom.teachers.http import OpenAIClient, RemoteError
 from stillroom.teachers.remote_cache import RemoteCache, ids_digest
-from stillroom.teachers.signal import Fingerprint, TeacherSignal, tail_logmass
+from stillroom.teachers.signal import Fingerprint, TeacherSignal, real_ids, tail_logmass
 from stillroom.teachers.store_format import SequenceSignal
 
 if TYPE_CHECKING:
     from stillroom.config.schema import RunConfig
 
-__all__ = ["STUDENT_VOCAB", "RemoteCache", "RemoteError", "RemoteTeacher", "parse_prompt_logprobs", "real_ids",
+__all__ = ["STUDENT_VOCAB", "RemoteCache", "RemoteError", "RemoteTeacher", "parse_prompt_logprobs",
            "remote_cache_path", "remote_from_run", "run_remote"]
 
 
@@ -267,18 +267,6 @@ class RemoteTeacher:
             self.client.close()
         if getattr(self, "cache", None) is not None:
             self.cache.close()
-
-
-def real_ids(batch: Batch) -> list[list[int]]:
-    """Each row's real token ids (``attention_mask`` ones); rows must be right-padded (ones then zeros)."""
-    out = []
-    for b in range(batch.input_ids.shape[0]):
-        n = int(batch.attention_mask[b].sum())
-        if not bool(batch.attention_mask[b, :n].all()):
-            raise ValueError(f"row {b} (uid {batch.uids[b]}) is not right-padded; the remote teacher needs "
-                             "attention_mask = ones then zeros")
-        out.append(batch.input_ids[b, :n].tolist())
-    return out
 
 
 def remote_cache_path(cfg: "RunConfig") -> Path:

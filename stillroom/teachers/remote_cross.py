@@ -30,7 +30,7 @@ from stillroom.data.batch import Batch
 from stillroom.teachers.cross_align import CrossVocab
 from stillroom.teachers.cross_topk import TopkRows, cross_from_topk
 from stillroom.teachers.http import RemoteError
-from stillroom.teachers.remote import RemoteTeacher, real_ids, run_remote
+from stillroom.teachers.remote import RemoteTeacher, run_remote
 from stillroom.teachers.signal import Fingerprint, TeacherSignal
 
 if TYPE_CHECKING:
@@ -88,8 +88,7 @@ class RemoteCrossTeacher:
         """
         if not self._checked:
             self.check_server()
-        real_ids(batch)  # refuses rows that are not right-padded, as the same-tokenizer remote teacher does
-        rows = self.vocab.align_batch(batch)
+        rows = self.vocab.align_batch(batch)  # refuses rows that are not right-padded
         answers = self.remote.fetch(batch.uids, [r.teacher_ids for r in rows])
         k = self.remote.cfg.top_k
         topk: list[TopkRows] = []

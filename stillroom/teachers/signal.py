@@ -133,6 +133,18 @@ class TeacherSignal:
         )
 
 
+def real_ids(batch: "Batch") -> list[list[int]]:
+    """Each row's real token ids (its ``attention_mask`` ones): what a teacher that re-reads the batch (a server, a
+    teacher with another tokenizer) is given. Rows must be right-padded (ones then zeros); the error names the row."""
+    out = []
+    for b, n in enumerate(batch.attention_mask.sum(dim=1).tolist()):
+        if not bool(batch.attention_mask[b, :n].all()):
+            raise ValueError(f"row {b} (uid {batch.uids[b]}) is not right-padded; a teacher that re-reads the rows "
+                             "(remote, another tokenizer) needs attention_mask = ones then zeros")
+        out.append(batch.input_ids[b, :n].tolist())
+    return out
+
+
 def tail_logmass(topk_logprobs: torch.Tensor) -> torch.Tensor:
     """``log(1 - sum_k exp(topk_logprobs))`` over the last axis, computed stably (float64 inside, fp32 out).
 

@@ -90,7 +90,7 @@ def cross_store_teacher(cfg, folder: Path, vocab: CrossVocab, output_device, sup
     ``tokenizer_mode``, both tokenizers, the teacher, the data (the fingerprint of ``train_examples`` in the
     teacher's tokens), ``k`` and ``logprob_dtype`` (read from the manifest where the recipe leaves them at their
     defaults), temperature 1. A difference raises :class:`StoreMismatch` naming every field."""
-    from stillroom.teachers.store_format import data_fingerprint, recorded_settings
+    from stillroom.teachers.store_format import data_fingerprint, recorded_settings, taken_note
     from stillroom.teachers.store_reader import run_expectation
 
     if train_examples is None:
@@ -104,9 +104,8 @@ def cross_store_teacher(cfg, folder: Path, vocab: CrossVocab, output_device, sup
         k=settings["k"], loss_temperature=STORE_TEMPERATURE, logprob_dtype=settings["logprob_dtype"],
         tokenizer_mode="cross", student_tokenizer_hash=fields["student_tokenizer_hash"])
     reader.check_run(expected)
-    read = f"; {' and '.join(f'teacher.store.{n}' for n in taken)} read from its manifest (the recipe leaves " \
-        f"{'it' if len(taken) == 1 else 'them'} at the default)" if taken else ""
     log(f"teacher: cross-tokenizer store {reader.folder} (k={reader.k} of the teacher's {reader.vocab_size} tokens, "
-        f"{reader.manifest['logprob_dtype']}, {reader.manifest['tokens']} teacher positions){read}")
+        f"{reader.manifest['logprob_dtype']}, {reader.manifest['tokens']} teacher positions)"
+        f"{taken_note('teacher.store', taken)}")
     return CrossStoreTeacher(reader, vocab, supports=supports, rank_k=cfg.teacher.cross.rank_k,
                              fingerprint=fingerprint, output_device=output_device)

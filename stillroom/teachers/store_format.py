@@ -110,6 +110,14 @@ def recorded_settings(store_cfg, manifest: dict | None, names: Iterable[str] = R
     return values, taken
 
 
+def taken_note(prefix: str, taken: list[str]) -> str:
+    """The log's ``; <prefix>.k read from its manifest (...)`` for the settings :func:`recorded_settings` took."""
+    if not taken:
+        return ""
+    return (f"; {' and '.join(f'{prefix}.{n}' for n in taken)} read from its manifest (the recipe leaves "
+            f"{'it' if len(taken) == 1 else 'them'} at the default)")
+
+
 def shard_name(index: int) -> str:
     return f"{SHARD_DIR}/shard-{index:05d}.safetensors"
 
