@@ -3,7 +3,8 @@
 Teacher: SmolLM2-135M-Instruct (30 layers, V = 49152). Student: the 10 layers derived from it (every 3rd).
 Data: bundled prose, ``--seq``-token blocks; the stores cover the first ``--train-seqs`` training blocks.
 For each variant (``online`` or ``k<K>/<logprob_dtype>``, e.g. ``k16/int8``; ``k16/int8-f32scale`` is the
-int8 mode with the pre-float16 float32 scales):
+int8 mode with the pre-float16 float32 scales; ``k32/sampled`` is a sampled store, ``teacher.store.signal:
+sampled``: 32 tokens drawn per position, their frequencies the target, from its own teacher pass):
 
 1. a real store folder is written with :func:`write_store` (one teacher pass, top-``max k`` kept, sliced
    exactly for each k) and its bytes per position are the shard files' bytes over the covered positions;
@@ -197,6 +198,17 @@ def main() -> None:
     store_variants = [v for v in variants if v != "online"]
     tmp_root = Path(args.store_dir or tempfile.mkdtemp(prefix="stillroom-store-size-"))
     stores: dict[str, Path] = {}
+    for v in [v for v in store_variants if parse_variant(v)[1] == "sampled"]:
+        k = parse_variant(v)[0]
+        header = make_header(train, teacher_identity=identity, tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab,
+                             k=k, loss_temperature=1.0, logprob_dtype="float16", shard_tokens=8192, signal="sampled")
+        compute = model_compute(teacher, k=k, loss_temperature=1.0, vocab_size=vocab, pad_id=pad,
+                                batch_size=args.batch, signal="sampled")
+        m = write_store(tmp_root / v.replace("/", "_"), header, train, compute, overwrite=True, log=lambda s: None)
+        stores[v] = tmp_root / v.replace("/", "_")
+        results["sizes"][v] = {"bytes_per_position": m["store_bytes"] / m["tokens"], "store_bytes": m["store_bytes"],
+                               "positions": m["tokens"]}
+    store_variants = [v for v in store_variants if parse_variant(v)[1] != "sampled"]
     if store_variants:
         kmax = max(parse_variant(v)[0] for v in store_variants)
         t0 = time.perf_counter()

@@ -104,7 +104,12 @@ class StoreConfig(Strict):
         description="Folder of a teacher store written by `stillroom cache-teacher` "
         "(null: <output_dir>/<name>/teacher_store).",
     )
-    k: int = Field(64, ge=1, description="Top-k token log-probabilities kept per position.")
+    k: int = Field(64, ge=1, description="Top-k token log-probabilities kept per position (signal: sampled: tokens "
+                   "drawn per position).")
+    signal: Literal["topk", "sampled"] = Field(
+        "topk", description="topk: the teacher's k most likely tokens with their log-probabilities and the tail "
+        "mass; sampled: k tokens drawn from the teacher (with replacement), their frequencies its distribution: "
+        "2k bytes per position, unbiased for forward_kl and soft_ce only (docs/STORE.md, 'Sampled stores').")
     logprob_dtype: Literal["float16", "bfloat16", "int8", "int4", "float32"] = Field(
         "float16",
         description="Storage type of the top-k log-probabilities: float16/bfloat16 (2 bytes), int8 (8-bit codes "

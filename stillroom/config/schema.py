@@ -21,6 +21,7 @@ from pydantic import Field, field_validator, model_validator
 from stillroom.config.commands import GenerateConfig, GenerateExport, GenerateInput, SelectConfig
 from stillroom.config.prune import PruneConfig
 from stillroom.config.cross import check_cross_run
+from stillroom.config.store import check_store_run
 from stillroom.config.dataset_distill import AstConfig
 from stillroom.config.domains import DOMAINS, ClassifierConfig, DomainSection
 from stillroom.config.autoregressive import AutoregressiveConfig
@@ -263,6 +264,12 @@ class RunConfig(Strict):
     def _cross_tokenizer(self) -> "RunConfig":
         """``teacher.tokenizer_mode``: what a cross-tokenizer run needs, and ``uld`` only there."""
         check_cross_run(self)
+        return self
+
+    @model_validator(mode="after")
+    def _sampled_store(self) -> "RunConfig":
+        """``teacher.store.signal: sampled``: only terms linear in the teacher's distribution."""
+        check_store_run(self)
         return self
 
     @property

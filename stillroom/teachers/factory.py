@@ -83,9 +83,10 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
         settings, taken = recorded_settings(sc, reader.manifest, ("k", "logprob_dtype"))
         expected = run_expectation(fingerprint=fingerprint, data_fingerprint=data_fingerprint(train_examples),
                                    k=settings["k"], loss_temperature=cfg.loss.loss_temperature,
-                                   logprob_dtype=settings["logprob_dtype"])
+                                   logprob_dtype=settings["logprob_dtype"], signal=sc.signal)
         reader.check_run(expected, hidden_layers=hidden_layers)
-        log(f"{where}: store {reader.folder} (k={reader.k}, {reader.manifest['logprob_dtype']}, "
+        kind = "sampled tokens" if reader.signal == "sampled" else reader.manifest["logprob_dtype"]
+        log(f"{where}: store {reader.folder} (k={reader.k}, {kind}, "
             f"{reader.manifest['tokens']} positions){taken_note(f'{where}.store', taken)}")
         return StoreTeacher(reader, fingerprint=fingerprint, hidden_layers=hidden_layers, output_device=output_device)
     if source == "remote":

@@ -58,6 +58,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 LOGPROB_DTYPES = ("float16", "bfloat16", "float32", "int8", "int4")
+SIGNALS = ("topk", "sampled")
 
 
 class StoreError(RuntimeError):
@@ -209,6 +210,9 @@ class StoreHeader:
     cross``); ``tokenizer_hash`` and ``vocab_size`` are then the teacher's. A manifest without it: ``same``."""
     student_tokenizer_hash: str = ""
     """``cross`` stores: the hash of the student's tokenizer, whose sequences the teacher read (else empty)."""
+    signal: str = "topk"
+    """``sampled``: ``topk_ids`` holds k draws from the teacher per position, sorted, and no log-probs or tail
+    (:mod:`~stillroom.teachers.store_sampled`). A manifest without it: ``topk``."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.k > self.vocab_size:
@@ -224,6 +228,8 @@ class StoreHeader:
         elif self.scale_dtype:
             raise StoreError(f"scale_dtype {self.scale_dtype!r} is only for logprob_dtype int8 or int4, "
                              f"not {self.logprob_dtype!r}")
+        if self.signal not in SIGNALS:
+            raise StoreError(f"signal {self.signal!r}; valid: {', '.join(SIGNALS)}")
         if self.tokenizer_mode not in ("same", "cross"):
             raise StoreError(f"tokenizer_mode {self.tokenizer_mode!r}; valid: same, cross")
         self.hidden_layers = sorted(set(int(i) for i in self.hidden_layers))
@@ -239,7 +245,7 @@ def legacy_fields(manifest: dict) -> dict:
     (``scale_dtype``: float32 for int8, empty otherwise; ``tokenizer_mode``: same; no student tokenizer)."""
     if manifest.get("format") != FORMAT:
         return manifest
-    implied = {"tokenizer_mode": "same", "student_tokenizer_hash": ""}
+    implied = {"tokenizer_mode": "same", "student_tokenizer_hash": "", "signal": "topk"}
     if "scale_dtype" not in manifest:
         implied["scale_dtype"] = "float32" if manifest.get("logprob_dtype") == "int8" else ""
     return {**implied, **manifest}
@@ -352,11 +358,12 @@ def encode_rows(rows: list[SequenceSignal], header: StoreHeader) -> dict[str, to
     lp = torch.cat([r.topk_logprobs_tk.reshape(-1, k) for r in rows]).float()
     tail = torch.cat([r.tail_logmass_t.reshape(-1) for r in rows]).float()
     out = {"offsets": lengths.cumsum(0), "topk_ids": ids.to(torch_dtype(header.id_dtype)).contiguous()}
-    if header.logprob_dtype in LEVELS:
-        out.update(encode_logprobs(lp, header.logprob_dtype, header.scale_dtype))
-    else:
-        out["topk_logprobs"] = lp.to(torch_dtype(header.logprob_dtype)).contiguous()
-    out["tail_logmass"] = tail.to(torch_dtype(header.tail_dtype)).contiguous()
+    if header.signal == "topk":  # a sampled store's draws are its signal: no log-probs, no tail
+        if header.logprob_dtype in LEVELS:
+            out.update(encode_logprobs(lp, header.logprob_dtype, header.scale_dtype))
+        else:
+            out["topk_logprobs"] = lp.to(torch_dtype(header.logprob_dtype)).contiguous()
+        out["tail_logmass"] = tail.to(torch_dtype(header.tail_dtype)).contiguous()
     for layer in header.hidden_layers:
         h = torch.cat([r.hidden[layer].reshape(r.length, -1) for r in rows])
         if h.shape[-1] != header.hidden_size:

@@ -36,14 +36,16 @@ from stillroom.teachers.store_format import (
     sha256_bytes,
     sha256_file,
 )
+from stillroom.teachers.store_sampled import frequencies
 
 # Fields a run must agree on with the store (in the order they are reported).
 RUN_FIELDS = ("tokenizer_mode", "tokenizer_hash", "student_tokenizer_hash", "vocab_size", "teacher",
-              "data_fingerprint", "k", "loss_temperature", "logprob_dtype")
+              "data_fingerprint", "signal", "k", "loss_temperature", "logprob_dtype")
 
 
 def run_expectation(*, fingerprint: Fingerprint, data_fingerprint: str, k: int, loss_temperature: float,
-                    logprob_dtype: str, tokenizer_mode: str = "same", student_tokenizer_hash: str = "") -> dict:
+                    logprob_dtype: str, tokenizer_mode: str = "same", student_tokenizer_hash: str = "",
+                    signal: str = "topk") -> dict:
     """What a run expects of its store (compared field by field with the manifest). A ``cross`` run passes the
     teacher's tokenizer hash and vocabulary in ``fingerprint`` and the student's hash separately."""
     from stillroom.teachers.store_format import parse_identity
@@ -51,7 +53,7 @@ def run_expectation(*, fingerprint: Fingerprint, data_fingerprint: str, k: int, 
     return {"teacher": parse_identity(fingerprint.teacher), "tokenizer_hash": fingerprint.tokenizer_hash,
             "vocab_size": fingerprint.vocab_size, "data_fingerprint": data_fingerprint, "k": int(k),
             "loss_temperature": float(loss_temperature), "logprob_dtype": logprob_dtype,
-            "tokenizer_mode": tokenizer_mode, "student_tokenizer_hash": student_tokenizer_hash}
+            "tokenizer_mode": tokenizer_mode, "student_tokenizer_hash": student_tokenizer_hash, "signal": signal}
 
 
 _HINTS = {
@@ -64,6 +66,8 @@ _HINTS = {
     "teacher": "the store was written by another teacher (or the same one in another teacher.dtype)",
     "data_fingerprint": "the store covers other training data (data.sources, seq_len, pack, limit, "
     "heldout_fraction or the tokenizer changed)",
+    "signal": "teacher.store.signal differs from the store's (topk: top-k log-probs; sampled: drawn tokens); set "
+    "it to the store's",
     "k": "teacher.store.k differs from the store's k (leave it unset to use the store's)",
     "loss_temperature": "top-k log-probs cannot be re-tempered: loss.loss_temperature must equal the store's",
     "logprob_dtype": "teacher.store.logprob_dtype differs from the store's (leave it unset to use the store's)",
@@ -84,6 +88,7 @@ class StoreReader:
         self.k = int(m["k"])
         self.vocab_size = int(m["vocab_size"])
         self.temperature = float(m["loss_temperature"])
+        self.signal = m.get("signal", "topk")
         self.hidden_layers = [int(i) for i in m.get("hidden_layers", [])]
         self.shards = sorted(m["shards"], key=lambda e: e["index"])
         if [e["index"] for e in self.shards] != list(range(int(m["num_shards"]))):
@@ -183,16 +188,20 @@ class StoreReader:
     def sequence(self, uid: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
         """``(ids [T, K] int64, logprobs [T, K] fp32, tail [T] fp32, {layer: [T, H] fp32})`` of ``uid``."""
         tensors, lo, hi = self.locate(uid)
-        lp, tail = decode_logprobs(tensors, lo, hi)
+        ids = tensors["topk_ids"][lo:hi].long()
+        lp, tail = frequencies(ids) if self.signal == "sampled" else decode_logprobs(tensors, lo, hi)
         hidden = {i: tensors[f"hidden.{i}"][lo:hi].float() for i in self.hidden_layers}
-        return tensors["topk_ids"][lo:hi].long(), lp, tail, hidden
+        return ids, lp, tail, hidden
 
     def summary(self) -> str:
         m = self.manifest
         bpt = m["store_bytes"] / max(m["tokens"], 1)
         return (f"teacher store {self.folder}: {m['sequences']} sequences, {m['tokens']} positions, "
                 f"{m['num_shards']} shard(s), {m['store_bytes'] / 2**20:.1f} MiB ({bpt:.1f} bytes/position); "
-                f"k={m['k']} of V={m['vocab_size']}, {m['logprob_dtype']} log-probs at T={m['loss_temperature']}, "
+                + (f"{m['k']} tokens drawn per position from V={m['vocab_size']} at T={m['loss_temperature']}, "
+                   if self.signal == "sampled" else
+                   f"k={m['k']} of V={m['vocab_size']}, {m['logprob_dtype']} log-probs at T={m['loss_temperature']}, ")
+                + 
                 f"hidden layers {m['hidden_layers'] or 'none'}; teacher {m['teacher']['identity']}"
                 + ("; teacher positions of the student's text (tokenizer_mode cross)"
                    if m.get("tokenizer_mode") == "cross" else ""))

@@ -49,6 +49,7 @@ from stillroom.teachers.store_format import (
     shard_name,
     write_json_atomic,
 )
+from stillroom.teachers.store_sampled import draw_tokens, sequence_generator
 
 Compute = Callable[[list[Example]], list[SequenceSignal]]
 
@@ -73,7 +74,7 @@ def make_header(
     examples: list[Example], *, teacher_identity: str, tokenizer_hash: str, vocab_size: int, k: int,
     loss_temperature: float, logprob_dtype: str, hidden_layers: list[int] | None = None,
     hidden_size: int | None = None, shard_tokens: int = 262144, tokenizer_mode: str = "same",
-    student_tokenizer_hash: str = "",
+    student_tokenizer_hash: str = "", signal: str = "topk",
 ) -> StoreHeader:
     """The header of a store of ``examples`` (the training split, in order; a ``cross`` store: the student's
     sequences in the teacher's tokens, :func:`stillroom.teachers.store_cross.cross_store_examples`)."""
@@ -87,7 +88,7 @@ def make_header(
         hidden_size=hidden_size if hidden_layers else None, shard_tokens=int(shard_tokens),
         sequences=len(examples), tokens=sum(lengths), target_tokens=sum(sum(e.target[1:]) for e in examples),
         text_bytes=sum(e.n_bytes for e in examples), num_shards=len(plan_shards(lengths, shard_tokens)),
-        tokenizer_mode=tokenizer_mode, student_tokenizer_hash=student_tokenizer_hash,
+        tokenizer_mode=tokenizer_mode, student_tokenizer_hash=student_tokenizer_hash, signal=signal,
     )
 
 
@@ -277,8 +278,9 @@ def topk_signal(logits_tv: torch.Tensor, k: int, loss_temperature: float) -> tup
 
 
 def model_compute(model: torch.nn.Module, *, k: int, loss_temperature: float, vocab_size: int, pad_id: int,
-                  hidden_layers: list[int] | None = None, batch_size: int = 8) -> Compute:
-    """A :data:`Compute` callback running an in-process HF causal LM (no grad), ``batch_size`` sequences at a time."""
+                  hidden_layers: list[int] | None = None, batch_size: int = 8, signal: str = "topk") -> Compute:
+    """A :data:`Compute` callback running an in-process HF causal LM (no grad), ``batch_size`` sequences at a time.
+    ``signal: sampled``: ``k`` draws per position instead of the top k (seeded per sequence uid)."""
     from stillroom.data.batch import collate
 
     device = next(model.parameters()).device
@@ -294,7 +296,11 @@ def model_compute(model: torch.nn.Module, *, k: int, loss_temperature: float, vo
             logits = out.logits[..., :vocab_size]
             for b, ex in enumerate(chunk):
                 n = len(ex.input_ids)
-                ids, lp, tail = topk_signal(logits[b, :n].cpu(), k, loss_temperature)
+                if signal == "sampled":
+                    ids = draw_tokens(logits[b, :n], k, loss_temperature, sequence_generator(0, ex.uid))
+                    lp, tail = torch.zeros(ids.shape), torch.zeros(n)  # not stored: the draws are the signal
+                else:
+                    ids, lp, tail = topk_signal(logits[b, :n].cpu(), k, loss_temperature)
                 hidden = {i: out.hidden_states[i][b, :n].cpu() for i in layers}
                 out_rows.append(SequenceSignal(ex.uid, ids, lp, tail, hidden))
         return out_rows

@@ -1,0 +1,55 @@
+"""The ``sampled`` store signal: ``k`` tokens drawn from the teacher per position, their frequencies as its
+distribution (``teacher.store.signal: sampled``; docs/STORE.md, "Sampled stores").
+
+Why: a top-k store keeps the teacher's k most likely tokens and lumps the rest into one tail bin, so the
+student's tail is only pushed towards the right total, never the right shape; the bias does not shrink with
+training (measured in docs/BENCHMARKS.md, "Store size": k = 16 ends 16% above online KD in held-out KL). Draws
+``x_1 .. x_k ~ p_T`` (the teacher at the loss temperature, with replacement) give ``p_hat(v) = #{i: x_i = v} / k``
+with ``E[p_hat] = p_T``. Forward KL and soft cross-entropy are linear in the teacher's distribution, so their
+gradient with respect to the student's logits, ``(q - p_hat) / T``, is an unbiased estimate of the dense one
+(the sparse-logit-sampling argument of Anshumann et al., 2025). Divergences that are not linear in ``p``
+(reverse KL, JSD, TVD, ...) are not unbiased under sampling and are refused with a sampled store.
+
+Storage: only the ids, sorted ascending (repeats adjacent), ``2 k`` bytes per position at V <= 65,536; no
+log-probabilities, no tail. Reading turns each row into top-k-shaped tensors the loss engine already takes:
+the first slot of each distinct id holds ``log(count / k)``, its repeats and the tail ``-inf`` (zero mass,
+which every divergence kernel skips).
+
+Draws are seeded per sequence (:func:`sequence_generator`), so a resumed store is byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def sequence_generator(seed: int, uid: str) -> torch.Generator:
+    """The CPU generator of one sequence's draws: seeded from the store seed and the sequence's uid."""
+    digest = hashlib.sha256(f"{seed}:{uid}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def draw_tokens(logits_tv: torch.Tensor, k: int, loss_temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """``[T, k]`` int64 ids drawn with replacement from ``softmax(logits / T)`` per row, sorted ascending.
+
+    Sampling runs in fp32 on the CPU (``torch.multinomial`` with an explicit generator), whatever device and
+    dtype the logits came from, so the same seed gives the same draws everywhere.
+    """
+    probs = torch.softmax(logits_tv.detach().float().cpu() / loss_temperature, dim=-1)
+    ids = torch.multinomial(probs, k, replacement=True, generator=generator)
+    return ids.sort(dim=-1).values
+
+
+def frequencies(ids_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logprobs [n, k] fp32, tail [n] fp32)`` of sorted draws ``ids_nk``: ``log(count / k)`` at the first slot
+    of each distinct id, ``-inf`` at its repeats and in the tail (the draws cover all the mass they estimate)."""
+    n, k = ids_nk.shape
+    counts = (ids_nk.unsqueeze(-1) == ids_nk.unsqueeze(-2)).sum(-1).float()  # [n, k]: each slot's id count
+    repeat = torch.zeros((n, k), dtype=torch.bool, device=ids_nk.device)
+    repeat[:, 1:] = ids_nk[:, 1:] == ids_nk[:, :-1]
+    logprobs = (counts / k).log().masked_fill(repeat, NEG_INF)
+    return logprobs, torch.full((n,), NEG_INF, device=ids_nk.device)

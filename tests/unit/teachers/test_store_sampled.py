@@ -1,0 +1,120 @@
+"""Sampled stores (teacher.store.signal: sampled): draws, frequencies, the unbiased gradient, the format, checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_store_fixtures import V, FakeTeacher, examples
+
+import stillroom.losses as L
+from stillroom.config.schema import LossConfig, LossTerm, RunConfig
+from stillroom.teachers.signal import TeacherSignal
+from stillroom.teachers.store_format import SequenceSignal
+from stillroom.teachers.store_reader import StoreReader, run_expectation
+from stillroom.teachers.store_sampled import draw_tokens, frequencies, sequence_generator
+from stillroom.teachers.store_writer import make_header, write_store
+
+
+def test_frequencies_put_each_count_on_the_first_slot_of_its_id():
+    ids = torch.tensor([[1, 1, 3, 5], [2, 2, 2, 2]])
+    lp, tail = frequencies(ids)
+    inf = float("-inf")
+    torch.testing.assert_close(lp, torch.tensor([[math.log(0.5), inf, math.log(0.25), math.log(0.25)],
+                                                 [0.0, inf, inf, inf]]))
+    assert torch.isneginf(tail).all()
+
+
+def test_draws_are_sorted_seeded_per_sequence_and_follow_the_tempered_teacher():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    a = draw_tokens(logits, 8, 2.0, sequence_generator(0, "u1"))
+    assert a.shape == (4000, 8) and bool((a[:, 1:] >= a[:, :-1]).all())
+    assert torch.equal(a, draw_tokens(logits, 8, 2.0, sequence_generator(0, "u1")))
+    assert not torch.equal(a, draw_tokens(logits, 8, 2.0, sequence_generator(0, "u2")))
+    lp, _ = frequencies(a)
+    p_hat = torch.zeros(4000, 4).scatter_add_(1, a, torch.full(a.shape, 1 / 8)).mean(0)
+    torch.testing.assert_close(p_hat, torch.softmax(logits[0] / 2.0, -1), atol=0.01, rtol=0)
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(4000))  # the distinct ids' frequencies sum to one
+
+
+def _kd_grad(teacher: TeacherSignal, logits: torch.Tensor, name: str, chunk) -> torch.Tensor:
+    leaf = logits.clone().requires_grad_(True)
+    mix = L.LossMix(LossConfig(terms=[LossTerm(name=name)], chunk_tokens=4))
+    mix.chunk_tokens = chunk
+    targets = torch.zeros(logits.shape[:2], dtype=torch.long)
+    res = mix(L.StudentOutput(logits_btv=leaf), teacher, targets, torch.ones(logits.shape[:2], dtype=torch.bool))
+    res.total.backward()
+    return leaf.grad
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "soft_ce"])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_the_gradient_is_q_minus_the_sample_frequencies_on_both_loss_paths(name, chunk):
+    torch.manual_seed(0)
+    b, t, v, k = 2, 5, 30, 12
+    logits = torch.randn(b, t, v)
+    ids = draw_tokens(torch.randn(b * t, v) * 2, k, 1.0, sequence_generator(0, "x")).view(b, t, k)
+    lp, tail = frequencies(ids.view(-1, k))
+    teacher = TeacherSignal(topk_ids_btk=ids, topk_logprobs_btk=lp.view(b, t, k), tail_logmass_bt=tail.view(b, t))
+    p_hat = torch.zeros(b, t, v).scatter_add_(2, ids, torch.full(ids.shape, 1.0 / k))
+    expected = torch.softmax(logits, -1) - p_hat  # the loss is a sum over positions (the loop divides once)
+    torch.testing.assert_close(_kd_grad(teacher, logits, name, chunk), expected, rtol=1e-4, atol=1e-6)
+
+
+def _write(tmp_path, k=16, signal="sampled"):
+    exs, teacher = examples(12), FakeTeacher()
+
+    def compute(batch):
+        return [SequenceSignal(e.uid, draw_tokens(teacher.logits(e.input_ids), k, 1.0, sequence_generator(0, e.uid)),
+                               torch.zeros(len(e.input_ids), k), torch.zeros(len(e.input_ids))) for e in batch]
+
+    header = make_header(exs, teacher_identity="fake", tokenizer_hash="h", vocab_size=V, k=k, loss_temperature=1.0,
+                         logprob_dtype="float16", shard_tokens=1024, signal=signal)
+    return exs, write_store(tmp_path / "store", header, exs, compute, log=lambda _m: None)
+
+
+def test_a_sampled_store_holds_only_the_sorted_ids_and_reads_back_their_frequencies(tmp_path):
+    from safetensors.torch import load_file
+
+    exs, manifest = _write(tmp_path)
+    assert manifest["signal"] == "sampled"
+    shards = [load_file(str(tmp_path / "store" / e["file"])) for e in manifest["shards"]]
+    assert all(set(s) == {"offsets", "topk_ids"} for s in shards)  # no log-probs, no tail
+    assert sum(s["topk_ids"].nbytes for s in shards) == manifest["tokens"] * 16 * 2  # 2 bytes per draw at V = 300
+    reader = StoreReader(tmp_path / "store")
+    ids, lp, tail, _ = reader.sequence(exs[3].uid)
+    torch.testing.assert_close((lp, tail), frequencies(ids))
+    assert "16 tokens drawn per position" in reader.summary()
+
+
+def test_a_run_must_name_the_stores_signal(tmp_path):
+    from stillroom.teachers.signal import Fingerprint
+    from stillroom.teachers.store_format import StoreMismatch, data_fingerprint
+
+    exs, _ = _write(tmp_path)
+    want = dict(fingerprint=Fingerprint("fake", "h", V), data_fingerprint=data_fingerprint(exs), k=16,
+                loss_temperature=1.0, logprob_dtype="float16")
+    reader = StoreReader(tmp_path / "store")
+    reader.check_run(run_expectation(**want, signal="sampled"))
+    with pytest.raises(StoreMismatch, match=r"signal \(store 'sampled', run 'topk'\): teacher.store.signal"):
+        reader.check_run(run_expectation(**want))
+
+
+def _cfg(**over) -> dict:
+    cfg = {"name": "x", "teacher": {"model": {"path": "t"}, "source": "store", "store": {"signal": "sampled"}},
+           "student": {"model": {"path": "s"}}, "data": {"sources": [{"path": "d.jsonl"}]},
+           "loss": {"terms": [{"name": "forward_kl"}, {"name": "ce"}]}}
+    for key, value in over.items():
+        section, field = key.split(".")
+        cfg[section][field] = value
+    return cfg
+
+
+def test_terms_that_are_not_linear_in_the_teacher_are_refused_with_a_sampled_store():
+    RunConfig.model_validate(_cfg())
+    RunConfig.model_validate(_cfg(**{"loss.terms": [{"name": "soft_ce"}]}))
+    with pytest.raises(ValueError, match="reverse_kl with teacher.store.signal=sampled.*forward_kl, soft_ce"):
+        RunConfig.model_validate(_cfg(**{"loss.terms": [{"name": "forward_kl"}, {"name": "reverse_kl"}]}))
+    # an online run ignores the store section
+    RunConfig.model_validate(_cfg(**{"teacher.source": "online", "loss.terms": [{"name": "jsd"}]}))
