@@ -161,6 +161,7 @@ def sample_continuations(
     eos_token_id: int | Sequence[int] | None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    pixel_values: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Continue every prompt; return only the new tokens, each list cut after its first EOS (inclusive).
 
@@ -174,6 +175,10 @@ def sample_continuations(
     (chat models often have more than one end token) or ``None`` (always produce
     ``max_new_tokens``). ``pad_token_id`` defaults to the tokenizer's pad, then EOS
     token. The model is run in eval mode (dropout off) and its mode is restored.
+
+    ``pixel_values`` (a LLaVA-style model): ``[I, 3, S, S]``, the images of the prompts that hold image tokens,
+    in prompt order (a batch may mix image and text prompts); they are read by the prompt's forward only, as
+    in :func:`stillroom.generate.speculative.autoregressive_generate`, which this matches token for token.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
@@ -206,6 +211,7 @@ def sample_continuations(
             position_ids=positions_bt,
             use_cache=True,
             logits_to_keep=1,
+            **({} if pixel_values is None else {"pixel_values": pixel_values.to(device)}),
         )
         cache = checked_cache(out, width, keyword, model)
         next_pos_b1 = positions_bt[:, -1:] + 1

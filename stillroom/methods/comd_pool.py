@@ -10,8 +10,8 @@ completion, the only target tokens. Answers are compared with :func:`stillroom.d
 On a VLM (``PoolImages``): every instruction's scene is rendered to a PNG under the run folder (written
 atomically; the pool state records the paths, so a resumed run finds them), its prompt is the question alone
 with the image tokens after BOS (exactly as :class:`stillroom.domains.vl.vlm_data.VlmEncoder` encodes a VQA
-record), and teacher and student answer with the image (one prompt at a time,
-:func:`stillroom.generate.speculative.autoregressive_generate`).
+record), and teacher and student answer with the image (left-padded batches with the images on the prompts'
+forward, :func:`stillroom.generate.sampling.sample_continuations`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from stillroom.data.formats import TextEncoder
 from stillroom.data.images import ImageRef, load_pixels
 from stillroom.domains.vl.vqa import QA, check_answer, image_instance, instance, save_png, text_record
 from stillroom.generate.sampling import eos_token_ids, sample_continuations
-from stillroom.generate.speculative import autoregressive_generate
 
 DRAWS = 100
 """Fresh draws per wanted instruction before giving up (every one equal to a held-out question)."""
@@ -167,18 +166,19 @@ class Answerer:
 
     def _answer_with_images(self, model: torch.nn.Module, prompts: Sequence[str], images: Sequence[str | None] | None,
                             eos: list[int]) -> list[tuple[list[int], list[int], str]]:
-        """:meth:`answer` on a VLM: each prompt alone, with its pixels ``[1, 3, S, S]`` in the first forward."""
+        """:meth:`answer` on a VLM: ``generation_batch_size`` prompts at a time, their pixels ``[b, 3, S, S]`` on
+        the prompts' forward."""
         if images is None or len(images) != len(prompts) or any(i is None for i in images):
             raise ValueError("comd on a VLM: every prompt needs its scene's image")
-        device = next(model.parameters()).device
         out = []
-        for prompt, image in zip(prompts, images):
-            ids = self.prompt_ids(prompt)
-            pixels_13hw = load_pixels(self.images.ref_of(image))[None].to(device)
+        step = self.cfg.generation_batch_size
+        for lo in range(0, len(prompts), step):
+            ids = [self.prompt_ids(p) for p in prompts[lo:lo + step]]
+            pixels = torch.stack([load_pixels(self.images.ref_of(i)) for i in images[lo:lo + step]])
             with torch.no_grad():
-                cont = autoregressive_generate(model, ids, max_new_tokens=self.cfg.max_answer_tokens, greedy=True,
-                                               eos_token_id=eos or None, pixel_values=pixels_13hw).tokens
-            out.append((ids, cont, self.tokenizer.decode(cont, skip_special_tokens=True)))
+                conts = sample_continuations(model, self.tokenizer, ids, max_new_tokens=self.cfg.max_answer_tokens,
+                                             greedy=True, eos_token_id=eos or None, pixel_values=pixels)
+            out += [(p, c, self.tokenizer.decode(c, skip_special_tokens=True)) for p, c in zip(ids, conts)]
         return out
 
     def pool_items(self, teacher: torch.nn.Module, instructions: Sequence[Instruction]) -> list[PoolItem]:

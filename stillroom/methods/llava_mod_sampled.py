@@ -8,8 +8,8 @@ answer as its rejected side: chosen and rejected are equal, so the pair's DPO gr
 loss is the constant log 2), and ``llava_mod/wrong_share`` logs the share of pairs with a wrong answer.
 Sampling uses the KV-cached sampler of :mod:`stillroom.generate.sampling`, seeded from (run seed, step,
 micro-batch), so a resumed run draws the same pairs. Image records (a ``vlm`` run, ``Batch.pixel_values``):
-each prompt is answered alone with its image (:func:`stillroom.generate.speculative.autoregressive_generate`, the
-image given to the first forward, the same seeded generator), and both rows of a pair carry the prompt's pixels,
+the prompts are answered in the same batch with their images on the prompts' forward (the same seeded
+generator), and both rows of a pair carry the prompt's pixels,
 so the DPO log-probs of student and reference see the image.
 """
 
@@ -21,7 +21,6 @@ import torch
 
 from stillroom.data.batch import Batch, Example, batch_prompts, collate
 from stillroom.generate.sampling import eos_token_ids, sample_continuations
-from stillroom.generate.speculative import autoregressive_generate
 
 CHOSEN, REJECTED = "chosen", "rejected"
 
@@ -96,19 +95,12 @@ class SampledPairs:
 
     def _continue(self, model: torch.nn.Module, prompts: list[list[int]], pixels_b3hw: torch.Tensor | None,
                   greedy: bool = False, generator: torch.Generator | None = None) -> list[list[int]]:
-        """The new tokens after each prompt: text prompts in one left-padded batch (the KV-cached sampler);
-        image prompts one at a time with their pixels ``[1, 3, H, W]`` (a LLaVA forward takes one image per
-        row's image tokens, and the batched sampler takes none)."""
+        """The new tokens after each prompt: one left-padded batch through the KV-cached sampler, the images
+        ``[B, 3, H, W]`` (one per prompt, or none) on the prompts' forward."""
         sec = self.section
-        if pixels_b3hw is None:
-            return sample_continuations(model, self.tokenizer, prompts, max_new_tokens=sec.max_new_tokens,
-                                        greedy=greedy, eos_token_id=self.eos,
-                                        sampling_temperature=sec.sampling_temperature, generator=generator)
-        device = next(model.parameters()).device
-        return [autoregressive_generate(model, p, max_new_tokens=sec.max_new_tokens, greedy=greedy,
-                                        sampling_temperature=sec.sampling_temperature, eos_token_id=self.eos,
-                                        generator=generator, pixel_values=pixels_b3hw[b:b + 1].to(device)).tokens
-                for b, p in enumerate(prompts)]
+        return sample_continuations(model, self.tokenizer, prompts, max_new_tokens=sec.max_new_tokens, greedy=greedy,
+                                    eos_token_id=self.eos, sampling_temperature=sec.sampling_temperature,
+                                    generator=generator, pixel_values=pixels_b3hw)
 
     def metrics(self) -> dict[str, float]:
         return dict(self.state)

@@ -1,7 +1,7 @@
 """What a VLM's report measures beyond the language-model metrics: exact-match answers and answers beside images.
 
-:func:`answer_accuracy` answers each held-out question greedily (the KV-cached decoder of
-:mod:`stillroom.generate.speculative` with the image on the first forward) and checks the answer exactly
+:func:`answer_accuracy` answers each held-out question greedily (the batched KV-cached decoder of
+:mod:`stillroom.generate.sampling`, the images on the prompt's forward) and checks the answer exactly
 (:func:`stillroom.domains.vl.vqa.check_answer`: case, spacing and a final full stop ignored), overall and per
 question family. :func:`write_generations_html` shows held-out images next to each model's answer.
 """
@@ -18,8 +18,7 @@ import torch
 
 from stillroom.data.batch import Example, prompt_length
 from stillroom.data.images import load_pixels
-from stillroom.generate.sampling import eos_token_ids
-from stillroom.generate.speculative import autoregressive_generate
+from stillroom.generate.sampling import eos_token_ids, sample_continuations
 from stillroom.files import write_atomic
 
 
@@ -30,15 +29,18 @@ def prompt_and_pixels(example: Example, text_prompt_tokens: int = 24) -> tuple[l
     return example.input_ids[:cut], None if example.image is None else load_pixels(example.image)[None]
 
 
-def greedy_answers(model: torch.nn.Module, tokenizer, examples: list[Example], max_new_tokens: int) -> list[str]:
-    """The model's greedy answer to each example's prompt (new text only, special tokens dropped)."""
+def greedy_answers(model: torch.nn.Module, tokenizer, examples: list[Example], max_new_tokens: int,
+                   batch_size: int = 16) -> list[str]:
+    """The model's greedy answer to each example's prompt (new text only, special tokens dropped), ``batch_size``
+    prompts at a time (left-padded, their images on the first forward: :func:`sample_continuations`)."""
     stops = eos_token_ids(tokenizer, model)
     answers = []
-    for ex in examples:
-        ids, pixels = prompt_and_pixels(ex)
-        out = autoregressive_generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                      pixel_values=pixels)
-        answers.append(tokenizer.decode(out.tokens, skip_special_tokens=True).strip())
+    for lo in range(0, len(examples), batch_size):
+        prompts, images = zip(*(prompt_and_pixels(ex) for ex in examples[lo:lo + batch_size]))
+        kept = [p for p in images if p is not None]
+        new = sample_continuations(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, greedy=True,
+                                   eos_token_id=stops, pixel_values=torch.cat(kept) if kept else None)
+        answers += [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
     return answers
 
 
