@@ -133,9 +133,10 @@ def check_vlm_run(run) -> None:
     if run.method == "onpolicy":
         raise ValueError("method=onpolicy samples new sequences, which would carry no image; a `vlm` run trains "
                          "on its image records (method kd, sft, specvlm, ...)")
-    if run.teacher.source != "online":
-        raise ValueError(f"teacher.source={run.teacher.source!r} with a VLM: only the online teacher reads the "
-                         "images; set teacher.source: online")
+    if run.teacher.source not in ("online", "store"):
+        raise ValueError(f"teacher.source={run.teacher.source!r} with a VLM: the online teacher and a store written "
+                         "by `stillroom cache-teacher` (the teacher read the images) are the sources that see the "
+                         "images; set teacher.source: online or store")
     student = run.student
     if student.model is None and student.from_config is None:
         raise ValueError("a VLM student is built with student.from_config (e.g. {text_config: {num_hidden_layers: "

@@ -52,6 +52,7 @@ from stillroom.models.builtin import sha256_file  # noqa: F401 (used by the stor
 from stillroom.models.precision import torch_dtype
 from stillroom.teachers.store_codes import LEVELS, SCALE_DTYPES, decode_quantized, encode_logprobs
 from stillroom.teachers.store_codes import dequantize_int8, quantize_int8  # noqa: F401 (public names)
+from stillroom.teachers.store_settings import RECORDED, recorded_settings, taken_note  # noqa: F401 (public names)
 
 FORMAT = "stillroom-teacher-store"
 FORMAT_VERSION = 1
@@ -87,36 +88,6 @@ RERUN = "rerun `stillroom cache-teacher` with the recipe and overrides that wrot
 """The hint of a store to finish or repair (the CLI adds the full command where it knows the recipe)."""
 REBUILD = "rebuild it with `stillroom cache-teacher --overwrite` and the recipe and overrides of the run"
 """The hint of a store that does not fit the run (the CLI adds the full command where it knows the recipe)."""
-RECORDED = ("k", "logprob_dtype", "shard_tokens")
-"""Settings a store records that a recipe may leave at their defaults: they are then read from the manifest."""
-
-
-def recorded_settings(store_cfg, manifest: dict | None, names: Iterable[str] = RECORDED) -> tuple[dict, list[str]]:
-    """``({name: value}, taken)``: for each of ``names`` (fields of ``teacher.store``) the recipe's value where
-    it changed it from the default, else the value ``manifest`` records; ``taken`` names the values read from
-    the manifest that differ from the recipe's.
-
-    A value equal to the default counts as left at the default (a dumped config, such as config.resolved.yaml,
-    repeats every default), so only an explicit, different value can disagree with the store.
-    """
-    values, taken = {}, []
-    for name in names:
-        mine = getattr(store_cfg, name)
-        default = type(store_cfg).model_fields[name].get_default(call_default_factory=True)
-        explicit = name in store_cfg.model_fields_set and mine != default
-        stored = (manifest or {}).get(name)
-        values[name] = mine if explicit or stored is None else stored
-        if values[name] != mine:
-            taken.append(name)
-    return values, taken
-
-
-def taken_note(prefix: str, taken: list[str]) -> str:
-    """The log's ``; <prefix>.k read from its manifest (...)`` for the settings :func:`recorded_settings` took."""
-    if not taken:
-        return ""
-    return (f"; {' and '.join(f'{prefix}.{n}' for n in taken)} read from its manifest (the recipe leaves "
-            f"{'it' if len(taken) == 1 else 'them'} at the default)")
 
 
 def shard_name(index: int) -> str:
@@ -142,21 +113,25 @@ def storage_dtypes(logprob_dtype: str) -> tuple[str, str]:
 
 
 def data_fingerprint(examples: Iterable[Example]) -> str:
-    """sha256 (hex) over the ordered examples' uids, token ids and packed document lengths.
+    """sha256 (hex) over the ordered examples' uids, token ids, packed document lengths and images.
 
-    Two runs share it exactly when they train on the same token sequences in the
-    same order with the same identities (what a store's rows are keyed by) and the
-    same attention: blocks packed with ``data.attention: within_documents`` hash
-    their ``doc_lens`` too, so a store of the same blocks scored with attention
-    across documents is refused (examples without ``doc_lens`` hash as before).
+    Two runs share it exactly when they train on the same token sequences in the same order with the same
+    identities (what a store's rows are keyed by) and the same attention: blocks packed with ``data.attention:
+    within_documents`` hash their ``doc_lens`` too, so a store of the same blocks scored with attention across
+    documents is refused. A vision-language example hashes its image file's bytes and preprocessing (the teacher
+    read the pixels). Examples without ``doc_lens`` or an image hash as before.
     """
-    h = hashlib.sha256()
+    h, images = hashlib.sha256(), {}
     for ex in examples:
         h.update(ex.uid.encode("utf-8"))
         h.update(b"\x00")
         h.update(",".join(map(str, ex.input_ids)).encode("ascii"))
         if ex.doc_lens is not None:
             h.update(("|docs:" + ",".join(map(str, ex.doc_lens))).encode("ascii"))
+        if ex.image is not None:
+            if ex.image not in images:
+                images[ex.image] = f"{sha256_file(ex.image.path)}:{ex.image.size}:{ex.image.mean}:{ex.image.std}"
+            h.update(("|image:" + images[ex.image]).encode("ascii"))
         h.update(b"\n")
     return h.hexdigest()
 
