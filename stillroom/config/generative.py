@@ -162,6 +162,17 @@ class GenEvalConfig(Strict):
                                           "recall and class accuracy of samples are measured in its features.")
 
 
+class ContrastConfig(Strict):
+    """Discrete contrastive diffusion's conditional contrastive loss as an auxiliary term (spec 15, low priority):
+    per sample, cross-entropy over every class ``c`` of ``-||x0_hat(x_t, t, c) - x0||^2 / (D * temperature)``
+    against its own class (``stillroom.domains.generative.engine.condition_contrast``; K extra forwards per
+    sample, K the class count)."""
+
+    weight: float = Field(0.0, ge=0, description="Weight of the term beside the denoising loss (0: off).")
+    temperature: float = Field(0.1, gt=0, description="Divides the per-class denoising errors (mean over "
+                               "dimensions) before the softmax over classes.")
+
+
 class GenerativeConfig(Strict):
     """``domain: generative``: a class-conditional denoiser student distilled from a denoiser teacher."""
 
@@ -180,6 +191,8 @@ class GenerativeConfig(Strict):
     teacher: GenTeacherConfig = Field(default_factory=GenTeacherConfig)
     student: GenStudentConfig = Field(default_factory=GenStudentConfig)
     eval: GenEvalConfig = Field(default_factory=GenEvalConfig)
+    contrast: ContrastConfig = Field(default_factory=ContrastConfig, description="The conditional contrastive "
+                                     "term of the student's denoising objective (method sft / tsm); off by default.")
 
     @model_validator(mode="after")
     def _arch_fits_data(self) -> "GenerativeConfig":

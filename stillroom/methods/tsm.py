@@ -20,7 +20,9 @@ def build(ctx: MethodContext) -> MethodPlan:
         raise ValueError("method=tsm regresses the teacher's predictions, but the run has no teacher")
 
     def players(student: Player) -> list[Player]:
-        objective = DenoisingObjective(DenoiseForward(ctx.model, 0.0), teacher=ctx.teacher_model)
+        c = ctx.cfg.generative.contrast
+        objective = DenoisingObjective(DenoiseForward(ctx.model, 0.0), teacher=ctx.teacher_model,
+                                       contrast=(c.weight, c.temperature))
         return [Player(student.name, ctx.model, objective)]
 
     return MethodPlan(players=players)

@@ -77,3 +77,16 @@ def test_image_run_reports_classifier_feature_metrics_and_a_grid(tmp_path, cache
         assert 0 <= row["class_accuracy"] <= 1 and row["frechet_distance"] >= 0
     assert (run_dir / "samples.png").is_file()
     UNet2DModel.from_pretrained(run_dir / "student")
+
+
+def test_the_contrastive_term_trains_the_student_and_not_its_baseline(tmp_path, cache):
+    stillroom("run", *_args(tmp_path, cache, "train.steps=4", "baseline=true", "name=contrast",
+                            "generative.contrast.weight=0.5", "train.log_every=1", "eval.before=false"))
+    run = tmp_path / "contrast"
+    for row in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()):
+        assert row["loss"] == pytest.approx(row["loss/denoise"] + 0.5 * row["loss/contrast"], rel=1e-5)
+    for row in (json.loads(line) for line in (run / "baseline" / "metrics.jsonl").read_text().splitlines()):
+        assert "loss/contrast" not in row and row["loss"] == pytest.approx(row["loss/denoise"])
+    refused = stillroom("run", *_args(tmp_path, cache, "method=dmd", "generative.contrast.weight=0.5",
+                                      "name=refused"), check=False)
+    assert refused.returncode != 0 and "generative.contrast.weight=0.5 adds a term" in refused.stderr

@@ -50,6 +50,27 @@ def denoising_loss(x0_hat: torch.Tensor, target: torch.Tensor, t_b: torch.Tensor
     return (conv.output_weight(t_b).float() * sq).sum(), x0_hat.shape[0]
 
 
+def condition_contrast(model, x_t: torch.Tensor, t_b: torch.Tensor, target: torch.Tensor, labels_b: torch.Tensor,
+                       temperature: float) -> tuple[torch.Tensor, int]:
+    """``(sum over conditioned rows of CE(-e_b / temperature, labels_b), rows)``: the conditional contrastive term.
+
+    ``e_b[c] = ||x0_hat(x_t, t, c) - target||^2 / D`` is the denoising error of sample ``b`` under every class
+    ``c`` (one batched forward of ``[B * K, ...]``); the cross-entropy asks the true class to explain the sample
+    best, i.e. the prediction must depend on the condition (the step-wise variant of the conditional contrastive
+    loss of discrete contrastive diffusion, Zhu et al. 2023, on a continuous denoiser's error in place of its
+    ELBO term). Rows whose label is the null label (condition dropout) are left out.
+    """
+    keep = labels_b != model.null_label
+    if not bool(keep.any()):
+        return x_t.new_zeros(()), 0
+    x_t, t_b, target, labels_b = x_t[keep], t_b[keep], target[keep], labels_b[keep]
+    b, k = x_t.shape[0], model.num_classes
+    every = torch.arange(k, device=x_t.device).repeat(b)
+    pred = model(x_t.repeat_interleave(k, 0), t_b.repeat_interleave(k, 0), every)
+    err_bk = ((pred.float() - target.float().repeat_interleave(k, 0)) ** 2).flatten(1).mean(1).view(b, k)
+    return torch.nn.functional.cross_entropy(-err_bk / temperature, labels_b, reduction="sum"), b
+
+
 def drop_labels(labels_b: torch.Tensor, null_label: int, p: float) -> torch.Tensor:
     """``labels_b`` with each replaced by ``null_label`` with probability ``p`` (classifier-free guidance
     training's condition dropout)."""

@@ -4,7 +4,9 @@ One micro-batch: times ``t ~`` the convention's training distribution, fresh noi
 RNG draws them: it is checkpointed, so a resumed run draws the same), condition dropout, then the x0
 regression :func:`~.engine.denoising_loss` against either the data (``target="data"``: a diffusion model of
 the data) or the frozen teacher's prediction at the same ``(x_t, t, label)`` (``target="teacher"``: teacher
-score matching, MSD's TSM pre-training of students that cannot start from the teacher's weights).
+score matching, MSD's TSM pre-training of students that cannot start from the teacher's weights). With
+``generative.contrast.weight > 0`` the student's objective adds the conditional contrastive term
+(:func:`~.engine.condition_contrast`): the prediction must explain the sample best under its own class.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stillroom.domains.generative.engine import denoising_loss, drop_labels
+from stillroom.domains.generative.engine import condition_contrast, denoising_loss, drop_labels
 from stillroom.domains.generative.models import Denoiser
 from stillroom.losses import LossResult
 
@@ -42,6 +44,8 @@ class DenoisingObjective:
 
     forward: DenoiseForward
     teacher: Denoiser | None = None
+    contrast: tuple[float, float] | None = None
+    """``(weight, temperature)`` of :func:`~.engine.condition_contrast` added to the regression; None: off."""
 
     def __post_init__(self) -> None:
         self._state = nn.Module()
@@ -61,7 +65,14 @@ class DenoisingObjective:
                 target = self.teacher(outputs["x_t"], outputs["t"], outputs["labels"])
             name = "tsm"
         total, count = denoising_loss(outputs["x0_hat"], target, outputs["t"], self.forward.model.convention)
-        return LossResult(total=total, count=count, parts={name: float(total.detach())})
+        parts = {name: float(total.detach())}
+        if self.contrast is not None and self.contrast[0] > 0:
+            weight, temperature = self.contrast
+            term, _ = condition_contrast(self.forward.model, outputs["x_t"], outputs["t"], target, outputs["labels"],
+                                         temperature)
+            parts["contrast"] = float(term.detach())
+            total = total + weight * term  # a per-sample sum: the loop divides both by the step's sample count
+        return LossResult(total=total, count=count, parts=parts)
 
     def after_step(self, per_target: dict[str, float], step: int, total_steps: int) -> None:
         pass

@@ -79,7 +79,13 @@ class GenerativeRun:
         plan = method.plan(MethodContext(
             cfg=cfg, run_dir=run_dir, model=model, data=self.data, tokenizer=None, teacher_model=self.teacher_model,
             vocab_size=0, topology=self.topology, mix=None, log=log))
-        player = Player("student", model, DenoisingObjective(DenoiseForward(model, cfg.generative.teacher.cond_dropout)))
+        c = cfg.generative.contrast
+        if c.weight > 0 and method.name not in ("sft", "tsm"):
+            raise ValueError(f"generative.contrast.weight={c.weight} adds a term to the denoising objective of methods "
+                             f"sft and tsm; method={method.name} trains another objective: set the weight to 0")
+        contrast = None if baseline else (c.weight, c.temperature)  # the baseline stays the plain regression
+        player = Player("student", model, DenoisingObjective(DenoiseForward(model, cfg.generative.teacher.cond_dropout),
+                                                             contrast=contrast))
         players = plan.players(player) if plan.players is not None else [player]
         job = TrainJob(
             train=cfg.train, seed=cfg.seed, run_dir=run_dir, run_name=cfg.name, players=players,

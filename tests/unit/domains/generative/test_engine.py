@@ -62,3 +62,30 @@ def test_renoise_at_and_drop_labels():
     dropped = drop_labels(labels, 7, 0.1)
     assert 0.08 < (dropped == 7).float().mean().item() < 0.12
     assert drop_labels(labels, 7, 0.0) is labels
+
+
+class _ScaleByClass(torch.nn.Module):
+    """x0_hat = x_t * (c + 1) for class c (the null label is num_classes)."""
+
+    num_classes, null_label = 3, 3
+
+    def forward(self, x, t, labels):
+        return x * (labels.float() + 1.0).view(-1, *[1] * (x.dim() - 1))
+
+
+def test_condition_contrast_is_cross_entropy_over_the_per_class_errors():
+    from stillroom.domains.generative.engine import condition_contrast
+
+    x_t = torch.tensor([[1.0, 2.0], [0.5, -1.0], [3.0, 0.0]])
+    target = torch.tensor([[2.0, 4.0], [0.0, 0.0], [1.0, 1.0]])
+    labels = torch.tensor([1, 0, 3])  # the third row's label was dropped (null): left out
+    total, count = condition_contrast(_ScaleByClass(), x_t, torch.zeros(3), target, labels, temperature=0.5)
+    assert count == 2
+    expected = 0.0
+    for row, label in ((0, 1), (1, 0)):
+        err = torch.stack([((x_t[row] * (c + 1) - target[row]) ** 2).mean() for c in range(3)])
+        expected += float(-torch.log_softmax(-err / 0.5, 0)[label])
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    # only dropped labels: nothing to contrast
+    zero, none = condition_contrast(_ScaleByClass(), x_t[2:], torch.zeros(1), target[2:], labels[2:], 0.5)
+    assert zero.item() == 0.0 and none == 0
