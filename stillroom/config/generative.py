@@ -156,6 +156,12 @@ class GenEvalConfig(Strict):
                                      "these step counts (the teacher row itself uses teacher.sample_steps).")
     projections: int = Field(256, ge=8, description="Random directions of the sliced Wasserstein distance.")
     seed: int = Field(1234, description="Seed of the evaluation noise (the same for every model).")
+    steer_scale: float = Field(0.0, ge=0, description="Point toys: > 0 adds rows `teacher_uncond` (the teacher "
+                               "with the null label, unconditional) and `teacher_steered` (the same, steered at every "
+                               "step towards each sample's class by the toy's exact class posterior with this scale: "
+                               "steered sampling, spec 15); 0: no such rows.")
+    steer_std: float = Field(0.2, gt=0, description="Mode standard deviation of the posterior that steers (wider "
+                             "than the toy's is smoother far from the modes).")
     feature_classifier_steps: int = Field(300, ge=1, description="Images: optimizer steps of the feature "
                                           "classifier trained here once on the training images and cached (the "
                                           "classifier domain's default teacher); the Fréchet distance, precision, "
@@ -211,6 +217,9 @@ class GenerativeConfig(Strict):
             if not images and arch.kind == "unet":
                 raise ValueError(f"generative.{where}.kind=unet takes images; dataset {self.dataset} is 2-D points: "
                                  f"set generative.{where}.kind: mlp")
+        if images and self.eval.steer_scale > 0:
+            raise ValueError(f"generative.eval.steer_scale={self.eval.steer_scale}: the steered rows use the exact "
+                             f"class posterior of a point toy; dataset {self.dataset} is images: set it to 0")
         fr = self.student.fractions
         if fr is not None and (len(fr) != self.student.steps or fr[0] != 1.0 or any(not 0 < u <= 1 for u in fr)
                                or any(b >= a for a, b in zip(fr, fr[1:]))):

@@ -90,3 +90,15 @@ def test_the_contrastive_term_trains_the_student_and_not_its_baseline(tmp_path, 
     refused = stillroom("run", *_args(tmp_path, cache, "method=dmd", "generative.contrast.weight=0.5",
                                       "name=refused"), check=False)
     assert refused.returncode != 0 and "generative.contrast.weight=0.5 adds a term" in refused.stderr
+
+
+def test_steered_rows_sample_the_unconditional_teacher(tmp_path, cache):
+    stillroom("run", *_args(tmp_path, cache, "train.steps=2", "name=steer", "generative.eval.steer_scale=1.0",
+                            "eval.before=false"))
+    report = json.loads((tmp_path / "steer" / "report.json").read_text())
+    for row in ("teacher_uncond", "teacher_steered"):
+        assert report[row]["nfe"] == 8 and 0.0 <= report[row]["mode_precision"] <= 1.0
+    assert report["teacher_steered"]["mode_precision"] != report["teacher_uncond"]["mode_precision"]
+    images = stillroom("run", *_args(tmp_path, cache, "generative.dataset=digits", "generative.teacher.arch.kind=unet",
+                                     "generative.eval.steer_scale=1.0", "name=img"), check=False)
+    assert images.returncode != 0 and "exact class posterior of a point toy" in images.stderr

@@ -4,7 +4,9 @@ teacher, with the cost of drawing them.
 Every row draws ``eval.samples_per_class`` samples per class from the same noise (``eval.seed``), so rows
 differ only by their model and sampler. The teacher samples with ``teacher.sample_steps`` steps and guidance
 ``teacher.guidance`` (the reference), and again at each of ``eval.teacher_steps`` (rows ``teacher_<n>step``:
-what the teacher gives at a student's budget); students sample with ``student.steps``.
+what the teacher gives at a student's budget); students sample with ``student.steps``. Point toys with
+``eval.steer_scale > 0`` add :data:`STEER_ROWS`: the teacher unconditional (null label), and the same steered
+towards each sample's class by the toy's exact class posterior (steered sampling, :class:`~.sampling.Steer`).
 
 Point toys (:func:`point_metrics`), each per class then averaged over classes:
 ``swd_data`` / ``mmd_data`` (sliced Wasserstein distance and RBF-MMD^2 to the held-out data),
@@ -31,15 +33,24 @@ from safetensors.torch import load_file, save_file
 from stillroom.config.generative import GenerativeConfig
 from stillroom.domains.generative.data import GenSplits, balanced_labels
 from stillroom.domains.generative.models import Denoiser
-from stillroom.domains.generative.sampling import sample
+from stillroom.domains.generative.sampling import Steer, sample
 
 Log = Callable[[str], None]
 SAMPLES_DIR = "samples"
 PLOT = "samples.png"
 
 
-def sampler_settings(sec: GenerativeConfig, row: str) -> dict:
-    """``{"steps", "guidance", "stochastic"}`` (and the student's ``fractions``) of report row ``row``."""
+STEER_ROWS = ("teacher_uncond", "teacher_steered")
+"""Rows of ``eval.steer_scale > 0`` (point toys): the teacher unconditional, and steered by the exact posterior."""
+
+
+def sampler_settings(sec: GenerativeConfig, row: str, toy=None) -> dict:
+    """``{"steps", "guidance", "stochastic"}`` (and the student's ``fractions``, a steered row's ``steer``) of
+    report row ``row``; ``toy``: the point toy whose exact posterior steers :data:`STEER_ROWS`."""
+    if row in STEER_ROWS:
+        scale = sec.eval.steer_scale if row == "teacher_steered" else 0.0
+        loss = posterior_loss(toy, sec.eval.steer_std)
+        return {"steps": sec.teacher.sample_steps, "guidance": 1.0, "stochastic": False, "steer": Steer(loss, scale)}
     if row == "teacher":
         return {"steps": sec.teacher.sample_steps, "guidance": sec.teacher.guidance, "stochastic": False}
     if row.startswith("teacher_") and row.endswith("step"):
@@ -48,11 +59,20 @@ def sampler_settings(sec: GenerativeConfig, row: str) -> dict:
             "fractions": sec.student.fractions}
 
 
-def draw(model: Denoiser, sec: GenerativeConfig, row: str, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def posterior_loss(toy, std: float):
+    """``loss(x0 [B, D], targets [B]) -> [B]``: ``-log p(target | x0)`` under ``toy``'s exact class posterior at
+    mode standard deviation ``std`` (the recognition model of a steered row)."""
+    def loss(x0: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return -toy.class_log_posterior(x0, std).gather(1, targets.long()[:, None]).squeeze(1)
+
+    return loss
+
+
+def draw(model: Denoiser, sec: GenerativeConfig, row: str, classes: int, toy=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(samples [N, ...], labels [N])`` of row ``row`` from the evaluation noise."""
     labels = balanced_labels(sec.eval.samples_per_class * classes, classes)
     gen = torch.Generator().manual_seed(sec.eval.seed)
-    return sample(model, labels, generator=gen, **sampler_settings(sec, row)), labels
+    return sample(model, labels, generator=gen, **sampler_settings(sec, row, toy)), labels
 
 
 def nfe(settings: dict) -> int:

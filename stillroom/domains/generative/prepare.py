@@ -28,7 +28,7 @@ from stillroom.data.seeds import derive_seed
 from stillroom.domains.generative.data import GenSplits, build_splits, collate_samples
 from stillroom.domains.generative.evaluate import (
     draw, feature_classifier_for, image_row_metrics, keep_samples, kept_samples, nfe, plot_images, plot_points,
-    point_metrics, sampler_settings, samples_per_s,
+    STEER_ROWS, point_metrics, sampler_settings, samples_per_s,
 )
 from stillroom.domains.generative.models import Denoiser, build_denoiser, load_denoiser, save_denoiser
 from stillroom.domains.generative.objectives import DenoiseForward, DenoisingObjective
@@ -103,13 +103,15 @@ class GenerativeRun:
         if "teacher" in wanted:
             for n in sec.eval.teacher_steps:
                 wanted[f"teacher_{n}step"] = wanted["teacher"]
+            if sec.eval.steer_scale > 0 and self.data.toy is not None:
+                wanted.update({row: wanted["teacher"] for row in STEER_ROWS})
         reference = kept_samples(self.cfg.run_dir).get("teacher")
         for name, (model, _) in wanted.items():
             model.to(self.device)
-            x, labels = draw(model, sec, name, classes)
+            x, labels = draw(model, sec, name, classes, self.data.toy)
             if name == "teacher":
                 reference = (x, labels)
-            settings = sampler_settings(sec, name)
+            settings = sampler_settings(sec, name, self.data.toy)
             row = {"nfe": nfe(settings), "samples_per_s": samples_per_s(model, settings, classes, self._speed_batch()),
                    "params": sum(p.numel() for p in model.parameters()), "samples": len(labels)}
             if self.data.toy is not None:

@@ -98,6 +98,18 @@ class PointMixture:
         log_norm = -0.5 * self.dim * math.log(2 * math.pi * self.std**2)
         return torch.logsumexp(log_w_nm - sq_dist_nm / (2 * self.std**2), dim=1) + log_norm
 
+    def class_log_posterior(self, x_nd: torch.Tensor, std: float | None = None) -> torch.Tensor:
+        """``log p(c | x_i)`` ``[N, K]`` under equal class priors, every class's modes at standard deviation ``std``
+        (default the toy's own; a wider one is a smoother recognition model, what steering needs far from the
+        modes). Differentiable in ``x_nd``."""
+        std = self.std if std is None else std
+        dtype = torch.promote_types(x_nd.dtype, torch.float32)
+        means_kmd = self.means_kmd.to(x_nd.device, dtype)
+        sq_nkm = (x_nd.to(dtype)[:, None, None, :] - means_kmd[None]).pow(2).sum(-1)
+        log_w_km = self.weights_km.to(x_nd.device, dtype).log()  # an absent mode (weight 0) is -inf
+        log_lik_nk = torch.logsumexp(log_w_km[None] - sq_nkm / (2 * std**2), dim=2)
+        return log_lik_nk - torch.logsumexp(log_lik_nk, dim=1, keepdim=True)
+
     def fingerprint(self) -> str:
         """sha256 of the name, class names, std, shapes and parameter values (a cache key for the toy)."""
         h = hashlib.sha256(repr((self.name, self.class_names, float(self.std))).encode())
