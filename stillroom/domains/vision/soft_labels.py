@@ -74,7 +74,7 @@ def weight_identity(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d buffers too
     describe = getattr(model, "describe", lambda: type(model).__name__)().replace("#", " ").replace("@", " at ")
     return f"classifier:{describe}#sha256:{h.hexdigest()}"
 

@@ -177,3 +177,14 @@ def test_store_fed_run_equals_the_online_run_on_the_same_views(tmp_path, digits)
     plain = _losses(tmp_path, digits, "plain", "classifier.augment.enabled=false")
     assert len(online) == 6 and online == pytest.approx(stored, abs=1e-5)
     assert abs(plain[0] - online[0]) > 1e-3  # the views change what the student sees
+
+
+def test_the_teacher_identity_hashes_zero_dimensional_buffers():
+    """Batch norm's ``num_batches_tracked`` is a 0-d buffer (every ResNet / ConvNext / EfficientNet teacher has
+    them): it is hashed like any other tensor, and a change of it changes the identity."""
+    from stillroom.domains.vision.soft_labels import weight_identity
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    before = weight_identity(model)
+    model[1].num_batches_tracked += 1
+    assert weight_identity(model) != before and before.startswith("classifier:")
