@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METHODS = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "taid", "finetunebench", "codsa", "dparallel", "mend", "cross_tokenizer"]
+METHODS = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "self_distill_fpt_text", "taid", "finetunebench", "codsa", "dparallel", "mend", "cross_tokenizer", "pretrained_teacher"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,8 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.repro.verdict import RULE, Part, parts_table  # noqa: E402
 
-ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook", "cfg_distill_markov", "dho", "comd", "llava_mod", "specvlm", "ogen", "qad", "copg_bandit", "copg_lm", "width_vs_depth", "depth_choice", "squarehead", "transfer", "corda", "ernie_tiny", "self_data_merge", "taid", "finetunebench", "codsa", "dparallel", "mend", "cross_tokenizer"]
+ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "self_distill_fpt_text", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook", "cfg_distill_markov", "dho", "comd", "llava_mod", "specvlm", "ogen", "qad", "copg_bandit", "copg_lm", "width_vs_depth", "depth_choice", "squarehead", "transfer", "corda", "ernie_tiny", "self_data_merge", "taid", "finetunebench", "codsa", "dparallel", "mend", "cross_tokenizer", "pretrained_teacher"]
 TITLES = {
+    "pretrained_teacher": "A pretrained teacher matters: EfficientNet-Lite0 + a head fitted on few labels vs a scratch teacher (issue #13)",
     "mend": "MEND, demonstrations distilled into vectors for a frozen LLM vs full ICL vs none (Li et al. 2024)",
     "cross_tokenizer": "Cross-tokenizer distillation, SmolLM2-135M into a student with its own 8k BPE: hybrid (GOLD) vs ULD vs CE",
     "dparallel": "dParallel, certainty-forcing self-distillation of a masked-diffusion LM: steps at equal accuracy (Chen et al. 2026)",
@@ -53,6 +54,7 @@ TITLES = {
     "unfused": "UNFUSED, multi-exit self-distillation on cluster pseudo-labels (Seth et al. 2023)",
     "dmae": "DMAE, feature distillation during MAE pre-training on the visible patches (Bai et al. 2023)",
     "self_distill_fpt": "Self-distillation for further pre-training, image variant (Lee et al. 2023)",
+    "self_distill_fpt_text": "Self-distillation for further pre-training, text variant on MiniLM-L6 (Lee et al. 2023)",
     "draft_tiny": "Distilled drafts for speculative decoding (DistillSpec / Drafter), tiny scale",
     "twinflow_rings": "TwinFlow, one-step generation with self-adversarial flows, no teacher (Cheng et al. 2025)",
     "msd_rings": "MSD, multi-student one-step distillation with a router and TSM pre-training (Song et al. 2024)",
@@ -76,7 +78,7 @@ with our analysis. This page is generated from `bench/results/*.json` by
 `python bench/reproductions_doc.py`; each method's numbers come from
 
 ```bash
-python bench/reproduce.py METHOD          # METHOD: step_by_step self_data redi miniplm ddk conditional meal_v2 ast lelp unfused ferkd dmae self_distill_fpt taid finetunebench codsa dparallel mend cross_tokenizer
+python bench/reproduce.py METHOD          # METHOD: step_by_step self_data redi miniplm ddk conditional meal_v2 ast lelp unfused ferkd dmae self_distill_fpt self_distill_fpt_text taid finetunebench codsa dparallel mend cross_tokenizer pretrained_teacher
 python bench/draft_tiny.py                # the draft experiment of docs/ONPOLICY.md (issue: draft models)
 python bench/reproduce.py METHOD --from-results   # only re-decide the verdict from the stored numbers (also draft_tiny)
 python bench/twinflow_rings.py [--from-results]   # TwinFlow on the rings toy (issue 15, spec 13.5)

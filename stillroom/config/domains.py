@@ -19,7 +19,10 @@ from stillroom.config.autoregressive import AutoregressiveConfig
 from stillroom.config.masked_diffusion import MaskedDiffusionConfig
 from stillroom.config.generative import GenerativeConfig
 from stillroom.config.mae import MaeConfig
+from stillroom.config.mlm import MlmConfig
 from stillroom.config.clip import ClipConfig, ClipTeacherKind
+from stillroom.config.pretrained_teacher import PretrainedTeacherConfig
+from stillroom.config.shapes import ShapesConfig
 
 
 class DomainSection(Strict):
@@ -34,41 +37,6 @@ the two in step)."""
 FIXED_SPLIT_DATASETS = ("mnist", "shapes", "cluttered_digits")
 """Data sets with held-out images of their own (MNIST's official test set, a generated held-out set): for
 them ``classifier.heldout_fraction`` does not apply."""
-SHAPE_KINDS = 10
-"""How many shapes :mod:`stillroom.domains.vision.shapes` draws (``classifier.shapes.classes`` at most)."""
-
-
-class ShapesConfig(Strict):
-    """Procedural colour images of shapes (``classifier.dataset: shapes``, :mod:`stillroom.domains.vision.shapes`):
-    one class per shape, exact labels, a caption per image. Generated from `seed` alone, so the images are the
-    same whatever the run's seed unless `seed` is null."""
-
-    classes: int = Field(5, ge=2, le=SHAPE_KINDS, description="Number of classes: the first N of circle, square, "
-                         "triangle, cross, ring, star, semicircle, bar, frame, diamond.")
-    image_size: int = Field(16, ge=8, le=64, description="Height and width of the RGB images (3 x size x size).")
-    train_per_class: int = Field(200, ge=1, description="Training images generated per class.")
-    heldout_per_class: int = Field(50, ge=1, description="Held-out images generated per class (drawn "
-                                   "independently of the training images; their labels are never flipped).")
-    scale_jitter: float = Field(0.2, ge=0.0, le=0.5, description="The shape's radius (0.28 of the image side) "
-                                "varies uniformly by up to this fraction either way.")
-    position_jitter: float = Field(0.12, ge=0.0, le=0.25, description="The shape's centre moves uniformly by up "
-                                   "to this fraction of the image side from the middle, on each axis.")
-    rotation_deg: float = Field(15.0, ge=0.0, le=20.0, description="The shape turns uniformly by up to this many "
-                                "degrees either way (at most 20: square and diamond are the same shape 45 degrees "
-                                "apart).")
-    background_texture: float = Field(0.5, ge=0.0, le=1.0, description="Fraction of images drawn on a textured "
-                                      "background (stripes, checks, speckles in two background colours) instead "
-                                      "of a plain one: the clutter a classifier must ignore.")
-    pixel_noise: float = Field(0.03, ge=0.0, le=0.5, description="Standard deviation of Gaussian noise added to "
-                               "every pixel (then clipped to [0, 1]).")
-    label_noise: float = Field(0.0, ge=0.0, lt=0.5, description="Fraction of training labels flipped to another "
-                               "class (chosen from `seed`; the report says how many); held-out labels stay exact.")
-    shifted_per_class: int = Field(0, ge=0, description="Images per class of a domain-shifted held-out set (other "
-                                   "colours, light backgrounds, other textures) for out-of-distribution checks; "
-                                   "0: none.")
-    seed: int | None = Field(0, description="Seed of the generator (null: the run's seed).")
-
-
 ARCH_KINDS = ("mlp", "cnn", "vit", "resnet", "convnext", "mobilevit")
 ARCH_FIELDS: dict[str, dict[str, object]] = {
     "mlp": {"hidden": [32], "dropout": 0.0},
@@ -197,6 +165,9 @@ class ClassifierTeacherConfig(ClipTeacherKind):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay of the matrices.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
     seed: int | None = Field(None, description="Seed of its initialisation and data order (null: the run's seed).")
+    pretrained: PretrainedTeacherConfig | None = Field(
+        None, description="A pretrained backbone + a head fitted here (docs/methods/pretrained_teacher.md) instead of "
+        "`arch` trained here or `path`.")
 
     augment: "ClassifierAugment | None" = Field(
         None,
@@ -395,5 +366,5 @@ def _check_class_groups(groups: list[list[int]] | str | None, names: list[str] |
 DOMAINS: dict[str, type[DomainSection] | None] = {
     "lm": None, "classifier": ClassifierConfig,
     "mae": MaeConfig, "generative": GenerativeConfig, "autoregressive": AutoregressiveConfig, "clip": ClipConfig,
-    "masked_diffusion": MaskedDiffusionConfig,
+    "masked_diffusion": MaskedDiffusionConfig, "mlm": MlmConfig,
 }

@@ -28,7 +28,9 @@ from stillroom.config.mend import MendConfig
 from stillroom.config.rollout import RolloutServerConfig
 from stillroom.config.dmd import DmdConfig
 from stillroom.config.twinflow import TwinFlowConfig
-from stillroom.config.mae import DmaeConfig, SelfDistillFptConfig
+from stillroom.config.mae import DmaeConfig
+from stillroom.config.mlm import SelfDistillFptSection
+from stillroom.config.pretrained_teacher import FeatureKdConfig
 from stillroom.config.unfused import UnfusedConfig
 from stillroom.losses import get_term
 
@@ -378,7 +380,7 @@ METHODS: dict[str, type[MethodSection] | None] = {
     "unfused": UnfusedConfig,
     "lelp": LelpConfig,
     "dmae": DmaeConfig,
-    "self_distill_fpt": SelfDistillFptConfig,
+    "self_distill_fpt": SelfDistillFptSection,
     "tsm": None,
     "dmd": DmdConfig,
     "twinflow": TwinFlowConfig,
@@ -392,6 +394,7 @@ METHODS: dict[str, type[MethodSection] | None] = {
     "copg": CopgConfig,
     "dparallel": DParallelConfig,
     "mend": MendConfig,
+    "feature_kd": FeatureKdConfig,
 }
 """Every training method by name: its section, or ``None`` (kd: the loss terms against the teacher; sft:
 cross-entropy on the data only, no teacher at training time). :mod:`stillroom.methods` implements each."""

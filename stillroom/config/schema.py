@@ -39,7 +39,9 @@ from stillroom.config.twinflow import TwinFlowConfig
 from stillroom.config.vlm import VlmConfig, check_vlm_run
 from stillroom.config.codsa import CodsaConfig, check_codsa_run
 from stillroom.config.generative import GenerativeConfig
-from stillroom.config.mae import DmaeConfig, MaeConfig, SelfDistillFptConfig
+from stillroom.config.mae import DmaeConfig, MaeConfig
+from stillroom.config.mlm import MlmConfig, SelfDistillFptSection
+from stillroom.config.pretrained_teacher import FeatureKdConfig
 from stillroom.config.clip import ClipConfig
 from stillroom.config.ogen import OgenConfig
 from stillroom.config.core import (
@@ -128,9 +130,15 @@ class RunConfig(Strict):
     unfused: UnfusedConfig | None = Field(None, description="Settings of method=unfused (classifier domain).")
     lelp: LelpConfig | None = Field(None, description="Settings of method=lelp (classifier domain; LELP subclasses).")
     dmae: DmaeConfig | None = Field(None, description="Settings of method=dmae (domain mae; DMAE feature distillation).")
-    self_distill_fpt: SelfDistillFptConfig | None = Field(
-        None, description="Settings of method=self_distill_fpt (domain mae; self-distillation for further pre-training).")
+    self_distill_fpt: SelfDistillFptSection | None = Field(
+        None, description="Settings of method=self_distill_fpt (domain mae or mlm; self-distillation for further "
+        "pre-training).")
+    feature_kd: FeatureKdConfig | None = Field(
+        None, description="Settings of method=feature_kd (classifier domain; feature distillation from a pretrained "
+        "teacher's pooled features beside the loss terms).")
     mae: MaeConfig | None = Field(None, description="Settings of domain=mae: MAE pre-training of a ViTMAE student.")
+    mlm: MlmConfig | None = Field(None, description="Settings of domain=mlm: masked-language-model (further) "
+                                  "pre-training of a BERT text encoder (MiniLM-L6 by default).")
     ogen: OgenConfig | None = Field(None, description="Settings of method=ogen (domain clip; prompt fine-tuning of a "
                                     "frozen CLIP with synthesised unknown features and local-mean-teacher "
                                     "self-distillation).")

@@ -11,9 +11,10 @@ from stillroom.domains.generative.prepare import GenerativeDomain
 from stillroom.domains.vision.mae_domain import MaeDomain
 from stillroom.domains.vl.clip_domain import ClipDomain
 from stillroom.domains.masked_diffusion.prepare import MaskedDiffusionDomain
+from stillroom.domains.text_encoder.prepare import MlmDomain
 
 DOMAINS: dict[str, Domain] = {d.name: d for d in (LmDomain(), ClassifierDomain(), MaeDomain(), GenerativeDomain(),
                                                         AutoregressiveDomain(), ClipDomain(),
-                                                        MaskedDiffusionDomain())}
+                                                        MaskedDiffusionDomain(), MlmDomain())}
 
 __all__ = ["DOMAINS", "Domain", "PreparedRun"]

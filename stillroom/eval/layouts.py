@@ -50,6 +50,16 @@ _MAE_COLUMNS = (
     ("steps", "steps", "int"),
 )
 
+_MLM_COLUMNS = (
+    ("mlm_loss", "MLM loss (held-out)", "f4"),
+    ("probe_accuracy", "linear probe", "pct"),
+    ("params", "params", "count"),
+    ("encoder_params", "encoder", "count"),
+    ("sequences_per_s", "enc sequences/s", "int"),
+    ("train_seconds", "train s", "f1"),
+    ("steps", "steps", "int"),
+)
+
 _GENERATIVE_COLUMNS = (
     ("swd_data", "SWD to data", "f4"),
     ("swd_teacher", "SWD to teacher", "f4"),
@@ -139,6 +149,8 @@ LAYOUTS: dict[str, ReportLayout] = {
                                marker="images_per_s"),
     "mae": ReportLayout(_MAE_COLUMNS, ("mae_loss", "probe_accuracy"), speed="images_per_s", ce_unit="",
                         marker="probe_accuracy"),
+    "mlm": ReportLayout(_MLM_COLUMNS, ("mlm_loss", "probe_accuracy"), speed="sequences_per_s", ce_unit="",
+                        marker="mlm_loss"),
     "generative": ReportLayout(_GENERATIVE_COLUMNS, (), speed="samples_per_s", ce_unit="",
                                plots=("samples.png",), marker="samples_per_s"),
     "autoregressive": ReportLayout(_AUTOREGRESSIVE_COLUMNS, (), speed="samples_per_s", ce_unit="", marker="joint_tv"),

@@ -17,6 +17,7 @@ from stillroom.methods import specvlm
 from stillroom.methods import copg
 from stillroom.methods import dparallel
 from stillroom.methods import mend
+from stillroom.methods import feature_kd
 from stillroom.methods.base import Method, MethodContext, MethodPlan, StepCounts
 
 KD = Method("kd", domains=None)
@@ -37,6 +38,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     copg.METHOD,
     dparallel.METHOD,
     mend.METHOD,
+    feature_kd.METHOD,
 )}
 
 __all__ = ["METHODS", "Method", "MethodContext", "MethodPlan", "StepCounts"]

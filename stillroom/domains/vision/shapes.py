@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from stillroom.config.domains import ShapesConfig
+from stillroom.config.shapes import ShapesConfig
 
 SUPERSAMPLE = 4
 """Each pixel is the mean of ``SUPERSAMPLE x SUPERSAMPLE`` samples of the shape's mask."""

@@ -27,6 +27,7 @@ from stillroom.data.batch import ExampleSampler
 from stillroom.data.seeds import derive_seed
 from stillroom.domains.vision.data import ImageSplits, check_teacher_fits, collate_images
 from stillroom.domains.vision.forward import ClassifierForward
+from stillroom.domains.vision.lite0_head import is_pretrained_folder, pretrained_teacher
 from stillroom.domains.vision.metrics import logits_of
 from stillroom.domains.vision.models import Classifier, arch_json, build_classifier, load_classifier, \
     write_classifier_files
@@ -69,7 +70,11 @@ def classifier_teacher(tc: ClassifierTeacherConfig, data: ImageSplits, *, heldou
                        log: Log) -> tuple[Classifier, str]:
     """``(teacher in eval mode on device, where it comes from)`` as ``tc`` says (see the module docstring).
     With several processes, process 0 trains a missing teacher while the others wait. ``tc.kind: clip``: a CLIP's
-    zero-shot classifier over the data set's class names (:mod:`stillroom.domains.vl.clip_teacher`)."""
+    zero-shot classifier over the data set's class names (:mod:`stillroom.domains.vl.clip_teacher`). ``tc.pretrained``
+    (or ``tc.path`` a folder it fitted): a pretrained backbone with a head fitted here (:mod:`.lite0_head`)."""
+    if tc.pretrained is not None or (tc.path is not None and is_pretrained_folder(tc.path)):  # a pretrained backbone
+        return pretrained_teacher(tc, data, heldout_fraction=heldout_fraction, cache_dir=cache_dir, device=device,
+                                  topology=topology, log=log)
     if tc.kind == "clip":
         from stillroom.domains.vl.clip_teacher import zero_shot_teacher
 

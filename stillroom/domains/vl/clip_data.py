@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from stillroom.config.clip import ClipConfig
-from stillroom.config.domains import ClassifierConfig, ShapesConfig
+from stillroom.config.domains import ClassifierConfig
+from stillroom.config.shapes import ShapesConfig
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from stillroom.config.domains import ClassifierConfig, ShapesConfig
+from stillroom.config.domains import ClassifierConfig
+from stillroom.config.shapes import ShapesConfig
 from stillroom.config.load import ConfigError, load_config
 from stillroom.domains.vision.data import build_image_splits
 from stillroom.domains.vision.shapes import SHAPES, _coverage, flip_labels, generate

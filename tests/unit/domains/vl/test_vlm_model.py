@@ -122,5 +122,6 @@ def test_vlm_section_rules():
         RunConfig(vlm={})
     with pytest.raises(ValueError, match="data.sources is set beside vlm.data"):
         RunConfig(**{**base, "vlm": {"data": {}}}, data={"sources": [{"path": "a.jsonl"}]})
-    with pytest.raises(ValueError, match="only the online teacher reads the images"):
-        RunConfig(**base, teacher={"source": "store"})
+    RunConfig(**base, teacher={"source": "store"})  # a store written by cache-teacher read the images
+    with pytest.raises(ValueError, match="teacher.source='remote' with a VLM"):
+        RunConfig(**base, teacher={"source": "remote", "remote": {"url": "http://127.0.0.1:1/v1", "model": "m"}})
