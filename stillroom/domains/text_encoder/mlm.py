@@ -17,7 +17,7 @@ logits, not ``[B, T, V]``); :func:`full_logits_mlm_loss` is the plain path it is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stillroom.data.seeds import derive_seed
-from stillroom.domains.vision.mae import StepClock
 from stillroom.losses import LossResult
+from stillroom.train.clocked import ClockedObjective, StepClock
 
 ENCODER_PREFIX = "bert."
 """Names of the encoder's weights in a ``BertForMaskedLM`` (the head's start with ``cls.``; the decoder matrix is
@@ -124,32 +124,15 @@ class MlmForward(nn.Module):
 
 
 @dataclass
-class MlmObjective:
+class MlmObjective(ClockedObjective):
     """The MLM loss alone (plain further pre-training; the baseline of ``self_distill_fpt``). ``extra``: more
     objective state a method adds (theta_0's anchors); the clock always comes along."""
 
     forward: MlmForward
-    extra: dict[str, nn.Module] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._state = nn.ModuleDict({"clock": self.forward.clock, **self.extra})
-
-    @property
-    def state(self) -> nn.Module:
-        return self._state
-
-    def signal(self, batch: Any) -> Any:
-        return None
 
     def loss(self, outputs: dict, batch: Any, signal: Any) -> LossResult:
         total, count = mlm_loss(outputs["logits"], outputs["targets"], outputs["rows"], len(batch.uids))
         return LossResult(total=total, count=count, parts={"mlm": float(total.detach())})
-
-    def after_step(self, per_target: dict[str, float], step: int, total_steps: int) -> None:
-        self.forward.clock.step.fill_(step + 1)
-
-    def metrics(self) -> dict[str, float]:
-        return {}
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +33,7 @@ from torch import nn
 from stillroom.data.seeds import derive_seed
 from stillroom.domains.vision.hf_models import PIXEL_MEAN, PIXEL_STD, _quiet
 from stillroom.losses import LossResult
+from stillroom.train.clocked import ClockedObjective, StepClock
 
 ENCODER_PREFIX = "vit."
 """Names of the encoder's weights in a ``ViTMAEForPreTraining`` (the decoder's start with ``decoder.``); a
@@ -122,15 +123,6 @@ def unmasked_noise(model: nn.Module, batch: int, device: torch.device) -> torch.
     return torch.arange(num_patches(model), dtype=torch.float32, device=device).expand(batch, -1)
 
 
-class StepClock(nn.Module):
-    """The optimizer step the next batch belongs to (a buffer: checkpointed with the objective, so a resumed run
-    draws the same masks)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-
-
 class MaeForward(nn.Module):
     """The player's forward: the batch's images (shifted when ``shift``) masked by :func:`mask_noise` at the
     clock's step; returns ``logits`` ``[B, N, p*p*C]``, ``mask`` ``[B, N]``, ``pixels`` ``[B, C, H, W]`` (the
@@ -160,22 +152,11 @@ class MaeForward(nn.Module):
 
 
 @dataclass
-class MaeObjective:
+class MaeObjective(ClockedObjective):
     """MAE loss alone (plain pre-training; the baseline of ``dmae`` / ``self_distill_fpt``). ``extra``: more
     objective state (projectors, ...) a method adds; the clock always comes along."""
 
     forward: MaeForward
-    extra: dict[str, nn.Module] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._state = nn.ModuleDict({"clock": self.forward.clock, **self.extra})
-
-    @property
-    def state(self) -> nn.Module:
-        return self._state
-
-    def signal(self, batch: Any) -> Any:
-        return None
 
     def mae_part(self, outputs: dict) -> tuple[torch.Tensor, int]:
         return mae_loss(self.forward.model, outputs["pixels"], outputs["logits"], outputs["mask"])
@@ -183,12 +164,6 @@ class MaeObjective:
     def loss(self, outputs: dict, batch: Any, signal: Any) -> LossResult:
         total, count = self.mae_part(outputs)
         return LossResult(total=total, count=count, parts={"mae": float(total.detach())})
-
-    def after_step(self, per_target: dict[str, float], step: int, total_steps: int) -> None:
-        self.forward.clock.step.fill_(step + 1)
-
-    def metrics(self) -> dict[str, float]:
-        return {}
 
 
 @torch.no_grad()
