@@ -4,7 +4,8 @@ Teacher: SmolLM2-135M-Instruct (30 layers, V = 49152). Student: the 10 layers de
 Data: bundled prose, ``--seq``-token blocks; the stores cover the first ``--train-seqs`` training blocks.
 For each variant (``online`` or ``k<K>/<logprob_dtype>``, e.g. ``k16/int8``; ``k16/int8-f32scale`` is the
 int8 mode with the pre-float16 float32 scales; ``k32/sampled`` is a sampled store, ``teacher.store.signal:
-sampled``: 32 tokens drawn per position, their frequencies the target, from its own teacher pass):
+sampled``: 32 tokens drawn per position, their frequencies the target, from its own teacher pass;
+``k8/int8+t16`` is ``signal: topk_sampled``: the top 8 as ``k8/int8`` plus 16 draws outside them):
 
 1. a real store folder is written with :func:`write_store` (one teacher pass, top-``max k`` kept, sliced
    exactly for each k) and its bytes per position are the shard files' bytes over the covered positions;
@@ -59,10 +60,16 @@ DEFAULT_VARIANTS = ("online,k16/int8,k32/int8,k8/int8,k24/int8,k16/int8@1,k16/fl
 SETTINGS = ("steps", "train_seqs", "heldout", "seq", "batch", "lr", "warmup", "precision")
 
 
+def tail_draws(name: str) -> int:
+    """``"k8/int8+t16"`` -> 16 (a ``topk_sampled`` store: the top 8 and 16 draws outside it); 0 otherwise."""
+    return int(name.split("+t")[1]) if "+t" in name else 0
+
+
 def parse_variant(name: str) -> tuple[int, str, str | None]:
-    """``"k16/int8"`` -> ``(16, "int8", None)``; ``"k16/int8-f32scale"`` -> ``(16, "int8", "float32")``."""
+    """``"k16/int8"`` -> ``(16, "int8", None)``; ``"k16/int8-f32scale"`` -> ``(16, "int8", "float32")``;
+    ``"k8/int8+t16"`` -> ``(8, "int8", None)`` (its draws: :func:`tail_draws`)."""
     try:
-        k_part, dtype = name.split("/")
+        k_part, dtype = name.split("+t")[0].split("/")
         scale = None
         if dtype.endswith("-f32scale"):
             dtype, scale = dtype[: -len("-f32scale")], "float32"
@@ -198,17 +205,20 @@ def main() -> None:
     store_variants = [v for v in variants if v != "online"]
     tmp_root = Path(args.store_dir or tempfile.mkdtemp(prefix="stillroom-store-size-"))
     stores: dict[str, Path] = {}
-    for v in [v for v in store_variants if parse_variant(v)[1] == "sampled"]:
-        k = parse_variant(v)[0]
+    drawn = [v for v in store_variants if parse_variant(v)[1] == "sampled" or tail_draws(v)]
+    for v in drawn:
+        k, dtype, _ = parse_variant(v)
+        signal, draws = ("topk_sampled", tail_draws(v)) if tail_draws(v) else ("sampled", 0)
         header = make_header(train, teacher_identity=identity, tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab,
-                             k=k, loss_temperature=1.0, logprob_dtype="float16", shard_tokens=8192, signal="sampled")
+                             k=k, loss_temperature=1.0, logprob_dtype="float16" if signal == "sampled" else dtype,
+                             shard_tokens=8192, signal=signal, tail_draws=draws)
         compute = model_compute(teacher, k=k, loss_temperature=1.0, vocab_size=vocab, pad_id=pad,
-                                batch_size=args.batch, signal="sampled")
+                                batch_size=args.batch, signal=signal, tail_draws=draws)
         m = write_store(tmp_root / v.replace("/", "_"), header, train, compute, overwrite=True, log=lambda s: None)
         stores[v] = tmp_root / v.replace("/", "_")
         results["sizes"][v] = {"bytes_per_position": m["store_bytes"] / m["tokens"], "store_bytes": m["store_bytes"],
                                "positions": m["tokens"]}
-    store_variants = [v for v in store_variants if parse_variant(v)[1] != "sampled"]
+    store_variants = [v for v in store_variants if v not in drawn]
     if store_variants:
         kmax = max(parse_variant(v)[0] for v in store_variants)
         t0 = time.perf_counter()

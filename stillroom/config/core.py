@@ -106,10 +106,13 @@ class StoreConfig(Strict):
     )
     k: int = Field(64, ge=1, description="Top-k token log-probabilities kept per position (signal: sampled: tokens "
                    "drawn per position).")
-    signal: Literal["topk", "sampled"] = Field(
+    signal: Literal["topk", "sampled", "topk_sampled"] = Field(
         "topk", description="topk: the teacher's k most likely tokens with their log-probabilities and the tail "
-        "mass; sampled: k tokens drawn from the teacher (with replacement), their frequencies its distribution: "
-        "2k bytes per position, unbiased for forward_kl and soft_ce only (docs/STORE.md, 'Sampled stores').")
+        "mass; sampled: k tokens drawn from the teacher (with replacement), their frequencies its distribution "
+        "(2k bytes per position); topk_sampled: the top k exactly plus `tail_draws` tokens drawn outside it. The "
+        "sampled signals are unbiased for forward_kl and soft_ce only (docs/STORE.md, 'Sampled stores').")
+    tail_draws: int = Field(16, ge=1, description="signal: topk_sampled: tokens drawn per position from the "
+                            "teacher renormalised outside its top k.")
     logprob_dtype: Literal["float16", "bfloat16", "int8", "int4", "float32"] = Field(
         "float16",
         description="Storage type of the top-k log-probabilities: float16/bfloat16 (2 bytes), int8 (8-bit codes "

@@ -63,7 +63,8 @@ def cache_teacher(cfg: RunConfig, *, overwrite: bool = False, log: Log = print) 
         header, examples, compute, lengths = _token_plan(cfg, prep, method, settings)
         log(f"caching the teacher into {folder}: {header.sequences} sequences, {header.tokens} positions, "
             f"{header.num_shards} shard(s), k={header.k}, "
-            + ("sampled tokens" if header.signal == "sampled" else header.logprob_dtype))
+            + {"sampled": "sampled tokens", "topk_sampled": f"{header.logprob_dtype} + {header.tail_draws} tail draws"}
+            .get(header.signal, header.logprob_dtype))
     write_store(folder, header, examples, compute, overwrite=overwrite, log=log, lengths=lengths)
     log(soft_labels.ImageSoftLabels(folder).summary() if cfg.domain == "classifier" else _token_summary(folder))
     return folder
@@ -86,11 +87,12 @@ def _token_plan(cfg: RunConfig, prep, method, settings: dict):
         vocab_size=prep.vocab_size, k=k, loss_temperature=cfg.loss.loss_temperature,
         logprob_dtype=logprob_dtype, hidden_layers=layers,
         hidden_size=getattr(getattr(prep.teacher_model, "config", None), "hidden_size", None),
-        shard_tokens=shard_tokens, signal=sc.signal,
+        shard_tokens=shard_tokens, signal=sc.signal, tail_draws=sc.tail_draws,
     )
     compute = model_compute(prep.teacher_model, k=k, loss_temperature=cfg.loss.loss_temperature,
                             vocab_size=prep.vocab_size, pad_id=prep.tokenizer.pad_token_id, hidden_layers=layers,
-                            batch_size=sc.cache_batch_size or cfg.train.micro_batch_size, signal=sc.signal)
+                            batch_size=sc.cache_batch_size or cfg.train.micro_batch_size, signal=sc.signal,
+                            tail_draws=sc.tail_draws)
     return header, examples, compute, None
 
 

@@ -85,7 +85,8 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
                                    k=settings["k"], loss_temperature=cfg.loss.loss_temperature,
                                    logprob_dtype=settings["logprob_dtype"], signal=sc.signal)
         reader.check_run(expected, hidden_layers=hidden_layers)
-        kind = "sampled tokens" if reader.signal == "sampled" else reader.manifest["logprob_dtype"]
+        kind = {"sampled": "sampled tokens", "topk_sampled": f"{reader.manifest['logprob_dtype']} + "
+                f"{reader.manifest.get('tail_draws')} tail draws"}.get(reader.signal, reader.manifest["logprob_dtype"])
         log(f"{where}: store {reader.folder} (k={reader.k}, {kind}, "
             f"{reader.manifest['tokens']} positions){taken_note(f'{where}.store', taken)}")
         return StoreTeacher(reader, fingerprint=fingerprint, hidden_layers=hidden_layers, output_device=output_device)

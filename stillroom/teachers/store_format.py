@@ -59,7 +59,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 LOGPROB_DTYPES = ("float16", "bfloat16", "float32", "int8", "int4")
-SIGNALS = ("topk", "sampled")
+SIGNALS = ("topk", "sampled", "topk_sampled")
 
 
 class StoreError(RuntimeError):
@@ -186,6 +186,8 @@ class StoreHeader:
     student_tokenizer_hash: str = ""
     """``cross`` stores: the hash of the student's tokenizer, whose sequences the teacher read (else empty)."""
     signal: str = "topk"
+    tail_draws: int = 0
+    """``topk_sampled``: draws per position from the teacher outside its top k (``tail_ids [N, tail_draws]``)."""
     """``sampled``: ``topk_ids`` holds k draws from the teacher per position, sorted, and no log-probs or tail
     (:mod:`~stillroom.teachers.store_sampled`). A manifest without it: ``topk``."""
 
@@ -333,7 +335,9 @@ def encode_rows(rows: list[SequenceSignal], header: StoreHeader) -> dict[str, to
     lp = torch.cat([r.topk_logprobs_tk.reshape(-1, k) for r in rows]).float()
     tail = torch.cat([r.tail_logmass_t.reshape(-1) for r in rows]).float()
     out = {"offsets": lengths.cumsum(0), "topk_ids": ids.to(torch_dtype(header.id_dtype)).contiguous()}
-    if header.signal == "topk":  # a sampled store's draws are its signal: no log-probs, no tail
+    if header.signal == "topk_sampled":  # the head as a topk store, the tail's draws beside it
+        out["tail_ids"] = torch.cat([r.extra["tail_ids"] for r in rows]).to(torch_dtype(header.id_dtype)).contiguous()
+    if header.signal != "sampled":  # a sampled store's draws are its signal: no log-probs, no tail
         if header.logprob_dtype in LEVELS:
             out.update(encode_logprobs(lp, header.logprob_dtype, header.scale_dtype))
         else:
@@ -344,7 +348,7 @@ def encode_rows(rows: list[SequenceSignal], header: StoreHeader) -> dict[str, to
         if h.shape[-1] != header.hidden_size:
             raise StoreError(f"hidden layer {layer}: width {h.shape[-1]} is not hidden_size={header.hidden_size}")
         out[f"hidden.{layer}"] = h.to(torch_dtype(header.hidden_dtype)).contiguous()
-    for name in sorted(rows[0].extra):
+    for name in sorted(set(rows[0].extra) - {"tail_ids"}):
         if name in out or any(name not in r.extra or r.extra[name].shape[:1] != (r.length,) for r in rows):
             raise StoreError(f"extra tensor {name!r}: every sequence needs one row per position (and a name that is "
                              "not a top-k or hidden tensor)")

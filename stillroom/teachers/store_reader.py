@@ -36,7 +36,7 @@ from stillroom.teachers.store_format import (
     sha256_bytes,
     sha256_file,
 )
-from stillroom.teachers.store_sampled import frequencies
+from stillroom.teachers.store_sampled import frequencies, with_tail_draws
 
 # Fields a run must agree on with the store (in the order they are reported).
 RUN_FIELDS = ("tokenizer_mode", "tokenizer_hash", "student_tokenizer_hash", "vocab_size", "teacher",
@@ -66,8 +66,8 @@ _HINTS = {
     "teacher": "the store was written by another teacher (or the same one in another teacher.dtype)",
     "data_fingerprint": "the store covers other training data (data.sources, seq_len, pack, limit, "
     "heldout_fraction or the tokenizer changed)",
-    "signal": "teacher.store.signal differs from the store's (topk: top-k log-probs; sampled: drawn tokens); set "
-    "it to the store's",
+    "signal": "teacher.store.signal differs from the store's (topk: top-k log-probs; sampled: drawn tokens; "
+    "topk_sampled: both); set it to the store's",
     "k": "teacher.store.k differs from the store's k (leave it unset to use the store's)",
     "loss_temperature": "top-k log-probs cannot be re-tempered: loss.loss_temperature must equal the store's",
     "logprob_dtype": "teacher.store.logprob_dtype differs from the store's (leave it unset to use the store's)",
@@ -89,6 +89,8 @@ class StoreReader:
         self.vocab_size = int(m["vocab_size"])
         self.temperature = float(m["loss_temperature"])
         self.signal = m.get("signal", "topk")
+        self.width = self.k + int(m.get("tail_draws") or 0)
+        """Slots per position a read gives: k, plus the tail's draws of a ``topk_sampled`` store."""
         self.hidden_layers = [int(i) for i in m.get("hidden_layers", [])]
         self.shards = sorted(m["shards"], key=lambda e: e["index"])
         if [e["index"] for e in self.shards] != list(range(int(m["num_shards"]))):
@@ -190,6 +192,8 @@ class StoreReader:
         tensors, lo, hi = self.locate(uid)
         ids = tensors["topk_ids"][lo:hi].long()
         lp, tail = frequencies(ids) if self.signal == "sampled" else decode_logprobs(tensors, lo, hi)
+        if self.signal == "topk_sampled":
+            ids, lp, tail = with_tail_draws(ids, lp, tail, tensors["tail_ids"][lo:hi].long())
         hidden = {i: tensors[f"hidden.{i}"][lo:hi].float() for i in self.hidden_layers}
         return ids, lp, tail, hidden
 
@@ -200,7 +204,8 @@ class StoreReader:
                 f"{m['num_shards']} shard(s), {m['store_bytes'] / 2**20:.1f} MiB ({bpt:.1f} bytes/position); "
                 + (f"{m['k']} tokens drawn per position from V={m['vocab_size']} at T={m['loss_temperature']}, "
                    if self.signal == "sampled" else
-                   f"k={m['k']} of V={m['vocab_size']}, {m['logprob_dtype']} log-probs at T={m['loss_temperature']}, ")
+                   f"k={m['k']} of V={m['vocab_size']}, {m['logprob_dtype']} log-probs at T={m['loss_temperature']}, "
+                   + (f"{m['tail_draws']} tail tokens drawn per position, " if self.signal == "topk_sampled" else ""))
                 + 
                 f"hidden layers {m['hidden_layers'] or 'none'}; teacher {m['teacher']['identity']}"
                 + ("; teacher positions of the student's text (tokenizer_mode cross)"
@@ -225,7 +230,7 @@ class StoreTeacher:
 
     def signal(self, batch: Batch) -> TeacherSignal:
         bsz, width = batch.input_ids.shape
-        k = self.reader.k
+        k = self.reader.width
         lengths = batch.attention_mask.sum(-1).tolist()
         ids_btk = torch.arange(k, dtype=torch.long).remainder(self.reader.vocab_size).expand(bsz, width, k).clone()
         lp_btk = torch.full((bsz, width, k), -math.log(k), dtype=torch.float32)

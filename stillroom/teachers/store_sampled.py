@@ -15,6 +15,10 @@ log-probabilities, no tail. Reading turns each row into top-k-shaped tensors the
 the first slot of each distinct id holds ``log(count / k)``, its repeats and the tail ``-inf`` (zero mass,
 which every divergence kernel skips).
 
+``topk_sampled`` keeps the teacher's top ``k`` exactly (as a ``topk`` store) and estimates only the tail with
+``tail_draws`` draws from the teacher renormalised outside the top k (:func:`draw_tail`, :func:`with_tail_draws`):
+the head carries most of the mass without variance.
+
 Draws are seeded per sequence (:func:`sequence_generator`), so a resumed store is byte-identical.
 """
 
@@ -53,3 +57,28 @@ def frequencies(ids_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     repeat[:, 1:] = ids_nk[:, 1:] == ids_nk[:, :-1]
     logprobs = (counts / k).log().masked_fill(repeat, NEG_INF)
     return logprobs, torch.full((n,), NEG_INF, device=ids_nk.device)
+
+
+def draw_tail(logits_tv: torch.Tensor, head_ids_tk: torch.Tensor, draws: int, loss_temperature: float,
+              generator: torch.Generator) -> torch.Tensor:
+    """``[T, draws]`` int64 ids drawn with replacement from the teacher's distribution renormalised outside its
+    head ``head_ids_tk`` (the ``topk_sampled`` signal: the head is kept exactly, the tail estimated), sorted.
+    A row whose tail holds no fp32 mass draws its first non-head token (its tail mass is then 0 anyway)."""
+    probs = torch.softmax(logits_tv.detach().float().cpu() / loss_temperature, dim=-1)
+    rest = probs.scatter(-1, head_ids_tk.long().cpu(), 0.0)
+    empty = rest.sum(-1) <= 0
+    if bool(empty.any()):
+        free = torch.ones_like(rest).scatter(-1, head_ids_tk.long().cpu(), 0.0)
+        rest[empty] = torch.zeros_like(rest[empty]).scatter(-1, free[empty].argmax(-1, keepdim=True), 1.0)
+    return torch.multinomial(rest, draws, replacement=True, generator=generator).sort(dim=-1).values
+
+
+def with_tail_draws(ids_nk: torch.Tensor, logprobs_nk: torch.Tensor, tail_n: torch.Tensor,
+                    draws_nd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The head's ``k`` bins plus the tail's mass spread over its draws: ``(ids [n, k + d], log-probs [n, k + d],
+    tail [n] = -inf)``; a drawn id's log-prob is ``tail + log(count / d)`` on its first slot, ``-inf`` on repeats.
+    ``E[]`` over the draws of the tail part is the exact tail distribution, so terms linear in the teacher's
+    distribution stay unbiased with the head exact."""
+    drawn_lp, _ = frequencies(draws_nd)
+    return (torch.cat([ids_nk, draws_nd], dim=1), torch.cat([logprobs_nk, tail_n[:, None] + drawn_lp], dim=1),
+            torch.full_like(tail_n, NEG_INF))

@@ -49,7 +49,7 @@ from stillroom.teachers.store_format import (
     shard_name,
     write_json_atomic,
 )
-from stillroom.teachers.store_sampled import draw_tokens, sequence_generator
+from stillroom.teachers.store_sampled import draw_tail, draw_tokens, sequence_generator
 
 Compute = Callable[[list[Example]], list[SequenceSignal]]
 
@@ -74,7 +74,7 @@ def make_header(
     examples: list[Example], *, teacher_identity: str, tokenizer_hash: str, vocab_size: int, k: int,
     loss_temperature: float, logprob_dtype: str, hidden_layers: list[int] | None = None,
     hidden_size: int | None = None, shard_tokens: int = 262144, tokenizer_mode: str = "same",
-    student_tokenizer_hash: str = "", signal: str = "topk",
+    student_tokenizer_hash: str = "", signal: str = "topk", tail_draws: int = 0,
 ) -> StoreHeader:
     """The header of a store of ``examples`` (the training split, in order; a ``cross`` store: the student's
     sequences in the teacher's tokens, :func:`stillroom.teachers.store_cross.cross_store_examples`)."""
@@ -89,6 +89,7 @@ def make_header(
         sequences=len(examples), tokens=sum(lengths), target_tokens=sum(sum(e.target[1:]) for e in examples),
         text_bytes=sum(e.n_bytes for e in examples), num_shards=len(plan_shards(lengths, shard_tokens)),
         tokenizer_mode=tokenizer_mode, student_tokenizer_hash=student_tokenizer_hash, signal=signal,
+        tail_draws=tail_draws if signal == "topk_sampled" else 0,
     )
 
 
@@ -278,9 +279,11 @@ def topk_signal(logits_tv: torch.Tensor, k: int, loss_temperature: float) -> tup
 
 
 def model_compute(model: torch.nn.Module, *, k: int, loss_temperature: float, vocab_size: int, pad_id: int,
-                  hidden_layers: list[int] | None = None, batch_size: int = 8, signal: str = "topk") -> Compute:
+                  hidden_layers: list[int] | None = None, batch_size: int = 8, signal: str = "topk",
+                  tail_draws: int = 0) -> Compute:
     """A :data:`Compute` callback running an in-process HF causal LM (no grad), ``batch_size`` sequences at a time.
-    ``signal: sampled``: ``k`` draws per position instead of the top k (seeded per sequence uid)."""
+    ``signal: sampled``: ``k`` draws per position instead of the top k; ``topk_sampled``: the top k and
+    ``tail_draws`` draws outside it (draws seeded per sequence uid)."""
     from stillroom.data.batch import collate
 
     device = next(model.parameters()).device
@@ -301,8 +304,10 @@ def model_compute(model: torch.nn.Module, *, k: int, loss_temperature: float, vo
                     lp, tail = torch.zeros(ids.shape), torch.zeros(n)  # not stored: the draws are the signal
                 else:
                     ids, lp, tail = topk_signal(logits[b, :n].cpu(), k, loss_temperature)
+                extra = {} if signal != "topk_sampled" else {"tail_ids": draw_tail(
+                    logits[b, :n], ids, tail_draws, loss_temperature, sequence_generator(0, ex.uid))}
                 hidden = {i: out.hidden_states[i][b, :n].cpu() for i in layers}
-                out_rows.append(SequenceSignal(ex.uid, ids, lp, tail, hidden))
+                out_rows.append(SequenceSignal(ex.uid, ids, lp, tail, hidden, extra))
         return out_rows
 
     return compute

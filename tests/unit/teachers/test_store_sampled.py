@@ -114,7 +114,60 @@ def _cfg(**over) -> dict:
 def test_terms_that_are_not_linear_in_the_teacher_are_refused_with_a_sampled_store():
     RunConfig.model_validate(_cfg())
     RunConfig.model_validate(_cfg(**{"loss.terms": [{"name": "soft_ce"}]}))
-    with pytest.raises(ValueError, match="reverse_kl with teacher.store.signal=sampled.*forward_kl, soft_ce"):
+    with pytest.raises(ValueError, match="reverse_kl with a sampled teacher.store.signal.*forward_kl, soft_ce"):
         RunConfig.model_validate(_cfg(**{"loss.terms": [{"name": "forward_kl"}, {"name": "reverse_kl"}]}))
     # an online run ignores the store section
     RunConfig.model_validate(_cfg(**{"teacher.source": "online", "loss.terms": [{"name": "jsd"}]}))
+
+
+def test_tail_draws_come_from_outside_the_head_and_carry_the_tail_mass_unbiased():
+    from stillroom.teachers.store_sampled import draw_tail, with_tail_draws
+    from stillroom.teachers.store_writer import topk_signal
+
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(3000, 1)
+    ids, lp, tail = topk_signal(logits, 2, 1.0)
+    draws = draw_tail(logits, ids, 8, 1.0, sequence_generator(0, "t"))
+    assert not bool(torch.isin(draws, ids[0]).any()) and bool((draws[:, 1:] >= draws[:, :-1]).all())
+    all_ids, all_lp, rest = with_tail_draws(ids, lp, tail, draws)
+    assert all_ids.shape == (3000, 10) and torch.isneginf(rest).all()
+    torch.testing.assert_close(all_lp.exp().sum(1), torch.ones(3000), rtol=1e-5, atol=1e-5)
+    p_hat = torch.zeros(3000, 6).scatter_add_(1, all_ids, all_lp.exp()).mean(0)  # E over draws: the teacher
+    torch.testing.assert_close(p_hat, torch.softmax(logits[0], -1), atol=0.005, rtol=0)
+    torch.testing.assert_close(p_hat[:2], torch.softmax(logits[0], -1)[:2])  # the head is exact, every row
+
+
+def test_a_topk_sampled_store_reads_back_the_head_and_the_drawn_tail(tmp_path):
+    from safetensors.torch import load_file
+
+    from stillroom.teachers.store_sampled import draw_tail, with_tail_draws
+    from stillroom.teachers.store_writer import topk_signal
+
+    exs, teacher = examples(8), FakeTeacher()
+
+    def compute(batch):
+        rows = []
+        for e in batch:
+            logits = teacher.logits(e.input_ids)
+            ids, lp, tail = topk_signal(logits, 4, 1.0)
+            draws = draw_tail(logits, ids, 6, 1.0, sequence_generator(0, e.uid))
+            rows.append(SequenceSignal(e.uid, ids, lp, tail, extra={"tail_ids": draws}))
+        return rows
+
+    header = make_header(exs, teacher_identity="fake", tokenizer_hash="h", vocab_size=V, k=4, loss_temperature=1.0,
+                         logprob_dtype="float32", shard_tokens=100000, signal="topk_sampled", tail_draws=6)
+    manifest = write_store(tmp_path / "s", header, exs, compute, log=lambda _m: None)
+    shard = load_file(str(tmp_path / "s" / manifest["shards"][0]["file"]))
+    assert shard["tail_ids"].shape == (manifest["tokens"], 6) and shard["tail_ids"].element_size() == 2
+    reader = StoreReader(tmp_path / "s")
+    ids, lp, tail, _ = reader.sequence(exs[2].uid)
+    row = compute([exs[2]])[0]
+    want = with_tail_draws(row.topk_ids_tk, row.topk_logprobs_tk, row.tail_logmass_t, row.extra["tail_ids"])
+    torch.testing.assert_close((ids, lp, tail), want, rtol=1e-5, atol=1e-5)
+    assert "6 tail tokens drawn per position" in reader.summary()
+    from stillroom.data.batch import collate
+    from stillroom.teachers.store_reader import StoreTeacher
+
+    signal = StoreTeacher(reader).signal(collate(exs[:3], 0))  # a batch's rows carry the head and the draws
+    assert signal.topk_ids_btk.shape[-1] == 10
+    n = len(exs[1].input_ids)
+    torch.testing.assert_close(signal.topk_logprobs_btk[1, :n], reader.sequence(exs[1].uid)[1])
