@@ -11,8 +11,6 @@ head (a run's ``student/``) is loaded as it is.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from torch import nn
 from stillroom.config.mlm import BUILTIN_MINILM, MlmArch
 from stillroom.domains.vision.hf_models import _quiet
 from stillroom.domains.vl.clip_model import MINILM_PIP
+from stillroom.files import write_folder_atomic
 
 
 def minilm_folder(where: str) -> Path:
@@ -141,15 +140,9 @@ def to_sequence_classifier(model: nn.Module, classes: list[str], *, seed: int) -
 
 def save_folder(model: nn.Module, tokenizer, folder: Path) -> None:
     """``save_pretrained`` of the model and its tokenizer into ``folder``, written beside it and renamed into place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet():
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    for path in tmp.iterdir():
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    def write(tmp: Path) -> None:
+        with _quiet():
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+    write_folder_atomic(folder, write)

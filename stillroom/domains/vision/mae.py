@@ -19,8 +19,6 @@ masked patches, so ``sum / count`` is HF's batch mean exactly.
 
 from __future__ import annotations
 
-import os
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stillroom.data.seeds import derive_seed
+from stillroom.files import write_folder_atomic
 from stillroom.domains.vision.hf_models import PIXEL_MEAN, PIXEL_STD, _quiet
 from stillroom.losses import LossResult
 from stillroom.train.clocked import ClockedObjective, StepClock
@@ -187,17 +186,11 @@ def heldout_mae_loss(model: nn.Module, examples: list, seed: int, batch_size: in
 def save_mae(model: nn.Module, folder: Path) -> None:
     """``save_pretrained`` (``config.json`` + ``model.safetensors``) into ``folder``, written beside it and renamed
     into place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet():
-        model.save_pretrained(tmp, safe_serialization=True)
-    for path in tmp.iterdir():
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    def write(tmp: Path) -> None:
+        with _quiet():
+            model.save_pretrained(tmp, safe_serialization=True)
+
+    write_folder_atomic(folder, write)
 
 
 def load_mae(folder: Path | str, where: str) -> nn.Module:
