@@ -119,15 +119,10 @@ def head_key(p: PretrainedTeacherConfig, data: ImageSplits, heldout_fraction: fl
 
 def labelled(train: list[ImageExample], per_class: int | None) -> list[ImageExample]:
     """The first ``per_class`` training images of each class, in data order (all when ``None``)."""
-    if per_class is None:
-        return list(train)
-    seen: dict[int, int] = {}
-    out = []
-    for e in train:
-        if seen.get(e.label, 0) < per_class:
-            seen[e.label] = seen.get(e.label, 0) + 1
-            out.append(e)
-    return out
+    from stillroom.domains.vision.datasets import first_per_class
+
+    labels = torch.tensor([e.label for e in train], dtype=torch.long)
+    return [train[i] for i in first_per_class(labels, torch.arange(len(train)), per_class).tolist()]
 
 
 @torch.no_grad()

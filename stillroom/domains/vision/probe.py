@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from stillroom.config.domains import ClassifierArch
+from stillroom.domains.vision.datasets import first_per_class
 from stillroom.domains.vision.hf_models import HFClassifier, build_hf_classifier
 from stillroom.domains.vision.mae import ENCODER_PREFIX, encode_unmasked
 
@@ -38,13 +39,6 @@ def encoder_features(model: nn.Module, images_nchw: torch.Tensor, batch_size: in
     return torch.cat(out)
 
 
-def _per_class(labels: np.ndarray, cap: int | None) -> np.ndarray:
-    """Indices of the first ``cap`` examples of every class (all with ``cap = None``)."""
-    if cap is None:
-        return np.arange(len(labels))
-    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:cap] for c in np.unique(labels)]))
-
-
 def linear_probe(model: nn.Module, train: list, heldout: list, *, c: float = 1.0, max_iter: int = 1000,
                  images_per_class: int | None = None, batch_size: int = 256) -> float:
     """Held-out accuracy of a logistic regression on frozen :func:`encoder_features` of ``train`` (examples with
@@ -52,7 +46,7 @@ def linear_probe(model: nn.Module, train: list, heldout: list, *, c: float = 1.0
     from sklearn.linear_model import LogisticRegression
 
     y_train = np.array([e.label for e in train])
-    keep = _per_class(y_train, images_per_class)
+    keep = first_per_class(torch.from_numpy(y_train).long(), torch.arange(len(train)), images_per_class).numpy()
     x_train = encoder_features(model, torch.stack([train[i].image for i in keep]), batch_size).numpy()
     x_held = encoder_features(model, torch.stack([e.image for e in heldout]), batch_size).numpy()
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
