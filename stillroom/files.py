@@ -30,6 +30,7 @@ def write_folder_atomic(folder: Path, write) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     write(tmp)
     for path in tmp.rglob("*"):
         if path.is_file():

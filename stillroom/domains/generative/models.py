@@ -15,8 +15,6 @@ and the weights as safetensors; it is written atomically.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from stillroom.domains.generative.denoiser import Denoiser, MlpDenoiser  # noqa:
 from stillroom.domains.generative.unet import UNetDenoiser
 from stillroom.domains.generative.twinflow_model import TwinFlowDenoiser
 from stillroom.domains.generative.routed import with_routed
+from stillroom.files import write_folder_atomic
 
 DENOISER_FILE = "denoiser.json"
 
@@ -47,14 +46,7 @@ def write_denoiser_files(model: Denoiser, folder: Path, extra: dict | None = Non
 
 def save_denoiser(model: Denoiser, folder: Path, extra: dict | None = None) -> None:
     """``model`` as a folder, written into a temporary folder beside it and renamed into place."""
-    folder = Path(folder)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_denoiser_files(model, tmp, extra)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    write_folder_atomic(folder, lambda tmp: write_denoiser_files(model, tmp, extra))
 
 
 def read_denoiser_info(folder: Path, where: str) -> dict:

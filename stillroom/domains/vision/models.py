@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from stillroom.config.domains import ClassifierArch
 from stillroom.domains.vision.hf_models import (
     HF_FORMAT, HF_KINDS, HFClassifier, build_hf_classifier, check_fits, load_hf_classifier, write_hf_classifier_files,
 )
+from stillroom.files import write_folder_atomic
 
 FORMAT = "stillroom-classifier/1"
 WEIGHTS = "model.safetensors"
@@ -101,17 +101,9 @@ def build_classifier(arch: ClassifierArch, in_shape: tuple[int, int, int], num_c
 
 
 def save_classifier(model: AnyClassifier, folder: Path, *, extra: dict | None = None) -> None:
-    """Write ``model`` as ``folder/{model.safetensors, config.json}``: into ``<folder>.tmp``, then renamed into
-    place (a reader never sees half a folder). ``extra``: more ``config.json`` fields (e.g. class names)."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write_classifier_files(model, tmp, extra=extra)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    """Write ``model`` as ``folder/{model.safetensors, config.json}``: into a temporary folder beside it, then
+    renamed into place (a reader never sees half a folder). ``extra``: more ``config.json`` fields (e.g. class names)."""
+    write_folder_atomic(folder, lambda tmp: write_classifier_files(model, tmp, extra=extra))
 
 
 def write_classifier_files(model: AnyClassifier, folder: Path, *, extra: dict | None = None) -> None:

@@ -15,14 +15,14 @@ caption's tokens (as the sentence encoder was trained to be used), recorded as `
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stillroom.files import write_folder_atomic
 
 PREPROCESSOR = "preprocessor_config.json"
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -208,17 +208,14 @@ def image_normalisation(folder: Path, kind: str) -> tuple[list[float], list[floa
 
 def save_image_text(model: ImageTextModel, folder: Path) -> None:
     """The model, its tokenizer and ``preprocessor_config.json`` as one folder, written atomically."""
-    folder = Path(folder)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.model.save_pretrained(str(tmp))
-    model.tokenizer.save_pretrained(str(tmp))
     pre = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "do_center_crop": False,
            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
            "size": {"height": model.image_size, "width": model.image_size},
            "image_mean": model.mean_c.flatten().tolist(), "image_std": model.std_c.flatten().tolist()}
-    (tmp / PREPROCESSOR).write_text(json.dumps(pre, indent=2) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+
+    def write(tmp: Path) -> None:
+        model.model.save_pretrained(str(tmp))
+        model.tokenizer.save_pretrained(str(tmp))
+        (tmp / PREPROCESSOR).write_text(json.dumps(pre, indent=2) + "\n")
+
+    write_folder_atomic(folder, write)

@@ -43,7 +43,7 @@ def test_hf_folder_loads_with_transformers_alone(tmp_path, kind):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["stillroom"]["arch"] == arch_json(model.arch) and config["stillroom"]["in_shape"] == [1, 8, 8]
     save_classifier(loaded, tmp_path / "m")  # overwrites in place
-    assert not list(tmp_path.glob("m.tmp-*")) and not (tmp_path / "m" / ".hf-save").exists()
+    assert not list(tmp_path.glob(".tmp-m-*")) and not (tmp_path / "m" / ".hf-save").exists()
 
 
 def test_builds_are_seeded():

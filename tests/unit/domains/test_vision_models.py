@@ -28,7 +28,7 @@ def test_save_load_round_trip(tmp_path, arch):
     assert not loaded.training
     assert torch.equal(loaded(x), model(x))
     save_classifier(loaded, tmp_path / "m")  # overwrites in place, atomically
-    assert not list(tmp_path.glob("m.tmp-*"))
+    assert not list(tmp_path.glob(".tmp-m-*"))
 
 
 def test_builds_are_seeded_and_leave_the_global_rng_alone():
