@@ -118,6 +118,21 @@ def test_terms_that_are_not_linear_in_the_teacher_are_refused_with_a_sampled_sto
         RunConfig.model_validate(_cfg(**{"loss.terms": [{"name": "forward_kl"}, {"name": "reverse_kl"}]}))
     # an online run ignores the store section
     RunConfig.model_validate(_cfg(**{"teacher.source": "online", "loss.terms": [{"name": "jsd"}]}))
+    # a topk_sampled store is checked alike, and so is an ensemble member reading one
+    with pytest.raises(ValueError, match="jsd with a sampled teacher.store.signal"):
+        RunConfig.model_validate(_cfg(**{"teacher.store": {"signal": "topk_sampled"}, "loss.terms": [{"name": "jsd"}]}))
+    member = {"model": {"path": "t"}, "source": "store", "store": {"path": "s1", "signal": "sampled"}}
+    with pytest.raises(ValueError, match="reverse_kl with a sampled teacher.store.signal"):
+        RunConfig.model_validate(_cfg(**{"teacher.source": "ensemble", "teacher.ensemble": [member, member],
+                                         "teacher.store": {}, "loss.terms": [{"name": "reverse_kl"}]}))
+
+
+def test_a_cross_tokenizer_run_refuses_a_sampled_store():
+    from helpers import cross_recipe
+
+    cross_recipe()  # the recipe as the cross tests build it is valid
+    with pytest.raises(ValueError, match="sampled / topk_sampled works with teacher.tokenizer_mode: same"):
+        cross_recipe(teacher={"source": "store", "store": {"signal": "sampled"}})
 
 
 def test_tail_draws_come_from_outside_the_head_and_carry_the_tail_mass_unbiased():
