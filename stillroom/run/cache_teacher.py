@@ -30,6 +30,7 @@ def cache_teacher(cfg: RunConfig, *, overwrite: bool = False, log: Log = print) 
     finishes it or rewrites a corrupted shard."""
     from stillroom.config.load import ConfigError
     from stillroom.teachers.store_format import RECORDED, StoreError, read_manifest, recorded_settings
+    from stillroom.teachers.store_sampled import signal_label
     from stillroom.teachers.store_writer import write_store
 
     if cfg.domain == "lm":
@@ -63,8 +64,7 @@ def cache_teacher(cfg: RunConfig, *, overwrite: bool = False, log: Log = print) 
         header, examples, compute, lengths = _token_plan(cfg, prep, method, settings)
         log(f"caching the teacher into {folder}: {header.sequences} sequences, {header.tokens} positions, "
             f"{header.num_shards} shard(s), k={header.k}, "
-            + {"sampled": "sampled tokens", "topk_sampled": f"{header.logprob_dtype} + {header.tail_draws} tail draws"}
-            .get(header.signal, header.logprob_dtype))
+            + signal_label(header.signal, header.logprob_dtype, header.tail_draws))
     write_store(folder, header, examples, compute, overwrite=overwrite, log=log, lengths=lengths)
     log(soft_labels.ImageSoftLabels(folder).summary() if cfg.domain == "classifier" else _token_summary(folder))
     return folder

@@ -70,6 +70,7 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
         from stillroom.config.load import ConfigError
         from stillroom.teachers.store_format import data_fingerprint, recorded_settings, taken_note
         from stillroom.teachers.store_reader import StoreReader, StoreTeacher, run_expectation
+        from stillroom.teachers.store_sampled import signal_label
 
         if train_examples is None:
             raise ValueError("teacher.source=store needs the training examples (to check the store's data fingerprint)")
@@ -85,8 +86,7 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
                                    k=settings["k"], loss_temperature=cfg.loss.loss_temperature,
                                    logprob_dtype=settings["logprob_dtype"], signal=sc.signal)
         reader.check_run(expected, hidden_layers=hidden_layers)
-        kind = {"sampled": "sampled tokens", "topk_sampled": f"{reader.manifest['logprob_dtype']} + "
-                f"{reader.manifest.get('tail_draws')} tail draws"}.get(reader.signal, reader.manifest["logprob_dtype"])
+        kind = signal_label(reader.signal, reader.manifest["logprob_dtype"], reader.width - reader.k)
         log(f"{where}: store {reader.folder} (k={reader.k}, {kind}, "
             f"{reader.manifest['tokens']} positions){taken_note(f'{where}.store', taken)}")
         return StoreTeacher(reader, fingerprint=fingerprint, hidden_layers=hidden_layers, output_device=output_device)

@@ -206,8 +206,7 @@ class StoreReader:
                    if self.signal == "sampled" else
                    f"k={m['k']} of V={m['vocab_size']}, {m['logprob_dtype']} log-probs at T={m['loss_temperature']}, "
                    + (f"{m['tail_draws']} tail tokens drawn per position, " if self.signal == "topk_sampled" else ""))
-                + 
-                f"hidden layers {m['hidden_layers'] or 'none'}; teacher {m['teacher']['identity']}"
+                + f"hidden layers {m['hidden_layers'] or 'none'}; teacher {m['teacher']['identity']}"
                 + ("; teacher positions of the student's text (tokenizer_mode cross)"
                    if m.get("tokenizer_mode") == "cross" else ""))
 

@@ -82,3 +82,9 @@ def with_tail_draws(ids_nk: torch.Tensor, logprobs_nk: torch.Tensor, tail_n: tor
     drawn_lp, _ = frequencies(draws_nd)
     return (torch.cat([ids_nk, draws_nd], dim=1), torch.cat([logprobs_nk, tail_n[:, None] + drawn_lp], dim=1),
             torch.full_like(tail_n, NEG_INF))
+
+
+def signal_label(signal: str, logprob_dtype: str, tail_draws: int = 0) -> str:
+    """How a log line names a store's signal: ``float16``, ``sampled tokens`` or ``int8 + 16 tail draws``."""
+    return {"sampled": "sampled tokens", "topk_sampled": f"{logprob_dtype} + {tail_draws} tail draws"}.get(
+        signal, logprob_dtype)
