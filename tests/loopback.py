@@ -1,7 +1,7 @@
 """Servers on a free loopback port in a daemon thread, for tests.
 
 ``serve(target)`` runs either our teacher server (a FastAPI app, through
-``stillroom.teachers.server.RunningServer``) or a hand-written ``http.server`` handler class (the fakes that
+``stillroom.teachers.running_server.RunningServer``) or a hand-written ``http.server`` handler class (the fakes that
 inject faults or answer junk); either way the result has ``url`` (the base URL, ending in ``/v1``) and
 ``stop()``, and is a context manager. The ``loopback`` fixture (tests/conftest.py) stops what it starts
 after the test; module-scoped fixtures use ``with serve(...)``. ``teacher_app`` is our server for a tiny model.
@@ -44,7 +44,7 @@ def serve(target):
     """``target`` (a FastAPI app or a BaseHTTPRequestHandler subclass) served on a free loopback port."""
     if isinstance(target, type) and issubclass(target, BaseHTTPRequestHandler):
         return HandlerServer(target)
-    from stillroom.teachers.server import RunningServer
+    from stillroom.teachers.running_server import RunningServer
 
     return RunningServer(target)
 

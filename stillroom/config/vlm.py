@@ -133,12 +133,31 @@ def check_vlm_run(run) -> None:
     if run.method == "onpolicy":
         raise ValueError("method=onpolicy samples new sequences, which would carry no image; a `vlm` run trains "
                          "on its image records (method kd, sft, specvlm, ...)")
-    if run.teacher.source not in ("online", "store"):
-        raise ValueError(f"teacher.source={run.teacher.source!r} with a VLM: the online teacher and a store written "
-                         "by `stillroom cache-teacher` (the teacher read the images) are the sources that see the "
-                         "images; set teacher.source: online or store")
+    _check_vlm_sources(run.teacher, "teacher")
     student = run.student
     if student.model is None and student.from_config is None:
         raise ValueError("a VLM student is built with student.from_config (e.g. {text_config: {num_hidden_layers: "
                          "1}}) or loaded with student.model; layer selection (student.from_teacher) is for text "
                          "models")
+
+
+def _check_vlm_sources(tcfg, where: str) -> None:
+    """Every teacher source of a VLM run must read the images: online (the run's LLaVA, or another LLaVA folder),
+    a store written by the VLM teacher, a remote VLM server (each row sends its image) or an ensemble of these.
+    Refused here: another tokenizer with a remote or ensemble teacher, and a member that is a text model by its
+    reference (a builtin or GGUF model named as its ``model``)."""
+    if tcfg.source in ("remote", "ensemble") and tcfg.tokenizer_mode == "cross":
+        raise ValueError(f"{where}.tokenizer_mode=cross with {where}.source={tcfg.source} in a VLM run: a teacher "
+                         "with another tokenizer reads re-tokenized text, which carries no image placeholders; use "
+                         "tokenizer_mode: same (the VLM teacher's tokenizer)")
+    if tcfg.source != "ensemble":
+        return
+    for i, member in enumerate(tcfg.ensemble):
+        key = f"{where}.ensemble.{i}"
+        named = member.source == "online" and "model" in member.model_fields_set  # unset: the run's VLM teacher
+        if named and (member.model.builtin is not None or member.model.gguf is not None):
+            raise ValueError(f"{key}.model names a text model ({member.model.builtin or member.model.gguf}), but "
+                             "this is a VLM run: every member must read the rows' images; give a LLaVA folder "
+                             "(model: {path: ...}), a store, a remote VLM server, or leave model unset (the run's "
+                             "VLM teacher)")
+        _check_vlm_sources(member, key)

@@ -43,12 +43,32 @@ def make_service(cfg: ServeTeacherConfig, *, log: Log = say):
     api_key = api_key_of(cfg)  # before loading: a missing key fails in a second, not after the model loads
     t0 = time.perf_counter()
     log(f"loading {cfg.model} ...")
-    loaded = load_model(model_source(cfg.model), dtype=weights_dtype(cfg.dtype, cfg.device), cache_dir=cfg.cache_dir)
+    source = model_source(cfg.model)
+    loaded = load_model(source, dtype=weights_dtype(cfg.dtype, cfg.device), cache_dir=cfg.cache_dir)
     model = loaded.model.to(cfg.device)
     service = TeacherService(model, loaded.tokenizer, model_name=served_name(cfg), max_top_k=cfg.max_top_k,
-                             identity=loaded.identity, log_requests=cfg.log_requests, allow_reload=cfg.allow_reload)
+                             identity=loaded.identity, log_requests=cfg.log_requests, allow_reload=cfg.allow_reload,
+                             images=served_images(model, source.path, log))
     log(f"  loaded in {time.perf_counter() - t0:.1f} s")
     return service, api_key
+
+
+def served_images(model, path: str | None, log: Log = say):
+    """How a served VLM (a LLaVA folder) reads the request field ``images``: its image size, placeholder count
+    and the mean/std of the folder's ``preprocessor_config.json`` (what the online teacher uses), or None for a
+    text model. A VLM named by hub id has no local folder to read them from: CLIP's mean/std, said in the log."""
+    from pathlib import Path
+
+    from stillroom.teachers.remote_images import image_input
+
+    folder = str(Path(path).expanduser()) if path is not None and Path(path).expanduser().is_dir() else None
+    spec = image_input(model, folder)
+    if spec is not None:
+        pre = Path(folder) / "preprocessor_config.json" if folder is not None else None
+        origin = str(pre) if pre is not None and pre.is_file() else "OpenAI CLIP's mean/std (no preprocessor_config)"
+        log(f"  a VLM: requests may send `images` ({spec.tokens_per_image} image tokens per image, "
+            f"{spec.size}-pixel images, normalised by {origin})")
+    return spec
 
 
 def serve_teacher(cfg: ServeTeacherConfig, *, log: Log = say) -> None:

@@ -1,7 +1,9 @@
 """Several teachers as one (``teacher.source: ensemble``).
 
 Members are any sources with ``signal(batch) -> TeacherSignal`` (online, store,
-remote, even another ensemble). Two modes:
+remote, even another ensemble). In a VLM run every member reads the rows' images: an
+online LLaVA gets the batch's ``pixel_values``, a remote member sends each row's image file
+(:mod:`stillroom.teachers.remote_vlm`); ``route`` hands a member its rows' pixels. Two modes:
 
 * ``average`` (MEAL V2): the target is the weighted mean of the members'
   *probabilities*, ``p(v) = sum_m w_m p_m(v)`` (weights normalised to sum 1,

@@ -35,7 +35,9 @@ def build_teacher_source(
     ``logprob_dtype`` left at their defaults are read from the manifest
     (:func:`~stillroom.teachers.store_format.recorded_settings`); ``log`` gets the line
     ``teacher: store PATH (k=..., DTYPE, N positions)``.
-    ``remote``: :class:`~stillroom.teachers.remote.RemoteTeacher` (server checked now).
+    ``remote``: :class:`~stillroom.teachers.remote.RemoteTeacher` (server checked now); in a VLM run
+    (``cfg.vlm``) a :class:`~stillroom.teachers.remote_vlm.RemoteVlmTeacher`, whose rows send the images of
+    ``train_examples``. An online ensemble member of a VLM run must be a VLM reading the run's pixels.
     ``ensemble``: :class:`~stillroom.teachers.ensemble.EnsembleTeacher` over
     ``teacher.ensemble`` members, each built by these same rules.
     ``cross`` (a :class:`~stillroom.teachers.cross_align.CrossVocab`, ``teacher.tokenizer_mode: cross``): the
@@ -60,6 +62,10 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
 
         if member is not None and tcfg.model != cfg.teacher.model:
             teacher_model, fingerprint = _load_member(cfg, tcfg, where, fingerprint)
+            if cfg.vlm is not None:  # another LLaVA folder: it must read the run's pixels as they are
+                from stillroom.teachers.remote_vlm import check_vlm_member
+
+                check_vlm_member(teacher_model, tcfg.model.path, train_examples or [], where)
         if teacher_model is None:
             raise ValueError(f"{where}.source=online needs the teacher model loaded")
         if attentions:
@@ -97,6 +103,12 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
             raise ValueError(f"{where}.source=remote gives log-probabilities only; hidden-state and attention "
                              "loss terms need an online teacher or a store with hidden states")
         run_cfg = cfg if member is None else cfg.model_copy(update={"teacher": tcfg, "name": f"{cfg.name}/member{member}"})
+        if cfg.vlm is not None:  # each row sends its image too (stillroom.teachers.remote_vlm)
+            from stillroom.teachers.remote_vlm import remote_vlm_from_run, tokens_per_image
+
+            examples = train_examples or []
+            return remote_vlm_from_run(run_cfg, vocab_size=vocab_size, fingerprint=fingerprint, examples=examples,
+                                       tokens_per_image=tokens_per_image(teacher_model))
         return remote_from_run(run_cfg, vocab_size=vocab_size, fingerprint=fingerprint)
     if source == "ensemble":
         from stillroom.teachers.ensemble import ensemble_from_run

@@ -9,7 +9,8 @@ from the same answers. The HTTP side (URL and key checks, retries, concurrency) 
 :class:`stillroom.teachers.remote_cache.RemoteCache`; black-box text generation for
 ``stillroom generate`` is :mod:`stillroom.datagen.remote_complete`. A teacher with another
 tokenizer than the student's (``teacher.tokenizer_mode: cross``) sends the teacher's tokens
-of the same text through :meth:`RemoteTeacher.fetch` (:mod:`stillroom.teachers.remote_cross`).
+of the same text through :meth:`RemoteTeacher.fetch` (:mod:`stillroom.teachers.remote_cross`). In a VLM run each
+row also sends its image (:meth:`RemoteTeacher.row_extras`, :mod:`stillroom.teachers.remote_vlm`).
 
 Alignment: the server's ``prompt_logprobs[j]`` (``j >= 1``) is the distribution
 that predicted prompt token ``j`` from tokens ``< j``; the student's position
@@ -29,6 +30,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +47,7 @@ from stillroom.teachers.store_format import SequenceSignal
 if TYPE_CHECKING:
     from stillroom.config.schema import RunConfig
 
-__all__ = ["STUDENT_VOCAB", "RemoteCache", "RemoteError", "RemoteTeacher", "parse_prompt_logprobs",
+__all__ = ["STUDENT_VOCAB", "RemoteCache", "RemoteError", "RemoteTeacher", "RowExtra", "parse_prompt_logprobs",
            "remote_cache_path", "remote_from_run", "run_remote"]
 
 
@@ -105,6 +107,18 @@ def parse_prompt_logprobs(entries: Any, n_tokens: int, k: int, vocab_size: int, 
 # ----------------------------------------------------------------------------- teacher
 
 
+@dataclass(frozen=True)
+class RowExtra:
+    """What one row sends beside its token ids (a VLM row: its image, :mod:`stillroom.teachers.remote_vlm`).
+
+    ``payload``: request fields added to (or replacing) the text request's; ``digest``: what they send, hashed
+    into the row's cache key, so a cached answer is reused only for the same ids *and* the same extra input.
+    """
+
+    payload: dict
+    digest: str
+
+
 class RemoteTeacher:
     """The teacher source of a remote server (see the module docstring); settings from ``cfg``.
 
@@ -155,10 +169,12 @@ class RemoteTeacher:
         self._checked = True
         return entry
 
-    def _fetch_row(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _fetch_row(self, ids: list[int], extra: RowExtra | None = None) -> tuple[np.ndarray, np.ndarray]:
         payload = {"prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": self.cfg.top_k}
         if self.cfg.model is not None:
             payload["model"] = self.cfg.model
+        if extra is not None:
+            payload.update(extra.payload)
         body = self.client.request("POST", "/completions", payload)
         where = f"POST {self.client.shown_base}/completions"
         choices = body.get("choices") if isinstance(body, dict) else None
@@ -167,28 +183,34 @@ class RemoteTeacher:
         entries = choices[0].get("prompt_logprobs", body.get("prompt_logprobs"))
         return parse_prompt_logprobs(entries, len(ids), self.cfg.top_k, self.vocab_size, where, self.vocabulary)
 
-    def fetch(self, uids: Sequence[str], rows: Sequence[list[int]]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    def fetch(self, uids: Sequence[str], rows: Sequence[list[int]],
+              extras: Sequence[RowExtra | None] | None = None) -> list[tuple[np.ndarray, np.ndarray] | None]:
         """Each row's top-k ``(ids [L-1, K] int32, logprobs [L-1, K] float32)`` (None for a row of < 2 tokens).
 
-        ``rows[b]``: token ids sent as they are (the student's, or a cross-tokenizer teacher's); ``uids[b]`` with
-        their digest keys the cache. Cached rows are not asked again; fetched rows are cached as they arrive, so
-        rows finished before a failure survive it (the failure then carries ``resume_hint``).
+        ``rows[b]``: token ids sent as they are (the student's, or a cross-tokenizer teacher's); ``extras[b]``: what
+        else row ``b`` sends (:class:`RowExtra`, e.g. its image), or None; ``uids[b]`` with the digest of both keys
+        the cache. Cached rows are not asked again; fetched rows are cached as they arrive, so rows finished before
+        a failure survive it (the failure then carries ``resume_hint``).
         """
-        keys = [(uid, ids_digest(ids)) for uid, ids in zip(uids, rows)]
-        out = [self.cache.get(uid, ids) if self.cache is not None else None for uid, ids in zip(uids, rows)]
-        todo: dict[tuple[str, str], list[int]] = {}
-        for key, ids, got in zip(keys, rows, out):
+        extras = list(extras) if extras is not None else [None] * len(rows)
+        salts = [x.digest if x is not None else None for x in extras]
+        keys = [(uid, ids_digest(ids, salt)) for uid, ids, salt in zip(uids, rows, salts)]
+        out = [self.cache.get(uid, ids, salt) if self.cache is not None else None
+               for uid, ids, salt in zip(uids, rows, salts)]
+        todo: dict[tuple[str, str], tuple[list[int], RowExtra | None]] = {}
+        for key, ids, extra, got in zip(keys, rows, extras, out):
             if got is None and len(ids) > 1:
-                todo.setdefault(key, list(ids))
+                todo.setdefault(key, (list(ids), extra))
         fetched: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
         def keep(key: tuple[str, str], result: tuple[np.ndarray, np.ndarray]) -> None:
             fetched[key] = result
             if self.cache is not None:
-                self.cache.put(key[0], todo[key], *result)
+                ids, extra = todo[key]
+                self.cache.put(key[0], ids, *result, salt=extra.digest if extra is not None else None)
 
         try:
-            self.client.parallel(lambda key: self._fetch_row(todo[key]), list(todo), keep)
+            self.client.parallel(lambda key: self._fetch_row(*todo[key]), list(todo), keep)
         except RemoteError as err:
             if self.resume_hint is None:
                 raise
@@ -196,6 +218,11 @@ class RemoteTeacher:
             stopped.fix = "resume_run"  # the CLI prints the exact `stillroom run ... --resume` line
             raise stopped from err
         return [got if got is not None else fetched.get(key) for key, got in zip(keys, out)]
+
+    def row_extras(self, batch: Batch) -> list[RowExtra | None] | None:
+        """What each row of ``batch`` sends beside its token ids: nothing for a text teacher (a subclass that sends
+        images overrides it)."""
+        return None
 
     def signal(self, batch: Batch) -> TeacherSignal:
         """Top-k teacher signal for ``batch`` aligned with the student's positions (``[B, T, K]``).
@@ -207,7 +234,7 @@ class RemoteTeacher:
             self.check_server()
         bsz, width = batch.input_ids.shape
         k = self.cfg.top_k
-        rows = self.fetch(batch.uids, real_ids(batch))
+        rows = self.fetch(batch.uids, real_ids(batch), self.row_extras(batch))
         ids_btk = torch.arange(k, dtype=torch.long).expand(bsz, width, k).clone()
         lp_btk = torch.full((bsz, width, k), -math.log(self.vocab_size), dtype=torch.float32)
         known_bt = torch.zeros((bsz, width), dtype=torch.bool)
@@ -283,9 +310,7 @@ def remote_from_run(cfg: "RunConfig", *, vocab_size: int, fingerprint: Fingerpri
     missing), and a request failure during training says so. Prompt log-probs are at temperature 1,
     so ``loss.loss_temperature`` must be 1.
     """
-    if abs(cfg.loss.loss_temperature - 1.0) > 1e-9:
-        raise RemoteError(f"teacher.source=remote gives prompt log-probs at temperature 1, but loss.loss_temperature "
-                          f"is {cfg.loss.loss_temperature}; top-k log-probs cannot be re-tempered: set it to 1")
+    check_remote_temperature(cfg)
     teacher = run_remote(cfg, vocab_size=vocab_size, fingerprint=fingerprint)
     try:
         teacher.check_server()
@@ -300,7 +325,18 @@ def run_remote(cfg: "RunConfig", *, vocab_size: int, fingerprint: Fingerprint | 
     """A run's :class:`RemoteTeacher` on ``cfg.teacher.remote``, cached in :func:`remote_cache_path`, whose request
     failures say how to resume; the server is not asked yet (:func:`remote_from_run` checks it)."""
     cache = remote_cache_path(cfg)
-    hint = (f"The run stopped; rows answered so far are kept in {cache}. Once the server answers again, continue "
-            "with `stillroom run` and the same recipe and overrides plus --resume: only the missing rows are asked")
     return RemoteTeacher(cfg.teacher.remote, vocab_size=vocab_size, fingerprint=fingerprint, cache=cache,
-                         resume_hint=hint, vocabulary=vocabulary)
+                         resume_hint=resume_hint(cache), vocabulary=vocabulary)
+
+
+def check_remote_temperature(cfg: "RunConfig") -> None:
+    """Prompt log-probs are at temperature 1 and cannot be re-tempered: ``loss.loss_temperature`` must be 1."""
+    if abs(cfg.loss.loss_temperature - 1.0) > 1e-9:
+        raise RemoteError(f"teacher.source=remote gives prompt log-probs at temperature 1, but loss.loss_temperature "
+                          f"is {cfg.loss.loss_temperature}; top-k log-probs cannot be re-tempered: set it to 1")
+
+
+def resume_hint(cache: Path) -> str:
+    """What a request failure during a run adds: where the answered rows are and how to go on."""
+    return (f"The run stopped; rows answered so far are kept in {cache}. Once the server answers again, continue "
+            "with `stillroom run` and the same recipe and overrides plus --resume: only the missing rows are asked")

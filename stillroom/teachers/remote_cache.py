@@ -39,9 +39,11 @@ def _unb64(s: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(s), dtype=dtype).reshape(shape)
 
 
-def ids_digest(ids: Sequence[int]) -> str:
-    """Hash of a row's token ids: a cached row is reused only for the very same tokens."""
-    return hashlib.sha256(",".join(map(str, ids)).encode("ascii")).hexdigest()[:32]
+def ids_digest(ids: Sequence[int], salt: str | None = None) -> str:
+    """Hash of a row's token ids and, when given, ``salt`` (the digest of what else the row sends, e.g. its image
+    bytes): a cached row is reused only for the very same tokens and the same extra input."""
+    text = ",".join(map(str, ids)) + (f"|{salt}" if salt is not None else "")
+    return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
 
 
 class RemoteCache:
@@ -54,7 +56,7 @@ class RemoteCache:
     is dropped on open; a bad line before it is corruption and raises naming
     ``file:line``. One writer at a time (``flock``). A row is reused only when its
     token ids hash matches (same uid with other tokens, e.g. another seq_len, is
-    asked again).
+    asked again); a row that sends an image hashes its bytes in too (a changed image is asked again).
     """
 
     def __init__(self, path: str | os.PathLike, *, model: str | None, top_k: int) -> None:
@@ -117,18 +119,20 @@ class RemoteCache:
         os.write(self._fd, (line + "\n").encode("utf-8"))
         os.fsync(self._fd)
 
-    def get(self, uid: str, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(ids [L-1, K] int32, logprobs [L-1, K] float32)`` if ``uid`` is cached for these token ids."""
+    def get(self, uid: str, ids: Sequence[int], salt: str | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(ids [L-1, K] int32, logprobs [L-1, K] float32)`` if ``uid`` is cached for these token ids (and
+        ``salt``: the digest of the row's extra input, see :func:`ids_digest`)."""
         row = self._rows.get(uid)
-        if row is None or row[0] != ids_digest(ids):
+        if row is None or row[0] != ids_digest(ids, salt):
             return None
         _, ids_b64, lp_b64, n = row
         k = self.header["top_k"]
         return _unb64(ids_b64, "<i4", (n, k)), _unb64(lp_b64, "<f4", (n, k))
 
-    def put(self, uid: str, ids: Sequence[int], top_ids: np.ndarray, top_lp: np.ndarray) -> None:
+    def put(self, uid: str, ids: Sequence[int], top_ids: np.ndarray, top_lp: np.ndarray, *,
+            salt: str | None = None) -> None:
         """Append one finished row (fsynced before returning, so a crash right after keeps it)."""
-        rec = {"uid": uid, "digest": ids_digest(ids), "n": int(top_ids.shape[0]),
+        rec = {"uid": uid, "digest": ids_digest(ids, salt), "n": int(top_ids.shape[0]),
                "ids": _b64(top_ids.astype("<i4")), "logprobs": _b64(top_lp.astype("<f4"))}
         self._write(json.dumps(rec))
         self._rows[uid] = (rec["digest"], rec["ids"], rec["logprobs"], rec["n"])

@@ -3,31 +3,29 @@
 Endpoints (FastAPI; loopback by default):
 
 * ``GET /health`` -> ``{"status": "ok"}`` (no authentication).
-* ``GET /v1/models`` -> the served model, with stillroom extras ``vocab_size``,
-  ``tokenizer_hash`` and ``identity`` so that a client can check compatibility.
-* ``POST /v1/completions``: ``prompt`` is a string, a list of token ids (exact
-  client tokenization, as vLLM accepts), or a list of either. With
-  ``prompt_logprobs: k`` each choice carries vLLM's ``prompt_logprobs``: one entry
-  per prompt token, ``None`` for the first, else
-  ``{str(token_id): {"logprob": float, "rank": int, "decoded_token": str}}``
-  holding the top-k of ``log_softmax(logits)`` of the *previous* position (the
-  distribution that predicted this token) plus the actual token (so k or k + 1
-  entries). Log-probs are raw (temperature 1), clamped below at -9999 like vLLM
-  (JSON has no -inf); ``rank`` is 1-based (1 + number of strictly larger log-probs).
-  ``max_tokens`` may be 0 (log-probs only). vLLM's extras ``stop_token_ids``, ``ignore_eos`` and
-  ``return_token_ids`` (each choice then carries ``token_ids``, ending with the stop token) are honoured.
+* ``GET /v1/models`` -> the served model, with stillroom extras ``vocab_size``, ``tokenizer_hash`` and ``identity``
+  so that a client can check compatibility, and ``image_input`` (a VLM: how it takes ``images``; else null).
+* ``POST /v1/completions``: ``prompt`` is a string, a list of token ids (exact client tokenization, as vLLM
+  accepts), or a list of either. With ``prompt_logprobs: k`` each choice carries vLLM's ``prompt_logprobs``: one
+  entry per prompt token, ``None`` for the first, else
+  ``{str(token_id): {"logprob": float, "rank": int, "decoded_token": str}}`` holding the top-k of
+  ``log_softmax(logits)`` of the *previous* position (the distribution that predicted this token) plus the actual
+  token (so k or k + 1 entries). Log-probs are raw (temperature 1), clamped below at -9999 like vLLM (JSON has no
+  -inf); ``rank`` is 1-based (1 + number of strictly larger log-probs). ``max_tokens`` may be 0 (log-probs only).
+  vLLM's extras ``stop_token_ids``, ``ignore_eos`` and ``return_token_ids`` (each choice then carries
+  ``token_ids``, ending with the stop token) are honoured. A served VLM (a LLaVA folder) also reads ``images``
+  with one token-id prompt (stillroom's extension, :mod:`stillroom.teachers.remote_images`); a text model
+  refuses that field.
 * ``POST /v1/load_weights``: serve the weights of a folder (:mod:`stillroom.teachers.reload`; 403 unless
   started with ``--allow-reload``); ``/v1/models`` ``weights`` and ``system_fingerprint`` name them.
 * ``POST /v1/chat/completions``: the tokenizer's chat template, then sampling
   (``temperature`` 0 = greedy; ``seed`` makes it reproducible).
 
-Errors follow OpenAI's shape: ``{"error": {"message", "type", "code"}}``.
-Model work is serialised by a lock (one forward at a time bounds memory: a
-prompt of L tokens needs ``[L, V]`` fp32 log-probs). An optional API key is
-compared in constant time and never logged. With ``TeacherService.log_requests``
-(``stillroom serve-teacher``'s default) each request writes one line to stderr: method,
-path, model, prompt tokens, top-k and max tokens (where the request got that far),
-status and milliseconds; never the API key or the prompt text.
+Errors follow OpenAI's shape: ``{"error": {"message", "type", "code"}}``. Model work is serialised by a lock (one
+forward at a time bounds memory: a prompt of L tokens needs ``[L, V]`` fp32 log-probs). An optional API key is
+compared in constant time and never logged. With ``TeacherService.log_requests`` (``stillroom serve-teacher``'s
+default) each request writes one line to stderr: method, path, model, prompt tokens, top-k and max tokens (where
+the request got that far), status and milliseconds; never the API key or the prompt text.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ import hmac
 import json
 import logging
 import re
-import socket
 import sys
 import threading
 import time
@@ -51,10 +48,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from stillroom.generate.sampling import sample_continuations
 from stillroom.data.prompts import prompt_ids
-from stillroom.generate.sampling import eos_token_ids
+from stillroom.generate.sampling import eos_token_ids, sample_continuations
 from stillroom.teachers.reload import add_reload_route
+from stillroom.teachers.remote_images import ImageInput, ImageRequestError, request_pixels
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +80,7 @@ class CompletionRequest(_Request):
     prompt_logprobs: int | None = Field(None, ge=0)
     logprobs: int | None = None
     echo: bool = False
+    images: list[Any] | None = None  # stillroom's extension: image_url parts of a VLM row (remote_images.py)
 
 
 class ChatMessage(BaseModel):
@@ -117,6 +115,7 @@ class TeacherService:
     """Answer ``POST /v1/load_weights`` (:mod:`stillroom.teachers.reload`); otherwise it answers 403."""
     weights: str | None = None
     """Digest of the weights loaded through ``/v1/load_weights`` (None: the ones the server started with)."""
+    images: ImageInput | None = None  # how a served VLM reads the request field `images` (None: a text model)
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -142,10 +141,11 @@ class TeacherService:
             raise HTTPException(400, f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
 
     @torch.no_grad()
-    def prompt_logprobs(self, ids: list[int], k: int) -> list[dict[str, dict] | None]:
-        """vLLM-style prompt log-probs for one prompt (see the module docstring)."""
+    def prompt_logprobs(self, ids: list[int], k: int, pixels: torch.Tensor | None = None) -> list[dict | None]:
+        """vLLM-style prompt log-probs of one prompt (module docstring); ``pixels`` ``[n, 3, S, S]``: its images."""
+        extra = {} if pixels is None else {"pixel_values": pixels.to(self.device)}  # a VLM row: as the online teacher
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        logits_lv = self.model(input_ids=input_ids, use_cache=False).logits[0, :-1, : self.vocab_size]
+        logits_lv = self.model(input_ids=input_ids, use_cache=False, **extra).logits[0, :-1, : self.vocab_size]
         logp_lv = torch.log_softmax(logits_lv.float(), dim=-1)
         actual_l = torch.tensor(ids[1:], dtype=torch.long, device=self.device)
         actual_lp_l = logp_lv.gather(-1, actual_l[:, None]).squeeze(-1)
@@ -260,6 +260,7 @@ def create_app(service: TeacherService, *, api_key: str | None = None) -> FastAP
             "vocab_size": service.vocab_size, "tokenizer_hash": tokenizer_hash(service.tokenizer),
             "identity": service.identity, "max_top_k": service.max_top_k,
             "weights": service.weights, "reload": service.allow_reload,
+            "image_input": service.images.listing() if service.images is not None else None,
         }]}
 
     @app.post("/v1/completions")
@@ -276,13 +277,17 @@ def create_app(service: TeacherService, *, api_key: str | None = None) -> FastAP
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         if max_tokens > service.max_new_tokens_cap:
             raise HTTPException(400, f"max_tokens={max_tokens} exceeds {service.max_new_tokens_cap}")
-        prompts = _prompts(service, req.prompt)
+        try:
+            prompts, pixels = request_pixels(service.images, service.model_name, req.images,
+                                             _prompts(service, req.prompt), max_tokens)
+        except ImageRequestError as err:
+            raise HTTPException(400, str(err)) from None
         _note(request, prompt_tokens=sum(len(ids) for ids in prompts), max_tokens=max_tokens)
         choices, n_prompt, n_gen = [], 0, 0
         with service.lock:
             for p_idx, ids in enumerate(prompts):
                 n_prompt += len(ids)
-                plp = service.prompt_logprobs(ids, k) if k is not None else None
+                plp = service.prompt_logprobs(ids, k, pixels) if k is not None else None
                 for s_idx, (text, reason, toks) in enumerate(service.generate(ids, req, max_tokens)):
                     n_gen += len(toks)
                     choices.append({"index": p_idx * req.n + s_idx, "text": text, "logprobs": None,
@@ -341,47 +346,6 @@ def _log_request(request: Request, status: int, ms: float) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     print(f"{stamp} {request.method} {_clean(request.url.path)}{fields} -> {status} in {ms:.1f} ms",
           file=sys.stderr, flush=True)
-
-
-class RunningServer:
-    """A uvicorn server running ``app`` in a daemon thread on an already bound socket.
-
-    ``url`` is the base URL including ``/v1``. ``stop()`` shuts it down and joins the thread.
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning"):
-        import uvicorn
-
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the teacher server did not start on {host}:{self.port}")
-            time.sleep(0.01)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/v1"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-    def __enter__(self) -> "RunningServer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def serve(service: TeacherService, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None) -> None:

@@ -255,6 +255,9 @@ def teacher_lines(cfg: RunConfig, identity: str) -> list[str]:
     if t.source != "remote":
         return [f"teacher: {identity}"]
     served = f" (model {t.remote.model})" if t.remote.model else ""
+    if cfg.vlm is not None:  # the VLM teacher is vlm.teacher (teacher.model is refused beside a vlm section)
+        return [f"teacher: remote {t.remote.url}{served} for training, each row sent with its image; the report's "
+                f"teacher row uses the local VLM teacher {identity} (vlm.teacher), which should be the served one"]
     if t.tokenizer_mode == "cross":
         lines = [f"teacher: remote {t.remote.url}{served} for training, sent the student's text in the tokens of "
                  f"the local {identity} (teacher.model), which must be the served model's tokenizer; the report's "

@@ -123,5 +123,7 @@ def test_vlm_section_rules():
     with pytest.raises(ValueError, match="data.sources is set beside vlm.data"):
         RunConfig(**{**base, "vlm": {"data": {}}}, data={"sources": [{"path": "a.jsonl"}]})
     RunConfig(**base, teacher={"source": "store"})  # a store written by cache-teacher read the images
-    with pytest.raises(ValueError, match="teacher.source='remote' with a VLM"):
-        RunConfig(**base, teacher={"source": "remote", "remote": {"url": "http://127.0.0.1:1/v1", "model": "m"}})
+    RunConfig(**base, teacher={"source": "remote", "remote": {"url": "http://127.0.0.1:1/v1", "model": "m"}})
+    with pytest.raises(ValueError, match="tokenizer_mode=cross with teacher.source=remote in a VLM run"):
+        RunConfig(**base, teacher={"source": "remote", "tokenizer_mode": "cross",
+                                   "remote": {"url": "http://127.0.0.1:1/v1", "model": "m"}})
