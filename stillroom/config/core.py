@@ -18,6 +18,7 @@ from stillroom.config.cross import CrossConfig, NewTokenizer
 from stillroom.config.eval import EvalConfig  # noqa: F401 (re-exported: the run tree's eval section)
 from stillroom.config.kernels import COMPILE, LOSS_KERNEL, LossKernel
 from stillroom.config.sparsity import FixedSparsity
+from stillroom.config.store import StoreConfig  # noqa: F401 (re-exported: teacher.store)
 from stillroom.config.quantize import QuantizeConfig
 from stillroom.losses import get_term, resolve_params
 
@@ -98,36 +99,6 @@ class ModelSource(Strict):
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust it.")
 
 
-class StoreConfig(Strict):
-    path: str | None = Field(
-        None,
-        description="Folder of a teacher store written by `stillroom cache-teacher` "
-        "(null: <output_dir>/<name>/teacher_store).",
-    )
-    k: int = Field(64, ge=1, description="Top-k token log-probabilities kept per position (signal: sampled: tokens "
-                   "drawn per position).")
-    signal: Literal["topk", "sampled", "topk_sampled"] = Field(
-        "topk", description="topk: the teacher's k most likely tokens with their log-probabilities and the tail "
-        "mass; sampled: k tokens drawn from the teacher (with replacement), their frequencies its distribution "
-        "(2k bytes per position); topk_sampled: the top k exactly plus `tail_draws` tokens drawn outside it. The "
-        "sampled signals are unbiased for forward_kl and soft_ce only (docs/STORE.md, 'Sampled stores').")
-    tail_draws: int = Field(16, ge=1, description="signal: topk_sampled: tokens drawn per position from the "
-                            "teacher renormalised outside its top k.")
-    logprob_dtype: Literal["float16", "bfloat16", "int8", "int4", "float32"] = Field(
-        "float16",
-        description="Storage type of the top-k log-probabilities: float16/bfloat16 (2 bytes), int8 (8-bit codes "
-        "on each position's own [min, max] range, error <= range/510 nats, plus 4 bytes of float16 max and step "
-        "per position; see docs/STORE.md), int4 (4-bit codes, two per byte, error <= range/30 nats) or float32 "
-        "(exact; for parity checks).",
-    )
-    hidden_layers: list[int] = Field(default_factory=list, description="Teacher layers whose hidden states are stored.")
-    shard_tokens: int = Field(262144, ge=1024, description="Target number of token positions per shard.")
-    cache_batch_size: int | None = Field(
-        None, ge=1, description="Sequences per teacher forward while `stillroom cache-teacher` writes the store "
-        "(null: train.micro_batch_size)."
-    )
-
-
 class RemoteConfig(Strict):
     url: str | None = Field(None, description="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
     model: str | None = Field(None, description="Model name sent in requests.")
@@ -168,6 +139,10 @@ class TeacherConfig(Strict):
     )
     device: str = Field("cpu", description="Device of the online teacher (may differ from the student's).")
     store: StoreConfig = Field(default_factory=StoreConfig)
+    memo: bool = Field(False, description="source=online: keep each training sequence's signal in memory the first "
+                       "time the teacher runs on it, as teacher.store says (signal, k, tail_draws), and read it on "
+                       "later visits (epochs beyond the first cost about a CE step; the signal is top-k or sampled "
+                       "from the first step on). docs/TEACHERS.md, 'The teacher's memo'.")
     remote: RemoteConfig = Field(default_factory=RemoteConfig)
     ensemble: list["TeacherConfig"] = Field(default_factory=list, description="Members when source=ensemble.")
     ensemble_mode: Literal["average", "route"] = "average"
@@ -294,6 +269,9 @@ class DataConfig(Strict):
     )
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Deterministic held-out split (hash of the record).")
     heldout_max: int = Field(40, ge=1, description="At most this many held-out sequences.")
+    train_max: int | None = Field(None, ge=1, description="At most this many training sequences, the first in "
+                                  "record-hash order (null: all); steps beyond one epoch repeat them (with "
+                                  "teacher.memo_topk the teacher runs once per sequence).")
     on_bad_record: Literal["stop", "skip"] = Field(
         "stop", description="A malformed record stops the run (naming file:line) or is skipped and counted."
     )

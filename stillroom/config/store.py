@@ -1,4 +1,5 @@
-"""Run-level checks of ``teacher.store`` that read other sections (the loss terms, the tokenizer mode).
+"""``teacher.store``: its settings (:class:`StoreConfig`) and the run-level checks that read other sections (the
+loss terms, the tokenizer mode).
 
 Imports the loss registry only (tensor-free), like :mod:`stillroom.config.cross`; ``config.schema`` calls
 :func:`check_store_run` when a recipe loads.
@@ -6,7 +7,11 @@ Imports the loss registry only (tensor-free), like :mod:`stillroom.config.cross`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from stillroom.config.base import Strict
 
 if TYPE_CHECKING:
     from stillroom.config.schema import RunConfig
@@ -20,19 +25,56 @@ SAMPLED = ("sampled", "topk_sampled")
 """Store signals that estimate part of the teacher's distribution by drawn tokens."""
 
 
+class StoreConfig(Strict):
+    path: str | None = Field(
+        None,
+        description="Folder of a teacher store written by `stillroom cache-teacher` "
+        "(null: <output_dir>/<name>/teacher_store).",
+    )
+    k: int = Field(64, ge=1, description="Top-k token log-probabilities kept per position (signal: sampled: tokens "
+                   "drawn per position).")
+    signal: Literal["topk", "sampled", "topk_sampled"] = Field(
+        "topk", description="topk: the teacher's k most likely tokens with their log-probabilities and the tail "
+        "mass; sampled: k tokens drawn from the teacher (with replacement), their frequencies its distribution "
+        "(2k bytes per position); topk_sampled: the top k exactly plus `tail_draws` tokens drawn outside it. The "
+        "sampled signals are unbiased for forward_kl and soft_ce only (docs/STORE.md, 'Sampled stores').")
+    tail_draws: int = Field(16, ge=1, description="signal: topk_sampled: tokens drawn per position from the "
+                            "teacher renormalised outside its top k.")
+    logprob_dtype: Literal["float16", "bfloat16", "int8", "int4", "float32"] = Field(
+        "float16",
+        description="Storage type of the top-k log-probabilities: float16/bfloat16 (2 bytes), int8 (8-bit codes "
+        "on each position's own [min, max] range, error <= range/510 nats, plus 4 bytes of float16 max and step "
+        "per position; see docs/STORE.md), int4 (4-bit codes, two per byte, error <= range/30 nats) or float32 "
+        "(exact; for parity checks).",
+    )
+    hidden_layers: list[int] = Field(default_factory=list, description="Teacher layers whose hidden states are stored.")
+    shard_tokens: int = Field(262144, ge=1024, description="Target number of token positions per shard.")
+    cache_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per teacher forward while `stillroom cache-teacher` writes the store "
+        "(null: train.micro_batch_size)."
+    )
+
+
 def check_store_run(cfg: "RunConfig") -> None:
     """Refuse a run whose sampled store cannot give what its loss needs, naming the fix."""
     from stillroom.losses.registry import get_term
 
     t = cfg.teacher
     members = t.ensemble if t.source == "ensemble" else [t]
+    for where, m in [("teacher", t)] + [(f"teacher.ensemble.{i}", m) for i, m in enumerate(t.ensemble)]:
+        if m.memo and m.source != "online":
+            raise ValueError(f"{where}.memo remembers the online teacher's signal, but {where}.source={m.source}; "
+                             f"set {where}.memo: false (a store is read as it is)")
+    if t.memo and t.tokenizer_mode == "cross":
+        raise ValueError("teacher.memo keeps top-k rows in the student's vocabulary; a cross-tokenizer teacher's "
+                         "targets are aligned per batch: set teacher.memo: false")
     if not any(m.store.signal in SAMPLED for m in members):
         return
     if t.tokenizer_mode == "cross":
         raise ValueError("teacher.store.signal sampled / topk_sampled works with teacher.tokenizer_mode: same; a "
                          "cross-tokenizer store needs the teacher's ranked probabilities (use teacher.store.signal: "
                          "topk)")
-    if not any(m.source == "store" and m.store.signal in SAMPLED for m in members):
+    if not any((m.source == "store" or m.memo) and m.store.signal in SAMPLED for m in members):
         return
     teacher_logit_terms = [x.name for x in cfg.loss.terms
                            if get_term(x.name).kind == "logit" and get_term(x.name).uses_teacher]

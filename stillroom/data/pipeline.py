@@ -38,7 +38,8 @@ encoder (:mod:`stillroom.data.encoders`). In order:
    target (e.g. a prompt longer than ``seq_len``) is dropped and counted in
    ``dropped_no_targets``.
 5. Cap the held-out set at ``heldout_max`` sequences, keeping the first in hash
-   order (merged over sources). Held-out records beyond the cap are **not**
+   order (merged over sources); with ``train_max``, cap the training set the same
+   way (counted in ``train_sequences_over_cap``; a small set for several epochs). Held-out records beyond the cap are **not**
    moved into training (that would make the training set depend on the cap);
    they are counted in ``heldout_sequences_over_cap``.
 
@@ -141,7 +142,8 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int, encoder: RecordEncoder |
         steer = [r for r in by_key if cfg.heldout_fraction <= split_position(r.key) < cfg.heldout_fraction + steer_fraction]
         kept = [r for r in records if split_position(r.key) >= cfg.heldout_fraction + steer_fraction]
         counts["heldout_records"], counts["steer_records"] = len(held), len(steer)
-        src_train = [e for _, e in b.sequences(kept, "train", tag, src, fmt, "train", counts)]
+        keyed_train = b.sequences(kept, "train", tag, src, fmt, "train", counts)
+        src_train = [e for _, e in keyed_train]
         src_held = b.sequences(held, "eval", tag, src, fmt, "heldout", counts)
         scratch = {k: 0 for k in COUNTS}  # the other views are not counted twice
         lists["steer"] += [e for _, e in b.sequences(steer, "eval", tag, src, fmt, "steer", scratch)]
@@ -154,15 +156,17 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int, encoder: RecordEncoder |
         counts["heldout_sequences"] = len(src_held)  # per source: before the heldout_max cap
         counts["train_tokens"], counts["train_target_tokens"] = token_counts(src_train)
         counts["heldout_tokens"], counts["heldout_target_tokens"] = token_counts([e for _, e in src_held])
-        lists["train"] += src_train
+        lists["train"] += keyed_train
         lists["heldout"] += src_held
         b.stats["per_source"][tag] = {"format": fmt, **counts}
         for k in COUNTS:
             b.stats[k] += counts[k]
     b.stats.update(encoder.counts)
     heldout = _capped(lists["heldout"], cfg.heldout_max)
-    train = lists["train"]
+    train = _train_capped(lists["train"], cfg.train_max, encoder)
     stats = b.stats
+    stats["train_sequences_over_cap"] = len(lists["train"]) - len(train)
+    stats["train_sequences"] = len(train)
     stats["heldout_sequences_over_cap"] = max(0, len(lists["heldout"]) - cfg.heldout_max)
     stats["heldout_sequences"] = len(heldout)
     stats["train_tokens"], stats["train_target_tokens"] = token_counts(train)
@@ -189,6 +193,18 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int, encoder: RecordEncoder |
     return DataSplits(train=train, heldout=heldout, stats=stats, group_size=len(encoder.roles), steer=lists["steer"],
                       plain_train=lists["plain_train"] if differ else None,
                       plain_heldout=_capped(lists["plain_heldout"], cfg.heldout_max) if differ else None)
+
+
+def _train_capped(keyed: list[tuple[str, Example]], cap: int | None, encoder: RecordEncoder) -> list[Example]:
+    """Every training sequence in source order, or with ``data.train_max`` the first ``cap`` in record-hash order
+    (a spread over the sources' records, the same whatever the seed): a small set that several epochs repeat."""
+    if cap is None:
+        return [e for _, e in keyed]
+    if len(encoder.roles) > 1 or encoder.views_differ:
+        raise DataError(f"data.train_max={cap} keeps single sequences, but this method's records become groups or "
+                        "two views of each sequence; remove data.train_max (or limit the records with "
+                        "data.sources[].limit)")
+    return _capped(keyed, cap)
 
 
 def _capped(keyed: list[tuple[str, Example]], cap: int) -> list[Example]:

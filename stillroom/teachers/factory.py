@@ -70,8 +70,17 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
             raise ValueError(f"{where}.source=online needs the teacher model loaded")
         if attentions:
             use_eager_attention(teacher_model)
-        return OnlineTeacher(teacher_model, vocab_size=vocab_size, fingerprint=fingerprint,
-                             hidden_layers=hidden_layers, attentions=attentions, output_device=output_device)
+        online = OnlineTeacher(teacher_model, vocab_size=vocab_size, fingerprint=fingerprint,
+                               hidden_layers=hidden_layers, attentions=attentions, output_device=output_device)
+        if not tcfg.memo:
+            return online
+        from stillroom.teachers.memo import MemoTeacher
+
+        sc = tcfg.store
+        log(f"{where}: online, remembered per training sequence ({sc.signal}, k={sc.k}"
+            + (f" + {sc.tail_draws} tail draws" if sc.signal == "topk_sampled" else "") + ")")
+        return MemoTeacher(online, signal=sc.signal, k=sc.k, tail_draws=sc.tail_draws,
+                           loss_temperature=cfg.loss.loss_temperature)
     if source == "store":
         from stillroom.config.load import ConfigError
         from stillroom.teachers.store_format import data_fingerprint, recorded_settings, taken_note

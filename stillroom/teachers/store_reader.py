@@ -36,7 +36,7 @@ from stillroom.teachers.store_format import (
     sha256_bytes,
     sha256_file,
 )
-from stillroom.teachers.store_sampled import frequencies, with_tail_draws
+from stillroom.teachers.store_sampled import loss_rows
 
 # Fields a run must agree on with the store (in the order they are reported).
 RUN_FIELDS = ("tokenizer_mode", "tokenizer_hash", "student_tokenizer_hash", "vocab_size", "teacher",
@@ -191,9 +191,9 @@ class StoreReader:
         """``(ids [T, K] int64, logprobs [T, K] fp32, tail [T] fp32, {layer: [T, H] fp32})`` of ``uid``."""
         tensors, lo, hi = self.locate(uid)
         ids = tensors["topk_ids"][lo:hi].long()
-        lp, tail = frequencies(ids) if self.signal == "sampled" else decode_logprobs(tensors, lo, hi)
-        if self.signal == "topk_sampled":
-            ids, lp, tail = with_tail_draws(ids, lp, tail, tensors["tail_ids"][lo:hi].long())
+        lp, tail = (None, None) if self.signal == "sampled" else decode_logprobs(tensors, lo, hi)
+        tail_ids = tensors["tail_ids"][lo:hi].long() if self.signal == "topk_sampled" else None
+        ids, lp, tail = loss_rows(self.signal, ids, lp, tail, tail_ids)
         hidden = {i: tensors[f"hidden.{i}"][lo:hi].float() for i in self.hidden_layers}
         return ids, lp, tail, hidden
 
@@ -228,33 +228,43 @@ class StoreTeacher:
         self.output_device = torch.device(output_device)
 
     def signal(self, batch: Batch) -> TeacherSignal:
-        bsz, width = batch.input_ids.shape
-        k = self.reader.width
         lengths = batch.attention_mask.sum(-1).tolist()
-        ids_btk = torch.arange(k, dtype=torch.long).remainder(self.reader.vocab_size).expand(bsz, width, k).clone()
-        lp_btk = torch.full((bsz, width, k), -math.log(k), dtype=torch.float32)
-        tail_bt = torch.full((bsz, width), float("-inf"), dtype=torch.float32)
-        hidden: dict[int, torch.Tensor] = {}
+        rows = []
         for b, uid in enumerate(batch.uids):
-            ids, lp, tail, hs = self.reader.sequence(uid)
-            n = ids.shape[0]
-            if n != int(lengths[b]):
-                raise StoreMismatch(f"sequence {uid!r}: {n} positions in the teacher store {self.reader.folder} but "
-                                    f"{int(lengths[b])} in the batch; the store covers other data: {REBUILD}",
-                                    fix="overwrite")
-            ids_btk[b, :n] = ids
-            lp_btk[b, :n] = lp
-            tail_bt[b, :n] = tail
-            for i in self.hidden_layers:
-                if i not in hidden:
-                    hidden[i] = torch.zeros(bsz, width, hs[i].shape[-1], dtype=torch.float32)
-                hidden[i][b, :n] = hs[i]
-        dev = self.output_device
-        return TeacherSignal(
-            topk_ids_btk=ids_btk.to(dev), topk_logprobs_btk=lp_btk.to(dev), tail_logmass_bt=tail_bt.to(dev),
-            temperature=self.reader.temperature, hidden_states={i: h.to(dev) for i, h in hidden.items()},
-            fingerprint=self.fingerprint,
-        )
+            row = self.reader.sequence(uid)
+            if row[0].shape[0] != int(lengths[b]):
+                raise StoreMismatch(f"sequence {uid!r}: {row[0].shape[0]} positions in the teacher store "
+                                    f"{self.reader.folder} but {int(lengths[b])} in the batch; the store covers "
+                                    f"other data: {REBUILD}", fix="overwrite")
+            rows.append(row)
+        return batch_signal(batch, rows, width=self.reader.width, vocab_size=self.reader.vocab_size,
+                            temperature=self.reader.temperature, hidden_layers=self.hidden_layers,
+                            fingerprint=self.fingerprint, device=self.output_device)
+
+
+def batch_signal(batch: Batch, rows: list, *, width: int, vocab_size: int, temperature: float,
+                 hidden_layers: list[int], fingerprint: Fingerprint | None, device: torch.device) -> TeacherSignal:
+    """The top-k :class:`TeacherSignal` ``[B, T, W]`` of ``batch`` from one row per sequence, ``(ids [n, W],
+    log-probs [n, W], tail [n], {layer: [n, H]})`` over its ``n`` real positions (a store's rows, or the memo's).
+    Padding positions get a harmless uniform distribution on ``W`` ids (the losses never read them)."""
+    bsz, length = batch.input_ids.shape
+    ids_btk = torch.arange(width, dtype=torch.long).remainder(vocab_size).expand(bsz, length, width).clone()
+    lp_btk = torch.full((bsz, length, width), -math.log(width), dtype=torch.float32)
+    tail_bt = torch.full((bsz, length), float("-inf"), dtype=torch.float32)
+    hidden: dict[int, torch.Tensor] = {}
+    for b, (ids, lp, tail, hs) in enumerate(rows):
+        n = ids.shape[0]
+        ids_btk[b, :n] = ids
+        lp_btk[b, :n] = lp
+        tail_bt[b, :n] = tail
+        for i in hidden_layers:
+            if i not in hidden:
+                hidden[i] = torch.zeros(bsz, length, hs[i].shape[-1], dtype=torch.float32)
+            hidden[i][b, :n] = hs[i]
+    return TeacherSignal(
+        topk_ids_btk=ids_btk.to(device), topk_logprobs_btk=lp_btk.to(device), tail_logmass_bt=tail_bt.to(device),
+        temperature=temperature, hidden_states={i: h.to(device) for i, h in hidden.items()}, fingerprint=fingerprint,
+    )
 
 
 def describe_store(folder: str | Path) -> str:

@@ -20,6 +20,10 @@ which every divergence kernel skips).
 the head carries most of the mass without variance.
 
 Draws are seeded per sequence (:func:`sequence_generator`), so a resumed store is byte-identical.
+
+One sequence's row of any signal (``topk`` too) is made by :func:`row_signal` and read back into the loss's
+shape by :func:`loss_rows`: the store writer, the store reader and the online teacher's memo
+(:mod:`stillroom.teachers.memo`) share them.
 """
 
 from __future__ import annotations
@@ -82,6 +86,46 @@ def with_tail_draws(ids_nk: torch.Tensor, logprobs_nk: torch.Tensor, tail_n: tor
     drawn_lp, _ = frequencies(draws_nd)
     return (torch.cat([ids_nk, draws_nd], dim=1), torch.cat([logprobs_nk, tail_n[:, None] + drawn_lp], dim=1),
             torch.full_like(tail_n, NEG_INF))
+
+
+def topk_signal(logits_tv: torch.Tensor, k: int, loss_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids [.., K], logprobs [.., K], tail [..])`` of ``log_softmax(logits / T)`` in fp32.
+
+    The tail is the logsumexp of the log-probs outside the top k (exact, ``-inf`` when k = V).
+    """
+    lp = torch.log_softmax(logits_tv.float() / loss_temperature, dim=-1)
+    top_lp, top_ids = lp.topk(k, dim=-1, sorted=True)
+    if k == lp.shape[-1]:
+        tail = torch.full(lp.shape[:-1], float("-inf"))
+    else:
+        tail = torch.logsumexp(lp.scatter(-1, top_ids, float("-inf")), dim=-1)
+    return top_ids, top_lp, tail
+
+
+def row_signal(logits_tv: torch.Tensor, uid: str, *, signal: str, k: int, tail_draws: int,
+               loss_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One sequence's stored signal from its teacher logits ``[T, V]``: ``(ids [T, k], log-probs [T, k], tail [T],
+    extra)`` as a store row holds it (``sampled``: sorted draws, log-probs and tail unused zeros;
+    ``topk_sampled``: the top k, with ``extra["tail_ids"]`` ``[T, tail_draws]``); draws seeded by ``uid``."""
+    if signal == "sampled":
+        ids = draw_tokens(logits_tv, k, loss_temperature, sequence_generator(0, uid))
+        return ids, torch.zeros(ids.shape), torch.zeros(ids.shape[0]), {}
+    ids, lp, tail = topk_signal(logits_tv.cpu(), k, loss_temperature)
+    if signal != "topk_sampled":
+        return ids, lp, tail, {}
+    return ids, lp, tail, {"tail_ids": draw_tail(logits_tv, ids, tail_draws, loss_temperature,
+                                                 sequence_generator(0, uid))}
+
+
+def loss_rows(signal: str, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,
+              tail_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A stored row as the loss engine reads it: ``(ids [T, W], log-probs [T, W], tail [T])`` with ``W`` = k
+    (``topk``, ``sampled``: the draws' frequencies) or k + tail_draws (``topk_sampled``)."""
+    if signal == "sampled":
+        logprobs, tail = frequencies(ids)
+    if signal == "topk_sampled":
+        return with_tail_draws(ids, logprobs, tail, tail_ids)
+    return ids, logprobs, tail
 
 
 def signal_label(signal: str, logprob_dtype: str, tail_draws: int = 0) -> str:

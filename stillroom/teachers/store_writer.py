@@ -49,7 +49,7 @@ from stillroom.teachers.store_format import (
     shard_name,
     write_json_atomic,
 )
-from stillroom.teachers.store_sampled import draw_tail, draw_tokens, sequence_generator
+from stillroom.teachers.store_sampled import row_signal
 
 Compute = Callable[[list[Example]], list[SequenceSignal]]
 
@@ -264,20 +264,6 @@ def write_store(folder: str | Path, header: StoreHeader, examples: list[Example]
         writer.close()
 
 
-def topk_signal(logits_tv: torch.Tensor, k: int, loss_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids [.., K], logprobs [.., K], tail [..])`` of ``log_softmax(logits / T)`` in fp32.
-
-    The tail is the logsumexp of the log-probs outside the top k (exact, ``-inf`` when k = V).
-    """
-    lp = torch.log_softmax(logits_tv.float() / loss_temperature, dim=-1)
-    top_lp, top_ids = lp.topk(k, dim=-1, sorted=True)
-    if k == lp.shape[-1]:
-        tail = torch.full(lp.shape[:-1], float("-inf"))
-    else:
-        tail = torch.logsumexp(lp.scatter(-1, top_ids, float("-inf")), dim=-1)
-    return top_ids, top_lp, tail
-
-
 def model_compute(model: torch.nn.Module, *, k: int, loss_temperature: float, vocab_size: int, pad_id: int,
                   hidden_layers: list[int] | None = None, batch_size: int = 8, signal: str = "topk",
                   tail_draws: int = 0) -> Compute:
@@ -299,13 +285,8 @@ def model_compute(model: torch.nn.Module, *, k: int, loss_temperature: float, vo
             logits = out.logits[..., :vocab_size]
             for b, ex in enumerate(chunk):
                 n = len(ex.input_ids)
-                if signal == "sampled":
-                    ids = draw_tokens(logits[b, :n], k, loss_temperature, sequence_generator(0, ex.uid))
-                    lp, tail = torch.zeros(ids.shape), torch.zeros(n)  # not stored: the draws are the signal
-                else:
-                    ids, lp, tail = topk_signal(logits[b, :n].cpu(), k, loss_temperature)
-                extra = {} if signal != "topk_sampled" else {"tail_ids": draw_tail(
-                    logits[b, :n], ids, tail_draws, loss_temperature, sequence_generator(0, ex.uid))}
+                ids, lp, tail, extra = row_signal(logits[b, :n], ex.uid, signal=signal, k=k, tail_draws=tail_draws,
+                                                  loss_temperature=loss_temperature)
                 hidden = {i: out.hidden_states[i][b, :n].cpu() for i in layers}
                 out_rows.append(SequenceSignal(ex.uid, ids, lp, tail, hidden, extra))
         return out_rows

@@ -31,7 +31,8 @@ from stillroom.teachers.store_format import (
     header_differences, parse_identity,
 )
 from stillroom.teachers.store_reader import StoreReader
-from stillroom.teachers.store_writer import plan_shards, topk_signal
+from stillroom.teachers.store_sampled import topk_signal
+from stillroom.teachers.store_writer import plan_shards
 
 Log = Callable[[str], None]
 KIND = "images"

@@ -81,6 +81,20 @@ def test_heldout_cap_keeps_first_by_hash_and_does_not_refill_train(tmp_path, tin
     assert keys == sorted(keys)
 
 
+def test_train_cap_keeps_the_first_by_hash_and_leaves_the_heldout_set(tmp_path, tiny_tokenizer):
+    rows = [{"prompt": f"Question {i}:", "completion": f" answer {i}."} for i in range(200)]
+    path = _jsonl(tmp_path, "qa.jsonl", rows)
+    full = build_splits(DataConfig(sources=[DataSource(path=path)], seq_len=32, heldout_fraction=0.3), tiny_tokenizer,
+                        seed=0)
+    capped = build_splits(DataConfig(sources=[DataSource(path=path)], seq_len=32, heldout_fraction=0.3, train_max=7),
+                          tiny_tokenizer, seed=0)
+    assert len(capped.train) == 7 and capped.stats["train_sequences"] == 7
+    assert capped.stats["train_sequences_over_cap"] == len(full.train) - 7
+    keys = {e.uid: record_key("qa", e.meta["record"], rows[e.meta["record"]]) for e in full.train}
+    assert [e.uid for e in capped.train] == sorted(keys, key=keys.get)[:7]  # a spread over the records
+    assert [e.uid for e in capped.heldout] == [e.uid for e in full.heldout]
+
+
 def test_truncation_and_no_target_drops_are_counted(tmp_path, tiny_tokenizer):
     long_prompt = " ".join(["assert"] * 40)
     rows = [

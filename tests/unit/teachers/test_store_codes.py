@@ -13,7 +13,8 @@ from stillroom.teachers.signal import TeacherSignal
 from stillroom.teachers.store_codes import dequantize, pack_nibbles, quantize, unpack_nibbles
 from stillroom.teachers.store_format import MANIFEST, SequenceSignal, StoreError, decode_logprobs, encode_rows
 from stillroom.teachers.store_reader import StoreReader
-from stillroom.teachers.store_writer import StoreWriter, make_header, topk_signal, write_store
+from stillroom.teachers.store_sampled import topk_signal
+from stillroom.teachers.store_writer import StoreWriter, make_header, write_store
 
 
 def _lp(n=400, k=64, sharp=4.0, seed=0):

@@ -6,7 +6,8 @@ import torch
 
 from stillroom.data.batch import Example
 from stillroom.teachers.store_format import SequenceSignal
-from stillroom.teachers.store_writer import make_header, topk_signal
+from stillroom.teachers.store_sampled import topk_signal
+from stillroom.teachers.store_writer import make_header
 
 V = 300
 H = 8

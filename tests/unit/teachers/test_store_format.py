@@ -22,7 +22,8 @@ from stillroom.teachers.store_format import (
     quantize_int8,
 )
 from stillroom.teachers.store_reader import StoreReader
-from stillroom.teachers.store_writer import plan_shards, topk_signal, write_store
+from stillroom.teachers.store_sampled import topk_signal
+from stillroom.teachers.store_writer import plan_shards, write_store
 
 
 def _write(tmp_path, k=16, dtype="float16", temperature=1.0, n=30, shard_tokens=200, name="store"):

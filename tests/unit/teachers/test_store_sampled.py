@@ -137,7 +137,7 @@ def test_a_cross_tokenizer_run_refuses_a_sampled_store():
 
 def test_tail_draws_come_from_outside_the_head_and_carry_the_tail_mass_unbiased():
     from stillroom.teachers.store_sampled import draw_tail, with_tail_draws
-    from stillroom.teachers.store_writer import topk_signal
+    from stillroom.teachers.store_sampled import topk_signal
 
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(3000, 1)
     ids, lp, tail = topk_signal(logits, 2, 1.0)
@@ -155,7 +155,7 @@ def test_a_topk_sampled_store_reads_back_the_head_and_the_drawn_tail(tmp_path):
     from safetensors.torch import load_file
 
     from stillroom.teachers.store_sampled import draw_tail, with_tail_draws
-    from stillroom.teachers.store_writer import topk_signal
+    from stillroom.teachers.store_sampled import topk_signal
 
     exs, teacher = examples(8), FakeTeacher()
 
