@@ -59,7 +59,8 @@ def load_arm_config(arm: str, seed: int, s: dict, work: Path):
 
     recipe, extra, _ = ARMS[arm]
     return load_config(recipe_path(recipe), [
-        *extra, f"seed={seed}", f"name={arm}_{seed}", f"output_dir={work / 'runs'}", f"cache_dir={s['cache']}",
+        *extra, f"seed={seed}", f"name={arm}_{seed}", f"output_dir={work / 'runs'}",
+        *([f"cache_dir={s['cache']}"] if s["cache"] else []),  # unset: the config's default cache
         f"train.steps={s['steps']}", f"train.micro_batch_size={s['batch']}", f"train.log_every={s['eval_every']}",
         f"train.eval_every={s['eval_every']}", f"generative.eval.samples_per_class={s['samples']}",
         "train.keep_checkpoints=1", "train.threads=1"])
