@@ -57,13 +57,22 @@ def load_pixels(ref: ImageRef) -> torch.Tensor:
 
     check_image(ref.path)
     with Image.open(ref.path) as img:
-        rgb = img.convert("RGB")
-        if rgb.size != (ref.size, ref.size):
-            rgb = rgb.resize((ref.size, ref.size), Image.Resampling.BICUBIC)
-        x_hw3 = np.asarray(rgb, dtype=np.float32) / 255.0
-    mean = np.asarray(ref.mean, dtype=np.float32)
-    std = np.asarray(ref.std, dtype=np.float32)
-    return torch.from_numpy(((x_hw3 - mean) / std).transpose(2, 0, 1).copy())
+        return normalised_pixels(img, ref.size, ref.mean, ref.std)
+
+
+def normalised_pixels(img, size: int, mean, std) -> torch.Tensor:
+    """``[3, size, size]`` float32 of a PIL image: RGB, resized (bicubic) where its size differs, then
+    ``(x / 255 - mean) / std``. The one place pixels are made, so a remote teacher's server
+    (:func:`stillroom.teachers.remote_images.pixels_from_bytes`) sees what the online teacher sees."""
+    from PIL import Image
+
+    rgb = img.convert("RGB")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    x_hw3 = np.asarray(rgb, dtype=np.float32) / 255.0
+    mean_3 = np.asarray(mean, dtype=np.float32)
+    std_3 = np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(((x_hw3 - mean_3) / std_3).transpose(2, 0, 1).copy())
 
 
 def stack_pixels(images: list[ImageRef | None], uids: list[str]) -> torch.Tensor | None:

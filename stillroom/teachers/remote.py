@@ -311,7 +311,11 @@ def remote_from_run(cfg: "RunConfig", *, vocab_size: int, fingerprint: Fingerpri
     so ``loss.loss_temperature`` must be 1.
     """
     check_remote_temperature(cfg)
-    teacher = run_remote(cfg, vocab_size=vocab_size, fingerprint=fingerprint)
+    return checked_server(run_remote(cfg, vocab_size=vocab_size, fingerprint=fingerprint))
+
+
+def checked_server(teacher):
+    """``teacher`` once its server has answered :meth:`check_server`; closed (its cache lock released) when not."""
     try:
         teacher.check_server()
     except BaseException:

@@ -28,7 +28,6 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 IMAGES_FIELD = "images"
@@ -121,19 +120,15 @@ def pixels_from_bytes(data: bytes, spec: ImageInput, where: str) -> torch.Tensor
     computes them from the file (RGB, bicubic resize when the size differs, then ``(x / 255 - mean) / std``)."""
     from PIL import Image, UnidentifiedImageError
 
+    from stillroom.data.images import normalised_pixels
+
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            rgb = img.convert("RGB")
+            return normalised_pixels(img, spec.size, spec.mean, spec.std)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ImageRequestError(f"{where}: the bytes are not an image PIL can read ({type(err).__name__}: {err}); "
                                 "send a PNG or JPEG") from None
-    if rgb.size != (spec.size, spec.size):
-        rgb = rgb.resize((spec.size, spec.size), Image.Resampling.BICUBIC)
-    x_hw3 = np.asarray(rgb, dtype=np.float32) / 255.0
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-    return torch.from_numpy(((x_hw3 - mean) / std).transpose(2, 0, 1).copy())
 
 
 def image_runs(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:

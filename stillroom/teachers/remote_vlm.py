@@ -130,7 +130,7 @@ def remote_vlm_from_run(cfg: "RunConfig", *, vocab_size: int, fingerprint: Finge
                         examples: Sequence[Example], tokens_per_image: int | None = None) -> RemoteVlmTeacher:
     """The remote teacher of a VLM run (``teacher.source: remote`` with ``vlm``), checked before step 0: the
     settings and cache of :func:`stillroom.teachers.remote.remote_from_run`, the images of ``examples``."""
-    from stillroom.teachers.remote import check_remote_temperature, resume_hint
+    from stillroom.teachers.remote import check_remote_temperature, checked_server, resume_hint
 
     check_remote_temperature(cfg)
     images = image_files(examples)
@@ -141,9 +141,4 @@ def remote_vlm_from_run(cfg: "RunConfig", *, vocab_size: int, fingerprint: Finge
     teacher = RemoteVlmTeacher(cfg.teacher.remote, images=images, tokens_per_image=tokens_per_image,
                                vocab_size=vocab_size, fingerprint=fingerprint, cache=cache,
                                resume_hint=resume_hint(cache))
-    try:
-        teacher.check_server()
-    except BaseException:
-        teacher.close()
-        raise
-    return teacher
+    return checked_server(teacher)
