@@ -132,7 +132,8 @@ class _Decoder:
     that also feeds proposals runs the prompt (with the image) and the proposals (whose ids may equal the image
     token's, then read as text) as two passes on one cache, counted as one call."""
 
-    def __init__(self, model: torch.nn.Module, pixel_values: torch.Tensor | None = None, prompt_len: int = 0):
+    def __init__(self, model: torch.nn.Module, pixel_values: torch.Tensor | None = None, prompt_len: int = 0,
+                 features: bool = False):
         self.model = model
         self.pixel_values = pixel_values
         self.prompt_len = prompt_len
@@ -141,6 +142,13 @@ class _Decoder:
         self.cache: Any = None
         self.cached = 0  # number of sequence positions whose keys/values are in the cache
         self.calls = 0
+        self.keep_features = features  # an EAGLE draft reads the cached positions' last hidden states
+        self.features: torch.Tensor | None = None  # [cached, D] after the final norm (what the LM head reads)
+        self.embeds: torch.Tensor | None = None  # [cached, D] the first layer's input (hidden state 0)
+
+    def ready(self, length: int) -> bool:
+        """A model draft can always propose (an EAGLE head waits for the target's features)."""
+        return True
 
     def logits(self, sequence: list[int], keep: int) -> torch.Tensor:
         """Feed ``sequence[self.cached:]``; return the logits ``[keep, V]`` of the last ``keep`` positions."""
@@ -160,8 +168,13 @@ class _Decoder:
     def _forward(self, sequence: list[int], keep: int, image: dict) -> torch.Tensor:
         """One pass over ``sequence[self.cached:]``: the logits ``[keep, V]`` of its last ``keep`` positions."""
         ids_1t = torch.tensor([sequence[self.cached :]], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids_1t, use_cache=True, logits_to_keep=keep, **{self.keyword: self.cache}, **image)
+        out = self.model(input_ids=ids_1t, use_cache=True, logits_to_keep=keep, **{self.keyword: self.cache}, **image,
+                         **({"output_hidden_states": True} if self.keep_features else {}))
         self.cache = checked_cache(out, len(sequence), self.keyword, self.model)
+        if self.keep_features:
+            last, first = out.hidden_states[-1][0], out.hidden_states[0][0]
+            self.features = last if self.features is None else torch.cat([self.features, last])
+            self.embeds = first if self.embeds is None else torch.cat([self.embeds, first])
         self.cached = len(sequence)
         return out.logits[0, -keep:, :]
 
@@ -169,6 +182,8 @@ class _Decoder:
         if self.cached > length:
             crop_cache(self.cache, length)
             self.cached = length
+            if self.features is not None:
+                self.features, self.embeds = self.features[:length], self.embeds[:length]
 
 
 def logits_width(model: torch.nn.Module) -> int:
@@ -203,7 +218,9 @@ def speculative_generate(
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (batch size 1).
 
     ``gamma`` proposals per round (fewer near ``max_new_tokens`` so no work is thrown
-    away, and none after the draft proposes EOS). ``gamma=0`` with ``draft=None`` is plain
+    away, and none after the draft proposes EOS). ``draft`` may be a model or an
+    :class:`~stillroom.generate.eagle_draft.EagleDraft` (a feature-level head that reads the target's features;
+    it proposes nothing until the target has read the prompt). ``gamma=0`` with ``draft=None`` is plain
     autoregressive decoding of the target with a KV cache. The draft and the target must
     share the tokenizer; if their logit widths differ (vocabulary padding rows) both are
     cut to the smaller width. Randomness (sampling mode) comes only from ``generator``. ``pixel_values``
@@ -225,15 +242,18 @@ def speculative_generate(
 
     start = time.perf_counter()
     stats = SpecStats()
-    tgt = _Decoder(target, pixel_values, len(prompt_ids))
-    drf = _Decoder(draft, pixel_values, len(prompt_ids)) if draft is not None and gamma > 0 else None
+    eagle = getattr(draft, "reads_target_features", False)  # an EAGLE head (stillroom/generate/eagle_draft.py)
+    tgt = _Decoder(target, pixel_values, len(prompt_ids), features=eagle and gamma > 0)
+    drf = None
+    if draft is not None and gamma > 0:
+        drf = draft.speculative_decoder(tgt) if eagle else _Decoder(draft, pixel_values, len(prompt_ids))
     sequence = [int(t) for t in prompt_ids]
     new: list[int] = []
     width = logits_width(target) if drf is None else min(logits_width(target), logits_width(draft))
 
     with eval_mode(target, draft):
         while len(new) < max_new_tokens:
-            g = min(gamma, max_new_tokens - len(new) - 1)
+            g = min(gamma, max_new_tokens - len(new) - 1) if drf is None or drf.ready(len(sequence)) else 0
             # 1. Draft proposes g tokens autoregressively.
             proposals: list[int] = []
             q_rows: list[torch.Tensor] = []  # warped draft probabilities (sampling) or logits (greedy)

@@ -12,6 +12,11 @@ metrics.jsonl, so a resumed run keeps the earlier points): ``spec_alpha`` (accep
 token: EAGLE's average acceptance length tau, the block efficiency) and ``spec_accepted_per_round`` (tau - 1).
 The run folder gets ``specvlm_curve.json`` / ``.png`` and a section of report.md: acceptance length against
 training steps.
+
+``specvlm.draft: eagle_head``: the trained draft is EAGLE's feature-level head instead of the student
+(:mod:`stillroom.methods.specvlm_eagle`: its player replaces the student's, which is not trained); the curve
+measures the head drafting for the target (:class:`~stillroom.generate.eagle_draft.EagleDraft`), and the head is
+saved as ``<run>/eagle_head`` (``eagle_head.json`` + ``model.safetensors``).
 """
 
 from __future__ import annotations
@@ -47,11 +52,11 @@ def acceptance(target: torch.nn.Module, draft: torch.nn.Module, prompts: list, *
 class AcceptanceCurve:
     """Measures the draft every ``eval_every`` steps (the step comes from the loop's ``replace_batches`` call)."""
 
-    def __init__(self, ctx: MethodContext) -> None:
+    def __init__(self, ctx: MethodContext, draft: torch.nn.Module | None = None) -> None:
         from stillroom.domains.vl.vlm_eval import prompt_and_pixels
 
         self.section = ctx.cfg.specvlm
-        self.target, self.draft = ctx.teacher_model, ctx.model
+        self.target, self.draft = ctx.teacher_model, ctx.model if draft is None else draft
         if self.target is None:
             raise ValueError("method=specvlm needs the target in process (teacher.source: online)")
         self.prompts = [prompt_and_pixels(ex) for ex in ctx.data.heldout[: self.section.prompts]]
@@ -61,8 +66,8 @@ class AcceptanceCurve:
         self.step = 0
         self.log = ctx.log
         self.first = self.measure()
-        ctx.log(f"specvlm: before training, acceptance length {self.first['spec_accept_len']:.3f} "
-                f"(alpha {self.first['spec_alpha']:.3f}, gamma {self.section.gamma})")
+        ctx.log(f"specvlm: before training, acceptance length {_num(self.first['spec_accept_len'])} "
+                f"(alpha {_num(self.first['spec_alpha'])}, gamma {self.section.gamma})")
 
     def measure(self) -> dict[str, float]:
         return acceptance(self.target, self.draft, self.prompts, gamma=self.section.gamma,
@@ -83,7 +88,18 @@ class AcceptanceCurve:
         write_atomic(run_dir / "specvlm_curve.json", json.dumps({"gamma": self.section.gamma, "points": points},
                                                                 indent=2))
         plot_curve(points, run_dir / "specvlm_curve.png", self.section.gamma)
-        append_report(run_dir / "report.md", points, self.section.gamma)
+        append_report(run_dir / "report.md", points, self.section.gamma, self.section.draft)
+
+
+def _num(x) -> str:
+    """A curve value to 3 decimals; n/a where none was measured (alpha when no proposal was tested: an EAGLE
+    head proposes nothing in the round of the target's first token, so a prompt answered in one token tests none;
+    metrics.jsonl stores that NaN as a string)."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{x:.3f}" if x == x else "n/a"
 
 
 def read_points(metrics_file: Path) -> list[dict]:
@@ -116,21 +132,50 @@ def plot_curve(points: list[dict], path: Path, gamma: int) -> None:
     os.replace(tmp, path)
 
 
-def append_report(report: Path, points: list[dict], gamma: int) -> None:
+def append_report(report: Path, points: list[dict], gamma: int, draft: str = "model") -> None:
     """A section of report.md: the acceptance table against training steps and the curve's picture."""
     if not report.is_file():
         return
-    rows = [f"| {p['step']} | {p['spec_accept_len']:.3f} | {p['spec_alpha']:.3f} |" for p in points]
+    rows = [f"| {p['step']} | {_num(p['spec_accept_len'])} | {_num(p['spec_alpha'])} |" for p in points]
+    which = ("The draft is the EAGLE feature-level head saved in `eagle_head/` (the student rows above are the "
+             "untrained student, not the draft). ") if draft == "eagle_head" else ""
     section = ["", "## Draft acceptance during training (specvlm)", "",
-               f"Speculative decoding with gamma {gamma}; tau = tokens per target forward.", "",
+               f"{which}Speculative decoding with gamma {gamma}; tau = tokens per target forward.", "",
                "| step | acceptance length tau | alpha |", "|---:|---:|---:|", *rows, "",
                "![acceptance length](specvlm_curve.png)", ""]
     write_atomic(report, report.read_text().rstrip("\n") + "\n" + "\n".join(section))
 
 
 def build(ctx: MethodContext) -> MethodPlan:
-    curve = AcceptanceCurve(ctx)
-    return MethodPlan(replace_batches=curve.note_step, metrics=curve.metrics, report=curve.report)
+    if ctx.cfg.specvlm.draft == "model":
+        curve = AcceptanceCurve(ctx)
+        return MethodPlan(replace_batches=curve.note_step, metrics=curve.metrics, report=curve.report)
+    return eagle_plan(ctx)
+
+
+def eagle_plan(ctx: MethodContext) -> MethodPlan:
+    """``specvlm.draft: eagle_head``: the head is the trained player and the measured draft (module docstring)."""
+    from stillroom.generate.eagle_draft import EagleDraft
+    from stillroom.generate.eagle_head import build_head, save_head
+    from stillroom.methods.specvlm_eagle import eagle_player
+
+    if ctx.teacher_model is None:
+        raise ValueError("method=specvlm needs the target in process (teacher.source: online)")
+    section = ctx.cfg.specvlm
+    head = build_head(ctx.teacher_model, layers=section.head_layers, seed=section.head_seed,
+                      name=f"run {ctx.cfg.name}").float()
+    n_params = sum(p.numel() for p in head.parameters())
+    ctx.log(f"specvlm: EAGLE head draft, {section.head_layers} decoder layer(s), {n_params / 1e6:.2f}M parameters "
+            "(the student is not trained)")
+    curve = AcceptanceCurve(ctx, EagleDraft(head, ctx.teacher_model))
+    player = eagle_player(ctx, head, curve.note_step)
+
+    def report(run_dir: Path) -> None:
+        save_head(head, run_dir / "eagle_head")
+        curve.report(run_dir)
+
+    return MethodPlan(replace_batches=curve.note_step, metrics=curve.metrics, report=report,
+                      players=lambda _student: [player])
 
 
 METHOD = Method("specvlm", build=build)

@@ -83,6 +83,29 @@ def _load(role: str, ref: str, dtype: torch.dtype, device: str, log: Log):
     return loaded
 
 
+def _load_draft(cfg: SpecEvalConfig, target, dtype: torch.dtype, log: Log):
+    """The draft: a model (sharing the target's tokenizer), or an EAGLE head folder (``eagle_head.json``, written
+    by ``specvlm.draft=eagle_head``), which drafts from the target's own features and is checked against it."""
+    from types import SimpleNamespace
+
+    from stillroom.generate.eagle_head import is_head_folder
+
+    if is_head_folder(Path(cfg.draft).expanduser()):
+        from stillroom.generate.eagle_draft import eagle_draft_from
+
+        model = eagle_draft_from(Path(cfg.draft).expanduser(), target.model)
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"  draft: EAGLE head {cfg.draft}, {n_params:,} parameters (it borrows the target's LM head and embedding, not counted)")
+        return SimpleNamespace(model=model, identity=f"eagle_head:{cfg.draft}")
+    draft = _load("draft", cfg.draft, dtype, cfg.device, log)
+    if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+        raise ValueError(
+            f"target {cfg.target} and draft {cfg.draft} have different tokenizers; "
+            "speculative decoding needs a draft that shares the target's vocabulary"
+        )
+    return draft
+
+
 def spec_eval(cfg: SpecEvalConfig, *, log: Log = say) -> dict:
     """Measure ``cfg.draft`` as a speculative drafter for ``cfg.target``; write report.json, report.md and
     block_efficiency.png into :func:`output_folder`; return the report (see :func:`run_spec_eval`)."""
@@ -98,12 +121,7 @@ def spec_eval(cfg: SpecEvalConfig, *, log: Log = say) -> dict:
         f"{torch.get_num_threads()} torch threads); report into {out}")
     dtype = torch_dtype(cfg.dtype)
     target = _load("target", cfg.target, dtype, cfg.device, log)
-    draft = _load("draft", cfg.draft, dtype, cfg.device, log)
-    if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
-        raise ValueError(
-            f"target {cfg.target} and draft {cfg.draft} have different tokenizers; "
-            "speculative decoding needs a draft that shares the target's vocabulary"
-        )
+    draft = _load_draft(cfg, target, dtype, log)
     counts: dict = {}
     pixels = None
     if getattr(target.model.config, "vision_config", None) is not None:  # a VLM: VQA records with their images
