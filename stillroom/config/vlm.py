@@ -125,10 +125,13 @@ def check_vlm_run(run) -> None:
     if run.domain != "lm":
         raise ValueError(f"the `vlm` section is set, but domain is {run.domain!r}: a VLM runs in the lm domain; "
                          "remove `domain` or the `vlm` section")
-    if "model" in run.teacher.model_fields_set:
+    from stillroom.config.core import DataConfig, TeacherConfig
+
+    # by value, not by the fields a recipe named: a run's config.resolved.yaml names every field and must reload
+    if run.teacher.model != TeacherConfig().model:
         raise ValueError("teacher.model is set beside the `vlm` section: a VLM teacher comes from vlm.teacher.path "
                          "(a LLaVA folder) or is trained here; move the path to vlm.teacher.path")
-    if run.vlm.data is not None and "sources" in run.data.model_fields_set:
+    if run.vlm.data is not None and run.data.sources != DataConfig().sources:
         raise ValueError("data.sources is set beside vlm.data: vlm.data generates the run's records; remove one")
     if run.method == "onpolicy":
         raise ValueError("method=onpolicy samples new sequences, which would carry no image; a `vlm` run trains "
@@ -152,9 +155,11 @@ def _check_vlm_sources(tcfg, where: str) -> None:
                          "tokenizer_mode: same (the VLM teacher's tokenizer)")
     if tcfg.source != "ensemble":
         return
+    from stillroom.config.core import TeacherConfig
+
     for i, member in enumerate(tcfg.ensemble):
         key = f"{where}.ensemble.{i}"
-        named = member.source == "online" and "model" in member.model_fields_set  # unset: the run's VLM teacher
+        named = member.source == "online" and member.model != TeacherConfig().model  # default: the run's VLM teacher
         if named and (member.model.builtin is not None or member.model.gguf is not None):
             raise ValueError(f"{key}.model names a text model ({member.model.builtin or member.model.gguf}), but "
                              "this is a VLM run: every member must read the rows' images; give a LLaVA folder "
