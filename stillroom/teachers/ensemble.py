@@ -105,6 +105,13 @@ class EnsembleTeacher:
         self.vocab_size = vocab_size or (self.fingerprint.vocab_size if self.fingerprint else None) or next(
             (getattr(m, "vocab_size") for m in self.members if getattr(m, "vocab_size", None)), None)
 
+    def close(self) -> None:
+        """Close the members that hold resources (remote members: HTTP sessions, the resume cache's lock)."""
+        for member in self.members:
+            close = getattr(member, "close", None)
+            if close is not None:
+                close()
+
     def _fingerprint(self) -> Fingerprint | None:
         fps = [getattr(m, "fingerprint", None) for m in self.members]
         known = [(i, f) for i, f in enumerate(fps) if f is not None]

@@ -176,6 +176,10 @@ class Session:
     def close(self) -> TrainResult:
         self.progress.close()
         self.metrics.close()
+        for player in self.job.players:  # a remote teacher's HTTP sessions and its resume cache's lock
+            close = getattr(getattr(player.objective, "teacher", None), "close", None)
+            if close is not None:
+                close()
         for root in self.sharded:  # process 0 alone evaluates and saves the trained models next
             fsdp.gather_for_good(root)
         for player in self.job.players:
