@@ -92,7 +92,7 @@ def _token_plan(cfg: RunConfig, prep, method, settings: dict):
     compute = model_compute(prep.teacher_model, k=k, loss_temperature=cfg.loss.loss_temperature,
                             vocab_size=prep.vocab_size, pad_id=prep.tokenizer.pad_token_id, hidden_layers=layers,
                             batch_size=sc.cache_batch_size or cfg.train.micro_batch_size, signal=sc.signal,
-                            tail_draws=sc.tail_draws)
+                            tail_draws=sc.tail_draws, draw=header.draw)
     return header, examples, compute, None
 
 

@@ -186,10 +186,13 @@ class StoreHeader:
     student_tokenizer_hash: str = ""
     """``cross`` stores: the hash of the student's tokenizer, whose sequences the teacher read (else empty)."""
     signal: str = "topk"
-    tail_draws: int = 0
-    """``topk_sampled``: draws per position from the teacher outside its top k (``tail_ids [N, tail_draws]``)."""
     """``sampled``: ``topk_ids`` holds k draws from the teacher per position, sorted, and no log-probs or tail
     (:mod:`~stillroom.teachers.store_sampled`). A manifest without it: ``topk``."""
+    tail_draws: int = 0
+    """``topk_sampled``: draws per position from the teacher outside its top k (``tail_ids [N, tail_draws]``)."""
+    draw: str = ""
+    """How the sampled signals draw: ``systematic`` (one uniform offset, evenly spaced points through the CDF) or
+    ``multinomial`` (independent draws: stores written before the field existed); empty for ``topk``."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.k > self.vocab_size:
@@ -207,6 +210,7 @@ class StoreHeader:
                              f"not {self.logprob_dtype!r}")
         if self.signal not in SIGNALS:
             raise StoreError(f"signal {self.signal!r}; valid: {', '.join(SIGNALS)}")
+        self.draw = "" if self.signal == "topk" else (self.draw or "systematic")
         if self.tokenizer_mode not in ("same", "cross"):
             raise StoreError(f"tokenizer_mode {self.tokenizer_mode!r}; valid: same, cross")
         self.hidden_layers = sorted(set(int(i) for i in self.hidden_layers))
@@ -222,7 +226,8 @@ def legacy_fields(manifest: dict) -> dict:
     (``scale_dtype``: float32 for int8, empty otherwise; ``tokenizer_mode``: same; no student tokenizer)."""
     if manifest.get("format") != FORMAT:
         return manifest
-    implied = {"tokenizer_mode": "same", "student_tokenizer_hash": "", "signal": "topk"}
+    implied = {"tokenizer_mode": "same", "student_tokenizer_hash": "", "signal": "topk",
+               "draw": "" if manifest.get("signal", "topk") == "topk" else "multinomial"}
     if "scale_dtype" not in manifest:
         implied["scale_dtype"] = "float32" if manifest.get("logprob_dtype") == "int8" else ""
     return {**implied, **manifest}

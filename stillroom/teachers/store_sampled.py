@@ -41,15 +41,37 @@ def sequence_generator(seed: int, uid: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def draw_tokens(logits_tv: torch.Tensor, k: int, loss_temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """``[T, k]`` int64 ids drawn with replacement from ``softmax(logits / T)`` per row, sorted ascending.
+def draw_tokens(logits_tv: torch.Tensor, k: int, loss_temperature: float, generator: torch.Generator,
+                draw: str = "systematic") -> torch.Tensor:
+    """``[T, k]`` int64 ids drawn from ``softmax(logits / T)`` per row, sorted ascending (:func:`draw_from`).
 
-    Sampling runs in fp32 on the CPU (``torch.multinomial`` with an explicit generator), whatever device and
-    dtype the logits came from, so the same seed gives the same draws everywhere.
+    Sampling runs in fp32 on the CPU with an explicit generator, whatever device and dtype the logits came from,
+    so the same seed gives the same draws everywhere.
     """
     probs = torch.softmax(logits_tv.detach().float().cpu() / loss_temperature, dim=-1)
-    ids = torch.multinomial(probs, k, replacement=True, generator=generator)
-    return ids.sort(dim=-1).values
+    return draw_from(probs, k, generator, draw)
+
+
+def draw_from(probs_tv: torch.Tensor, k: int, generator: torch.Generator, draw: str) -> torch.Tensor:
+    """``[T, k]`` sorted ids drawn from each row of ``probs_tv`` ``[T, V]`` (rows need not sum to 1).
+
+    ``systematic``: one offset ``u ~ U[0, 1)`` per row and the points ``(u + j) / k``, ``j = 0 .. k-1``, looked up
+    in the row's normalised CDF. Each token's expected count is exactly ``k p_v`` (unbiased, as independent
+    draws), but its count is ``floor(k p_v)`` or ``ceil(k p_v)``: far less variance than ``multinomial`` (``k``
+    independent draws with replacement; what stores written before systematic draws hold). Zero-probability
+    tokens are never drawn by either.
+    """
+    if draw == "multinomial":
+        return torch.multinomial(probs_tv, k, replacement=True, generator=generator).sort(dim=-1).values
+    if draw != "systematic":
+        raise ValueError(f"draw {draw!r}; valid: systematic, multinomial")
+    cdf = probs_tv.double().cumsum(-1)
+    cdf = cdf / cdf[:, -1:]
+    points = (torch.rand(probs_tv.shape[0], 1, generator=generator, dtype=torch.float64)
+              + torch.arange(k, dtype=torch.float64)) / k
+    ids = torch.searchsorted(cdf, points, right=True)
+    last = probs_tv.shape[-1] - 1 - (probs_tv.flip(-1) > 0).to(torch.int8).argmax(-1, keepdim=True)
+    return torch.minimum(ids, last)  # a point at the very top of a CDF rounded below 1: the last drawable token
 
 
 def frequencies(ids_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +86,7 @@ def frequencies(ids_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def draw_tail(logits_tv: torch.Tensor, head_ids_tk: torch.Tensor, draws: int, loss_temperature: float,
-              generator: torch.Generator) -> torch.Tensor:
+              generator: torch.Generator, draw: str = "systematic") -> torch.Tensor:
     """``[T, draws]`` int64 ids drawn with replacement from the teacher's distribution renormalised outside its
     head ``head_ids_tk`` (the ``topk_sampled`` signal: the head is kept exactly, the tail estimated), sorted.
     A row whose tail holds no fp32 mass draws its first non-head token (its tail mass is then 0 anyway)."""
@@ -74,7 +96,7 @@ def draw_tail(logits_tv: torch.Tensor, head_ids_tk: torch.Tensor, draws: int, lo
     if bool(empty.any()):
         free = torch.ones_like(rest).scatter(-1, head_ids_tk.long().cpu(), 0.0)
         rest[empty] = torch.zeros_like(rest[empty]).scatter(-1, free[empty].argmax(-1, keepdim=True), 1.0)
-    return torch.multinomial(rest, draws, replacement=True, generator=generator).sort(dim=-1).values
+    return draw_from(rest, draws, generator, draw)
 
 
 def with_tail_draws(ids_nk: torch.Tensor, logprobs_nk: torch.Tensor, tail_n: torch.Tensor,
@@ -103,18 +125,20 @@ def topk_signal(logits_tv: torch.Tensor, k: int, loss_temperature: float) -> tup
 
 
 def row_signal(logits_tv: torch.Tensor, uid: str, *, signal: str, k: int, tail_draws: int,
-               loss_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+               loss_temperature: float, draw: str = "systematic",
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One sequence's stored signal from its teacher logits ``[T, V]``: ``(ids [T, k], log-probs [T, k], tail [T],
     extra)`` as a store row holds it (``sampled``: sorted draws, log-probs and tail unused zeros;
-    ``topk_sampled``: the top k, with ``extra["tail_ids"]`` ``[T, tail_draws]``); draws seeded by ``uid``."""
+    ``topk_sampled``: the top k, with ``extra["tail_ids"]`` ``[T, tail_draws]``); draws seeded by ``uid``, made
+    as ``draw`` says (:func:`draw_from`)."""
     if signal == "sampled":
-        ids = draw_tokens(logits_tv, k, loss_temperature, sequence_generator(0, uid))
+        ids = draw_tokens(logits_tv, k, loss_temperature, sequence_generator(0, uid), draw)
         return ids, torch.zeros(ids.shape), torch.zeros(ids.shape[0]), {}
     ids, lp, tail = topk_signal(logits_tv.cpu(), k, loss_temperature)
     if signal != "topk_sampled":
         return ids, lp, tail, {}
     return ids, lp, tail, {"tail_ids": draw_tail(logits_tv, ids, tail_draws, loss_temperature,
-                                                 sequence_generator(0, uid))}
+                                                 sequence_generator(0, uid), draw)}
 
 
 def loss_rows(signal: str, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,

@@ -266,10 +266,10 @@ def write_store(folder: str | Path, header: StoreHeader, examples: list[Example]
 
 def model_compute(model: torch.nn.Module, *, k: int, loss_temperature: float, vocab_size: int, pad_id: int,
                   hidden_layers: list[int] | None = None, batch_size: int = 8, signal: str = "topk",
-                  tail_draws: int = 0) -> Compute:
+                  tail_draws: int = 0, draw: str = "systematic") -> Compute:
     """A :data:`Compute` callback running an in-process HF causal LM (no grad), ``batch_size`` sequences at a time.
     ``signal: sampled``: ``k`` draws per position instead of the top k; ``topk_sampled``: the top k and
-    ``tail_draws`` draws outside it (draws seeded per sequence uid)."""
+    ``tail_draws`` draws outside it (draws seeded per sequence uid, made as ``draw`` says: the header's)."""
     from stillroom.data.batch import collate
 
     device = next(model.parameters()).device
@@ -286,7 +286,7 @@ def model_compute(model: torch.nn.Module, *, k: int, loss_temperature: float, vo
             for b, ex in enumerate(chunk):
                 n = len(ex.input_ids)
                 ids, lp, tail, extra = row_signal(logits[b, :n], ex.uid, signal=signal, k=k, tail_draws=tail_draws,
-                                                  loss_temperature=loss_temperature)
+                                                  loss_temperature=loss_temperature, draw=draw)
                 hidden = {i: out.hidden_states[i][b, :n].cpu() for i in layers}
                 out_rows.append(SequenceSignal(ex.uid, ids, lp, tail, hidden, extra))
         return out_rows

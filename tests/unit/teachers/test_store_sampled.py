@@ -13,7 +13,7 @@ from stillroom.config.schema import LossConfig, LossTerm, RunConfig
 from stillroom.teachers.signal import TeacherSignal
 from stillroom.teachers.store_format import SequenceSignal
 from stillroom.teachers.store_reader import StoreReader, run_expectation
-from stillroom.teachers.store_sampled import draw_tokens, frequencies, sequence_generator
+from stillroom.teachers.store_sampled import draw_from, draw_tokens, frequencies, sequence_generator
 from stillroom.teachers.store_writer import make_header, write_store
 
 
@@ -36,6 +36,40 @@ def test_draws_are_sorted_seeded_per_sequence_and_follow_the_tempered_teacher():
     p_hat = torch.zeros(4000, 4).scatter_add_(1, a, torch.full(a.shape, 1 / 8)).mean(0)
     torch.testing.assert_close(p_hat, torch.softmax(logits[0] / 2.0, -1), atol=0.01, rtol=0)
     assert torch.allclose(lp.exp().sum(-1), torch.ones(4000))  # the distinct ids' frequencies sum to one
+
+
+@pytest.mark.parametrize("draw", ["systematic", "multinomial"])
+def test_both_draws_are_unbiased_and_systematic_counts_are_floor_or_ceil_of_k_p(draw):
+    probs = torch.tensor([0.37, 0.0, 0.21, 0.005, 0.3, 0.115]).repeat(20000, 1)
+    k = 8
+    ids = draw_from(probs, k, torch.Generator().manual_seed(0), draw)
+    assert ids.shape == (20000, k) and bool((ids[:, 1:] >= ids[:, :-1]).all())
+    counts = torch.zeros(20000, 6).scatter_add_(1, ids, torch.ones(ids.shape))
+    assert counts[:, 1].sum() == 0  # a zero-probability token is never drawn
+    torch.testing.assert_close(counts.mean(0) / k, probs[0], atol=0.005, rtol=0)
+    expected = k * probs[0]
+    off = ((counts < expected.floor()) | (counts > expected.ceil())).any(-1).float().mean()
+    if draw == "systematic":
+        assert off == 0  # each count is floor(k p) or ceil(k p): the low-variance property
+        assert counts.var(0).sum() < 0.5 * (k * probs[0] * (1 - probs[0])).sum()  # below the multinomial variance
+    else:
+        assert off > 0.05
+
+
+def test_a_store_written_with_independent_draws_is_not_resumed_with_systematic_ones(tmp_path):
+    import json
+
+    from stillroom.teachers.store_format import MANIFEST, StoreError
+    from stillroom.teachers.store_writer import StoreWriter
+
+    exs, manifest = _write(tmp_path)
+    assert manifest["draw"] == "systematic"
+    del manifest["draw"]  # as written before the field existed: independent draws
+    (tmp_path / "store" / MANIFEST).write_text(json.dumps(manifest))
+    header = make_header(exs, teacher_identity="fake", tokenizer_hash="h", vocab_size=V, k=16, loss_temperature=1.0,
+                         logprob_dtype="float16", shard_tokens=1024, signal="sampled")
+    with pytest.raises(StoreError, match="draw \\(store 'multinomial', run 'systematic'\\)"):
+        StoreWriter(tmp_path / "store", header, exs)
 
 
 def _kd_grad(teacher: TeacherSignal, logits: torch.Tensor, name: str, chunk) -> torch.Tensor:

@@ -29,11 +29,14 @@ def test_another_tokenizer_with_a_remote_or_ensemble_teacher_is_refused():
         RunConfig(**BASE, teacher=nested)
 
 
-@pytest.mark.parametrize("model", [{"gguf": "text.gguf"}, {"builtin": "smollm2-135m-instruct"}])
-def test_a_text_model_member_is_refused_by_its_reference(model):
-    member = {"source": "online", "model": model}
+def test_a_text_model_member_is_refused_by_its_reference():
+    member = {"source": "online", "model": {"gguf": "text.gguf"}}
     with pytest.raises(ValueError, match="teacher.ensemble.1.model names a text model"):
         RunConfig(**BASE, teacher={"source": "ensemble", "ensemble": [{"source": "online"}, member]})
+    # the default model, named or not (a resolved config names it), is the run's teacher: here the VLM teacher, as
+    # the factory reads a member whose model equals teacher.model
+    named = {"source": "online", "model": {"builtin": "smollm2-135m-instruct"}}
+    RunConfig(**BASE, teacher={"source": "ensemble", "ensemble": [{"source": "online"}, named]})
     deep = {"source": "ensemble", "ensemble": [{"source": "ensemble", "ensemble": [member]}]}
     with pytest.raises(ValueError, match="teacher.ensemble.0.ensemble.0.model names a text model"):
         RunConfig(**BASE, teacher=deep)
