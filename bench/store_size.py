@@ -5,7 +5,8 @@ Data: bundled prose, ``--seq``-token blocks; the stores cover the first ``--trai
 For each variant (``online`` or ``k<K>/<logprob_dtype>``, e.g. ``k16/int8``; ``k16/int8-f32scale`` is the
 int8 mode with the pre-float16 float32 scales; ``k32/sampled`` is a sampled store, ``teacher.store.signal:
 sampled``: 32 tokens drawn per position, their frequencies the target, from its own teacher pass;
-``k8/int8+t16`` is ``signal: topk_sampled``: the top 8 as ``k8/int8`` plus 16 draws outside them):
+``k8/int8+t16`` is ``signal: topk_sampled``: the top 8 as ``k8/int8`` plus 16 draws outside them; drawn
+variants draw systematically, ``...-iid`` (e.g. ``k8/int8+t16-iid``) independently):
 
 1. a real store folder is written with :func:`write_store` (one teacher pass, top-``max k`` kept, sliced
    exactly for each k) and its bytes per position are the shard files' bytes over the covered positions;
@@ -62,14 +63,23 @@ SETTINGS = ("steps", "train_seqs", "heldout", "seq", "batch", "lr", "warmup", "p
 
 def tail_draws(name: str) -> int:
     """``"k8/int8+t16"`` -> 16 (a ``topk_sampled`` store: the top 8 and 16 draws outside it); 0 otherwise."""
-    return int(name.split("+t")[1]) if "+t" in name else 0
+    return int(name.removesuffix(IID).split("+t")[1]) if "+t" in name else 0
+
+
+IID = "-iid"
+"""Variant suffix: the store's draws are independent (``multinomial``) instead of systematic (the default)."""
+
+
+def draw_kind(name: str) -> str:
+    """``"k8/int8+t16-iid"`` -> ``multinomial``; any other drawn variant -> ``systematic``."""
+    return "multinomial" if name.endswith(IID) else "systematic"
 
 
 def parse_variant(name: str) -> tuple[int, str, str | None]:
     """``"k16/int8"`` -> ``(16, "int8", None)``; ``"k16/int8-f32scale"`` -> ``(16, "int8", "float32")``;
     ``"k8/int8+t16"`` -> ``(8, "int8", None)`` (its draws: :func:`tail_draws`)."""
     try:
-        k_part, dtype = name.split("+t")[0].split("/")
+        k_part, dtype = name.removesuffix(IID).split("+t")[0].split("/")
         scale = None
         if dtype.endswith("-f32scale"):
             dtype, scale = dtype[: -len("-f32scale")], "float32"
@@ -212,8 +222,9 @@ def main() -> None:
         header = make_header(train, teacher_identity=identity, tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab,
                              k=k, loss_temperature=1.0, logprob_dtype="float16" if signal == "sampled" else dtype,
                              shard_tokens=8192, signal=signal, tail_draws=draws)
+        header.draw = draw_kind(v)
         compute = model_compute(teacher, k=k, loss_temperature=1.0, vocab_size=vocab, pad_id=pad,
-                                batch_size=args.batch, signal=signal, tail_draws=draws)
+                                batch_size=args.batch, signal=signal, tail_draws=draws, draw=header.draw)
         m = write_store(tmp_root / v.replace("/", "_"), header, train, compute, overwrite=True, log=lambda s: None)
         stores[v] = tmp_root / v.replace("/", "_")
         results["sizes"][v] = {"bytes_per_position": m["store_bytes"] / m["tokens"], "store_bytes": m["store_bytes"],
