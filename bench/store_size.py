@@ -6,7 +6,8 @@ For each variant (``online`` or ``k<K>/<logprob_dtype>``, e.g. ``k16/int8``; ``k
 int8 mode with the pre-float16 float32 scales; ``k32/sampled`` is a sampled store, ``teacher.store.signal:
 sampled``: 32 tokens drawn per position, their frequencies the target, from its own teacher pass;
 ``k8/int8+t16`` is ``signal: topk_sampled``: the top 8 as ``k8/int8`` plus 16 draws outside them; drawn
-variants draw systematically, ``...-iid`` (e.g. ``k8/int8+t16-iid``) independently):
+variants draw independently (``teacher.store.draw: multinomial``), ``...-sys`` (e.g. ``k8/int8+t16-sys``)
+systematically):
 
 1. a real store folder is written with :func:`write_store` (one teacher pass, top-``max k`` kept, sliced
    exactly for each k) and its bytes per position are the shard files' bytes over the covered positions;
@@ -63,23 +64,23 @@ SETTINGS = ("steps", "train_seqs", "heldout", "seq", "batch", "lr", "warmup", "p
 
 def tail_draws(name: str) -> int:
     """``"k8/int8+t16"`` -> 16 (a ``topk_sampled`` store: the top 8 and 16 draws outside it); 0 otherwise."""
-    return int(name.removesuffix(IID).split("+t")[1]) if "+t" in name else 0
+    return int(name.removesuffix(SYS).split("+t")[1]) if "+t" in name else 0
 
 
-IID = "-iid"
-"""Variant suffix: the store's draws are independent (``multinomial``) instead of systematic (the default)."""
+SYS = "-sys"
+"""Variant suffix: the store's draws are systematic (``teacher.store.draw: systematic``) instead of independent."""
 
 
 def draw_kind(name: str) -> str:
-    """``"k8/int8+t16-iid"`` -> ``multinomial``; any other drawn variant -> ``systematic``."""
-    return "multinomial" if name.endswith(IID) else "systematic"
+    """``"k8/int8+t16-sys"`` -> ``systematic``; any other drawn variant -> ``multinomial`` (the default)."""
+    return "systematic" if name.endswith(SYS) else "multinomial"
 
 
 def parse_variant(name: str) -> tuple[int, str, str | None]:
     """``"k16/int8"`` -> ``(16, "int8", None)``; ``"k16/int8-f32scale"`` -> ``(16, "int8", "float32")``;
     ``"k8/int8+t16"`` -> ``(8, "int8", None)`` (its draws: :func:`tail_draws`)."""
     try:
-        k_part, dtype = name.removesuffix(IID).split("+t")[0].split("/")
+        k_part, dtype = name.removesuffix(SYS).split("+t")[0].split("/")
         scale = None
         if dtype.endswith("-f32scale"):
             dtype, scale = dtype[: -len("-f32scale")], "float32"

@@ -87,7 +87,7 @@ def _token_plan(cfg: RunConfig, prep, method, settings: dict):
         vocab_size=prep.vocab_size, k=k, loss_temperature=cfg.loss.loss_temperature,
         logprob_dtype=logprob_dtype, hidden_layers=layers,
         hidden_size=getattr(getattr(prep.teacher_model, "config", None), "hidden_size", None),
-        shard_tokens=shard_tokens, signal=sc.signal, tail_draws=sc.tail_draws,
+        shard_tokens=shard_tokens, signal=sc.signal, tail_draws=sc.tail_draws, draw=sc.draw,
     )
     compute = model_compute(prep.teacher_model, k=k, loss_temperature=cfg.loss.loss_temperature,
                             vocab_size=prep.vocab_size, pad_id=prep.tokenizer.pad_token_id, hidden_layers=layers,

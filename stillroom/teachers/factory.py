@@ -79,7 +79,7 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
         sc = tcfg.store
         log(f"{where}: online, remembered per training sequence ({sc.signal}, k={sc.k}"
             + (f" + {sc.tail_draws} tail draws" if sc.signal == "topk_sampled" else "") + ")")
-        return MemoTeacher(online, signal=sc.signal, k=sc.k, tail_draws=sc.tail_draws,
+        return MemoTeacher(online, signal=sc.signal, k=sc.k, tail_draws=sc.tail_draws, draw=sc.draw,
                            loss_temperature=cfg.loss.loss_temperature)
     if source == "store":
         from stillroom.config.load import ConfigError

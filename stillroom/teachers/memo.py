@@ -5,7 +5,7 @@ Why: with data seen more than once (a small set for several epochs, ``data.train
 teacher's forward every time, while a store pays it once but needs ``stillroom cache-teacher`` first. The memo is
 the store's economics inside one run: the first visit of a sequence costs a KD step (student + teacher), every
 later visit costs about a CE step. The signal is the store's from the first visit on, as ``teacher.store`` says
-(``signal``, ``k``, ``tail_draws``; rows made by :func:`~stillroom.teachers.store_sampled.row_signal`, read back by
+(``signal``, ``k``, ``tail_draws``, ``draw``; rows made by :func:`~stillroom.teachers.store_sampled.row_signal`, read back by
 :func:`~stillroom.teachers.store_sampled.loss_rows`, kept unquantised), so every step of the run trains on one
 kind of signal and a memo run equals a run from a float32 store of the same settings.
 
@@ -30,13 +30,14 @@ class MemoTeacher:
     """:class:`OnlineTeacher` whose per-sequence signal is kept by uid: ``signal(batch)`` -> top-k
     :class:`TeacherSignal` ``[B, T, W]``; the teacher runs only on the rows not seen before (a sub-batch)."""
 
-    def __init__(self, inner: OnlineTeacher, *, signal: str, k: int, tail_draws: int, loss_temperature: float) -> None:
+    def __init__(self, inner: OnlineTeacher, *, signal: str, k: int, tail_draws: int, loss_temperature: float,
+                 draw: str = "multinomial") -> None:
         if inner.hidden_layers or inner.attentions:
             raise ValueError("teacher.memo keeps the teacher's log-probabilities only; hidden-state and attention "
                              "loss terms need the online teacher without a memo (teacher.memo: false)")
         self.inner = inner
         self.fingerprint = inner.fingerprint
-        self.signal_kind, self.k, self.tail_draws = signal, k, tail_draws
+        self.signal_kind, self.k, self.tail_draws, self.draw = signal, k, tail_draws, draw
         self.width = k + tail_draws if signal == "topk_sampled" else k
         if self.width > inner.vocab_size:
             raise ValueError(f"teacher.memo keeps {self.width} tokens per position (teacher.store.k"
@@ -55,7 +56,7 @@ class MemoTeacher:
             logits_btv = self.inner.signal(sub).logits_btv
             for j, b in enumerate(missing):
                 ids, lp, tail, extra = row_signal(logits_btv[j, : lengths[b]], batch.uids[b], signal=self.signal_kind,
-                                                  k=self.k, tail_draws=self.tail_draws,
+                                                  k=self.k, tail_draws=self.tail_draws, draw=self.draw,
                                                   loss_temperature=self.loss_temperature)
                 ids, lp, tail = loss_rows(self.signal_kind, ids.long(), lp.float(), tail.float(), extra.get("tail_ids"))
                 self.rows[batch.uids[b]] = (ids.to(torch.int32), lp, tail)

@@ -191,8 +191,9 @@ class StoreHeader:
     tail_draws: int = 0
     """``topk_sampled``: draws per position from the teacher outside its top k (``tail_ids [N, tail_draws]``)."""
     draw: str = ""
-    """How the sampled signals draw: ``systematic`` (one uniform offset, evenly spaced points through the CDF) or
-    ``multinomial`` (independent draws: stores written before the field existed); empty for ``topk``."""
+    """How the sampled signals draw (``teacher.store.draw``): ``multinomial`` (independent draws; also what a
+    manifest without the field means) or ``systematic`` (one uniform offset, evenly spaced points through the
+    CDF); empty for ``topk``."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.k > self.vocab_size:
@@ -210,7 +211,7 @@ class StoreHeader:
                              f"not {self.logprob_dtype!r}")
         if self.signal not in SIGNALS:
             raise StoreError(f"signal {self.signal!r}; valid: {', '.join(SIGNALS)}")
-        self.draw = "" if self.signal == "topk" else (self.draw or "systematic")
+        self.draw = "" if self.signal == "topk" else (self.draw or "multinomial")
         if self.tokenizer_mode not in ("same", "cross"):
             raise StoreError(f"tokenizer_mode {self.tokenizer_mode!r}; valid: same, cross")
         self.hidden_layers = sorted(set(int(i) for i in self.hidden_layers))

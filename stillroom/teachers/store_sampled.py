@@ -42,7 +42,7 @@ def sequence_generator(seed: int, uid: str) -> torch.Generator:
 
 
 def draw_tokens(logits_tv: torch.Tensor, k: int, loss_temperature: float, generator: torch.Generator,
-                draw: str = "systematic") -> torch.Tensor:
+                draw: str = "multinomial") -> torch.Tensor:
     """``[T, k]`` int64 ids drawn from ``softmax(logits / T)`` per row, sorted ascending (:func:`draw_from`).
 
     Sampling runs in fp32 on the CPU with an explicit generator, whatever device and dtype the logits came from,
@@ -57,9 +57,10 @@ def draw_from(probs_tv: torch.Tensor, k: int, generator: torch.Generator, draw: 
 
     ``systematic``: one offset ``u ~ U[0, 1)`` per row and the points ``(u + j) / k``, ``j = 0 .. k-1``, looked up
     in the row's normalised CDF. Each token's expected count is exactly ``k p_v`` (unbiased, as independent
-    draws), but its count is ``floor(k p_v)`` or ``ceil(k p_v)``: far less variance than ``multinomial`` (``k``
-    independent draws with replacement; what stores written before systematic draws hold). Zero-probability
-    tokens are never drawn by either.
+    draws), but its count is ``floor(k p_v)`` or ``ceil(k p_v)``: less variance per position than
+    ``multinomial`` (``k`` independent draws with replacement, the default: it measured better on held-out KL in
+    docs/BENCHMARKS.md, "Sampled signals", for the one draw of the store measured). Zero-probability tokens are
+    never drawn by either.
     """
     if draw == "multinomial":
         return torch.multinomial(probs_tv, k, replacement=True, generator=generator).sort(dim=-1).values
@@ -86,7 +87,7 @@ def frequencies(ids_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def draw_tail(logits_tv: torch.Tensor, head_ids_tk: torch.Tensor, draws: int, loss_temperature: float,
-              generator: torch.Generator, draw: str = "systematic") -> torch.Tensor:
+              generator: torch.Generator, draw: str = "multinomial") -> torch.Tensor:
     """``[T, draws]`` int64 ids drawn with replacement from the teacher's distribution renormalised outside its
     head ``head_ids_tk`` (the ``topk_sampled`` signal: the head is kept exactly, the tail estimated), sorted.
     A row whose tail holds no fp32 mass draws its first non-head token (its tail mass is then 0 anyway)."""
@@ -125,7 +126,7 @@ def topk_signal(logits_tv: torch.Tensor, k: int, loss_temperature: float) -> tup
 
 
 def row_signal(logits_tv: torch.Tensor, uid: str, *, signal: str, k: int, tail_draws: int,
-               loss_temperature: float, draw: str = "systematic",
+               loss_temperature: float, draw: str = "multinomial",
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One sequence's stored signal from its teacher logits ``[T, V]``: ``(ids [T, k], log-probs [T, k], tail [T],
     extra)`` as a store row holds it (``sampled``: sorted draws, log-probs and tail unused zeros;

@@ -56,18 +56,19 @@ def test_both_draws_are_unbiased_and_systematic_counts_are_floor_or_ceil_of_k_p(
         assert off > 0.05
 
 
-def test_a_store_written_with_independent_draws_is_not_resumed_with_systematic_ones(tmp_path):
+def test_the_store_records_its_draws_and_a_store_of_other_draws_is_not_resumed(tmp_path):
     import json
 
-    from stillroom.teachers.store_format import MANIFEST, StoreError
+    from stillroom.teachers.store_format import MANIFEST, StoreError, legacy_fields
     from stillroom.teachers.store_writer import StoreWriter
 
     exs, manifest = _write(tmp_path)
-    assert manifest["draw"] == "systematic"
-    del manifest["draw"]  # as written before the field existed: independent draws
+    assert manifest["draw"] == "multinomial"  # the default
+    del manifest["draw"]
+    assert legacy_fields(manifest)["draw"] == "multinomial"  # a store written before the field: independent draws
     (tmp_path / "store" / MANIFEST).write_text(json.dumps(manifest))
     header = make_header(exs, teacher_identity="fake", tokenizer_hash="h", vocab_size=V, k=16, loss_temperature=1.0,
-                         logprob_dtype="float16", shard_tokens=1024, signal="sampled")
+                         logprob_dtype="float16", shard_tokens=1024, signal="sampled", draw="systematic")
     with pytest.raises(StoreError, match="draw \\(store 'multinomial', run 'systematic'\\)"):
         StoreWriter(tmp_path / "store", header, exs)
 
