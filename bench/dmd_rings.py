@@ -211,7 +211,9 @@ CLAIM = ("(spec 10.6) CA alone converts fast but collapses (its output variance 
 def setting_text(s: dict, seeds: list[int]) -> str:
     return (f"4 rings x 8 modes (std 0.05), MLP teacher 4 x 128 EDM (sigma_max 20) trained 16k steps with 10% "
             f"condition dropout (the recipes' teacher, shared by all seeds); generator and critic initialised from "
-            f"it; {s['steps']} generator steps (the spec's 3k shortened to fit the CPU budget), batch {s['batch']}, "
+            f"it; {s['steps']} generator steps ("
+            f"{'the spec' + chr(39) + 's 3k' if s['steps'] >= 3000 else 'the spec' + chr(39) + 's 3k shortened to fit the CPU budget'}"
+            f"), arms {', '.join(s['arms'])}, batch {s['batch']}, "
             f"Adam lr 1e-4 for both, critic TTUR 5; metrics from {s['samples']} samples per class every "
             f"{s['eval_every']} steps against 1000 per class of the teacher at 50 steps with CFG 2. Seeds {seeds}.")
 

@@ -83,7 +83,7 @@ python bench/draft_tiny.py                # the draft experiment of docs/ONPOLIC
 python bench/reproduce.py METHOD --from-results   # only re-decide the verdict from the stored numbers (also draft_tiny)
 python bench/twinflow_rings.py [--from-results]   # TwinFlow on the rings toy (issue 15, spec 13.5)
 python bench/msd_rings.py                 # MSD on the rings toy (issue 15, spec 11.6)
-python bench/dmd_rings.py [--from-results]        # DMD / DMD2 / Decoupled DMD on the rings toy (issue 15, spec 10.6)
+python bench/dmd_rings.py --steps 3000 --eval-every 750 --arms B C E B4 [--from-results]   # DMD / DMD2 / Decoupled DMD on the rings toy (issue 15, spec 10.6)
 python bench/dd2_codebook.py              # DD2 on the codebook toy (issue 15, spec 12.6)
 python bench/cfg_distill_markov.py        # diversity-rewarded CFG distillation on markov_modes (issue 15, spec 9.7)
 python bench/llava_mod_repro.py [--from-results]   # LLaVA-MoD: dense vs MoE, DPO reference teacher vs student (issue 14, spec 14.1)
