@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.repro.verdict import RULE, Part, parts_table  # noqa: E402
 
-ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "self_distill_fpt_text", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook", "cfg_distill_markov", "dho", "comd", "llava_mod", "specvlm", "ogen", "qad", "copg_bandit", "copg_lm", "width_vs_depth", "depth_choice", "squarehead", "transfer", "corda", "ernie_tiny", "self_data_merge", "taid", "finetunebench", "codsa", "dparallel", "mend", "cross_tokenizer", "pretrained_teacher"]
+ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "self_distill_fpt_text", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook", "cfg_distill_markov", "dho", "comd", "comd_vlm", "llava_mod", "specvlm", "ogen", "qad", "copg_bandit", "copg_lm", "width_vs_depth", "depth_choice", "squarehead", "transfer", "corda", "ernie_tiny", "self_data_merge", "taid", "finetunebench", "codsa", "dparallel", "mend", "cross_tokenizer", "pretrained_teacher"]
 TITLES = {
     "pretrained_teacher": "A pretrained teacher matters: EfficientNet-Lite0 + a head fitted on few labels vs a scratch teacher (issue #13)",
     "mend": "MEND, demonstrations distilled into vectors for a frozen LLM vs full ICL vs none (Li et al. 2024)",
@@ -64,6 +64,7 @@ TITLES = {
     "llava_mod": "LLaVA-MoD, MoE student with mimic KD, then DPO with the teacher as reference (Shu et al. 2025)",
     "dho": "DHO, dual-head semi-supervised KD from a VLM-like teacher (Kang et al. 2025)",
     "comd": "CoMD, failure-driven rounds of augmentation vs one-shot KD on scene questions (Li et al. 2023)",
+    "comd_vlm": "CoMD on the small VLM, scene questions with images (Li et al. 2023)",
     "specvlm": "SpecVLM, online logit + feature distillation of a draft VLM for speculative decoding (Huang et al. 2025)",
     "ernie_tiny": "ERNIE-Tiny, four-stage progressive distillation vs single-stage task distillation (Su et al. 2021)",
     "self_data_merge": "Self-data distillation, step 3: SLERP merge of copies recovered on different tasks (Thangarasa et al. 2025)",
@@ -90,6 +91,7 @@ python bench/llava_mod_repro.py [--from-results]   # LLaVA-MoD: dense vs MoE, DP
 python bench/dho_repro.py [--from-results]        # DHO, dual-head semi-supervised KD on digits (issue 14, spec 4.7)
 python bench/ogen_repro.py [--from-results]       # OGEN, base vs new classes of a CLIP trained here (issue 14, spec 6.6)
 python bench/comd_repro.py [--from-results]       # CoMD rounds vs one-shot on text scene questions (issue 14, spec 14.2)
+python bench/comd_repro.py --vlm [--from-results] # the same on the small VLM, questions with images (issue 14)
 python bench/specvlm_repro.py [--from-results]    # SpecVLM: draft acceptance length vs online training steps (issue 14, spec 15)
 python bench/ernie_tiny_repro.py [--from-results] # ERNIE-Tiny: GD -> GED -> TAD -> TSD vs direct, a stages recipe (issue 12, spec 10)
 python bench/self_data_merge_repro.py [--from-results]  # self-data's SLERP merge on the union of two tasks (issue 12, spec 9)
