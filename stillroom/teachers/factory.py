@@ -51,6 +51,17 @@ def build_teacher_source(
     return _build(cfg, cfg.teacher, teacher_model=teacher_model, member=None, **common)
 
 
+def _remembered(cfg: RunConfig, tcfg: TeacherConfig, online, where: str, log: Callable[[str], None]):
+    """``teacher.memo: true``: the online teacher kept per training sequence as ``teacher.store`` says."""
+    from stillroom.teachers.memo import MemoTeacher
+
+    sc = tcfg.store
+    log(f"{where}: online, remembered per training sequence ({sc.signal}, k={sc.k}"
+        + (f" + {sc.tail_draws} tail draws" if sc.signal == "topk_sampled" else "") + ")")
+    return MemoTeacher(online, signal=sc.signal, k=sc.k, tail_draws=sc.tail_draws, draw=sc.draw,
+                       loss_temperature=cfg.loss.loss_temperature)
+
+
 def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | None, vocab_size: int,
            fingerprint: Fingerprint, hidden_layers: list[int], output_device, train_examples, attentions: bool,
            log: Callable[[str], None] = print):
@@ -72,15 +83,7 @@ def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | 
             use_eager_attention(teacher_model)
         online = OnlineTeacher(teacher_model, vocab_size=vocab_size, fingerprint=fingerprint,
                                hidden_layers=hidden_layers, attentions=attentions, output_device=output_device)
-        if not tcfg.memo:
-            return online
-        from stillroom.teachers.memo import MemoTeacher
-
-        sc = tcfg.store
-        log(f"{where}: online, remembered per training sequence ({sc.signal}, k={sc.k}"
-            + (f" + {sc.tail_draws} tail draws" if sc.signal == "topk_sampled" else "") + ")")
-        return MemoTeacher(online, signal=sc.signal, k=sc.k, tail_draws=sc.tail_draws, draw=sc.draw,
-                           loss_temperature=cfg.loss.loss_temperature)
+        return _remembered(cfg, tcfg, online, where, log) if tcfg.memo else online
     if source == "store":
         from stillroom.config.load import ConfigError
         from stillroom.teachers.store_format import data_fingerprint, recorded_settings, taken_note
