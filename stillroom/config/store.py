@@ -60,7 +60,8 @@ class StoreConfig(Strict):
 
 
 def check_store_run(cfg: "RunConfig") -> None:
-    """Refuse a run whose sampled store cannot give what its loss needs, naming the fix."""
+    """Refuse, naming the fix, a memo beside a source other than online or a cross-tokenizer teacher, and a run
+    whose sampled store (or sampled memo) cannot give what its loss needs."""
     from stillroom.losses.registry import get_term
 
     t = cfg.teacher

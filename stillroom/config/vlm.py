@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from stillroom.config.clip import ClipTeacherConfig
-from stillroom.config.core import Strict
+from stillroom.config.core import DataConfig, Strict, TeacherConfig
 from stillroom.config.scenes import ScenesConfig
 
 
@@ -125,8 +125,6 @@ def check_vlm_run(run) -> None:
     if run.domain != "lm":
         raise ValueError(f"the `vlm` section is set, but domain is {run.domain!r}: a VLM runs in the lm domain; "
                          "remove `domain` or the `vlm` section")
-    from stillroom.config.core import DataConfig, TeacherConfig
-
     # by value, not by the fields a recipe named: a run's config.resolved.yaml names every field and must reload
     if run.teacher.model != TeacherConfig().model:
         raise ValueError("teacher.model is set beside the `vlm` section: a VLM teacher comes from vlm.teacher.path "
@@ -155,8 +153,6 @@ def _check_vlm_sources(tcfg, where: str) -> None:
                          "tokenizer_mode: same (the VLM teacher's tokenizer)")
     if tcfg.source != "ensemble":
         return
-    from stillroom.config.core import TeacherConfig
-
     for i, member in enumerate(tcfg.ensemble):
         key = f"{where}.ensemble.{i}"
         named = member.source == "online" and member.model != TeacherConfig().model  # default: the run's VLM teacher

@@ -38,10 +38,11 @@ encoder (:mod:`stillroom.data.encoders`). In order:
    target (e.g. a prompt longer than ``seq_len``) is dropped and counted in
    ``dropped_no_targets``.
 5. Cap the held-out set at ``heldout_max`` sequences, keeping the first in hash
-   order (merged over sources); with ``train_max``, cap the training set the same
-   way (counted in ``train_sequences_over_cap``; a small set for several epochs). Held-out records beyond the cap are **not**
+   order (merged over sources). Held-out records beyond the cap are **not**
    moved into training (that would make the training set depend on the cap);
-   they are counted in ``heldout_sequences_over_cap``.
+   they are counted in ``heldout_sequences_over_cap``. With ``train_max``, cap the
+   training set the same way (counted in ``train_sequences_over_cap``): a small set
+   for several epochs.
 
 ``Example.uid`` is ``"{tag}:{record index}:{hash}"`` for one-record sequences
 (``"{tag}:{record index}:{role}:{hash}"`` in a group) and

@@ -44,9 +44,7 @@ class MemoTeacher:
                              f"{' + tail_draws' if signal == 'topk_sampled' else ''}), more than the vocabulary "
                              f"({inner.vocab_size}); lower teacher.store.k")
         self.loss_temperature = loss_temperature
-        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.teacher_rows = 0  # sequences the teacher ran on (misses)
-        self.memo_rows = 0  # sequences read from the memo (hits)
+        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # one per sequence the teacher ran on
 
     def signal(self, batch: Batch) -> TeacherSignal:
         lengths = [int(n) for n in batch.attention_mask.sum(-1).tolist()]
@@ -58,10 +56,8 @@ class MemoTeacher:
                 ids, lp, tail, extra = row_signal(logits_btv[j, : lengths[b]], batch.uids[b], signal=self.signal_kind,
                                                   k=self.k, tail_draws=self.tail_draws, draw=self.draw,
                                                   loss_temperature=self.loss_temperature)
-                ids, lp, tail = loss_rows(self.signal_kind, ids.long(), lp.float(), tail.float(), extra.get("tail_ids"))
+                ids, lp, tail = loss_rows(self.signal_kind, ids, lp, tail, extra.get("tail_ids"))
                 self.rows[batch.uids[b]] = (ids.to(torch.int32), lp, tail)
-        self.teacher_rows += len(missing)
-        self.memo_rows += len(batch.uids) - len(missing)
         rows = []
         for b, uid in enumerate(batch.uids):
             ids, lp, tail = self.rows[uid]

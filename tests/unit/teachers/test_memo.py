@@ -43,10 +43,10 @@ def memo(signal: str = "topk", k: int = 8, tail_draws: int = 4) -> MemoTeacher:
 def test_rows_are_the_store_rows_and_the_teacher_runs_once_per_sequence(signal):
     teacher, data = memo(signal), examples(6)
     first = teacher.signal(collate(data[:4], 0))
-    assert teacher.inner.rows_run == 4 and teacher.teacher_rows == 4
+    assert teacher.inner.rows_run == 4 and len(teacher.rows) == 4
     mixed = collate([data[4], data[1], data[5], data[2]], 0)  # two new, two seen
     got = teacher.signal(mixed)
-    assert teacher.inner.rows_run == 6 and teacher.memo_rows == 2  # the teacher ran on the two new rows only
+    assert teacher.inner.rows_run == 6 and len(teacher.rows) == 6  # the teacher ran on the two new rows only
     again = teacher.signal(collate(data[:4], 0))
     assert teacher.inner.rows_run == 6  # every row seen: no teacher forward
     assert torch.equal(again.topk_ids_btk, first.topk_ids_btk)
