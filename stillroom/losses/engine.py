@@ -265,7 +265,7 @@ class _ChunkedLoss(torch.autograd.Function):
         ws = closed_form.Workspace.for_call(plan.chunk, vocab, x.device) if closed_form.usable(plan) else None
         head = Head(weight, bias, matmul_dtype, ws) if fused else None
         grad_x = torch.zeros_like(x) if need[0] else None
-        grad_w = HeadGrad(head.dtype) if need[1] else None
+        grad_w = HeadGrad(head.dtype, ws=ws) if need[1] else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
         stats = _batch_stats(plan, lambda rows: (head.logits(x[rows]) if fused else x[rows]).detach())
         # fp64 running sums on the input's device (chunk results live there).

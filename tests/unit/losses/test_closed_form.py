@@ -232,3 +232,46 @@ def test_without_grad_the_closed_forms_give_the_values_alone(teacher_kind, monke
     assert count.closed > 0 and count.back == 0
     assert ("grad", torch.float32) not in closed_form.Workspace._last._buffers
     torch.testing.assert_close(totals[1], totals[0], rtol=1e-5, atol=1e-5)
+
+
+def test_recycled_storage_is_reused_only_once_nothing_holds_it():
+    """A recycled tensor is handed out again (same memory) once the tensor given before is gone, and never while
+    it is alive: a graph still holding last call's partial sum gets fresh memory, not an overwritten buffer."""
+    from stillroom.losses.workspace import Workspace
+
+    ws = Workspace(4, 10, torch.device("cpu"))
+    first = ws.recycled("part", (10, 3), torch.bfloat16).fill_(1)
+    held = ws.recycled("part", (10, 3), torch.bfloat16)
+    assert held.data_ptr() != first.data_ptr() and first.eq(1).all()  # `first` is alive: not overwritten
+    ptr = held.data_ptr()
+    del first, held
+    again = ws.recycled("part", (10, 3), torch.bfloat16)
+    assert again.data_ptr() == ptr  # the last one kept is free: reused
+    assert ws.recycled("part", (5, 3), torch.bfloat16).data_ptr() != ptr  # another size: fresh
+
+
+def test_fused_head_gradient_reuses_its_partial_sum_across_steps_and_matches_the_plain_path():
+    """Two steps of the fused path under bf16 autocast: the second step's head gradient equals the plain path's
+    (the recycled partial sum is overwritten, not added to), and it lives at the first step's address."""
+    torch.manual_seed(8)
+    head = torch.nn.Linear(D, V, bias=False)
+    targets = torch.randint(0, V, (B, T))
+    ptrs, grads = [], []
+    for step in range(2):
+        hidden = torch.randn(B, T, D)
+        teacher = torch.log_softmax(torch.randn(B, T, V) * 2, -1)
+        for fused in (True, False):
+            head.zero_grad(set_to_none=True)
+            h = hidden.clone().requires_grad_(True)
+            mix = L.LossMix(LossConfig(terms=MIXES["fkl+ce"], chunk_tokens=4, fused=fused))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = L.StudentOutput(hidden_btd=h, head=L.OutputHead(head.weight, None, torch.bfloat16)) if fused \
+                    else L.StudentOutput(logits_btv=head(h))
+                res = mix(out, teacher, targets, _mask("all"))
+            res.total.backward()
+            grads.append(head.weight.grad.clone())
+            del res, out
+            if fused:
+                ptrs.append(closed_form.Workspace._last._kept[("head_grad_part", torch.bfloat16)].data_ptr())
+        torch.testing.assert_close(grads[-2], grads[-1], rtol=3e-2, atol=3e-3)
+    assert ptrs[0] == ptrs[1]
