@@ -16,8 +16,8 @@ chunk took 17 ms against 24 ms as separate max / subtract / exp / sum / divide p
 * ``reverse_kl``: ``sum q (log q - log p)``, gradient ``q * (log q - log p - value) / T``;
 * ``jsd``: ``beta KL(p||m) + (1 - beta) KL(q||m)``, gradient ``(1 - beta) q * (d - KL(q||m)) / T`` with
   ``d = log q - log m`` (the terms through ``m`` cancel);
-* a top-k teacher (any divergence on the K + 1 bins): the term's own kernel on the ``[N, K+1]`` bins with
-  autograd (small), its bin gradient ``h`` spread onto the vocabulary in closed form:
+* a top-k teacher (any divergence on the K + 1 bins; :mod:`stillroom.losses.closed_bins`): the term's kernel
+  on the ``[N, K+1]`` bins with autograd (small), its bin gradient ``h`` spread onto the vocabulary in closed form:
   ``dF/ds_j = h_j - q_j H`` for a top-k id, ``q_j (h_tail / q_tail - H)`` for the rest, ``H = sum_b h_b``.
 
 Divergences are clamped at 0 like the kernels, and a row whose raw value rounds below 0 gets no gradient (the
@@ -27,16 +27,71 @@ padded vocabularies and banned tokens.
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 
 import torch
 
-from stillroom.losses.sparse import teacher_bins
-from stillroom.losses.workspace import Workspace
 
 
 class Fallback(Exception):
     """This chunk needs the autograd kernels (an edge case the closed forms do not cover)."""
+
+
+class Workspace:
+    """Named ``[rows, V]`` buffers, allocated on first use and reused by every chunk of a call and by the next
+    call of the same shape (:meth:`for_call`): a fresh buffer's first touch costs its page faults again."""
+
+    _last: "Workspace | None" = None
+
+    def __init__(self, rows: int, cols: int, device: torch.device):
+        self.rows, self.cols, self.device = rows, cols, device
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._kept: dict[tuple[str, torch.dtype], torch.UntypedStorage] = {}
+
+    @classmethod
+    def for_call(cls, rows: int, cols: int, device: torch.device) -> "Workspace":
+        """The workspace of the previous call when its shape and device match, else a new one that replaces it
+        (one workspace is kept per process: its buffers are at most the loss's own peak, ~8 ``[rows, V]``)."""
+        last = cls._last
+        if last is None or (last.rows, last.cols, last.device) != (rows, cols, device):
+            cls._last = last = cls(rows, cols, device)
+        return last
+
+    def shaped(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Buffer ``name`` of exactly ``shape`` (contents undefined), e.g. the head cast to its matmul dtype: used
+        only inside one call's forward, so the next call may overwrite it."""
+        buf = self._buffers.get((name, dtype))
+        if buf is None or tuple(buf.shape) != shape:
+            buf = self._buffers[(name, dtype)] = torch.empty(shape, dtype=dtype, device=self.device)
+        return buf
+
+    def recycled(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A new tensor of ``shape`` (contents undefined) for a ``[V, D]`` result that outlives the call (the head
+        gradient's partial sum, held by the graph until backward), on storage kept here: a later call reuses it
+        once no tensor holds it any more; while one does (a graph not yet freed), a fresh one is made and kept
+        instead. At a 256k vocabulary each fresh ``[V, D]`` tensor costs 0.15-1 s of page faults on a CPU, as
+        much as the loss itself (docs/BENCHMARKS.md), so a steady loop should touch none.
+
+        Not used for the gradient handed to autograd: autograd adds a tied embedding's gradient into that one in
+        place only when nothing else holds its storage, so a kept one would cost a fresh sum instead."""
+        key = (name, dtype)
+        kept = self._kept.get(key)
+        if kept is not None and kept.nbytes() == math.prod(shape) * dtype.itemsize and storage_unshared(kept):
+            return torch.empty(0, dtype=dtype, device=self.device).set_(kept, 0, shape)
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        self._kept[key] = out.untyped_storage()
+        return out
+
+    def get(self, name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The first ``n`` rows of the ``[rows, V]`` buffer ``name`` (contents undefined)."""
+        return self.shaped(name, (self.rows, self.cols), dtype)[:n]
+
+
+def storage_unshared(storage: torch.UntypedStorage) -> bool:
+    """Whether ``storage`` is referenced by nothing but the one Python object passed in (no tensor uses it)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; without it nothing is reused
+    return use_count is not None and use_count(storage._cdata) == 1
 
 
 def log_softmax_into(x: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,39 +314,6 @@ def jsd(c: ClosedChunk, coef_n: torch.Tensor, *, beta: float) -> torch.Tensor:
     return value
 
 
-class _Bins:
-    """What a divergence kernel reads for a top-k teacher: ``pair`` = (teacher, student) ``[n, K+1]`` bins."""
-
-    def __init__(self, teacher, pair):
-        self.teacher, self.pair = teacher, pair
-
-
-def on_bins(c: ClosedChunk, coef_n: torch.Tensor, kernel, stats) -> torch.Tensor:
-    """A divergence against a top-k teacher: ``kernel`` on the K + 1 bins by autograd, spread onto ``[n, V]``."""
-    ids_nk, lp_nk, tail_n = c.teacher.topk
-    logq, q = c.student
-    ids = ids_nk.long()
-    k = ids.shape[1]
-    rest = c.buffer("tmp0").copy_(q).scatter_(1, ids, 0.0)
-    q_tail = rest.sum(-1)  # a sum of the small entries: no 1 - sum cancellation
-    if k < q.shape[1] and bool((q_tail <= 0).any()):
-        raise Fallback("a student tail mass below fp32's range")
-    q_ids = q.gather(1, ids)
-    logq_bins = torch.cat([logq.gather(1, ids), q_tail.log().unsqueeze(1)], 1).requires_grad_(True)
-    p_bins = teacher_bins(lp_nk, tail_n, q.dtype, empty_tail_n=q_tail <= 0)  # k = V: the tail bin is empty
-    with torch.enable_grad():
-        values = kernel(_Bins(c.teacher, (p_bins, logq_bins)), stats)
-        if c.grad is None:
-            return values.detach()
-        (h,) = torch.autograd.grad((values * coef_n).sum(), logq_bins)
-    h = h / c.T
-    total_h = h.sum(-1)
-    r = torch.where(q_tail > 0, h[:, k] / q_tail.clamp_min(torch.finfo(q.dtype).tiny), torch.zeros_like(total_h))
-    c.grad.addcmul_(q, (r - total_h).unsqueeze(1))
-    c.grad.scatter_add_(1, ids, h[:, :k] - q_ids * r.unsqueeze(1))
-    return values.detach()
-
-
 def all_finite(x: torch.Tensor) -> bool:
     """No ``inf`` or NaN in ``x``: its fp32 sum is finite (one read, no copy). Logits never sum past fp32's range."""
     return bool(torch.isfinite(x.sum(dtype=torch.float32)))
@@ -348,7 +370,7 @@ def evaluate(terms, c: ClosedChunk, weight_n: torch.Tensor, stats: list) -> tupl
     for term, s in zip(terms, stats):
         coef = weight_n * (term.weight * term.scale)
         if term.uses_teacher and c.teacher.topk is not None:
-            values = on_bins(c, coef, term.kernel, s)
+            values = term.on_bins(c, coef, term.kernel, s)
         else:
             values = term.closed_form(c, coef)
         values = torch.where(weight_n != 0, values * weight_n, torch.zeros_like(values))

@@ -157,9 +157,9 @@ class LogitTerm:
     closed_form: Callable | None = None
     """``closed_form(chunk, coef_n) -> [N]``: the values, and ``coef_n * d value / d logits`` written into
     ``chunk.grad`` (:mod:`stillroom.losses.closed_form`); None: the autograd kernel only."""
-    on_bins: bool = False
+    on_bins: Callable | None = None
     """With a top-k teacher the kernel reads only ``ctx.pair`` (the K + 1 bins), so the closed-form chunk can
-    spread its bin gradient onto the vocabulary."""
+    spread its bin gradient onto the vocabulary: :func:`stillroom.losses.closed_bins.on_bins`; None: it cannot."""
 
 
 @dataclass

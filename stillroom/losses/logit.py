@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from stillroom.losses.closed_bins import on_bins
 from stillroom.losses.engine import LogitTerm, run_fused_logit_terms, run_logit_terms
 from stillroom.losses.registry import TermSpec, get_term, register, resolve_params
 
@@ -45,7 +46,7 @@ def bind(spec: TermSpec, args: dict[str, Any], *, key: str | None = None, weight
     return LogitTerm(key=key or spec.name, kernel=functools.partial(spec.kernel, **args), weight=weight, scale=scale,
                      prepass=stats.prepass if stats else None, finish=stats.finish if stats else None,
                      temperature=loss_temperature, uses_teacher=spec.uses_teacher, vocab_free=spec.vocab_free,
-                     closed_form=closed, on_bins=spec.sparse_ok and spec.uses_teacher)
+                     closed_form=closed, on_bins=on_bins if spec.sparse_ok and spec.uses_teacher else None)
 
 
 def kernel_args(spec: TermSpec, params: dict[str, Any], state: Any = None) -> dict[str, Any]:

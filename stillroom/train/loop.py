@@ -297,6 +297,6 @@ def forward_backward(micro: list, player: Player, forward: torch.nn.Module, *, d
         for k, v in result.parts.items():
             parts[k] = parts.get(k, 0.0) + v
         # Drop this micro-batch's graph, outputs and teacher signal before the next one: held over, they would
-        # double the teacher logits' memory and keep the loss's recycled buffers in use (losses/workspace.py).
+        # double the teacher logits' memory and keep the loss's recycled buffers in use (losses/closed_form.py).
         del outputs, result, signal
     return loss_sum, teacher_s, parts

@@ -237,9 +237,7 @@ def test_without_grad_the_closed_forms_give_the_values_alone(teacher_kind, monke
 def test_recycled_storage_is_reused_only_once_nothing_holds_it():
     """A recycled tensor is handed out again (same memory) once the tensor given before is gone, and never while
     it is alive: a graph still holding last call's partial sum gets fresh memory, not an overwritten buffer."""
-    from stillroom.losses.workspace import Workspace
-
-    ws = Workspace(4, 10, torch.device("cpu"))
+    ws = closed_form.Workspace(4, 10, torch.device("cpu"))
     first = ws.recycled("part", (10, 3), torch.bfloat16).fill_(1)
     held = ws.recycled("part", (10, 3), torch.bfloat16)
     assert held.data_ptr() != first.data_ptr() and first.eq(1).all()  # `first` is alive: not overwritten
