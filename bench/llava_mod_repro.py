@@ -143,14 +143,10 @@ def seed_rows(seed: int, work: Path, size: dict) -> dict:
 ARMS = ["teacher", "dense", "moe", "dpo_teacher", "dpo_student"]
 
 
-def summarize(per_seed: dict, quick: bool) -> dict:
-    seeds = sorted(per_seed)
-
-    def col(arm: str, key: str) -> list[float]:
-        return [per_seed[s][arm][key] for s in seeds]
-
-    table = markdown_table(["arm", "exact match", "hallucination (unanswerable)"],
-                           [[a, fmt(col(a, "accuracy")), fmt(col(a, "hallucination"))] for a in ARMS])
+def verdict_parts(col) -> list:
+    """The claim's four parts from ``col(arm, metric) -> per-seed values``: MoE over dense, DPO lowers
+    hallucination, teacher reference at least as good as student reference (1 pt tolerance), DPO keeps accuracy
+    (not required). Shared by the text and the image reproductions."""
     moe = beyond_spread("MoE mimic beats dense mimic at equal active parameters (accuracy, MoE - dense)",
                         paired(col("moe", "accuracy"), col("dense", "accuracy")))
     dpo = beyond_spread("DPO (teacher reference) lowers hallucination (MoE mimic - DPO)",
@@ -160,7 +156,19 @@ def summarize(per_seed: dict, quick: bool) -> dict:
                         margin=-0.01)
     acc = beyond_spread("DPO (teacher reference) keeps accuracy within 1 pt (DPO - MoE mimic)",
                         paired(col("dpo_teacher", "accuracy"), col("moe", "accuracy")), margin=-0.01)
-    parts = [moe, dpo, ref, acc]
+    return [moe, dpo, ref, acc]
+
+
+def summarize(per_seed: dict, quick: bool) -> dict:
+    seeds = sorted(per_seed)
+
+    def col(arm: str, key: str) -> list[float]:
+        return [per_seed[s][arm][key] for s in seeds]
+
+    table = markdown_table(["arm", "exact match", "hallucination (unanswerable)"],
+                           [[a, fmt(col(a, "accuracy")), fmt(col(a, "hallucination"))] for a in ARMS])
+    parts = verdict_parts(col)
+    moe, dpo, ref, acc = parts
     fields = verdict_fields(parts, required=[moe.name, dpo.name, ref.name])
     fields["parts"] = [p.to_dict() | {"required": p.name != acc.name} for p in parts]
     pairs = [per_seed[s]["pairs"] for s in seeds]

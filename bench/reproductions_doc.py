@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.repro.verdict import RULE, Part, parts_table  # noqa: E402
 
-ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "self_distill_fpt_text", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook", "cfg_distill_markov", "dho", "comd", "comd_vlm", "llava_mod", "specvlm", "ogen", "qad", "copg_bandit", "copg_lm", "width_vs_depth", "depth_choice", "squarehead", "transfer", "corda", "ernie_tiny", "self_data_merge", "taid", "finetunebench", "codsa", "dparallel", "mend", "cross_tokenizer", "pretrained_teacher"]
+ORDER = ["step_by_step", "self_data", "redi", "miniplm", "ddk", "conditional", "meal_v2", "ast", "lelp", "unfused", "ferkd", "dmae", "self_distill_fpt", "self_distill_fpt_text", "draft_tiny", "twinflow_rings", "msd_rings", "dmd_rings", "dd2_codebook", "cfg_distill_markov", "dho", "comd", "comd_vlm", "llava_mod", "llava_mod_vlm", "specvlm", "ogen", "qad", "copg_bandit", "copg_lm", "width_vs_depth", "depth_choice", "squarehead", "transfer", "corda", "ernie_tiny", "self_data_merge", "taid", "finetunebench", "codsa", "dparallel", "mend", "cross_tokenizer", "pretrained_teacher"]
 TITLES = {
     "pretrained_teacher": "A pretrained teacher matters: EfficientNet-Lite0 + a head fitted on few labels vs a scratch teacher (issue #13)",
     "mend": "MEND, demonstrations distilled into vectors for a frozen LLM vs full ICL vs none (Li et al. 2024)",
@@ -62,6 +62,7 @@ TITLES = {
     "dd2_codebook": "DD2, one-step generator from an AR teacher on the exact codebook toy (Liu et al. 2025)",
     "cfg_distill_markov": "Diversity-rewarded CFG distillation with weight LERP on Markov-mode sequences (Cideron et al. 2025)",
     "llava_mod": "LLaVA-MoD, MoE student with mimic KD, then DPO with the teacher as reference (Shu et al. 2025)",
+    "llava_mod_vlm": "LLaVA-MoD on the small VLM, scene questions with images (Shu et al. 2025)",
     "dho": "DHO, dual-head semi-supervised KD from a VLM-like teacher (Kang et al. 2025)",
     "comd": "CoMD, failure-driven rounds of augmentation vs one-shot KD on scene questions (Li et al. 2023)",
     "comd_vlm": "CoMD on the small VLM, scene questions with images (Li et al. 2023)",
@@ -88,6 +89,7 @@ python bench/dmd_rings.py --steps 3000 --eval-every 750 --arms B C E B4 [--from-
 python bench/dd2_codebook.py              # DD2 on the codebook toy (issue 15, spec 12.6)
 python bench/cfg_distill_markov.py        # diversity-rewarded CFG distillation on markov_modes (issue 15, spec 9.7)
 python bench/llava_mod_repro.py [--from-results]   # LLaVA-MoD: dense vs MoE, DPO reference teacher vs student (issue 14, spec 14.1)
+python bench/llava_mod_vlm_repro.py [--from-results]  # the same on the small VLM, questions with images (issue 14)
 python bench/dho_repro.py [--from-results]        # DHO, dual-head semi-supervised KD on digits (issue 14, spec 4.7)
 python bench/ogen_repro.py [--from-results]       # OGEN, base vs new classes of a CLIP trained here (issue 14, spec 6.6)
 python bench/comd_repro.py [--from-results]       # CoMD rounds vs one-shot on text scene questions (issue 14, spec 14.2)
