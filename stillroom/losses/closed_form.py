@@ -33,7 +33,6 @@ from functools import cached_property
 import torch
 
 
-
 class Fallback(Exception):
     """This chunk needs the autograd kernels (an edge case the closed forms do not cover)."""
 
@@ -212,7 +211,7 @@ class ClosedChunk:
 
     @cached_property
     def student(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(log q, q)`` ``[n, V]`` fp32 at ``T`` (at T = 1 straight from ``z``'s dtype: no fp32 copy pass)."""
+        """``(log q, q)`` ``[n, V]`` fp32 at ``T``, from an fp32 copy of ``z``."""
         logq = self.buffer("logq").copy_(self.z)
         if self.T != 1.0:
             logq.div_(self.T)
