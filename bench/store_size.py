@@ -7,7 +7,8 @@ int8 mode with the pre-float16 float32 scales; ``k32/sampled`` is a sampled stor
 sampled``: 32 tokens drawn per position, their frequencies the target, from its own teacher pass;
 ``k8/int8+t16`` is ``signal: topk_sampled``: the top 8 as ``k8/int8`` plus 16 draws outside them; drawn
 variants draw independently (``teacher.store.draw: multinomial``), ``...-sys`` (e.g. ``k8/int8+t16-sys``)
-systematically):
+systematically; a last ``-d<N>`` (e.g. ``k8/int8+t16-d1``) draws with draw seed N, another realisation of the
+same store, to see how much one store's draws move a result):
 
 1. a real store folder is written with :func:`write_store` (one teacher pass, top-``max k`` kept, sliced
    exactly for each k) and its bytes per position are the shard files' bytes over the covered positions;
@@ -35,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -64,29 +66,44 @@ SETTINGS = ("steps", "train_seqs", "heldout", "seq", "batch", "lr", "warmup", "p
 
 def tail_draws(name: str) -> int:
     """``"k8/int8+t16"`` -> 16 (a ``topk_sampled`` store: the top 8 and 16 draws outside it); 0 otherwise."""
-    return int(name.removesuffix(SYS).split("+t")[1]) if "+t" in name else 0
+    return int(drawless(name).split("+t")[1]) if "+t" in name else 0
 
 
 SYS = "-sys"
 """Variant suffix: the store's draws are systematic (``teacher.store.draw: systematic``) instead of independent."""
+SEED = "-d"
+"""Variant suffix ``-d<N>`` (last): the store's draws made with draw seed N (another realisation of the same store);
+without it, draw seed 0 (what every earlier study used)."""
+
+
+def draw_seed(name: str) -> int:
+    """``"k8/int8+t16-d1"`` -> 1; ``"k8/int8+t16"`` -> 0."""
+    m = re.search(r"-d(\d+)$", name)
+    return int(m.group(1)) if m else 0
+
+
+def drawless(name: str) -> str:
+    """``name`` without its draw suffixes: ``"k8/int8+t16-sys-d1"`` -> ``"k8/int8+t16"``."""
+    return re.sub(r"-d\d+$", "", name).removesuffix(SYS)
 
 
 def draw_kind(name: str) -> str:
-    """``"k8/int8+t16-sys"`` -> ``systematic``; any other drawn variant -> ``multinomial`` (the default)."""
-    return "systematic" if name.endswith(SYS) else "multinomial"
+    """``"k8/int8+t16-sys"`` (or ``-sys-d1``) -> ``systematic``; any other drawn variant -> ``multinomial``."""
+    return "systematic" if re.sub(r"-d\d+$", "", name).endswith(SYS) else "multinomial"
 
 
 def parse_variant(name: str) -> tuple[int, str, str | None]:
     """``"k16/int8"`` -> ``(16, "int8", None)``; ``"k16/int8-f32scale"`` -> ``(16, "int8", "float32")``;
     ``"k8/int8+t16"`` -> ``(8, "int8", None)`` (its draws: :func:`tail_draws`)."""
     try:
-        k_part, dtype = name.removesuffix(SYS).split("+t")[0].split("/")
+        k_part, dtype = drawless(name).split("+t")[0].split("/")
         scale = None
         if dtype.endswith("-f32scale"):
             dtype, scale = dtype[: -len("-f32scale")], "float32"
         return int(k_part.lstrip("k")), dtype, scale
     except ValueError:
-        raise SystemExit(f"--variants: {name!r} is not 'online' or 'k<K>/<logprob_dtype>[-f32scale]'") from None
+        raise SystemExit(f"--variants: {name!r} is not 'online', 'k<K>/<logprob_dtype>[-f32scale]', "
+                         "'k<K>/sampled[-sys][-d<N>]' or 'k<K>/<logprob_dtype>+t<draws>[-sys][-d<N>]'") from None
 
 
 def wait_for_pause(pause_file: str | None, note) -> None:
@@ -222,10 +239,11 @@ def main() -> None:
         signal, draws = ("topk_sampled", tail_draws(v)) if tail_draws(v) else ("sampled", 0)
         header = make_header(train, teacher_identity=identity, tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab,
                              k=k, loss_temperature=1.0, logprob_dtype="float16" if signal == "sampled" else dtype,
-                             shard_tokens=8192, signal=signal, tail_draws=draws)
-        header.draw = draw_kind(v)
+                             shard_tokens=8192, signal=signal, tail_draws=draws, draw=draw_kind(v),
+                             draw_seed=draw_seed(v))
         compute = model_compute(teacher, k=k, loss_temperature=1.0, vocab_size=vocab, pad_id=pad,
-                                batch_size=args.batch, signal=signal, tail_draws=draws, draw=header.draw)
+                                batch_size=args.batch, signal=signal, tail_draws=draws, draw=header.draw,
+                                draw_seed=header.draw_seed)
         m = write_store(tmp_root / v.replace("/", "_"), header, train, compute, overwrite=True, log=lambda s: None)
         stores[v] = tmp_root / v.replace("/", "_")
         results["sizes"][v] = {"bytes_per_position": m["store_bytes"] / m["tokens"], "store_bytes": m["store_bytes"],

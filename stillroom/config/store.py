@@ -33,11 +33,14 @@ class StoreConfig(Strict):
     )
     k: int = Field(64, ge=1, description="Top-k token log-probabilities kept per position (signal: sampled: tokens "
                    "drawn per position).")
-    signal: Literal["topk", "sampled", "topk_sampled"] = Field(
+    signal: Literal["topk", "sampled", "topk_sampled", "auto"] = Field(
         "topk", description="topk: the teacher's k most likely tokens with their log-probabilities and the tail "
         "mass; sampled: k tokens drawn from the teacher (with replacement), their frequencies its distribution "
         "(2k bytes per position); topk_sampled: the top k exactly plus `tail_draws` tokens drawn outside it. The "
-        "sampled signals are unbiased for forward_kl and soft_ce only (docs/STORE.md, 'Sampled stores').")
+        "sampled signals are unbiased for forward_kl and soft_ce only (docs/STORE.md, 'Sampled stores'). auto: "
+        "chosen when the recipe loads from loss.terms: topk_sampled when every term that reads the teacher's "
+        "logits is forward_kl or soft_ce and teacher.tokenizer_mode is same, else topk; the chosen value is what "
+        "config.resolved.yaml and the store's manifest record.")
     tail_draws: int = Field(16, ge=1, description="signal: topk_sampled: tokens drawn per position from the "
                             "teacher renormalised outside its top k.")
     draw: Literal["multinomial", "systematic"] = Field(
@@ -59,11 +62,31 @@ class StoreConfig(Strict):
     )
 
 
-def check_store_run(cfg: "RunConfig") -> None:
-    """Refuse, naming the fix, a memo beside a source other than online or a cross-tokenizer teacher, and a run
-    whose sampled store (or sampled memo) cannot give what its loss needs."""
+def auto_signal(cfg: "RunConfig") -> str:
+    """What ``teacher.store.signal: auto`` means for ``cfg``: ``topk_sampled`` when the loss has terms reading the
+    teacher's logits and all of them are linear in its distribution (:data:`UNBIASED_TERMS`) and the tokenizer
+    mode is ``same``; else ``topk`` (it serves every term)."""
     from stillroom.losses.registry import get_term
 
+    terms = [x.name for x in cfg.loss.terms if get_term(x.name).kind == "logit" and get_term(x.name).uses_teacher]
+    linear = bool(terms) and all(n in UNBIASED_TERMS for n in terms)
+    return "topk_sampled" if linear and cfg.teacher.tokenizer_mode == "same" else "topk"
+
+
+def resolve_auto_signal(cfg: "RunConfig") -> None:
+    """Replace ``signal: auto`` (the teacher's and every ensemble member's store section) by :func:`auto_signal`,
+    so that the store writer, its manifest, the reader's check and config.resolved.yaml all see the chosen one."""
+    for m in [cfg.teacher] + list(cfg.teacher.ensemble):
+        if m.store.signal == "auto":
+            m.store.signal = auto_signal(cfg)
+
+
+def check_store_run(cfg: "RunConfig") -> None:
+    """Resolve ``signal: auto``; refuse, naming the fix, a memo beside a source other than online or a
+    cross-tokenizer teacher, and a run whose sampled store (or sampled memo) cannot give what its loss needs."""
+    from stillroom.losses.registry import get_term
+
+    resolve_auto_signal(cfg)
     t = cfg.teacher
     members = t.ensemble if t.source == "ensemble" else [t]
     for where, m in [("teacher", t)] + [(f"teacher.ensemble.{i}", m) for i, m in enumerate(t.ensemble)]:

@@ -194,6 +194,10 @@ class StoreHeader:
     """How the sampled signals draw (``teacher.store.draw``): ``multinomial`` (independent draws; also what a
     manifest without the field means) or ``systematic`` (one uniform offset, evenly spaced points through the
     CDF); empty for ``topk``."""
+    draw_seed: int = 0
+    """The seed of the sampled signals' draws (with each sequence's uid): another seed, another realisation of
+    the same estimator (to measure how much one store's draws move a result). A manifest without it: 0; always
+    0 for ``topk``."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.k > self.vocab_size:
@@ -212,6 +216,10 @@ class StoreHeader:
         if self.signal not in SIGNALS:
             raise StoreError(f"signal {self.signal!r}; valid: {', '.join(SIGNALS)}")
         self.draw = "" if self.signal == "topk" else (self.draw or "multinomial")
+        if self.signal == "topk":
+            self.draw_seed = 0
+        elif self.draw_seed < 0:
+            raise StoreError(f"draw_seed {self.draw_seed} must be >= 0")
         if self.tokenizer_mode not in ("same", "cross"):
             raise StoreError(f"tokenizer_mode {self.tokenizer_mode!r}; valid: same, cross")
         self.hidden_layers = sorted(set(int(i) for i in self.hidden_layers))
@@ -228,7 +236,7 @@ def legacy_fields(manifest: dict) -> dict:
     if manifest.get("format") != FORMAT:
         return manifest
     implied = {"tokenizer_mode": "same", "student_tokenizer_hash": "", "signal": "topk",
-               "draw": "" if manifest.get("signal", "topk") == "topk" else "multinomial"}
+               "draw": "" if manifest.get("signal", "topk") == "topk" else "multinomial", "draw_seed": 0}
     if "scale_dtype" not in manifest:
         implied["scale_dtype"] = "float32" if manifest.get("logprob_dtype") == "int8" else ""
     return {**implied, **manifest}

@@ -126,20 +126,21 @@ def topk_signal(logits_tv: torch.Tensor, k: int, loss_temperature: float) -> tup
 
 
 def row_signal(logits_tv: torch.Tensor, uid: str, *, signal: str, k: int, tail_draws: int,
-               loss_temperature: float, draw: str = "multinomial",
+               loss_temperature: float, draw: str = "multinomial", draw_seed: int = 0,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One sequence's stored signal from its teacher logits ``[T, V]``: ``(ids [T, k], log-probs [T, k], tail [T],
     extra)`` as a store row holds it (``sampled``: sorted draws, log-probs and tail unused zeros;
-    ``topk_sampled``: the top k, with ``extra["tail_ids"]`` ``[T, tail_draws]``); draws seeded by ``uid``, made
-    as ``draw`` says (:func:`draw_from`)."""
+    ``topk_sampled``: the top k, with ``extra["tail_ids"]`` ``[T, tail_draws]``); draws seeded by ``draw_seed`` and
+    ``uid`` (:func:`sequence_generator`; another ``draw_seed`` is another realisation of the same store), made as
+    ``draw`` says (:func:`draw_from`)."""
     if signal == "sampled":
-        ids = draw_tokens(logits_tv, k, loss_temperature, sequence_generator(0, uid), draw)
+        ids = draw_tokens(logits_tv, k, loss_temperature, sequence_generator(draw_seed, uid), draw)
         return ids, torch.zeros(ids.shape), torch.zeros(ids.shape[0]), {}
     ids, lp, tail = topk_signal(logits_tv.cpu(), k, loss_temperature)
     if signal != "topk_sampled":
         return ids, lp, tail, {}
     return ids, lp, tail, {"tail_ids": draw_tail(logits_tv, ids, tail_draws, loss_temperature,
-                                                 sequence_generator(0, uid), draw)}
+                                                 sequence_generator(draw_seed, uid), draw)}
 
 
 def loss_rows(signal: str, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,

@@ -75,6 +75,7 @@ def make_header(
     loss_temperature: float, logprob_dtype: str, hidden_layers: list[int] | None = None,
     hidden_size: int | None = None, shard_tokens: int = 262144, tokenizer_mode: str = "same",
     student_tokenizer_hash: str = "", signal: str = "topk", tail_draws: int = 0, draw: str = "multinomial",
+    draw_seed: int = 0,
 ) -> StoreHeader:
     """The header of a store of ``examples`` (the training split, in order; a ``cross`` store: the student's
     sequences in the teacher's tokens, :func:`stillroom.teachers.store_cross.cross_store_examples`)."""
@@ -89,7 +90,7 @@ def make_header(
         sequences=len(examples), tokens=sum(lengths), target_tokens=sum(sum(e.target[1:]) for e in examples),
         text_bytes=sum(e.n_bytes for e in examples), num_shards=len(plan_shards(lengths, shard_tokens)),
         tokenizer_mode=tokenizer_mode, student_tokenizer_hash=student_tokenizer_hash, signal=signal,
-        tail_draws=tail_draws if signal == "topk_sampled" else 0, draw=draw,
+        tail_draws=tail_draws if signal == "topk_sampled" else 0, draw=draw, draw_seed=int(draw_seed),
     )
 
 
@@ -266,10 +267,11 @@ def write_store(folder: str | Path, header: StoreHeader, examples: list[Example]
 
 def model_compute(model: torch.nn.Module, *, k: int, loss_temperature: float, vocab_size: int, pad_id: int,
                   hidden_layers: list[int] | None = None, batch_size: int = 8, signal: str = "topk",
-                  tail_draws: int = 0, draw: str = "multinomial") -> Compute:
+                  tail_draws: int = 0, draw: str = "multinomial", draw_seed: int = 0) -> Compute:
     """A :data:`Compute` callback running an in-process HF causal LM (no grad), ``batch_size`` sequences at a time.
     ``signal: sampled``: ``k`` draws per position instead of the top k; ``topk_sampled``: the top k and
-    ``tail_draws`` draws outside it (draws seeded per sequence uid, made as ``draw`` says: the header's)."""
+    ``tail_draws`` draws outside it (draws seeded by ``draw_seed`` and each sequence's uid, made as ``draw`` says:
+    the header's)."""
     from stillroom.data.batch import collate
 
     device = next(model.parameters()).device
@@ -286,7 +288,8 @@ def model_compute(model: torch.nn.Module, *, k: int, loss_temperature: float, vo
             for b, ex in enumerate(chunk):
                 n = len(ex.input_ids)
                 ids, lp, tail, extra = row_signal(logits[b, :n], ex.uid, signal=signal, k=k, tail_draws=tail_draws,
-                                                  loss_temperature=loss_temperature, draw=draw)
+                                                  loss_temperature=loss_temperature, draw=draw,
+                                                  draw_seed=draw_seed)
                 hidden = {i: out.hidden_states[i][b, :n].cpu() for i in layers}
                 out_rows.append(SequenceSignal(ex.uid, ids, lp, tail, hidden, extra))
         return out_rows

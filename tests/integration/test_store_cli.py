@@ -51,3 +51,19 @@ def test_a_sampled_store_is_written_the_same_twice_and_trains_a_run(recipe_facto
     bad = stillroom("run", str(recipe), "name=other", "teacher.source=store", f"teacher.store.path={a}",
                     "teacher.store.signal=topk", *NO_EVAL, check=False)
     assert bad.returncode != 0 and "signal (store 'sampled', run 'topk')" in bad.stdout + bad.stderr
+
+
+def test_signal_auto_writes_the_signal_the_loss_allows_and_a_run_of_other_terms_is_refused(recipe_factory, tmp_path):
+    """``auto`` with forward_kl writes a topk_sampled store (its manifest says so) and a forward-KL run reads it;
+    with jsd ``auto`` means topk, which that store is not: refused before step 0, naming the signal."""
+    store = tmp_path / "auto"
+    recipe = recipe_factory(teacher={"store": {"path": str(store), "k": 4, "signal": "auto", "tail_draws": 4,
+                                               "logprob_dtype": "int8", "shard_tokens": 1024}})
+    out = stillroom("cache-teacher", str(recipe))
+    assert "int8 + 4 tail draws" in out.stdout
+    assert json.loads((store / "manifest.json").read_text())["signal"] == "topk_sampled"
+    out = stillroom("run", str(recipe), "teacher.source=store", *NO_EVAL)
+    assert "k=4, int8 + 4 tail draws" in out.stdout
+    bad = stillroom("run", str(recipe), "name=jsd", "teacher.source=store", "loss.terms=[{name: jsd}]", *NO_EVAL,
+                    check=False)
+    assert bad.returncode != 0 and "signal (store 'topk_sampled', run 'topk')" in bad.stdout + bad.stderr
