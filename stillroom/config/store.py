@@ -47,6 +47,9 @@ class StoreConfig(Strict):
         "multinomial", description="How the sampled signals draw: independent draws, or systematic (one offset, "
         "evenly spaced points through the CDF: each count floor or ceil of k p, less variance per position; it "
         "measured worse on held-out KL for the one store draw measured, docs/BENCHMARKS.md).")
+    draw_seed: int = Field(0, ge=0, description="Seed of the sampled signals' draws, with each sequence's uid: "
+                           "another seed is another realisation of the same store (for measuring how far one "
+                           "store's draws move a result). The manifest records it; a store resumes only with its own.")
     logprob_dtype: Literal["float16", "bfloat16", "int8", "int4", "float32"] = Field(
         "float16",
         description="Storage type of the top-k log-probabilities: float16/bfloat16 (2 bytes), int8 (8-bit codes "

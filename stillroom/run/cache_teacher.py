@@ -87,12 +87,12 @@ def _token_plan(cfg: RunConfig, prep, method, settings: dict):
         vocab_size=prep.vocab_size, k=k, loss_temperature=cfg.loss.loss_temperature,
         logprob_dtype=logprob_dtype, hidden_layers=layers,
         hidden_size=getattr(getattr(prep.teacher_model, "config", None), "hidden_size", None),
-        shard_tokens=shard_tokens, signal=sc.signal, tail_draws=sc.tail_draws, draw=sc.draw,
+        shard_tokens=shard_tokens, signal=sc.signal, tail_draws=sc.tail_draws, draw=sc.draw, draw_seed=sc.draw_seed,
     )
     compute = model_compute(prep.teacher_model, k=k, loss_temperature=cfg.loss.loss_temperature,
                             vocab_size=prep.vocab_size, pad_id=prep.tokenizer.pad_token_id, hidden_layers=layers,
                             batch_size=sc.cache_batch_size or cfg.train.micro_batch_size, signal=sc.signal,
-                            tail_draws=sc.tail_draws, draw=header.draw)
+                            tail_draws=sc.tail_draws, draw=header.draw, draw_seed=header.draw_seed)
     return header, examples, compute, None
 
 

@@ -59,7 +59,7 @@ def _remembered(cfg: RunConfig, tcfg: TeacherConfig, online, where: str, log: Ca
     log(f"{where}: online, remembered per training sequence ({sc.signal}, k={sc.k}"
         + (f" + {sc.tail_draws} tail draws" if sc.signal == "topk_sampled" else "") + ")")
     return MemoTeacher(online, signal=sc.signal, k=sc.k, tail_draws=sc.tail_draws, draw=sc.draw,
-                       loss_temperature=cfg.loss.loss_temperature)
+                       draw_seed=sc.draw_seed, loss_temperature=cfg.loss.loss_temperature)
 
 
 def _build(cfg: RunConfig, tcfg: TeacherConfig, *, teacher_model, member: int | None, vocab_size: int,

@@ -31,13 +31,13 @@ class MemoTeacher:
     :class:`TeacherSignal` ``[B, T, W]``; the teacher runs only on the rows not seen before (a sub-batch)."""
 
     def __init__(self, inner: OnlineTeacher, *, signal: str, k: int, tail_draws: int, loss_temperature: float,
-                 draw: str = "multinomial") -> None:
+                 draw: str = "multinomial", draw_seed: int = 0) -> None:
         if inner.hidden_layers or inner.attentions:
             raise ValueError("teacher.memo keeps the teacher's log-probabilities only; hidden-state and attention "
                              "loss terms need the online teacher without a memo (teacher.memo: false)")
         self.inner = inner
         self.fingerprint = inner.fingerprint
-        self.signal_kind, self.k, self.tail_draws, self.draw = signal, k, tail_draws, draw
+        self.signal_kind, self.k, self.tail_draws, self.draw, self.draw_seed = signal, k, tail_draws, draw, draw_seed
         self.width = k + tail_draws if signal == "topk_sampled" else k
         if self.width > inner.vocab_size:
             raise ValueError(f"teacher.memo keeps {self.width} tokens per position (teacher.store.k"
@@ -55,6 +55,7 @@ class MemoTeacher:
             for j, b in enumerate(missing):
                 ids, lp, tail, extra = row_signal(logits_btv[j, : lengths[b]], batch.uids[b], signal=self.signal_kind,
                                                   k=self.k, tail_draws=self.tail_draws, draw=self.draw,
+                                                  draw_seed=self.draw_seed,
                                                   loss_temperature=self.loss_temperature)
                 ids, lp, tail = loss_rows(self.signal_kind, ids, lp, tail, extra.get("tail_ids"))
                 self.rows[batch.uids[b]] = (ids.to(torch.int32), lp, tail)

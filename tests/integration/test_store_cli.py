@@ -46,6 +46,11 @@ def test_a_sampled_store_is_written_the_same_twice_and_trains_a_run(recipe_facto
     assert "8 tokens drawn per position" in out.stdout
     stillroom("cache-teacher", str(recipe), f"teacher.store.path={b}", "--batch-size=3")
     assert file_hashes(a) == file_hashes(b)
+    c = tmp_path / "c"  # teacher.store.draw_seed: another realisation of the same store, recorded in its manifest
+    stillroom("cache-teacher", str(recipe), f"teacher.store.path={c}", "teacher.store.draw_seed=1")
+    assert json.loads((c / "manifest.json").read_text())["draw_seed"] == 1
+    assert json.loads((a / "manifest.json").read_text())["draw_seed"] == 0
+    assert file_hashes(c) != file_hashes(a)
     out = stillroom("run", str(recipe), "teacher.source=store", f"teacher.store.path={a}", *NO_EVAL)
     assert "k=8, sampled tokens" in out.stdout
     bad = stillroom("run", str(recipe), "name=other", "teacher.source=store", f"teacher.store.path={a}",
