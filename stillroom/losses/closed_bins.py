@@ -38,6 +38,6 @@ def on_bins(c: ClosedChunk, coef_n: torch.Tensor, kernel, stats) -> torch.Tensor
     h = h / c.T
     total_h = h.sum(-1)
     r = torch.where(q_tail > 0, h[:, k] / q_tail.clamp_min(torch.finfo(q.dtype).tiny), torch.zeros_like(total_h))
-    c.grad.addcmul_(q, (r - total_h).unsqueeze(1))
+    c.add_grad(q, r - total_h)
     c.grad.scatter_add_(1, ids, h[:, :k] - q_ids * r.unsqueeze(1))
     return values.detach()

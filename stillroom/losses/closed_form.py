@@ -204,7 +204,23 @@ class ClosedChunk:
                  want_grad: bool = True):
         self.ws, self.z, self.teacher, self.target_n, self.T = ws, z_nv, teacher, target_n, temperature
         self.n = z_nv.shape[0]
-        self.grad = ws.get("grad", self.n).zero_() if want_grad else None  # None: values only (evaluation)
+        self.grad = ws.get("grad", self.n) if want_grad else None  # None: values only (evaluation)
+        self._blank = want_grad  # nothing written into ``grad`` yet (its contents are undefined until then)
+
+    def add_grad(self, x_nv: torch.Tensor, k_n: torch.Tensor) -> None:
+        """``grad += x * k[:, None]``; the first term writes ``x * k`` instead (no zeroing pass first)."""
+        if self._blank:
+            torch.mul(x_nv, k_n.unsqueeze(1), out=self.grad)
+            self._blank = False
+        else:
+            self.grad.addcmul_(x_nv, k_n.unsqueeze(1))
+
+    def written_grad(self) -> torch.Tensor | None:
+        """``grad`` once every term has added to it (zeros when none wrote)."""
+        if self._blank:
+            self.grad.zero_()
+            self._blank = False
+        return self.grad
 
     def buffer(self, name: str) -> torch.Tensor:
         return self.ws.get(name, self.n)
@@ -255,7 +271,7 @@ def ce(c: ClosedChunk, coef_n: torch.Tensor) -> torch.Tensor:
     safe = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
     k = (coef_n * valid).to(q1.dtype)
     if c.grad is not None:
-        c.grad.addcmul_(q1, k.unsqueeze(1))
+        c.add_grad(q1, k)
         c.grad.scatter_add_(1, safe, -k.unsqueeze(1))
     return torch.where(valid, -logq1.gather(1, safe).squeeze(1), torch.zeros_like(k))
 
@@ -267,7 +283,7 @@ def forward_kl(c: ClosedChunk, coef_n: torch.Tensor) -> torch.Tensor:
     torch.sub(logp, logq, out=tmp).mul_(p)
     value, k = _clamped(tmp.sum(-1), coef_n / c.T)
     if c.grad is not None:
-        c.grad.addcmul_(torch.sub(q, p, out=tmp), k.unsqueeze(1))
+        c.add_grad(torch.sub(q, p, out=tmp), k)
     return value
 
 
@@ -277,7 +293,7 @@ def soft_ce(c: ClosedChunk, coef_n: torch.Tensor) -> torch.Tensor:
     tmp = c.buffer("tmp0")
     value = -torch.mul(p, logq, out=tmp).sum(-1)
     if c.grad is not None:
-        c.grad.addcmul_(torch.sub(q, p, out=tmp), (coef_n / c.T).unsqueeze(1))
+        c.add_grad(torch.sub(q, p, out=tmp), coef_n / c.T)
     return value
 
 
@@ -289,7 +305,7 @@ def reverse_kl(c: ClosedChunk, coef_n: torch.Tensor) -> torch.Tensor:
     raw = torch.mul(d, q, out=tmp).sum(-1)
     value, k = _clamped(raw, coef_n / c.T)
     if c.grad is not None:
-        c.grad.addcmul_(d.sub_(raw.unsqueeze(1)).mul_(q), k.unsqueeze(1))
+        c.add_grad(d.sub_(raw.unsqueeze(1)).mul_(q), k)
     return value
 
 
@@ -300,16 +316,22 @@ def jsd(c: ClosedChunk, coef_n: torch.Tensor, *, beta: float) -> torch.Tensor:
         return reverse_kl(c, coef_n)
     logq, q = c.student
     logp, p = c.teacher_dense
-    a, b, logm = c.buffer("tmp0"), c.buffer("tmp1"), c.buffer("tmp2")
-    # log m from m = beta p + (1 - beta) q in probability space (a third of logaddexp's cost); where both
-    # underflow, m is clamped to fp32's smallest normal and the entry's terms stay 0 (p = q = 0 there).
-    torch.mul(p, beta, out=logm).add_(q, alpha=1.0 - beta).clamp_min_(torch.finfo(logm.dtype).tiny).log_()
-    kl_pm = torch.sub(logp, logm, out=a).mul_(p).sum(-1)
-    d = torch.sub(logq, logm, out=a)
-    kl_qm = torch.mul(d, q, out=b).sum(-1)
-    value, k = _clamped(beta * kl_pm + (1.0 - beta) * kl_qm, coef_n * ((1.0 - beta) / c.T))
-    if c.grad is not None:
-        c.grad.addcmul_(d.sub_(kl_qm.unsqueeze(1)).mul_(q), k.unsqueeze(1))
+    a, logu = c.buffer("tmp0"), c.buffer("tmp1")
+    # m = (1 - beta) u, u = q + beta / (1 - beta) p (one pass): log m = log u + log(1 - beta), a constant that
+    # leaves the gradient and adds to the value (p and q sum to 1). Where p and q both underflow, u = 0 and the
+    # sums come out NaN: only then is log u clamped to fp32's smallest normal and the sums redone (adding 0 there).
+    torch.add(q, p, alpha=beta / (1.0 - beta), out=logu).log_()
+    for _ in range(2):
+        kl_pm = torch.sub(logp, logu, out=a).mul_(p).sum(-1)
+        qd = torch.sub(logq, logu, out=a).mul_(q)  # q (log q - log u)
+        kl_qm = torch.sum(qd, -1)
+        if bool(torch.isfinite(kl_pm.sum() + kl_qm.sum())):
+            break
+        logu.clamp_min_(math.log(torch.finfo(logu.dtype).tiny))
+    value, k = _clamped(beta * kl_pm + (1.0 - beta) * kl_qm - math.log1p(-beta), coef_n * ((1.0 - beta) / c.T))
+    if c.grad is not None:  # k q (d - KL(q||m)), d = log q - log m: the same with log u for log m
+        c.add_grad(qd, k)
+        c.grad.addcmul_(q, (-k * kl_qm).unsqueeze(1))
     return value
 
 
@@ -336,7 +358,7 @@ def run_chunk(plan, ws: Workspace, head: Head | None, x: torch.Tensor, rows: sli
         total, parts = evaluate(plan.terms, chunk, weight_n, stats)
     except Fallback:
         return None
-    return total, parts, chunk.grad
+    return total, parts, chunk.written_grad() if want_grad else None
 
 
 def usable(plan) -> bool:

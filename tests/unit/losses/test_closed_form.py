@@ -148,6 +148,28 @@ def test_a_chunk_with_an_infinite_logit_goes_back_to_the_autograd_kernels(monkey
     assert torch.isfinite(closed[1]).all()
 
 
+@pytest.mark.parametrize("beta", [0.3, 0.5, 0.9])
+def test_jsd_where_both_distributions_underflow_and_where_they_are_equal(beta, monkeypatch):
+    """JSD's closed form takes log m from ``q + beta / (1 - beta) p`` unclamped and redoes a chunk's sums with
+    a clamp only when an entry where p and q both underflow made them NaN; rows where p = q give 0. Both
+    match the plain path, with finite gradients."""
+    torch.manual_seed(7)
+    logits, t_logits = torch.randn(B, T, V) * 3, torch.randn(B, T, V) * 3
+    logits[:, :3, :5] = t_logits[:, :3, :5] = -300.0  # exp underflows to 0 in fp32 for both
+    logits[1, 4], t_logits[1, 4] = t_logits[1, 4] * 0 + 1.5, t_logits[1, 4] * 0 + 1.5  # a uniform row in both
+    t_logits[2] = logits[2]  # p = q on a whole sequence
+    targets = torch.randint(0, V, (B, T))
+    terms = [LossTerm(name="jsd", params={"beta": beta})]
+    plain = _run(terms, logits, t_logits, targets, _mask("all"), chunk=None)
+    count = Count(monkeypatch)
+    closed = _run(terms, logits, t_logits, targets, _mask("all"), chunk=4)
+    assert count.closed > 0 and count.back == 0
+    assert torch.isfinite(closed[1]).all()
+    torch.testing.assert_close(closed[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(closed[1], plain[1], rtol=1e-4, atol=1e-6)
+    assert closed[1][2].abs().max() < 1e-6  # p = q: no gradient
+
+
 def test_head_grad_flushes_bf16_partial_sums_into_fp32():
     """bf16 chunk products are summed in bf16 at most ``flush_every`` times before joining the fp32 total: the
     result stays within a few bf16 roundings of the fp32 product."""
