@@ -31,7 +31,7 @@ from stillroom.losses.hidden import (
     uniform_layer_map,
 )
 from stillroom.losses.schedule import TaidSchedule
-from stillroom.losses.mix import LossMix, LossResult, OutputHead, StudentOutput
+from stillroom.losses.mix import LossMix, LossResult, OutputHead, StudentOutput, TiedHeadGrad
 
 DIVERGENCES = divergences()
 """Registered terms that are divergences (zero iff the distributions are equal), from the specs."""
@@ -42,5 +42,5 @@ __all__ = [
     "make_logit_term", "run_logit_terms", "run_fused_logit_terms",
     "squarehead", "hidden_mse", "hidden_cosine", "attention_mse",
     "uniform_layer_map", "uniform_attention_map", "resolve_layer_map",
-    "TaidSchedule", "LossMix", "LossResult", "OutputHead", "StudentOutput",
+    "TaidSchedule", "LossMix", "LossResult", "OutputHead", "StudentOutput", "TiedHeadGrad",
 ]

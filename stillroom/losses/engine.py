@@ -17,9 +17,8 @@ In the chunked and fused paths the common terms (CE, forward and reverse KL, JSD
 on a top-k teacher's bins) skip autograd: :mod:`stillroom.losses.closed_form` writes each chunk's logit gradient
 in closed form into buffers reused by every chunk; the kernels above stay the reference and the fallback.
 
-The backward pass of both Functions only scales the stored gradients by the incoming scalar gradient: valid
-because the result is a sum (linear in each chunk's contribution).
-"""
+Backward only scales the stored gradients by the incoming scalar gradient: the result is a sum (linear in each
+chunk's contribution)."""
 
 from __future__ import annotations
 
@@ -253,12 +252,13 @@ def plain_loss(plan: Plan, logits_flat: torch.Tensor) -> tuple[torch.Tensor, lis
 
 class _ChunkedLoss(torch.autograd.Function):
     """Inputs: ``x`` = logits ``[BT, V]`` (weight None) or hidden ``[BT, D]`` with head ``weight`` ``[V, D]``,
-    optional ``bias`` ``[V]``, the head's ``matmul_dtype``. Outputs: scalar total, ``[n_terms]`` parts (no grad).
-    A chunk's logit gradient ``[n, V]`` comes from the closed forms or from autograd through the kernels; the
-    fused head's gradients are then two matmuls (:meth:`Head.backward`): backward never recomputes the head."""
+    optional ``bias`` ``[V]``, the head's ``matmul_dtype``, a ``tied`` sink (:class:`stillroom.losses.TiedHeadGrad`:
+    the weight's gradient goes there, not to autograd). Outputs: scalar total, ``[n_terms]`` parts (no grad).
+    A chunk's logit gradient ``[n, V]`` (closed forms, or autograd through the kernels) gives the fused head's
+    gradients by two matmuls (:meth:`Head.backward`): backward never recomputes the head."""
 
     @staticmethod
-    def forward(ctx, plan: Plan, need_grad: bool, x, weight, bias, matmul_dtype):
+    def forward(ctx, plan: Plan, need_grad: bool, x, weight, bias, matmul_dtype, tied):
         fused = weight is not None
         need = [need_grad and t is not None and t.requires_grad for t in (x, weight, bias)]
         vocab = weight.shape[0] if fused else x.shape[1]
@@ -287,7 +287,7 @@ class _ChunkedLoss(torch.autograd.Function):
             total += chunk_total.detach().double()
             parts += torch.stack([p.detach().double() for p in chunk_parts])
         ctx.save_for_backward(*(g if g is not None else x.new_empty(0) for g in (grad_x, weight, grad_b)))
-        ctx.has, ctx.head_grad = [grad_x is not None, grad_w is not None, grad_b is not None], grad_w
+        ctx.has, ctx.head_grad, ctx.tied = [grad_x is not None, grad_w is not None, grad_b is not None], grad_w, tied
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias)]
         parts_out = parts.to(plan.dtype)
         ctx.mark_non_differentiable(parts_out)
@@ -298,7 +298,11 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_x, weight, grad_b = ctx.saved_tensors
         scaled = [grad_x * grad_total.to(grad_x.dtype), ctx.head_grad and ctx.head_grad.scaled(grad_total, weight),
                   grad_b * grad_total.to(grad_b.dtype)]
-        return (None, None, *(g.to(dt) if has else None for g, has, dt in zip(scaled, ctx.has, ctx.dtypes)), None)
+        grads = [g.to(dt) if has else None for g, has, dt in zip(scaled, ctx.has, ctx.dtypes)]
+        if ctx.tied is not None and grads[1] is not None:
+            ctx.tied.put(grads[1])
+            grads[1] = None
+        return None, None, *grads, None, None
 
 
 def _autograd_chunk(plan: Plan, head, x: torch.Tensor, rows: slice | torch.Tensor, want_grad: bool, stats: list):
@@ -315,10 +319,10 @@ def _autograd_chunk(plan: Plan, head, x: torch.Tensor, rows: slice | torch.Tenso
 
 def chunked_loss(plan: Plan, x: torch.Tensor, weight: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None,
-                 matmul_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                 matmul_dtype: torch.dtype | None = None, tied=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Chunked (``weight is None``: ``x`` = logits ``[BT, V]``) or fused (``x`` = hidden ``[BT, D]``)."""
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    total, parts = _ChunkedLoss.apply(plan, need_grad, x, weight, bias, matmul_dtype)
+    total, parts = _ChunkedLoss.apply(plan, need_grad, x, weight, bias, matmul_dtype, tied)
     return total, list(parts.unbind(0))
 
 
@@ -350,15 +354,15 @@ def run_fused_logit_terms(terms: list[LogitTerm], hidden_btd: torch.Tensor, head
     """Like :func:`run_logit_terms` but from the last hidden state ``[B, T, D]`` and the output head:
     logits are computed ``chunk_tokens`` rows at a time and never materialised as ``[B, T, V]``.
 
-    ``head``: anything with ``weight [V, D]`` and ``bias``; its optional ``matmul_dtype`` (set by the
-    student's forward under bf16 autocast, :class:`stillroom.losses.OutputHead`) is the dtype of the
-    head's matmuls, as autocast would choose in the plain path."""
+    ``head``: anything with ``weight [V, D]`` and ``bias``; optional: ``matmul_dtype`` (the dtype autocast would
+    give the head's matmuls in the plain path) and ``tied`` (:class:`stillroom.losses.OutputHead`)."""
     plan = _plan(terms, hidden_btd, head.weight.shape[0], teacher, mask, target_ids, loss_temperature, chunk_tokens,
                  weight_bt)
     flat = hidden_btd.reshape(-1, hidden_btd.shape[-1])
     if plan.rows.numel() == 0:
         return _empty(plan, flat.sum() * 0.0 + head.weight.sum() * 0.0)
-    total, parts = chunked_loss(plan, flat, head.weight, head.bias, getattr(head, "matmul_dtype", None))
+    total, parts = chunked_loss(plan, flat, head.weight, head.bias, getattr(head, "matmul_dtype", None),
+                                getattr(head, "tied", None))
     return total, parts, int(plan.rows.numel())
 
 

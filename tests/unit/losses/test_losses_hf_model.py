@@ -100,3 +100,75 @@ def test_chunked_path_over_consecutive_rows_uses_slices_and_matches_plain():
             results.append((res.total.detach(), leaf.grad))
         torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-10, atol=1e-12)
+
+
+def _tied_step(student, batches, *, handoff: bool, autocast: bool = False):
+    """Gradients of every parameter after the fused KD loss over ``batches`` (accumulated), through
+    StudentForward with the tied-head handoff on or off."""
+    from stillroom.domains.lm import forward as F
+
+    forward = F.StudentForward(student, fused=True, hidden_layers=[], vocab=97)
+    if not handoff:
+        forward.tied = None
+    mix = L.LossMix(LossConfig(terms=[LossTerm(name="jsd", params={"beta": 0.5}), LossTerm(name="ce")],
+                               chunk_tokens=7))
+    student.zero_grad(set_to_none=True)
+    for batch, t_logits in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = forward(batch)
+        assert (out["head"].tied is not None) == handoff
+        res = mix(L.StudentOutput(hidden_btd=out["hidden"], head=out["head"]), t_logits, batch.target_ids,
+                  batch.loss_mask)
+        res.total.backward()
+    return {n: p.grad.clone() for n, p in student.named_parameters()}
+
+
+def test_a_tied_embedding_takes_the_fused_head_gradient_and_matches_autograd_s_sum(monkeypatch):
+    """With the output head tied to the input embedding, the fused loss hands its ``[V, D]`` weight gradient to
+    the embedding's backward, which adds its rows (not the padding id's) and returns the one gradient: every
+    parameter's gradient equals autograd's sum of the two, over two accumulated micro-batches, in fp32 and
+    under bf16 autocast; autograd never sums two ``[V, D]`` gradients for the weight."""
+    from stillroom.data.batch import Batch
+    from stillroom.domains.lm import forward as F
+
+    student = tiny_llama(97, seed=0, layers=2, max_positions=64, bos=1, eos=2, pad=3)
+    assert F.tied_embedding(student, student.lm_head) is student.model.embed_tokens
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(0, 97, (2, 12), generator=g)
+        ids[0, :3] = 3  # padding-id tokens: their rows add nothing to the embedding's gradient
+        targets = torch.roll(ids, -1, 1)
+        targets[:, -1] = -100
+        batch = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), target_ids=targets, uids=["a", "b"],
+                      n_bytes=torch.zeros(2, dtype=torch.long))
+        batches.append((batch, torch.randn(2, 12, 97, generator=g) * 2))
+    calls = []
+    real = F._TiedEmbedding.backward
+    monkeypatch.setattr(F._TiedEmbedding, "backward",
+                        staticmethod(lambda ctx, grad: calls.append(ctx.sink.grad is not None) or real(ctx, grad)))
+    for autocast in (False, True):
+        calls.clear()
+        want = _tied_step(student, batches, handoff=False, autocast=autocast)
+        got = _tied_step(student, batches, handoff=True, autocast=autocast)
+        assert calls == [True, True]  # each micro-batch: the loss's gradient was waiting for the embedding
+        for name, grad in want.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_an_untied_or_sliced_head_keeps_autograd_s_own_embedding_gradient():
+    from stillroom.domains.lm import forward as F
+
+    untied = tiny_llama(97, seed=0, layers=1, tie=False)
+    assert F.tied_embedding(untied, untied.lm_head) is None
+    tied = tiny_llama(97, seed=0, layers=1)
+    assert F.StudentForward(tied, fused=True, hidden_layers=[], vocab=97).tied is not None
+    ids = torch.randint(0, 97, (1, 5))
+    from stillroom.data.batch import Batch
+
+    batch = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), target_ids=ids, uids=["a"],
+                  n_bytes=torch.zeros(1, dtype=torch.long))
+    sliced = F.StudentForward(tied, fused=True, hidden_layers=[], vocab=90)(batch)  # a shared vocabulary of 90
+    assert sliced["head"].tied is None and sliced["head"].weight.shape[0] == 90
+    with torch.no_grad():
+        assert F.StudentForward(tied, fused=True, hidden_layers=[], vocab=97)(batch)["head"].tied is None
