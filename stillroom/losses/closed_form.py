@@ -70,10 +70,7 @@ class Workspace:
         gradient's partial sum, held by the graph until backward), on storage kept here: a later call reuses it
         once no tensor holds it any more; while one does (a graph not yet freed), a fresh one is made and kept
         instead. At a 256k vocabulary each fresh ``[V, D]`` tensor costs 0.15-1 s of page faults on a CPU, as
-        much as the loss itself (docs/BENCHMARKS.md), so a steady loop should touch none.
-
-        Not used for the gradient handed to autograd: autograd adds a tied embedding's gradient into that one in
-        place only when nothing else holds its storage, so a kept one would cost a fresh sum instead."""
+        much as the loss itself (docs/BENCHMARKS.md), so a steady loop should touch none."""
         key = (name, dtype)
         kept = self._kept.get(key)
         if kept is not None and kept.nbytes() == math.prod(shape) * dtype.itemsize and storage_unshared(kept):
@@ -185,11 +182,12 @@ class HeadGrad:
         self.pending = 0
 
     def scaled(self, factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``factor`` times the sum, as a new fp32 tensor (the sum itself is kept: backward may run again); fresh
-        memory, not recycled (:meth:`Workspace.recycled` says why)."""
+        """``factor`` times the sum, as a new fp32 tensor (the sum itself is kept: backward may run again), on
+        recycled storage: autograd makes it the weight's ``.grad`` as it is (a tied embedding adds its rows into
+        it: :class:`stillroom.losses.TiedHeadGrad`), and ``zero_grad`` frees it for the next step."""
         if self.part is None:
             return torch.zeros_like(like, dtype=torch.float32)
-        out = torch.empty(self._shape, dtype=torch.float32, device=self.part.device).copy_(self.part)
+        out = self._new("head_grad_out", self._shape, torch.float32, self.part.device).copy_(self.part)
         if self.total is not None:
             out.add_(self.total)
         return out.mul_(factor)

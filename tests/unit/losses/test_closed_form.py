@@ -276,7 +276,7 @@ def test_fused_head_gradient_reuses_its_partial_sum_across_steps_and_matches_the
     torch.manual_seed(8)
     head = torch.nn.Linear(D, V, bias=False)
     targets = torch.randint(0, V, (B, T))
-    ptrs, grads = [], []
+    ptrs, grads, grad_ptrs = [], [], []
     for step in range(2):
         hidden = torch.randn(B, T, D)
         teacher = torch.log_softmax(torch.randn(B, T, V) * 2, -1)
@@ -293,5 +293,15 @@ def test_fused_head_gradient_reuses_its_partial_sum_across_steps_and_matches_the
             del res, out
             if fused:
                 ptrs.append(closed_form.Workspace._last._kept[("head_grad_part", torch.bfloat16)].data_ptr())
+                grad_ptrs.append(head.weight.grad.data_ptr())
         torch.testing.assert_close(grads[-2], grads[-1], rtol=3e-2, atol=3e-3)
     assert ptrs[0] == ptrs[1]
+    assert grad_ptrs[0] == grad_ptrs[1]  # the weight's .grad itself: recycled once zero_grad let it go
+    # A .grad someone still holds is never overwritten: the next backward gets fresh memory.
+    held, before = head.weight.grad, head.weight.grad.clone()
+    head.zero_grad(set_to_none=True)
+    h = torch.randn(B, T, D, requires_grad=True)
+    mix = L.LossMix(LossConfig(terms=MIXES["fkl+ce"], chunk_tokens=4))
+    mix(L.StudentOutput(hidden_btd=h, head=L.OutputHead(head.weight, None, None)), teacher, targets,
+        _mask("all")).total.backward()
+    assert head.weight.grad.data_ptr() != held.data_ptr() and torch.equal(held, before)
