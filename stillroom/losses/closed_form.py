@@ -242,7 +242,7 @@ class ClosedChunk:
     def teacher_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log p, p)`` ``[n, V]`` of the (single) dense teacher at ``T``."""
         logp = self.buffer("logp").copy_(self.teacher.dense[0])
-        if not all_finite(logp):  # checked in fp32: a bf16 tensor's fp32 sum converts it on the way
+        if not all_finite(logp):  # checked on the fp32 copy
             raise Fallback("a non-finite teacher logit")
         if self.T != 1.0:
             logp.div_(self.T)
@@ -334,8 +334,10 @@ def jsd(c: ClosedChunk, coef_n: torch.Tensor, *, beta: float) -> torch.Tensor:
 
 
 def all_finite(x: torch.Tensor) -> bool:
-    """No ``inf`` or NaN in ``x``: its fp32 sum is finite (one read, no copy). Logits never sum past fp32's range."""
-    return bool(torch.isfinite(x.sum(dtype=torch.float32)))
+    """No ``inf`` or NaN in ``x``: its sum is finite (one read; bf16 sums run in fp32 and share its range, which
+    logits never sum past; ``sum(dtype=float32)`` would copy the whole chunk first: 39 ms against 1.5 ms at
+    ``[64, 256000]``). fp16's range is too small for the sum, so its entries are checked one by one."""
+    return bool(torch.isfinite(x).all() if x.dtype == torch.float16 else torch.isfinite(x.sum()))
 
 
 def run_chunk(plan, ws: Workspace, head: Head | None, x: torch.Tensor, rows: slice | torch.Tensor,

@@ -72,7 +72,7 @@ class ChunkContext:
 
     @cached_property
     def any_excluded(self) -> bool:
-        """Whether :attr:`excluded` holds any entry, decided from one fp32 sum per tensor: the mask itself
+        """Whether :attr:`excluded` holds any entry, decided from one sum per tensor: the mask itself
         (``isinf`` goes through an ``abs`` copy of ``[N, V]``) is built only when it does."""
         return not all(all_finite(t) for t in [self.raw, *(self.teacher.dense or [])])
 

@@ -305,3 +305,15 @@ def test_fused_head_gradient_reuses_its_partial_sum_across_steps_and_matches_the
     mix(L.StudentOutput(hidden_btd=h, head=L.OutputHead(head.weight, None, None)), teacher, targets,
         _mask("all")).total.backward()
     assert head.weight.grad.data_ptr() != held.data_ptr() and torch.equal(held, before)
+
+
+def test_all_finite_reads_bf16_and_fp32_by_their_sum_and_fp16_entry_by_entry():
+    """The finiteness check behind the fallback: a bf16 or fp32 chunk by its (fp32-accumulated) sum, without a
+    converted copy; fp16 entry by entry, because 2000 finite entries of 60000 sum past fp16's range."""
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        x = torch.full((4, 500), 60000.0 if dtype == torch.float16 else 1e30, dtype=dtype)
+        assert closed_form.all_finite(x)
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            y = x.clone()
+            y[2, 7] = bad
+            assert not closed_form.all_finite(y), (dtype, bad)
