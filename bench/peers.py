@@ -167,6 +167,10 @@ def our_steps(config: str, work: Path, precision: str, chunk_tokens: int | None 
         teacher = None
     chunk = {} if chunk_tokens is None else {"chunk_tokens": chunk_tokens}
     mix = LossMix(LossConfig(terms=[LossTerm(name=term)], fused=fused, **chunk))
+    if fused and teacher is not None:  # as a run does (stillroom/domains/lm/prepare.py)
+        from stillroom.domains.lm.liger_teacher import head_mode_teacher
+
+        teacher = head_mode_teacher(teacher, mix)
     forward = StudentForward(student, fused=fused, hidden_layers=[], vocab=meta["vocab"])
     player = Player("student", student, DistillObjective(forward, mix, teacher))
     player.build_optimizer(TrainConfig(steps=1000, warmup_steps=0))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stillroom.losses.registry import resolve_params
+from stillroom.teachers.signal import TeacherHidden  # noqa: F401 (re-exported: what the Liger path reads)
 
 if TYPE_CHECKING:  # the config layer sits above the losses
     from stillroom.config.core import LossConfig
@@ -97,18 +98,6 @@ def liger_module_class() -> type:
     except ImportError as err:
         raise RuntimeError(f"loss.kernel=liger needs the package liger-kernel ({err}): {EXTRA}") from None
     return LigerFusedLinearJSDLoss
-
-
-@dataclass
-class TeacherHidden:
-    """What the teacher gives the Liger path: its last hidden state and head instead of logits."""
-
-    hidden_btd: torch.Tensor
-    """``[B, T, D_teacher]`` after the final norm, on the student's device."""
-    weight: torch.Tensor
-    """``[V, D_teacher]``: the teacher's head restricted to the shared vocabulary."""
-    bias: torch.Tensor | None = None
-    """``[V]`` or ``None``."""
 
 
 class LigerLoss:

@@ -133,6 +133,21 @@ class TeacherSignal:
         )
 
 
+@dataclass
+class TeacherHidden:
+    """A dense teacher as its last hidden state and output head instead of logits: the loss applies the head a
+    chunk of rows at a time (:meth:`TeacherRows.take`), so the teacher's ``[B, T, V]`` logits never exist (at a
+    256k vocabulary, 4 x 128 tokens, they were 250 MiB of fresh bf16 per micro-batch). Liger's fused linear
+    divergence reads the same (:mod:`stillroom.losses.liger`)."""
+
+    hidden_btd: torch.Tensor
+    """``[B, T, D_teacher]`` after the final norm, on the student's device."""
+    weight: torch.Tensor
+    """``[V, D_teacher]``: the teacher's head restricted to the shared vocabulary."""
+    bias: torch.Tensor | None = None
+    """``[V]`` or ``None``."""
+
+
 def real_ids(batch: "Batch") -> list[list[int]]:
     """Each row's real token ids (its ``attention_mask`` ones): what a teacher that re-reads the batch (a server, a
     teacher with another tokenizer) is given. Rows must be right-padded (ones then zeros); the error names the row."""
@@ -177,14 +192,32 @@ class OnlineTeacher:
         self.attentions = attentions  # the model must run eager attention to return them (the factory sees to it)
         self.output_device = torch.device(output_device)
         self.device = next(model.parameters()).device
+        self.head: tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None] | None = None
+        """``(body, weight [V, D], bias)`` in head mode (:meth:`with_head`): :meth:`signal` stops before the head."""
+
+    def with_head(self, body: torch.nn.Module, head: torch.nn.Linear) -> "OnlineTeacher":
+        """The same teacher in head mode: its signal is the body's last hidden state and ``head`` restricted to
+        the shared vocabulary (:class:`TeacherHidden`), for a loss that applies the head itself. Only for a
+        loss with nothing but logit terms (no hidden states or attentions are returned)."""
+        twin = OnlineTeacher(self.model, vocab_size=self.vocab_size, fingerprint=self.fingerprint,
+                             output_device=self.output_device)
+        bias = None if head.bias is None else head.bias[: self.vocab_size].detach().to(self.output_device)
+        twin.head = (body, head.weight[: self.vocab_size].detach().to(self.output_device), bias)
+        return twin
 
     @torch.no_grad()
-    def signal(self, batch: Batch) -> TeacherSignal:
-        """Dense teacher logits for ``batch``: ``[B, T, V]`` aligned with the student's positions."""
+    def signal(self, batch: Batch) -> TeacherSignal | TeacherHidden:
+        """Dense teacher logits for ``batch``: ``[B, T, V]`` aligned with the student's positions (in head mode
+        the last hidden state and head instead)."""
         from stillroom.data.batch import model_inputs_for  # the losses import this module; they need no batch code
 
+        inputs = model_inputs_for(self.model, batch, self.device)  # ids, mask (+ pixel_values; flash: varlen)
+        if self.head is not None:
+            body, weight, bias = self.head
+            hidden = body(**inputs, use_cache=False).last_hidden_state
+            return TeacherHidden(hidden.to(self.output_device), weight, bias)
         out = self.model(
-            **model_inputs_for(self.model, batch, self.device),  # ids, mask (+ pixel_values; flash: varlen)
+            **inputs,
             output_hidden_states=bool(self.hidden_layers),
             output_attentions=self.attentions,
             use_cache=False,
@@ -203,7 +236,7 @@ class OnlineTeacher:
 # A loss call flattens its teacher once (:class:`TeacherRows`) and takes chunks of rows from it; these
 # views live beside the signal they read so that the step reads through no extra module.
 
-TeacherLike = torch.Tensor | TeacherSignal | Sequence[torch.Tensor]
+TeacherLike = torch.Tensor | TeacherSignal | TeacherHidden | Sequence[torch.Tensor]
 NEG_INF = float("-inf")
 
 
@@ -216,17 +249,24 @@ def sanitize_logits(z: torch.Tensor) -> torch.Tensor:
 class TeacherRows:
     """Flat ``[B*T, ...]`` views of a teacher, from which chunks of rows are taken.
 
-    Accepts dense logits ``[B, T, V]``, a :class:`TeacherSignal` (dense or top-k)
-    or a list of dense logits (an ensemble: the target is the average of their
-    probabilities, MEAL V2). ``None`` is allowed for teacher-free terms (``ce``).
+    Accepts dense logits ``[B, T, V]``, a :class:`TeacherSignal` (dense or top-k), a :class:`TeacherHidden`
+    (dense, its logits made a chunk at a time) or a list of dense logits (an ensemble: the target is the average of
+    their probabilities, MEAL V2). ``None`` is allowed for teacher-free terms (``ce``).
     """
 
     def __init__(self, teacher: TeacherLike | None, vocab: int, loss_temperature: float):
         self.dense: list[torch.Tensor] = []
         self.topk: TeacherSignal | None = None
         self.cross: CrossRows | None = None
+        self.hidden: TeacherHidden | None = None
         self._dense_flat: list[torch.Tensor] = []
         if teacher is None:
+            return
+        if isinstance(teacher, TeacherHidden):  # dense, as hidden state + head: logits made per chunk in take()
+            if teacher.weight.shape[0] != vocab:
+                raise ValueError(f"teacher head rows {teacher.weight.shape[0]} != student vocab {vocab}; restrict "
+                                 "the head to the shared tokenizer length")
+            self.hidden, self._hidden_flat = teacher, teacher.hidden_btd.reshape(-1, teacher.hidden_btd.shape[-1])
             return
         if isinstance(teacher, TeacherSignal):  # its fields, read directly: the signal is data here
             if teacher.cross is not None:  # another vocabulary: compared on matched ids or ranked (CrossRows)
@@ -265,12 +305,15 @@ class TeacherRows:
 
     @property
     def present(self) -> bool:
-        return bool(self.dense) or self.topk is not None or self.cross is not None
+        return bool(self.dense) or self.topk is not None or self.cross is not None or self.hidden is not None
 
     def take(self, rows: torch.Tensor | slice) -> "TeacherChunk":
         """The teacher on ``rows`` of the flat ``[B*T]`` axis: a slice (views) or an index tensor."""
         if self.cross is not None:
             return TeacherChunk(cross=self.cross.take(rows))
+        if self.hidden is not None:  # [n, V] logits of these rows only, in the head's dtype
+            h = self.hidden
+            return TeacherChunk(dense=[torch.nn.functional.linear(self._hidden_flat[rows], h.weight, h.bias)])
         n = self._dense_flat[0].shape[0] if self._dense_flat else -1
         if isinstance(rows, torch.Tensor) and rows.numel() == n:  # every row (plain path, full mask): views
             return TeacherChunk(dense=list(self._dense_flat))

@@ -1,41 +1,42 @@
-"""The teacher source of ``loss.kernel: liger``: the online teacher's last hidden state and head, no logits.
+"""The teacher in head mode: its last hidden state and output head instead of ``[B, T, V]`` logits.
 
-Liger's fused linear divergence projects both models' hidden states through their heads chunk by chunk itself
-(:mod:`stillroom.losses.liger`), so the teacher stops before its head. It lives in the language-model domain:
-it reads the model's body and head (:mod:`stillroom.models`), which the losses must not import.
+Two losses apply the teacher's head themselves, a chunk of rows at a time: Liger's fused linear divergence
+(``loss.kernel: liger``, :mod:`stillroom.losses.liger`) and stillroom's own fused path, whose
+:class:`~stillroom.teachers.signal.TeacherRows` makes each chunk's teacher logits from the hidden state. The
+teacher then stops before its head (:meth:`~stillroom.teachers.signal.OnlineTeacher.with_head`). It lives in the
+language-model domain: it reads the model's body and head (:mod:`stillroom.models`), which the losses must not
+import.
 """
 
 from __future__ import annotations
 
 import torch
 
-from stillroom.losses.liger import TeacherHidden
-from stillroom.models import decoder_body, output_head
-from stillroom.data.batch import model_inputs_for
+from stillroom.models import body_of, output_head
 from stillroom.teachers.signal import OnlineTeacher
 
 
-class LigerTeacher:
-    """A teacher source for ``loss.kernel: liger``: the online teacher's body and head (no ``[B, T, V]`` logits)."""
-
-    def __init__(self, model: torch.nn.Module, vocab_size: int, output_device: torch.device | str):
-        self.model, self.body, head = model, decoder_body(model), output_head(model)
-        self.weight = head.weight[:vocab_size].detach().to(output_device)
-        self.bias = None if head.bias is None else head.bias[:vocab_size].detach().to(output_device)
-        self.device = next(model.parameters()).device
-        self.output_device = torch.device(output_device)
-
-    @torch.no_grad()
-    def signal(self, batch) -> TeacherHidden:
-        out = self.body(**model_inputs_for(self.model, batch, self.device), use_cache=False)
-        return TeacherHidden(out.last_hidden_state.to(self.output_device), self.weight, self.bias)
-
-
-def liger_teacher(cfg, source) -> LigerTeacher:
+def liger_teacher(cfg, source) -> OnlineTeacher:
     """The Liger teacher source in place of the run's online teacher ``source`` (``cfg``: the run config), or
     ``ValueError`` naming the setting when the teacher is not a dense online one with the student's tokenizer."""
     if cfg.teacher.source != "online" or cfg.teacher.tokenizer_mode != "same" or not isinstance(source, OnlineTeacher):
         raise ValueError(f"loss.kernel=liger needs a dense online teacher with the student's tokenizer (got "
                          f"teacher.source={cfg.teacher.source}, teacher.tokenizer_mode={cfg.teacher.tokenizer_mode}); "
                          "use loss.kernel=stillroom with store, remote, ensemble or cross-tokenizer teachers")
-    return LigerTeacher(source.model, source.vocab_size, source.output_device)
+    return source.with_head(body_of(source.model), output_head(source.model))
+
+
+def head_mode_teacher(source, mix) -> object:
+    """``source`` in head mode for stillroom's fused loss when that is exact and saves the ``[B, T, V]`` logits:
+    a plain online teacher (not remembered, not an ensemble, same tokenizer), a mix of logit terms only (no
+    teacher hidden states or attentions to hand over), a head that is a plain ``nn.Linear`` whose output is the
+    logits (no soft-capping or scaling). Anything else is returned as it is."""
+    if type(source) is not OnlineTeacher or source.hidden_layers or source.attentions or not mix.needs_logits:
+        return source
+    try:
+        head = output_head(source.model)
+    except (NotImplementedError, TypeError):  # logits post-processed, or not a Linear head
+        return source
+    if not isinstance(head, torch.nn.Linear):  # a LoRA-wrapped head
+        return source
+    return source.with_head(body_of(source.model), head)

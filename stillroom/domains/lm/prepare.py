@@ -28,7 +28,7 @@ from stillroom.data.packing import check_document_attention, refuse_within_docum
 from stillroom.domains.lm.evaluate import evaluate_models, periodic_evaluation
 from stillroom.domains.lm.forward import StudentForward
 from stillroom.losses import LossMix
-from stillroom.domains.lm.liger_teacher import liger_teacher
+from stillroom.domains.lm.liger_teacher import head_mode_teacher, liger_teacher
 from stillroom.methods.base import Method, MethodContext, MethodPlan
 from stillroom.models import (
     apply_lora, check_vocab, derive_student, load_model, merge_lora, student_from_config, tokenizer_hash, unwrap,
@@ -96,9 +96,11 @@ class LmRun:
                 hidden_layers=mix.teacher_hidden_layers, output_device=self.device, train_examples=examples,
                 attentions=mix.needs_attentions, log=log, cross=self.cross,
             )
+        fused = cfg.loss.fused and mix.needs_logits
         if mix.liger is not None:  # loss.kernel=liger: the teacher's hidden state and head, not its logits
             teacher = liger_teacher(cfg, teacher)
-        fused = cfg.loss.fused and mix.needs_logits
+        elif fused and teacher is not None:  # the fused loss makes the teacher's logits a chunk at a time too
+            teacher = head_mode_teacher(teacher, mix)
         if mix.needs_attentions:
             use_eager_attention(model)
         if cfg.train.activation_checkpointing:

@@ -143,3 +143,26 @@ def test_one_step_reads_through_at_most_eight_files_in_one_direction(tmp_path, t
     # the step's path in reading order, as docs/DESIGN.md draws it
     assert files == ["train/loop.py", "data/batch.py", "train/distributed.py", "teachers/signal.py",
                      "domains/lm/forward.py", "losses/mix.py", "losses/engine.py", "losses/closed_form.py"], files
+
+
+def test_the_default_step_s_teacher_hands_over_its_hidden_state_and_head(tmp_path, tiny_teacher_dir):
+    """The default run (online teacher, forward KL, fused) puts its teacher in head mode: the loss makes the
+    teacher's logits a chunk at a time, so no ``[B, T, V]`` teacher logits exist (docs/BENCHMARKS.md)."""
+    from stillroom.config.load import load_config
+    from stillroom.run import prepare_run
+
+    recipe = {
+        "name": "trace", "output_dir": str(tmp_path / "runs"),
+        "teacher": {"model": {"path": str(tiny_teacher_dir)}, "dtype": "float32"},
+        "student": {"from_teacher": {"strategy": "every_n", "every_n": 2}},
+        "data": {"sources": [{"bundled": "pydoc", "limit": 40}], "seq_len": 32, "heldout_fraction": 0.2,
+                 "heldout_max": 8},
+        "train": {"steps": 1, "micro_batch_size": 4, "precision": "fp32"},
+    }
+    for extra, headed in (({}, True), ({"loss": {"fused": False}}, False), ({"teacher": {"memo": True}}, False)):
+        r = {**recipe, **{k: {**recipe.get(k, {}), **v} for k, v in extra.items()}}
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+        cfg = load_config(tmp_path / "r.yaml", [])
+        prep, method = prepare_run(cfg, log=lambda _m: None)
+        job, _ = prep.job(prep.student, method, baseline=False, run_dir=cfg.run_dir, resume=False, log=lambda _m: None)
+        assert (getattr(job.players[0].objective.teacher, "head", None) is not None) == headed, extra

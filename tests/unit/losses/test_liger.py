@@ -19,7 +19,8 @@ from helpers import tiny_llama
 from stillroom.config.schema import LossConfig, LossTerm
 from stillroom.losses import LossMix, OutputHead, StudentOutput
 from stillroom.domains.lm.liger_teacher import liger_teacher
-from stillroom.losses.liger import LigerLoss, TeacherHidden, plan_liger
+from stillroom.losses.liger import LigerLoss, plan_liger
+from stillroom.teachers.signal import TeacherHidden
 
 V, D_S, D_T = 37, 8, 12
 
@@ -151,7 +152,6 @@ def test_token_weights_and_other_teachers_are_refused():
 def test_liger_kernel_equals_our_fused_path_on_cuda():
     pytest.importorskip("liger_kernel", reason="needs the extra: pip install 'stillroom[gpu]'")
     from stillroom.domains.lm.forward import StudentForward
-    from stillroom.domains.lm.liger_teacher import LigerTeacher
     from stillroom.teachers.signal import OnlineTeacher
 
     vocab = 97
@@ -168,7 +168,8 @@ def test_liger_kernel_equals_our_fused_path_on_cuda():
         cfg = LossConfig(terms=[LossTerm(name="ce", weight=0.5), LossTerm(name="jsd", params={"beta": 0.4})],
                          loss_temperature=1.5, chunk_tokens=32, kernel=kernel)
         online = OnlineTeacher(teacher_model, vocab_size=vocab, output_device="cuda")
-        source = LigerTeacher(teacher_model, vocab, "cuda") if kernel == "liger" else online
+        run = SimpleNamespace(teacher=SimpleNamespace(source="online", tokenizer_mode="same"))
+        source = liger_teacher(run, online) if kernel == "liger" else online
         out = forward(batch)
         out["hidden"].retain_grad()
         result = LossMix(cfg)(StudentOutput(hidden_btd=out["hidden"], head=out["head"]), source.signal(batch),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import tiny_llama
 
@@ -172,3 +173,52 @@ def test_an_untied_or_sliced_head_keeps_autograd_s_own_embedding_gradient():
     assert sliced["head"].tied is None and sliced["head"].weight.shape[0] == 90
     with torch.no_grad():
         assert F.StudentForward(tied, fused=True, hidden_layers=[], vocab=97)(batch)["head"].tied is None
+
+
+@pytest.mark.parametrize("terms", [["forward_kl", "ce"], ["jsd"], ["tvd", "ce"]])
+def test_a_teacher_in_head_mode_gives_the_loss_what_its_logits_give(terms):
+    """The online teacher in head mode hands over its last hidden state and head (TeacherHidden); the loss makes
+    each chunk's teacher logits from them. Values and student gradients equal those from the teacher's whole
+    logits, through the closed forms (forward KL, JSD, CE) and the autograd kernels (TVD), fp32 and bf16."""
+    from stillroom.data.batch import Batch
+    from stillroom.domains.lm.forward import StudentForward
+    from stillroom.domains.lm.liger_teacher import head_mode_teacher
+    from stillroom.teachers.signal import OnlineTeacher, TeacherHidden
+
+    student = tiny_llama(97, seed=0, layers=2, max_positions=64, bos=1, eos=2, pad=None)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    targets = torch.roll(ids, -1, 1)
+    targets[:, -1] = -100
+    batch = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), target_ids=targets, uids=["a", "b"],
+                  n_bytes=torch.zeros(2, dtype=torch.long))
+    mix = L.LossMix(LossConfig(terms=[LossTerm(name=t) for t in terms], chunk_tokens=7))
+    for dtype in (torch.float32, torch.bfloat16):
+        teacher_model = tiny_llama(97, seed=3, layers=2, hidden=48, max_positions=64, bos=1, eos=2, pad=None)
+        online = OnlineTeacher(teacher_model.to(dtype), vocab_size=97)
+        headed = head_mode_teacher(online, mix)
+        assert headed is not online and headed.head is not None
+        results = []
+        for source in (online, headed):
+            signal = source.signal(batch)
+            assert isinstance(signal, TeacherHidden) == (source is headed)
+            out = StudentForward(student, fused=True, hidden_layers=[], vocab=97)(batch)
+            res = mix(L.StudentOutput(hidden_btd=out["hidden"], head=out["head"]), signal, targets, batch.loss_mask)
+            student.zero_grad(set_to_none=True)
+            res.total.backward()
+            results.append((res.total.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+        for name, grad in results[0][1].items():
+            torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_head_mode_is_left_out_where_the_teacher_must_hand_over_more_than_logits():
+    from stillroom.domains.lm.liger_teacher import head_mode_teacher
+    from stillroom.teachers.signal import OnlineTeacher
+
+    model = tiny_llama(97, seed=3, layers=2)
+    logits_only = L.LossMix(LossConfig(terms=[LossTerm(name="forward_kl")]))
+    assert head_mode_teacher(OnlineTeacher(model, vocab_size=97), logits_only).head is not None
+    assert head_mode_teacher(OnlineTeacher(model, vocab_size=97, hidden_layers=[1]), logits_only).head is None
+    assert head_mode_teacher(OnlineTeacher(model, vocab_size=97, attentions=True), logits_only).head is None
+    model.config.final_logit_softcapping = 30.0  # logits are not head(hidden): the teacher keeps its logits
+    assert head_mode_teacher(OnlineTeacher(model, vocab_size=97), logits_only).head is None

@@ -17,9 +17,11 @@ NAMES = ["ce", "forward_kl", "jsd", "tvd_pp"]
 @pytest.mark.parametrize("name", NAMES)
 def test_weighted_paths_agree(name):
     hidden, head, teacher, mask, targets = make_inputs(b=3, t=7, v=17, d=8)
-    weight = torch.randn(3, 7)  # signed weights (REDI uses negative ones)
+    weight = torch.randn(3, 7, generator=torch.Generator().manual_seed(1))  # signed (REDI uses negative ones)
     terms = [L.make_logit_term(name, {})]
-    assert_plain_chunked_fused_agree(terms, hidden, head, teacher, mask, target_ids=targets, weight_bt=weight)
+    # Signed weights of up to ~3 make sums that cancel: fp32 rounding of the paths' different orders reaches ~2e-6.
+    assert_plain_chunked_fused_agree(terms, hidden, head, teacher, mask, target_ids=targets, weight_bt=weight,
+                                     atol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
