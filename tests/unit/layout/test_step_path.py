@@ -30,11 +30,11 @@ def _stillroom_file(frame) -> str | None:
     return None
 
 
-def trace_one_step(tmp_path: Path, teacher_dir: Path) -> list[str]:
+def one_process_job(tmp_path: Path, teacher_dir: Path, **sections):
+    """The training job of a one-process LM run of the tiny teacher (online, forward KL, fused: the defaults);
+    ``sections`` update the recipe's top-level sections."""
     from stillroom.config.load import load_config
     from stillroom.run import prepare_run
-    from stillroom.train.loop import update
-    from stillroom.train.session import Session
 
     recipe = {
         "name": "trace", "output_dir": str(tmp_path / "runs"),
@@ -45,10 +45,19 @@ def trace_one_step(tmp_path: Path, teacher_dir: Path) -> list[str]:
         "loss": {"terms": [{"name": "forward_kl"}], "chunk_tokens": 64},
         "train": {"steps": 3, "micro_batch_size": 4, "precision": "fp32"},
     }
+    recipe = {**recipe, **{k: {**recipe.get(k, {}), **v} for k, v in sections.items()}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     cfg = load_config(tmp_path / "r.yaml", [])
     prep, method = prepare_run(cfg, log=lambda _m: None)
     job, _ = prep.job(prep.student, method, baseline=False, run_dir=cfg.run_dir, resume=False, log=lambda _m: None)
+    return job
+
+
+def trace_one_step(tmp_path: Path, teacher_dir: Path) -> list[str]:
+    from stillroom.train.loop import update
+    from stillroom.train.session import Session
+
+    job = one_process_job(tmp_path, teacher_dir)
     session = Session.start(job)
     update(job.players[0], session, 0)  # warm-up: lazy imports and caches are not the step
 
@@ -148,21 +157,6 @@ def test_one_step_reads_through_at_most_eight_files_in_one_direction(tmp_path, t
 def test_the_default_step_s_teacher_hands_over_its_hidden_state_and_head(tmp_path, tiny_teacher_dir):
     """The default run (online teacher, forward KL, fused) puts its teacher in head mode: the loss makes the
     teacher's logits a chunk at a time, so no ``[B, T, V]`` teacher logits exist (docs/BENCHMARKS.md)."""
-    from stillroom.config.load import load_config
-    from stillroom.run import prepare_run
-
-    recipe = {
-        "name": "trace", "output_dir": str(tmp_path / "runs"),
-        "teacher": {"model": {"path": str(tiny_teacher_dir)}, "dtype": "float32"},
-        "student": {"from_teacher": {"strategy": "every_n", "every_n": 2}},
-        "data": {"sources": [{"bundled": "pydoc", "limit": 40}], "seq_len": 32, "heldout_fraction": 0.2,
-                 "heldout_max": 8},
-        "train": {"steps": 1, "micro_batch_size": 4, "precision": "fp32"},
-    }
-    for extra, headed in (({}, True), ({"loss": {"fused": False}}, False), ({"teacher": {"memo": True}}, False)):
-        r = {**recipe, **{k: {**recipe.get(k, {}), **v} for k, v in extra.items()}}
-        (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
-        cfg = load_config(tmp_path / "r.yaml", [])
-        prep, method = prepare_run(cfg, log=lambda _m: None)
-        job, _ = prep.job(prep.student, method, baseline=False, run_dir=cfg.run_dir, resume=False, log=lambda _m: None)
-        assert (getattr(job.players[0].objective.teacher, "head", None) is not None) == headed, extra
+    for sections, headed in (({}, True), ({"loss": {"fused": False}}, False), ({"teacher": {"memo": True}}, False)):
+        job = one_process_job(tmp_path, tiny_teacher_dir, **sections)
+        assert (getattr(job.players[0].objective.teacher, "head", None) is not None) == headed, sections
