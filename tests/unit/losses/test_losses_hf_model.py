@@ -115,7 +115,8 @@ def _tied_step(student, batches, *, handoff: bool, autocast: bool = False):
                                chunk_tokens=7))
     student.zero_grad(set_to_none=True)
     for batch, t_logits in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        kind = t_logits.device.type
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=autocast):
             out = forward(batch)
         assert (out["head"].tied is not None) == handoff
         res = mix(L.StudentOutput(hidden_btd=out["hidden"], head=out["head"]), t_logits, batch.target_ids,
@@ -124,7 +125,8 @@ def _tied_step(student, batches, *, handoff: bool, autocast: bool = False):
     return {n: p.grad.clone() for n, p in student.named_parameters()}
 
 
-def test_a_tied_embedding_takes_the_fused_head_gradient_and_matches_autograd_s_sum(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_tied_embedding_takes_the_fused_head_gradient_and_matches_autograd_s_sum(device, monkeypatch):
     """With the output head tied to the input embedding, the fused loss hands its ``[V, D]`` weight gradient to
     the embedding's backward, which adds its rows (not the padding id's) and returns the one gradient: every
     parameter's gradient equals autograd's sum of the two, over two accumulated micro-batches, in fp32 and
@@ -132,7 +134,7 @@ def test_a_tied_embedding_takes_the_fused_head_gradient_and_matches_autograd_s_s
     from stillroom.data.batch import Batch
     from stillroom.domains.lm import forward as F
 
-    student = tiny_llama(97, seed=0, layers=2, max_positions=64, bos=1, eos=2, pad=3)
+    student = tiny_llama(97, seed=0, layers=2, max_positions=64, bos=1, eos=2, pad=3).to(device)
     assert F.tied_embedding(student, student.lm_head) is student.model.embed_tokens
     g = torch.Generator().manual_seed(0)
     batches = []
@@ -141,9 +143,9 @@ def test_a_tied_embedding_takes_the_fused_head_gradient_and_matches_autograd_s_s
         ids[0, :3] = 3  # padding-id tokens: their rows add nothing to the embedding's gradient
         targets = torch.roll(ids, -1, 1)
         targets[:, -1] = -100
-        batch = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), target_ids=targets, uids=["a", "b"],
-                      n_bytes=torch.zeros(2, dtype=torch.long))
-        batches.append((batch, torch.randn(2, 12, 97, generator=g) * 2))
+        batch = Batch(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                      target_ids=targets.to(device), uids=["a", "b"], n_bytes=torch.zeros(2, dtype=torch.long))
+        batches.append((batch, (torch.randn(2, 12, 97, generator=g) * 2).to(device)))
     calls = []
     real = F._TiedEmbedding.backward
     monkeypatch.setattr(F._TiedEmbedding, "backward",
@@ -154,6 +156,7 @@ def test_a_tied_embedding_takes_the_fused_head_gradient_and_matches_autograd_s_s
         got = _tied_step(student, batches, handoff=True, autocast=autocast)
         assert calls == [True, True]  # each micro-batch: the loss's gradient was waiting for the embedding
         for name, grad in want.items():
+            assert got[name].device.type == device
             torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
@@ -175,8 +178,9 @@ def test_an_untied_or_sliced_head_keeps_autograd_s_own_embedding_gradient():
         assert F.StudentForward(tied, fused=True, hidden_layers=[], vocab=97)(batch)["head"].tied is None
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("terms", [["forward_kl", "ce"], ["jsd"], ["tvd", "ce"]])
-def test_a_teacher_in_head_mode_gives_the_loss_what_its_logits_give(terms):
+def test_a_teacher_in_head_mode_gives_the_loss_what_its_logits_give(terms, device):
     """The online teacher in head mode hands over its last hidden state and head (TeacherHidden); the loss makes
     each chunk's teacher logits from them. Values and student gradients equal those from the teacher's whole
     logits, through the closed forms (forward KL, JSD, CE) and the autograd kernels (TVD), fp32 and bf16."""
@@ -185,8 +189,8 @@ def test_a_teacher_in_head_mode_gives_the_loss_what_its_logits_give(terms):
     from stillroom.domains.lm.liger_teacher import head_mode_teacher
     from stillroom.teachers.signal import OnlineTeacher, TeacherHidden
 
-    student = tiny_llama(97, seed=0, layers=2, max_positions=64, bos=1, eos=2, pad=None)
-    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    student = tiny_llama(97, seed=0, layers=2, max_positions=64, bos=1, eos=2, pad=None).to(device)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
     targets = torch.roll(ids, -1, 1)
     targets[:, -1] = -100
     batch = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), target_ids=targets, uids=["a", "b"],
@@ -194,13 +198,15 @@ def test_a_teacher_in_head_mode_gives_the_loss_what_its_logits_give(terms):
     mix = L.LossMix(LossConfig(terms=[LossTerm(name=t) for t in terms], chunk_tokens=7))
     for dtype in (torch.float32, torch.bfloat16):
         teacher_model = tiny_llama(97, seed=3, layers=2, hidden=48, max_positions=64, bos=1, eos=2, pad=None)
-        online = OnlineTeacher(teacher_model.to(dtype), vocab_size=97)
+        online = OnlineTeacher(teacher_model.to(device, dtype), vocab_size=97, output_device=device)
         headed = head_mode_teacher(online, mix)
         assert headed is not online and headed.head is not None
         results = []
         for source in (online, headed):
             signal = source.signal(batch)
             assert isinstance(signal, TeacherHidden) == (source is headed)
+            if source is headed:
+                assert signal.hidden_btd.device.type == signal.weight.device.type == device
             out = StudentForward(student, fused=True, hidden_layers=[], vocab=97)(batch)
             res = mix(L.StudentOutput(hidden_btd=out["hidden"], head=out["head"]), signal, targets, batch.loss_mask)
             student.zero_grad(set_to_none=True)
