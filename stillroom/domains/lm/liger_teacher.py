@@ -28,10 +28,13 @@ def liger_teacher(cfg, source) -> OnlineTeacher:
 
 def head_mode_teacher(source, mix) -> object:
     """``source`` in head mode for stillroom's fused loss when that is exact and saves the ``[B, T, V]`` logits:
-    a plain online teacher (not remembered, not an ensemble, same tokenizer), a mix of logit terms only (no
-    teacher hidden states or attentions to hand over), a head that is a plain ``nn.Linear`` whose output is the
-    logits (no soft-capping or scaling). Anything else is returned as it is."""
+    a plain online teacher (not remembered, not an ensemble, same tokenizer) on the student's device (elsewhere
+    its head would be copied there), a mix of logit terms only (no teacher hidden states or attentions to hand
+    over), a head that is a plain ``nn.Linear`` whose output is the logits (no soft-capping or scaling).
+    Anything else is returned as it is."""
     if type(source) is not OnlineTeacher or source.hidden_layers or source.attentions or not mix.needs_logits:
+        return source
+    if torch.empty(0, device=source.output_device).device != source.device:  # ("cuda" resolved to its index)
         return source
     try:
         head = output_head(source.model)

@@ -226,5 +226,7 @@ def test_head_mode_is_left_out_where_the_teacher_must_hand_over_more_than_logits
     assert head_mode_teacher(OnlineTeacher(model, vocab_size=97), logits_only).head is not None
     assert head_mode_teacher(OnlineTeacher(model, vocab_size=97, hidden_layers=[1]), logits_only).head is None
     assert head_mode_teacher(OnlineTeacher(model, vocab_size=97, attentions=True), logits_only).head is None
+    elsewhere = OnlineTeacher(model, vocab_size=97, output_device="meta")  # the student lives on another device
+    assert head_mode_teacher(elsewhere, logits_only).head is None
     model.config.final_logit_softcapping = 30.0  # logits are not head(hidden): the teacher keeps its logits
     assert head_mode_teacher(OnlineTeacher(model, vocab_size=97), logits_only).head is None
