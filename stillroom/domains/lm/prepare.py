@@ -99,8 +99,8 @@ class LmRun:
         fused = cfg.loss.fused and mix.needs_logits
         if mix.liger is not None:  # loss.kernel=liger: the teacher's hidden state and head, not its logits
             teacher = liger_teacher(cfg, teacher)
-        elif fused and teacher is not None:  # the fused loss makes the teacher's logits a chunk at a time too
-            teacher = head_mode_teacher(teacher, mix)
+        elif fused and teacher is not None and not cfg.train.shard_teacher:  # the fused loss makes the teacher's
+            teacher = head_mode_teacher(teacher, mix)  # logits a chunk at a time too (a sharded head: not split)
         if mix.needs_attentions:
             use_eager_attention(model)
         if cfg.train.activation_checkpointing:
