@@ -22,7 +22,9 @@ Optionally ``hidden_states``: ``{layer_index: [B, T, H]}`` for hidden-state term
 ``torch.no_grad``. It can live on another device than the student (``teacher.device``) and in
 bf16 weights (``teacher.dtype``); its activations are freed after each micro-batch because
 nothing of its graph is kept. Its signal is dense (``[B, T, V]`` logits, moved to the
-student's device). The store, remote and ensemble sources live in their own modules.
+student's device), or in head mode its last hidden state and head (:class:`TeacherHidden`), from
+which the loss makes the logits a chunk of rows at a time. The store, remote and ensemble sources
+live in their own modules.
 """
 
 from __future__ import annotations
