@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from stillroom.config.clip import ClipTeacherConfig
 from stillroom.config.core import DataConfig, Strict, TeacherConfig
-from stillroom.config.scenes import ScenesConfig
+from stillroom.config.scenes import QA_FAMILIES, ScenesConfig
 
 
 class VlmArch(Strict):
@@ -48,6 +48,32 @@ class VlmArch(Strict):
         return self
 
 
+class VisionWarmupConfig(Strict):
+    """A first stage of a VLM teacher trained here on the image-dependent question families alone, before the
+    mixed stage: on the five-family mix the decoder settles on the text prior (e.g. "unknown" to every "what
+    colour is the <shape>?") and never learns to look; on colour questions alone it must read the image, and
+    the image pathway it learns then carries into the mix (docs/methods/llava_mod.md, the warm-up sweep)."""
+
+    steps: int = Field(1500, ge=1, description="Cross-entropy steps of the warm-up stage (projector, decoder and "
+                       "tower unless frozen; same batch size as `vlm.teacher`). Learning colour is a sudden "
+                       "transition after a few hundred steps; 400 under the cosine decay were too few in the sweep.")
+    families: list[str] = Field(default_factory=lambda: ["colour_of"], min_length=1, description="Question "
+                                "families (the records' `family` field) the warm-up trains on; choose from "
+                                f"{list(QA_FAMILIES)}. Records of other families wait for the mixed stage.")
+    lr: float | None = Field(1e-3, gt=0, description="Peak learning rate of the warm-up (null: vlm.teacher.lr); "
+                             "its own linear warm-up and cosine decay, as every stage. 1e-3 learnt colour in the "
+                             "sweep, 2e-3 and 3e-3 did not; the mixed stage after it must stay at 1e-3 or below, "
+                             "or it erases what the warm-up learnt.")
+
+    @model_validator(mode="after")
+    def _known_families(self) -> "VisionWarmupConfig":
+        unknown = sorted(set(self.families) - set(QA_FAMILIES))
+        if unknown:
+            raise ValueError(f"vlm.teacher.vision_warmup.families: unknown families {unknown}; choose from "
+                             f"{list(QA_FAMILIES)}")
+        return self
+
+
 class VlmTeacherConfig(Strict):
     """Where the VLM teacher comes from: a folder, or built from ``arch`` and trained here once (cached)."""
 
@@ -75,6 +101,10 @@ class VlmTeacherConfig(Strict):
     projector_steps: int = Field(0, ge=0, description="vision clip: steps training the projector alone (tower and "
                                  "decoder fixed; LLaVA stage 1) before the `steps` joint steps (projector + "
                                  "decoder, + tower when not frozen). Same batch size and lr.")
+    vision_warmup: VisionWarmupConfig | None = Field(
+        None, description="A stage on the image-dependent families alone (e.g. colour_of) between the projector "
+        "stage and the `steps` mixed steps, so the teacher learns to read its images before the text prior "
+        "sets in (VisionWarmupConfig). null: no warm-up (the recipe before RECIPE_VERSION 3).")
 
     @model_validator(mode="after")
     def _projector_stage_needs_clip(self) -> "VlmTeacherConfig":

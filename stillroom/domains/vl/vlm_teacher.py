@@ -15,6 +15,13 @@ copied into the LLaVA (:func:`~stillroom.domains.vl.vlm_model.vlm_from_clip`), k
 ``freeze_vision``, and ``projector_steps`` train the projector alone first (stage 1) before the joint ``steps``
 (stage 2), as two consecutive jobs of the loop. The key then includes the CLIP's identity (its weights' hash, or
 the cache key of the CLIP trained here).
+
+``vlm.teacher.vision_warmup`` adds a stage between those two: the same cross-entropy on the training records of
+the chosen question families alone (``Example.meta["family"]``, e.g. colour_of), its own job of the loop with its
+own lr. Why: on the five-family mix the decoder settles on the text prior (it answers "unknown" to every "what
+colour is the <shape>?") and never learns to look at the image, whose features are dominated by a constant; on
+colour questions alone it must look, and what it learns there carries into the mix (docs/methods/llava_mod.md,
+the warm-up sweep). ``teacher.json`` records each stage's steps and sequences (``stages``).
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from stillroom.train.distributed import Topology
 from stillroom.train.loop import DistillObjective, Player, TrainJob, train_apart
 
 Log = Callable[[str], None]
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 """Bumped when how a VLM teacher is trained here changes (part of the cache key)."""
 
 
@@ -152,16 +159,28 @@ def _train_teacher(cfg: RunConfig, data_cfg: DataConfig, seed: int, tmp: Path, d
     model, origin = _build_teacher(cfg, tokenizer, image_size, seed, tmp, device, log)
     data = build_splits(data_cfg, tokenizer, seed, vlm_encoder(model, tmp, cfg.vlm.image_field))
     n_params = sum(p.numel() for p in model.parameters())
+    warm = warmup_examples(tc.vision_warmup, data.train)
     log(f"teacher: training a {n_params / 1e6:.2f}M-parameter LLaVA ({tc.arch.layers}-layer decoder, "
         f"{len(tokenizer)} tokens, vision tower {origin}) with cross-entropy for "
-        f"{tc.projector_steps} projector + {tc.steps} steps on {len(data.train)} sequences")
+        f"{tc.projector_steps} projector + {tc.vision_warmup.steps if warm else 0} warm-up + {tc.steps} steps "
+        f"on {len(data.train)} sequences")
     t0 = time.perf_counter()
+    stages = {}
     if tc.projector_steps:
         _set_trainable(model, projector_only=True, freeze_vision=True)
-        _run_stage(cfg, model, tokenizer, data, seed, tmp / "projector_stage", tc.projector_steps, device, log)
+        _run_stage(cfg, model, tokenizer, data.train, seed, tmp / "projector_stage", tc.projector_steps, tc.lr,
+                   device, log)
         shutil.rmtree(tmp / "projector_stage", ignore_errors=True)
+        stages["projector"] = {"steps": tc.projector_steps, "sequences": len(data.train)}
     _set_trainable(model, projector_only=False, freeze_vision=tc.vision == "clip" and tc.freeze_vision)
-    result = _run_stage(cfg, model, tokenizer, data, seed, tmp, tc.steps, device, log)
+    if warm:
+        wc = tc.vision_warmup
+        log(f"teacher: vision warm-up on {wc.families} alone: {wc.steps} steps on {len(warm)} sequences")
+        _run_stage(cfg, model, tokenizer, warm, seed, tmp / "warmup_stage", wc.steps, wc.lr or tc.lr, device, log)
+        shutil.rmtree(tmp / "warmup_stage", ignore_errors=True)
+        stages["vision_warmup"] = {"steps": wc.steps, "sequences": len(warm), "families": list(wc.families)}
+    result = _run_stage(cfg, model, tokenizer, data.train, seed, tmp, tc.steps, tc.lr, device, log)
+    stages["mixed"] = {"steps": tc.steps, "sequences": len(data.train)}
     model.requires_grad_(True)
     accuracy = answer_accuracy(model, tokenizer, data.heldout[:200], max_new_tokens=8) if data.heldout else {}
     shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
@@ -169,7 +188,7 @@ def _train_teacher(cfg: RunConfig, data_cfg: DataConfig, seed: int, tmp: Path, d
     tokenizer.save_pretrained(tmp)
     record = {"settings": tc.model_dump(mode="json"), "seed": seed, "vision_tower": origin,
               "train_sequences": len(data.train), "heldout_sequences": len(data.heldout),
-              "heldout_answer_accuracy": accuracy, "final_train_loss": result.final_loss,
+              "heldout_answer_accuracy": accuracy, "final_train_loss": result.final_loss, "stages": stages,
               "train_seconds": round(time.perf_counter() - t0, 2)}
     (tmp / "teacher.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"teacher: trained in {record['train_seconds']} s, held-out answer accuracy "
@@ -220,18 +239,32 @@ def _set_trainable(model: torch.nn.Module, *, projector_only: bool, freeze_visio
         model.model.vision_tower.requires_grad_(False)
 
 
-def _run_stage(cfg: RunConfig, model, tokenizer, data, seed: int, run_dir: Path, steps: int, device: torch.device,
-               log: Log):
-    """One cross-entropy job of the loop over the trainable parameters (:func:`_set_trainable`)."""
+def warmup_examples(warmup, examples: list) -> list:
+    """The training examples of the warm-up's families (``Example.meta["family"]``, from the records'
+    ``family`` field); ``[]`` without a warm-up. Refuses a warm-up that would select nothing."""
+    if warmup is None:
+        return []
+    chosen = [e for e in examples if e.meta.get("family") in set(warmup.families)]
+    if not chosen:
+        found = sorted({str(e.meta.get("family")) for e in examples})
+        raise ValueError(f"vlm.teacher.vision_warmup.families={warmup.families}: no training record has one of "
+                         f"these families (the records' `family` field; found {found}); name families the records "
+                         "have, or set vision_warmup: null")
+    return chosen
+
+
+def _run_stage(cfg: RunConfig, model, tokenizer, examples: list, seed: int, run_dir: Path, steps: int, lr: float,
+               device: torch.device, log: Log):
+    """One cross-entropy job of the loop on ``examples`` over the trainable parameters (:func:`_set_trainable`)."""
     tc = cfg.vlm.teacher
     mix = LossMix(LossConfig(terms=[LossTerm(name="ce")]))
     forward = StudentForward(model, fused=True, hidden_layers=[], vocab=len(tokenizer))
-    train_cfg = TrainConfig(steps=steps, micro_batch_size=tc.batch_size, lr=tc.lr,
+    train_cfg = TrainConfig(steps=steps, micro_batch_size=tc.batch_size, lr=lr,
                             warmup_steps=min(tc.warmup_steps, steps), weight_decay=0.01, precision="fp32",
                             device=str(device), keep_checkpoints=1, log_every=25)
     run_dir.mkdir(parents=True, exist_ok=True)
     job = TrainJob(train=train_cfg, seed=seed, run_dir=run_dir, run_name=f"vlm-teacher-{run_dir.name}",
-                   players=[Player("teacher", model, DistillObjective(forward, mix))], examples=data.train,
+                   players=[Player("teacher", model, DistillObjective(forward, mix))], examples=examples,
                    collate=functools.partial(collate, pad_id=tokenizer.pad_token_id), topology=Topology(),
                    device=device, sampler=ExampleSampler, log=log, unit="tok")
     return train_apart(job, seed=seed)

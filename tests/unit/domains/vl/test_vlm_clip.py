@@ -99,7 +99,8 @@ def test_frozen_tower_is_unchanged_by_training_and_the_projector_stage_trains_th
     data = build_splits(vlm_data_config(cfg), loaded.tokenizer, 0, vlm_encoder(model, folder, "image"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _set_trainable(model, projector_only=True, freeze_vision=True)
-    _run_stage(cfg, model, loaded.tokenizer, data, 0, tmp_path / "stage", 2, torch.device("cpu"), lambda _: None)
+    _run_stage(cfg, model, loaded.tokenizer, data.train, 0, tmp_path / "stage", 2, cfg.vlm.teacher.lr,
+               torch.device("cpu"), lambda _: None)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all("multi_modal_projector" in k for k in changed)
 
