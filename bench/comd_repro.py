@@ -147,9 +147,12 @@ def vlm_setting() -> str:
     cfg = vlm_arm_config("rounds", 0, Path("."))
     c, t = cfg["comd"], cfg["vlm"]["teacher"]
     budget = c["initial_per_family"] * 5 + (c["rounds"] - 1) * c["augment_per_round"]
+    warm = t.get("vision_warmup")
+    warm_text = (f"{warm['steps']} vision warm-up steps on {'+'.join(warm.get('families', ['colour_of']))} "
+                 f"questions alone, then " if warm else "")
     return (f"the shipped comd_vlm recipe: scene questions with {c['scenes']['image_size']} px images (5 families x 3 "
             f"levels, up to {c['scenes']['max_objects']} objects); teacher: the LLaVA-style VLM trained here "
-            f"({t['steps']} steps, cached); student: the teacher's class with a 1-layer decoder, "
+            f"({warm_text}{t['steps']} steps on the mix at lr {t['lr']}, cached); student: the teacher's class with a 1-layer decoder, "
             f"{cfg['train']['steps']} steps of {cfg['train']['micro_batch_size']}, forward KL on the teacher's "
             f"answers; rounds: {c['rounds']} x {cfg['train']['steps'] // c['rounds']} steps, pool "
             f"{c['initial_per_family']} per family then +{c['augment_per_round']} per round from failed probes "

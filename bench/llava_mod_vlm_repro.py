@@ -48,13 +48,15 @@ CLAIM = ("LLaVA-MoD on a small VLM: an MoE student (upcycled from a trained dens
          "(DPO) with the teacher as reference lowers hallucination and is at least as good as the "
          "student-as-reference ablation")
 SCENES = dict(image_size=32, shapes=3, colours=3, max_objects=2)
-TEACHER = dict(steps=1000, batch_size=16, lr=3e-3, warmup_steps=20, vision="scratch", arch={"patch_size": 16})
-# patch 16 on 32 px: 4 image tokens, one per cell of the scene grid (the sweep: no teacher setting tried left the
-# text prior within minutes, and 16 px patches run about twice as fast as 8 px ones)
+TEACHER = dict(steps=1000, batch_size=16, lr=1e-3, warmup_steps=20, vision="scratch", arch={"patch_size": 16},
+               vision_warmup={"steps": 1500, "families": ["colour_of"], "lr": 1e-3})
+# patch 16 on 32 px: 4 image tokens, one per cell of the scene grid (16 px patches run about twice as fast as 8 px
+# ones). Without the vision warm-up (colour_of questions alone first) no setting tried left the text prior; with it
+# and the mixed stage at lr 1e-3 the teacher reads colours (docs/methods/llava_mod.md, the warm-up sweep).
 FULL = dict(train_images=2000, heldout_images=200, per_image=3, pre_steps=200, moe_steps=300, dpo_steps=60,
             eval_batch=32)
 QUICK = dict(train_images=40, heldout_images=10, per_image=3, pre_steps=3, moe_steps=3, dpo_steps=2, eval_batch=8,
-             teacher_steps=6)
+             teacher_steps=6, teacher_warmup_steps=3)
 WIDTH = 96  # expert width = the dense pre-stage's MLP width; the dense arm has 2 x WIDTH
 THREADS = 2
 ARMS = ["teacher", "dense_pre", "dense", "moe", "dpo_teacher", "dpo_student"]
@@ -80,7 +82,8 @@ def make_data(seed: int, work: Path, size: dict) -> tuple[Path, Path]:
 def teacher_section(size: dict, path: Path | None) -> dict:
     if path is not None:
         return {"path": str(path)}
-    return {**TEACHER, "steps": size.get("teacher_steps", TEACHER["steps"])}
+    warmup = {**TEACHER["vision_warmup"], "steps": size.get("teacher_warmup_steps", TEACHER["vision_warmup"]["steps"])}
+    return {**TEACHER, "steps": size.get("teacher_steps", TEACHER["steps"]), "vision_warmup": warmup}
 
 
 def arm_config(name: str, stage: str, seed: int, work: Path, train: Path, teacher: Path | None, size: dict) -> dict:
@@ -141,12 +144,47 @@ def score(model_dir: Path, teacher_dir: Path, held: Path, seed: int, batch: int)
             "abstention": sum(answerable) / len(answerable), "by_family": by_family, "n": len(right)}
 
 
-def seed_rows(seed: int, work: Path, size: dict) -> dict:
+def train_teacher(seed: int, work: Path, train: Path, size: dict) -> Path:
+    """The seed's teacher, trained (and cached under ``work/cache``) as the first mimic run would train it."""
+    from stillroom.config.schema import RunConfig
+    from stillroom.domains.vl.vlm_teacher import load_vlm_teacher, vlm_data_config
+    from stillroom.train.distributed import Topology
+
+    cfg = RunConfig.model_validate(arm_config("teacher", "mimic", seed, work, train, None, size))
+    return load_vlm_teacher(cfg, vlm_data_config(cfg), Topology(), torch.device("cpu"), lambda _m: None)[1]
+
+
+def student_init(teacher_dir: Path, out: Path, width: int, seed: int) -> Path:
+    """A 1-layer student of MLP ``width`` whose vision tower and projector are copies of the teacher's (LLaVA-MoD's
+    students share the teacher's vision encoder; the decoder is new, seeded), saved as a LLaVA folder."""
+    import shutil
+
+    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = LlavaConfig.from_pretrained(teacher_dir)
+    cfg.text_config.num_hidden_layers, cfg.text_config.intermediate_size = 1, width
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg)
+    teacher = LlavaForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32)
+    for part in ("vision_tower", "multi_modal_projector"):
+        getattr(model.model, part).load_state_dict(getattr(teacher.model, part).state_dict())
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
+    shutil.copy(teacher_dir / "preprocessor_config.json", out / "preprocessor_config.json")
+    return out
+
+
+def seed_rows(seed: int, work: Path, size: dict, shared_tower: bool = False) -> dict:
     train, held = make_data(seed, work, size)
     text = lambda width: {"text_config": {"num_hidden_layers": 1, "intermediate_size": width}}  # noqa: E731
-    times, t0 = {}, time.time()
-    pre_dir = mimic("dense_pre", seed, work, train, None, size, size["pre_steps"], {"from_config": text(WIDTH)},
-                    False)  # its run trains (and caches) the seed's teacher first
+    times, t0, teacher_dir = {}, time.time(), None
+    student = lambda width: {"from_config": text(width)}  # noqa: E731
+    if shared_tower:  # the teacher first, then students starting from its tower and projector
+        teacher_dir = train_teacher(seed, work, train, size)
+        student = lambda width: {"model": {"path": str(  # noqa: E731
+            student_init(teacher_dir, work / f"init_{width}", width, seed))}}
+    pre_dir = mimic("dense_pre", seed, work, train, teacher_dir, size, size["pre_steps"], student(WIDTH),
+                    False)  # without shared_tower its run trains (and caches) the seed's teacher first
     times["teacher_and_dense_pre"] = round(time.time() - t0)
     teacher_dir = next((work / "cache" / "vlms").glob("*/teacher.json")).parent
     teacher_record = json.loads((teacher_dir / "teacher.json").read_text())
@@ -155,7 +193,7 @@ def seed_rows(seed: int, work: Path, size: dict) -> dict:
                     True)
     times["moe"], t0 = round(time.time() - t0), time.time()
     dense_dir = mimic("dense", seed, work, train, teacher_dir, size, size["pre_steps"] + size["moe_steps"],
-                      {"from_config": text(2 * WIDTH)}, False)
+                      student(2 * WIDTH), False)
     times["dense"], t0 = round(time.time() - t0), time.time()
     dirs = {"teacher": teacher_dir, "dense_pre": pre_dir, "dense": dense_dir, "moe": moe_dir}
     for reference in ("teacher", "student"):
@@ -164,7 +202,7 @@ def seed_rows(seed: int, work: Path, size: dict) -> dict:
     out = {arm: score(dirs[arm], teacher_dir, held, seed, size["eval_batch"]) for arm in ARMS}
     times["eval"] = round(time.time() - t0)
     out["teacher_train"] = {"seconds": teacher_record["train_seconds"], "steps": teacher_record["settings"]["steps"],
-                            "train_sequences": teacher_record["train_sequences"]}
+                            "train_sequences": teacher_record["train_sequences"], "stages": teacher_record.get("stages")}
     out["params"] = {arm: params(dirs[arm]) for arm in ("dense_pre", "dense", "moe")}
     out["seconds"] = times
     return out
@@ -228,7 +266,9 @@ def analysis(parts: list, mean: dict, fam: dict, per_seed: dict, seeds: list) ->
         f"Held parts: {[p.name for p in parts if p.held] or 'none'}; not held: "
         f"{[p.name for p in parts if not p.held] or 'none'}.",
         f"Teacher: {mean['teacher']['accuracy']:.1%} held-out exact match (per family {r2(fam['teacher'])}), "
-        f"trained in {[x['seconds'] for x in t]} s ({t[0]['steps']} steps).",
+        f"trained in {[x['seconds'] for x in t]} s ({t[0]['steps']} mixed steps"
+        + (f" after {t[0]['stages']['vision_warmup']['steps']} warm-up steps on colour_of" if (t[0].get("stages") or {})
+           .get("vision_warmup") else "") + ").",
         f"(1) MoE vs dense at equal active parameters: {mean['moe']['accuracy']:.3f} vs {mean['dense']['accuracy']:.3f}"
         f" (the dense pre-stage the MoE was upcycled from: {mean['dense_pre']['accuracy']:.3f}), paired "
         f"{moe.evidence()}: " + ("held." if moe.held else "not beyond the seed spread."),
@@ -248,7 +288,10 @@ def analysis(parts: list, mean: dict, fam: dict, per_seed: dict, seeds: list) ->
             "the students distilled from it. Hallucination is then decided by wording too: a teacher that answers "
             "'unknown' to every 'what colour is the <shape>?' scores 0 hallucination and pays with abstention on "
             "answerable questions of that form (docs/methods/llava_mod.md: the teacher sweep and this check)."
-            if fam["teacher"]["colour_of"] < 0.5 else "so it reads the image."),
+            if fam["teacher"]["colour_of"] < 1 / SCENES["colours"] + 0.1 else
+            "well above chance, so it reads the image's colours (the vision warm-up on colour_of questions before "
+            f"the mix); shape_at stays at {fam['teacher']['shape_at']:.0%}, near its prior answer, so questions that "
+            "need the shape (colour_of 'what colour is the <shape>?', unanswerable) are still answered by wording."),
         f"Seeds {len(seeds)}: " + ("with fewer than 2 seeds no part can hold (no spread to exceed). " if len(seeds) < 2
                                    else "") + "CPU scale (1-layer students, 32 px scenes, short runs); "
         f"{len(seeds)} seeds make the bar a paired t above {len(seeds) ** 0.5:.2f}, not significance.",
@@ -263,10 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--partial", type=Path, default=Path(tempfile.gettempdir(), "repro_llava_mod_vlm.partial.json"),
                     help="where each finished seed's numbers are kept (seeds can run as parallel processes)")
     ap.add_argument("--merge", type=Path, nargs="+", help="summarize the seeds of these --partial files, run nothing")
+    ap.add_argument("--shared-tower", action="store_true",
+                    help="students start from the teacher's vision tower and projector (LLaVA-MoD's shared vision "
+                         "encoder) -> bench/results/repro_llava_mod_vlm_shared_tower.json")
     a = ap.parse_args(argv)
     size = QUICK if a.quick else FULL
     torch.set_num_threads(THREADS)
-    t0, per_seed, path = time.time(), {}, RESULTS / "repro_llava_mod_vlm.json"
+    t0, per_seed = time.time(), {}
+    path = RESULTS / ("repro_llava_mod_vlm_shared_tower.json" if a.shared_tower else "repro_llava_mod_vlm.json")
     if a.from_results:
         stored = json.loads(path.read_text())
         per_seed, t0 = {int(k): v for k, v in stored["per_seed"].items()}, t0 - stored.get("seconds", 0)
@@ -276,11 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 -= sum(sum(row["seconds"].values()) for row in per_seed.values())
     with tempfile.TemporaryDirectory() as tmp:
         for seed in ([] if a.from_results or a.merge else a.seeds):
-            per_seed[seed] = seed_rows(seed, Path(tmp) / f"s{seed}", size)
+            per_seed[seed] = seed_rows(seed, Path(tmp) / f"s{seed}", size, a.shared_tower)
             print(seed, json.dumps(per_seed[seed]), f"{time.time() - t0:.0f}s", flush=True)
             if not a.quick:  # partial results survive an interrupted run
                 a.partial.write_text(json.dumps(per_seed))
     result = summarize(per_seed, size, a.quick)
+    if a.shared_tower:
+        result.update(method="llava_mod_vlm_shared_tower", setting=result["setting"] + "; students (dense_pre and "
+                      "dense) start from the teacher's vision tower and projector, their decoder new")
     result["seconds"] = round(time.time() - t0)
     print(result["table_md"], "\n", result["verdict_text"], "\n", result["analysis"])
     if not a.quick:
