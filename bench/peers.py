@@ -168,7 +168,7 @@ def our_steps(config: str, work: Path, precision: str, chunk_tokens: int | None 
     chunk = {} if chunk_tokens is None else {"chunk_tokens": chunk_tokens}
     mix = LossMix(LossConfig(terms=[LossTerm(name=term)], fused=fused, **chunk))
     if fused and teacher is not None:  # as a run does (stillroom/domains/lm/prepare.py)
-        from stillroom.domains.lm.liger_teacher import head_mode_teacher
+        from stillroom.domains.lm.head_teacher import head_mode_teacher
 
         teacher = head_mode_teacher(teacher, mix)
     forward = StudentForward(student, fused=fused, hidden_layers=[], vocab=meta["vocab"])

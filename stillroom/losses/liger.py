@@ -14,7 +14,7 @@ counted rows are handed over, each with a valid label, so Liger's ``N`` is exact
 
 Supported: one divergence (``forward_kl``, ``reverse_kl``, ``jsd``) and optionally ``ce``, over a dense online
 teacher with the same tokenizer, no per-token weights, on the fused path. Anything else is refused before step 0
-(:func:`plan_liger`; the teacher source: :func:`stillroom.domains.lm.liger_teacher.liger_teacher`), as is a machine without CUDA or without the package.
+(:func:`plan_liger`; the teacher source: :func:`stillroom.domains.lm.head_teacher.liger_teacher`), as is a machine without CUDA or without the package.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class LigerLoss:
                              "use loss.kernel=stillroom with this method")
         if not isinstance(teacher, TeacherHidden) or student.hidden_btd is None or student.head is None:
             raise ValueError("loss.kernel=liger needs the student's hidden state and head (loss.fused=true) and the "
-                             "teacher's (stillroom.domains.lm.liger_teacher.LigerTeacher as the teacher source)")
+                             "teacher's (stillroom.domains.lm.head_teacher.liger_teacher gives the teacher source)")
         head = student.head
         dtype = getattr(head, "matmul_dtype", None) or head.weight.dtype
         rows = mask_bt.reshape(-1).nonzero().squeeze(1)

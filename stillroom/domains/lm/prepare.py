@@ -28,7 +28,7 @@ from stillroom.data.packing import check_document_attention, refuse_within_docum
 from stillroom.domains.lm.evaluate import evaluate_models, periodic_evaluation
 from stillroom.domains.lm.forward import StudentForward
 from stillroom.losses import LossMix
-from stillroom.domains.lm.liger_teacher import head_mode_teacher, liger_teacher
+from stillroom.domains.lm.head_teacher import head_mode_teacher, liger_teacher
 from stillroom.methods.base import Method, MethodContext, MethodPlan
 from stillroom.models import (
     apply_lora, check_vocab, derive_student, load_model, merge_lora, student_from_config, tokenizer_hash, unwrap,

@@ -18,7 +18,7 @@ from helpers import tiny_llama
 
 from stillroom.config.schema import LossConfig, LossTerm
 from stillroom.losses import LossMix, OutputHead, StudentOutput
-from stillroom.domains.lm.liger_teacher import liger_teacher
+from stillroom.domains.lm.head_teacher import liger_teacher
 from stillroom.losses.liger import LigerLoss, plan_liger
 from stillroom.teachers.signal import TeacherHidden
 

@@ -186,7 +186,7 @@ def test_a_teacher_in_head_mode_gives_the_loss_what_its_logits_give(terms, devic
     logits, through the closed forms (forward KL, JSD, CE) and the autograd kernels (TVD), fp32 and bf16."""
     from stillroom.data.batch import Batch
     from stillroom.domains.lm.forward import StudentForward
-    from stillroom.domains.lm.liger_teacher import head_mode_teacher
+    from stillroom.domains.lm.head_teacher import head_mode_teacher
     from stillroom.teachers.signal import OnlineTeacher, TeacherHidden
 
     student = tiny_llama(97, seed=0, layers=2, max_positions=64, bos=1, eos=2, pad=None).to(device)
@@ -218,7 +218,7 @@ def test_a_teacher_in_head_mode_gives_the_loss_what_its_logits_give(terms, devic
 
 
 def test_head_mode_is_left_out_where_the_teacher_must_hand_over_more_than_logits():
-    from stillroom.domains.lm.liger_teacher import head_mode_teacher
+    from stillroom.domains.lm.head_teacher import head_mode_teacher
     from stillroom.teachers.signal import OnlineTeacher
 
     model = tiny_llama(97, seed=3, layers=2)
