@@ -214,7 +214,7 @@ class ClosedChunk:
             self.grad.addcmul_(x_nv, k_n.unsqueeze(1))
 
     def written_grad(self) -> torch.Tensor | None:
-        """``grad`` once every term has added to it (zeros when none wrote)."""
+        """``grad`` once every term has added to it (zeros when none wrote; None for values only)."""
         if self._blank:
             self.grad.zero_()
             self._blank = False
@@ -323,7 +323,7 @@ def jsd(c: ClosedChunk, coef_n: torch.Tensor, *, beta: float) -> torch.Tensor:
         kl_pm = torch.sub(logp, logu, out=a).mul_(p).sum(-1)
         qd = torch.sub(logq, logu, out=a).mul_(q)  # q (log q - log u)
         kl_qm = torch.sum(qd, -1)
-        if bool(torch.isfinite(kl_pm.sum() + kl_qm.sum())):
+        if all_finite(kl_pm + kl_qm):
             break
         logu.clamp_min_(math.log(torch.finfo(logu.dtype).tiny))
     value, k = _clamped(beta * kl_pm + (1.0 - beta) * kl_qm - math.log1p(-beta), coef_n * ((1.0 - beta) / c.T))
@@ -358,7 +358,7 @@ def run_chunk(plan, ws: Workspace, head: Head | None, x: torch.Tensor, rows: sli
         total, parts = evaluate(plan.terms, chunk, weight_n, stats)
     except Fallback:
         return None
-    return total, parts, chunk.written_grad() if want_grad else None
+    return total, parts, chunk.written_grad()
 
 
 def usable(plan) -> bool:
