@@ -35,7 +35,7 @@ from stillroom.config.schema import RunConfig
 from stillroom.domains import DOMAINS, PreparedRun
 from stillroom.domains.base import merge_rows
 from stillroom.methods import METHODS, Method
-from stillroom.models.precision import resolve_dtype, resolve_precision
+from stillroom.models.precision import auto_reason, resolve_dtype, resolve_precision
 from stillroom.run import folder as rf
 from stillroom.run import wall_baseline as wb
 from stillroom.run.checks import check_run
@@ -59,8 +59,12 @@ def timed(log: Log) -> Log:
     return timed_log
 
 
-def resolve_auto(cfg: RunConfig) -> None:
-    """Resolve ``auto`` in place; the resolved values are what ``config.resolved.yaml`` records."""
+def resolve_auto(cfg: RunConfig, log: Log | None = None) -> None:
+    """Resolve ``auto`` in place; the resolved values are what ``config.resolved.yaml`` records. ``log``: say what
+    decided it, when something was ``auto`` (on a CPU: the measured bf16 speed)."""
+    if log is not None and "auto" in (cfg.train.precision, cfg.teacher.dtype if cfg.domain == "lm" else None):
+        why = auto_reason(cfg.train.device)
+        log(f"precision auto: {why or 'bf16 where the device has it, else fp32'}")
     cfg.train.precision = resolve_precision(cfg.train.precision, cfg.train.device)
     if cfg.domain == "lm":  # the other domains' teachers are their own sections' business
         cfg.teacher.dtype = resolve_dtype(cfg.teacher.dtype, cfg.teacher.device)
@@ -75,7 +79,7 @@ def prepare_run(cfg: RunConfig, *, log: Log = print) -> tuple[PreparedRun, Metho
 
 def _prepare(cfg: RunConfig, method: Method, log: Log) -> PreparedRun:
     topology = init_topology(cfg.train.device)
-    resolve_auto(cfg)
+    resolve_auto(cfg, log)
     if cfg.domain == "lm":
         log(f"precision: train {cfg.train.precision}, teacher weights {cfg.teacher.dtype}")
         _log_teacher_source(cfg, log)
@@ -117,7 +121,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log: L
         raise ConfigError("give --resume (continue the run) or --overwrite (delete it and start again), not both")
     run_dir = cfg.run_dir
     method = check_run(cfg, log=log)  # files and settings, before any model loads
-    resolve_auto(cfg)
+    resolve_auto(cfg, log)
     resolved = dump_config(cfg)
     wall_steps = (wb.recorded(run_dir, cfg.train.steps) or {}).get("steps", 0) if cfg.baseline_wall_time else None
     state = rf.check_resume(run_dir, resolved, steps=cfg.train.steps, baseline=cfg.baseline,
