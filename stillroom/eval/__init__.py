@@ -4,10 +4,10 @@ from stillroom.eval.generations import greedy_generations
 from stillroom.eval.metrics import (
     count_params,
     evaluate_lm,
-    forward_tokens_per_s,
     teacher_logits_from_model,
     trainable_params,
 )
+from stillroom.eval.speed import forward_tokens_per_s
 from stillroom.eval.report import MODEL_KEYS, load_report, write_report
 
 __all__ = [

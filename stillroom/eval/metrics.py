@@ -1,4 +1,4 @@
-"""Held-out metrics of a causal LM, optionally against a teacher; size and speed.
+"""Held-out metrics of a causal LM, optionally against a teacher, and model size (speed: :mod:`stillroom.eval.speed`).
 
 All metrics are computed over *target tokens* only (``batch.loss_mask``). Positions
 are already aligned (see :mod:`stillroom.data.batch`): the logits at ``[b, t]``
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from stillroom.data.batch import Batch, model_inputs_for
-from stillroom.eval.target_rows import TargetRows, slice_vocab, token_sums
+from stillroom.eval.target_rows import TargetRows, rows_key, slice_vocab, token_sums
 from stillroom.models.precision import autocast
 
 PRECISIONS = ("bf16", "fp32")
@@ -81,12 +81,19 @@ def row_nll(model: torch.nn.Module, batch: Batch, precision: str = "fp32", *,
     return torch.stack(sums).cpu(), torch.stack(counts).cpu()
 
 
-def teacher_logits_from_model(teacher: torch.nn.Module) -> Callable[[Batch], torch.Tensor]:
+def teacher_logits_from_model(teacher: torch.nn.Module, *, remember: bool = False) -> Callable[[Batch], torch.Tensor]:
     """A ``teacher_logits_fn`` for :func:`evaluate_lm` that runs an in-process model.
 
     :func:`evaluate_lm` calls the function inside its own ``no_grad``/autocast
     context, so the teacher forward runs at the same precision as the student's.
     The teacher is put in eval mode for the call and its mode restored after.
+
+    ``remember``: keep the teacher's target rows of each batch (:class:`TargetRows` holding ``[N, H]`` hidden
+    states, a few MiB per held-out set) and reuse them when the same batch comes again under the same precision
+    and unchanged teacher weights: a run evaluates its frozen teacher's held-out batches beside every student,
+    before and after training and every ``train.eval_every`` steps, and the teacher's body forward was most of
+    each evaluation (the head and the metric math still run per student). Teachers whose logits are not a plain
+    head of their last hidden state (whole ``[N, V]`` rows) are not remembered.
     """
 
     def fn(batch: Batch) -> torch.Tensor:
@@ -100,24 +107,33 @@ def teacher_logits_from_model(teacher: torch.nn.Module) -> Callable[[Batch], tor
         return out.logits
 
     fn.teacher = teacher  # evaluate_lm takes its target rows from the hidden states (TargetRows)
+    fn.remembered = {} if remember else None  # _teacher_rows' key -> TargetRows
     return fn
 
 
 def _teacher_rows(teacher_logits_fn: Callable, batch: Batch, mask_bt: torch.Tensor, vocab_size: int | None,
                   device: torch.device, i: int):
-    """The teacher's target rows: :class:`TargetRows` of an in-process teacher (on its own device, in eval mode),
-    else the target rows of ``teacher_logits_fn(batch)``'s whole logits."""
+    """The teacher's target rows: :class:`TargetRows` of an in-process teacher (on its own device, in eval mode;
+    remembered per batch when its function was made with ``remember``), else the target rows of
+    ``teacher_logits_fn(batch)``'s whole logits."""
     teacher = getattr(teacher_logits_fn, "teacher", None)
     if teacher is None:
         return slice_vocab(teacher_logits_fn(batch), vocab_size, "teacher").to(device)[mask_bt]
     t_device = _model_device(teacher)
+    inputs, mask = model_inputs_for(teacher, batch, t_device), mask_bt.to(t_device)
+    remembered = getattr(teacher_logits_fn, "remembered", None)
+    key = rows_key(teacher, inputs, mask, vocab_size, t_device) if remembered is not None else None
+    if key is not None and key in remembered:
+        return remembered[key]
     was_training = teacher.training
     teacher.eval()
     try:
-        return TargetRows(teacher, model_inputs_for(teacher, batch, t_device), mask_bt.to(t_device), vocab_size,
-                          f"batch {i}: teacher")
+        rows = TargetRows(teacher, inputs, mask, vocab_size, f"batch {i}: teacher")
     finally:
         teacher.train(was_training)
+    if key is not None and rows.hidden_nh is not None:
+        remembered[key] = rows
+    return rows
 
 
 def evaluate_lm(
@@ -168,7 +184,9 @@ def evaluate_lm(
                 continue
             b = batch.to(device)
             mask_bt = b.loss_mask
-            rows = TargetRows(model, model_inputs_for(model, b), mask_bt, vocab_size, f"batch {i}: model")
+            is_teacher = teacher_logits_fn is not None and getattr(teacher_logits_fn, "teacher", None) is model
+            rows = _teacher_rows(teacher_logits_fn, b, mask_bt, vocab_size, device, i) if is_teacher else \
+                TargetRows(model, model_inputs_for(model, b), mask_bt, vocab_size, f"batch {i}: model")
             targets_n = b.target_ids[mask_bt]
             v = rows.width
             if int(targets_n.max()) >= v or int(targets_n.min()) < 0:
@@ -177,7 +195,9 @@ def evaluate_lm(
                     f"outside the {v} logit columns (tokenizer/model vocab mismatch or wrong vocab_size)"
                 )
             teacher_nv = None
-            if teacher_logits_fn is not None:
+            if is_teacher:  # the teacher against itself: its own rows, one forward
+                teacher_nv = rows
+            elif teacher_logits_fn is not None:
                 teacher_nv = _teacher_rows(teacher_logits_fn, b, mask_bt, vocab_size, device, i)
             c, k, a = token_sums(rows, targets_n, teacher_nv)
             ce_sum += c
@@ -219,135 +239,3 @@ def count_params(model: torch.nn.Module) -> int:
 def trainable_params(model: torch.nn.Module) -> int:
     """Parameters with ``requires_grad`` (for peft: the adapters and modules_to_save)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-SPEED_WARMUP = 2
-"""Untimed forward passes of every model before the first timed one (one-time costs: allocator, kernels, caches)."""
-SPEED_ROUNDS = 5
-"""Interleaved timing rounds; a model's speed is its best round."""
-SPEED_MIN_ROUND_S = 0.02
-"""Shortest timing of one model in one round, in seconds (language models; the classifier domain asks 0.05)."""
-
-
-@dataclass
-class Timed:
-    """One model's forward pass for :func:`interleaved_rates`: ``step()`` runs it and returns once the device has
-    finished; one pass processes ``items`` (tokens, images); ``passes`` run back to back in each round."""
-
-    step: Callable[[], object]
-    items: int
-    passes: int = 1
-
-
-def interleaved_rates(timed: Mapping[str, Timed], *, rounds: int = SPEED_ROUNDS, warmup: int = SPEED_WARMUP,
-                      min_round_s: float = 0.0) -> dict[str, float]:
-    """Items per second of each named model, timed interleaved: its best of ``rounds`` rounds.
-
-    Every model first runs ``warmup`` untimed passes, all before any timing starts (a cold first model
-    must not be timed cold). Then each round times every model in turn, ``A B C A B C ...``, so a slow
-    spell of the machine falls on all of them and not on whichever was timed first: per model and round
-    at least ``passes`` passes back to back, and more until the round has lasted ``min_round_s`` seconds
-    (a timing of a few milliseconds is mostly scheduler noise). Other work on the machine only ever
-    slows a round down, so each model's fastest round is its least disturbed one (``timeit``'s rule): on
-    a shared CPU the best-of-5 ratio of two tiny models varied 1.2x between runs where the median's
-    varied 2x.
-    """
-    if rounds < 1 or warmup < 1:
-        raise ValueError(f"interleaved_rates: rounds and warmup must be >= 1 (got {rounds}, {warmup})")
-    for t in timed.values():
-        for _ in range(warmup):
-            t.step()
-    rates: dict[str, list[float]] = {name: [] for name in timed}
-    for _ in range(rounds):
-        for name, t in timed.items():
-            n, t0 = 0, time.perf_counter()
-            while n < t.passes or time.perf_counter() - t0 < min_round_s:
-                t.step()
-                n += 1
-            rates[name].append(n * t.items / max(time.perf_counter() - t0, 1e-9))
-    return {name: max(r) for name, r in rates.items()}
-
-
-def interleaved_tokens_per_s(models: Mapping[str, torch.nn.Module], seq_len: int, batch_size: int,
-                             total_tokens: int, precision: str = "bf16", *, rounds: int = SPEED_ROUNDS,
-                             warmup: int = SPEED_WARMUP, seed: int = 0,
-                             min_round_s: float = SPEED_MIN_ROUND_S,
-                             inputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """Forward-pass throughput (tokens/s; no grad, eval mode, modes restored) of each named model, timed
-    together by :func:`interleaved_rates`, so that ratios between them compare one measurement.
-
-    Random ids ``[batch_size, seq_len]`` (a private generator: the global RNG is untouched; the same ids
-    for models of the same vocabulary); per round at least ``ceil(total_tokens / (batch_size * seq_len))``
-    passes and ``min_round_s`` seconds. ``inputs``: one real batch's forward arguments instead (a
-    vision-language model's held-out questions: ids with their image tokens, mask and ``pixel_values``, since
-    random ids would time the decoder without the image it reads); tokens per pass are its mask's sum.
-    """
-    if seq_len < 1 or batch_size < 1 or total_tokens < 1:
-        raise ValueError(f"forward_tokens_per_s: seq_len, batch_size, total_tokens must be >= 1 "
-                         f"(got {seq_len}, {batch_size}, {total_tokens})")
-    timed = {}
-    with contextlib.ExitStack() as stack:
-        for name, model in models.items():
-            device = stack.enter_context(inference_mode(model, precision))
-            batch = dict(inputs) if inputs is not None else _random_ids(name, model, batch_size, seq_len, seed)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            tokens = int(batch["attention_mask"].sum())
-            if tokens < 1:
-                raise ValueError(f"forward_tokens_per_s: {name}: the timing batch has no tokens")
-            timed[name] = Timed(functools.partial(_forward_synced, model, batch, device), items=tokens,
-                                passes=math.ceil(total_tokens / tokens))
-        return interleaved_rates(timed, rounds=rounds, warmup=warmup, min_round_s=min_round_s)
-
-
-def _random_ids(name: str, model: torch.nn.Module, batch_size: int, seq_len: int, seed: int) -> dict:
-    """Random ids ``[batch_size, seq_len]`` in ``model``'s vocabulary (a private generator) and a full mask."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):  # a VLM: its decoder's settings
-        config = config.get_text_config()
-    vocab = getattr(config, "vocab_size", None)
-    if not vocab:
-        raise ValueError(f"forward_tokens_per_s: {name}: model.config.vocab_size is needed to draw random ids")
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise ValueError(f"forward_tokens_per_s: {name}: seq_len={seq_len} exceeds "
-                         f"max_position_embeddings={max_pos}")
-    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _forward_synced(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device) -> None:
-    model(**inputs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def speed_line(rates: dict[str, float], unit: str, teacher_again: bool) -> str:
-    """The log line of :func:`interleaved_rates`' default measurement: ``speed (forward tokens/s; ...): teacher
-    1,234, student_after 5,678 (4.60x the teacher)``; ``teacher_again``: the teacher was timed again here."""
-    teacher = rates.get("teacher")
-    parts = []
-    for name, rate in rates.items():
-        note = " (again, beside the students)" if name == "teacher" and teacher_again else ""
-        if name != "teacher" and teacher:
-            note = f" ({rate / teacher:.2f}x the teacher)"
-        parts.append(f"{name} {rate:,.0f}{note}")
-    return (f"speed (forward {unit}/s; {SPEED_WARMUP} warm-up passes each, then timed interleaved, best of "
-            f"{SPEED_ROUNDS} rounds): " + ", ".join(parts))
-
-
-def forward_tokens_per_s(
-    model: torch.nn.Module,
-    seq_len: int,
-    batch_size: int,
-    total_tokens: int,
-    precision: str = "bf16",
-    *,
-    repeats: int = SPEED_ROUNDS,
-    seed: int = 0,
-) -> float:
-    """One model's :func:`interleaved_tokens_per_s` (``repeats`` rounds after the warm-up); to compare
-    models, time them together with :func:`interleaved_tokens_per_s` instead."""
-    if repeats < 1:
-        raise ValueError(f"forward_tokens_per_s: repeats must be >= 1 (got {repeats})")
-    return interleaved_tokens_per_s({"model": model}, seq_len, batch_size, total_tokens, precision,
-                                    rounds=repeats, seed=seed)["model"]

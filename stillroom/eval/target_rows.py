@@ -12,6 +12,7 @@ Any other model (logit soft-capping, no plain head) gives its whole logits once,
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import torch
@@ -75,6 +76,28 @@ class TargetRows:
     def _check(shape: torch.Size, mask_bt: torch.Tensor, where: str) -> None:
         if tuple(shape[:2]) != tuple(mask_bt.shape):
             raise ValueError(f"{where} outputs {tuple(shape)} do not match batch shape {tuple(mask_bt.shape)}")
+
+
+def weights_version(model: torch.nn.Module) -> tuple[int, int]:
+    """Changes whenever a parameter or buffer of ``model`` is written in place or replaced (autograd's version
+    counters), so remembered teacher rows are never served for weights that changed."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t._version for t in tensors), hash(tuple(t.data_ptr() for t in tensors))
+
+
+def rows_key(model: torch.nn.Module, inputs: dict, mask_bt: torch.Tensor, vocab_size: int | None,
+              device: torch.device) -> tuple:
+    """What a batch's remembered target rows depend on: the inputs' bytes, the mask, the columns kept, the
+    autocast state and the weights' version."""
+    digest = hashlib.sha1()
+    for name in sorted(inputs):
+        value = inputs[name]
+        if isinstance(value, torch.Tensor):
+            digest.update(name.encode() + str(value.dtype).encode() + str(tuple(value.shape)).encode())
+            digest.update(value.detach().contiguous().cpu().numpy().tobytes())
+    digest.update(mask_bt.contiguous().cpu().numpy().tobytes())
+    cast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+    return digest.hexdigest(), vocab_size, str(cast), weights_version(model)
 
 
 def token_sums(

@@ -9,7 +9,7 @@ import torch
 from stillroom.data import collate
 from stillroom.data.batch import Example, prompt_length
 from stillroom.eval import count_params, evaluate_lm, greedy_generations, teacher_logits_from_model, trainable_params
-from stillroom.eval.metrics import interleaved_tokens_per_s, speed_line
+from stillroom.eval.speed import interleaved_tokens_per_s, same_architecture, speed_line
 
 if TYPE_CHECKING:
     from stillroom.domains.lm.prepare import LmRun
@@ -31,10 +31,12 @@ def heldout_batches(lm: "LmRun", examples: list[Example], pad_id: int | None = N
 
 def teacher_logits_fn(lm: "LmRun"):
     """The teacher's logits beside a student's for KL and agreement; None without a teacher or when the
-    teacher's vocabulary differs (``tokenizer_mode: cross``: bits per byte compare them instead)."""
+    teacher's vocabulary differs (``tokenizer_mode: cross``: bits per byte compare them instead). Its target rows
+    are remembered per held-out batch: keep one per run (``LmRun.heldout_teacher``), so the frozen teacher's
+    body runs once per batch for the whole run, not once per student and evaluation."""
     if lm.teacher_model is None or lm.cross is not None:
         return None
-    return teacher_logits_from_model(lm.teacher_model)
+    return teacher_logits_from_model(lm.teacher_model, remember=True)
 
 
 def _measured(lm: "LmRun", model: torch.nn.Module, examples: list[Example]) -> tuple[list, int]:
@@ -64,7 +66,7 @@ def generation_prompts(lm: "LmRun", n: int) -> list[str]:
 def periodic_evaluation(lm: "LmRun", heldout: list[Example]) -> Callable[[torch.nn.Module], dict]:
     """Held-out CE, KL to the teacher and top-1 agreement, for ``train.eval_every`` (process 0 only)."""
     batches = heldout_batches(lm, heldout)
-    teacher_fn = teacher_logits_fn(lm)
+    teacher_fn = lm.heldout_teacher
 
     def evaluate(model: torch.nn.Module) -> dict:
         m = evaluate_lm(model, batches, teacher_fn, precision=lm.cfg.eval.precision, vocab_size=lm.vocab_size)
@@ -78,13 +80,14 @@ def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[E
     """Report metrics of each named model on its held-out examples (against the in-process teacher).
 
     Speed (``tokens_per_s``) is measured for the whole group at once, after the held-out metrics: every model
-    warmed up, then timed interleaved (:func:`~stillroom.eval.metrics.interleaved_tokens_per_s`). A group
+    warmed up, then timed interleaved (:func:`~stillroom.eval.speed.interleaved_tokens_per_s`; a model
+    of the architecture of one before it takes that one's rate). A group
     without the teacher (the students after training) times the teacher again beside them and returns a
     ``teacher`` row holding that speed alone; the caller merges it into the teacher's row, so the report's
     ``speedup_student_over_teacher`` divides two numbers of one measurement (also after ``--resume``).
     """
     cfg = lm.cfg
-    teacher_logits = teacher_logits_fn(lm)
+    teacher_logits = lm.heldout_teacher
     out = {}
     for name, (model, examples) in models.items():
         batches, vocab = _measured(lm, model, examples)
@@ -108,7 +111,7 @@ def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[E
                                      inputs=inputs)
     for name, rate in rates.items():
         out[name]["tokens_per_s"] = rate
-    log(speed_line(rates, "tokens", again))
+    log(speed_line(rates, "tokens", again, same_architecture(timed)))
     if cfg.vlm is not None:  # answers to held-out questions about images: accuracy and generations
         from stillroom.domains.vl.vlm_eval import vlm_report
 

@@ -25,7 +25,7 @@ from stillroom.config.schema import LossTerm, RunConfig, TeacherConfig
 from stillroom.data import DataSplits, build_splits, collate
 from stillroom.data.batch import ExampleSampler
 from stillroom.data.packing import check_document_attention, refuse_within_documents
-from stillroom.domains.lm.evaluate import evaluate_models, periodic_evaluation
+from stillroom.domains.lm.evaluate import evaluate_models, periodic_evaluation, teacher_logits_fn
 from stillroom.domains.lm.forward import StudentForward
 from stillroom.losses import LossMix
 from stillroom.domains.lm.head_teacher import head_mode_teacher, liger_teacher
@@ -66,6 +66,12 @@ class LmRun:
     """The two vocabularies and the aligner when the teacher's tokenizer differs (``tokenizer_mode: cross``)."""
     teacher_tokenizer: Any = None
     """The teacher's own tokenizer (``tokenizer`` is the student's, which tokenized the data)."""
+
+    @functools.cached_property
+    def heldout_teacher(self) -> Callable | None:
+        """The teacher's side of every held-out evaluation of this run (:func:`teacher_logits_fn`): one per run,
+        so its remembered target rows serve the evaluations before and after training and ``train.eval_every``."""
+        return teacher_logits_fn(self)
 
     def loss_mix(self, model: torch.nn.Module, method: Method) -> LossMix:
         """The loss terms of ``method`` (``sft``: cross-entropy alone) sized for ``model`` and the teacher."""

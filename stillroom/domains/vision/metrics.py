@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from stillroom.eval.metrics import SPEED_ROUNDS, SPEED_WARMUP, Timed, interleaved_rates
+from stillroom.eval.speed import SPEED_ROUNDS, SPEED_WARMUP, Timed, interleaved_rates
 from stillroom.models.precision import autocast
 
 ECE_BINS = 15
@@ -108,7 +108,7 @@ def interleaved_images_per_s(models: Mapping[str, tuple[torch.nn.Module, torch.T
                              precision: str = "fp32", rounds: int = SPEED_ROUNDS, warmup: int = SPEED_WARMUP,
                              min_seconds: float = 0.05) -> dict[str, float]:
     """Forward throughput (images/s; eval mode, no grad, modes restored) of each named ``(model, batch)``
-    (``batch`` ``[B, C, H, W]``), timed together by :func:`~stillroom.eval.metrics.interleaved_rates`:
+    (``batch`` ``[B, C, H, W]``), timed together by :func:`~stillroom.eval.speed.interleaved_rates`:
     every model warmed up, then timed in turn round after round, as many passes a round as take
     ``min_seconds``; each model's best round."""
     timed, modes = {}, {}

@@ -36,7 +36,7 @@ from stillroom.domains.vision.metrics import (
 )
 from stillroom.domains.vision.models import Classifier, build_classifier, load_classifier, save_classifier
 from stillroom.domains.vision.subclasses import GroupedOutputs, class_logits, grouped_outputs_note, load_grouped
-from stillroom.eval.metrics import SPEED_ROUNDS, SPEED_WARMUP, speed_line
+from stillroom.eval.speed import SPEED_ROUNDS, SPEED_WARMUP, speed_line
 from stillroom.eval.plots import plot_confusion_matrix, plot_reliability
 from stillroom.losses import LossMix
 from stillroom.methods.base import Method, MethodContext, MethodPlan

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -248,3 +249,43 @@ def test_target_rows_from_hidden_states_equal_the_whole_logits(llama_factory, ex
     plain = evaluate_lm(student, batches, opaque, precision=precision, vocab_size=64)
     for key in ("heldout_ce", "kl_teacher_student", "top1_agreement", "tokens"):
         assert fast[key] == pytest.approx(plain[key], rel=1e-6, abs=1e-7), key
+
+
+def _count_body_forwards(model) -> list:
+    """A list that grows by one per forward of ``model``'s decoder body (its first layer)."""
+    calls = []
+    model.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_remembered_teacher_rows_match_and_run_the_teacher_once_per_batch(student, teacher, batches, precision):
+    plain = evaluate_lm(student, batches, teacher_logits_from_model(teacher), precision=precision)
+    calls = _count_body_forwards(teacher)
+    fn = teacher_logits_from_model(teacher, remember=True)
+    first = evaluate_lm(student, batches, fn, precision=precision)
+    again = evaluate_lm(copy.deepcopy(student), batches, fn, precision=precision)
+    assert len(calls) == len(batches)  # the second evaluation read the remembered rows
+    assert first == plain and again == plain
+
+
+def test_remembered_rows_follow_the_teachers_weights_and_the_precision(student, teacher, batches):
+    fn = teacher_logits_from_model(teacher, remember=True)
+    calls = _count_body_forwards(teacher)
+    before = evaluate_lm(student, batches, fn, precision="fp32")
+    evaluate_lm(student, batches, fn, precision="bf16")  # another precision: other rows
+    assert len(calls) == 2 * len(batches)
+    with torch.no_grad():
+        teacher.model.layers[0].mlp.down_proj.weight.mul_(3.0)  # written in place: the rows are stale
+    after = evaluate_lm(student, batches, fn, precision="fp32")
+    assert len(calls) == 3 * len(batches)
+    fresh = evaluate_lm(student, batches, teacher_logits_from_model(teacher), precision="fp32")
+    assert after == fresh and after["kl_teacher_student"] != before["kl_teacher_student"]
+
+
+def test_the_teacher_against_itself_runs_once_per_batch(teacher, batches):
+    calls = _count_body_forwards(teacher)
+    out = evaluate_lm(teacher, batches, teacher_logits_from_model(teacher, remember=True), precision="fp32")
+    assert len(calls) == len(batches)
+    assert out["kl_teacher_student"] == 0.0 and out["top1_agreement"] == 1.0
+

@@ -100,7 +100,7 @@ def test_eval_line_is_rounded(models, examples_factory):
 
 
 def test_interleaved_rates_warm_every_model_before_timing_and_alternate():
-    from stillroom.eval.metrics import Timed, interleaved_rates
+    from stillroom.eval.speed import Timed, interleaved_rates
 
     calls: list[str] = []
     timed = {name: Timed(lambda name=name: calls.append(name), items=10) for name in "ABC"}
@@ -110,7 +110,7 @@ def test_interleaved_rates_warm_every_model_before_timing_and_alternate():
 
 
 def test_interleaved_rates_take_the_best_round_not_a_slow_one():
-    from stillroom.eval.metrics import Timed, interleaved_rates
+    from stillroom.eval.speed import Timed, interleaved_rates
 
     n = [0]
 
@@ -124,12 +124,12 @@ def test_interleaved_rates_take_the_best_round_not_a_slow_one():
 
 def test_a_given_batch_is_what_every_model_reads():
     """A VLM is timed on real held-out inputs (ids with image tokens and pixel values), not random text ids."""
-    from stillroom.eval.metrics import interleaved_tokens_per_s
+    from stillroom.eval.speed import interleaved_tokens_per_s
 
     class Recorder(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, layers: int):
             super().__init__()
-            self.inner, self.seen = tiny_llama(VOCAB), []
+            self.inner, self.seen = tiny_llama(VOCAB, layers=layers), []
 
         def forward(self, **inputs):
             self.seen.append({k: v.clone() for k, v in inputs.items()})
@@ -139,10 +139,37 @@ def test_a_given_batch_is_what_every_model_reads():
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 4, 4)}
-    a, b = Recorder(), Recorder()
+    a, b = Recorder(1), Recorder(2)  # two architectures: each is timed (one architecture is timed once)
     rates = interleaved_tokens_per_s({"a": a, "b": b}, seq_len=8, batch_size=2, total_tokens=26, precision="fp32",
                                      rounds=1, warmup=1, min_round_s=0.0, inputs=inputs)
     assert set(rates) == {"a", "b"} and all(r > 0 for r in rates.values())
-    assert len(a.seen) == 1 + 2  # a warm-up, then ceil(26 / 13 real tokens) timed passes
+    assert len(a.seen) == len(b.seen) == 1 + 2  # a warm-up, then ceil(26 / 13 real tokens) timed passes
     assert all(torch.equal(s["pixel_values"], inputs["pixel_values"]) and torch.equal(s["input_ids"], ids)
                for s in a.seen + b.seen)
+
+
+def test_a_model_of_an_architecture_already_timed_takes_its_rate():
+    """The CE baselines beside a KD student: the same computation on other weights is timed once; another depth,
+    another dtype or an extra module is timed on its own."""
+    from stillroom.eval.speed import interleaved_tokens_per_s, same_architecture
+
+    calls: dict[str, int] = {}
+
+    def counted(name: str, model: torch.nn.Module) -> torch.nn.Module:
+        model.register_forward_hook(lambda *_: calls.__setitem__(name, calls.get(name, 0) + 1))
+        return model
+
+    student = tiny_llama(VOCAB, layers=1, seed=1)
+    models = {"student_after": counted("student_after", student),
+              "baseline": counted("baseline", tiny_llama(VOCAB, layers=1, seed=2)),  # other weights
+              "deeper": counted("deeper", tiny_llama(VOCAB, layers=2, seed=1)),
+              "half": counted("half", copy.deepcopy(student).to(torch.bfloat16)),
+              "wrapped": counted("wrapped", torch.nn.Sequential(copy.deepcopy(student)))}
+    same = same_architecture(models)
+    assert same == {"student_after": "student_after", "baseline": "student_after", "deeper": "deeper",
+                    "half": "half", "wrapped": "wrapped"}
+    rates = interleaved_tokens_per_s({k: models[k] for k in ("student_after", "baseline", "deeper")}, seq_len=8,
+                                     batch_size=2, total_tokens=16, precision="fp32", rounds=1, warmup=1,
+                                     min_round_s=0.0)
+    assert "baseline" not in calls and calls["student_after"] == calls["deeper"] == 2
+    assert rates["baseline"] == rates["student_after"] and rates["deeper"] > 0
