@@ -11,7 +11,9 @@ teacher and students all depend on the seed):
 2. Teacher: the LLaVA of ``vlm.teacher`` (scratch vision tower, 3-layer Llama decoder) trained with CE and cached
    by the first run (``TEACHER``: settings found by the sweep in docs/methods/llava_mod.md).
 3. Stage 1 (``method: llava_mod``, ``stage: mimic``: forward KL + CE on the answer tokens, + 0.01 x router term),
-   students with a 1-layer decoder, the teacher's widths otherwise (vision tower trained from scratch):
+   students with a 1-layer decoder, the teacher's widths otherwise, started as the recipe's ``vlm.student`` says
+   (the teacher's tower and projector, frozen, then a CE warm-up on colour_of alone; the MoE arm continues the
+   warmed-up dense pre-stage, so it is not warmed up again):
    * ``dense_pre``: a dense student with MLP width ``W`` (``pre_steps``): the dense small VLM of the paper;
    * ``moe``: ``dense_pre`` upcycled into 4 experts of width ``W``, top-2 (every expert a copy of its MLP), then
      ``moe_steps`` more mimic steps: active MLP width 2W;
@@ -56,7 +58,7 @@ TEACHER = dict(steps=1000, batch_size=16, lr=1e-3, warmup_steps=20, vision="scra
 FULL = dict(train_images=2000, heldout_images=200, per_image=3, pre_steps=200, moe_steps=300, dpo_steps=60,
             eval_batch=32)
 QUICK = dict(train_images=40, heldout_images=10, per_image=3, pre_steps=3, moe_steps=3, dpo_steps=2, eval_batch=8,
-             teacher_steps=6, teacher_warmup_steps=3)
+             teacher_steps=6, teacher_warmup_steps=3, student_warmup_steps=3)
 WIDTH = 96  # expert width = the dense pre-stage's MLP width; the dense arm has 2 x WIDTH
 THREADS = 2
 ARMS = ["teacher", "dense_pre", "dense", "moe", "dpo_teacher", "dpo_student"]
@@ -91,7 +93,11 @@ def arm_config(name: str, stage: str, seed: int, work: Path, train: Path, teache
     seed's records, its own teacher (trained by the first run, then by path), no CE baseline, a short eval."""
     cfg = recipe("llava_mod_vlm" if stage == "mimic" else "llava_mod_vlm_dpo")
     cfg.update(name=name, output_dir=str(work / "runs"), cache_dir=str(work / "cache"), seed=seed, baseline=False)
-    cfg["vlm"] = {**cfg["vlm"], "data": None, "report_images": 0, "teacher": teacher_section(size, teacher)}
+    cfg["vlm"] = {**cfg["vlm"], "data": None, "report_images": 0, "teacher": teacher_section(size, teacher),
+                  "student": {**cfg["vlm"].get("student", {})}}
+    warm = cfg["vlm"]["student"].get("vision_warmup")
+    if warm and "student_warmup_steps" in size:
+        cfg["vlm"]["student"]["vision_warmup"] = {**warm, "steps": size["student_warmup_steps"]}
     cfg["data"] = {**cfg["data"], "sources": [{"path": str(train), "format": "prompt_completion"}],
                    "heldout_fraction": 0.02, "heldout_max": 16}
     cfg["train"] = {**cfg["train"], "threads": THREADS}
@@ -103,6 +109,9 @@ def mimic(name: str, seed: int, work: Path, train: Path, teacher: Path | None, s
           student: dict, upcycle: bool) -> Path:
     cfg = arm_config(name, "mimic", seed, work, train, teacher, size)
     cfg["student"] = student
+    if "model" in student:  # a loaded student keeps its own tower (frozen as the recipe says); the MoE arm
+        warm = None if upcycle else cfg["vlm"]["student"].get("vision_warmup")  # continues a warmed-up student
+        cfg["vlm"]["student"] = {**cfg["vlm"]["student"], "vision_from_teacher": False, "vision_warmup": warm}
     cfg["llava_mod"] = {**cfg["llava_mod"], "moe": {**cfg["llava_mod"]["moe"], "upcycle": upcycle}}
     cfg["train"]["steps"] = steps
     return run_stillroom(cfg) / "student"
@@ -249,7 +258,8 @@ def setting(size: dict) -> str:
     return (f"scene questions with images (vqa.write_vqa_folder, scenes {SCENES}, {size['train_images']} training "
             f"images x {size['per_image']} questions, {size['heldout_images']} held-out images of the held-out "
             f"stream); teacher: LLaVA trained here {TEACHER}; students: the teacher's class with a 1-layer decoder "
-            f"(vision tower from scratch), recipe llava_mod_vlm (forward_kl + ce, aux 0.01, capacity 1.5): dense "
+            f"(vlm.student {recipe('llava_mod_vlm')['vlm'].get('student')}, train lr "
+            f"{recipe('llava_mod_vlm')['train']['lr']}), recipe llava_mod_vlm (forward_kl + ce, aux 0.01, capacity 1.5): dense "
             f"pre-stage MLP {WIDTH} for {size['pre_steps']} steps -> upcycled MoE 4 x {WIDTH} top-2 for "
             f"{size['moe_steps']} steps, vs dense MLP {2 * WIDTH} for {size['pre_steps'] + size['moe_steps']} "
             f"steps (equal active MLP width, equal mimic steps in all); stage 2 recipe llava_mod_vlm_dpo (pairs "

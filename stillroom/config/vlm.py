@@ -52,15 +52,18 @@ class VisionWarmupConfig(Strict):
     """A first stage of a VLM teacher trained here on the image-dependent question families alone, before the
     mixed stage: on the five-family mix the decoder settles on the text prior (e.g. "unknown" to every "what
     colour is the <shape>?") and never learns to look; on colour questions alone it must read the image, and
-    the image pathway it learns then carries into the mix (docs/methods/llava_mod.md, the warm-up sweep)."""
+    the image pathway it learns then carries into the mix (docs/methods/llava_mod.md, the warm-up sweep). The same
+    stage starts a student (``vlm.student.vision_warmup``; docs/domains.md, the VLM section)."""
 
     steps: int = Field(1500, ge=1, description="Cross-entropy steps of the warm-up stage (projector, decoder and "
-                       "tower unless frozen; same batch size as `vlm.teacher`). Learning colour is a sudden "
+                       "tower unless frozen; the batch size of `vlm.teacher`, or train.micro_batch_size for "
+                       "`vlm.student`). Learning colour is a sudden "
                        "transition after a few hundred steps; 400 under the cosine decay were too few in the sweep.")
     families: list[str] = Field(default_factory=lambda: ["colour_of"], min_length=1, description="Question "
                                 "families (the records' `family` field) the warm-up trains on; choose from "
                                 f"{list(QA_FAMILIES)}. Records of other families wait for the mixed stage.")
-    lr: float | None = Field(1e-3, gt=0, description="Peak learning rate of the warm-up (null: vlm.teacher.lr); "
+    lr: float | None = Field(1e-3, gt=0, description="Peak learning rate of the warm-up (null: vlm.teacher.lr, or "
+                             "train.lr for `vlm.student`); "
                              "its own linear warm-up and cosine decay, as every stage. 1e-3 learnt colour in the "
                              "sweep, 2e-3 and 3e-3 did not; the mixed stage after it must stay at 1e-3 or below, "
                              "or it erases what the warm-up learnt.")
@@ -69,7 +72,7 @@ class VisionWarmupConfig(Strict):
     def _known_families(self) -> "VisionWarmupConfig":
         unknown = sorted(set(self.families) - set(QA_FAMILIES))
         if unknown:
-            raise ValueError(f"vlm.teacher.vision_warmup.families: unknown families {unknown}; choose from "
+            raise ValueError(f"vision_warmup.families: unknown families {unknown}; choose from "
                              f"{list(QA_FAMILIES)}")
         return self
 
@@ -116,6 +119,27 @@ class VlmTeacherConfig(Strict):
         return self
 
 
+class VlmStudentConfig(Strict):
+    """How a VLM student starts, for the distilled student and the CE baseline alike (the baseline is a copy of
+    the student as it stands after all of this): LLaVA-MoD's students share the teacher's frozen vision encoder,
+    and a new decoder must still learn to look at it before the text prior of the mix sets in (as the teacher did,
+    ``vlm.teacher.vision_warmup``)."""
+
+    vision_from_teacher: bool = Field(False, description="Copy the teacher's vision tower into the student (and "
+                                      "its projector when the shapes match, i.e. the student keeps the teacher's "
+                                      "decoder width); needs student.from_config without vision_config changes. "
+                                      "false: the tower starts random (as student.from_config builds it).")
+    freeze_vision: bool = Field(False, description="Keep the student's vision tower fixed (its weights in neither "
+                                "optimizer: the warm-up's nor the main run's); with vision_from_teacher the "
+                                "teacher's tower, LLaVA's recipe.")
+    vision_warmup: VisionWarmupConfig | None = Field(
+        None, description="A cross-entropy stage of the student on the image-dependent families alone (e.g. "
+        "colour_of) before the main training, batch size train.micro_batch_size, its own lr; the CE baseline "
+        "starts from the warmed-up student too (VisionWarmupConfig). null: none. On vlm_scenes 500 steps at lr "
+        "1e-3 then train.lr 1e-3 read colour on 3 seeds; 1500 steps, or train.lr 3e-3 after, lost shape_at on "
+        "some seeds (docs/domains.md, the VLM section).")
+
+
 class VlmDataConfig(Strict):
     """Scene questions generated into the cache (:func:`stillroom.domains.vl.vqa.write_vqa_folder`)."""
 
@@ -130,6 +154,8 @@ class VlmConfig(Strict):
     """Settings of a vision-language run of the ``lm`` domain (see the module docstring)."""
 
     teacher: VlmTeacherConfig = Field(default_factory=VlmTeacherConfig, description="The VLM teacher.")
+    student: VlmStudentConfig = Field(default_factory=VlmStudentConfig, description="How the VLM student (and the "
+                                      "CE baseline, a copy of it) starts: the teacher's tower, frozen, warmed up.")
     data: VlmDataConfig | None = Field(None, description="Generate scene questions and train on them (null: read "
                                        "`data.sources`, records with an image field).")
     image_field: str = Field("image", description="Record field holding the image file (relative to the "
@@ -170,6 +196,15 @@ def check_vlm_run(run) -> None:
         raise ValueError("a VLM student is built with student.from_config (e.g. {text_config: {num_hidden_layers: "
                          "1}}) or loaded with student.model; layer selection (student.from_teacher) is for text "
                          "models")
+    if run.vlm.student.vision_from_teacher:
+        if student.model is not None:
+            raise ValueError("vlm.student.vision_from_teacher=true with student.model: a loaded student keeps its "
+                             "own vision tower; build the student with student.from_config, or set "
+                             "vlm.student.vision_from_teacher: false")
+        if "vision_config" in (student.from_config or {}):
+            raise ValueError("vlm.student.vision_from_teacher=true with student.from_config.vision_config: a "
+                             "changed tower cannot take the teacher's weights; drop the vision_config changes or "
+                             "set vlm.student.vision_from_teacher: false")
 
 
 def _check_vlm_sources(tcfg, where: str) -> None:

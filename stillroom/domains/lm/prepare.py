@@ -66,6 +66,9 @@ class LmRun:
     """The two vocabularies and the aligner when the teacher's tokenizer differs (``tokenizer_mode: cross``)."""
     teacher_tokenizer: Any = None
     """The teacher's own tokenizer (``tokenizer`` is the student's, which tokenized the data)."""
+    vlm_folder: Path | None = None
+    """A VLM teacher's folder: its ``preprocessor_config.json`` says how the run's images were normalised, and the
+    saved student carries the same settings."""
 
     @functools.cached_property
     def heldout_teacher(self) -> Callable | None:
@@ -145,9 +148,10 @@ class LmRun:
         (tmp / "stillroom.json").write_text(json.dumps({"kept_layers": self.kept_layers,
                                                          "teacher": self.fingerprint.teacher}))
         if self.cfg.vlm is not None:  # the image settings, for loading it as a VLM teacher or target
-            from stillroom.domains.vl.vlm_model import write_preprocessor
+            from stillroom.domains.vl.vlm_model import image_ref, write_preprocessor
 
-            write_preprocessor(tmp, int(plain.config.vision_config.image_size))
+            ref = image_ref(plain, "", self.vlm_folder)  # the mean/std the run's images were read with
+            write_preprocessor(tmp, ref.size, ref.mean, ref.std)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -223,6 +227,11 @@ class LmDomain:
         if cfg.llava_mod is not None:  # LLaVA-MoD's sparse student, upcycled from the dense one
             student = upcycle_student(student, cfg.llava_mod.moe, aux_coef=cfg.llava_mod.aux_coef,
                                       seed=cfg.seed, log=log)
+        if cfg.vlm is not None:  # vlm.student: the teacher's tower, frozen, a vision warm-up (baseline alike)
+            from stillroom.domains.vl.vlm_student import prepare_vlm_student
+
+            student = prepare_vlm_student(cfg, student, teacher_model, tokenizer, data.train,
+                                          resolve_device(cfg.train.device, topology), log)
         cross = None
         if cross_student is not None:
             from stillroom.domains.lm.cross import setup_cross
@@ -252,7 +261,7 @@ class LmDomain:
         fingerprint = Fingerprint(teacher=teacher_loaded.identity, tokenizer_hash=tokenizer_hash(tokenizer),
                                   vocab_size=vocab_size)
         return LmRun(cfg, topology, resolve_device(cfg.train.device, topology), teacher_model, student, tokenizer,
-                     vocab_size, data, kept_layers, fingerprint, cross, teacher_loaded.tokenizer)
+                     vocab_size, data, kept_layers, fingerprint, cross, teacher_loaded.tokenizer, vlm_folder)
 
 
 def teacher_lines(cfg: RunConfig, identity: str) -> list[str]:

@@ -168,7 +168,7 @@ def _train_teacher(cfg: RunConfig, data_cfg: DataConfig, seed: int, tmp: Path, d
     stages = {}
     if tc.projector_steps:
         _set_trainable(model, projector_only=True, freeze_vision=True)
-        _run_stage(cfg, model, tokenizer, data.train, seed, tmp / "projector_stage", tc.projector_steps, tc.lr,
+        run_stage(cfg, model, tokenizer, data.train, seed, tmp / "projector_stage", tc.projector_steps, tc.lr,
                    device, log)
         shutil.rmtree(tmp / "projector_stage", ignore_errors=True)
         stages["projector"] = {"steps": tc.projector_steps, "sequences": len(data.train)}
@@ -176,10 +176,10 @@ def _train_teacher(cfg: RunConfig, data_cfg: DataConfig, seed: int, tmp: Path, d
     if warm:
         wc = tc.vision_warmup
         log(f"teacher: vision warm-up on {wc.families} alone: {wc.steps} steps on {len(warm)} sequences")
-        _run_stage(cfg, model, tokenizer, warm, seed, tmp / "warmup_stage", wc.steps, wc.lr or tc.lr, device, log)
+        run_stage(cfg, model, tokenizer, warm, seed, tmp / "warmup_stage", wc.steps, wc.lr or tc.lr, device, log)
         shutil.rmtree(tmp / "warmup_stage", ignore_errors=True)
         stages["vision_warmup"] = {"steps": wc.steps, "sequences": len(warm), "families": list(wc.families)}
-    result = _run_stage(cfg, model, tokenizer, data.train, seed, tmp, tc.steps, tc.lr, device, log)
+    result = run_stage(cfg, model, tokenizer, data.train, seed, tmp, tc.steps, tc.lr, device, log)
     stages["mixed"] = {"steps": tc.steps, "sequences": len(data.train)}
     model.requires_grad_(True)
     accuracy = answer_accuracy(model, tokenizer, data.heldout[:200], max_new_tokens=8) if data.heldout else {}
@@ -239,32 +239,37 @@ def _set_trainable(model: torch.nn.Module, *, projector_only: bool, freeze_visio
         model.model.vision_tower.requires_grad_(False)
 
 
-def warmup_examples(warmup, examples: list) -> list:
+def warmup_examples(warmup, examples: list, where: str = "vlm.teacher") -> list:
     """The training examples of the warm-up's families (``Example.meta["family"]``, from the records'
-    ``family`` field); ``[]`` without a warm-up. Refuses a warm-up that would select nothing."""
+    ``family`` field); ``[]`` without a warm-up. Refuses a warm-up that would select nothing (the error names
+    ``<where>.vision_warmup.families``)."""
     if warmup is None:
         return []
     chosen = [e for e in examples if e.meta.get("family") in set(warmup.families)]
     if not chosen:
         found = sorted({str(e.meta.get("family")) for e in examples})
-        raise ValueError(f"vlm.teacher.vision_warmup.families={warmup.families}: no training record has one of "
+        raise ValueError(f"{where}.vision_warmup.families={warmup.families}: no training record has one of "
                          f"these families (the records' `family` field; found {found}); name families the records "
                          "have, or set vision_warmup: null")
     return chosen
 
 
-def _run_stage(cfg: RunConfig, model, tokenizer, examples: list, seed: int, run_dir: Path, steps: int, lr: float,
-               device: torch.device, log: Log):
-    """One cross-entropy job of the loop on ``examples`` over the trainable parameters (:func:`_set_trainable`)."""
+def run_stage(cfg: RunConfig, model, tokenizer, examples: list, seed: int, run_dir: Path, steps: int, lr: float,
+               device: torch.device, log: Log, *, batch_size: int | None = None, warmup_steps: int | None = None,
+               player: str = "teacher"):
+    """One cross-entropy job of the loop on ``examples`` over the trainable parameters (:func:`_set_trainable`);
+    batch size and lr warm-up: ``vlm.teacher``'s unless given (the student's warm-up passes its own)."""
     tc = cfg.vlm.teacher
+    batch_size = tc.batch_size if batch_size is None else batch_size
+    warmup_steps = tc.warmup_steps if warmup_steps is None else warmup_steps
     mix = LossMix(LossConfig(terms=[LossTerm(name="ce")]))
     forward = StudentForward(model, fused=True, hidden_layers=[], vocab=len(tokenizer))
-    train_cfg = TrainConfig(steps=steps, micro_batch_size=tc.batch_size, lr=lr,
-                            warmup_steps=min(tc.warmup_steps, steps), weight_decay=0.01, precision="fp32",
+    train_cfg = TrainConfig(steps=steps, micro_batch_size=batch_size, lr=lr,
+                            warmup_steps=min(warmup_steps, steps), weight_decay=0.01, precision="fp32",
                             device=str(device), keep_checkpoints=1, log_every=25)
     run_dir.mkdir(parents=True, exist_ok=True)
-    job = TrainJob(train=train_cfg, seed=seed, run_dir=run_dir, run_name=f"vlm-teacher-{run_dir.name}",
-                   players=[Player("teacher", model, DistillObjective(forward, mix))], examples=examples,
+    job = TrainJob(train=train_cfg, seed=seed, run_dir=run_dir, run_name=f"vlm-{player}-{run_dir.name}",
+                   players=[Player(player, model, DistillObjective(forward, mix))], examples=examples,
                    collate=functools.partial(collate, pad_id=tokenizer.pad_token_id), topology=Topology(),
                    device=device, sampler=ExampleSampler, log=log, unit="tok")
     return train_apart(job, seed=seed)

@@ -16,7 +16,7 @@ from stillroom.domains.vl.clip_model import load_image_text, save_image_text
 from stillroom.domains.vl.clip_teacher import build_clip
 from stillroom.domains.vl.vlm_data import record_texts
 from stillroom.domains.vl.vlm_model import image_ref, vlm_from_clip, write_preprocessor
-from stillroom.domains.vl.vlm_teacher import (_run_stage, _set_trainable, load_vlm_teacher, teacher_key,
+from stillroom.domains.vl.vlm_teacher import (_set_trainable, load_vlm_teacher, run_stage, teacher_key,
                                               vlm_data_config, vlm_encoder)
 from stillroom.domains.vl.vlm_tokenizer import train_tokenizer
 from stillroom.train.distributed import Topology
@@ -99,7 +99,7 @@ def test_frozen_tower_is_unchanged_by_training_and_the_projector_stage_trains_th
     data = build_splits(vlm_data_config(cfg), loaded.tokenizer, 0, vlm_encoder(model, folder, "image"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _set_trainable(model, projector_only=True, freeze_vision=True)
-    _run_stage(cfg, model, loaded.tokenizer, data.train, 0, tmp_path / "stage", 2, cfg.vlm.teacher.lr,
+    run_stage(cfg, model, loaded.tokenizer, data.train, 0, tmp_path / "stage", 2, cfg.vlm.teacher.lr,
                torch.device("cpu"), lambda _: None)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all("multi_modal_projector" in k for k in changed)

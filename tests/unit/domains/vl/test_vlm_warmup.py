@@ -44,13 +44,13 @@ def test_settings_are_strict_with_named_errors():
 
 def test_the_warm_up_stage_runs_on_its_families_alone_before_the_mix(tmp_path, monkeypatch):
     calls = []
-    real = vlm_teacher._run_stage
+    real = vlm_teacher.run_stage
 
     def spy(cfg, model, tokenizer, examples, seed, run_dir, steps, lr, device, log):
         calls.append((run_dir.name, steps, lr, sorted({e.meta["family"] for e in examples}), len(examples)))
         return real(cfg, model, tokenizer, examples, seed, run_dir, steps, lr, device, log)
 
-    monkeypatch.setattr(vlm_teacher, "_run_stage", spy)
+    monkeypatch.setattr(vlm_teacher, "run_stage", spy)
     warm = {"steps": 2, "families": ["colour_of", "count"], "lr": 1e-3}
     cfg = _recipe(tmp_path, vision_warmup=warm)
     _, folder = load_vlm_teacher(cfg, vlm_data_config(cfg), Topology(), torch.device("cpu"), lambda _: None)
