@@ -44,6 +44,8 @@ def torch_dtype(name: str) -> torch.dtype:
 BF16_MIN_SPEEDUP = 1.2
 """``auto`` takes bf16 on a CPU whose bf16 matmuls run at least this many times faster than fp32's: where the two
 are close, fp32's exact logits are worth more than the difference."""
+RANK_WAIT_S = 120.0
+"""How long a process of local rank > 0 waits for local rank 0's measurement before measuring itself."""
 PROBE_SHAPES = ((256, 576, 1536), (256, 1536, 576), (256, 576, 4096))
 """``(rows, in, out)`` of the timed matmuls: a small LM's MLP up and down projections and a slice of its head."""
 
@@ -81,12 +83,18 @@ def cpu_bf16_speedup() -> float:
     of 7 interleaved rounds: a busy machine stalls a multi-threaded matmul at its barriers, and on a 2-core machine
     shared with two other jobs the 2-thread ratio read 1.3-1.7 where the quiet one is 0.6 (2026-12-07); the
     1-thread ratio read 0.37-0.48 there, 0.56 quiet (and 2 threads, quiet, 0.61)."""
-    key = hashlib.sha1(f"{_cpu_identity()}|{torch.__version__}".encode()).hexdigest()[:16]
-    path = cache_root() / "precision" / f"{key}.json"
-    try:
-        return float(json.loads(path.read_text())["bf16_speedup"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    path = probe_file()
+    # the processes of one machine must agree (a bf16 rank beside an fp32 one would train two different models):
+    # under torchrun only local rank 0 measures; the others wait for its file
+    waited, patience = 0.0, RANK_WAIT_S if int(os.environ.get("LOCAL_RANK", "0") or 0) > 0 else 0.0
+    while True:
+        try:
+            return float(json.loads(path.read_text())["bf16_speedup"])
+        except (OSError, ValueError, KeyError, TypeError):
+            if waited >= patience:
+                break
+        time.sleep(0.1)
+        waited += 0.1
     speedup = _time_bf16_speedup()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -94,6 +102,12 @@ def cpu_bf16_speedup() -> float:
                                "cpu": _cpu_identity()[:200], "shapes": PROBE_SHAPES}) + "\n")
     os.replace(tmp, path)
     return speedup
+
+
+def probe_file() -> Path:
+    """``<cache>/precision/<key>.json``: this CPU's (model name and flags) and torch version's measurement."""
+    key = hashlib.sha1(f"{_cpu_identity()}|{torch.__version__}".encode()).hexdigest()[:16]
+    return cache_root() / "precision" / f"{key}.json"
 
 
 def _time_bf16_speedup(rounds: int = 7) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 
@@ -56,3 +57,22 @@ def test_the_real_probe_measures_a_ratio_and_restores_the_thread_count():
     ratio = P._time_bf16_speedup(rounds=2)
     assert math.isfinite(ratio) and ratio > 0
     assert torch.get_num_threads() == threads
+
+
+def test_other_ranks_of_a_machine_take_rank_zeros_measurement(fresh, monkeypatch):
+    """Under torchrun a bf16 rank beside an fp32 one would train two different models: local rank > 0 waits for
+    local rank 0's file and reads it, measuring nothing itself."""
+    import threading
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(P, "_time_bf16_speedup", lambda: pytest.fail("a rank > 0 measured"))
+
+    def rank_zero() -> None:  # writes its measurement a little later
+        time.sleep(0.5)
+        P.probe_file().parent.mkdir(parents=True, exist_ok=True)
+        P.probe_file().write_text(json.dumps({"bf16_speedup": 2.5}))
+
+    writer = threading.Thread(target=rank_zero)
+    writer.start()
+    assert P.resolve_precision("auto", "cpu") == "bf16"
+    writer.join()
