@@ -12,11 +12,8 @@ fp32 from the (upcast) logits.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
