@@ -76,3 +76,9 @@ def test_other_ranks_of_a_machine_take_rank_zeros_measurement(fresh, monkeypatch
     writer.start()
     assert P.resolve_precision("auto", "cpu") == "bf16"
     writer.join()
+
+
+def test_a_cache_that_cannot_be_written_still_resolves(fresh, monkeypatch):
+    (fresh / "precision").write_text("a file where the folder should be")  # mkdir fails: OSError
+    monkeypatch.setattr(P, "_time_bf16_speedup", lambda: 2.0)
+    assert P.resolve_precision("auto", "cpu") == "bf16"
