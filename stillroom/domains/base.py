@@ -45,11 +45,13 @@ class PreparedRun(Protocol):
         for the CE baseline), and the method's plan. Every check that can refuse the run happens here."""
         ...
 
-    def evaluate(self, models: dict[str, tuple[torch.nn.Module, list]], log: Log) -> dict[str, dict]:
+    def evaluate(self, models: dict[str, tuple[torch.nn.Module, list]], log: Log, *,
+                 timed: bool = True) -> dict[str, dict]:
         """Report metrics per named model, each measured on its held-out examples. Speed is timed for the
         group at once; a group without ``"teacher"`` times the teacher beside it and returns a ``"teacher"``
         row holding that speed alone (merge it with :func:`merge_rows`), so speed ratios compare one
-        measurement."""
+        measurement. ``timed=False``: no speed (the models before training: the run times them after training
+        beside the students, :func:`stillroom.run.training.speed_before`); domains that time nothing ignore it."""
         ...
 
     def save_model(self, model: torch.nn.Module, folder: Path) -> None:

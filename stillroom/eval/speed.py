@@ -24,6 +24,8 @@ SPEED_WARMUP = 2
 """Untimed forward passes of every model before the first timed one (one-time costs: allocator, kernels, caches)."""
 SPEED_ROUNDS = 5
 """Interleaved timing rounds; a model's speed is its best round."""
+SPEED_KEYS = ("tokens_per_s", "images_per_s")
+"""The report rows' speed metrics: a forward pass's items per second (language models, image classifiers)."""
 SPEED_MIN_ROUND_S = 0.02
 """Shortest timing of one model in one round, in seconds (language models; the classifier domain asks 0.05)."""
 

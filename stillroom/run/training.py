@@ -34,6 +34,7 @@ from stillroom.config.load import ConfigError, dump_config
 from stillroom.config.schema import RunConfig
 from stillroom.domains import DOMAINS, PreparedRun
 from stillroom.domains.base import merge_rows
+from stillroom.eval.speed import SPEED_KEYS, architecture_key
 from stillroom.methods import METHODS, Method
 from stillroom.models.precision import auto_reason, resolve_dtype, resolve_precision
 from stillroom.run import folder as rf
@@ -157,6 +158,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log: L
     job.run_id = run_id  # every checkpoint carries it (train/session.py)
 
     models = _before(prep, cfg, state, log) if main else {}
+    before_architecture = architecture_key(prep.student) if main else None  # speed_before compares it
     prep.topology.barrier()
 
     log(f"training: {cfg.train.steps} steps ({cfg.method})")
@@ -190,6 +192,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log: L
             results[key].update(_figures(result, files[key]))
         metrics_files = {cfg.method if key == "student_after" else key: f for key, f in files.items()}  # curve labels
         models = merge_rows(models, results)  # the teacher's row gains its speed timed beside the students
+        models = speed_before(models, before_architecture, prep.student, log)
         if plan.report_rows is not None:  # what the method trained that the domain's evaluation does not see
             models = merge_rows(models, plan.report_rows())
         log("writing the report")
@@ -260,10 +263,29 @@ def _before(prep: PreparedRun, cfg: RunConfig, state: rf.ResumeState | None, log
     todo = {k: v for k, v in wanted.items() if k not in kept}
     if not todo:
         return kept
-    log(f"evaluating before training: {', '.join(todo)}")
-    results = prep.evaluate(todo, log)
+    log(f"evaluating before training: {', '.join(todo)} (their speed: timed after training, beside the students)")
+    results = prep.evaluate(todo, log, timed=False)
     rf.save_before(cfg.run_dir, {**kept, **results})
     return {**kept, **results}
+
+
+def speed_before(rows: dict[str, dict], before: tuple | None, student: torch.nn.Module, log: Log) -> dict:
+    """``rows`` with ``student_before``'s speed: the rate timed after training for ``student_after``, when the
+    student's :func:`~stillroom.eval.speed.architecture_key` is still ``before`` (its key before training).
+
+    The models before training are not timed then (``evaluate(..., timed=False)``): timing is a third of the
+    evaluation before training, the teacher is timed again beside the students after training anyway, and the
+    student before training is the same computation as after it (the optimizer holds the same parameters from
+    step 0). A ``student_before`` row that has its speed (a run resumed from an older version) keeps it."""
+    before_row, after_row = rows.get("student_before"), rows.get("student_after", {})
+    missing = [k for k in SPEED_KEYS if k in after_row and before_row is not None and k not in before_row]
+    if not missing:
+        return rows
+    if architecture_key(student) != before:
+        log("student_before: not timed (the student's architecture changed in training)")
+        return rows
+    log("student_before: the speed of student_after (the same architecture, timed after training)")
+    return merge_rows(rows, {"student_before": {k: after_row[k] for k in missing}})
 
 
 def _train(job, log: Log, label: str):

@@ -102,7 +102,8 @@ class AutoregressiveRun:
         )
         return job, plan
 
-    def evaluate(self, models: dict[str, tuple[nn.Module, list]], log: Log) -> dict[str, dict]:
+    def evaluate(self, models: dict[str, tuple[nn.Module, list]], log: Log, *,
+                 timed: bool = True) -> dict[str, dict]:
         """Per named model the metrics of :mod:`.evaluate`; the teacher brings the ``teacher_independent`` row (arm A);
         a group without the teacher gets a speed-only teacher row timed beside it."""
         sec, toy, out = self.cfg.autoregressive, self.data.toy, {}

@@ -94,7 +94,8 @@ class GenerativeRun:
         )
         return job, plan
 
-    def evaluate(self, models: dict[str, tuple[nn.Module, list]], log: Log) -> dict[str, dict]:
+    def evaluate(self, models: dict[str, tuple[nn.Module, list]], log: Log, *,
+                 timed: bool = True) -> dict[str, dict]:
         """Per named model (and, with the teacher, its ``teacher_<n>step`` rows): the metrics of
         :mod:`.evaluate`; a group without the teacher gets a speed-only teacher row (timed beside it)."""
         sec, out = self.cfg.generative, {}

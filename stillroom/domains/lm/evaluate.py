@@ -76,7 +76,7 @@ def periodic_evaluation(lm: "LmRun", heldout: list[Example]) -> Callable[[torch.
 
 
 def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[Example]]], *,
-                    log: Callable[[str], None] = print) -> dict[str, dict]:
+                    log: Callable[[str], None] = print, timed: bool = True) -> dict[str, dict]:
     """Report metrics of each named model on its held-out examples (against the in-process teacher).
 
     Speed (``tokens_per_s``) is measured for the whole group at once, after the held-out metrics: every model
@@ -85,6 +85,7 @@ def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[E
     without the teacher (the students after training) times the teacher again beside them and returns a
     ``teacher`` row holding that speed alone; the caller merges it into the teacher's row, so the report's
     ``speedup_student_over_teacher`` divides two numbers of one measurement (also after ``--resume``).
+    ``timed=False``: no speed at all (the group before training; the run times it after training).
     """
     cfg = lm.cfg
     teacher_logits = lm.heldout_teacher
@@ -97,21 +98,8 @@ def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[E
         metrics["trainable_params"] = trainable_params(model)
         log(f"eval {name}: {eval_line(metrics)}")
         out[name] = metrics
-    timed = {name: model for name, (model, _) in models.items()}
-    again = "teacher" not in timed and lm.teacher_model is not None
-    if again:
-        timed = {"teacher": lm.teacher_model, **timed}
-        out = {"teacher": {}, **out}
-    inputs = None
-    if cfg.vlm is not None:  # a VLM reads images: timed on held-out image questions, not random text ids
-        rows = lm.data.heldout[: cfg.train.micro_batch_size]
-        inputs = collate(rows, lm.tokenizer.pad_token_id).model_inputs() if rows else None
-    rates = interleaved_tokens_per_s(timed, seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
-                                     total_tokens=cfg.eval.speed_tokens, precision=cfg.train.precision,
-                                     inputs=inputs)
-    for name, rate in rates.items():
-        out[name]["tokens_per_s"] = rate
-    log(speed_line(rates, "tokens", again, same_architecture(timed)))
+    if timed:
+        out = _timed(lm, models, out, log)
     if cfg.vlm is not None:  # answers to held-out questions about images: accuracy and generations
         from stillroom.domains.vl.vlm_eval import vlm_report
 
@@ -139,6 +127,28 @@ def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[E
         rows = lm_eval_rows(cfg.eval.lm_eval, {k: (m, _tokenizer_of(lm, m)) for k, (m, _) in models.items()}, log=log)
         for name, metrics in rows.items():
             out[name].update(metrics)
+    return out
+
+
+def _timed(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[Example]]], out: dict[str, dict],
+           log: Callable[[str], None]) -> dict[str, dict]:
+    """``out`` with every model's ``tokens_per_s``, timed as a group (the teacher again where it is not in it)."""
+    cfg = lm.cfg
+    timed = {name: model for name, (model, _) in models.items()}
+    again = "teacher" not in timed and lm.teacher_model is not None
+    if again:
+        timed = {"teacher": lm.teacher_model, **timed}
+        out = {"teacher": {}, **out}
+    inputs = None
+    if cfg.vlm is not None:  # a VLM reads images: timed on held-out image questions, not random text ids
+        rows = lm.data.heldout[: cfg.train.micro_batch_size]
+        inputs = collate(rows, lm.tokenizer.pad_token_id).model_inputs() if rows else None
+    rates = interleaved_tokens_per_s(timed, seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
+                                     total_tokens=cfg.eval.speed_tokens, precision=cfg.train.precision,
+                                     inputs=inputs)
+    for name, rate in rates.items():
+        out[name]["tokens_per_s"] = rate
+    log(speed_line(rates, "tokens", again, same_architecture(timed)))
     return out
 
 

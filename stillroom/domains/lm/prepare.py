@@ -131,8 +131,9 @@ class LmRun:
         )
         return job, plan
 
-    def evaluate(self, models: dict[str, tuple[torch.nn.Module, list]], log: Log) -> dict[str, dict]:
-        return evaluate_models(self, models, log=log)
+    def evaluate(self, models: dict[str, tuple[torch.nn.Module, list]], log: Log, *,
+                 timed: bool = True) -> dict[str, dict]:
+        return evaluate_models(self, models, log=log, timed=timed)
 
     def save_model(self, model: torch.nn.Module, folder: Path) -> None:
         """The trained student as a plain HF folder (LoRA adapters merged) + tokenizer, renamed into place."""

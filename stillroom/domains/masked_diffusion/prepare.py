@@ -81,7 +81,8 @@ class MaskedDiffusionRun:
             unit="ex")
         return job, plan
 
-    def evaluate(self, models: dict[str, tuple[nn.Module, list]], log: Log) -> dict[str, dict]:
+    def evaluate(self, models: dict[str, tuple[nn.Module, list]], log: Log, *,
+                 timed: bool = True) -> dict[str, dict]:
         """Per named model the decoding sweep of :mod:`.evaluate`."""
         out = {}
         for name, (model, _) in models.items():

@@ -94,7 +94,8 @@ class MlmRun:
         )
         return job, plan
 
-    def evaluate(self, models: dict[str, tuple[nn.Module, list]], log: Log) -> dict[str, dict]:
+    def evaluate(self, models: dict[str, tuple[nn.Module, list]], log: Log, *,
+                 timed: bool = True) -> dict[str, dict]:
         """Per named model: held-out MLM loss (masks fixed per text), linear-probe accuracy, parameters (encoder and
         all), encoder sequences/s."""
         sec, out = self.cfg.mlm, {}

@@ -119,7 +119,8 @@ class MaeRun:
         )
         return job, plan
 
-    def evaluate(self, models: dict[str, tuple[nn.Module, list]], log: Log) -> dict[str, dict]:
+    def evaluate(self, models: dict[str, tuple[nn.Module, list]], log: Log, *,
+                 timed: bool = True) -> dict[str, dict]:
         """Per named model: held-out MAE loss (masks fixed per image), linear-probe accuracy, parameters (encoder
         and all), encoder images/s; ``student_after`` also gets the teacher's cost per training image."""
         sec, out = self.cfg.mae, {}

@@ -141,7 +141,8 @@ class ClassifierRun:
 
         return evaluate
 
-    def evaluate(self, models: dict[str, tuple[torch.nn.Module, list]], log: Log) -> dict[str, dict]:
+    def evaluate(self, models: dict[str, tuple[torch.nn.Module, list]], log: Log, *,
+                 timed: bool = True) -> dict[str, dict]:
         """Per named model, on its held-out images: accuracy, top-1 agreement with the teacher, ECE, KL(teacher ||
         model), CE, parameters, images/s; ``student_after`` also gets its confusion matrix (JSON and PNG), and
         a group with ``student_after`` draws the reliability diagrams of the teacher (on the student's images),
@@ -182,6 +183,8 @@ class ClassifierRun:
             out[name] = m
         if "student_after" in curves:
             self._plot_reliability(curves)
+        if not timed:  # the group before training: the run times it after training, beside the students
+            return out
         again = "teacher" not in batches
         if again:
             batches = {"teacher": (self.teacher_model, next(iter(batches.values()))[1]), **batches}

@@ -77,7 +77,8 @@ class ClipRun:
             unit="img")
         return job, plan
 
-    def evaluate(self, models: dict[str, tuple[nn.Module, list]], log: Log) -> dict[str, dict]:
+    def evaluate(self, models: dict[str, tuple[nn.Module, list]], log: Log, *,
+                 timed: bool = True) -> dict[str, dict]:
         """Per named model: zero-shot accuracy and ECE per class set, recall@1 per set, sizes, images/s."""
         sec, out, curves = self.cfg.clip, {}, {}
         for name, (model, _) in models.items():
