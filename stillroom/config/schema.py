@@ -109,7 +109,9 @@ class RunConfig(Strict):
     baseline_wall_time: bool = Field(
         False, description="With baseline: true, also train a second CE baseline from the same initial student for "
         "as many steps as fit in the method's training seconds: floor(the run's summed step seconds / the CE "
-        "baseline's seconds per step), at least train.steps; its LR schedule spans its own steps. Saved in "
+        "baseline's seconds per step), at least train.steps; its LR schedule spans its own steps. With "
+        "train.schedule: constant its first train.steps steps are the equal-steps baseline's, so it continues that "
+        "baseline's last checkpoint (the same weights, those steps not trained twice). Saved in "
         "baseline_wall/, the step count and both times recorded in run.json (--resume and `stillroom eval` reuse "
         "them), and shown in the report as its own row beside the equal-steps baseline."
     )

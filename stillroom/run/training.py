@@ -42,6 +42,7 @@ from stillroom.run import wall_baseline as wb
 from stillroom.run.checks import check_run
 from stillroom.run.report import write_run_report
 from stillroom.train.distributed import init_topology, shutdown
+from stillroom.train.checkpoint import latest_checkpoint
 from stillroom.train.loop import train
 
 Log = Callable[[str], None]
@@ -214,7 +215,17 @@ def _train_wall_baseline(prep: PreparedRun, initial_state: dict, trained: dict, 
     steps = wb.recorded(run_dir, cfg.train.steps)["steps"]
     model = copy.deepcopy(prep.student)
     model.load_state_dict(initial_state)
-    job, _ = prep.job(model, METHODS["sft"], baseline=True, run_dir=run_dir / wb.FOLDER, resume=resume, log=log)
+    continued = cfg.baseline and wb.continues_baseline(cfg.train, steps)
+    if continued and prep.topology.is_main:
+        copied = wb.seed_from_baseline(run_dir, cfg.train.steps)
+        if copied is not None:
+            log(f"baseline at equal wall time: continues the equal-steps baseline from {copied} (its first "
+                f"{cfg.train.steps} learning rates do not depend on the run's length, train.schedule="
+                f"{cfg.train.schedule}; the same steps would be trained again)")
+    prep.topology.barrier()
+    own = latest_checkpoint(run_dir / wb.FOLDER / "checkpoints") is not None
+    job, _ = prep.job(model, METHODS["sft"], baseline=True, run_dir=run_dir / wb.FOLDER,
+                      resume=resume or (continued and own), log=log)
     job.train = cfg.train.model_copy(update={"steps": steps})  # its LR schedule spans its own steps
     job.run_id = run_id
     log(f"baseline at equal wall time: {steps} steps with cross-entropy alone")

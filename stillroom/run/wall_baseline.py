@@ -10,16 +10,28 @@ where ``kd_seconds`` is the method's summed step seconds and ``ce_seconds`` the 
 their ``metrics.jsonl``: training only, no evaluation or checkpoint time). The choice and both times are
 recorded in ``run.json`` under :data:`RECORD`, so that ``--resume`` and ``stillroom eval`` reuse it rather than
 deciding again from another session's timings; it is decided again only when ``train.steps`` changed.
+
+Where the learning rate of the first ``train.steps`` steps does not depend on the run's length (``train.schedule:
+constant``), the first ``train.steps`` steps of this baseline are exactly the equal-steps baseline (the same
+initial student, data order, seed and learning rates), so it continues that baseline from its last checkpoint
+instead of training them again (:func:`continues_baseline`, :func:`seed_from_baseline`): the same weights, a
+third less training in the quickstart. With a decaying schedule the two runs part at the first step after the
+warm-up, and the baseline trains from the initial student.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
+from stillroom.files import write_atomic
 from stillroom.run import folder as rf
+from stillroom.train.checkpoint import checkpoint_step, latest_checkpoint
+from stillroom.train.loop import lr_factor
 
 FOLDER = "baseline_wall"
 """The equal-wall-time baseline's folder in the run folder (checkpoints, metrics.jsonl, student/)."""
@@ -92,3 +104,33 @@ def note(run_dir: Path) -> list[str]:
             f"summed over the student's {record['kd_steps']} training steps / {per_step:.2f} s per step of the "
             f"equal-steps CE baseline), at least {record['kd_steps']}; training seconds only (no evaluation or "
             f"checkpoint time), recorded in run.json"]
+
+
+def continues_baseline(train, steps: int) -> bool:
+    """Whether a ``steps``-step run's first ``train.steps`` learning rates are the ``train.steps``-step run's:
+    then the equal-wall-time baseline may continue the equal-steps one (``train``: the run's ``TrainConfig``)."""
+    longer = train.model_copy(update={"steps": steps})
+    return all(lr_factor(s, train) == lr_factor(s, longer) for s in range(train.steps))
+
+
+def seed_from_baseline(run_dir: Path, kd_steps: int) -> Path | None:
+    """Start ``baseline_wall/`` from the equal-steps baseline's checkpoint of step ``kd_steps`` and its first
+    ``kd_steps`` metrics records (so its training seconds count those steps), each copied atomically; the
+    baseline's folder is not changed. Returns the checkpoint copied, or ``None`` (nothing copied) where
+    ``baseline_wall/`` already has a checkpoint (a resumed run: it goes on from its own) or the baseline has
+    none of step ``kd_steps``."""
+    ours = run_dir / FOLDER / "checkpoints"
+    theirs = latest_checkpoint(run_dir / "baseline" / "checkpoints")
+    if latest_checkpoint(ours) is not None or theirs is None or checkpoint_step(theirs) != kd_steps:
+        return None
+    ours.mkdir(parents=True, exist_ok=True)
+    tmp, copy = ours / f".tmp-{theirs.name}-copy", ours / theirs.name
+    for stale in (tmp, copy):  # an incomplete copy of an interrupted session (no "latest" points at it)
+        shutil.rmtree(stale, ignore_errors=True)
+    shutil.copytree(theirs, tmp)
+    os.replace(tmp, copy)
+    write_atomic(ours / "latest", theirs.name)
+    records = [line for line in (run_dir / "baseline" / "metrics.jsonl").read_text().splitlines()
+               if line.strip() and json.loads(line).get("step", 0) <= kd_steps]
+    write_atomic(run_dir / FOLDER / "metrics.jsonl", "".join(line + "\n" for line in records))
+    return copy

@@ -55,3 +55,48 @@ def test_equal_wall_time_baseline_is_recorded_reported_and_reused(recipe_factory
     report = json.loads((run_dir / "report.json").read_text())
     assert report["baseline_wall"]["steps"] == steps
     assert "heldout_ce_after_minus_baseline_wall" in report["summary"]
+
+
+def _wall_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "baseline_wall" / "student" / "model.safetensors"))
+
+
+def test_with_a_constant_schedule_it_continues_the_equal_steps_baseline_to_the_same_weights(
+        recipe_factory, tmp_path, monkeypatch):
+    """Its first train.steps steps would repeat the equal-steps baseline exactly, so it continues that baseline's
+    checkpoint; the weights equal those of training every step again (same step count forced on both runs)."""
+    import torch
+
+    from stillroom.config.load import load_config
+    from stillroom.run import training
+    from stillroom.run import wall_baseline as wb
+
+    monkeypatch.setattr(wb, "wall_steps", lambda *a, **k: 9)
+    recipe = recipe_factory(baseline=True, baseline_wall_time=True,
+                            train={"schedule": "constant", "steps": 6, "warmup_steps": 2})
+    lines = []
+    continued = training.run(load_config(recipe, ["eval.before=false", "name=continued"]), log=lines.append)
+    assert any("continues the equal-steps baseline from" in line for line in lines)
+    assert any("resumed from" in line and "step_000006" in line for line in lines)
+    wall, base = _rows(continued / "baseline_wall" / "metrics.jsonl"), _rows(continued / "baseline" / "metrics.jsonl")
+    assert [r["step"] for r in wall] == list(range(1, 10))
+    assert [r["loss"] for r in wall[:6]] == [r["loss"] for r in base]  # its first steps are the baseline's records
+    assert json.loads((continued / "report.json").read_text())["baseline_wall"]["steps"] == 9
+
+    monkeypatch.setattr(wb, "continues_baseline", lambda *a: False)  # every step trained again
+    lines = []
+    fresh = training.run(load_config(recipe, ["eval.before=false", "name=fresh"]), log=lines.append)
+    assert not any("continues the equal-steps baseline" in line for line in lines)
+    a, b = _wall_weights(continued), _wall_weights(fresh)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_decaying_schedule_does_not_continue_the_baseline():
+    from stillroom.run import wall_baseline as wb
+
+    assert wb.continues_baseline(TrainConfig(steps=40, warmup_steps=4, schedule="constant"), 62)
+    assert not wb.continues_baseline(TrainConfig(steps=40, warmup_steps=4, schedule="cosine"), 62)
+    assert not wb.continues_baseline(TrainConfig(steps=40, warmup_steps=4, schedule="linear"), 62)
+    assert wb.continues_baseline(TrainConfig(steps=40, warmup_steps=4, schedule="cosine"), 40)  # nothing to add
