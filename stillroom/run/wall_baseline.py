@@ -113,6 +113,15 @@ def continues_baseline(train, steps: int) -> bool:
     return all(lr_factor(s, train) == lr_factor(s, longer) for s in range(train.steps))
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (a checkpoint of the student and its optimizer is hundreds of MB), or a copy where the file
+    system has none."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def seed_from_baseline(run_dir: Path, kd_steps: int) -> Path | None:
     """Start ``baseline_wall/`` from the equal-steps baseline's checkpoint of step ``kd_steps`` and its first
     ``kd_steps`` metrics records (so its training seconds count those steps), each copied atomically; the
@@ -127,7 +136,7 @@ def seed_from_baseline(run_dir: Path, kd_steps: int) -> Path | None:
     tmp, copy = ours / f".tmp-{theirs.name}-copy", ours / theirs.name
     for stale in (tmp, copy):  # an incomplete copy of an interrupted session (no "latest" points at it)
         shutil.rmtree(stale, ignore_errors=True)
-    shutil.copytree(theirs, tmp)
+    shutil.copytree(theirs, tmp, copy_function=_link_or_copy)  # checkpoint files are never written again
     os.replace(tmp, copy)
     write_atomic(ours / "latest", theirs.name)
     records = [line for line in (run_dir / "baseline" / "metrics.jsonl").read_text().splitlines()
