@@ -37,9 +37,12 @@ def model(llama_factory, tokenizer):
 
 
 def test_plain_prompts_match_manual_greedy(model, tokenizer):
-    prompts = ["the object is", "a function call"]
+    """Prompts of different lengths decode together, left-padded: each gives what greedy decoding of it alone
+    gives."""
+    prompts = ["the object is", "a function call", "the", "a module is a file of the object"]
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 2  # the batch needs padding
     out = greedy_generations(model, tokenizer, prompts, max_new_tokens=5)
-    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+    assert len(out) == 4 and all(isinstance(s, str) for s in out)
     for prompt, text in zip(prompts, out):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         # manual greedy decoding: argmax of the last position, 5 times
@@ -73,3 +76,14 @@ def test_restores_mode_and_validates(model, tokenizer):
     tokenizer_no_chat = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, pad_token="<pad>")
     with pytest.raises(ValueError, match="chat_template"):
         greedy_generations(model, tokenizer_no_chat, [[{"role": "user", "content": "x"}]], max_new_tokens=2)
+
+
+def test_a_row_that_ends_early_keeps_its_own_text(model, tokenizer):
+    """A row that reaches EOS is padded while the others go on; its text is what it gives alone."""
+    prompts = ["the object is", "a module is a file of the object"]
+    alone = [greedy_generations(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    second = tokenizer(alone[0].split()[1])["input_ids"][-1]  # the first row's second new token ends it
+    model.generation_config.eos_token_id = second
+    ended = [greedy_generations(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert len(ended[0].split()) < len(alone[0].split())  # it did stop early
+    assert greedy_generations(model, tokenizer, prompts, max_new_tokens=6) == ended
