@@ -100,39 +100,47 @@ def rows_key(model: torch.nn.Module, inputs: dict, mask_bt: torch.Tensor, vocab_
     return digest.hexdigest(), vocab_size, str(cast), weights_version(model)
 
 
-def token_sums(
-    logits_nv: torch.Tensor | Callable[[int, int], torch.Tensor], targets_n: torch.Tensor,
+def token_sums_many(
+    models_nv: list[torch.Tensor | Callable[[int, int], torch.Tensor]], targets_n: list[torch.Tensor],
     teacher_nv: torch.Tensor | Callable[[int, int], torch.Tensor] | None,
-) -> tuple[float, float, int]:
-    """Sums over N target rows: (CE nats, KL(teacher || model) nats, top-1 matches).
+) -> list[tuple[float, float, int]]:
+    """Per model, sums over the same N target rows: (CE nats, KL(teacher || model) nats, top-1 matches).
 
-    ``logits_nv``/``teacher_nv``: ``[N, V]`` any float dtype, or ``rows(lo, hi)`` giving them a chunk at a time
-    (:class:`~stillroom.eval.target_rows.TargetRows`); upcast to fp32 at most ``CHUNK_BYTES`` of rows at a time
-    (and ``ROW_CHUNK`` rows); ``targets_n``: ``[N]`` int. KL and matches are 0 when ``teacher_nv`` is None.
+    ``models_nv`` / ``teacher_nv``: ``[N, V]`` any float dtype, or ``rows(lo, hi)`` giving them a chunk at a time
+    (:class:`TargetRows`); upcast to fp32 at most ``CHUNK_BYTES`` of rows at a time (and ``ROW_CHUNK`` rows);
+    ``targets_n``: per model ``[N]`` int on its device. The teacher's side of each chunk is computed once for
+    every model, and a model that *is* ``teacher_nv`` (the same object) reuses it. KL and matches are 0 when
+    ``teacher_nv`` is None.
     """
-    rows = logits_nv if callable(logits_nv) else (lambda lo, hi: logits_nv[lo:hi])
-    t_rows = teacher_nv if callable(teacher_nv) or teacher_nv is None else (lambda lo, hi: teacher_nv[lo:hi])
-    width = getattr(logits_nv, "width", None) or logits_nv.shape[-1]
+    def chunks(x):
+        return x if callable(x) or x is None else (lambda lo, hi: x[lo:hi])
+
+    width = getattr(models_nv[0], "width", None) or models_nv[0].shape[-1]
     step = max(1, min(ROW_CHUNK, CHUNK_BYTES // (4 * width)))
-    ce_sum = 0.0
-    kl_sum = 0.0
-    agree = 0
-    n = targets_n.shape[0]
+    t_rows = chunks(teacher_nv)
+    sums = [[0.0, 0.0, 0] for _ in models_nv]
+    n = targets_n[0].shape[0]
     for start in range(0, n, step):
         stop = min(start + step, n)
-        s_logp = F.log_softmax(rows(start, stop).float(), dim=-1)
-        ce_sum += float(F.nll_loss(s_logp, targets_n[start:stop], reduction="sum"))
+        t_logits = t_logp = t_kl = None
         if t_rows is not None:
-            t_logits = t_rows(start, stop).to(s_logp.device).float()
-            if t_logits.shape != s_logp.shape:
-                raise ValueError(f"teacher logits {tuple(t_logits.shape)} vs model logits {tuple(s_logp.shape)} "
-                                 "for the same rows; pass vocab_size=<shared vocabulary size> when the widths "
-                                 "differ only by padding")
+            t_logits = t_rows(start, stop).float()
             t_logp = F.log_softmax(t_logits, dim=-1)
             # KL(p_t || p_s) by the loss library's forward KL (the training loss's math). An entry
             # whose fp32 teacher probability is 0 (-inf logit, or exp underflow) contributes exactly
             # 0, whatever the model gives it (-inf included): marked -inf, which forward_kl_rows skips.
-            t_logp = t_logp.masked_fill(t_logp.exp() == 0, float("-inf"))
-            kl_sum += float(forward_kl_rows(t_logp, s_logp).sum())
-            agree += int((t_logits.argmax(-1) == s_logp.argmax(-1)).sum())
-    return ce_sum, kl_sum, agree
+            t_kl = t_logp.masked_fill(t_logp.exp() == 0, float("-inf"))
+            t_arg = t_logits.argmax(-1)
+        for j, rows in enumerate(models_nv):
+            s_logp = t_logp if rows is teacher_nv else F.log_softmax(chunks(rows)(start, stop).float(), dim=-1)
+            sums[j][0] += float(F.nll_loss(s_logp, targets_n[j][start:stop], reduction="sum"))
+            if t_rows is None:
+                continue
+            if t_logp.shape != s_logp.shape:
+                raise ValueError(f"teacher logits {tuple(t_logp.shape)} vs model logits {tuple(s_logp.shape)} "
+                                 "for the same rows; pass vocab_size=<shared vocabulary size> when the widths "
+                                 "differ only by padding")
+            device = s_logp.device
+            sums[j][1] += float(forward_kl_rows(t_kl.to(device), s_logp).sum())
+            sums[j][2] += int((t_arg.to(device) == s_logp.argmax(-1)).sum())
+    return [tuple(s) for s in sums]

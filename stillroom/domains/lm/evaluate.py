@@ -9,6 +9,7 @@ import torch
 from stillroom.data import collate
 from stillroom.data.batch import Example, prompt_length
 from stillroom.eval import count_params, evaluate_lm, greedy_generations, teacher_logits_from_model, trainable_params
+from stillroom.eval.metrics import evaluate_lms
 from stillroom.eval.speed import interleaved_tokens_per_s, same_architecture, speed_line
 
 if TYPE_CHECKING:
@@ -88,16 +89,21 @@ def evaluate_models(lm: "LmRun", models: dict[str, tuple[torch.nn.Module, list[E
     ``timed=False``: no speed at all (the group before training; the run times it after training).
     """
     cfg = lm.cfg
-    teacher_logits = lm.heldout_teacher
-    out = {}
+    groups: dict[tuple, list[str]] = {}  # models measured on the same batches are evaluated together
     for name, (model, examples) in models.items():
-        batches, vocab = _measured(lm, model, examples)
-        metrics = evaluate_lm(model, batches, teacher_logits,
-                              precision=cfg.eval.precision, vocab_size=vocab)
-        metrics["params"] = count_params(model)
-        metrics["trainable_params"] = trainable_params(model)
+        groups.setdefault((id(examples), lm.cross is not None and model is lm.teacher_model), []).append(name)
+    out = {}
+    for names in groups.values():
+        batches, vocab = _measured(lm, *models[names[0]])
+        results = evaluate_lms({name: models[name][0] for name in names}, batches, lm.heldout_teacher,
+                               precision=cfg.eval.precision, vocab_size=vocab)
+        for name, metrics in results.items():
+            metrics["params"] = count_params(models[name][0])
+            metrics["trainable_params"] = trainable_params(models[name][0])
+            out[name] = metrics
+    out = {name: out[name] for name in models}  # the order given
+    for name, metrics in out.items():
         log(f"eval {name}: {eval_line(metrics)}")
-        out[name] = metrics
     if timed:
         out = _timed(lm, models, out, log)
     if cfg.vlm is not None:  # answers to held-out questions about images: accuracy and generations

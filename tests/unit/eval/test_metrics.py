@@ -202,7 +202,10 @@ def _kl_reference_f64(logits, teacher):
 
 
 def test_eval_kl_is_the_loss_library_kl_and_matches_a_float64_reference():
-    from stillroom.eval.target_rows import ROW_CHUNK as _ROW_CHUNK, token_sums as _token_sums
+    from stillroom.eval.target_rows import ROW_CHUNK as _ROW_CHUNK, token_sums_many
+
+    def _token_sums(logits, targets, teacher):
+        return token_sums_many([logits], [targets], teacher)[0]
 
     g = torch.Generator().manual_seed(0)
     n, v = _ROW_CHUNK + 37, 50  # two chunks
@@ -289,3 +292,29 @@ def test_the_teacher_against_itself_runs_once_per_batch(teacher, batches):
     assert len(calls) == len(batches)
     assert out["kl_teacher_student"] == 0.0 and out["top1_agreement"] == 1.0
 
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("remember", [False, True])
+def test_models_evaluated_together_get_exactly_their_numbers_alone(student, teacher, batches, precision, remember):
+    """evaluate_lms shares the teacher's side of each chunk; every model's numbers are its own evaluation's,
+    the teacher's own row included, and the teacher's body runs once per batch for the whole group."""
+    from stillroom.eval.metrics import evaluate_lms
+
+    other = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    alone = {name: evaluate_lm(m, batches, teacher_logits_from_model(teacher), precision=precision)
+             for name, m in (("teacher", teacher), ("a", student), ("b", other))}
+    calls = _count_body_forwards(teacher)
+    group = {"teacher": teacher, "a": student, "b": other}
+    together = evaluate_lms(group, batches, teacher_logits_from_model(teacher, remember=remember),
+                            precision=precision)
+    assert together == alone
+    assert len(calls) == len(batches)
+    students = evaluate_lms({"a": student, "b": other}, batches, teacher_logits_from_model(teacher),
+                            precision=precision)
+    assert students == {k: alone[k] for k in ("a", "b")}
+    assert evaluate_lms({"a": student, "b": other}, batches, precision=precision) == {
+        k: evaluate_lm(m, batches, precision=precision) for k, m in (("a", student), ("b", other))}
