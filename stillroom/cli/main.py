@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from stillroom.allocator import keep_freed_memory
 from stillroom.cli import flag_commands, recipe_commands
 from stillroom.cli.recipe_commands import load as _load  # noqa: F401 (kept for callers of the old names)
 from stillroom.cli.recipe_commands import recipe_path as _recipe_path  # noqa: F401
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(x for x in extra if x not in late) or ' '.join(late)}")
     if late:
         args.overrides = list(args.overrides) + late
+    keep_freed_memory()  # large buffers reused, not page-faulted again at every step (stillroom/allocator.py)
     from stillroom.config.load import ConfigError
 
     try:
