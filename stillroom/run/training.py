@@ -221,7 +221,7 @@ def _train_wall_baseline(prep: PreparedRun, initial_state: dict, trained: dict, 
         if copied is not None:
             log(f"baseline at equal wall time: continues the equal-steps baseline from {copied} (its first "
                 f"{cfg.train.steps} learning rates do not depend on the run's length, train.schedule="
-                f"{cfg.train.schedule}; the same steps would be trained again)")
+                f"{cfg.train.schedule}: training them again would repeat them exactly)")
     prep.topology.barrier()
     own = latest_checkpoint(run_dir / wb.FOLDER / "checkpoints") is not None
     job, _ = prep.job(model, METHODS["sft"], baseline=True, run_dir=run_dir / wb.FOLDER,
