@@ -145,17 +145,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log: L
     job, plan = prep.job(prep.student, method, baseline=False, run_dir=run_dir, resume=resume, log=log)
     initial_state = {k: v.detach().clone() for k, v in prep.student.state_dict().items()} if cfg.baseline else None
 
-    prep.topology.barrier()  # every process has checked the folder before process 0 changes it
-    run_id = state.run_id if state is not None and state.run_id else rf.new_run_id()
-    if main:
-        if overwrite and rf.run_files(run_dir):
-            rf.clear_run_folder(run_dir, rf.kept_inputs(run_dir, _inputs(cfg)), log)
-        info = rf.read_run_json(run_dir) if resume else {}
-        rf.write_run_json(run_dir, {**info, "run_id": run_id, "name": cfg.name,
-                                    "started": info.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        rf.write_atomic(run_dir / rf.CONFIG, resolved)
-        log(f"run {run_id}: {run_dir}" + (" (resumed)" if resume else ""))
-    prep.topology.barrier()
+    run_id = _open_run_folder(prep, state, resolved, overwrite, log)
     job.run_id = run_id  # every checkpoint carries it (train/session.py)
 
     models = _before(prep, cfg, state, log) if main else {}
@@ -202,6 +192,25 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log: L
             plan.report(run_dir)
     shutdown(prep.topology)
     return run_dir
+
+
+def _open_run_folder(prep: PreparedRun, state: rf.ResumeState | None, resolved: str, overwrite: bool,
+                     log: Log) -> str:
+    """The run's id; process 0 clears the folder (``--overwrite``) and writes ``run.json`` and the resolved config,
+    once every process has checked the folder and before any of them goes on."""
+    cfg, run_dir, resume = prep.cfg, prep.cfg.run_dir, state is not None
+    prep.topology.barrier()  # every process has checked the folder before process 0 changes it
+    run_id = state.run_id if state is not None and state.run_id else rf.new_run_id()
+    if prep.topology.is_main:
+        if overwrite and rf.run_files(run_dir):
+            rf.clear_run_folder(run_dir, rf.kept_inputs(run_dir, _inputs(cfg)), log)
+        info = rf.read_run_json(run_dir) if resume else {}
+        rf.write_run_json(run_dir, {**info, "run_id": run_id, "name": cfg.name,
+                                    "started": info.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        rf.write_atomic(run_dir / rf.CONFIG, resolved)
+        log(f"run {run_id}: {run_dir}" + (" (resumed)" if resume else ""))
+    prep.topology.barrier()
+    return run_id
 
 
 def _train_wall_baseline(prep: PreparedRun, initial_state: dict, trained: dict, run_id: str, resume: bool,
