@@ -181,8 +181,8 @@ def evaluate_lms(
     teacher's side (its log-softmax, zero mask and argmax) is computed once and compared with every model's,
     and the teacher in the group reads its own rows (one forward). The numbers are each model's alone (test):
     three 10-layer students of SmolLM2-135M took 20 s together against 25 s one at a time, the teacher with one
-    student 16 s against 19 s (40 x 128 held-out tokens, fp32, 2 cores). Every model's target rows of one batch are held at
-    once: ``[N, H]`` hidden states each, or whole ``[N, V]`` logits for a model without a plain head."""
+    student 16 s against 19 s (40 x 128 held-out tokens, fp32, 2 cores). Every model's target rows of one batch
+    are held at once: ``[N, H]`` hidden states each, or whole ``[N, V]`` logits for a model without a plain head."""
     _check_precision(precision)
     if not batches:
         raise ValueError("evaluate_lm: no batches given")

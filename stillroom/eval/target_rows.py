@@ -122,7 +122,7 @@ def token_sums_many(
     n = targets_n[0].shape[0]
     for start in range(0, n, step):
         stop = min(start + step, n)
-        t_logits = t_logp = t_kl = None
+        t_logp = None
         if t_rows is not None:
             t_logits = t_rows(start, stop).float()
             t_logp = F.log_softmax(t_logits, dim=-1)
