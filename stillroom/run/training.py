@@ -42,7 +42,7 @@ from stillroom.run import wall_baseline as wb
 from stillroom.run.checks import check_run
 from stillroom.run.report import write_run_report
 from stillroom.train.distributed import init_topology, shutdown
-from stillroom.train.checkpoint import latest_checkpoint
+from stillroom.train.checkpoint import latest_checkpoint, wait_for_writes
 from stillroom.train.loop import train
 
 Log = Callable[[str], None]
@@ -190,6 +190,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log: L
         write_run_report(prep, models, metrics_files, log=log)
         if plan.report is not None:  # the method's own report files (e.g. DDK's domain curves)
             plan.report(run_dir)
+    wait_for_writes()  # the final checkpoints, written while the run evaluated (_train)
     shutdown(prep.topology)
     return run_dir
 
@@ -309,6 +310,7 @@ def speed_before(rows: dict[str, dict], before: tuple | None, student: torch.nn.
 
 
 def _train(job, log: Log, label: str):
+    job.final_save_in_background = True  # the run changes no trained tensor afterwards, and waits at its end
     result = train(job)
     figures = _figures(result, job.run_dir / "metrics.jsonl") if job.topology.is_main else {}
     loss, median = figures.get("final_train_loss", result.final_loss), figures.get("median_step_s", 0.0)

@@ -2,7 +2,13 @@
 
 A checkpoint is written into ``checkpoints/.tmp-step_NNNNNN-<pid>/``, fsynced,
 marked ``COMPLETE`` and renamed into place; only then is ``latest`` updated (also
-by rename). A kill at any moment leaves the last good checkpoint untouched; a
+by rename). ``save_checkpoint(..., background=True)`` does the same in a thread
+(a run's final checkpoint, while the run evaluates: its tensors are not written
+again); every function here that reads or writes checkpoints first waits for such
+writes to the same folder (:func:`wait_for_writes`), so no reader sees a checkpoint
+half done, and a failed write raises there. A training session waits for every
+write before its first step: its tensors may be the ones being written, and on a
+small machine the write's I/O would slow the steps it times. A kill at any moment leaves the last good checkpoint untouched; a
 leftover temporary folder is ignored and removed by the next save. Pruning keeps
 the checkpoint just written and the ``keep - 1`` newest before it, and deletes any
 with a higher step (left by another run, or by a timeline the resume abandoned),
@@ -22,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -62,11 +69,55 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+_pending: list[tuple[threading.Thread, list[BaseException], Path]] = []
+"""Checkpoint writes running in threads (``save_checkpoint(..., background=True)``), oldest first: the thread, its
+error (if any) and the checkpoint folder."""
+
+
+def wait_for_writes(path: Path | None = None) -> None:
+    """Wait for the checkpoint writes still running in threads, and raise the first one's error: every write, or
+    (given ``path``) those of checkpoint folder ``path`` or of checkpoints directly under it."""
+    where = os.path.abspath(path) if path is not None else None
+    for entry in list(_pending):
+        thread, errors, folder = entry
+        if where is not None and where not in (os.path.abspath(folder), os.path.abspath(folder.parent)):
+            continue
+        _pending.remove(entry)
+        thread.join()
+        if errors:
+            raise RuntimeError(f"writing checkpoint {folder} failed: {errors[0]}; the checkpoint before it is "
+                               "intact, and a --resume continues from there") from errors[0]
+
+
 def save_checkpoint(root: Path, step: int, *, weights: dict[str, dict[str, torch.Tensor]], train_state: dict,
-                    keep: int) -> Path:
+                    keep: int, background: bool = False) -> Path:
     """Write ``weights`` (``{file name: state dict}``) and ``train_state`` as ``step_NNNNNN`` atomically and point
     ``latest`` at it; keep it and the ``keep - 1`` newest complete checkpoints before it (see the module
-    docstring). Returns the checkpoint folder."""
+    docstring). Returns the checkpoint folder.
+
+    ``background``: return at once and write in a thread. The tensors are written as they are when the thread
+    reads them, so the caller must not change them afterwards (a run's final checkpoint); the process still
+    waits for the thread before it exits (not a daemon), and every reader here waits for it first."""
+    wait_for_writes(root)
+    final = root / f"step_{step:06d}"
+    if not background:
+        _write(root, step, weights, train_state, keep)
+        return final
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            _write(root, step, weights, train_state, keep)
+        except BaseException as err:  # noqa: BLE001 (raised again by wait_for_writes, in the caller's thread)
+            errors.append(err)
+
+    thread = threading.Thread(target=write, name=f"checkpoint {final}")
+    _pending.append((thread, errors, final))
+    thread.start()
+    return final
+
+
+def _write(root: Path, step: int, weights: dict[str, dict[str, torch.Tensor]], train_state: dict, keep: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -88,12 +139,11 @@ def save_checkpoint(root: Path, step: int, *, weights: dict[str, dict[str, torch
     latest_tmp.write_text(final.name)
     os.replace(latest_tmp, root / "latest")
     _fsync_dir(root)
-    others = [p for p in complete_checkpoints(root) if p.name != final.name]
+    others = [p for p in _complete(root) if p.name != final.name]
     earlier = [p for p in others if checkpoint_step(p) < step]
     doomed = [p for p in others if checkpoint_step(p) > step] + earlier[: max(0, len(earlier) - (max(keep, 1) - 1))]
     for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _save_deduplicated(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -124,6 +174,12 @@ def _load_deduplicated(path: Path) -> dict[str, torch.Tensor]:
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root``, by step."""
+    wait_for_writes(root)
+    return _complete(root)
+
+
+def _complete(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step_*") if p.name[5:].isdigit() and (p / "COMPLETE").is_file()]
@@ -137,6 +193,7 @@ def checkpoint_step(folder: Path) -> int:
 
 def checkpoint_run_id(folder: Path) -> str | None:
     """The id of the run that wrote the checkpoint in ``folder`` (``None``: written before runs had ids)."""
+    wait_for_writes(folder)
     try:
         state = json.loads((folder / "train_state.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -147,6 +204,7 @@ def checkpoint_run_id(folder: Path) -> str | None:
 
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint (``latest`` if it is valid, else the highest step)."""
+    wait_for_writes(root)
     pointer = root / "latest"
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
@@ -158,6 +216,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def load_checkpoint(folder: Path, names: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """``({name: state dict}, train_state)`` of the checkpoint in ``folder``; ``names``: the weight sets to read."""
+    wait_for_writes(folder)
     if not (folder / "COMPLETE").is_file():
         raise FileNotFoundError(f"{folder} is not a complete checkpoint (no COMPLETE marker)")
     missing = [n for n in names if not (folder / f"{n}.safetensors").is_file()]

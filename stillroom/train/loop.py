@@ -196,6 +196,11 @@ class TrainJob:
     """What one target is, for the progress line (``tok`` for a language model, ``img`` for a classifier)."""
     run_id: str | None = None
     """The run's id (``run.json``); every checkpoint carries it, and a resume refuses another run's checkpoint."""
+    final_save_in_background: bool = False
+    """Write the last step's checkpoint in a thread (one process only; :func:`~stillroom.train.checkpoint.
+    save_checkpoint`), while the caller saves and evaluates: set by a caller that changes no trained tensor
+    afterwards and waits for the write (:func:`~stillroom.train.checkpoint.wait_for_writes`) before it ends. The
+    next training session waits for it before its first step."""
 
 
 def train(job: TrainJob) -> TrainResult:

@@ -27,7 +27,7 @@ import torch
 from stillroom.models.precision import autocast
 from stillroom.train import fsdp
 from stillroom.train.checkpoint import (
-    checkpoint_run_id, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    checkpoint_run_id, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, wait_for_writes,
 )
 from stillroom.train.metrics import MetricsLog
 from stillroom.train.progress import Progress
@@ -54,6 +54,7 @@ class Session:
     def __init__(self, job: "TrainJob") -> None:
         self.job = job
         tc = job.train
+        wait_for_writes()  # a checkpoint still being written (of a run before) may hold these very tensors
         for player in job.players:
             player.model.to(job.device)
             player.objective.state.to(job.device)
@@ -170,8 +171,9 @@ class Session:
         }
         if self.run_id is not None:
             train_state["run_id"] = self.run_id
+        final = step == self.job.train.steps and self.job.final_save_in_background and not self.job.topology.enabled
         self.last_ckpt = save_checkpoint(self.ckpt_root, step, weights=weights, train_state=train_state,
-                                         keep=self.job.train.keep_checkpoints)
+                                         keep=self.job.train.keep_checkpoints, background=final)
 
     def close(self) -> TrainResult:
         self.progress.close()
@@ -189,5 +191,6 @@ class Session:
             losses=self.losses, train_seconds=time.perf_counter() - self.t_start,
             median_step_s=statistics.median(self.step_times) if self.step_times else 0.0,
             median_teacher_s=statistics.median(self.teacher_times) if self.teacher_times else 0.0,
-            targets=self.total_targets, checkpoint=latest_checkpoint(self.ckpt_root),
+            targets=self.total_targets,  # process 0 knows its own (maybe still being written); the others read it
+            checkpoint=self.last_ckpt if self.job.topology.is_main else latest_checkpoint(self.ckpt_root),
         )

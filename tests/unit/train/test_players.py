@@ -107,3 +107,27 @@ def test_resume_of_several_players_reproduces_the_uninterrupted_run(tmp_path):
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(full, resumed):
         assert (a["loss"], a["critic/loss"]) == pytest.approx((b["loss"], b["critic/loss"]), abs=1e-7)
+
+
+def test_the_final_checkpoint_is_written_while_the_caller_goes_on_and_the_next_training_waits(tmp_path, monkeypatch):
+    """``final_save_in_background``: train() returns before its last checkpoint is on disk; a next training of the
+    same weights (a stage after it) starts only once that checkpoint holds the weights as they were."""
+    import dataclasses
+    import threading
+
+    from stillroom.train import checkpoint as ck
+
+    go, real = threading.Event(), ck._save_deduplicated
+    monkeypatch.setattr(ck, "_save_deduplicated", lambda state, path: (go.wait(30), real(state, path)))
+    job = dataclasses.replace(_job(tmp_path, "first", steps=3, save_every=0), final_save_in_background=True)
+    result = train(job)
+    assert result.checkpoint == tmp_path / "first" / "checkpoints" / "step_000003"
+    assert not (result.checkpoint / "COMPLETE").exists()  # still being written
+    trained = {k: v.clone() for k, v in job.players[0].model.state_dict().items()}
+    threading.Timer(0.3, go.set).start()
+    train(dataclasses.replace(job, run_dir=tmp_path / "second", final_save_in_background=False))
+    assert not torch.equal(job.players[0].model.weight, trained["weight"])  # the second training moved them
+    weights, state = ck.load_checkpoint(result.checkpoint, ["student"])
+    assert state["step"] == 3
+    for name, value in trained.items():
+        assert torch.equal(weights["student"][name], value)
