@@ -7,7 +7,8 @@ int8 mode with the pre-float16 float32 scales; ``k32/sampled`` is a sampled stor
 sampled``: 32 tokens drawn per position, their frequencies the target, from its own teacher pass;
 ``k8/int8+t16`` is ``signal: topk_sampled``: the top 8 as ``k8/int8`` plus 16 draws outside them; drawn
 variants draw independently (``teacher.store.draw: multinomial``), ``...-sys`` (e.g. ``k8/int8+t16-sys``)
-systematically; a last ``-d<N>`` (e.g. ``k8/int8+t16-d1``) draws with draw seed N, another realisation of the
+systematically, ``...-alloc`` with the draws allocated over each sequence's positions (``draw: allocated``,
+``+t16`` then the average); a last ``-d<N>`` (e.g. ``k8/int8+t16-d1``) draws with draw seed N, another realisation of the
 same store, to see how much one store's draws move a result):
 
 1. a real store folder is written with :func:`write_store` (one teacher pass, top-``max k`` kept, sliced
@@ -71,6 +72,9 @@ def tail_draws(name: str) -> int:
 
 SYS = "-sys"
 """Variant suffix: the store's draws are systematic (``teacher.store.draw: systematic``) instead of independent."""
+ALLOC = "-alloc"
+"""Variant suffix: the tail draws are allocated (``teacher.store.draw: allocated``): each sequence's shared out over
+its positions; ``+t<N>`` is then the average per position."""
 SEED = "-d"
 """Variant suffix ``-d<N>`` (last): the store's draws made with draw seed N (another realisation of the same store);
 without it, draw seed 0 (what every earlier study used)."""
@@ -84,12 +88,14 @@ def draw_seed(name: str) -> int:
 
 def drawless(name: str) -> str:
     """``name`` without its draw suffixes: ``"k8/int8+t16-sys-d1"`` -> ``"k8/int8+t16"``."""
-    return re.sub(r"-d\d+$", "", name).removesuffix(SYS)
+    return re.sub(r"-d\d+$", "", name).removesuffix(SYS).removesuffix(ALLOC)
 
 
 def draw_kind(name: str) -> str:
-    """``"k8/int8+t16-sys"`` (or ``-sys-d1``) -> ``systematic``; any other drawn variant -> ``multinomial``."""
-    return "systematic" if re.sub(r"-d\d+$", "", name).endswith(SYS) else "multinomial"
+    """``"k8/int8+t16-sys"`` (or ``-sys-d1``) -> ``systematic``; ``-alloc`` -> ``allocated``; any other drawn
+    variant -> ``multinomial``."""
+    bare = re.sub(r"-d\d+$", "", name)
+    return "systematic" if bare.endswith(SYS) else "allocated" if bare.endswith(ALLOC) else "multinomial"
 
 
 def parse_variant(name: str) -> tuple[int, str, str | None]:

@@ -43,10 +43,13 @@ class StoreConfig(Strict):
         "config.resolved.yaml and the store's manifest record.")
     tail_draws: int = Field(16, ge=1, description="signal: topk_sampled: tokens drawn per position from the "
                             "teacher renormalised outside its top k.")
-    draw: Literal["multinomial", "systematic"] = Field(
-        "multinomial", description="How the sampled signals draw: independent draws, or systematic (one offset, "
+    draw: Literal["multinomial", "systematic", "allocated"] = Field(
+        "multinomial", description="How the sampled signals draw: independent draws; systematic (one offset, "
         "evenly spaced points through the CDF: each count floor or ceil of k p, less variance per position; it "
-        "measured worse on held-out KL for the one store draw measured, docs/BENCHMARKS.md).")
+        "measured worse on held-out KL for the one store draw measured, docs/BENCHMARKS.md); or allocated "
+        "(signal: topk_sampled only: independent draws, each sequence's tail_draws x positions shared out over "
+        "its positions in proportion to the error one draw leaves there, at least one where the tail has mass: "
+        "about a third less squared error for 1 byte more per position, docs/STORE.md).")
     draw_seed: int = Field(0, ge=0, description="Seed of the sampled signals' draws, with each sequence's uid: "
                            "another seed is another realisation of the same store (for measuring how far one "
                            "store's draws move a result). The manifest records it; a store resumes only with its own.")
@@ -93,6 +96,9 @@ def check_store_run(cfg: "RunConfig") -> None:
     t = cfg.teacher
     members = t.ensemble if t.source == "ensemble" else [t]
     for where, m in [("teacher", t)] + [(f"teacher.ensemble.{i}", m) for i, m in enumerate(t.ensemble)]:
+        if m.store.draw == "allocated" and m.store.signal == "sampled":
+            raise ValueError(f"{where}.store.draw: allocated shares the tail draws of signal topk_sampled out over "
+                             "a sequence's positions; with signal: sampled use draw: multinomial or systematic")
         if m.memo and m.source != "online":
             raise ValueError(f"{where}.memo remembers the online teacher's signal, but {where}.source={m.source}; "
                              f"set {where}.memo: false (a store is read as it is)")

@@ -10,8 +10,8 @@ later visit costs about a CE step. The signal is the store's from the first visi
 kind of signal and a memo run equals a run from a float32 store of the same settings.
 
 Memory: ``W`` ids (int32) and ``W`` fp32 log-probs per position plus a 4-byte tail, ``W`` = k (+ ``tail_draws``
-for ``topk_sampled``): 516 B per position at the default top-64, 196 B at top-8 + 16 tail draws
-(:meth:`MemoTeacher.held_bytes`).
+for ``topk_sampled``; with ``draw: allocated`` k + the sequence's widest count): 516 B per position at the
+default top-64, 196 B at top-8 + 16 tail draws (:meth:`MemoTeacher.held_bytes`).
 A resumed run starts with an empty memo and recomputes each sequence once (the same rows: the teacher is frozen
 and the draws are seeded by the sequence's uid). Each process of a multi-process run keeps its own.
 """

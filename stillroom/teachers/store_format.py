@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -51,11 +50,15 @@ from stillroom.data.batch import Example
 from stillroom.models.builtin import sha256_file  # noqa: F401 (used by the store writer and reader)
 from stillroom.models.precision import torch_dtype
 from stillroom.teachers.store_codes import LEVELS, SCALE_DTYPES, decode_quantized, encode_logprobs
+from stillroom.teachers.store_sampled import pack_tail_draws
 from stillroom.teachers.store_codes import dequantize_int8, quantize_int8  # noqa: F401 (public names)
 from stillroom.teachers.store_settings import RECORDED, recorded_settings, taken_note  # noqa: F401 (public names)
+from stillroom.teachers.store_settings import header_differences  # noqa: F401 (public name)
 
 FORMAT = "stillroom-teacher-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format this stillroom writes and reads: 2 for ``draw: allocated`` stores (packed tail draws, which
+a reader of version 1 would misread, so it refuses them), 1 for every other store (:func:`format_version`)."""
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 LOGPROB_DTYPES = ("float16", "bfloat16", "float32", "int8", "int4")
@@ -189,11 +192,13 @@ class StoreHeader:
     """``sampled``: ``topk_ids`` holds k draws from the teacher per position, sorted, and no log-probs or tail
     (:mod:`~stillroom.teachers.store_sampled`). A manifest without it: ``topk``."""
     tail_draws: int = 0
-    """``topk_sampled``: draws per position from the teacher outside its top k (``tail_ids [N, tail_draws]``)."""
+    """``topk_sampled``: draws per position from the teacher outside its top k (``tail_ids [N, tail_draws]``; with
+    ``draw: allocated`` on average: ``tail_counts [N]`` uint8 and ``tail_ids [sum of counts]``)."""
     draw: str = ""
     """How the sampled signals draw (``teacher.store.draw``): ``multinomial`` (independent draws; also what a
-    manifest without the field means) or ``systematic`` (one uniform offset, evenly spaced points through the
-    CDF); empty for ``topk``."""
+    manifest without the field means), ``systematic`` (one uniform offset, evenly spaced points through the
+    CDF) or ``allocated`` (``topk_sampled`` only: independent draws, a sequence's shared out over its positions;
+    format version 2); empty for ``topk``."""
     draw_seed: int = 0
     """The seed of the sampled signals' draws (with each sequence's uid): another seed, another realisation of
     the same estimator (to measure how much one store's draws move a result). A manifest without it: 0; always
@@ -216,6 +221,10 @@ class StoreHeader:
         if self.signal not in SIGNALS:
             raise StoreError(f"signal {self.signal!r}; valid: {', '.join(SIGNALS)}")
         self.draw = "" if self.signal == "topk" else (self.draw or "multinomial")
+        if self.draw not in ("", "multinomial", "systematic", "allocated") or (
+                self.draw == "allocated" and self.signal != "topk_sampled"):
+            raise StoreError(f"draw {self.draw!r} with signal {self.signal!r}; valid: multinomial, systematic, or "
+                             "allocated with signal topk_sampled")
         if self.signal == "topk":
             self.draw_seed = 0
         elif self.draw_seed < 0:
@@ -240,28 +249,6 @@ def legacy_fields(manifest: dict) -> dict:
     if "scale_dtype" not in manifest:
         implied["scale_dtype"] = "float32" if manifest.get("logprob_dtype") == "int8" else ""
     return {**implied, **manifest}
-
-
-def header_differences(stored: dict, wanted: dict, fields: Iterable[str]) -> list[str]:
-    """``"field (store X, run Y)"`` for each of ``fields`` whose values differ."""
-    out = []
-    for name in fields:
-        a, b = stored.get(name), wanted.get(name)
-        if name == "loss_temperature" and a is not None and b is not None:
-            same = math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
-        else:
-            same = a == b
-        if not same:
-            out.append(f"{name} (store {_short(a)}, run {_short(b)})")
-    return out
-
-
-def _short(value) -> str:
-    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
-        return value[:12] + "..."
-    if isinstance(value, dict) and "identity" in value:
-        return repr(value["identity"])
-    return repr(value)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -292,12 +279,17 @@ def read_manifest(folder: Path) -> dict:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise StoreError(f"{path}: format {got!r} is not {FORMAT!r}: {folder} is not a teacher store; set "
                          "teacher.store.path to another folder")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in range(1, FORMAT_VERSION + 1):
         raise StoreError(
             f"{path}: format_version {manifest.get('format_version')} is not supported (this stillroom reads "
             f"version {FORMAT_VERSION}); {REBUILD}", fix="overwrite"
         )
     return manifest
+
+
+def format_version(header: "StoreHeader") -> int:
+    """The format version a store of ``header`` is written with (see :data:`FORMAT_VERSION`)."""
+    return 2 if header.draw == "allocated" else 1
 
 
 # ---------------------------------------------------------------- per-token encoding
@@ -349,7 +341,9 @@ def encode_rows(rows: list[SequenceSignal], header: StoreHeader) -> dict[str, to
     lp = torch.cat([r.topk_logprobs_tk.reshape(-1, k) for r in rows]).float()
     tail = torch.cat([r.tail_logmass_t.reshape(-1) for r in rows]).float()
     out = {"offsets": lengths.cumsum(0), "topk_ids": ids.to(torch_dtype(header.id_dtype)).contiguous()}
-    if header.signal == "topk_sampled":  # the head as a topk store, the tail's draws beside it
+    if header.signal == "topk_sampled" and header.draw == "allocated":  # rows of their own widths, packed
+        out.update(pack_tail_draws([r.extra["tail_ids"] for r in rows], torch_dtype(header.id_dtype)))
+    elif header.signal == "topk_sampled":  # the head as a topk store, the tail's draws beside it
         out["tail_ids"] = torch.cat([r.extra["tail_ids"] for r in rows]).to(torch_dtype(header.id_dtype)).contiguous()
     if header.signal != "sampled":  # a sampled store's draws are its signal: no log-probs, no tail
         if header.logprob_dtype in LEVELS:

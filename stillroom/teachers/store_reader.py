@@ -36,7 +36,7 @@ from stillroom.teachers.store_format import (
     sha256_bytes,
     sha256_file,
 )
-from stillroom.teachers.store_sampled import loss_rows
+from stillroom.teachers.store_sampled import loss_rows, unpack_tail_draws
 
 # Fields a run must agree on with the store (in the order they are reported).
 RUN_FIELDS = ("tokenizer_mode", "tokenizer_hash", "student_tokenizer_hash", "vocab_size", "teacher",
@@ -192,7 +192,10 @@ class StoreReader:
         tensors, lo, hi = self.locate(uid)
         ids = tensors["topk_ids"][lo:hi].long()
         lp, tail = (None, None) if self.signal == "sampled" else decode_logprobs(tensors, lo, hi)
-        tail_ids = tensors["tail_ids"][lo:hi].long() if self.signal == "topk_sampled" else None
+        tail_ids = None
+        if self.signal == "topk_sampled":
+            packed = "tail_counts" in tensors  # draw: allocated
+            tail_ids = unpack_tail_draws(tensors, lo, hi) if packed else tensors["tail_ids"][lo:hi].long()
         ids, lp, tail = loss_rows(self.signal, ids, lp, tail, tail_ids)
         hidden = {i: tensors[f"hidden.{i}"][lo:hi].float() for i in self.hidden_layers}
         return ids, lp, tail, hidden
@@ -205,7 +208,9 @@ class StoreReader:
                 + (f"{m['k']} tokens drawn per position from V={m['vocab_size']} at T={m['loss_temperature']}, "
                    if self.signal == "sampled" else
                    f"k={m['k']} of V={m['vocab_size']}, {m['logprob_dtype']} log-probs at T={m['loss_temperature']}, "
-                   + (f"{m['tail_draws']} tail tokens drawn per position, " if self.signal == "topk_sampled" else ""))
+                   + (f"{m['tail_draws']} tail tokens drawn per position"
+                      + (" on average (allocated), " if m.get("draw") == "allocated" else ", ")
+                      if self.signal == "topk_sampled" else ""))
                 + f"hidden layers {m['hidden_layers'] or 'none'}; teacher {m['teacher']['identity']}"
                 + ("; teacher positions of the student's text (tokenizer_mode cross)"
                    if m.get("tokenizer_mode") == "cross" else ""))
@@ -244,18 +249,21 @@ class StoreTeacher:
 
 def batch_signal(batch: Batch, rows: list, *, width: int, vocab_size: int, temperature: float,
                  hidden_layers: list[int], fingerprint: Fingerprint | None, device: torch.device) -> TeacherSignal:
-    """The top-k :class:`TeacherSignal` ``[B, T, W]`` of ``batch`` from one row per sequence, ``(ids [n, W],
-    log-probs [n, W], tail [n], {layer: [n, H]})`` over its ``n`` real positions (a store's rows, or the memo's).
+    """The top-k :class:`TeacherSignal` ``[B, T, W]`` of ``batch`` from one row per sequence, ``(ids [n, W_b],
+    log-probs [n, W_b], tail [n], {layer: [n, H]})`` over its ``n`` real positions (a store's rows, or the memo's);
+    ``W``: ``width``, or the widest row's (allocated tail draws), narrower rows padded with zero-mass entries.
     Padding positions get a harmless uniform distribution on ``W`` ids (the losses never read them)."""
     bsz, length = batch.input_ids.shape
+    width = max([width] + [row[0].shape[1] for row in rows])  # draw: allocated: each sequence's rows their own
     ids_btk = torch.arange(width, dtype=torch.long).remainder(vocab_size).expand(bsz, length, width).clone()
     lp_btk = torch.full((bsz, length, width), -math.log(width), dtype=torch.float32)
     tail_bt = torch.full((bsz, length), float("-inf"), dtype=torch.float32)
     hidden: dict[int, torch.Tensor] = {}
     for b, (ids, lp, tail, hs) in enumerate(rows):
-        n = ids.shape[0]
-        ids_btk[b, :n] = ids
-        lp_btk[b, :n] = lp
+        n, w = ids.shape
+        ids_btk[b, :n, :w] = ids
+        lp_btk[b, :n, :w] = lp
+        lp_btk[b, :n, w:] = float("-inf")
         tail_bt[b, :n] = tail
         for i in hidden_layers:
             if i not in hidden:

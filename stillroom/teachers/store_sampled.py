@@ -17,7 +17,9 @@ which every divergence kernel skips).
 
 ``topk_sampled`` keeps the teacher's top ``k`` exactly (as a ``topk`` store) and estimates only the tail with
 ``tail_draws`` draws from the teacher renormalised outside the top k (:func:`draw_tail`, :func:`with_tail_draws`):
-the head carries most of the mass without variance.
+the head carries most of the mass without variance. ``draw: allocated`` shares a sequence's ``T x tail_draws`` draws
+out over its positions where they lower the error most (:func:`allocate_draws`): about a third less squared error
+than the same draws spread evenly, for one more byte per position (each position's count).
 
 Draws are seeded per sequence (:func:`sequence_generator`), so a resumed store is byte-identical.
 
@@ -65,7 +67,7 @@ def draw_from(probs_tv: torch.Tensor, k: int, generator: torch.Generator, draw: 
     if draw == "multinomial":
         return torch.multinomial(probs_tv, k, replacement=True, generator=generator).sort(dim=-1).values
     if draw != "systematic":
-        raise ValueError(f"draw {draw!r}; valid: systematic, multinomial")
+        raise ValueError(f"draw {draw!r}; valid: multinomial, systematic (allocated: the topk_sampled tail only)")
     cdf = probs_tv.double().cumsum(-1)
     cdf = cdf / cdf[:, -1:]
     points = (torch.rand(probs_tv.shape[0], 1, generator=generator, dtype=torch.float64)
@@ -75,24 +77,90 @@ def draw_from(probs_tv: torch.Tensor, k: int, generator: torch.Generator, draw: 
     return torch.minimum(ids, last)  # a point at the very top of a CDF rounded below 1: the last drawable token
 
 
+MAX_ALLOCATED = 255
+"""The most draws ``allocated`` gives one position (its count is stored in one byte)."""
+
+
+def allocate_draws(rest_tv: torch.Tensor, budget: int) -> torch.Tensor:
+    """``[T]`` int64 draw counts for one sequence's positions, at most ``budget`` in all (``draw: allocated``).
+
+    ``rest_tv`` ``[T, V]``: the teacher's probabilities outside the head (zero on the head ids). ``d`` draws from
+    position t's tail (mass ``m_t``, renormalised ``q_t``) leave ``E||p_hat - p||^2 = a_t / d`` with
+    ``a_t = m_t^2 (1 - sum q_t^2) = m_t^2 - sum rest_t^2``; the sequence's total ``sum_t a_t / d_t`` under
+    ``sum_t d_t = budget`` is least at ``d_t ∝ sqrt(a_t)`` (a Lagrange multiplier): more draws where the tail is
+    heavy and spread, few where the teacher is sure. Every position whose tail holds mass gets at least one draw
+    (so each stays unbiased), none more than :data:`MAX_ALLOCATED`, one with no tail mass none:
+    ``clip(lam sqrt(a_t), 1, MAX)`` with ``lam`` found by bisection, floored, the rest by largest remainder.
+    Draws beyond what can lower the error (every tail a single token) are not spent.
+    """
+    rest = rest_tv.double()
+    mass = rest.sum(-1)
+    live = mass > 0
+    share = (mass.square() - rest.square().sum(-1)).clamp_min(0).sqrt()
+    spread = live & (share > 0)
+    if int(live.sum()) > budget:
+        raise ValueError(f"{budget} draws cannot give each of {int(live.sum())} positions with tail mass one")
+    budget = min(int(budget), int(live.sum()) + (MAX_ALLOCATED - 1) * int(spread.sum()))
+
+    def ideal(lam: float) -> torch.Tensor:
+        return (lam * share).clamp(1.0, float(MAX_ALLOCATED)) * live
+
+    low, high = 0.0, 1.0
+    while float(ideal(high).sum()) < budget and high < 1e300:
+        high *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if float(ideal(mid).sum()) < budget else (low, mid)
+    target = ideal(high)
+    counts = target.floor().long()
+    missing = budget - int(counts.sum())
+    if missing > 0:
+        room = (target - counts).masked_fill(~spread | (counts >= MAX_ALLOCATED), -1.0)
+        counts[room.topk(min(missing, int((room >= 0).sum()))).indices] += 1
+    return counts
+
+
+def draw_allocated(rest_tv: torch.Tensor, budget: int, generator: torch.Generator) -> torch.Tensor:
+    """``[T, W]`` int64: independent draws from each row of ``rest_tv`` (need not sum to 1), as many per row as
+    :func:`allocate_draws` gives it, sorted, then ``-1`` up to the widest row's count ``W`` (at least 1)."""
+    counts = allocate_draws(rest_tv, budget)
+    width = max(1, int(counts.max()))
+    safe = rest_tv.clone()
+    empty = safe.sum(-1) <= 0
+    safe[empty, 0] = 1.0  # drawn from, never kept (its count is 0)
+    drawn = torch.multinomial(safe, width, replacement=True, generator=generator)
+    kept = torch.arange(width) < counts[:, None]
+    big = torch.iinfo(torch.int64).max
+    drawn = drawn.masked_fill(~kept, big).sort(dim=-1).values
+    return drawn.masked_fill(drawn == big, -1)
+
+
 def frequencies(ids_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logprobs [n, k] fp32, tail [n] fp32)`` of sorted draws ``ids_nk``: ``log(count / k)`` at the first slot
-    of each distinct id, ``-inf`` at its repeats and in the tail (the draws cover all the mass they estimate)."""
+    """``(logprobs [n, k] fp32, tail [n] fp32)`` of sorted draws ``ids_nk``: ``log(count / d)`` at the first slot
+    of each distinct id (``d`` its row's draws: ``k``, or the row's ids >= 0 where ``-1`` pads rows of fewer
+    draws, ``draw: allocated``), ``-inf`` at its repeats, on pads and in the tail (the draws cover all the mass
+    they estimate)."""
     n, k = ids_nk.shape
+    real = ids_nk >= 0
     counts = (ids_nk.unsqueeze(-1) == ids_nk.unsqueeze(-2)).sum(-1).float()  # [n, k]: each slot's id count
-    repeat = torch.zeros((n, k), dtype=torch.bool, device=ids_nk.device)
-    repeat[:, 1:] = ids_nk[:, 1:] == ids_nk[:, :-1]
-    logprobs = (counts / k).log().masked_fill(repeat, NEG_INF)
+    repeat = ~real
+    repeat[:, 1:] |= ids_nk[:, 1:] == ids_nk[:, :-1]
+    draws = real.sum(-1, keepdim=True).clamp_min(1).float()
+    logprobs = (counts / draws).log().masked_fill(repeat, NEG_INF)
     return logprobs, torch.full((n,), NEG_INF, device=ids_nk.device)
 
 
 def draw_tail(logits_tv: torch.Tensor, head_ids_tk: torch.Tensor, draws: int, loss_temperature: float,
               generator: torch.Generator, draw: str = "multinomial") -> torch.Tensor:
     """``[T, draws]`` int64 ids drawn with replacement from the teacher's distribution renormalised outside its
-    head ``head_ids_tk`` (the ``topk_sampled`` signal: the head is kept exactly, the tail estimated), sorted.
+    head ``head_ids_tk`` (the ``topk_sampled`` signal: the head is kept exactly, the tail estimated), sorted;
+    ``draw: allocated``: ``[T, W]``, ``draws`` per position on average, shared out by :func:`allocate_draws`, ``-1``
+    after each row's own draws.
     A row whose tail holds no fp32 mass draws its first non-head token (its tail mass is then 0 anyway)."""
     probs = torch.softmax(logits_tv.detach().float().cpu() / loss_temperature, dim=-1)
     rest = probs.scatter(-1, head_ids_tk.long().cpu(), 0.0)
+    if draw == "allocated":  # the sequence's len(rows) x draws shared out; a row with no tail mass gets none
+        return draw_allocated(rest, rest.shape[0] * draws, generator)
     empty = rest.sum(-1) <= 0
     if bool(empty.any()):
         free = torch.ones_like(rest).scatter(-1, head_ids_tk.long().cpu(), 0.0)
@@ -107,8 +175,8 @@ def with_tail_draws(ids_nk: torch.Tensor, logprobs_nk: torch.Tensor, tail_n: tor
     ``E[]`` over the draws of the tail part is the exact tail distribution, so terms linear in the teacher's
     distribution stay unbiased with the head exact."""
     drawn_lp, _ = frequencies(draws_nd)
-    return (torch.cat([ids_nk, draws_nd], dim=1), torch.cat([logprobs_nk, tail_n[:, None] + drawn_lp], dim=1),
-            torch.full_like(tail_n, NEG_INF))
+    return (torch.cat([ids_nk, draws_nd.clamp_min(0)], dim=1),  # a pad (-1) reads token 0 with zero mass
+            torch.cat([logprobs_nk, tail_n[:, None] + drawn_lp], dim=1), torch.full_like(tail_n, NEG_INF))
 
 
 def topk_signal(logits_tv: torch.Tensor, k: int, loss_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,3 +226,24 @@ def signal_label(signal: str, logprob_dtype: str, tail_draws: int = 0) -> str:
     """How a log line names a store's signal: ``float16``, ``sampled tokens`` or ``int8 + 16 tail draws``."""
     return {"sampled": "sampled tokens", "topk_sampled": f"{logprob_dtype} + {tail_draws} tail draws"}.get(
         signal, logprob_dtype)
+
+
+def pack_tail_draws(rows: list[torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Shard tensors of ``draw: allocated`` tail draws, from one ``[T, W]`` row per sequence (``-1`` pads, widths
+    differing): ``tail_counts [N]`` uint8, each position's draws, and ``tail_ids [sum of counts]`` in ``dtype``,
+    every position's draws in order (no pads on disk)."""
+    flat = torch.cat([r.reshape(-1) for r in rows])
+    counts = torch.cat([(r >= 0).sum(-1) for r in rows])
+    return {"tail_counts": counts.to(torch.uint8).contiguous(), "tail_ids": flat[flat >= 0].to(dtype).contiguous()}
+
+
+def unpack_tail_draws(tensors: dict[str, torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    """``[hi - lo, W]`` int64 tail draws of token rows ``lo:hi`` of a shard :func:`pack_tail_draws` wrote, ``-1``
+    after each row's own (``W``: the widest row's count, at least 1)."""
+    counts = tensors["tail_counts"][lo:hi].long()
+    start = int(tensors["tail_counts"][:lo].long().sum())
+    pool = tensors["tail_ids"][start : start + int(counts.sum())].long()
+    width = max(1, int(counts.max())) if counts.numel() else 1
+    out = torch.full((hi - lo, width), -1, dtype=torch.long)
+    out[torch.arange(width) < counts[:, None]] = pool
+    return out

@@ -4,6 +4,7 @@ records")."""
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 RECORDED = ("k", "logprob_dtype", "shard_tokens")
@@ -36,3 +37,25 @@ def taken_note(prefix: str, taken: list[str]) -> str:
         return ""
     return (f"; {' and '.join(f'{prefix}.{n}' for n in taken)} read from its manifest (the recipe leaves "
             f"{'it' if len(taken) == 1 else 'them'} at the default)")
+
+
+def header_differences(stored: dict, wanted: dict, fields: Iterable[str]) -> list[str]:
+    """``"field (store X, run Y)"`` for each of ``fields`` whose values differ."""
+    out = []
+    for name in fields:
+        a, b = stored.get(name), wanted.get(name)
+        if name == "loss_temperature" and a is not None and b is not None:
+            same = math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
+        else:
+            same = a == b
+        if not same:
+            out.append(f"{name} (store {_short(a)}, run {_short(b)})")
+    return out
+
+
+def _short(value) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "..."
+    if isinstance(value, dict) and "identity" in value:
+        return repr(value["identity"])
+    return repr(value)

@@ -34,13 +34,13 @@ import torch
 from stillroom.data.batch import Example
 from stillroom.teachers.store_format import (
     FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
     SHARD_DIR,
     SequenceSignal,
     StoreError,
     StoreHeader,
     encode_rows,
+    format_version,
     header_differences,
     legacy_fields,
     parse_identity,
@@ -133,8 +133,8 @@ class StoreWriter:
                 self.header.scale_dtype = "float32"
             wanted = self.header.as_dict()
             diffs = header_differences(old, wanted, list(wanted)) if old.get("format") == FORMAT else ["format"]
-            if old.get("format_version") != FORMAT_VERSION:
-                diffs.append(f"format_version (store {old.get('format_version')!r}, run {FORMAT_VERSION})")
+            if old.get("format_version") != format_version(self.header):
+                diffs.append(f"format_version (store {old.get('format_version')!r}, run {format_version(self.header)})")
             if diffs:
                 self.header.scale_dtype = own_scale  # a replaced store is written with this run's scales
                 if not overwrite:
@@ -207,7 +207,7 @@ class StoreWriter:
                 raise StoreError(f"sequence {r.uid}: {r.length} positions computed but it has {self.lengths[i]}")
         tensors = encode_rows(rows, self.header)
         uids = [r.uid for r in rows]
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "index": index, "uids": uids,
+        meta = {"format": FORMAT, "format_version": format_version(self.header), "index": index, "uids": uids,
                 "k": self.header.k, "logprob_dtype": self.header.logprob_dtype,
                 "loss_temperature": self.header.loss_temperature}
         # One metadata key: safetensors writes several keys in an unstable order.
@@ -228,7 +228,7 @@ class StoreWriter:
 
     def _manifest(self, complete: bool) -> dict:
         shards = [self.entries[i] for i in sorted(self.entries)]
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": complete, **self.header.as_dict(),
+        return {"format": FORMAT, "format_version": format_version(self.header), "complete": complete, **self.header.as_dict(),
                 "store_bytes": sum(e["bytes"] for e in shards), "shards": shards}
 
     def _write_manifest(self, complete: bool) -> None:
