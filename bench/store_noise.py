@@ -13,8 +13,9 @@ Two columns per variant, both over the same first ``--blocks`` training blocks:
 * ``expected``: in closed form over the draws, given the store's (quantised, renormalised) head and tail mass
   ``m_hat``: the head's squared error, plus for ``d`` independent draws from the tail ``q = p_tail / m``:
   ``m_hat^2 (1 - sum q^2) / d`` (variance) ``+ (m_hat - m)^2 sum q^2`` (the tail mass's quantisation); a pure
-  ``sampled`` store of k draws: ``(1 - sum p^2) / k``. Systematic draws (``-sys``) have no closed form here: their
-  ``expected`` column is the independent draws' (an upper bound up to the tail mass term).
+  ``sampled`` store of k draws: ``(1 - sum p^2) / k``; allocated draws (``-alloc``) the same per position with
+  its own count ``d_t`` (:func:`~stillroom.teachers.store_sampled.allocate_draws`). Systematic draws (``-sys``)
+  have no closed form here: their ``expected`` column is the independent draws' (an upper bound up to the tail mass term).
 * ``realised``: the rows the store really holds (:func:`row_signal` with the variant's draw seed, quantised as
   written, read back by :func:`loss_rows`), so ``realised - expected`` is this store's luck on these blocks.
 
@@ -33,7 +34,7 @@ from stillroom.config.schema import DataConfig, DataSource, ModelSource
 from stillroom.data import build_splits, collate
 from stillroom.models import load_model
 from stillroom.teachers.store_codes import LEVELS, decode_quantized, encode_logprobs
-from stillroom.teachers.store_sampled import loss_rows, row_signal
+from stillroom.teachers.store_sampled import allocate_draws, loss_rows, row_signal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from store_size import draw_kind, draw_seed, parse_variant, tail_draws  # noqa: E402
@@ -80,6 +81,9 @@ def expected_error(probs_nv: torch.Tensor, variant: str) -> torch.Tensor:
     m_hat = tail_hat.double().exp()
     s = torch.where(m > 0, (sum_sq - (head * head).sum(-1)) / m.clamp_min(1e-30) ** 2, torch.zeros_like(m))
     head_err = ((lp_hat.double().exp() - head) ** 2).sum(-1)
+    if draw_kind(variant) == "allocated":  # each position's own count, as the store writer shares them out
+        d = allocate_draws(p.float().scatter(-1, ids, 0.0), p.shape[0] * d).double()
+        return head_err + torch.where(d > 0, m_hat**2 * (1 - s) / d.clamp_min(1), 0.0) + (m_hat - m) ** 2 * s
     return head_err + m_hat**2 * (1 - s) / d + (m_hat - m) ** 2 * s
 
 

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
 from store_noise import expected_error, realised_error  # noqa: E402
 
 
-@pytest.mark.parametrize("variant", ["k3/int8+t5", "k2/int4+t6", "k6/sampled"])
+@pytest.mark.parametrize("variant", ["k3/int8+t5", "k2/int4+t6", "k6/sampled", "k3/int8+t5-alloc"])
 def test_the_closed_form_is_the_mean_realised_error_over_draw_seeds(variant):
     logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0)) * 2
     want = expected_error(torch.softmax(logits, -1), variant)
