@@ -50,8 +50,8 @@ from stillroom.data.batch import Example
 from stillroom.models.builtin import sha256_file  # noqa: F401 (used by the store writer and reader)
 from stillroom.models.precision import torch_dtype
 from stillroom.teachers.store_codes import LEVELS, SCALE_DTYPES, decode_quantized, encode_logprobs
-from stillroom.teachers.store_sampled import pack_tail_draws
 from stillroom.teachers.store_codes import dequantize_int8, quantize_int8  # noqa: F401 (public names)
+from stillroom.teachers.store_sampled import pack_tail_draws
 from stillroom.teachers.store_settings import RECORDED, recorded_settings, taken_note  # noqa: F401 (public names)
 from stillroom.teachers.store_settings import header_differences  # noqa: F401 (public name)
 
@@ -282,7 +282,7 @@ def read_manifest(folder: Path) -> dict:
     if manifest.get("format_version") not in range(1, FORMAT_VERSION + 1):
         raise StoreError(
             f"{path}: format_version {manifest.get('format_version')} is not supported (this stillroom reads "
-            f"version {FORMAT_VERSION}); {REBUILD}", fix="overwrite"
+            f"versions 1 to {FORMAT_VERSION}); {REBUILD}", fix="overwrite"
         )
     return manifest
 
