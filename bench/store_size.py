@@ -8,7 +8,8 @@ sampled``: 32 tokens drawn per position, their frequencies the target, from its 
 ``k8/int8+t16`` is ``signal: topk_sampled``: the top 8 as ``k8/int8`` plus 16 draws outside them; drawn
 variants draw independently (``teacher.store.draw: multinomial``), ``...-sys`` (e.g. ``k8/int8+t16-sys``)
 systematically, ``...-alloc`` with the draws allocated over each sequence's positions (``draw: allocated``,
-``+t16`` then the average); a last ``-d<N>`` (e.g. ``k8/int8+t16-d1``) draws with draw seed N, another realisation of the
+``+t16`` then the average), ``...-ranked`` with ids coded by rank (``teacher.store.id_code: ranked``, lossless;
+one shard instead of 8192-token ones, as each shard carries its own table); a last ``-d<N>`` (e.g. ``k8/int8+t16-d1``) draws with draw seed N, another realisation of the
 same store, to see how much one store's draws move a result):
 
 1. a real store folder is written with :func:`write_store` (one teacher pass, top-``max k`` kept, sliced
@@ -75,6 +76,10 @@ SYS = "-sys"
 ALLOC = "-alloc"
 """Variant suffix: the tail draws are allocated (``teacher.store.draw: allocated``): each sequence's shared out over
 its positions; ``+t<N>`` is then the average per position."""
+RANKED = "-ranked"
+"""Variant suffix (before any ``-d<N>``): the store codes its ids by rank (``teacher.store.id_code: ranked``),
+written with the default shard size (one shard here) since each shard carries its own rank table; lossless, so
+it trains exactly as the same variant without the suffix, and only its bytes differ."""
 SEED = "-d"
 """Variant suffix ``-d<N>`` (last): the store's draws made with draw seed N (another realisation of the same store);
 without it, draw seed 0 (what every earlier study used)."""
@@ -87,14 +92,19 @@ def draw_seed(name: str) -> int:
 
 
 def drawless(name: str) -> str:
-    """``name`` without its draw suffixes: ``"k8/int8+t16-sys-d1"`` -> ``"k8/int8+t16"``."""
-    return re.sub(r"-d\d+$", "", name).removesuffix(SYS).removesuffix(ALLOC)
+    """``name`` without its draw and id-code suffixes: ``"k8/int8+t16-sys-d1"`` -> ``"k8/int8+t16"``."""
+    return re.sub(r"-d\d+$", "", name).removesuffix(RANKED).removesuffix(SYS).removesuffix(ALLOC)
+
+
+def id_code(name: str) -> str:
+    """``"k8/int8+t16-alloc-ranked"`` (or ``-ranked-d1``) -> ``ranked``; otherwise ``plain``."""
+    return "ranked" if re.sub(r"-d\d+$", "", name).endswith(RANKED) else "plain"
 
 
 def draw_kind(name: str) -> str:
     """``"k8/int8+t16-sys"`` (or ``-sys-d1``) -> ``systematic``; ``-alloc`` -> ``allocated``; any other drawn
     variant -> ``multinomial``."""
-    bare = re.sub(r"-d\d+$", "", name)
+    bare = re.sub(r"-d\d+$", "", name).removesuffix(RANKED)
     return "systematic" if bare.endswith(SYS) else "allocated" if bare.endswith(ALLOC) else "multinomial"
 
 
@@ -109,7 +119,7 @@ def parse_variant(name: str) -> tuple[int, str, str | None]:
         return int(k_part.lstrip("k")), dtype, scale
     except ValueError:
         raise SystemExit(f"--variants: {name!r} is not 'online', 'k<K>/<logprob_dtype>[-f32scale]', "
-                         "'k<K>/sampled[-sys][-d<N>]' or 'k<K>/<logprob_dtype>+t<draws>[-sys][-d<N>]'") from None
+                         "'k<K>/sampled[-sys][-d<N>]' or 'k<K>/<logprob_dtype>+t<draws>[-sys|-alloc][-ranked][-d<N>]'") from None
 
 
 def wait_for_pause(pause_file: str | None, note) -> None:
@@ -245,8 +255,8 @@ def main() -> None:
         signal, draws = ("topk_sampled", tail_draws(v)) if tail_draws(v) else ("sampled", 0)
         header = make_header(train, teacher_identity=identity, tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab,
                              k=k, loss_temperature=1.0, logprob_dtype="float16" if signal == "sampled" else dtype,
-                             shard_tokens=8192, signal=signal, tail_draws=draws, draw=draw_kind(v),
-                             draw_seed=draw_seed(v))
+                             shard_tokens=8192 if id_code(v) == "plain" else 262144, signal=signal,
+                             tail_draws=draws, draw=draw_kind(v), draw_seed=draw_seed(v), id_code=id_code(v))
         compute = model_compute(teacher, k=k, loss_temperature=1.0, vocab_size=vocab, pad_id=pad,
                                 batch_size=args.batch, signal=signal, tail_draws=draws, draw=header.draw,
                                 draw_seed=header.draw_seed)

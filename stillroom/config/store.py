@@ -53,6 +53,12 @@ class StoreConfig(Strict):
     draw_seed: int = Field(0, ge=0, description="Seed of the sampled signals' draws, with each sequence's uid: "
                            "another seed is another realisation of the same store (for measuring how far one "
                            "store's draws move a result). The manifest records it; a store resumes only with its own.")
+    id_code: Literal["plain", "ranked"] = Field(
+        "plain", description="How a store writes its token ids: plain (fixed-width integers, 2 bytes each below "
+        "65,536 tokens) or ranked (each shard codes them by their rank in its own frequency table: lossless, "
+        "read back bit for bit, about 10 bits per top-k id and 12.5 per tail draw on prose, 16-25% smaller "
+        "stores; store format version 3, which readers before it refuse; docs/STORE.md, 'Ranked ids'). A "
+        "run reads either; a store resumes only with its own.")
     logprob_dtype: Literal["float16", "bfloat16", "int8", "int4", "float32"] = Field(
         "float16",
         description="Storage type of the top-k log-probabilities: float16/bfloat16 (2 bytes), int8 (8-bit codes "

@@ -88,6 +88,7 @@ def _token_plan(cfg: RunConfig, prep, method, settings: dict):
         logprob_dtype=logprob_dtype, hidden_layers=layers,
         hidden_size=getattr(getattr(prep.teacher_model, "config", None), "hidden_size", None),
         shard_tokens=shard_tokens, signal=sc.signal, tail_draws=sc.tail_draws, draw=sc.draw, draw_seed=sc.draw_seed,
+        id_code=sc.id_code,
     )
     compute = model_compute(prep.teacher_model, k=k, loss_temperature=cfg.loss.loss_temperature,
                             vocab_size=prep.vocab_size, pad_id=prep.tokenizer.pad_token_id, hidden_layers=layers,
@@ -111,7 +112,8 @@ def _cross_token_plan(cfg: RunConfig, prep, k: int, logprob_dtype: str, shard_to
     fields = cross_store_fields(prep.cross, prep.fingerprint)
     examples = cross_store_examples(prep.cross, prep.data.train)
     header = make_header(examples, teacher_identity=prep.fingerprint.teacher, k=k, logprob_dtype=logprob_dtype,
-                         loss_temperature=STORE_TEMPERATURE, shard_tokens=shard_tokens, **fields)
+                         loss_temperature=STORE_TEMPERATURE, shard_tokens=shard_tokens, id_code=sc.id_code,
+                         **fields)
     compute = model_compute(prep.teacher_model, k=k, loss_temperature=STORE_TEMPERATURE,
                             vocab_size=prep.cross.teacher_vocab, pad_id=prep.cross.t.fill_id,
                             batch_size=sc.cache_batch_size or cfg.train.micro_batch_size)

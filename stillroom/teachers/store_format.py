@@ -56,9 +56,10 @@ from stillroom.teachers.store_settings import RECORDED, recorded_settings, taken
 from stillroom.teachers.store_settings import header_differences  # noqa: F401 (public name)
 
 FORMAT = "stillroom-teacher-store"
-FORMAT_VERSION = 2
-"""The newest format this stillroom writes and reads: 2 for ``draw: allocated`` stores (packed tail draws, which
-a reader of version 1 would misread, so it refuses them), 1 for every other store (:func:`format_version`)."""
+FORMAT_VERSION = 3
+"""The newest format this stillroom writes and reads: 3 for ``id_code: ranked`` stores (coded ids), 2 for ``draw:
+allocated`` stores (packed tail draws), 1 for every other store (:func:`format_version`); an older reader refuses a
+newer version instead of misreading it."""
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 LOGPROB_DTYPES = ("float16", "bfloat16", "float32", "int8", "int4")
@@ -203,6 +204,9 @@ class StoreHeader:
     """The seed of the sampled signals' draws (with each sequence's uid): another seed, another realisation of
     the same estimator (to measure how much one store's draws move a result). A manifest without it: 0; always
     0 for ``topk``."""
+    id_code: str = "plain"
+    """``ranked``: each shard codes its ids by their rank in its own frequency table (:mod:`~stillroom.teachers.
+    store_ids`; format version 3). A manifest without it: ``plain`` (fixed-width ``id_dtype`` integers)."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.k > self.vocab_size:
@@ -229,6 +233,8 @@ class StoreHeader:
             self.draw_seed = 0
         elif self.draw_seed < 0:
             raise StoreError(f"draw_seed {self.draw_seed} must be >= 0")
+        if self.id_code not in ("plain", "ranked"):
+            raise StoreError(f"id_code {self.id_code!r}; valid: plain, ranked")
         if self.tokenizer_mode not in ("same", "cross"):
             raise StoreError(f"tokenizer_mode {self.tokenizer_mode!r}; valid: same, cross")
         self.hidden_layers = sorted(set(int(i) for i in self.hidden_layers))
@@ -245,7 +251,7 @@ def legacy_fields(manifest: dict) -> dict:
     if manifest.get("format") != FORMAT:
         return manifest
     implied = {"tokenizer_mode": "same", "student_tokenizer_hash": "", "signal": "topk",
-               "draw": "" if manifest.get("signal", "topk") == "topk" else "multinomial", "draw_seed": 0}
+               "draw": "" if manifest.get("signal", "topk") == "topk" else "multinomial", "draw_seed": 0, "id_code": "plain"}
     if "scale_dtype" not in manifest:
         implied["scale_dtype"] = "float32" if manifest.get("logprob_dtype") == "int8" else ""
     return {**implied, **manifest}
@@ -289,7 +295,7 @@ def read_manifest(folder: Path) -> dict:
 
 def format_version(header: "StoreHeader") -> int:
     """The format version a store of ``header`` is written with (see :data:`FORMAT_VERSION`)."""
-    return 2 if header.draw == "allocated" else 1
+    return 3 if header.id_code == "ranked" else 2 if header.draw == "allocated" else 1
 
 
 # ---------------------------------------------------------------- per-token encoding

@@ -31,11 +31,14 @@ from stillroom.teachers.store_format import (
     StoreMismatch,
     decode_logprobs,
     header_differences,
+    id_dtype_for,
     legacy_fields,
     read_manifest,
     sha256_bytes,
     sha256_file,
 )
+from stillroom.models.precision import torch_dtype
+from stillroom.teachers.store_ids import decode_ids
 from stillroom.teachers.store_sampled import loss_rows, unpack_tail_draws
 
 # Fields a run must agree on with the store (in the order they are reported).
@@ -89,6 +92,7 @@ class StoreReader:
         self.vocab_size = int(m["vocab_size"])
         self.temperature = float(m["loss_temperature"])
         self.signal = m.get("signal", "topk")
+        self.id_dtype = torch_dtype(m.get("id_dtype") or id_dtype_for(int(m["vocab_size"])))
         self.width = self.k + int(m.get("tail_draws") or 0)
         """Slots per position a read gives: k, plus the tail's draws of a ``topk_sampled`` store."""
         self.hidden_layers = [int(i) for i in m.get("hidden_layers", [])]
@@ -167,11 +171,12 @@ class StoreReader:
         if offsets.numel() != len(e["uids"]) + 1 or int(offsets[-1]) != e["tokens"]:
             raise StoreCorrupted(f"teacher store shard {path}: offsets do not match the manifest; {REBUILD}",
                                  fix="overwrite")
+        tensors = decode_ids(tensors, self.id_dtype)  # id_code: ranked: the plain ids back, once per load
         self._cache[index] = tensors
-        self._cached_bytes += len(data)
+        self._cached_bytes += _nbytes(tensors)
         while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-            old, _ = self._cache.popitem(last=False)
-            self._cached_bytes -= self.shards[old]["bytes"]
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= _nbytes(old)
         return tensors
 
     def locate(self, uid: str) -> tuple[dict[str, torch.Tensor], int, int]:
@@ -211,9 +216,15 @@ class StoreReader:
                    + (f"{m['tail_draws']} tail tokens drawn per position"
                       + (" on average (allocated), " if m.get("draw") == "allocated" else ", ")
                       if self.signal == "topk_sampled" else ""))
+                + ("ids coded by rank (id_code ranked); " if m.get("id_code") == "ranked" else "")
                 + f"hidden layers {m['hidden_layers'] or 'none'}; teacher {m['teacher']['identity']}"
                 + ("; teacher positions of the student's text (tokenizer_mode cross)"
                    if m.get("tokenizer_mode") == "cross" else ""))
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes a cached shard holds in memory (decoded: more than its file for a ``ranked`` store)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class StoreTeacher:

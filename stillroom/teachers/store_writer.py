@@ -49,6 +49,7 @@ from stillroom.teachers.store_format import (
     shard_name,
     write_json_atomic,
 )
+from stillroom.teachers.store_ids import encode_ids
 from stillroom.teachers.store_sampled import row_signal
 
 Compute = Callable[[list[Example]], list[SequenceSignal]]
@@ -75,7 +76,7 @@ def make_header(
     loss_temperature: float, logprob_dtype: str, hidden_layers: list[int] | None = None,
     hidden_size: int | None = None, shard_tokens: int = 262144, tokenizer_mode: str = "same",
     student_tokenizer_hash: str = "", signal: str = "topk", tail_draws: int = 0, draw: str = "multinomial",
-    draw_seed: int = 0,
+    draw_seed: int = 0, id_code: str = "plain",
 ) -> StoreHeader:
     """The header of a store of ``examples`` (the training split, in order; a ``cross`` store: the student's
     sequences in the teacher's tokens, :func:`stillroom.teachers.store_cross.cross_store_examples`)."""
@@ -91,6 +92,7 @@ def make_header(
         text_bytes=sum(e.n_bytes for e in examples), num_shards=len(plan_shards(lengths, shard_tokens)),
         tokenizer_mode=tokenizer_mode, student_tokenizer_hash=student_tokenizer_hash, signal=signal,
         tail_draws=tail_draws if signal == "topk_sampled" else 0, draw=draw, draw_seed=int(draw_seed),
+        id_code=id_code,
     )
 
 
@@ -206,6 +208,8 @@ class StoreWriter:
             if r.length != self.lengths[i]:
                 raise StoreError(f"sequence {r.uid}: {r.length} positions computed but it has {self.lengths[i]}")
         tensors = encode_rows(rows, self.header)
+        if self.header.id_code == "ranked":
+            tensors = encode_ids(tensors, self.header.vocab_size)
         uids = [r.uid for r in rows]
         meta = {"format": FORMAT, "format_version": format_version(self.header), "index": index, "uids": uids,
                 "k": self.header.k, "logprob_dtype": self.header.logprob_dtype,

@@ -72,3 +72,20 @@ def test_signal_auto_writes_the_signal_the_loss_allows_and_a_run_of_other_terms_
     bad = stillroom("run", str(recipe), "name=jsd", "teacher.source=store", "loss.terms=[{name: jsd}]", *NO_EVAL,
                     check=False)
     assert bad.returncode != 0 and "signal (store 'topk_sampled', run 'topk')" in bad.stdout + bad.stderr
+
+
+def test_a_ranked_store_is_smaller_and_trains_exactly_as_the_plain_one(recipe_factory, tmp_path):
+    """``teacher.store.id_code: ranked`` through the CLI: the manifest records it, the summary says it, and a run
+    whose recipe leaves id_code at plain reads it and logs the same losses as a run from the plain store."""
+    recipe = recipe_factory(teacher={"store": {"k": 4, "signal": "topk_sampled", "tail_draws": 4, "draw": "allocated",
+                                               "logprob_dtype": "int8", "shard_tokens": 1024}})
+    plain, ranked = tmp_path / "plain", tmp_path / "ranked"
+    stillroom("cache-teacher", str(recipe), f"teacher.store.path={plain}")
+    out = stillroom("cache-teacher", str(recipe), f"teacher.store.path={ranked}", "teacher.store.id_code=ranked")
+    assert "ids coded by rank (id_code ranked)" in out.stdout
+    mp, mr = (json.loads((s / "manifest.json").read_text()) for s in (plain, ranked))
+    assert mr["id_code"] == "ranked" and mr["format_version"] == 3 and mp["format_version"] == 2
+    assert mr["store_bytes"] < mp["store_bytes"]
+    stillroom("run", str(recipe), "name=plain", "teacher.source=store", f"teacher.store.path={plain}", *NO_EVAL)
+    stillroom("run", str(recipe), "name=ranked", "teacher.source=store", f"teacher.store.path={ranked}", *NO_EVAL)
+    assert_same_losses(tmp_path / "runs" / "ranked", tmp_path / "runs" / "plain", abs=0.0, steps=6)
