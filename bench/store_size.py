@@ -189,6 +189,8 @@ def main() -> None:
     ap.add_argument("--store-dir", default=None, help="where the stores are written (default: a temp folder)")
     ap.add_argument("--fresh", action="store_true", help="ignore earlier results in --out")
     ap.add_argument("--report", action="store_true", help="only print the tables of the results in --out")
+    ap.add_argument("--sizes-only", action="store_true", help="write the variants' stores and record their sizes in "
+                    "--out; train nothing")
     ap.add_argument("--pause-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.report:
@@ -285,6 +287,12 @@ def main() -> None:
         del rows
         dump()
         note("stores written: " + ", ".join(f"{v} {s['bytes_per_position']:.1f} B" for v, s in results["sizes"].items()))
+
+    if args.sizes_only:
+        dump()
+        note("sizes only: " + ", ".join(f"{v} {s['bytes_per_position']:.2f} B" for v, s in results["sizes"].items()
+                                        if v in variants))
+        return
 
     # ---- training runs ------------------------------------------------------------------------------
     for v, seed in todo:

@@ -90,15 +90,21 @@ def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
 
 
 def unpack_bits(data: np.ndarray, width: int, n: int) -> np.ndarray:
-    """The ``n`` values of ``width`` bits :func:`pack_bits` wrote into ``data`` (``[n]`` int64): four bytes read
-    at each value's first byte, shifted and masked."""
+    """The ``n`` values of ``width`` bits :func:`pack_bits` wrote into ``data`` (``[n]`` int64): the four bytes at
+    each value's first byte read as one little-endian word (a strided view, one gather), shifted and masked;
+    2-bit values (the classes) through a table of the four in each byte."""
     if width == 0 or n == 0:
         return np.zeros(n, dtype=np.int64)
-    padded = np.concatenate([data, np.zeros(4, dtype=np.uint8)]).astype(np.int64)
+    if width == 2:
+        return _QUARTERS[data].reshape(-1)[:n].astype(np.int64)
+    padded = np.concatenate([data, np.zeros(4, dtype=np.uint8)])
+    words = np.ndarray(shape=(data.size + 1,), dtype="<u4", buffer=padded, strides=(1,))
     pos = np.arange(n, dtype=np.int64) * width
-    at = pos >> 3
-    word = padded[at] | (padded[at + 1] << 8) | (padded[at + 2] << 16) | (padded[at + 3] << 24)
-    return (word >> (pos & 7)) & ((1 << width) - 1)
+    return ((words[pos >> 3] >> (pos & 7).astype(np.uint32)) & np.uint32((1 << width) - 1)).astype(np.int64)
+
+
+_QUARTERS = ((np.arange(256)[:, None] >> np.array([0, 2, 4, 6])) & 3).astype(np.uint8)
+"""``[256, 4]``: the four 2-bit values of each byte, least significant first."""
 
 
 def encode_stream(ids: torch.Tensor, vocab_size: int) -> dict[str, torch.Tensor]:

@@ -20,3 +20,13 @@ def test_the_closed_form_is_the_mean_realised_error_over_draw_seeds(variant):
     # the mean of 1500 draws: within 6% of the closed form (its standard error here: 1-2.4%), row by row
     torch.testing.assert_close(runs.mean(0), want, rtol=0.06, atol=0)
     assert bool((runs.std(0) > 0).all())  # the rows do differ between seeds
+
+
+def test_bench_variant_names_with_the_ranked_suffix():
+    from store_size import draw_kind, draw_seed, id_code, parse_variant, tail_draws
+
+    name = "k8/int8+t24-alloc-ranked-d1"
+    assert (parse_variant(name), tail_draws(name), draw_kind(name), draw_seed(name), id_code(name)) == (
+        (8, "int8", None), 24, "allocated", 1, "ranked")
+    assert (draw_kind("k8/int8+t16-ranked"), id_code("k8/int8+t16-alloc"), id_code("k16/int8")) == (
+        "multinomial", "plain", "plain")
