@@ -292,7 +292,7 @@ def main() -> None:
         dump()
         note("sizes only: " + ", ".join(f"{v} {s['bytes_per_position']:.2f} B" for v, s in results["sizes"].items()
                                         if v in variants))
-        return
+        todo = []  # train nothing; the temporary stores are removed below
 
     # ---- training runs ------------------------------------------------------------------------------
     for v, seed in todo:
