@@ -58,9 +58,7 @@ def choose_widths(ranks: torch.Tensor, distinct: int) -> list[int]:
             end = start + (1 << w)
             bits += (below(end) - below(start)) * w
             start = end
-        if start >= distinct:
-            continue  # the fourth class would be empty: the three widths alone are some other choice's
-        last = int(np.ceil(np.log2(distinct - start))) if distinct - start > 1 else 0
+        last = int(np.ceil(np.log2(distinct - start))) if distinct - start > 1 else 0  # 0: one rank or none left
         bits += (below(distinct) - below(start)) * last
         if bits < best_bits:
             best, best_bits = [*ws, last], bits

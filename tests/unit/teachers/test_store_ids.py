@@ -56,6 +56,13 @@ def test_the_widths_are_the_fewest_bits_of_any_four_classes():
     assert bits(chosen) < 0.85 * len(ranks) * 8  # a skewed table codes well under log2(200) ~ 7.6 bits an id
 
 
+def test_three_distinct_ids_need_no_index_bits():
+    ids = torch.tensor([5, 9, 5, 2, 9, 5] * 10)
+    coded = encode_stream(ids, 12)
+    assert coded["layout"][:4].tolist() == [0, 0, 0, 0] and coded["bits"].numel() == 0  # the class says which id
+    assert torch.equal(decode_stream(coded), ids)
+
+
 def rank_of_ids(ids: torch.Tensor) -> torch.Tensor:
     table = rank_table([ids], int(ids.max()) + 1)
     rank_of = torch.zeros(int(ids.max()) + 1, dtype=torch.int64)
