@@ -251,7 +251,8 @@ def legacy_fields(manifest: dict) -> dict:
     if manifest.get("format") != FORMAT:
         return manifest
     implied = {"tokenizer_mode": "same", "student_tokenizer_hash": "", "signal": "topk",
-               "draw": "" if manifest.get("signal", "topk") == "topk" else "multinomial", "draw_seed": 0, "id_code": "plain"}
+               "draw": "" if manifest.get("signal", "topk") == "topk" else "multinomial", "draw_seed": 0,
+               "id_code": "plain"}
     if "scale_dtype" not in manifest:
         implied["scale_dtype"] = "float32" if manifest.get("logprob_dtype") == "int8" else ""
     return {**implied, **manifest}

@@ -32,11 +32,9 @@ CODED = ("topk_ids", "tail_ids")
 CLASSES = 4
 
 
-def rank_table(streams: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
-    """``[U]`` int64: the ids occurring in ``streams``, most frequent first (ties by id: deterministic)."""
-    counts = torch.zeros(vocab_size, dtype=torch.int64)
-    for s in streams:
-        counts += torch.bincount(s.reshape(-1).long(), minlength=vocab_size)
+def rank_table(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[U]`` int64: the ids occurring in ``ids``, most frequent first (ties by id: deterministic)."""
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=vocab_size)
     order = torch.argsort(-counts, stable=True)
     return order[: int((counts > 0).sum())]
 
@@ -108,7 +106,7 @@ _QUARTERS = ((np.arange(256)[:, None] >> np.array([0, 2, 4, 6])) & 3).astype(np.
 def encode_stream(ids: torch.Tensor, vocab_size: int) -> dict[str, torch.Tensor]:
     """``{present, id_classes, classes, bits, layout}`` of one id tensor (any shape; see the module docstring)."""
     flat = ids.reshape(-1).long()
-    table = rank_table([flat], vocab_size)
+    table = rank_table(flat, vocab_size)
     widths = choose_widths(_ranks(flat, table, vocab_size), table.numel())
     starts = np.cumsum([0] + [1 << w for w in widths[:-1]])
     class_of_rank = np.searchsorted(starts, np.arange(table.numel()), side="right") - 1

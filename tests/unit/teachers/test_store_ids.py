@@ -64,7 +64,7 @@ def test_three_distinct_ids_need_no_index_bits():
 
 
 def rank_of_ids(ids: torch.Tensor) -> torch.Tensor:
-    table = rank_table([ids], int(ids.max()) + 1)
+    table = rank_table(ids, int(ids.max()) + 1)
     rank_of = torch.zeros(int(ids.max()) + 1, dtype=torch.int64)
     rank_of[table] = torch.arange(table.numel())
     return rank_of[ids]
