@@ -39,7 +39,8 @@ def main() -> None:
     n = args.positions
     shapes = {"top-64": {"topk_ids": (n, 64)}, "top-8 + 16 draws": {"topk_ids": (n, 8), "tail_ids": (n, 16)}}
     print(f"{n} positions, Zipf {args.zipf} over V = {V}, {torch.get_num_threads()} threads; best of {args.reps}\n")
-    print("| shard | ids | plain MB | ranked MB | bits per id | encode s | decode s |\n|---|---:|---:|---:|---:|---:|---:|")
+    print("| shard | ids | plain MB | ranked MB | bits per id | encode s | decode s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, spec in shapes.items():
         plain = {k: zipf_ids(shape, args.zipf, rng) for k, shape in spec.items()}
         ids = sum(t.numel() for t in plain.values())

@@ -9,8 +9,9 @@ sampled``: 32 tokens drawn per position, their frequencies the target, from its 
 variants draw independently (``teacher.store.draw: multinomial``), ``...-sys`` (e.g. ``k8/int8+t16-sys``)
 systematically, ``...-alloc`` with the draws allocated over each sequence's positions (``draw: allocated``,
 ``+t16`` then the average), ``...-ranked`` with ids coded by rank (``teacher.store.id_code: ranked``, lossless;
-one shard instead of 8192-token ones, as each shard carries its own table); a last ``-d<N>`` (e.g. ``k8/int8+t16-d1``) draws with draw seed N, another realisation of the
-same store, to see how much one store's draws move a result):
+one shard instead of 8192-token ones, as each shard carries its own table); a last ``-d<N>`` (e.g.
+``k8/int8+t16-d1``) draws with draw seed N, another realisation of the same store, to see how much one store's
+draws move a result):
 
 1. a real store folder is written with :func:`write_store` (one teacher pass, top-``max k`` kept, sliced
    exactly for each k) and its bytes per position are the shard files' bytes over the covered positions;
@@ -119,7 +120,8 @@ def parse_variant(name: str) -> tuple[int, str, str | None]:
         return int(k_part.lstrip("k")), dtype, scale
     except ValueError:
         raise SystemExit(f"--variants: {name!r} is not 'online', 'k<K>/<logprob_dtype>[-f32scale]', "
-                         "'k<K>/sampled[-sys][-d<N>]' or 'k<K>/<logprob_dtype>+t<draws>[-sys|-alloc][-ranked][-d<N>]'") from None
+                         "'k<K>/sampled[-sys][-d<N>]' or "
+                         "'k<K>/<logprob_dtype>+t<draws>[-sys|-alloc][-ranked][-d<N>]'") from None
 
 
 def wait_for_pause(pause_file: str | None, note) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from stillroom.data.batch import Batch
+from stillroom.models.precision import torch_dtype
 from stillroom.teachers.signal import Fingerprint, TeacherSignal
 from stillroom.teachers.store_format import (
     FORMAT,
@@ -37,7 +38,6 @@ from stillroom.teachers.store_format import (
     sha256_bytes,
     sha256_file,
 )
-from stillroom.models.precision import torch_dtype
 from stillroom.teachers.store_ids import decode_ids
 from stillroom.teachers.store_sampled import loss_rows, unpack_tail_draws
 
